@@ -1,0 +1,21 @@
+"""The headless core: parse, validate, plan and merge. Imports neither textual nor torch."""
+
+from __future__ import annotations
+
+import os
+
+from zinspect.core.load import load_checkpoint
+from zinspect.core.model import Checkpoint
+from zinspect.core.validate import validate
+
+
+def open_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Checkpoint:
+    """Read a checkpoint's metadata (no tensor bytes) and validate it.
+
+    PATH is the dir holding `latest` or a tag dir itself; `tag` picks another tag."""
+    ckpt = load_checkpoint(path, tag)
+    validate(ckpt)
+    return ckpt
+
+
+__all__ = ["Checkpoint", "open_checkpoint"]

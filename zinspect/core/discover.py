@@ -1,0 +1,128 @@
+"""Find the tag dir a path means, and say what each file in it is from its name alone."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from zinspect.errors import CheckpointNotFound
+
+_OPTIM = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
+_Z3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_EXPERT = re.compile(r"^(?:layer_\d+_)?expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_EXPERT_OPTIM = re.compile(r"^expp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_LAYER = re.compile(r"^layer_(\d+)-model(?:_(\d+))?-model_states\.pt$")
+
+
+@dataclass
+class NamedFile:
+    """What a file name says: its kind and, for rank files, its ranks."""
+
+    path: Path
+    kind: str  # optim, model, expert, expert_optim, layer, offload, universal, other
+    rank: int | None = None
+    mp_rank: int | None = None
+    prefix: str = ""
+    legacy_name: bool = False  # "..._mp_rank_00optim_states.pt" (no underscore), old DeepSpeed
+
+
+def classify(path: Path) -> NamedFile:
+    name = path.name
+    if path.is_dir():
+        if name == "offloaded_tensors":
+            return NamedFile(path, "offload")
+        if name == "zero":
+            return NamedFile(path, "universal")
+        return NamedFile(path, "other")
+    if m := _OPTIM.match(name):
+        return NamedFile(path, "optim", int(m[2]), int(m[3]), m[1] or "",
+                         legacy_name=not name.endswith("_optim_states.pt"))
+    if m := _Z3_MODEL.match(name):
+        return NamedFile(path, "model", int(m[1]), int(m[2]))
+    if m := _MODEL.match(name):
+        return NamedFile(path, "model", None, int(m[1]))
+    if m := _EXPERT.match(name):
+        return NamedFile(path, "expert", None, int(m[2]))
+    if m := _EXPERT_OPTIM.match(name):
+        return NamedFile(path, "expert_optim", int(m[1]), int(m[2]))
+    if m := _LAYER.match(name):
+        return NamedFile(path, "layer", None, int(m[2]) if m[2] else 0)
+    return NamedFile(path, "other")
+
+
+def _is_tag_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and any(
+            e.name.endswith("_states.pt") or e.name == "zero" for e in path.iterdir())
+    except OSError:
+        return False
+
+
+def _tag_dirs(root: Path) -> list[str]:
+    try:
+        return sorted((p.name for p in root.iterdir() if _is_tag_dir(p)), key=_natural)
+    except OSError:
+        return []
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+@dataclass
+class Location:
+    tag_dir: Path
+    tag: str
+    root: Path | None  # dir holding `latest`/the tag dirs, if any
+    tags: list[str]  # every tag dir under root
+
+
+def locate(path: str | Path, tag: str | None = None) -> Location:
+    """Resolve PATH (a tag dir, or the dir holding `latest`) and an optional --tag."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointNotFound(f"{path}: no such file or directory",
+                                 "give the checkpoint dir (holding `latest`) or a tag dir")
+    if path.is_file():
+        raise CheckpointNotFound(
+            f"{path}: is a file, not a checkpoint directory",
+            f"give the directory that holds it: {path.parent}")
+    if tag is not None:
+        tag_dir = path / tag
+        if not tag_dir.is_dir():
+            tags = _tag_dirs(path)
+            raise CheckpointNotFound(
+                f"{path}: has no tag dir {tag!r}",
+                f"tags found: {', '.join(tags)}" if tags else "check the path and the tag")
+        return Location(tag_dir, tag, path, _tag_dirs(path))
+    if _is_tag_dir(path):
+        root = path.parent
+        return Location(path, path.name, root, _tag_dirs(root))
+    tags = _tag_dirs(path)
+    latest = path / "latest"
+    if latest.is_file():
+        try:
+            named = latest.read_text(errors="replace").strip()
+        except OSError as e:
+            raise CheckpointNotFound(f"{latest}: cannot be read ({e.strerror})",
+                                     "check its permissions, or pass --tag") from e
+        if named and (path / named).is_dir():
+            return Location(path / named, named, path, tags)
+        hint = (f"pass --tag with one of: {', '.join(tags)}" if tags
+                else "the tag dirs are missing too; check that the copy is complete")
+        raise CheckpointNotFound(f"{latest}: names tag {named!r}, but {path / named} does not exist",
+                                 hint)
+    if len(tags) == 1:
+        return Location(path / tags[0], tags[0], path, tags)
+    if len(tags) > 1:
+        raise CheckpointNotFound(f"{path}: has no `latest` file and {len(tags)} tag dirs",
+                                 f"pick one with --tag: {', '.join(tags)}")
+    nested = [p.name for p in sorted(path.iterdir()) if p.is_dir() and (p / "latest").is_file()]
+    if nested:
+        raise CheckpointNotFound(f"{path}: holds several checkpoints, not one",
+                                 f"open one of: {', '.join(nested)}")
+    raise CheckpointNotFound(
+        f"{path}: no DeepSpeed checkpoint here (no `latest` file, no *_states.pt files)",
+        "give the dir that DeepSpeed's save_checkpoint wrote, or its global_stepN/ subdir")

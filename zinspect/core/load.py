@@ -1,0 +1,560 @@
+"""Build the `Checkpoint` model from a tag dir, reading only pickles and zip directories.
+
+The layouts (see the project README, "How it works"):
+
+* ZeRO-1/2: per optimizer param group i, the params of `param_shapes[i]` are flattened in order,
+  padded at the end to a multiple of 2*ws and cut into ws equal partitions of P elements. Rank r
+  saves its partition as `single_partition_of_fp32_groups[i]` with the padding stripped
+  (`group_paddings[i]` says how much); BF16_Optimizer keeps the padding. So flat element e lives
+  on rank e // P at index e % P.
+* ZeRO-3: each param of sub-group k is cut into ceil(n/ws) elements per rank (the last ranks
+  padded), and rank r's pieces are concatenated, padding included, in `fp32_flat_groups[k]`.
+* Frozen params: full 16-bit tensors in the model file at stage 2, per-rank 16-bit partitions at
+  stage 3, and only the 16-bit module weights at stage 1 (DeepSpeed saves no fragments there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from zinspect.core.discover import NamedFile, classify, locate
+from zinspect.core.model import (
+    ERROR,
+    INFO,
+    WARNING,
+    Buffer,
+    Checkpoint,
+    Finding,
+    Fragment,
+    Param,
+    ParamGroup,
+    RankFile,
+    Storage,
+)
+from zinspect.core.torchzip import DTYPE_SIZES, TensorRef, TorchFile, read_torch_file
+from zinspect.errors import UnreadableFile
+
+#: layouts that are recognised but cannot be merged (yet): name -> explanation
+UNSUPPORTED = {
+    "tensor_parallel": "tensor-parallel checkpoint (several mp_rank_XX sets)",
+    "pipeline": "pipeline-parallel checkpoint (layer_* files)",
+    "moe": "mixture-of-experts checkpoint (expert files)",
+    "zero0": "ZeRO-0 checkpoint (no ZeRO optimizer partitions)",
+    "universal": "universal checkpoint folder (ds_to_universal.py output)",
+    "nvme_offload": "ZeRO-3 NVMe-offload checkpoint (masters in offloaded_tensors/)",
+}
+
+
+def load_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Checkpoint:
+    """Read a checkpoint's metadata into the model. Findings from reading are attached;
+    `zinspect.core.validate.validate` adds the consistency checks."""
+    loc = locate(path, tag)
+    ckpt = Checkpoint(path=loc.tag_dir, tag=loc.tag, root=loc.root, tags=loc.tags)
+    try:
+        entries = sorted(loc.tag_dir.iterdir())
+    except OSError as e:
+        raise UnreadableFile(f"{loc.tag_dir}: cannot list ({e.strerror})",
+                             "check the directory's permissions") from e
+    named = [classify(p) for p in entries]
+    parsed = _parse_files([n for n in named if n.path.is_file() and n.kind != "other"])
+    torch_files: dict[int, TorchFile] = {}
+    for n in named:
+        rf, tf = parsed.get(n.path, (None, None))
+        if rf is None:
+            rf = RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix, size=_size(n.path))
+        ckpt.files.append(rf)
+        if tf is not None:
+            torch_files[id(rf)] = tf
+    _Builder(ckpt, torch_files).build()
+    return ckpt
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _parse_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile | None]]:
+    """Parse every rank file's metadata; threads overlap the cold reads of many small pickles."""
+
+    def one(n: NamedFile) -> tuple[RankFile, TorchFile | None]:
+        rf = RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix, size=_size(n.path))
+        try:
+            tf = read_torch_file(n.path)
+        except UnreadableFile as e:
+            rf.error = e.message.removeprefix(f"{n.path}: ")
+            return rf, None
+        rf.format, rf.recovered = tf.format, tf.recovered
+        rf.unknown_globals = sorted(tf.unknown_globals)
+        for key, st in tf.storages.items():
+            rec = tf.records.get(key)
+            rf.storages.append(Storage(key, st.dtype, st.numel, st.nbytes,
+                                       0 if rec is None else min(rec.present, st.nbytes),
+                                       None if rec is None else rec.data_offset))
+        return rf, tf
+
+    if len(named) <= 2:
+        results = [one(n) for n in named]
+    else:
+        with ThreadPoolExecutor(max_workers=min(8, len(named))) as pool:
+            results = list(pool.map(one, named))
+    return {rf.path: (rf, tf) for rf, tf in results}
+
+
+def _get(obj, *keys, default=None):
+    for k in keys:
+        if not isinstance(obj, dict) or k not in obj:
+            return default
+        obj = obj[k]
+    return obj
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _shape(value) -> tuple[int, ...] | None:
+    if isinstance(value, (tuple, list)) and all(isinstance(s, int) for s in value):
+        return tuple(value)
+    return None
+
+
+def _as_group_list(shapes) -> list[dict]:
+    """`param_shapes`: a list of per-group OrderedDicts (a single dict before DeepSpeed 0.5.4)."""
+    if isinstance(shapes, dict):
+        return [shapes]
+    if isinstance(shapes, list):
+        return [g for g in shapes if isinstance(g, dict)]
+    return []
+
+
+class _Builder:
+    def __init__(self, ckpt: Checkpoint, tfs: dict[int, TorchFile]) -> None:
+        self.c = ckpt
+        self.tfs = tfs  # id(RankFile) -> its parsed TorchFile
+        self.model_file: RankFile | None = None
+        self.model_state: dict | None = None
+        self.ref_osd: dict | None = None
+
+    def find(self, severity, code, message, hint="", **where) -> None:
+        self.c.findings.append(Finding(severity, code, message, hint, **where))
+
+    def tf(self, rf: RankFile) -> TorchFile | None:
+        return self.tfs.get(id(rf))
+
+    # ------------------------------------------------------------------ top level
+    def build(self) -> None:
+        c = self.c
+        for rf in c.files:
+            if rf.error:
+                self.find(ERROR, "unreadable-file", f"{rf.name} cannot be read: {rf.error}",
+                          "restore this file from a copy, or re-save the checkpoint",
+                          file=rf.name, rank=rf.rank)
+        optim = [f for f in c.files_of("optim") if f.mp_rank in (0, None)]
+        self.optim_by_rank = self._by_rank(optim)
+        for rf in optim:
+            self._read_optim_header(rf)
+        self.model_files = [f for f in c.files_of("model") if f.mp_rank in (0, None)]
+        for rf in self.model_files:
+            obj = self.tf(rf).obj if self.tf(rf) else None
+            if isinstance(obj, dict):
+                rf.ds_version = _str(obj.get("ds_version"))
+                dp = obj.get("dp_world_size")
+                rf.dp_world_size = dp if isinstance(dp, int) else None
+        self.model_state = self._pick_model_state()
+        self._detect_layout(optim)
+        if self.model_state is None:
+            if c.files and not c.files_of("model"):
+                self.find(ERROR, "no-model-states", "no *_model_states.pt file in the tag dir",
+                          "the parameter names and shapes live there; copy it from the run")
+            return
+        ms = self.model_state
+        c.ds_version = c.ds_version or _str(ms.get("ds_version"))
+        c.ds_config = ms.get("ds_config") if c.ds_config is None else c.ds_config
+        if c.world_size is None and isinstance(ms.get("dp_world_size"), int):
+            c.world_size = ms["dp_world_size"]
+        self._build_params()
+        if c.layout in ("zero", "bf16_optimizer"):
+            if c.stage == 3:
+                self._build_zero3()
+            else:
+                self._build_zero12()
+        self._build_frozen()
+        self._build_buffers()
+        self._settle_dtypes()
+
+    def _by_rank(self, files: list[RankFile]) -> dict[int, RankFile]:
+        out: dict[int, RankFile] = {}
+        for rf in sorted(files, key=lambda f: (f.rank, f.name)):
+            if rf.rank in out:
+                self.find(ERROR, "duplicate-rank",
+                          f"rank {rf.rank} has two optimizer files: {out[rf.rank].name} and {rf.name}",
+                          "a stale file from another run is mixed in (bf16_/fp16_ prefix); "
+                          "remove the one that does not belong to this run",
+                          file=rf.name, rank=rf.rank)
+                continue
+            out[rf.rank] = rf
+        return out
+
+    def _read_optim_header(self, rf: RankFile) -> None:
+        tf = self.tf(rf)
+        if tf is None:
+            return
+        osd = _get(tf.obj, "optimizer_state_dict")
+        if not isinstance(osd, dict):
+            rf.error = "no optimizer_state_dict in it: not a DeepSpeed optimizer file"
+            self.find(ERROR, "not-optimizer-file", f"{rf.name} has no optimizer_state_dict",
+                      "this is not a DeepSpeed ZeRO optimizer file; move it out of the tag dir",
+                      file=rf.name, rank=rf.rank)
+            self.tfs.pop(id(rf), None)
+            return
+        stage = osd.get("zero_stage")
+        if isinstance(stage, int):
+            rf.stage = int(stage)
+        elif "single_partition_of_fp32_groups" in osd:
+            rf.stage = 1  # BF16_Optimizer: no zero_stage key, ZeRO-1 partitioning
+        pc = osd.get("partition_count")
+        rf.partition_count = [int(pc)] if isinstance(pc, int) else [
+            int(x) for x in pc if isinstance(x, int)] if isinstance(pc, list) else []
+        rf.ds_version = _str(osd.get("ds_version")) or _str(_get(tf.obj, "ds_version"))
+
+    def _pick_model_state(self) -> dict | None:
+        """The model-states pickle to take names/shapes from: the rank-0 file (it alone has
+        `shared_params` at stage 3), else the lowest rank that can be read."""
+        candidates = sorted(self.model_files, key=lambda f: (f.rank or 0, f.name))
+        for rf in candidates:
+            tf = self.tf(rf)
+            if tf is not None and isinstance(tf.obj, dict):
+                if "buffer_names" not in tf.obj and "param_shapes" not in tf.obj:
+                    rf.error = "not a model-states file (no buffer_names/param_shapes)"
+                    self.find(ERROR, "not-model-states", f"{rf.name} is not a model-states file",
+                              "move it out of the tag dir", file=rf.name, rank=rf.rank)
+                    continue
+                self.model_file = rf
+                if rf.rank not in (0, None):
+                    self.find(WARNING, "rank0-model-missing",
+                              f"the rank-0 model-states file is missing or unreadable; "
+                              f"names are read from {rf.name}",
+                              "tied-parameter links (shared_params) are only saved by rank 0; "
+                              "restore zero_pp_rank_0_mp_rank_00_model_states.pt",
+                              file=rf.name, rank=rf.rank)
+                return tf.obj
+        return None
+
+    # ------------------------------------------------------------------ layout
+    def _detect_layout(self, optim: list[RankFile]) -> None:
+        c = self.c
+        stages = Counter(f.stage for f in optim if f.stage is not None)
+        if stages:
+            c.stage = stages.most_common(1)[0][0]
+        ref = self.optim_by_rank.get(0) or next(iter(self.optim_by_rank.values()), None)
+        ref_tf = self.tf(ref) if ref else None
+        osd = _get(ref_tf.obj, "optimizer_state_dict") if ref_tf else None
+        if isinstance(osd, dict):
+            c.layout = "zero" if "zero_stage" in osd else (
+                "bf16_optimizer" if "single_partition_of_fp32_groups" in osd else "unknown")
+            counts = [pc for f in optim for pc in f.partition_count[:1]]
+            if ref.partition_count:
+                c.world_size = max(ref.partition_count)
+            elif counts:
+                c.world_size = Counter(counts).most_common(1)[0][0]
+            c.ds_version = ref.ds_version
+            c.ds_config = _get(ref_tf.obj, "ds_config")
+            self.ref_osd = osd
+        else:
+            self.ref_osd = None
+        # layouts zero_to_fp32 cannot merge, named from what is on disk
+        mp = {f.mp_rank for f in c.files if f.kind in ("optim", "model") and f.mp_rank is not None}
+        kinds = {f.kind for f in c.files}
+        unsupported = None
+        if "universal" in kinds:
+            unsupported = "universal"
+        elif len(mp) > 1:
+            unsupported = "tensor_parallel"
+        elif "layer" in kinds:
+            unsupported = "pipeline"
+        elif kinds & {"expert", "expert_optim"}:
+            unsupported = "moe"
+        elif "offload" in kinds:
+            unsupported = "nvme_offload"
+        elif not optim and self.model_state is not None and \
+                self.model_state.get("optimizer") is not None:
+            unsupported = "zero0"
+            c.stage = 0
+        if unsupported:
+            c.layout = unsupported
+            self.find(ERROR, "unsupported-layout",
+                      f"{UNSUPPORTED[unsupported]}: zinspect can show it but not merge it yet",
+                      "for now use DeepSpeed's ds_to_universal.py for this layout")
+        if c.layout == "bf16_optimizer":
+            self.find(INFO, "bf16-optimizer",
+                      "BF16_Optimizer layout (bf16 + ZeRO-1 + fp32 grad accumulation): "
+                      "DeepSpeed's zero_to_fp32.py refuses it, zinspect merges it")
+
+    # ------------------------------------------------------------------ params
+    def _build_params(self) -> None:
+        c, ms = self.c, self.model_state
+        module = ms.get("module") if isinstance(ms.get("module"), dict) else {}
+        buffer_names = [b for b in ms.get("buffer_names") or [] if isinstance(b, str)]
+        self.buffer_names = buffer_names
+        self.module = module
+        shapes = _as_group_list(ms.get("param_shapes"))
+        if not shapes and self.ref_osd is not None:  # DeepSpeed < 0.6 kept them in optim files
+            shapes = _as_group_list(_get(self.tf(self.optim_by_rank.get(0) or
+                                                 next(iter(self.optim_by_rank.values()))).obj,
+                                         "param_shapes"))
+        self.flat_groups = [[(str(n), _shape(s)) for n, s in g.items()] for g in shapes]
+        frozen = ms.get("frozen_param_shapes")
+        self.frozen_shapes = {str(n): _shape(s) for n, s in frozen.items()} \
+            if isinstance(frozen, dict) else {}
+        shared = ms.get("shared_params") if isinstance(ms.get("shared_params"), dict) else {}
+        trainable = {n: s for g in self.flat_groups for n, s in g}
+        bufset = set(buffer_names)
+        names = [n for n in module if isinstance(n, str) and n not in bufset]
+        for n in list(trainable) + list(self.frozen_shapes):
+            if n not in module:
+                names.append(n)  # module missing or stripped: the shapes lists still name them
+        for name in names:
+            t = module.get(name)
+            dtype = t.dtype if isinstance(t, TensorRef) else None
+            shape = trainable.get(name) or self.frozen_shapes.get(name)
+            if shape is None and isinstance(t, TensorRef) and c.stage != 3:
+                shape = t.shape
+            p = Param(name, shape or (), dtype or "")
+            src = shared.get(name)
+            if isinstance(src, str) and src != name and name not in trainable:
+                p.tied_to = src
+            elif name in trainable:
+                pass
+            elif name in self.frozen_shapes or (isinstance(t, TensorRef) and c.stage != 3):
+                p.frozen = True  # ZeRO-1 keeps frozen params only in `module`
+            else:
+                self.find(ERROR, "param-unaccounted",
+                          f"{name} is in the module state but in no param group, frozen list "
+                          "or tied-params map", "the model-states file is inconsistent",
+                          param=name, file=self.model_file.name)
+            c.params[name] = p
+        for name, p in c.params.items():
+            if p.tied_to:
+                src = c.params.get(p.tied_to)
+                if src is None:
+                    continue  # validate reports it
+                if p.shape and src.shape and p.shape != src.shape:
+                    # zero-numel params share a data_ptr with their neighbour at stage 1/2
+                    p.tied_to = None
+                    p.frozen = True
+                    continue
+                p.shape, p.frozen = src.shape, src.frozen
+                p.dtype = p.dtype or src.dtype
+
+    # ------------------------------------------------------------------ ZeRO-1/2
+    def _build_zero12(self) -> None:
+        c = self.c
+        ws = c.world_size or len(self.optim_by_rank)
+        bf16_opt = c.layout == "bf16_optimizer"
+        group_of = self._param_group_map()
+        for gi, members in enumerate(self.flat_groups):
+            orig = sum(_numel(s or ()) for _, s in members)
+            g = ParamGroup(gi, group_of.get(gi, gi), [n for n, _ in members], orig)
+            c.groups.append(g)
+            parts: dict[int, tuple[RankFile, TensorRef, int]] = {}
+            for r, rf in self.optim_by_rank.items():
+                osd = _get(self.tf(rf).obj, "optimizer_state_dict") if self.tf(rf) else None
+                flat = _get(osd, "single_partition_of_fp32_groups")
+                pads = _get(osd, "group_paddings")
+                if not isinstance(flat, list) or gi >= len(flat) or \
+                        not isinstance(flat[gi], TensorRef):
+                    if self.tf(rf) is not None:
+                        self.find(ERROR, "group-missing",
+                                  f"{rf.name} has no fp32 partition for group {gi}",
+                                  "this rank file does not belong to this checkpoint",
+                                  file=rf.name, rank=r, group=gi)
+                    continue
+                pad = pads[gi] if isinstance(pads, list) and gi < len(pads) and \
+                    isinstance(pads[gi], int) else 0
+                t = flat[gi]
+                g.dtype = g.dtype or t.dtype
+                g.partition_numel[r], g.padding[r] = t.numel, pad
+                parts[r] = (rf, t, pad)
+            # P: the partition size. Stripped layout: saved + padding; BF16_Optimizer: saved.
+            sizes = Counter((t.numel if bf16_opt else t.numel + pad) for _, t, pad in parts.values())
+            if not sizes:
+                continue
+            P = sizes.most_common(1)[0][0]
+            if len(sizes) > 1:
+                for r, (rf, t, pad) in parts.items():
+                    if (t.numel if bf16_opt else t.numel + pad) != P:
+                        self.find(ERROR, "partition-size",
+                                  f"group {gi}: rank {r} holds a partition of "
+                                  f"{t.numel if bf16_opt else t.numel + pad} elements, the other "
+                                  f"ranks {P}", "this rank file comes from another run or world "
+                                  "size; replace it with the one saved with the others",
+                                  file=rf.name, rank=r, group=gi)
+            real = {r: (t.numel - pad if bf16_opt else t.numel) for r, (_, t, pad) in parts.items()}
+            start = 0
+            for name, shape in members:
+                n = _numel(shape or ())
+                p = c.params.get(name)
+                if p is not None:
+                    p.group, p.sub_group = g.param_group, gi
+                    if not p.shape and shape:
+                        p.shape = shape
+                if n and P:
+                    for r in range(start // P, min((start + n - 1) // P, ws - 1) + 1):
+                        if r not in parts:
+                            continue
+                        rf, t, _ = parts[r]
+                        lo = max(start, r * P)
+                        hi = min(start + n, r * P + real[r])
+                        if hi <= lo:
+                            continue
+                        if p is not None:
+                            p.fragments.append(self._fragment(rf, r, gi, t, lo - r * P,
+                                                              lo - start, hi - lo))
+                start += n
+
+    def _param_group_map(self) -> dict[int, int]:
+        """flat group (ZeRO-3 sub-group) index -> optimizer param group index, from the torch
+        optimizer's saved param_groups (each lists the flat tensors it owns)."""
+        osd = self.ref_osd or {}
+        base = osd.get("base_optimizer_state") if self.c.stage != 3 else \
+            osd.get("optimizer_state_dict")
+        groups = _get(base, "param_groups")
+        out: dict[int, int] = {}
+        if isinstance(groups, list):
+            for gi, g in enumerate(groups):
+                for idx in _get(g, "params", default=[]) or []:
+                    if isinstance(idx, int):
+                        out[idx] = gi
+        return out
+
+    def _fragment(self, rf: RankFile, rank: int, group: int | None, t: TensorRef,
+                  elem_in_tensor: int, start: int, numel: int, padding: int = 0,
+                  source: str = "master") -> Fragment:
+        tf = self.tf(rf)
+        base = tf.tensor_offset(t) if tf else None
+        offset = None if base is None else base + elem_in_tensor * t.itemsize
+        rec = tf.records.get(t.storage.key) if tf else None
+        end = (t.offset + elem_in_tensor + numel) * t.itemsize  # bytes into the record
+        intact = rec is not None and offset is not None and t.is_contiguous() and \
+            rec.present >= end and rec.size >= end
+        return Fragment(rank, rf.name, group, start, numel, offset, t.dtype, padding, source,
+                        group_offset=elem_in_tensor, intact=intact)
+
+    # ------------------------------------------------------------------ ZeRO-3
+    def _build_zero3(self) -> None:
+        c = self.c
+        ws = c.world_size or len(self.optim_by_rank)
+        group_of = self._param_group_map()
+        flats = {}
+        for r, rf in self.optim_by_rank.items():
+            tf = self.tf(rf)
+            fl = _get(tf.obj, "optimizer_state_dict", "fp32_flat_groups") if tf else None
+            if isinstance(fl, list):
+                flats[r] = (rf, fl)
+        for gi, members in enumerate(self.flat_groups):
+            orig = sum(_numel(s or ()) for _, s in members)
+            g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), [n for n, _ in members],
+                           orig)
+            c.groups.append(g)
+            for r, (rf, fl) in flats.items():
+                if gi < len(fl) and isinstance(fl[gi], TensorRef):
+                    g.partition_numel[r] = fl[gi].numel
+                    g.padding[r] = 0
+                    g.dtype = g.dtype or fl[gi].dtype
+            o = 0
+            for name, shape in members:
+                n = _numel(shape or ())
+                P = -(-n // ws) if ws else 0
+                p = c.params.get(name)
+                if p is not None:
+                    p.group, p.sub_group = g.param_group, gi
+                    if not p.shape and shape:
+                        p.shape = shape
+                for r, (rf, fl) in flats.items():
+                    if r not in g.partition_numel or not P:
+                        continue
+                    held = _clamp(n - r * P, P)
+                    g.padding[r] += P - held
+                    if p is None or o + P > fl[gi].numel:
+                        continue  # partition too short: validate reports the group size
+                    p.fragments.append(self._fragment(rf, r, gi, fl[gi], o, r * P, held,
+                                                      padding=P - held))
+                o += P
+
+    # ------------------------------------------------------------------ frozen + buffers
+    def _build_frozen(self) -> None:
+        c = self.c
+        frozen = [p for p in c.params.values() if p.frozen and not p.tied_to]
+        if not frozen:
+            return
+        ws = c.world_size or 1
+        if c.stage == 3:
+            by_rank = {f.rank: f for f in self.model_files if f.rank is not None}
+            for p in frozen:
+                n = p.numel
+                P = -(-n // ws)
+                for r, rf in sorted(by_rank.items()):
+                    tf = self.tf(rf)
+                    t = _get(tf.obj, "frozen_param_fragments", p.name) if tf else None
+                    if isinstance(t, TensorRef):
+                        held = _clamp(n - r * P, min(P, t.numel))
+                        p.fragments.append(self._fragment(rf, r, None, t, 0, r * P, held,
+                                                          padding=t.numel - held, source="frozen"))
+                    if not p.dtype and isinstance(t, TensorRef):
+                        p.dtype = t.dtype
+            return
+        tf = self.tf(self.model_file)
+        fragments = self.model_state.get("frozen_param_fragments")
+        for p in frozen:
+            t = fragments.get(p.name) if isinstance(fragments, dict) else None
+            source = "frozen"
+            if not isinstance(t, TensorRef):
+                t, source = self.module.get(p.name), "module"
+            if isinstance(t, TensorRef) and tf is not None:
+                p.fragments.append(self._fragment(self.model_file, 0, None, t, 0, 0,
+                                                  min(t.numel, p.numel), source=source))
+
+    def _build_buffers(self) -> None:
+        tf = self.tf(self.model_file)
+        for name in self.buffer_names:
+            t = self.module.get(name)
+            if isinstance(t, TensorRef):
+                self.c.buffers[name] = Buffer(name, t.shape, t.dtype, self.model_file.name,
+                                              tf.tensor_offset(t) if tf else None)
+            else:
+                self.c.buffers[name] = Buffer(name, (), "")
+
+    def _settle_dtypes(self) -> None:
+        c = self.c
+        masters = Counter(g.dtype for g in c.groups if g.dtype)
+        c.master_dtype = masters.most_common(1)[0][0] if masters else None
+        cfg = c.ds_config if isinstance(c.ds_config, dict) else {}
+        if _get(cfg, "bf16", "enabled") is True:
+            c.dtype = "bfloat16"
+        elif _get(cfg, "fp16", "enabled") is True:
+            c.dtype = "float16"
+        else:
+            dts = Counter(p.dtype for p in c.params.values() if p.dtype)
+            c.dtype = dts.most_common(1)[0][0] if dts else c.master_dtype
+        for p in c.params.values():
+            if not p.dtype:
+                p.dtype = c.dtype or ""
+
+
+def _clamp(x: int, hi: int) -> int:
+    return max(0, min(x, hi))
+
+
+def _str(v) -> str | None:
+    return v if isinstance(v, str) else None
+
+

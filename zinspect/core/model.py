@@ -1,0 +1,224 @@
+"""The checkpoint model: plain dataclasses that the CLI, the app and the merge all read.
+
+    Checkpoint -> RankFile (one per file in the tag dir)
+               -> ParamGroup (optimizer flat group; a ZeRO-3 sub-group)
+               -> Param -> Fragment (which file holds which element range at which byte offset)
+               -> Buffer
+               -> Finding (validation results)
+
+Everything here is metadata; no tensor bytes are ever held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zinspect.core.torchzip import DTYPE_SIZES
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+SEVERITIES = (ERROR, WARNING, INFO)
+
+#: short names users know, for display
+DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def short_dtype(dtype: str | None) -> str:
+    return DTYPE_SHORT.get(dtype or "", dtype or "?")
+
+
+@dataclass
+class Storage:
+    """A tensor record inside a rank file."""
+
+    key: str
+    dtype: str
+    numel: int
+    nbytes: int
+    present: int  # bytes of it actually inside the file
+    offset: int | None  # byte offset of the record's data (None: not resolved or missing)
+
+
+@dataclass
+class RankFile:
+    """One file of the tag dir, with what its name says and what its pickle holds."""
+
+    path: Path
+    kind: str  # "optim", "model", "expert", "layer", "universal", "offload", "other"
+    rank: int | None = None  # data-parallel rank parsed from the name
+    mp_rank: int | None = None
+    prefix: str = ""  # "bf16_" / "fp16_" / "" (optimizer files)
+    size: int = 0
+    format: str = ""  # "zip", "legacy", or "" when unreadable
+    error: str | None = None  # why it could not be parsed
+    storages: list[Storage] = field(default_factory=list)
+    stage: int | None = None
+    partition_count: list[int] = field(default_factory=list)
+    ds_version: str | None = None
+    dp_world_size: int | None = None  # model-states files: what the engine recorded
+    unknown_globals: list[str] = field(default_factory=list)
+    recovered: bool = False  # zip central directory missing; read by walking local headers
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def readable(self) -> bool:
+        return self.error is None and bool(self.format)
+
+
+@dataclass
+class Fragment:
+    """Elements [start, start+numel) of a param (flattened), held by `file` at byte `offset`.
+
+    `padding` elements follow it in the same partition (ZeRO-3 per-param padding)."""
+
+    rank: int
+    file: str
+    group: int | None  # flat group (ZeRO-3 sub-group) index; None for module/frozen records
+    start: int
+    numel: int
+    offset: int | None  # absolute byte offset in the file; None when the record is missing
+    dtype: str
+    padding: int = 0
+    source: str = "master"  # "master" (fp32 partition), "frozen" (16-bit fragment), "module"
+    group_offset: int = 0  # element offset inside the rank's flat group
+    intact: bool = True  # False when its bytes are not all in the file (missing or truncated)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # the model (training) dtype as saved in the module state
+    frozen: bool = False
+    group: int | None = None  # optimizer param group
+    sub_group: int | None = None  # flat group index (== group at stage 1/2)
+    tied_to: str | None = None  # alias of this param: the name that owns the data
+    fragments: list[Fragment] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def source_dtype(self) -> str | None:
+        """dtype of the saved values the merge reads (fp32 masters, or 16-bit frozen values)."""
+        return self.fragments[0].dtype if self.fragments else None
+
+    @property
+    def covered(self) -> int:
+        return sum(f.numel for f in self.fragments)
+
+
+@dataclass
+class Buffer:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: str | None = None
+    offset: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class ParamGroup:
+    """A flat group: ZeRO-1/2 optimizer param group, or a ZeRO-3 sub-group."""
+
+    index: int
+    param_group: int  # optimizer param group it belongs to
+    params: list[str]
+    numel: int  # real elements of its params
+    partition_numel: dict[int, int] = field(default_factory=dict)  # rank -> saved elements
+    padding: dict[int, int] = field(default_factory=dict)  # rank -> padding elements
+    dtype: str | None = None  # master dtype
+
+
+@dataclass
+class Finding:
+    severity: str
+    code: str
+    message: str
+    hint: str = ""
+    file: str | None = None
+    rank: int | None = None
+    group: int | None = None
+    param: str | None = None
+
+    def where(self) -> str:
+        parts = []
+        if self.file:
+            parts.append(self.file)
+        if self.rank is not None:
+            parts.append(f"rank {self.rank}")
+        if self.group is not None:
+            parts.append(f"group {self.group}")
+        if self.param:
+            parts.append(self.param)
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("severity", "code", "message", "hint", "file", "rank", "group", "param")}
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the tag dir
+    tag: str
+    root: Path | None = None  # the dir holding `latest`, when there is one
+    tags: list[str] = field(default_factory=list)  # every tag dir found beside this one
+    stage: int | None = None
+    world_size: int | None = None
+    layout: str = "unknown"  # "zero", "bf16_optimizer", or the name of an unsupported layout
+    dtype: str | None = None  # training dtype (bf16, fp16, fp32)
+    master_dtype: str | None = None
+    ds_version: str | None = None
+    ds_config: object = None
+    files: list[RankFile] = field(default_factory=list)
+    groups: list[ParamGroup] = field(default_factory=list)
+    params: dict[str, Param] = field(default_factory=dict)  # model order; aliases included
+    buffers: dict[str, Buffer] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    # -- derived views -------------------------------------------------------------------
+    def file(self, name: str) -> RankFile | None:
+        return next((f for f in self.files if f.name == name), None)
+
+    def files_of(self, kind: str) -> list[RankFile]:
+        return [f for f in self.files if f.kind == kind]
+
+    def owners(self) -> list[Param]:
+        """Params that own data (tied aliases left out)."""
+        return [p for p in self.params.values() if p.tied_to is None]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in SEVERITIES}
+        for f in self.findings:
+            out[f.severity] += 1
+        return out
+
+    def findings_for(self, param: str) -> list[Finding]:
+        return [f for f in self.findings if f.param == param]
+
+    @property
+    def total_numel(self) -> int:
+        return sum(p.numel for p in self.owners())

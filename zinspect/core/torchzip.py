@@ -1,0 +1,460 @@
+"""Read what a `torch.save` file describes without reading its tensor bytes and without torch.
+
+Two container formats exist:
+
+* zip (torch >= 1.6, DeepSpeed's default): `<root>/data.pkl`, `<root>/data/<key>` records stored
+  uncompressed and 64-byte aligned, then the central directory at the end of the file.
+* legacy: a run of pickles (magic, protocol, sys info, the object, the storage keys) followed by
+  each storage as an 8-byte element count and its raw bytes.
+
+The object pickle is loaded by `MetaUnpickler`, which never imports a module or calls anything the
+pickle names: tensors become `TensorRef` descriptors, a short allowlist of harmless builtins is
+honoured, and every other global becomes an inert `Opaque` record. A hostile pickle therefore
+cannot run code here; at worst it yields records the caller ignores.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from zinspect.errors import UnreadableFile
+
+#: torch dtype name -> bytes per element
+DTYPE_SIZES = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "uint16": 2, "uint32": 4, "uint64": 8,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "qint8": 1, "qint32": 4, "quint8": 1, "quint4x2": 1, "quint2x4": 1,
+}
+#: aliases under which torch pickles some dtypes (`torch.float` is `torch.float32`)
+DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64",
+                 "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128"}
+#: legacy typed-storage class -> dtype of its elements
+STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128", "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8", "QInt32Storage": "qint32", "QUInt8Storage": "quint8",
+    "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4", "UntypedStorage": "uint8",
+}
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+#: a data.pkl larger than this is refused rather than parsed (real ones are KB to a few tens of MB)
+MAX_PICKLE_BYTES = 1 << 30
+_DESCRIPTOR = b"PK\x07\x08"
+
+
+@dataclass(frozen=True, slots=True)
+class StorageRef:
+    """One storage record of the file: `numel` elements of `dtype` under record `key`."""
+
+    key: str
+    dtype: str
+    numel: int
+    location: str = "cpu"
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(slots=True)
+class TensorRef:
+    """A tensor as the pickle describes it: a window of `shape`/`stride` into a storage."""
+
+    storage: StorageRef
+    offset: int  # in elements of `dtype`
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: str
+    requires_grad: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, st in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and st != expected:
+                return False
+            expected *= size
+        return True
+
+
+class Opaque:
+    """Inert stand-in for a class or function the pickle names and we do not allow.
+
+    Calling it, building it or setting its state only records the arguments."""
+
+    qualname = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
+
+    def get(self, name, default=None):
+        """Attribute from the pickled state dict (e.g. `fragment_address.numel`)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}
+        return state.get(name, default) if isinstance(state, dict) else default
+
+
+class EnumInt(int):
+    """int stand-in for `int, Enum` members such as DeepSpeed's `ZeroStageEnum`."""
+
+    qualname = "?"
+    names: dict[int, str] = {}
+
+    def __repr__(self) -> str:
+        return f"{self.qualname}.{self.names.get(int(self), int(self))}"
+
+
+ZeroStageEnum = type("ZeroStageEnum", (EnumInt,), {
+    "qualname": "ZeroStageEnum",
+    "names": {0: "disabled", 1: "optimizer_states", 2: "gradients", 3: "weights"},
+})
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+
+
+@dataclass(frozen=True)
+class _StorageClass:
+    dtype: str
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
+                       metadata=None):
+    if not isinstance(storage, StorageRef):
+        raise pickle.UnpicklingError("a tensor without a storage")
+    return TensorRef(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype,
+                     bool(requires_grad))
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype,
+                       metadata=None):
+    if not isinstance(storage, StorageRef) or not isinstance(dtype, DType):
+        raise pickle.UnpicklingError("a tensor without a storage or dtype")
+    typed = StorageRef(storage.key, dtype.name, storage.nbytes // DTYPE_SIZES[dtype.name],
+                       storage.location)
+    return TensorRef(typed, int(storage_offset), tuple(size), tuple(stride), dtype.name,
+                     bool(requires_grad))
+
+
+def _rebuild_parameter(data, requires_grad, hooks, state=None):
+    if isinstance(data, TensorRef):
+        data.requires_grad = bool(requires_grad)
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    return func(*args)  # func came through find_class: allowlisted or inert
+
+
+def _codecs_encode(text, encoding="latin1"):
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"unexpected _codecs.encode({encoding!r})")
+    return text.encode("latin1")
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Size"): tuple,
+    ("torch", "device"): str,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("_codecs", "encode"): _codecs_encode,
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): ZeroStageEnum,
+}
+_ALLOWED.update({("torch", name): _StorageClass(dt) for name, dt in STORAGE_DTYPES.items()})
+_ALLOWED.update({("torch", name): DType(name) for name in DTYPE_SIZES})
+_ALLOWED.update({("torch", a): DType(n) for a, n in DTYPE_ALIASES.items()})
+
+#: classes that real DeepSpeed / Megatron checkpoints contain; kept as inert records, not reported
+KNOWN_CLASSES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "argparse.Namespace",
+    "torch.Tensor",  # the `new_type` of _rebuild_from_type_v2
+    "torch.nn.parameter.Parameter",
+})
+
+
+class MetaUnpickler(pickle.Unpickler):
+    """Unpickler that resolves globals only from `_ALLOWED` and never imports anything."""
+
+    def __init__(self, file, legacy: bool = False) -> None:
+        super().__init__(file, encoding="utf-8")
+        self.legacy = legacy
+        self.storages: dict[str, StorageRef] = {}
+        self.unknown_globals: set[str] = set()
+        self._opaque: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str):
+        pair = _compat_pickle.NAME_MAPPING.get((module, name))
+        module, name = pair if pair else (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+        hit = _ALLOWED.get((module, name))
+        if hit is not None:
+            return hit
+        qualname = f"{module}.{name}"
+        if qualname not in KNOWN_CLASSES:
+            self.unknown_globals.add(qualname)
+        cls = self._opaque.get(qualname)
+        if cls is None:
+            cls = self._opaque[qualname] = type(name, (Opaque,), {"qualname": qualname})
+        return cls
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        want = 6 if self.legacy else 5
+        if len(pid) != want or not isinstance(pid[1], _StorageClass):
+            raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
+        key, location, numel = str(pid[2]), str(pid[3]), pid[4]
+        if not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError(f"storage {key}: bad element count {numel!r:.40}")
+        ref = self.storages.get(key)
+        if ref is None:
+            ref = self.storages[key] = StorageRef(key, pid[1].dtype, numel, location)
+        if self.legacy and pid[5] is not None:
+            raise pickle.UnpicklingError("legacy storage views are not supported")
+        return ref
+
+
+@dataclass
+class Record:
+    """Where a storage's bytes are: `data_offset` in the file and `size` bytes, of which
+    `present` are actually inside the file (less when the file is truncated)."""
+
+    size: int
+    present: int
+    data_offset: int | None = None  # resolved lazily for zip records (one 30-byte read)
+    header_offset: int | None = None
+    crc: int | None = None
+
+
+@dataclass
+class TorchFile:
+    """The metadata of one torch.save file."""
+
+    path: str
+    size: int
+    format: str  # "zip" or "legacy"
+    obj: object
+    storages: dict[str, StorageRef]
+    records: dict[str, Record]
+    unknown_globals: set[str] = field(default_factory=set)
+    #: the central directory was missing and the records were found by walking local headers
+    recovered: bool = False
+    pickle_bytes: int = 0
+
+    def data_offset(self, key: str) -> int | None:
+        rec = self.records.get(key)
+        if rec is None:
+            return None
+        if rec.data_offset is None and rec.header_offset is not None:
+            with open(self.path, "rb") as f:
+                f.seek(rec.header_offset)
+                head = f.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            rec.data_offset = rec.header_offset + 30 + name_len + extra_len
+        return rec.data_offset
+
+    def tensor_offset(self, t: TensorRef) -> int | None:
+        """Absolute file offset of the tensor's first element (None if its record is missing)."""
+        base = self.data_offset(t.storage.key)
+        return None if base is None else base + t.offset * t.itemsize
+
+    def storage_problems(self) -> list[tuple[str, int, int]]:
+        """(key, declared bytes, bytes present in the file) for each storage that is not whole."""
+        out = []
+        for key, st in self.storages.items():
+            rec = self.records.get(key)
+            present = 0 if rec is None else min(rec.present, st.nbytes)
+            if rec is None or rec.size < st.nbytes or present < st.nbytes:
+                out.append((key, st.nbytes, present))
+        return out
+
+
+def read_torch_file(path: str | os.PathLike) -> TorchFile:
+    """Parse the metadata of a torch.save file. Raises `UnreadableFile` with the cause."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+            if size == 0:
+                raise UnreadableFile(f"{path}: the file is empty (0 bytes)",
+                                     "the save was interrupted; restore this file from a copy")
+            if head == b"PK\x03\x04":
+                return _read_zip(f, path, size)
+            if head[:1] == b"\x80":
+                return _read_legacy(f, path, size)
+    except PermissionError as e:
+        raise UnreadableFile(f"{path}: permission denied",
+                             "check the file's permissions (chmod +r) or run as its owner") from e
+    except OSError as e:
+        raise UnreadableFile(f"{path}: cannot read ({e.strerror or e})", "check the file") from e
+    raise UnreadableFile(f"{path}: not a torch.save file (starts with {head!r})",
+                         "this file is not a checkpoint file; move it out of the tag directory")
+
+
+def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = False):
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    up = MetaUnpickler(stream, legacy=legacy)
+    try:
+        return up.load(), up
+    except RecursionError as e:
+        raise UnreadableFile(f"{path}: the pickle nests too deeply to read", _CORRUPT) from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, UnicodeDecodeError, struct.error, OverflowError, MemoryError) as e:
+        raise UnreadableFile(f"{path}: its pickle is corrupt ({type(e).__name__}: {e})"[:400],
+                             _CORRUPT) from e
+
+
+_CORRUPT = "the file is damaged; restore it from a copy or re-save the checkpoint"
+
+
+def _read_zip(f, path: str, size: int) -> TorchFile:
+    try:
+        zf = zipfile.ZipFile(f)
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError):
+        return _walk_local_headers(f, path, size)
+    pkl = [zi for zi in infos if zi.filename == "data.pkl" or zi.filename.endswith("/data.pkl")]
+    if len(pkl) != 1:
+        raise UnreadableFile(f"{path}: a zip file but not a torch.save file (no data.pkl)", _CORRUPT)
+    prefix = pkl[0].filename[: -len("data.pkl")]
+    records: dict[str, Record] = {}
+    for zi in infos:
+        if zi.filename.startswith(prefix + "data/"):
+            if zi.compress_type != zipfile.ZIP_STORED:
+                raise UnreadableFile(f"{path}: record {zi.filename} is compressed",
+                                     "re-save the checkpoint with torch.save")
+            present = max(0, min(zi.file_size, size - zi.header_offset))
+            records[zi.filename[len(prefix) + 5:]] = Record(
+                zi.file_size, present, header_offset=zi.header_offset, crc=zi.CRC)
+    if pkl[0].file_size > MAX_PICKLE_BYTES:
+        raise UnreadableFile(f"{path}: data.pkl is {pkl[0].file_size} bytes, too large to be real",
+                             _CORRUPT)
+    try:
+        raw = zf.read(pkl[0])
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise UnreadableFile(f"{path}: data.pkl cannot be read ({e})", _CORRUPT) from e
+    obj, up = _load_pickle(raw, path)
+    return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
+                     pickle_bytes=len(raw))
+
+
+def _walk_local_headers(f, path: str, size: int) -> TorchFile:
+    """Recover records of a zip whose central directory is gone (a truncated copy).
+
+    torch writes records in order, with sizes in data descriptors, so walk the local headers:
+    data.pkl ends itself with STOP, storages' sizes come from the pickle, and the small records
+    end at their data descriptor."""
+    off, obj, up, records = 0, None, None, {}
+    while off + 30 <= size:
+        f.seek(off)
+        head = f.read(30)
+        if head[:4] != b"PK\x03\x04":
+            break
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        name = f.read(name_len).decode("utf-8", "replace")
+        data = off + 30 + name_len + extra_len
+        leaf = name.rsplit("/", 1)[-1]
+        if name.endswith("data.pkl"):
+            f.seek(data)
+            stream = io.BytesIO(f.read(min(size - data, MAX_PICKLE_BYTES)))
+            obj, up = _load_pickle(stream, path)
+            length = stream.tell()
+        elif up is not None and "/data/" in name and leaf in up.storages:
+            length = up.storages[leaf].nbytes
+            records[leaf] = Record(length, max(0, min(length, size - data)), data_offset=data)
+        else:
+            f.seek(data)
+            window = f.read(4096)
+            j = window.find(_DESCRIPTOR)
+            if j < 0:
+                break
+            length = j
+        off = data + length + (24 if length >= 0xFFFFFFFF or off >= 0xFFFFFFFF else 16)
+    if up is None:
+        raise UnreadableFile(f"{path}: truncated before its data.pkl could be read ({size} bytes)",
+                             _CORRUPT)
+    return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
+                     recovered=True)
+
+
+def _read_legacy(f, path: str, size: int) -> TorchFile:
+    f.seek(0)
+    magic, _ = _load_pickle(f, path)
+    if magic != LEGACY_MAGIC:
+        raise UnreadableFile(f"{path}: a pickle, but not a torch.save file", _CORRUPT)
+    _load_pickle(f, path)  # protocol version
+    _load_pickle(f, path)  # sys info
+    start = f.tell()
+    obj, up = _load_pickle(f, path, legacy=True)
+    pickle_bytes = f.tell() - start
+    keys, _ = _load_pickle(f, path)
+    if not isinstance(keys, list):
+        raise UnreadableFile(f"{path}: legacy storage list is malformed", _CORRUPT)
+    records: dict[str, Record] = {}
+    off = f.tell()
+    for key in keys:
+        key = str(key)
+        st = up.storages.get(key)
+        if st is None or off + 8 > size:
+            break
+        f.seek(off)
+        (numel,) = struct.unpack("<q", f.read(8))
+        nbytes = numel * DTYPE_SIZES[st.dtype]
+        records[key] = Record(nbytes, max(0, min(nbytes, size - off - 8)), data_offset=off + 8)
+        off += 8 + nbytes
+    return TorchFile(path, size, "legacy", obj, up.storages, records, up.unknown_globals,
+                     pickle_bytes=pickle_bytes)

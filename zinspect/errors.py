@@ -1,0 +1,49 @@
+"""One exception type per kind of failure, each carrying a message that says what, where and what to try.
+
+They are raised by the headless core and caught at the edges: the CLI turns them into exit codes,
+the app into notifications. None of them is ever shown as a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ZinspectError(Exception):
+    """Base class. `hint` says what the user can do about it."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+class CheckpointNotFound(ZinspectError):
+    """The path does not lead to a checkpoint tag dir (no `latest`, no such tag, empty dir...)."""
+
+
+class UnreadableFile(ZinspectError):
+    """A file could not be parsed as a torch.save file (not a zip, truncated pickle, hostile pickle...)."""
+
+
+class NotMergeable(ZinspectError):
+    """Validation found errors (or an unsupported layout) that make a correct merge impossible."""
+
+    exit_code = 1
+
+
+class OutputError(ZinspectError):
+    """The output location is unusable: exists without --force, inside the checkpoint, no space..."""
+
+
+class MergeCancelled(ZinspectError):
+    """The merge was stopped by the user; nothing was written."""
+
+    exit_code = 130
+
+
+class UsageError(ZinspectError):
+    """Bad arguments: an unknown format, a malformed shard size, a bad selection file."""
