@@ -1,0 +1,7 @@
+"""`python -m zinspect`: the same as the `zinspect` command."""
+
+import sys
+
+from zinspect.cli import main
+
+sys.exit(main())
