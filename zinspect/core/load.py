@@ -528,10 +528,14 @@ class _Builder:
         for name in self.buffer_names:
             t = self.module.get(name)
             if isinstance(t, TensorRef):
+                offset = tf.tensor_offset(t) if tf else None
+                rec = tf.records.get(t.storage.key) if tf else None
+                intact = offset is not None and t.is_contiguous() and rec is not None and \
+                    rec.present >= (t.offset * t.itemsize + t.nbytes)
                 self.c.buffers[name] = Buffer(name, t.shape, t.dtype, self.model_file.name,
-                                              tf.tensor_offset(t) if tf else None)
+                                              offset, intact)
             else:
-                self.c.buffers[name] = Buffer(name, (), "")
+                self.c.buffers[name] = Buffer(name, (), "", intact=False)
 
     def _settle_dtypes(self) -> None:
         c = self.c

@@ -126,6 +126,7 @@ class Buffer:
     dtype: str
     file: str | None = None
     offset: int | None = None
+    intact: bool = True  # its bytes are all in the file
 
     @property
     def numel(self) -> int:

@@ -1,0 +1,169 @@
+"""Plan a merge: for every output tensor, the byte ranges to copy from which rank files.
+
+A plan is pure metadata. Executing it (`zinspect.core.stream`) reads exactly those bytes: the fp32
+partitions, the 16-bit frozen values and the buffers, never the Adam moments or whole files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from zinspect.core.model import ERROR, Checkpoint, Finding, Param
+from zinspect.core.selection import Selection
+from zinspect.core.torchzip import DTYPE_SIZES
+from zinspect.errors import NotMergeable, UsageError
+
+MERGEABLE_LAYOUTS = ("zero", "bf16_optimizer")
+#: source dtypes that are written upcast to fp32 (frozen 16-bit values, 16-bit masters)
+UPCAST = ("bfloat16", "float16")
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """`nbytes` bytes at `offset` of `path`, holding consecutive elements of one tensor."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # what is written
+    src_dtype: str  # what the pieces hold
+    pieces: list[Piece]
+    tied_to: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+    @property
+    def src_nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+@dataclass
+class MergePlan:
+    tensors: list[OutputTensor]
+    excluded: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)  # salvage: name -> why it was left out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.src_nbytes for t in self.tensors)
+
+
+def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
+               salvage: bool = False) -> MergePlan:
+    """What a merge writes. Raises `NotMergeable` when validation errors touch what it would
+    write; with `salvage`, params that cannot be rebuilt are dropped (and listed) instead."""
+    if ckpt.layout not in MERGEABLE_LAYOUTS:
+        raise NotMergeable(f"{ckpt.path}: cannot merge a {ckpt.layout} checkpoint",
+                           _layout_hint(ckpt))
+    selection = selection or Selection()
+    excluded = selection.excluded(ckpt)
+    if not salvage:
+        blocking = blocking_errors(ckpt, excluded)
+        if blocking:
+            lines = "\n".join(f"  - {f.message}" for f in blocking[:8])
+            more = f"\n  ... and {len(blocking) - 8} more" if len(blocking) > 8 else ""
+            raise NotMergeable(
+                f"{ckpt.path}: validation found {len(blocking)} error(s):\n{lines}{more}",
+                "run `zinspect validate` for details; `--salvage` writes every param that is "
+                "intact and lists the rest")
+    plan = MergePlan([], excluded)
+    for name, p in ckpt.params.items():
+        if name in excluded:
+            continue
+        owner = ckpt.params.get(p.tied_to) if p.tied_to else p
+        problem = _param_problem(owner) if owner is not None else f"tied to missing {p.tied_to}"
+        if problem:
+            plan.dropped[name] = problem
+            continue
+        plan.tensors.append(_param_tensor(ckpt, name, owner, p.tied_to))
+    for name, b in ckpt.buffers.items():
+        if name in excluded:
+            continue
+        if not b.intact:
+            plan.dropped[name] = "its bytes are not in the model-states file"
+            continue
+        nbytes = b.numel * DTYPE_SIZES[b.dtype]
+        plan.tensors.append(OutputTensor(name, b.shape, b.dtype, b.dtype,
+                                         [Piece(str(ckpt.path / b.file), b.offset, nbytes)]
+                                         if nbytes else []))
+    if plan.dropped and not salvage:
+        lines = ", ".join(list(plan.dropped)[:5])
+        raise NotMergeable(f"{ckpt.path}: {len(plan.dropped)} tensor(s) cannot be rebuilt: {lines}",
+                           "`--salvage` writes the rest and lists what it left out")
+    return plan
+
+
+def blocking_errors(ckpt: Checkpoint, excluded: set[str]) -> list[Finding]:
+    """Errors that make the merge of the selected tensors wrong: all of them except those
+    about params the user left out."""
+    return [f for f in ckpt.findings if f.severity == ERROR and
+            not (f.param is not None and f.param in excluded)]
+
+
+def _param_problem(p: Param) -> str | None:
+    if p.numel == 0:
+        return None
+    if not p.fragments:
+        return "no rank file holds it"
+    pos = 0
+    for f in sorted((f for f in p.fragments if f.numel), key=lambda f: f.start):
+        if f.start != pos:
+            return f"elements {pos:,}..{f.start:,} are missing" if f.start > pos else \
+                f"elements {f.start:,}..{pos:,} are held twice"
+        if not f.intact or f.offset is None:
+            return f"rank {f.rank}'s bytes are not all in {f.file} (truncated?)"
+        pos += f.numel
+    if pos != p.numel:
+        return f"elements {pos:,}..{p.numel:,} are missing"
+    return None
+
+
+def _param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None) -> OutputTensor:
+    frags = sorted((f for f in p.fragments if f.numel), key=lambda f: f.start)
+    src = frags[0].dtype if frags else "float32"
+    out = "float32" if src in UPCAST else src
+    pieces = [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags]
+    return OutputTensor(name, p.shape, out, src, pieces, tied_to)
+
+
+def _layout_hint(ckpt: Checkpoint) -> str:
+    if ckpt.layout == "unknown":
+        return "run `zinspect validate` to see what is wrong with the files"
+    return "zinspect can show this layout but not merge it yet; DeepSpeed's ds_to_universal.py " \
+        "handles tensor-parallel, pipeline and MoE checkpoints"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (Hugging Face's units: KB/MB/GB are powers of 10; KiB... of 2)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"bad size {text!r}", "use a number with a unit, e.g. 500MB, 5GB, 2GiB")
+    value = float(m[1]) * _UNITS[(m[2] or "B").upper()]
+    if value < 1:
+        raise UsageError(f"bad size {text!r}: must be at least 1 byte", "e.g. 5GB")
+    return int(value)
