@@ -1,0 +1,267 @@
+"""The checkpoint model built from the fixtures' metadata, and each validation rule on broken
+copies of them (made in tmp dirs)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import copy_fixture, fixture_names, manifest, tag_dir
+
+from zinspect.core import open_checkpoint
+from zinspect.core.model import ERROR, Checkpoint
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _open(name: str) -> Checkpoint:
+    return open_checkpoint(tag_dir(name))
+
+
+# ------------------------------------------------------------------------- model vs manifests
+@pytest.mark.parametrize("name", fixture_names)
+def test_fragments_cover_each_param_exactly(name):
+    c = _open(name)
+    checked = 0
+    for p in c.owners():
+        if p.numel == 0 or (p.frozen and c.stage == 1 and not p.fragments):
+            continue
+        spans = sorted((f.start, f.start + f.numel) for f in p.fragments if f.numel)
+        pos = 0
+        for lo, hi in spans:
+            assert lo == pos, (p.name, spans)  # no gap, no overlap
+            pos = hi
+        assert pos == p.numel, (p.name, spans)
+        assert all(f.intact and f.offset is not None for f in p.fragments), p.name
+        checked += 1
+    assert checked == len(c.owners())
+
+
+@pytest.mark.parametrize("name", [n for n in fixture_names if manifest(n)["stage"] == 3])
+def test_zero3_fragments_are_ceil_n_over_ws_per_rank(name):
+    c = _open(name)
+    ws = c.world_size
+    assert ws == manifest(name)["world_size"]
+    for p in c.owners():
+        part = math.ceil(p.numel / ws)
+        assert sorted(f.rank for f in p.fragments) == list(range(ws)), p.name
+        for f in p.fragments:
+            assert f.start == f.rank * part, p.name
+            assert f.numel + f.padding == part, (p.name, f)
+            assert f.numel == max(0, min(part, p.numel - f.rank * part)), (p.name, f)
+        assert sum(f.padding for f in p.fragments) == part * ws - p.numel
+
+
+@pytest.mark.parametrize("name", fixture_names)
+def test_frozen_params_source(name):
+    m = manifest(name)
+    c = _open(name)
+    assert sorted(n for n, p in c.params.items() if p.frozen) == sorted(m["frozen"])
+    for n in m["frozen"]:
+        p = c.params[n]
+        assert p.fragments, n
+        want = "module" if m["stage"] == 1 else "frozen"
+        assert {f.source for f in p.fragments} == {want}, n
+        if m["stage"] == 1:
+            assert any(f.code == "frozen-from-module" and f.param == n for f in c.findings)
+
+
+@pytest.mark.parametrize("name", fixture_names)
+def test_layout_groups_and_subgroups(name):
+    m = manifest(name)
+    c = _open(name)
+    assert c.layout == ("bf16_optimizer" if name.endswith("bf16opt") else "zero")
+    assert len(c.groups) == len(m["flat_groups"])
+    assert [g.params for g in c.groups] == m["flat_groups"]
+    assert [g.index for g in c.groups] == list(range(len(m["flat_groups"])))
+    for g in c.groups:
+        assert sorted(g.partition_numel) == list(range(m["world_size"]))
+        assert g.numel == sum(m["params"][n]["numel"] for n in g.params)
+        assert g.dtype == "float32"
+    # each flat group's params belong to exactly one optimizer param group
+    for g in c.groups:
+        pg = {i for i, names in enumerate(m["param_groups"]) if set(g.params) & set(names)}
+        assert pg == {g.param_group}, g.index
+        assert set(g.params) <= set(m["param_groups"][g.param_group])
+    if name == "s3_w3_fp16_sub":
+        assert len(c.groups) > len(m["param_groups"])  # ZeRO-3 sub-groups
+
+
+@pytest.mark.parametrize("name", fixture_names)
+def test_fragment_offsets_point_at_the_values(name):
+    """The bytes at each fragment's offset are the reference values of that element range."""
+    ref = torch.load(tag_dir(name).parent / "reference_fp32.pt", map_location="cpu",
+                     weights_only=True)
+    c = _open(name)
+    blobs = {f.name: f.path.read_bytes() for f in c.files}
+    for p in c.owners():
+        want = ref[p.name].flatten()
+        for f in p.fragments:
+            if not f.numel:
+                continue
+            raw = bytearray(blobs[f.file][f.offset: f.offset + f.nbytes])
+            got = torch.frombuffer(raw, dtype=TORCH_DTYPES[f.dtype])
+            exp = want[f.start: f.start + f.numel].to(TORCH_DTYPES[f.dtype])
+            assert torch.equal(got, exp), (p.name, f)
+
+
+# ------------------------------------------------------------------------- validation rules
+def codes(c: Checkpoint, severity: str = ERROR) -> set[str]:
+    return {f.code for f in c.findings if f.severity == severity}
+
+
+def finding(c: Checkpoint, code: str):
+    hits = [f for f in c.findings if f.code == code]
+    assert hits, (code, [(f.code, f.message) for f in c.findings])
+    return hits
+
+
+@pytest.mark.parametrize("name", fixture_names)
+def test_fixtures_have_no_errors(name):
+    assert codes(_open(name)) == set()
+
+
+def test_missing_optim_rank_file(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w4_fp16")
+    (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    c = open_checkpoint(tag)
+    [f] = finding(c, "missing-optimizer-file")
+    assert f.severity == ERROR and f.rank == 2 and "rank 2" in f.message
+    cov = finding(c, "param-coverage")
+    assert all(x.rank in (2, None) for x in cov)
+    assert any(x.rank == 2 for x in cov)
+
+
+def test_stale_extra_rank_file(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    shutil.copy(tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    c = open_checkpoint(tag)
+    [f] = finding(c, "stale-rank-file")
+    assert f.file == "zero_pp_rank_2_mp_rank_00_optim_states.pt" and f.rank == 2
+    assert "missing-optimizer-file" not in codes(c)
+
+
+def test_rank_gap_and_stale_file(tmp_path):
+    """Ranks 0, 1, 3 of a world of 4 plus rank 4: a gap at 2 and a stale rank 4."""
+    tag = copy_fixture(tmp_path, "s2_w4_fp16")
+    (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").rename(
+        tag / "zero_pp_rank_4_mp_rank_00_optim_states.pt")
+    c = open_checkpoint(tag)
+    assert c.world_size == 4
+    [gap] = finding(c, "missing-optimizer-file")
+    assert gap.rank == 2
+    [stale] = finding(c, "stale-rank-file")
+    assert stale.file == "zero_pp_rank_4_mp_rank_00_optim_states.pt" and stale.rank == 4
+
+
+@pytest.mark.parametrize("name", ["s2_w4_fp16", "s3_w4_bf16"])
+def test_truncated_optim_file_still_yields_info(tmp_path, name):
+    tag = copy_fixture(tmp_path, name)
+    victim = next(tag.glob("*zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) * 3 // 4])
+    c = open_checkpoint(tag)
+    [f] = finding(c, "truncated-file")
+    assert f.file == victim.name and f.rank == 1
+    truncated = finding(c, "param-truncated")
+    assert all(x.file == victim.name and x.rank == 1 for x in truncated)
+    # the model is still there: names, shapes, world size
+    m = manifest(name)
+    assert list(c.params) == list(m["params"])
+    assert c.world_size == m["world_size"] and c.stage == m["stage"]
+
+
+def test_truncated_before_the_pickle_is_unreadable(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    victim = tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    c = open_checkpoint(tag)
+    [f] = finding(c, "unreadable-file")
+    assert f.file == victim.name and f.rank == 0
+    assert list(c.params) == list(manifest("s2_w2_fp32_plain")["params"])
+
+
+def test_mixed_prefixes(tmp_path):
+    tag = copy_fixture(tmp_path, "s1_w4_bf16")
+    (tag / "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt").rename(
+        tag / "zero_pp_rank_3_mp_rank_00_optim_states.pt")
+    c = open_checkpoint(tag)
+    [f] = finding(c, "mixed-prefix")
+    assert f.file == "zero_pp_rank_3_mp_rank_00_optim_states.pt" and f.rank == 3
+
+
+def test_duplicate_rank_with_another_prefix(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w2_bf16")
+    shutil.copy(tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                tag / "fp16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    c = open_checkpoint(tag)
+    [f] = finding(c, "duplicate-rank")
+    assert f.rank == 0 and f.file in ("fp16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                      "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+
+
+def test_stage_mismatch(tmp_path):
+    """A ZeRO-1 rank file dropped into a ZeRO-2 checkpoint of the same world size."""
+    tag = copy_fixture(tmp_path, "s2_w4_fp16")
+    shutil.copy(tag_dir("s1_w4_bf16") / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+                tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
+    c = open_checkpoint(tag)
+    assert c.stage == 2
+    [f] = finding(c, "stage-mismatch")
+    assert f.file == "zero_pp_rank_2_mp_rank_00_optim_states.pt" and f.rank == 2
+    assert "ZeRO-1" in f.message
+
+
+def test_world_size_mismatch(tmp_path):
+    """Rank 1 of a world-size-2 run renamed into a world-size-4 checkpoint of the same stage."""
+    tag = copy_fixture(tmp_path, "s2_w4_fp16")
+    shutil.copy(tag_dir("s2_w2_fp32_plain") / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    c = open_checkpoint(tag)
+    assert c.world_size == 4
+    hits = [f for f in finding(c, "world-size-mismatch") if f.file]
+    assert [(f.file, f.rank) for f in hits] == [("zero_pp_rank_1_mp_rank_00_optim_states.pt", 1)]
+    assert "world size 2" in hits[0].message
+
+
+def test_zero3_missing_model_states_file(tmp_path):
+    tag = copy_fixture(tmp_path, "s3_w4_bf16")
+    (tag / "zero_pp_rank_2_mp_rank_00_model_states.pt").unlink()
+    c = open_checkpoint(tag)
+    [f] = finding(c, "missing-model-states-file")
+    assert f.rank == 2 and f.severity == ERROR
+    # the frozen param's rank-2 share lived in that file
+    frozen = manifest("s3_w4_bf16")["frozen"][0]
+    assert any(x.code == "param-coverage" and x.param == frozen and x.rank == 2
+               for x in c.findings)
+
+
+def test_zero3_missing_rank0_model_states(tmp_path):
+    tag = copy_fixture(tmp_path, "s3_w2_fp32")
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink()
+    c = open_checkpoint(tag)
+    [w] = finding(c, "rank0-model-missing")
+    assert w.file == "zero_pp_rank_1_mp_rank_00_model_states.pt"
+    assert any(f.code == "missing-model-states-file" and f.rank == 0 for f in c.findings)
+
+
+def test_garbage_rank_file_is_unreadable(tmp_path):
+    tag = copy_fixture(tmp_path, "s1_w2_fp32")
+    victim = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(b"\x00" * 4096)
+    c = open_checkpoint(tag)
+    [f] = finding(c, "unreadable-file")
+    assert f.file == victim.name and f.rank == 1
+    assert c.file(victim.name).error
+
+
+def test_extra_file_is_only_info(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w2_bf16")
+    (tag / "notes.txt").write_text("hello")
+    c = open_checkpoint(tag)
+    [f] = finding(c, "extra-file")
+    assert f.severity == "info" and f.file == "notes.txt"
+    assert codes(c) == set()
