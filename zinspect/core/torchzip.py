@@ -407,6 +407,8 @@ def _walk_local_headers(f, path: str, size: int) -> TorchFile:
         name_len, extra_len = struct.unpack("<HH", head[26:30])
         name = f.read(name_len).decode("utf-8", "replace")
         data = off + 30 + name_len + extra_len
+        if data > size:  # cut inside the local header itself
+            break
         leaf = name.rsplit("/", 1)[-1]
         if name.endswith("data.pkl"):
             f.seek(data)
