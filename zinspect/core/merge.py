@@ -101,6 +101,9 @@ def _write_temp(target: Path, writer, shard, meter, should_stop) -> Path:
     try:
         writer(fd, shard, meter, should_stop)
         os.fsync(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         os.close(fd)
     return tmp

@@ -1,0 +1,70 @@
+"""The Python API: the same engine as the CLI, for scripts and notebooks.
+
+    import zinspect
+    ckpt = zinspect.open_checkpoint("ckpt/")               # metadata only, validated
+    sd = zinspect.get_fp32_state_dict("ckpt/")             # {name: fp32 tensor}, needs torch
+    zinspect.load_into(model, "ckpt/")                     # strict load_state_dict
+    zinspect.merge("ckpt/", "out/", max_shard_size="5GB")  # streamed to safetensors
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from zinspect.core import open_checkpoint
+from zinspect.core.merge import MergeResult
+from zinspect.core.merge import merge as _merge
+from zinspect.core.plan import plan_merge
+from zinspect.core.selection import Selection
+from zinspect.core.stream import BufferSink, ProgressMeter, copy_tensors
+
+__all__ = ["get_fp32_state_dict", "load_into", "merge", "open_checkpoint"]
+
+
+def _selection(exclude: Iterable[str], exclude_frozen: bool) -> Selection:
+    return Selection(exclude_globs=list(exclude), exclude_frozen=exclude_frozen)
+
+
+def get_fp32_state_dict(path: str | os.PathLike, tag: str | None = None, *,
+                        exclude_frozen: bool = False, exclude: Iterable[str] = (),
+                        salvage: bool = False) -> dict:
+    """The consolidated state dict as torch tensors: a drop-in for DeepSpeed's
+    `get_fp32_state_dict_from_zero_checkpoint`, with these differences: frozen params are fp32,
+    integer buffers keep their dtype, ZeRO-1 frozen params are present, and broken checkpoints
+    raise `NotMergeable` instead of returning wrong weights. Tied names share one tensor.
+
+    `exclude` takes glob patterns of names to leave out."""
+    import torch
+
+    ckpt = open_checkpoint(path, tag)
+    plan = plan_merge(ckpt, _selection(exclude, exclude_frozen), salvage=salvage)
+    names = {t.name for t in plan.tensors}
+    owners = [t for t in plan.tensors if t.tied_to is None or t.tied_to not in names]
+    sink = BufferSink(owners)
+    copy_tensors(owners, sink, ProgressMeter(sum(t.nbytes for t in owners), None))
+    out = {}
+    for t, buf in zip(owners, sink.buffers):
+        dtype = getattr(torch, t.dtype)
+        out[t.name] = (torch.frombuffer(buf, dtype=dtype) if buf else
+                       torch.empty(0, dtype=dtype)).reshape(t.shape)
+    for t in plan.tensors:
+        if t.name not in out:
+            out[t.name] = out[t.tied_to]
+    return {t.name: out[t.name] for t in plan.tensors}
+
+
+def load_into(model, path: str | os.PathLike, tag: str | None = None, strict: bool = True):
+    """Load the fp32 weights into `model` (built outside zero.Init) with load_state_dict."""
+    return model.load_state_dict(get_fp32_state_dict(path, tag), strict=strict)
+
+
+def merge(path: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, *,
+          fmt: str = "safetensors", max_shard_size: int | str | None = None,
+          exclude: Iterable[str] = (), exclude_frozen: bool = False, force: bool = False,
+          salvage: bool = False, progress=None, should_stop=None) -> MergeResult:
+    """Stream the consolidated fp32 weights of the checkpoint at `path` into `out_dir`."""
+    return _merge(open_checkpoint(path, tag), out_dir,
+                  selection=_selection(exclude, exclude_frozen), fmt=fmt,
+                  max_shard_size=max_shard_size, force=force, salvage=salvage,
+                  progress=progress, should_stop=should_stop)
