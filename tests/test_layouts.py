@@ -1,0 +1,75 @@
+"""Layouts zinspect recognises and names, even where it cannot merge them yet."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import copy_fixture
+
+from zinspect.core import open_checkpoint
+from zinspect.core.merge import plan_merge
+from zinspect.errors import NotMergeable
+
+
+def codes(ckpt) -> set[str]:
+    return {f.code for f in ckpt.findings}
+
+
+def _tensor_parallel(tag):
+    for f in list(tag.iterdir()):
+        shutil.copy(f, tag / f.name.replace("mp_rank_00", "mp_rank_01"))
+
+
+def _pipeline(tag):
+    torch.save({"weight": torch.zeros(3)}, tag / "layer_01-model_00-model_states.pt")
+
+
+def _moe(tag):
+    torch.save({"w": torch.zeros(2)}, tag / "layer_0_expert_3_mp_rank_00_model_states.pt")
+
+
+def _nvme(tag):
+    (tag / "offloaded_tensors" / "rank00").mkdir(parents=True)
+
+
+def _universal(tag):
+    (tag / "zero" / "embed.weight").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("make, layout", [
+    (_tensor_parallel, "tensor_parallel"), (_pipeline, "pipeline"), (_moe, "moe"),
+    (_nvme, "nvme_offload"), (_universal, "universal"),
+])
+def test_unsupported_layouts_are_named_and_refused(tmp_path, make, layout):
+    tag = copy_fixture(tmp_path, "s2_w2_bf16")
+    make(tag)
+    ckpt = open_checkpoint(tag)
+    assert ckpt.layout == layout
+    assert "unsupported-layout" in codes(ckpt)
+    assert ckpt.params, "what can be read is still shown"
+    with pytest.raises(NotMergeable, match="cannot merge"):
+        plan_merge(ckpt)
+
+
+def test_zero0_checkpoint_is_named(tmp_path):
+    tag = tmp_path / "ckpt" / "global_step1"
+    tag.mkdir(parents=True)
+    (tmp_path / "ckpt" / "latest").write_text("global_step1")
+    torch.save({"module": {"w": torch.ones(4)}, "buffer_names": [], "optimizer": {"state": {}},
+                "param_shapes": None, "ds_version": "0.19.8", "dp_world_size": 1},
+               tag / "mp_rank_00_model_states.pt")
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    assert ckpt.layout == "zero0" and ckpt.stage == 0
+    assert "unsupported-layout" in codes(ckpt)
+    assert list(ckpt.params) == ["w"]
+
+
+def test_bf16_optimizer_layout_is_recognised():
+    from conftest import FIXTURES
+
+    ckpt = open_checkpoint(FIXTURES / "s1_w2_bf16_bf16opt")
+    assert ckpt.layout == "bf16_optimizer" and ckpt.stage == 1
+    assert "bf16-optimizer" in codes(ckpt)
+    assert not ckpt.errors
