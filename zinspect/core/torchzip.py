@@ -297,7 +297,7 @@ class TorchFile:
         if rec is None:
             return None
         if rec.data_offset is None and rec.header_offset is not None:
-            with open(self.path, "rb") as f:
+            with open(self.path, "rb", buffering=0) as f:  # 30 bytes, not a buffer's worth
                 f.seek(rec.header_offset)
                 head = f.read(30)
             if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -327,7 +327,7 @@ def read_torch_file(path: str | os.PathLike) -> TorchFile:
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:  # zipfile reads exact spans; no read-ahead
             head = f.read(4)
             if size == 0:
                 raise UnreadableFile(f"{path}: the file is empty (0 bytes)",
@@ -335,7 +335,7 @@ def read_torch_file(path: str | os.PathLike) -> TorchFile:
             if head == b"PK\x03\x04":
                 return _read_zip(f, path, size)
             if head[:1] == b"\x80":
-                return _read_legacy(f, path, size)
+                return _read_legacy(io.BufferedReader(f), path, size)  # pickle reads bytewise
     except PermissionError as e:
         raise UnreadableFile(f"{path}: permission denied",
                              "check the file's permissions (chmod +r) or run as its owner") from e
