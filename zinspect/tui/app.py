@@ -1,0 +1,199 @@
+"""ZinspectApp: open a checkpoint in a thread worker, then browse, choose and merge it."""
+
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import App
+from textual.binding import Binding
+from textual.command import CommandPalette
+from textual.worker import Worker, WorkerState
+
+from zinspect.core import open_checkpoint
+from zinspect.core.selection import Selection
+from zinspect.errors import ZinspectError
+from zinspect.tui.commands import ActionCommands, ParamCommands
+from zinspect.tui.inspection import Inspection, display_path
+from zinspect.tui.messages import ExclusionToggled, FindingChosen, ParamChosen
+from zinspect.tui.screens.help import HelpScreen
+from zinspect.tui.screens.main import MainScreen
+from zinspect.tui.screens.param_detail import ParamDetailScreen
+from zinspect.tui.screens.selection_file import DEFAULT_SELECTION_FILE, SelectionFileScreen
+from zinspect.tui.widgets.params_pane import ParamsPane
+from zinspect.tui.widgets.ranks_pane import RanksPane
+
+
+class ZinspectApp(App[int]):
+    CSS_PATH = "app.tcss"
+    TITLE = "zinspect"
+    COMMANDS = App.COMMANDS | {ActionCommands, ParamCommands}
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="quit"),
+        Binding("question_mark", "help", "Help", id="help", key_display="?"),
+        Binding("slash", "filter", "Filter", id="filter", key_display="/"),
+        Binding("m", "merge", "Merge", id="merge"),
+        Binding("v", "validate", "Validate", id="validate",
+                tooltip="Re-read the checkpoint from disk and check it again"),
+        Binding("f", "exclude_frozen", "Excl. frozen", id="exclude-frozen"),
+        Binding("s", "save_selection", "Save sel.", id="save-selection"),
+        Binding("l", "load_selection", "Load sel.", show=False, id="load-selection"),
+        Binding("ctrl+g", "goto_param", "Go to param", show=False, id="goto-param"),
+    ]
+
+    def __init__(self, path: str, tag: str | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.tag = tag
+        self.view: Inspection | None = None
+        self.selection_file = DEFAULT_SELECTION_FILE
+        self.sub_title = display_path(path)
+
+    def get_default_screen(self) -> MainScreen:
+        return MainScreen(self.sub_title)
+
+    @property
+    def main(self) -> MainScreen:
+        return self.screen_stack[0]  # type: ignore[return-value]
+
+    def on_mount(self) -> None:
+        self.load(Selection())
+
+    # -- loading --------------------------------------------------------------------------
+    def action_validate(self) -> None:
+        """Read the checkpoint (again) from disk in a thread; the screen shows a spinner."""
+        self.main.show_loading()
+        selection = self.view.selection if self.view is not None else Selection()
+        self.load(selection)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load",
+          description="reading the checkpoint's metadata")
+    def load(self, selection: Selection) -> Inspection:
+        return Inspection(open_checkpoint(self.path, self.tag), selection)
+
+    @on(Worker.StateChanged)
+    def loaded(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "load":
+            return
+        if event.state == WorkerState.SUCCESS:
+            self.view = event.worker.result
+            self.title = f"zinspect · {self.view.ckpt.tag}"
+            self.main.show_inspection(self.view)
+        elif event.state == WorkerState.ERROR:
+            error = event.worker.error
+            if isinstance(error, ZinspectError):
+                self.main.show_error(error.message, error.hint)
+            else:
+                self.main.show_error(f"{type(error).__name__}: {error}",
+                                     "this looks like a zinspect bug; please report it")
+
+    # -- navigation -----------------------------------------------------------------------
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_filter(self) -> None:
+        if self.view is None:
+            return
+        self.main.action_show_tab("params")
+        self.main.query_one(ParamsPane).focus_filter()
+
+    def action_goto_param(self) -> None:
+        if self.view is not None:
+            self.push_screen(CommandPalette(providers=[ParamCommands],
+                                            placeholder="Go to parameter: words in its name"))
+
+    def goto_param(self, name: str) -> None:
+        """Show `name` in the tree and open its detail screen."""
+        if self.view is None or name not in self.view.ckpt.params:
+            return
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        self.main.query_one("#tabs").active = "tab-params"
+        self.main.query_one(ParamsPane).show_param(name)
+        self.push_screen(ParamDetailScreen(self.view, name))
+
+    @on(ParamChosen)
+    def param_chosen(self, event: ParamChosen) -> None:
+        if self.view is not None:
+            self.push_screen(ParamDetailScreen(self.view, event.name))
+
+    @on(FindingChosen)
+    def finding_chosen(self, event: FindingChosen) -> None:
+        f = event.finding
+        if f.param is not None and self.view is not None and f.param in self.view.ckpt.params:
+            self.goto_param(f.param)
+        elif f.rank is not None:
+            self.main.action_show_tab("ranks")
+            self.main.query_one(RanksPane).show_rank(f.rank)
+        else:
+            self.notify("this finding names no param or rank", timeout=3)
+
+    # -- exclusion ------------------------------------------------------------------------
+    @on(ExclusionToggled)
+    def exclusion_toggled(self, event: ExclusionToggled) -> None:
+        if self.view is None or not event.names:
+            return
+        excluded = self.view.toggle(event.names)
+        self.notify(f"{'excluded' if excluded else 'included'}: {event.what}", timeout=2)
+        self.selection_changed()
+
+    def action_exclude_frozen(self) -> None:
+        if self.view is None:
+            return
+        frozen = sum(1 for p in self.view.ckpt.params.values() if p.frozen)
+        on_now = self.view.toggle_frozen()
+        self.notify(f"{'excluded' if on_now else 'included'} {frozen} frozen param(s)", timeout=3)
+        self.selection_changed()
+
+    def selection_changed(self) -> None:
+        self.main.query_one(ParamsPane).refresh_marks()
+        if isinstance(self.screen, ParamDetailScreen):
+            self.screen.refresh_facts()
+
+    def action_save_selection(self) -> None:
+        if self.view is not None:
+            self.push_screen(SelectionFileScreen("Save", self.selection_file), self.save_selection)
+
+    def save_selection(self, path: str | None) -> None:
+        if path is None or self.view is None:
+            return
+        try:
+            self.view.selection.save(path)
+        except OSError as e:
+            self.notify(f"cannot write {path}: {e.strerror or e}", severity="error")
+            return
+        self.selection_file = path
+        self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {path}")
+
+    def action_load_selection(self) -> None:
+        if self.view is not None:
+            self.push_screen(SelectionFileScreen("Load", self.selection_file), self.load_selection)
+
+    def load_selection(self, path: str | None) -> None:
+        if path is None or self.view is None:
+            return
+        try:
+            selection = Selection.load(path)
+        except ZinspectError as e:
+            self.notify(f"{e.message}\nhint: {e.hint}", severity="error", timeout=8)
+            return
+        self.selection_file = path
+        self.view.set_selection(selection)
+        unknown = [n for n in selection.exclude if n not in self.view.ckpt.params
+                   and n not in self.view.ckpt.buffers]
+        note = f"; {len(unknown)} name(s) are not in this checkpoint" if unknown else ""
+        self.notify(f"loaded {path}: {len(self.view.excluded)} excluded{note}",
+                    severity="warning" if unknown else "information")
+        self.selection_changed()
+
+    # -- merge ----------------------------------------------------------------------------
+    def action_merge(self) -> None:
+        if self.view is None:
+            return
+        from zinspect.tui.screens.merge import MergeScreen  # the merge engine loads on demand
+
+        self.push_screen(MergeScreen(self.view))
+
+
+def run_app(path: str, tag: str | None = None) -> int:
+    """Open the app on a checkpoint; returns the process exit code."""
+    ZinspectApp(path, tag).run()
+    return 0

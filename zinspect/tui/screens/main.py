@@ -1,0 +1,104 @@
+"""The main screen: a loading state, an error state, or the four tabs over a loaded checkpoint."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Center, Container, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Label, LoadingIndicator, Static, TabbedContent, TabPane
+
+from zinspect.tui.inspection import Inspection
+from zinspect.tui.widgets.findings_pane import FindingsPane
+from zinspect.tui.widgets.overview import Overview
+from zinspect.tui.widgets.params_pane import ParamsPane
+from zinspect.tui.widgets.ranks_pane import RanksPane
+
+TABS = ("overview", "params", "ranks", "findings")
+
+
+class Inspector(Container):
+    """The four tabs over one loaded checkpoint."""
+
+    def __init__(self, view: Inspection, initial: str) -> None:
+        super().__init__(id="inspector")
+        self.view = view
+        self.initial = initial
+
+    def compose(self) -> ComposeResult:
+        view = self.view
+        findings = f"Findings ({len(view.ckpt.findings)})" + (" !" if view.ckpt.errors else "")
+        with TabbedContent(initial=f"tab-{self.initial}", id="tabs"):
+            with TabPane("Overview", id="tab-overview"):
+                yield Overview(view, id="overview")
+            with TabPane("Parameters", id="tab-params"):
+                yield ParamsPane(view, id="params")
+            with TabPane("Ranks", id="tab-ranks"):
+                yield RanksPane(view.ckpt, id="ranks")
+            with TabPane(findings, id="tab-findings"):
+                yield FindingsPane(view.ckpt, id="findings")
+
+
+class MainScreen(Screen):
+    BINDINGS = [
+        Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False, id=f"tab-{tab}")
+        for i, tab in enumerate(TABS)
+    ]
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def compose(self) -> ComposeResult:
+        yield Header(icon="◆")
+        with Container(id="body"):
+            yield self.loading_view()
+        yield Footer()
+
+    def _replace_body(self, *widgets) -> None:
+        body = self.query_one("#body")
+        body.remove_children()
+        body.mount(*widgets)
+
+    def loading_view(self) -> Vertical:
+        return Vertical(Center(Label(f"Reading {self.what} …", id="loading-label")),
+                        LoadingIndicator(), id="loading")
+
+    def show_loading(self) -> None:
+        self._replace_body(self.loading_view())
+
+    def show_error(self, message: str, hint: str) -> None:
+        text = Text()
+        text.append("Cannot open the checkpoint\n\n", style="bold red")
+        text.append(message)
+        if hint:
+            text.append("\n\nhint: ", style="bold")
+            text.append(hint)
+        text.append("\n\nv: try again   q: quit", style="dim")
+        self._replace_body(Static(text, id="load-error"))
+
+    def show_inspection(self, view: Inspection) -> None:
+        """Build the tabs for a freshly loaded checkpoint, keeping the tab the user was on."""
+        self._replace_body(Inspector(view, self.active_tab or "overview"))
+
+    @property
+    def active_tab(self) -> str | None:
+        tabs = self.query(TabbedContent)
+        return tabs.first().active.removeprefix("tab-") if tabs else None
+
+    def action_show_tab(self, tab: str) -> None:
+        if self.query(TabbedContent):
+            self.query_one(TabbedContent).active = f"tab-{tab}"
+            self.call_after_refresh(self.focus_tab_content)
+
+    def focus_tab_content(self) -> None:
+        pane = self.query_one(TabbedContent).active_pane
+        if pane is None:
+            return
+        if pane.id == "tab-params":
+            self.query_one(ParamsPane).current_view().focus()
+        else:
+            focusable = [w for w in pane.query("*") if w.focusable]
+            if focusable:
+                focusable[0].focus()

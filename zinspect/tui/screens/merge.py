@@ -1,0 +1,214 @@
+"""`m`: the merge dialog, then live progress (escape cancels), then the result or the error."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import (Button, Checkbox, ContentSwitcher, Input, Label, ProgressBar,
+                             RadioButton, RadioSet, Static)
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from zinspect.core import fmt
+from zinspect.core.merge import MergeResult, merge, parse_size
+from zinspect.errors import MergeCancelled, ZinspectError
+from zinspect.tui.inspection import Inspection, default_output_dir, display_path
+from zinspect.tui.messages import MergeProgress
+
+
+@dataclass
+class MergeRequest:
+    out_dir: str
+    format: str
+    max_shard_size: int | None
+    force: bool
+    salvage: bool
+
+
+def error_text(title: str, error: BaseException) -> Text:
+    text = Text(f"{title}\n\n", style="bold red")
+    if isinstance(error, ZinspectError):
+        text.append(error.message)
+        if error.hint:
+            text.append("\n\nhint: ", style="bold")
+            text.append(error.hint)
+    else:
+        text.append(f"{type(error).__name__}: {error}")
+    return text
+
+
+class MergeScreen(ModalScreen[None]):
+    """Three faces in a ContentSwitcher: #merge-form, #merge-running, #merge-done."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="cancel-merge")]
+
+    def __init__(self, view: Inspection) -> None:
+        super().__init__()
+        self.view = view
+        self.stop_requested = threading.Event()
+        self.started = 0.0
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="merge", classes="dialog") as box:
+            box.border_title = "Merge to fp32"
+            with ContentSwitcher(initial="merge-form"):
+                with Vertical(id="merge-form"):
+                    yield Label("Output directory")
+                    yield Input(default_output_dir(self.view.ckpt), id="merge-out")
+                    with Horizontal(classes="form-row"):
+                        with Vertical():
+                            yield Label("Format")
+                            with RadioSet(id="merge-format"):
+                                yield RadioButton("safetensors", value=True, id="fmt-safetensors")
+                                yield RadioButton("pt (torch.save)", id="fmt-pt")
+                        with Vertical():
+                            yield Label("Max shard size (empty: one file)")
+                            yield Input(placeholder="e.g. 5GB", id="merge-shard")
+                            yield Checkbox("overwrite an existing output", id="merge-force")
+                            if self.view.ckpt.errors:
+                                yield Checkbox("salvage: skip params that cannot be rebuilt",
+                                               id="merge-salvage")
+                    yield Static(self.plan_text(), id="merge-plan")
+                    yield Static(id="merge-form-error")
+                    with Horizontal(classes="buttons"):
+                        yield Button("Merge", variant="primary", id="merge-start")
+                        yield Button("Cancel", id="merge-close-form")
+                with Vertical(id="merge-running"):
+                    yield Label("", id="merge-target")
+                    yield ProgressBar(id="merge-bar", show_eta=False)
+                    yield Label("", id="merge-stats")
+                    yield Label("", id="merge-current")
+                    yield Label("escape: cancel (nothing is left on disk)", classes="dim")
+                with Vertical(id="merge-done"):
+                    yield Static(id="merge-outcome")
+                    with Horizontal(classes="buttons"):
+                        yield Button("Close", variant="primary", id="merge-close")
+                        yield Button("Back to the form", id="merge-back")
+
+    def plan_text(self) -> Text:
+        out = self.view.output
+        text = Text()
+        text.append("Writes ", style="dim")
+        text.append(f"{fmt.count(out.params)} params + {fmt.count(out.buffers)} buffers, "
+                    f"{fmt.size(out.nbytes)}", style="bold")
+        excluded = sorted(self.view.excluded)
+        if excluded:
+            text.append(f"\nExcludes {fmt.count(len(excluded))} ({fmt.size(out.excluded_nbytes)}): ",
+                        style="dim")
+            text.append(", ".join(excluded[:4]) + (" …" if len(excluded) > 4 else ""))
+        else:
+            text.append("\nExcludes nothing", style="dim")
+        errors = len(self.view.ckpt.errors)
+        if errors:
+            text.append(f"\n{errors} validation error(s): the merge refuses unless the params "
+                        "they name are excluded, or salvage is on", style="yellow")
+        return text
+
+    def on_mount(self) -> None:
+        self.query_one("#merge-out", Input).focus()
+
+    # -- form -----------------------------------------------------------------------------
+    def read_form(self) -> MergeRequest:
+        shard = self.query_one("#merge-shard", Input).value.strip()
+        salvage = self.query("#merge-salvage")
+        return MergeRequest(
+            out_dir=self.query_one("#merge-out", Input).value.strip(),
+            format="pt" if self.query_one("#fmt-pt", RadioButton).value else "safetensors",
+            max_shard_size=parse_size(shard) if shard else None,
+            force=self.query_one("#merge-force", Checkbox).value,
+            salvage=bool(salvage) and salvage.first(Checkbox).value,
+        )
+
+    @on(Button.Pressed, "#merge-start")
+    @on(Input.Submitted, "#merge-out, #merge-shard")
+    def start(self) -> None:
+        try:
+            request = self.read_form()
+            if not request.out_dir:
+                raise ZinspectError("give an output directory")
+        except ZinspectError as e:
+            self.query_one("#merge-form-error", Static).update(error_text("Cannot merge", e))
+            return
+        self.query_one(ContentSwitcher).current = "merge-running"
+        self.query_one("#merge-target", Label).update(
+            f"Writing {request.format} to {display_path(request.out_dir)}")
+        self.stop_requested.clear()
+        self.started = time.monotonic()
+        self.run_merge(request)
+
+    @on(Button.Pressed, "#merge-close-form, #merge-close")
+    def close(self) -> None:
+        self.dismiss()
+
+    @on(Button.Pressed, "#merge-back")
+    def back_to_form(self) -> None:
+        self.query_one(ContentSwitcher).current = "merge-form"
+
+    def action_cancel(self) -> None:
+        if self.query_one(ContentSwitcher).current == "merge-running":
+            self.stop_requested.set()
+            self.query_one("#merge-current", Label).update("cancelling …")
+        else:
+            self.dismiss()
+
+    # -- the work -------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, exit_on_error=False, group="merge",
+          description="merging to fp32")
+    def run_merge(self, request: MergeRequest) -> MergeResult:
+        worker = get_current_worker()
+        return merge(
+            self.view.ckpt, request.out_dir, selection=self.view.selection, fmt=request.format,
+            max_shard_size=request.max_shard_size, force=request.force, salvage=request.salvage,
+            progress=lambda done, total, name: self.post_message(MergeProgress(done, total, name)),
+            should_stop=lambda: self.stop_requested.is_set() or worker.is_cancelled,
+        )
+
+    @on(MergeProgress)
+    def show_progress(self, event: MergeProgress) -> None:
+        self.query_one("#merge-bar", ProgressBar).update(total=event.total, progress=event.done)
+        elapsed = time.monotonic() - self.started
+        rate = event.done / elapsed if elapsed > 0 else 0.0
+        eta = f" · ETA {fmt.duration((event.total - event.done) / rate)}" if rate else ""
+        self.query_one("#merge-stats", Label).update(
+            f"{fmt.size(event.done)} of {fmt.size(event.total)} · {fmt.rate(rate)}{eta}")
+        if not self.stop_requested.is_set():
+            self.query_one("#merge-current", Label).update(f"at {event.name}")
+
+    @on(Worker.StateChanged)
+    def merge_finished(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "merge":
+            return
+        if event.state == WorkerState.SUCCESS:
+            self.show_outcome(self.result_text(event.worker.result), ok=True)
+        elif event.state == WorkerState.ERROR:
+            error = event.worker.error
+            title = "Cancelled" if isinstance(error, MergeCancelled) else "The merge failed"
+            self.show_outcome(error_text(title, error), ok=False)
+
+    def show_outcome(self, text: Text, ok: bool) -> None:
+        self.query_one("#merge-outcome", Static).update(text)
+        self.query_one("#merge-back").display = not ok
+        self.query_one(ContentSwitcher).current = "merge-done"
+        self.query_one("#merge-close", Button).focus()
+
+    def result_text(self, result: MergeResult) -> Text:
+        text = Text("Merged\n\n", style="bold green")
+        text.append(f"{fmt.count(result.tensors)} tensors, {fmt.size(result.bytes)} in "
+                    f"{fmt.duration(result.seconds)} → {display_path(result.out_dir)}\n")
+        for path in result.files[:12]:
+            text.append(f"  {path.name}  {fmt.size(path.stat().st_size)}\n")
+        if len(result.files) > 12:
+            text.append(f"  … {len(result.files) - 12} more\n")
+        if result.excluded:
+            text.append(f"excluded: {fmt.count(len(result.excluded))}\n", style="dim")
+        if result.dropped:
+            text.append(f"salvage left out {len(result.dropped)}: ", style="yellow")
+            text.append(", ".join(list(result.dropped)[:5]))
+        return text

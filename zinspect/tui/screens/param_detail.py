@@ -1,0 +1,90 @@
+"""One parameter in full: its facts, a coverage bar and where each fragment lives."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Label, Static
+
+from zinspect.core import fmt
+from zinspect.core.model import short_dtype
+from zinspect.tui.inspection import Inspection
+from zinspect.tui.messages import ExclusionToggled
+from zinspect.tui.widgets.coverage_bar import CoverageBar
+from zinspect.tui.widgets.overview import SEVERITY_STYLES
+
+
+class ParamDetailScreen(Screen):
+    """Shown on enter in the tree or table, from the palette, or from a finding."""
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back", id="back"),
+        Binding("space", "toggle_exclude", "Exclude", id="exclude-param",
+                tooltip="Exclude this param from the merge, or include it again"),
+    ]
+
+    def __init__(self, view: Inspection, name: str) -> None:
+        super().__init__()
+        self.view = view
+        self.param_name = name
+
+    def compose(self) -> ComposeResult:
+        p = self.view.param(self.param_name)
+        yield Header(icon="◆")
+        with VerticalScroll(id="param-detail"):
+            yield Static(self.facts(), id="param-facts")
+            yield Label("Coverage of its elements by rank", classes="section-title")
+            yield CoverageBar(p.numel, p.fragments, id="coverage")
+            yield Label("Fragments", classes="section-title")
+            yield DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = self.param_name
+        table = self.query_one("#fragment-table", DataTable)
+        table.add_columns("rank", "file", "group", "elements", "offset", "length", "pad",
+                          "saved as", "bytes")
+        for f in self.view.param(self.param_name).fragments:
+            table.add_row(
+                str(f.rank), f.file, "" if f.group is None else str(f.group),
+                f"{fmt.count(f.start)}..{fmt.count(f.start + f.numel)}",
+                "missing" if f.offset is None else fmt.count(f.offset),
+                fmt.size(f.nbytes), fmt.count(f.padding), f"{short_dtype(f.dtype)} {f.source}",
+                Text("ok", style="green") if f.intact else Text("NOT IN FILE", style="bold red"),
+            )
+
+    def facts(self) -> Table:
+        view, name = self.view, self.param_name
+        p = view.param(name)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim", min_width=12)
+        grid.add_column()
+        grid.add_row("param", Text(name, style="bold"))
+        grid.add_row("shape", f"{tuple(p.shape)} · {fmt.count(p.numel)} elements")
+        grid.add_row("dtype", f"{short_dtype(p.dtype)} in training · saved as "
+                              f"{short_dtype(p.source_dtype)}")
+        grid.add_row("group", "—" if p.group is None else
+                     f"param group {p.group} · flat group {p.sub_group}")
+        state = ["frozen" if p.frozen else "trainable"]
+        if p.tied_to:
+            state.append(f"tied to {p.tied_to} (its values are {p.tied_to}'s)")
+        grid.add_row("kind", ", ".join(state))
+        excluded = name in view.excluded
+        grid.add_row("merge", Text("excluded", style="red") if excluded else
+                     Text(f"included, {fmt.size(view.sizes[name][1])} of fp32", style="green"))
+        grid.add_row("coverage", f"{fmt.count(p.covered)} of {fmt.count(p.numel)} elements "
+                                 f"in {len(p.fragments)} fragment(s)")
+        for f in view.ckpt.findings_for(name):
+            grid.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]),
+                         f"{f.message}" + (f"\nhint: {f.hint}" if f.hint else ""))
+        return grid
+
+    def action_toggle_exclude(self) -> None:
+        self.app.post_message(ExclusionToggled([self.param_name], self.param_name))
+
+    def refresh_facts(self) -> None:
+        self.query_one("#param-facts", Static).update(self.facts())

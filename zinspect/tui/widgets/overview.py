@@ -1,0 +1,115 @@
+"""The Overview tab: what the checkpoint is, how big, which files, how healthy."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Static
+
+from zinspect.core import fmt
+from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, short_dtype
+from zinspect.tui.inspection import Inspection, display_path
+
+LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer"}
+SEVERITY_STYLES = {ERROR: "bold red", WARNING: "yellow", INFO: "blue"}
+
+
+def _facts(title: str, rows: list[tuple[str, RenderableType]]) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.title = title
+    table.title_justify = "left"
+    table.title_style = "bold"
+    table.add_column(style="dim", min_width=14)
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def checkpoint_facts(ckpt: Checkpoint) -> Table:
+    others = [t for t in ckpt.tags if t != ckpt.tag]
+    tag = Text(ckpt.tag)
+    if others:
+        tag.append(f"   (also: {', '.join(others[:8])}{' …' if len(others) > 8 else ''})",
+                   style="dim")
+    return _facts("Checkpoint", [
+        ("path", display_path(ckpt.path)),
+        ("tag", tag),
+        ("layout", f"ZeRO stage {'?' if ckpt.stage is None else ckpt.stage} · "
+                   f"{LAYOUT_NAMES.get(ckpt.layout, ckpt.layout)}"),
+        ("world size", str(ckpt.world_size) if ckpt.world_size is not None else "?"),
+        ("dtypes", f"training {short_dtype(ckpt.dtype)} · master {short_dtype(ckpt.master_dtype)}"),
+        ("DeepSpeed", ckpt.ds_version or "?"),
+    ])
+
+
+def size_facts(view: Inspection) -> Table:
+    params = view.ckpt.params.values()
+    tied = sum(1 for p in params if p.tied_to)
+    frozen = sum(1 for p in params if p.frozen)
+    trainable = len(view.ckpt.params) - tied - frozen
+    numel = view.ckpt.total_numel
+    out = view.output
+    return _facts("Contents", [
+        ("params", f"{fmt.count(len(view.ckpt.params))}: {fmt.count(trainable)} trainable · "
+                   f"{fmt.count(frozen)} frozen · {fmt.count(tied)} tied"),
+        ("buffers", fmt.count(len(view.ckpt.buffers))),
+        ("elements", f"{fmt.count(numel)} ({fmt.short_count(numel)})"),
+        ("fp32 output", f"{fmt.size(out.nbytes + out.excluded_nbytes)}"),
+        ("files", f"{len(view.ckpt.files)}, "
+                  f"{fmt.size(sum(f.size for f in view.ckpt.files))} on disk"),
+    ])
+
+
+def findings_facts(ckpt: Checkpoint) -> Table:
+    counts = ckpt.counts()
+    line = Text()
+    for severity, n in counts.items():
+        line.append(f"{n} {severity}{'s' if n != 1 else ''}",
+                    style=SEVERITY_STYLES[severity] if n else "dim")
+        line.append("   ")
+    verdict = (Text("errors: a merge would be wrong; see the Findings tab", style="bold red")
+               if counts[ERROR] else Text("consistent: every param is fully covered", style="green"))
+    return _facts("Validation", [("findings", line), ("", verdict)])
+
+
+def files_table(ckpt: Checkpoint) -> Table:
+    table = Table(title="Files", title_justify="left", title_style="bold", expand=False,
+                  show_edge=False, header_style="bold dim", box=box.SIMPLE_HEAD)
+    table.add_column("rank", justify="right")
+    table.add_column("kind")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    table.add_column("status")
+    files = sorted(ckpt.files, key=lambda f: (f.rank is None, f.rank or 0, f.kind, f.name))
+    for f in files:
+        status = (Text(f.error, style="red") if f.error
+                  else Text("recovered", style="yellow") if f.recovered else Text("ok", style="green"))
+        table.add_row("" if f.rank is None else str(f.rank), f.kind, f.name, fmt.size(f.size),
+                      status)
+    return table
+
+
+class Overview(VerticalScroll):
+    """Facts about the checkpoint as a whole."""
+
+    def __init__(self, view: Inspection, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.view = view
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="overview-body")
+
+    def on_mount(self) -> None:
+        self.refresh_facts()
+
+    def refresh_facts(self) -> None:
+        ckpt = self.view.ckpt
+        top = Table.grid(padding=(0, 4))
+        top.add_row(checkpoint_facts(ckpt), Group(size_facts(self.view), Text(),
+                                                  findings_facts(ckpt)))
+        self.query_one("#overview-body", Static).update(Group(top, Text(), files_table(ckpt)))

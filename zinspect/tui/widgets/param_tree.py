@@ -1,0 +1,119 @@
+"""The module tree: children are added only when a node is first expanded (300k names stay fast)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.binding import Binding
+from textual.widgets import Tree
+from textual.widgets.tree import TreeNode
+
+from zinspect.core import fmt
+from zinspect.core.tree import ModuleNode, ordered_children
+from zinspect.tui.inspection import Inspection
+from zinspect.tui.messages import ExclusionToggled, ParamChosen
+
+
+def node_label(node: ModuleNode, view: Inspection) -> Text:
+    """`name  shape · numel · size  marks` for a param, `name  N params · numel · size` above."""
+    excluded = view.excluded_in(node)
+    label = Text(node.name, style="strike dim" if excluded == node.count else "")
+    if node.is_param:
+        p = view.param(node.path)
+        shape = "×".join(map(str, p.shape)) or "scalar"
+        label.append(f"  {shape} · {fmt.short_count(node.numel)} · {fmt.size(node.nbytes)}",
+                     style="dim")
+        if p.frozen:
+            label.append(" frozen", style="cyan")
+        if p.tied_to:
+            label.append(f" tied→{p.tied_to}", style="magenta")
+        if excluded:
+            label.append(" excluded", style="red")
+    else:
+        noun = "param" if node.count == 1 else "params"
+        label.append(f"  {fmt.count(node.count)} {noun} · {fmt.short_count(node.numel)} · "
+                     f"{fmt.size(node.nbytes)}", style="dim")
+        if excluded:
+            label.append(f" {excluded}/{node.count} excluded", style="red")
+    flagged = view.flagged_in(node)
+    if flagged:
+        label.append(" !" if node.is_param else f" !{flagged}", style="bold yellow")
+    return label
+
+
+class ParamTree(Tree[ModuleNode]):
+    """Tree of modules and params; `space` excludes the param or module under the cursor."""
+
+    BINDINGS = [
+        Binding("space", "toggle_exclude", "Exclude", id="exclude",
+                tooltip="Exclude the param or module from the merge, or include it again"),
+    ]
+
+    def __init__(self, view: Inspection, **kwargs) -> None:
+        super().__init__("model", data=view.tree, **kwargs)
+        self.view = view
+        self.sort = "model"
+        self.show_root = False
+        self.guide_depth = 3
+
+    def on_mount(self) -> None:
+        self.populate(self.root)
+        self.root.expand()
+        self.call_after_refresh(self.move_cursor_to_line, 0)
+
+    def populate(self, node: TreeNode[ModuleNode]) -> None:
+        """Add the children of `node` (once)."""
+        if node.children or node.data is None:
+            return
+        for child in ordered_children(node.data, self.sort):
+            if child.children:
+                node.add(node_label(child, self.view), data=child, allow_expand=True)
+            else:
+                node.add_leaf(node_label(child, self.view), data=child)
+
+    def _on_tree_node_expanded(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
+        self.populate(event.node)
+
+    def _on_tree_node_selected(self, event: Tree.NodeSelected[ModuleNode]) -> None:
+        data = event.node.data
+        if data is not None and data.is_param and not data.children:
+            self.post_message(ParamChosen(data.path))
+
+    def action_toggle_exclude(self) -> None:
+        node = self.cursor_node
+        if node is None or node.data is None:
+            return
+        data = node.data
+        what = data.path if data.is_param and not data.children else (
+            f"{data.path} ({fmt.count(data.count)} params)")
+        self.post_message(ExclusionToggled(list(data.params()), what))
+
+    def set_sort(self, sort: str) -> None:
+        """Re-order the tree; expanded modules are rebuilt collapsed."""
+        self.sort = sort
+        self.root.remove_children()
+        self.populate(self.root)
+
+    def refresh_labels(self) -> None:
+        """Re-draw the marks of every node added so far (after the selection changed)."""
+        stack = list(self.root.children)
+        while stack:
+            node = stack.pop()
+            if node.data is not None:
+                node.set_label(node_label(node.data, self.view))
+            stack.extend(node.children)
+
+    def reveal(self, path: str) -> TreeNode[ModuleNode] | None:
+        """Expand the modules down to `path` and put the cursor on it."""
+        node = self.root
+        parts = path.split(".")
+        for i in range(len(parts)):
+            self.populate(node)
+            prefix = ".".join(parts[: i + 1])
+            found = next((c for c in node.children if c.data and c.data.path == prefix), None)
+            if found is None:
+                return None
+            node = found
+            if i < len(parts) - 1:
+                node.expand()
+        self.call_after_refresh(self.move_cursor, node)
+        return node

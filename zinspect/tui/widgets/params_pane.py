@@ -1,0 +1,122 @@
+"""The Parameters tab: the module tree or the flat table, a `/` filter and the output summary."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.widgets import ContentSwitcher, Input, Static
+
+from zinspect.core import fmt
+from zinspect.core.tree import SORT_KEYS
+from zinspect.tui.inspection import Inspection
+from zinspect.tui.widgets.param_table import ParamTable
+from zinspect.tui.widgets.param_tree import ParamTree
+
+
+class ParamsPane(Vertical):
+    """Tree view by default; typing a filter shows the matching params as a flat table."""
+
+    BINDINGS = [
+        Binding("t", "toggle_view", "Tree/table", id="toggle-view",
+                tooltip="Switch between the module tree and the flat table"),
+        Binding("o", "cycle_sort", "Sort", id="sort", tooltip="Sort by model order, name, size, numel"),
+        Binding("escape", "clear_filter", "Clear filter", show=False, id="clear-filter"),
+    ]
+
+    def __init__(self, view: Inspection, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.view = view
+        self.sort = "model"
+        self.table_chosen = False  # the user picked the table with `t` (not just a filter)
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter: words the name contains", id="param-filter")
+        with ContentSwitcher(initial="param-tree", id="param-views"):
+            yield ParamTree(self.view, id="param-tree")
+            yield ParamTable(self.view, id="param-table")
+        yield Static(id="output-summary")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).display = False
+        self.query_one(ParamTable).set_names(self.view.param_names(self.sort))
+        self.refresh_marks()
+
+    @property
+    def filter_text(self) -> str:
+        return self.query_one(Input).value.strip()
+
+    def focus_filter(self) -> None:
+        box = self.query_one(Input)
+        box.display = True
+        self.call_after_refresh(box.focus)
+
+    @on(Input.Changed, "#param-filter")
+    def _filter_changed(self) -> None:
+        self._show_rows()
+
+    @on(Input.Submitted, "#param-filter")
+    def _filter_submitted(self) -> None:
+        self.query_one(ParamTable).focus()
+
+    def _show_rows(self) -> None:
+        table = self.query_one(ParamTable)
+        table.set_names(self.view.param_names(self.sort, self.filter_text))
+        use_table = self.table_chosen or bool(self.filter_text)
+        self.query_one(ContentSwitcher).current = "param-table" if use_table else "param-tree"
+        self._update_status()
+
+    def action_clear_filter(self) -> None:
+        box = self.query_one(Input)
+        box.value = ""
+        box.display = False
+        self._show_rows()
+        self.current_view().focus()
+
+    def action_toggle_view(self) -> None:
+        self.table_chosen = self.query_one(ContentSwitcher).current == "param-tree"
+        if not self.table_chosen:
+            self.query_one(Input).value = ""
+            self.query_one(Input).display = False
+        self._show_rows()
+        self.current_view().focus()
+
+    def action_cycle_sort(self) -> None:
+        self.sort = SORT_KEYS[(SORT_KEYS.index(self.sort) + 1) % len(SORT_KEYS)]
+        self.query_one(ParamTree).set_sort(self.sort)
+        self._show_rows()
+        self.notify(f"sorted by {self.sort}", timeout=2)
+
+    def current_view(self) -> ParamTree | ParamTable:
+        if self.query_one(ContentSwitcher).current == "param-table":
+            return self.query_one(ParamTable)
+        return self.query_one(ParamTree)
+
+    def show_param(self, name: str) -> None:
+        """Put the cursor on `name` in the tree (leaving any filter)."""
+        self.table_chosen = False
+        self.query_one(Input).value = ""
+        self.query_one(Input).display = False
+        self._show_rows()
+        tree = self.query_one(ParamTree)
+        tree.reveal(name)
+        tree.focus()
+
+    def refresh_marks(self) -> None:
+        """Redraw exclusion marks and the summary after the selection changed."""
+        self.query_one(ParamTree).refresh_labels()
+        self.query_one(ParamTable).refresh()
+        self._update_status()
+
+    def _update_status(self) -> None:
+        s = self.view.output
+        shown = self.query_one(ParamTable).row_count
+        total = len(self.view.ckpt.params)
+        rows = (f"{fmt.count(shown)} of {fmt.count(total)} match" if self.filter_text
+                else f"{fmt.count(total)} params")
+        frozen = " · frozen excluded" if self.view.selection.exclude_frozen else ""
+        self.query_one("#output-summary", Static).update(
+            f"{rows} · sort: {self.sort}  │  output: {fmt.count(s.params)} params + "
+            f"{fmt.count(s.buffers)} buffers, {fmt.size(s.nbytes)} · excluded: "
+            f"{fmt.count(s.excluded)} ({fmt.size(s.excluded_nbytes)}){frozen}")

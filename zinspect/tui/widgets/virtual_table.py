@@ -1,0 +1,152 @@
+"""A table that renders only the rows on screen (Line API): fast for hundreds of thousands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.segment import Segment
+from rich.style import Style
+from textual.binding import Binding
+from textual.events import Click
+from textual.geometry import Size
+from textual.message import Message
+from textual.reactive import reactive
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+
+
+@dataclass
+class Column:
+    label: str
+    width: int
+    right: bool = False  # right-aligned (numbers)
+
+    def fit(self, text: str) -> str:
+        if len(text) > self.width:
+            return text[: self.width - 1] + "…"
+        return text.rjust(self.width) if self.right else text.ljust(self.width)
+
+
+class VirtualTable(ScrollView, can_focus=True):
+    """Rows are fetched by index from `row_cells`; only visible lines are ever formatted.
+
+    Line 0 is the header and stays put; row i is drawn on line i + 1 - scroll offset."""
+
+    COMPONENT_CLASSES = {"virtual-table--header", "virtual-table--cursor"}
+
+    DEFAULT_CSS = """
+    VirtualTable { height: 1fr; }
+    VirtualTable > .virtual-table--header { text-style: bold; background: $panel; }
+    VirtualTable > .virtual-table--cursor { background: $block-cursor-blurred-background; }
+    VirtualTable:focus > .virtual-table--cursor {
+        background: $block-cursor-background; color: $block-cursor-foreground;
+    }
+    """
+
+    BINDINGS = [
+        Binding("up", "move(-1)", "Up", show=False),
+        Binding("down", "move(1)", "Down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("home", "jump(0)", "First", show=False),
+        Binding("end", "jump(-1)", "Last", show=False),
+        Binding("enter", "choose", "Open", show=False),
+    ]
+
+    cursor: reactive[int] = reactive(0, init=False)
+    """Index of the highlighted row."""
+
+    class RowHighlighted(Message):
+        def __init__(self, table: VirtualTable, index: int) -> None:
+            super().__init__()
+            self.table = table
+            self.index = index
+
+        @property
+        def control(self) -> VirtualTable:
+            return self.table
+
+    class RowChosen(RowHighlighted):
+        """Enter or a click on a row."""
+
+    def __init__(self, columns: list[Column], row_count: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.columns = columns
+        self.row_count = row_count
+        self._resize()
+
+    # -- to override ----------------------------------------------------------------------
+    def row_cells(self, index: int) -> list[str]:
+        raise NotImplementedError
+
+    def row_style(self, index: int) -> Style:
+        return Style()
+
+    # -- data -----------------------------------------------------------------------------
+    def set_row_count(self, row_count: int, cursor: int = 0) -> None:
+        self.row_count = row_count
+        self._resize()
+        self.set_reactive(VirtualTable.cursor, max(0, min(cursor, row_count - 1)))
+        self._show_cursor()
+        self.refresh()
+
+    def _resize(self) -> None:
+        width = sum(c.width + 1 for c in self.columns)
+        self.virtual_size = Size(width, self.row_count + 1)
+
+    # -- drawing --------------------------------------------------------------------------
+    def _line(self, cells: list[str]) -> str:
+        return " ".join(c.fit(text) for c, text in zip(self.columns, cells))
+
+    def render_line(self, y: int) -> Strip:
+        x = self.scroll_offset.x
+        width = self.size.width
+        if y == 0:
+            style = self.get_component_rich_style("virtual-table--header")
+            text = self._line([c.label for c in self.columns])
+        else:
+            index = self.scroll_offset.y + y - 1
+            if index >= self.row_count:
+                return Strip.blank(width, self.rich_style)
+            text = self._line(self.row_cells(index))
+            style = self.rich_style + self.row_style(index)
+            if index == self.cursor:
+                style += self.get_component_rich_style("virtual-table--cursor")
+        text = text.ljust(x + width)
+        return Strip([Segment(text, style)]).crop(x, x + width)
+
+    # -- cursor ---------------------------------------------------------------------------
+    def watch_cursor(self, index: int) -> None:
+        self._show_cursor()
+        self.refresh()
+        self.post_message(self.RowHighlighted(self, index))
+
+    def _show_cursor(self) -> None:
+        page = max(1, self.size.height - 1)
+        top = self.scroll_offset.y
+        if self.cursor < top:
+            self.scroll_to(y=self.cursor, animate=False, immediate=True)
+        elif self.cursor >= top + page:
+            self.scroll_to(y=self.cursor - page + 1, animate=False, immediate=True)
+
+    def action_move(self, delta: int) -> None:
+        if self.row_count:
+            self.cursor = max(0, min(self.row_count - 1, self.cursor + delta))
+
+    def action_page(self, direction: int) -> None:
+        self.action_move(direction * max(1, self.size.height - 1))
+
+    def action_jump(self, where: int) -> None:
+        if self.row_count:
+            self.cursor = 0 if where == 0 else self.row_count - 1
+
+    def action_choose(self) -> None:
+        if self.row_count:
+            self.post_message(self.RowChosen(self, self.cursor))
+
+    def on_click(self, event: Click) -> None:
+        index = self.scroll_offset.y + event.y - 1
+        if event.y >= 1 and 0 <= index < self.row_count:
+            self.cursor = index
+            if event.chain > 1:
+                self.post_message(self.RowChosen(self, index))
