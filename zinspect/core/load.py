@@ -232,8 +232,9 @@ class _Builder:
         candidates = sorted(self.model_files, key=lambda f: (f.rank or 0, f.name))
         for rf in candidates:
             tf = self.tf(rf)
-            if tf is not None and isinstance(tf.obj, dict):
-                if "buffer_names" not in tf.obj and "param_shapes" not in tf.obj:
+            if tf is not None:
+                if not isinstance(tf.obj, dict) or \
+                        ("buffer_names" not in tf.obj and "param_shapes" not in tf.obj):
                     rf.error = "not a model-states file (no buffer_names/param_shapes)"
                     self.find(ERROR, "not-model-states", f"{rf.name} is not a model-states file",
                               "move it out of the tag dir", file=rf.name, rank=rf.rank)
@@ -342,6 +343,11 @@ class _Builder:
                           "or tied-params map", "the model-states file is inconsistent",
                           param=name, file=self.model_file.name)
             c.params[name] = p
+        if not c.params:
+            self.find(ERROR, "no-params", f"{self.model_file.name} names no parameters: its "
+                      "module and param_shapes are missing or malformed",
+                      "the model-states file is damaged or was replaced; restore it from the run",
+                      file=self.model_file.name, rank=self.model_file.rank)
         for name, p in c.params.items():
             if p.tied_to:
                 src = c.params.get(p.tied_to)

@@ -13,6 +13,11 @@ from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, Param
 
 _REPLACE = "replace it with the file saved by the same run as the others"
 _STALE = "move it out of the tag dir: it is a leftover of an older run"
+#: modules whose globals in a pickle mean code execution on torch.load(weights_only=False)
+_UNSAFE_MODULES = frozenset({
+    "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil", "socket",
+    "importlib", "runpy", "pty", "code", "ctypes", "pickle", "marshal", "webbrowser", "commands",
+})
 
 
 def validate(ckpt: Checkpoint) -> list[Finding]:
@@ -72,9 +77,18 @@ class _Checks:
             if f.format == "legacy":
                 self.add(INFO, "legacy-format", f"{f.name} uses torch's legacy (non-zip) format; "
                          "DeepSpeed's converter cannot mmap it, zinspect reads it", file=f.name)
-            if f.unknown_globals:
+            unsafe = [g for g in f.unknown_globals if g.split(".", 1)[0] in _UNSAFE_MODULES]
+            if unsafe:
+                self.add(ERROR, "unsafe-pickle", f"{f.name} names {', '.join(unsafe[:5])} in its "
+                         "pickle: torch.load(weights_only=False), as DeepSpeed and zero_to_fp32.py "
+                         "load it, would run that code; zinspect did not",
+                         "do not load this file with torch or DeepSpeed: it was tampered with or "
+                         "is not a checkpoint; get the checkpoint again from a source you trust",
+                         file=f.name, rank=f.rank)
+            other = [g for g in f.unknown_globals if g not in unsafe]
+            if other:
                 self.add(INFO, "unknown-classes", f"{f.name} pickles classes zinspect does not "
-                         f"know ({', '.join(f.unknown_globals[:5])}); they were recorded, "
+                         f"know ({', '.join(other[:5])}); they were recorded, "
                          "never imported or run", file=f.name, rank=f.rank)
 
     # -------------------------------------------------------------- rank sets
@@ -155,15 +169,16 @@ class _Checks:
             if c.stage == 3:
                 want = sum(-(-c.params[n].numel // ws) for n in g.params if n in c.params)
                 for r, n in sorted(g.partition_numel.items()):
-                    if n != want:
+                    if n != want and r < ws:
                         self.add(ERROR, "partition-size", f"group {g.index}: rank {r} holds {n:,} "
                                  f"elements, its params need exactly {want:,}", _REPLACE,
                                  rank=r, group=g.index, file=_file_of(c, r))
                 continue
+            # ranks >= ws are stale files, reported once by stale-rank-file
             real = {r: n - (g.padding.get(r, 0) if c.layout == "bf16_optimizer" else 0)
-                    for r, n in g.partition_numel.items()}
+                    for r, n in g.partition_numel.items() if r < ws}
             held = sum(real.values())
-            if len(g.partition_numel) == ws and held != g.numel:
+            if len(real) == ws and held != g.numel:
                 self.add(ERROR, "group-coverage", f"group {g.index}: the ranks hold {held:,} "
                          f"elements, its {len(g.params)} params need exactly {g.numel:,}",
                          "a rank file comes from another run or the param shapes do not match "
