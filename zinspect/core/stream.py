@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from zinspect.core.plan import OutputTensor
 from zinspect.errors import MergeCancelled, UnreadableFile
 
-CHUNK = 8 << 20  # source bytes per batch
+CHUNK = 4 << 20  # source bytes per batch
 DEPTH = 8  # batches in flight
 READERS = 4  # threads; about one per rank file was fastest on these machines
 
@@ -143,7 +143,7 @@ def copy_tensors(tensors: list[OutputTensor], sink: Callable[[memoryview], None]
                  meter: ProgressMeter, should_stop: ShouldStop | None = None,
                  chunk: int = CHUNK, depth: int = DEPTH, readers: int = READERS) -> None:
     """Stream the bytes of `tensors`, converted to their output dtype, into `sink`, in order."""
-    scratch = bytearray(2 * chunk)
+    scratch = bytearray(2 * chunk) if any(t.src_dtype != t.dtype for t in tensors) else bytearray()
     batches = _batches(tensors, chunk)
     with SourceFiles() as files, ThreadPoolExecutor(readers, "zinspect-read") as pool:
         inflight: deque = deque()
