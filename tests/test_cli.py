@@ -4,6 +4,7 @@ fixture's manifest in both path forms, path resolution, usage errors, help, and 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -248,3 +249,201 @@ def test_version_matches_pyproject():
     import zinspect
 
     assert zinspect.__version__ == want
+
+
+# ------------------------------------------------------------------------- merge
+def _reference(name: str) -> dict:
+    import torch
+
+    return torch.load(FIXTURES / name / "reference_fp32.pt", map_location="cpu",
+                      weights_only=True)
+
+
+def _safetensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(out.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+@pytest.mark.parametrize("name", ["s3_w4_bf16", "s1_w2_bf16_bf16opt", "s2_w3_fp32_rr"])
+def test_merge_writes_the_reference(tmp_path, name):
+    import torch
+
+    out = tmp_path / "out"
+    r = run_zinspect("merge", FIXTURES / name, out, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    m = manifest(name)
+    assert res["files"] == ["model.safetensors"] and res["dropped"] == {}
+    assert res["tensors"] == len(m["params"]) + len(m["buffers"])
+    assert "writing" in r.stderr and f"{len(m['params'])} params" in r.stderr
+    state = _safetensors(out)
+    ref = _reference(name)
+    assert set(state) == set(m["params"]) | set(m["buffers"])
+    for n in m["params"]:
+        assert state[n].dtype == torch.float32 and torch.equal(state[n], ref[n].float()), n
+
+
+def test_merge_pt_sharded_with_exclusions(tmp_path):
+    import torch
+
+    name = "s2_w4_fp16"
+    m = manifest(name)
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps({"zinspect_selection": 1, "exclude": ["encoder.cube"]}))
+    out = tmp_path / "out"
+    r = run_zinspect("merge", FIXTURES / name, out, "--format", "pt", "--max-shard-size", "8KB",
+                     "--exclude", "encoder.blocks.1.*", "--exclude-frozen", "--selection", sel,
+                     "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert len(res["files"]) > 2 and "pytorch_model.bin.index.json" in res["files"]
+    assert sorted(os.listdir(out)) == sorted(res["files"])
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    excluded = {n for n in m["params"] if n.startswith("encoder.blocks.1.")} | \
+        set(m["frozen"]) | {"encoder.cube"}
+    assert set(index["weight_map"]) == (set(m["params"]) | set(m["buffers"])) - excluded
+    assert "excluded by the selection" in r.stderr
+    ref = _reference(name)
+    for f in set(index["weight_map"].values()):
+        for n, t in torch.load(out / f, map_location="cpu", weights_only=True).items():
+            if n in m["params"]:
+                assert torch.equal(t, ref[n].float()), n
+
+
+def test_merge_refuses_existing_output_without_force(tmp_path):
+    out = tmp_path / "out"
+    assert run_zinspect("merge", FIXTURES / "s1_w2_fp32", out).returncode == 0
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", out)
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert "merging" not in r.stderr  # refused before any progress bar
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", out, "--force")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("size", ["5XB", "-1GB", "lots"])
+def test_merge_bad_shard_size_exits_2(tmp_path, size):
+    r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", tmp_path / "out", f"--max-shard-size={size}")
+    assert r.returncode == 2 and "hint:" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_bad_selection_file_exits_2(tmp_path):
+    sel = tmp_path / "sel.json"
+    sel.write_text("{not json")
+    r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", tmp_path / "out", "--selection", sel)
+    assert r.returncode == 2 and "selection" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_broken_checkpoint_refused_then_salvaged(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w4_fp16")
+    (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    out = tmp_path / "out"
+    r = run_zinspect("merge", tag, out)
+    assert r.returncode == 1 and "--salvage" in r.stderr
+    assert not out.exists()
+    r = run_zinspect("merge", tag, out, "--salvage", "--json")
+    assert r.returncode == 1, r.stderr
+    dropped = json.loads(r.stdout)["dropped"]
+    assert "encoder.blocks.1.mlp.up.weight" in dropped  # wholly on rank 2
+    for n, why in dropped.items():
+        assert f"{n}: {why}" in r.stderr  # listed with the reason
+    state = _safetensors(out)
+    assert not set(dropped) & set(state)
+    m = manifest("s2_w4_fp16")
+    assert set(state) == (set(m["params"]) | set(m["buffers"])) - set(dropped)
+
+
+def test_merge_cancel_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """should_stop() answering True (what Ctrl-C sets) cancels with 130 and no output."""
+    from zinspect import cli
+
+    monkeypatch.setattr(cli._Stop, "__call__", lambda self: True)
+    out = tmp_path / "out"
+    code = cli.main(["merge", str(FIXTURES / "s3_w4_bf16"), str(out)])
+    assert code == 130
+    assert "cancelled" in capsys.readouterr().err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_handler_asks_to_stop_then_aborts():
+    import signal
+
+    from zinspect import cli
+
+    before = signal.getsignal(signal.SIGINT)
+    with cli._Stop() as stop:
+        assert signal.getsignal(signal.SIGINT) == stop._handler
+        assert stop() is False
+        stop._handler(signal.SIGINT, None)
+        assert stop() is True
+        with pytest.raises(KeyboardInterrupt):
+            stop._handler(signal.SIGINT, None)
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_merge_sigint_in_a_subprocess(tmp_path):
+    """A real SIGINT while a merge runs: exit 130, nothing left. The merge is slowed by a
+    progress callback that waits for the signal, so no timing is involved."""
+    out = tmp_path / "out"
+    ready = tmp_path / "ready"
+    code = (
+        "import os, sys, time\n"
+        "from zinspect import cli\n"
+        "orig = cli._Bar.update\n"
+        "def update(self, done, total, name=''):\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    orig(self, done, total, name)\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while not cli._STOP_SEEN and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "cli._STOP_SEEN = False\n"
+        "h = cli._Stop._handler\n"
+        "def handler(self, *a):\n"
+        "    h(self, *a)\n"
+        "    cli._STOP_SEEN = True\n"
+        "cli._Stop._handler = handler\n"
+        "cli._Bar.update = update\n"
+        f"sys.exit(cli.main(['merge', {str(FIXTURES / 's3_w4_bf16')!r}, {str(out)!r}]))\n")
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ready.exists(), p.communicate()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "cancelled" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_validate_deep(tmp_path):
+    r = run_zinspect("validate", "--deep", "--json", FIXTURES / "s2_w2_bf16")
+    assert r.returncode == 0, r.stderr
+    tag = copy_fixture(tmp_path, "s2_w2_bf16")
+    victim = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    from zinspect.core import open_checkpoint
+
+    frag = next(f for p in open_checkpoint(tag).owners() for f in p.fragments
+                if f.file == victim.name and f.numel > 4)
+    data[frag.offset + 1] ^= 0xFF  # one byte of an fp32 master
+    victim.write_bytes(bytes(data))
+    assert run_zinspect("validate", tag).returncode == 0  # metadata alone cannot see it
+    r = run_zinspect("validate", "--deep", "--json", tag)
+    assert r.returncode == 1, r.stderr
+    hits = [f for f in json.loads(r.stdout)["findings"] if f["code"] == "crc-mismatch"]
+    assert [h["file"] for h in hits] == [victim.name]

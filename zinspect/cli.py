@@ -127,19 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zinspect",
         usage="zinspect PATH [--tag TAG]\n       zinspect {info,validate,merge} ... "
               "(see zinspect COMMAND --help)",
-        description="Look inside DeepSpeed ZeRO checkpoints: browse, validate and merge them to "
-                    "fp32, without DeepSpeed and without loading the tensors.",
+        description="Look inside DeepSpeed ZeRO checkpoints: browse, validate and merge them\n"
+                    "to fp32, without DeepSpeed and without loading the tensors.",
         epilog=MAIN_EPILOG)
     parser.add_argument("--version", action="version", version=f"zinspect {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    parser.commands = sub.choices  # name -> its parser, for errors in the command's own words
 
-    p = sub.add_parser("info", help="summary of a checkpoint (--json for scripts)",
+    p = sub.add_parser("info", prog="zinspect info", help="summary of a checkpoint (--json for scripts)",
                        description="Summarise a checkpoint from its metadata.",
                        epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_path(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
-    p = sub.add_parser("validate", help="check a checkpoint for missing, stale or broken files",
+    p = sub.add_parser("validate", prog="zinspect validate", help="check a checkpoint for missing, stale or broken files",
                        description="Validate a checkpoint: list its findings by severity.",
                        epilog=VALIDATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_path(p)
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every finding (by default repeats of one code are folded)")
 
-    p = sub.add_parser("merge", help="write the consolidated fp32 weights (safetensors or .pt)",
+    p = sub.add_parser("merge", prog="zinspect merge", help="write the consolidated fp32 weights (safetensors or .pt)",
                        description="Merge the ZeRO partitions into full fp32 weights.",
                        epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_path(p)
@@ -164,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-frozen", action="store_true", help="leave out all frozen params")
     p.add_argument("--selection", metavar="FILE",
                    help="a selection JSON file saved from the app (its exclusions are added)")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT_DIR even if it is not empty (same-named files are "
+                        "replaced, others are left as they are)")
     p.add_argument("--salvage", action="store_true",
                    help="merge what can be rebuilt and drop (and list) the params that cannot")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the result")
@@ -186,8 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             build_parser().print_help(sys.stderr)
             return 2
-        if argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version"):
-            args = build_parser().parse_args(argv)
+        opens_app = argv[0] not in COMMANDS and (
+            not argv[0].startswith("-") or argv[0] == "--tag" or argv[0].startswith("--tag="))
+        if not opens_app:
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            if extra:
+                parser.commands.get(args.command, parser).error(
+                    f"unrecognized arguments: {' '.join(extra)}")
         else:  # `zinspect PATH [--tag T]`
             args = _open_parser().parse_args(argv)
             args.command = None
@@ -554,8 +563,13 @@ def _human_validate(ckpt, verbose: bool = False) -> None:
 
 # ---------------------------------------------------------------------------------- merge
 def cmd_merge(args) -> int:
+    import warnings
+
     from zinspect.core.merge import merge, parse_size, plan_merge
     from zinspect.core.selection import Selection
+
+    # torch (pt output, fp16 upcasts) warns at import when numpy is absent; it needs none here
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
     shard = _shard_size(args.max_shard_size, parse_size)
     sel = Selection.load(args.selection) if args.selection else Selection()
@@ -570,14 +584,12 @@ def cmd_merge(args) -> int:
         try:
             result = merge(ckpt, args.out_dir, selection=sel, fmt=args.fmt, max_shard_size=shard,
                            force=args.force, salvage=args.salvage, progress=bar.update,
-                           should_stop=stop)
+                           should_stop=stop, plan=plan)
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the merge's checks
             raise _cancelled("the merge") from None
     dropped = dict(getattr(result, "dropped", None) or {})
     if args.json:
-        _print_json({"out_dir": str(result.out_dir), "files": [str(f) for f in result.files],
-                     "tensors": result.tensors, "bytes": result.bytes,
-                     "seconds": round(result.seconds, 3), "dropped": dropped})
+        _print_json(result.to_json())
     _report_merge(result, dropped)
     return 1 if dropped else 0
 
@@ -604,7 +616,7 @@ def _announce(ckpt, plan, args, shard) -> None:
     err = sys.stderr
     print(f"zinspect: writing {fmt.count(params)} params and {buffers} buffers "
           f"({fmt.size(plan.total_bytes)}) to {args.out_dir} as {args.fmt}"
-          + (f", shards of at most {fmt.size(shard)}" if shard else ", one file"), file=err)
+          + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
     if plan.excluded:
         print(f"  excluded by the selection: {len(plan.excluded)} "
               f"({_ellipsis(sorted(plan.excluded), 5)})", file=err)
@@ -625,9 +637,8 @@ def _report_merge(result, dropped: dict) -> None:
           f"{len(result.files)} file(s) to {result.out_dir} in {fmt.duration(result.seconds)}",
           file=err)
     if dropped:
-        print(f"zinspect: {len(dropped)} dropped (--salvage); the output lacks:", file=err)
-        for name, why in dropped.items():
-            print(f"  {name}: {why}", file=err)
+        print(f"zinspect: the output lacks the {len(dropped)} tensor(s) --salvage dropped "
+              f"(listed above): {_ellipsis(list(dropped), 5)}", file=err)
 
 
 def _cancelled(what: str) -> ZinspectError:
@@ -676,6 +687,10 @@ class _Bar:
         self.task = None
 
     def __enter__(self) -> _Bar:
+        return self
+
+    def _start(self) -> None:
+        """Shown from the first update on, so a merge refused up front prints no bar."""
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -692,14 +707,16 @@ class _Bar:
             console=_console(stderr=True), transient=False)
         self.progress.__enter__()
         self.task = self.progress.add_task(self.label, total=self.total or None, name="")
-        return self
 
     def update(self, done: int, total: int, name: str = "") -> None:
+        if self.progress is None:
+            self._start()
         name = name if len(name) <= 48 else "..." + name[-45:]
         self.progress.update(self.task, completed=done, total=total or None, name=name)
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
 
 if __name__ == "__main__":
