@@ -49,6 +49,7 @@ class MainScreen(Screen):
     def __init__(self, what: str) -> None:
         super().__init__()
         self.what = what
+        self.last_tab = "overview"  # shown again after a reload
 
     def compose(self) -> ComposeResult:
         yield Header(icon="◆")
@@ -66,6 +67,7 @@ class MainScreen(Screen):
                         LoadingIndicator(), id="loading")
 
     def show_loading(self) -> None:
+        self.last_tab = self.active_tab or self.last_tab
         self._replace_body(self.loading_view())
 
     def show_error(self, message: str, hint: str) -> None:
@@ -80,7 +82,7 @@ class MainScreen(Screen):
 
     def show_inspection(self, view: Inspection) -> None:
         """Build the tabs for a freshly loaded checkpoint, keeping the tab the user was on."""
-        self._replace_body(Inspector(view, self.active_tab or "overview"))
+        self._replace_body(Inspector(view, self.last_tab))
 
     @property
     def active_tab(self) -> str | None:
