@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from zinspect.core.discover import NamedFile, classify, locate
@@ -29,12 +31,19 @@ from zinspect.core.model import (
     Checkpoint,
     Finding,
     Fragment,
+    Fragments,
     Param,
     ParamGroup,
     RankFile,
     Storage,
 )
-from zinspect.core.torchzip import DTYPE_SIZES, TensorRef, TorchFile, read_torch_file
+from zinspect.core.torchzip import (
+    DTYPE_SIZES,
+    TensorRef,
+    TorchFile,
+    read_torch_file,
+    zip_is_complete,
+)
 from zinspect.errors import UnreadableFile
 
 #: layouts that are recognised but cannot be merged (yet): name -> explanation
@@ -59,7 +68,16 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Checkpoi
         raise UnreadableFile(f"{loc.tag_dir}: cannot list ({e.strerror})",
                              "check the directory's permissions") from e
     named = [classify(p) for p in entries]
-    parsed = _parse_files([n for n in named if n.path.is_file() and n.kind != "other"])
+    wanted = [n for n in named if n.path.is_file() and n.kind != "other"]
+    # ZeRO-3 model states of ranks > 0 hold only frozen-param fragments (and copies of what
+    # rank 0 says): read them only when rank 0 lists frozen params.
+    later = [n for n in wanted if n.kind == "model" and n.rank not in (None, 0)]
+    parsed = _parse_files([n for n in wanted if n.kind != "model" or n.rank in (None, 0)])
+    rank0 = next((tf for rf, tf in parsed.values() if rf.kind == "model" and rf.rank == 0), None)
+    if rank0 is not None and isinstance(rank0.obj, dict) and not rank0.obj.get("frozen_param_shapes"):
+        parsed.update(_check_files(later))
+    else:
+        parsed.update(_parse_files(later))
     torch_files: dict[int, TorchFile] = {}
     for n in named:
         rf, tf = parsed.get(n.path, (None, None))
@@ -88,6 +106,7 @@ def _parse_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile
             tf = read_torch_file(n.path)
         except UnreadableFile as e:
             rf.error = e.message.removeprefix(f"{n.path}: ")
+            rf.error_hint = e.hint or None
             return rf, None
         rf.format, rf.recovered = tf.format, tf.recovered
         rf.unknown_globals = sorted(tf.unknown_globals)
@@ -104,6 +123,20 @@ def _parse_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile
         with ThreadPoolExecutor(max_workers=min(8, len(named))) as pool:
             results = list(pool.map(one, named))
     return {rf.path: (rf, tf) for rf, tf in results}
+
+
+def _check_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile | None]]:
+    """Files whose pickle is not needed: check that they are whole, parse only those that
+    are not (so the findings can say what is missing)."""
+    out, broken = {}, []
+    for n in named:
+        if zip_is_complete(n.path):
+            out[n.path] = (RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix,
+                                    size=_size(n.path), format="zip", shallow=True), None)
+        else:
+            broken.append(n)
+    out.update(_parse_files(broken))
+    return out
 
 
 def _get(obj, *keys, default=None):
@@ -156,7 +189,8 @@ class _Builder:
         for rf in c.files:
             if rf.error:
                 self.find(ERROR, "unreadable-file", f"{rf.name} cannot be read: {rf.error}",
-                          "restore this file from a copy, or re-save the checkpoint",
+                          rf.error_hint or "restore this file from a copy, or re-save the "
+                          "checkpoint",
                           file=rf.name, rank=rf.rank)
         optim = [f for f in c.files_of("optim") if f.mp_rank in (0, None)]
         self.optim_by_rank = self._by_rank(optim)
@@ -460,41 +494,49 @@ class _Builder:
         c = self.c
         ws = c.world_size or len(self.optim_by_rank)
         group_of = self._param_group_map()
-        flats = {}
+        flats: dict[int, list] = {}
         for r, rf in self.optim_by_rank.items():
             tf = self.tf(rf)
             fl = _get(tf.obj, "optimizer_state_dict", "fp32_flat_groups") if tf else None
             if isinstance(fl, list):
-                flats[r] = (rf, fl)
+                flats[r] = [self._partition(rf, r, t) if isinstance(t, TensorRef) else None
+                            for t in fl]
         for gi, members in enumerate(self.flat_groups):
             orig = sum(_numel(s or ()) for _, s in members)
             g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), [n for n, _ in members],
                            orig)
             c.groups.append(g)
-            for r, (rf, fl) in flats.items():
-                if gi < len(fl) and isinstance(fl[gi], TensorRef):
-                    g.partition_numel[r] = fl[gi].numel
-                    g.padding[r] = 0
-                    g.dtype = g.dtype or fl[gi].dtype
+            parts = {r: fl[gi] for r, fl in flats.items() if gi < len(fl) and fl[gi] is not None}
+            for r, part in parts.items():
+                g.partition_numel[r], g.padding[r] = part.numel, 0
+                g.dtype = g.dtype or part.dtype
             o = 0
             for name, shape in members:
                 n = _numel(shape or ())
                 P = -(-n // ws) if ws else 0
+                if P:
+                    for r in range(n // P, ws):  # only the last ranks hold padding
+                        if r in parts:
+                            g.padding[r] += P - _clamp(n - r * P, P)
                 p = c.params.get(name)
                 if p is not None:
                     p.group, p.sub_group = g.param_group, gi
                     if not p.shape and shape:
                         p.shape = shape
-                for r, (rf, fl) in flats.items():
-                    if r not in g.partition_numel or not P:
-                        continue
-                    held = _clamp(n - r * P, P)
-                    g.padding[r] += P - held
-                    if p is None or o + P > fl[gi].numel:
-                        continue  # partition too short: validate reports the group size
-                    p.fragments.append(self._fragment(rf, r, gi, fl[gi], o, r * P, held,
-                                                      padding=P - held))
+                    if P:
+                        p.fragments = Fragments(make=partial(_zero3_fragments, parts, gi, o, n,
+                                                             P, "master"))
                 o += P
+
+    def _partition(self, rf: RankFile, rank: int, t: TensorRef) -> _Partition:
+        """One rank's flat tensor, resolved once: where its element 0 is and how many of its
+        elements are really in the file."""
+        tf = self.tf(rf)
+        base = tf.tensor_offset(t)
+        rec = tf.records.get(t.storage.key)
+        whole = 0 if base is None or rec is None or not t.is_contiguous() else \
+            max(0, min(rec.present, rec.size) // t.itemsize - t.offset)
+        return _Partition(rank, rf.name, base, t.itemsize, t.dtype, t.numel, min(whole, t.numel))
 
     # ------------------------------------------------------------------ frozen + buffers
     def _build_frozen(self) -> None:
@@ -508,15 +550,16 @@ class _Builder:
             for p in frozen:
                 n = p.numel
                 P = -(-n // ws)
+                parts = {}
                 for r, rf in sorted(by_rank.items()):
                     tf = self.tf(rf)
                     t = _get(tf.obj, "frozen_param_fragments", p.name) if tf else None
                     if isinstance(t, TensorRef):
-                        held = _clamp(n - r * P, min(P, t.numel))
-                        p.fragments.append(self._fragment(rf, r, None, t, 0, r * P, held,
-                                                          padding=t.numel - held, source="frozen"))
-                    if not p.dtype and isinstance(t, TensorRef):
-                        p.dtype = t.dtype
+                        parts[r] = self._partition(rf, r, t)
+                        p.dtype = p.dtype or t.dtype
+                if P and parts:
+                    p.fragments = Fragments(make=partial(_zero3_fragments, parts, None, 0, n, P,
+                                                         "frozen"))
             return
         tf = self.tf(self.model_file)
         fragments = self.model_state.get("frozen_param_fragments")
@@ -558,6 +601,33 @@ class _Builder:
         for p in c.params.values():
             if not p.dtype:
                 p.dtype = c.dtype or ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Partition:
+    rank: int
+    file: str
+    base: int | None  # byte offset of element 0 in the file
+    itemsize: int
+    dtype: str
+    numel: int
+    whole: int  # elements from 0 that are really in the file
+
+
+def _zero3_fragments(parts: dict[int, _Partition], group: int | None, offset: int, n: int,
+                     P: int, source: str) -> list[Fragment]:
+    """A ZeRO-3 param of n elements at element `offset` of each rank's partition: rank r holds
+    elements [r*P, r*P + held) followed by P - held padding elements."""
+    out = []
+    for r, part in parts.items():
+        if offset + P > part.numel:
+            continue  # partition too short: validate reports the group size
+        held = _clamp(n - r * P, P)
+        out.append(Fragment(r, part.file, group, r * P, held,
+                            None if part.base is None else part.base + offset * part.itemsize,
+                            part.dtype, P - held, source, offset,
+                            part.base is not None and offset + held <= part.whole))
+    return out
 
 
 def _clamp(x: int, hi: int) -> int:

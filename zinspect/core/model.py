@@ -11,6 +11,7 @@ Everything here is metadata; no tensor bytes are ever held.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class RankFile:
     size: int = 0
     format: str = ""  # "zip", "legacy", or "" when unreadable
     error: str | None = None  # why it could not be parsed
+    error_hint: str | None = None  # what to do about it, when the reader knows better
     storages: list[Storage] = field(default_factory=list)
     stage: int | None = None
     partition_count: list[int] = field(default_factory=list)
@@ -58,6 +60,9 @@ class RankFile:
     dp_world_size: int | None = None  # model-states files: what the engine recorded
     unknown_globals: list[str] = field(default_factory=list)
     recovered: bool = False  # zip central directory missing; read by walking local headers
+    #: only the zip's end record was checked: nothing in its pickle is needed (ZeRO-3 model
+    #: states of ranks > 0 when there are no frozen params), so it was not read
+    shallow: bool = False
 
     @property
     def name(self) -> str:
@@ -91,6 +96,45 @@ class Fragment:
         return self.numel * DTYPE_SIZES[self.dtype]
 
 
+class Fragments(Sequence):
+    """A param's fragments, built on first use.
+
+    ZeRO-3 gives every param one fragment per rank: 70B params over 512 ranks is ~370k of them,
+    and a 300k-name model at 64 ranks would be 19M. Opening a checkpoint builds none of them;
+    the views that show one param, and the merge, build them as they go."""
+
+    __slots__ = ("_items", "_make")
+
+    def __init__(self, items: Iterable[Fragment] = (),
+                 make: Callable[[], list[Fragment]] | None = None) -> None:
+        self._items = list(items)
+        self._make = make
+
+    def _all(self) -> list[Fragment]:
+        if self._make is not None:
+            make, self._make = self._make, None
+            self._items.extend(make())
+        return self._items
+
+    def append(self, fragment: Fragment) -> None:
+        self._all().append(fragment)
+
+    def __getitem__(self, i):
+        return self._all()[i]
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __iter__(self) -> Iterator[Fragment]:
+        return iter(self._all())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"Fragments({self._items!r})" if self._make is None else "Fragments(<lazy>)"
+
+
 @dataclass
 class Param:
     name: str
@@ -100,7 +144,7 @@ class Param:
     group: int | None = None  # optimizer param group
     sub_group: int | None = None  # flat group index (== group at stage 1/2)
     tied_to: str | None = None  # alias of this param: the name that owns the data
-    fragments: list[Fragment] = field(default_factory=list)
+    fragments: Sequence[Fragment] = field(default_factory=Fragments)
 
     @property
     def numel(self) -> int:
