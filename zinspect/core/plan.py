@@ -106,6 +106,11 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
         plan.tensors.append(OutputTensor(name, b.shape, b.dtype, b.dtype,
                                          [Piece(str(ckpt.path / b.file), b.offset, nbytes)]
                                          if nbytes else []))
+    if salvage and not any(t.name in ckpt.params for t in plan.tensors):
+        why = "; ".join(f.message for f in blocking_errors(ckpt, excluded)[:3])
+        raise NotMergeable(f"{ckpt.path}: --salvage found no param that can be rebuilt"
+                           + (f" ({why})" if why else ""),
+                           "run `zinspect validate` to see what is wrong")
     if plan.dropped and not salvage:
         lines = ", ".join(list(plan.dropped)[:5])
         raise NotMergeable(f"{ckpt.path}: {len(plan.dropped)} tensor(s) cannot be rebuilt: {lines}",
