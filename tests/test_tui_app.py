@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 from safetensors import safe_open
 from textual.widgets import DataTable, Input, Static
+from textual.worker import WorkerFailed
 
 from zinspect.core import open_checkpoint
 from zinspect.core.merge import plan_merge
@@ -37,8 +39,9 @@ def text_of(widget: Static) -> str:
     return console.export_text()
 
 
-async def loaded(app: ZinspectApp, pilot) -> None:
-    await app.workers.wait_for_complete()
+async def settle(app: ZinspectApp, pilot) -> None:
+    with suppress(WorkerFailed):  # a failed load or merge is shown in the app
+        await app.workers.wait_for_complete()
     await pilot.pause()
     await pilot.pause()
 
@@ -57,7 +60,7 @@ async def test_every_fixture_opens_on_every_tab(fixture):
     ckpt = open_checkpoint(FIXTURES / fixture)
     app = ZinspectApp(str(FIXTURES / fixture))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         overview = text_of(app.screen.query_one("#overview-body", Static))
         assert f"world size      {ckpt.world_size}" in overview
         assert f"ZeRO stage {ckpt.stage}" in overview
@@ -74,7 +77,7 @@ async def test_every_fixture_opens_on_every_tab(fixture):
 async def test_unreadable_path_shows_message_and_hint(tmp_path):
     app = ZinspectApp(str(tmp_path / "no-such-checkpoint"))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         shown = text_of(app.screen.query_one("#load-error", Static))
         assert "Cannot open the checkpoint" in shown
         assert "no-such-checkpoint" in shown
@@ -85,7 +88,7 @@ async def test_unreadable_path_shows_message_and_hint(tmp_path):
 async def test_filter_as_you_type_then_escape_back_to_tree():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("slash", *"mlp up")
         table = app.screen.query_one(ParamTable)
         assert table.display and table.names == [
@@ -102,7 +105,7 @@ async def test_filter_as_you_type_then_escape_back_to_tree():
 async def test_sort_by_size_and_name_in_table():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("2", "t")
         table = app.screen.query_one(ParamTable)
         assert table.names == list(app.view.ckpt.params)
@@ -119,7 +122,7 @@ async def test_sort_by_size_and_name_in_table():
 async def test_space_excludes_param_and_whole_subtree():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("2")
         tree = app.screen.query_one(ParamTree)
         assert tree.cursor_node.data.path == "embed"
@@ -138,7 +141,7 @@ async def test_space_excludes_param_and_whole_subtree():
 async def test_exclude_frozen_then_include_one_frozen_back():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("f")
         assert app.view.selection.exclude_frozen
         assert app.view.excluded == {"encoder.frozen_proj.weight"}
@@ -151,7 +154,7 @@ async def test_save_and_load_selection_file(tmp_path):
     path = tmp_path / "sel.json"
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("2", "space", "s")
         app.screen.query_one("#selection-path", Input).value = str(path)
         await pilot.press("enter")
@@ -171,7 +174,7 @@ async def test_loading_a_bad_selection_file_is_a_notification(tmp_path):
     bad.write_text("not json")
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("l")
         app.screen.query_one("#selection-path", Input).value = str(bad)
         await pilot.press("enter")
@@ -182,7 +185,7 @@ async def test_loading_a_bad_selection_file_is_a_notification(tmp_path):
 async def test_param_detail_lists_fragments_and_coverage():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("slash", *"cube", "enter", "enter")
         assert isinstance(app.screen, ParamDetailScreen)
         param = app.view.ckpt.params["encoder.cube"]
@@ -203,7 +206,7 @@ async def test_param_detail_lists_fragments_and_coverage():
 async def test_help_opens_and_closes():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
@@ -213,7 +216,7 @@ async def test_help_opens_and_closes():
 async def test_palette_goes_to_param_and_excludes_frozen():
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("ctrl+g", *"odd in")
         await pilot.pause(0.5)
         await pilot.press("enter")
@@ -241,11 +244,10 @@ async def test_merge_writes_selected_tensors(tmp_path):
     out = tmp_path / "merged"
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("f")
         screen = await merge_into(app, pilot, out, shard="10KB")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         outcome = text_of(screen.query_one("#merge-outcome", Static))
         assert "Merged" in outcome
         expected = [t.name for t in plan_merge(app.view.ckpt, app.view.selection).tensors]
@@ -266,10 +268,9 @@ async def test_merge_refused_output_shows_error_in_app(tmp_path):
     (out / "model.safetensors").write_text("someone else's")
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         screen = await merge_into(app, pilot, out)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         outcome = text_of(screen.query_one("#merge-outcome", Static))
         assert "The merge failed" in outcome and "hint:" in outcome
         assert (out / "model.safetensors").read_text() == "someone else's"
@@ -280,7 +281,7 @@ async def test_merge_refused_output_shows_error_in_app(tmp_path):
 async def test_merge_bad_shard_size_is_a_form_error(tmp_path):
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         screen = await merge_into(app, pilot, tmp_path / "out", shard="lots")
         assert "bad size 'lots'" in text_of(screen.query_one("#merge-form-error", Static))
         assert not (tmp_path / "out").exists()
@@ -303,14 +304,13 @@ async def test_escape_cancels_a_running_merge_and_leaves_nothing(tmp_path, monke
     out = tmp_path / "merged"
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         screen = await merge_into(app, pilot, out, shard="4KB")
         while not polled:
             await pilot.pause(0.05)
         assert screen.query_one("ContentSwitcher").current == "merge-running"
         await pilot.press("escape")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await settle(app, pilot)
         assert "Cancelled" in text_of(screen.query_one("#merge-outcome", Static))
         assert not out.exists()
 
@@ -319,7 +319,7 @@ async def test_findings_on_a_damaged_copy_jump_to_rank_and_param(tmp_path):
     path = damaged_copy(tmp_path)
     app = ZinspectApp(str(path))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         overview = text_of(app.screen.query_one("#overview-body", Static))
         assert "errors: a merge would be wrong" in overview
         await pilot.press("4")
@@ -347,12 +347,12 @@ async def test_validate_again_rereads_from_disk(tmp_path):
     shutil.copytree(FIXTURES / "s2_w2_bf16", path)
     app = ZinspectApp(str(path))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         await pilot.press("2", "space")
         assert not app.view.ckpt.errors
         next((path / "global_step2").glob("*rank_1_*optim_states.pt")).unlink()
         await pilot.press("v")
-        await loaded(app, pilot)
+        await settle(app, pilot)
         assert app.view.ckpt.errors
         assert app.view.excluded == {"embed.weight"}  # the selection survives
         assert app.screen.query_one("#tabs").active == "tab-params"
@@ -365,5 +365,5 @@ async def test_load_failure_of_unexpected_kind_is_shown_not_raised(monkeypatch):
     monkeypatch.setattr(app_module, "open_checkpoint", broken)
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
-        await loaded(app, pilot)
+        await settle(app, pilot)
         assert "RuntimeError: boom" in text_of(app.screen.query_one("#load-error", Static))

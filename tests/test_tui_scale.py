@@ -1,0 +1,77 @@
+"""300k parameter names: the tree opens lazily, the filter and the palette stay usable.
+
+The checkpoint is synthetic metadata (a Checkpoint dataclass built in Python); no timing is asserted,
+but a tree or filter that walked every name eagerly per keystroke would make this test crawl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import Static
+
+from zinspect.core.model import Checkpoint, Fragment, Param
+from zinspect.tui import app as app_module
+from zinspect.tui.app import ZinspectApp
+from zinspect.tui.screens.param_detail import ParamDetailScreen
+from zinspect.tui.widgets.param_table import ParamTable
+from zinspect.tui.widgets.param_tree import ParamTree
+
+LAYERS, EXPERTS = 1600, 64
+
+
+def synthetic_checkpoint() -> Checkpoint:
+    params: dict[str, Param] = {"model.embed_tokens.weight": Param(
+        "model.embed_tokens.weight", (32000, 64), "bfloat16", sub_group=0,
+        fragments=[Fragment(r, f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt", 0,
+                            r * 256000, 256000, 1024 + r, "float32") for r in range(8)])}
+    for layer in range(LAYERS):
+        prefix = f"model.layers.{layer}"
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj", "input_layernorm", "post_attention_layernorm"):
+            params[f"{prefix}.{name}.weight"] = Param(f"{prefix}.{name}.weight", (64, 64),
+                                                      "bfloat16", sub_group=0)
+        for expert in range(EXPERTS):
+            for w in ("w1", "w2", "w3"):
+                name = f"{prefix}.mlp.experts.{expert}.{w}.weight"
+                params[name] = Param(name, (128, 64), "bfloat16", sub_group=0)
+    return Checkpoint(path=Path("synthetic/global_step1000"), tag="global_step1000", stage=3,
+                      world_size=8, layout="zero", dtype="bfloat16", master_dtype="float32",
+                      params=params)
+
+
+async def test_300k_names_open_expand_filter_and_jump(monkeypatch):
+    ckpt = synthetic_checkpoint()
+    assert len(ckpt.params) > 300_000
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None: ckpt)
+    app = ZinspectApp("synthetic")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("2")
+        tree = app.screen.query_one(ParamTree)
+        assert [n.data.path for n in tree.root.children] == ["model"]
+        assert tree.root.children[0].data.count == len(ckpt.params)
+        await pilot.press("enter", "down", "down", "enter")  # model, then model.layers
+        layers = tree.cursor_node
+        assert layers.data.path == "model.layers"
+        assert len(layers.children) == LAYERS
+        assert not layers.children[0].children  # layer 0 not built before it is opened
+
+        await pilot.press("down", "space")  # exclude layer 0 whole: 6 + 64*3 params
+        assert len(app.view.excluded) == 6 + EXPERTS * 3
+
+        await pilot.press("slash", *"experts.63. w3")
+        table = app.screen.query_one(ParamTable)
+        assert len(table.names) == LAYERS
+        assert all(".mlp.experts.63.w3." in n for n in table.names)
+        await pilot.press("enter", "end")
+        assert table.cursor == LAYERS - 1
+        summary = str(app.screen.query_one("#output-summary", Static).content)
+        assert f"{LAYERS:,} of {len(ckpt.params):,} match" in summary
+
+        await pilot.press("ctrl+g", *"layers.1599. experts.7. w2")
+        await pilot.pause(1.0)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ParamDetailScreen)
+        assert app.screen.param_name == "model.layers.1599.mlp.experts.7.w2.weight"

@@ -1,0 +1,69 @@
+"""The module trie (zinspect.core.tree) and the app's view state (Inspection), without Textual."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from zinspect.core import open_checkpoint
+from zinspect.core.tree import build_tree, count_below, ordered_children
+from zinspect.tui.inspection import Inspection
+
+SAMPLE = Path(__file__).parent.parent / "zinspect" / "sample"
+
+
+def test_tree_sums_numel_bytes_and_counts_up_each_path():
+    root = build_tree({"a.0.w": (6, 24), "a.0.b": (2, 8), "a.10.w": (4, 16), "c": (1, 4)})
+    assert (root.numel, root.nbytes, root.count) == (13, 52, 4)
+    a = root.children["a"]
+    assert (a.numel, a.count, a.is_param) == (12, 3, False)
+    assert a.children["0"].children["w"].is_param
+    assert a.children["0"].children["w"].path == "a.0.w"
+    assert root.children["c"].is_param and root.children["c"].path == "c"
+    assert list(a.params()) == ["a.0.w", "a.0.b", "a.10.w"]
+    assert root.find("a.10") is a.children["10"]
+    assert root.find("a.2") is None
+
+
+def test_children_sort_numerically_and_by_size():
+    root = build_tree({f"layers.{i}.w": (i + 1, 4 * (i + 1)) for i in (10, 9, 2, 1)})
+    layers = root.children["layers"]
+    assert [c.name for c in ordered_children(layers, "model")] == ["10", "9", "2", "1"]
+    assert [c.name for c in ordered_children(layers, "name")] == ["1", "2", "9", "10"]
+    assert [c.name for c in ordered_children(layers, "size")] == ["10", "9", "2", "1"]
+    assert [c.name for c in ordered_children(layers, "numel")] == ["10", "9", "2", "1"]
+
+
+def test_count_below_counts_every_prefix():
+    assert count_below(["a.b.c", "a.d", "e"]) == {"": 3, "a": 2, "a.b": 1, "a.b.c": 1, "a.d": 1,
+                                                  "e": 1}
+
+
+def test_tree_module_is_stdlib_only():
+    code = ("import sys, zinspect.core.tree; "
+            "bad = [m for m in ('textual', 'rich', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_inspection_toggles_and_summarizes():
+    view = Inspection(open_checkpoint(SAMPLE))
+    total = view.output.nbytes
+    assert view.output.params == 27 and view.output.buffers == 4
+    assert view.toggle(["embed.weight", "head.bias"])
+    assert view.excluded == {"embed.weight", "head.bias"}
+    assert view.output.params == 25
+    assert view.output.nbytes == total - 4 * (915 + 61)
+    assert view.excluded_in(view.tree.find("head")) == 1
+    assert view.marks("embed.weight") == "x   "
+    assert view.marks("head.weight") == "  T "
+    assert not view.toggle(["embed.weight", "head.bias"])
+    assert view.excluded == set()
+
+
+def test_inspection_filters_by_every_word():
+    view = Inspection(open_checkpoint(SAMPLE))
+    assert view.param_names("model", "BLOCKS.1 Down") == [
+        "encoder.blocks.1.mlp.down.weight", "encoder.blocks.1.mlp.down.bias"]
+    assert view.param_names("name")[:2] == ["bn.bias", "bn.weight"]
