@@ -120,7 +120,7 @@ def deep_check(ckpt: Checkpoint, progress: Progress | None = None,
     Returns new findings (the caller adds them to `ckpt.findings`). `progress(done, total,
     name)` is called about 20 times a second; `should_stop()` is polled after every chunk and,
     when true, raises `MergeCancelled`."""
-    chunk = max(8, chunk - chunk % 8)
+    chunk = max(64, chunk - chunk % 8)  # >= a local header (30 bytes), whole elements
     findings: list[Finding] = []
     records = _zip_records(ckpt, findings)
     tensors = _planned_tensors(ckpt, findings)
