@@ -345,6 +345,29 @@ def read_torch_file(path: str | os.PathLike) -> TorchFile:
                          "this file is not a checkpoint file; move it out of the tag directory")
 
 
+def zip_is_complete(path: str | os.PathLike) -> bool:
+    """True when the file ends with a zip end record whose central directory lies inside it:
+    a cheap test that a torch.save zip was not cut short, without parsing anything else."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            tail_len = min(size, 22 + 65535 + 20)
+            f.seek(size - tail_len)
+            tail = f.read(tail_len)
+    except OSError:
+        return False
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or len(tail) - i < 22:
+        return False
+    cd_size, cd_offset = struct.unpack("<II", tail[i + 12:i + 20])
+    if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:  # zip64: sizes live in another record
+        j = tail.rfind(b"PK\x06\x06", 0, i)
+        if j < 0 or len(tail) - j < 56:
+            return False
+        cd_size, cd_offset = struct.unpack("<QQ", tail[j + 40:j + 56])
+    return cd_offset + cd_size <= size - (len(tail) - i)
+
+
 def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = False):
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     up = MetaUnpickler(stream, legacy=legacy)
