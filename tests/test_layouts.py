@@ -73,3 +73,23 @@ def test_bf16_optimizer_layout_is_recognised():
     assert ckpt.layout == "bf16_optimizer" and ckpt.stage == 1
     assert "bf16-optimizer" in codes(ckpt)
     assert not ckpt.errors
+
+
+def test_slice_mappings_are_cross_checked(monkeypatch):
+    """Round robin reorders the flat groups while param_slice_mappings keep the original order,
+    so the check is skipped there; forced on, it must notice the disagreement."""
+    from conftest import FIXTURES
+
+    from zinspect.core import load
+
+    assert "slice-mapping-mismatch" not in codes(open_checkpoint(FIXTURES / "s2_w3_fp32_rr"))
+    check = load._Builder._check_slice_mappings
+
+    def as_if_round_robin_were_off(self, group, parts):
+        self.c.ds_config = {}
+        return check(self, group, parts)
+
+    monkeypatch.setattr(load._Builder, "_check_slice_mappings", as_if_round_robin_were_off)
+    ckpt = open_checkpoint(FIXTURES / "s2_w3_fp32_rr")
+    found = [f for f in ckpt.findings if f.code == "slice-mapping-mismatch"]
+    assert found and all(f.file and f.rank is not None and f.param for f in found)

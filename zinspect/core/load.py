@@ -460,6 +460,34 @@ class _Builder:
                             p.fragments.append(self._fragment(rf, r, gi, t, lo - r * P,
                                                               lo - start, hi - lo))
                 start += n
+            self._check_slice_mappings(g, parts)
+
+    def _check_slice_mappings(self, g: ParamGroup, parts: dict) -> None:
+        """Cross-check the fragments against the optimizer's own `param_slice_mappings`
+        (name -> where it lies in this rank's partition). With round_robin_gradients those
+        follow the original param order and disagree by design, so they are skipped."""
+        zo = _get(self.c.ds_config, "zero_optimization")
+        if isinstance(zo, dict) and zo.get("round_robin_gradients"):
+            return
+        for r, (rf, _, _) in parts.items():
+            maps = _get(self.tf(rf).obj, "optimizer_state_dict", "param_slice_mappings")
+            if not isinstance(maps, list) or g.index >= len(maps) or \
+                    not isinstance(maps[g.index], dict):
+                continue
+            for name, addr in maps[g.index].items():
+                p = self.c.params.get(name)
+                frag = next((f for f in p.fragments if f.rank == r), None) if p else None
+                want = (getattr(addr, "get", lambda k: None)("start"),
+                        getattr(addr, "get", lambda k: None)("numel"))
+                if frag is None or want != (frag.group_offset, frag.numel):
+                    self.find(WARNING, "slice-mapping-mismatch",
+                              f"{name}: rank {r}'s optimizer places it at {want[0]} (+{want[1]}) "
+                              f"in group {g.index}, its param_shapes order at "
+                              f"{frag.group_offset if frag else '-'} (+{frag.numel if frag else 0})",
+                              "the optimizer and model-states files disagree: check they come "
+                              "from the same save", file=rf.name, rank=r, group=g.index,
+                              param=name)
+                    return
 
     def _param_group_map(self) -> dict[int, int]:
         """flat group (ZeRO-3 sub-group) index -> optimizer param group index, from the torch
