@@ -46,7 +46,7 @@ command (info, validate, merge) is opened with `zinspect ./info`.
 
 {EXIT_CODES}"""
 
-INFO_EPILOG = f"""\
+INFO_EPILOG = """\
 Shows where the checkpoint is (tag, other tags), how it was trained (ZeRO stage, world size,
 dtypes, DeepSpeed version, layout), its params (trainable, frozen, tied) and sizes, the files
 of each rank, the optimizer param groups, and how many findings validation has.
@@ -64,21 +64,21 @@ exit codes:
   2    PATH is not a checkpoint, or no file in it can be read, or bad usage
 """
 
-VALIDATE_EPILOG = f"""\
+VALIDATE_EPILOG = """\
 Checks the checkpoint from its metadata: every rank file present and readable, no stale files
 from another run, stage / world size / DeepSpeed version consistent, every element of every
 param held by exactly one rank, tied and frozen params recoverable. Each finding says what is
 wrong, where (file, rank, group, param) and what to do.
 
---deep also reads the tensor bytes (checks zip CRCs, NaN/Inf in the fp32 masters); it takes
-about as long as reading the files once.
+--deep also reads the bytes: every zip record's CRC, and NaN/Inf counts in the weights a merge
+would write; it takes about as long as reading the files once.
 
 examples:
   zinspect validate ./checkpoints
   zinspect validate ./checkpoints --json | jq '.findings[] | select(.severity=="error")'
   zinspect validate ./checkpoints && zinspect merge ./checkpoints ./merged
 
---json prints {{"ok": bool, "counts": {{"error": n, "warning": n, "info": n}}, "findings": [...]}}.
+--json prints {"ok": bool, "counts": {"error": n, "warning": n, "info": n}, "findings": [...]}.
 
 exit codes:
   0    no errors (warnings and info are allowed)
@@ -87,11 +87,12 @@ exit codes:
   130  --deep cancelled with Ctrl-C
 """
 
-MERGE_EPILOG = f"""\
+MERGE_EPILOG = """\
 Rebuilds the full fp32 weights (params, tied aliases, buffers) from the ZeRO partitions and
-writes them to OUT_DIR, as safetensors shards with an index (or torch .pt files). Nothing but
-the listed tensors is held in memory, one shard at a time. The output is written next to
-OUT_DIR and renamed into place at the end, so an interrupted merge leaves nothing behind.
+writes them to OUT_DIR, as safetensors shards with an index (or torch .pt files). Only the
+bytes the output needs are read (the fp32 partitions, not the optimizer moments). Shards are
+written under temporary names and renamed into place at the end, so a failed or cancelled
+merge leaves nothing behind.
 
 examples:
   zinspect merge ./checkpoints ./merged
@@ -122,6 +123,13 @@ def _add_path(p: argparse.ArgumentParser) -> None:
                    help="tag dir to read instead of the one `latest` names (e.g. global_step500)")
 
 
+def _command(sub, name: str, summary: str, description: str, epilog: str):
+    p = sub.add_parser(name, prog=f"zinspect {name}", help=summary, description=description,
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_path(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="zinspect",
@@ -134,26 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     parser.commands = sub.choices  # name -> its parser, for errors in the command's own words
 
-    p = sub.add_parser("info", prog="zinspect info", help="summary of a checkpoint (--json for scripts)",
-                       description="Summarise a checkpoint from its metadata.",
-                       epilog=INFO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_path(p)
+    p = _command(sub, "info", "summary of a checkpoint (--json for scripts)",
+                 "Summarise a checkpoint from its metadata.", INFO_EPILOG)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
-    p = sub.add_parser("validate", prog="zinspect validate", help="check a checkpoint for missing, stale or broken files",
-                       description="Validate a checkpoint: list its findings by severity.",
-                       epilog=VALIDATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_path(p)
+    p = _command(sub, "validate", "check a checkpoint for missing, stale or broken files",
+                 "Validate a checkpoint: list its findings by severity.", VALIDATE_EPILOG)
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     p.add_argument("--deep", action="store_true",
                    help="also read the tensor bytes (CRC, NaN/Inf); slower")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="list every finding (by default repeats of one code are folded)")
 
-    p = sub.add_parser("merge", prog="zinspect merge", help="write the consolidated fp32 weights (safetensors or .pt)",
-                       description="Merge the ZeRO partitions into full fp32 weights.",
-                       epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_path(p)
+    p = _command(sub, "merge", "write the consolidated fp32 weights (safetensors or .pt)",
+                 "Merge the ZeRO partitions into full fp32 weights.", MERGE_EPILOG)
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create with the output")
     p.add_argument("--format", dest="fmt", choices=("safetensors", "pt"), default="safetensors",
                    help="output format (default: safetensors)")
@@ -414,8 +416,8 @@ def _human_info(ckpt) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("path", escape(str(ckpt.path)))
-    summary.add_row("tag", escape(ckpt.tag) + (f"   [dim](other tags: "
-                                               f"{escape(_ellipsis(other, 6))})[/]" if other else ""))
+    others = f"   [dim](other tags: {escape(_ellipsis(other, 6))})[/]" if other else ""
+    summary.add_row("tag", escape(ckpt.tag) + others)
     summary.add_row("ZeRO stage", str(ckpt.stage) if ckpt.stage is not None else "?")
     summary.add_row("world size", str(ckpt.world_size) if ckpt.world_size else "?")
     summary.add_row("layout", escape(ckpt.layout))
