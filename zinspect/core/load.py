@@ -224,6 +224,10 @@ class _Builder:
         self._build_frozen()
         self._build_buffers()
         self._settle_dtypes()
+        for p in c.params.values():  # a tied alias lives where its owner lives
+            owner = c.params.get(p.tied_to) if p.tied_to else None
+            if owner is not None:
+                p.group, p.sub_group = owner.group, owner.sub_group
 
     def _by_rank(self, files: list[RankFile]) -> dict[int, RankFile]:
         out: dict[int, RankFile] = {}
