@@ -16,6 +16,7 @@ import sys
 
 from zinspect import __version__
 from zinspect.errors import UsageError, ZinspectError
+from zinspect.report import console, ellipsis, human_info, human_validate, info_json, validate_json
 
 COMMANDS = ("info", "validate", "merge")
 
@@ -280,7 +281,7 @@ def cmd_open(args) -> int:
             code = run_app(args.path, args.tag)
             return code if isinstance(code, int) else 0
     ckpt = _open(args)
-    _human_info(ckpt)
+    human_info(ckpt)
     return 0 if _readable_at_all(ckpt) else 2
 
 
@@ -290,7 +291,7 @@ def cmd_info(args) -> int:
     if args.json:
         _print_json(info_json(ckpt))
     else:
-        _human_info(ckpt)
+        human_info(ckpt)
     return 0 if _readable_at_all(ckpt) else 2
 
 
@@ -300,218 +301,20 @@ def _print_json(obj) -> None:
     sys.stdout.flush()
 
 
-def _group_of(ckpt, p) -> int | None:
-    """Optimizer param group of a param; a tied alias has its owner's, a frozen one none."""
-    if p.tied_to is not None:
-        owner = ckpt.params.get(p.tied_to)
-        p = owner if owner is not None else p
-    return None if p.frozen else p.group
-
-
-def _totals(ckpt) -> dict:
-    from zinspect.core.torchzip import DTYPE_SIZES
-
-    params = list(ckpt.params.values())
-    owners = ckpt.owners()
-    trainable = [p for p in owners if not p.frozen]
-    frozen = [p for p in owners if p.frozen]
-    numel = sum(p.numel for p in owners)
-    buf_bytes = sum(b.numel * DTYPE_SIZES.get(b.dtype, 0) for b in ckpt.buffers.values())
-    return {
-        "params": len(params),
-        "trainable": len(trainable),
-        "frozen": len(frozen),
-        "tied": len(params) - len(owners),
-        "buffers": len(ckpt.buffers),
-        "numel": numel,
-        "trainable_numel": sum(p.numel for p in trainable),
-        "frozen_numel": sum(p.numel for p in frozen),
-        "fp32_bytes": numel * 4,  # what a merge writes for the params
-        "buffer_bytes": buf_bytes,
-        "files": len(ckpt.files),
-        "file_bytes": sum(f.size for f in ckpt.files),
-    }
-
-
-def info_json(ckpt) -> dict:
-    from zinspect.core.model import short_dtype
-
-    return {
-        "path": str(ckpt.path),
-        "root": str(ckpt.root) if ckpt.root else None,
-        "tag": ckpt.tag,
-        "tags": list(ckpt.tags),
-        "stage": ckpt.stage,
-        "world_size": ckpt.world_size,
-        "layout": ckpt.layout,
-        "dtype": short_dtype(ckpt.dtype) if ckpt.dtype else None,
-        "master_dtype": short_dtype(ckpt.master_dtype) if ckpt.master_dtype else None,
-        "ds_version": ckpt.ds_version,
-        "files": [{"name": f.name, "kind": f.kind, "rank": f.rank, "mp_rank": f.mp_rank,
-                   "prefix": f.prefix, "size": f.size, "format": f.format or None,
-                   "error": f.error, "stage": f.stage, "ds_version": f.ds_version}
-                  for f in _sorted_files(ckpt)],
-        "buffers": [{"name": b.name, "shape": list(b.shape), "dtype": short_dtype(b.dtype)
-                     if b.dtype else None} for b in ckpt.buffers.values()],
-        "params": [{"name": p.name, "shape": list(p.shape), "numel": p.numel,
-                    "dtype": short_dtype(p.dtype) if p.dtype else None, "frozen": p.frozen,
-                    "tied_to": p.tied_to, "group": _group_of(ckpt, p),
-                    "sub_group": p.sub_group if p.tied_to is None else None}
-                   for p in ckpt.params.values()],
-        "groups": [{"index": g.index, "param_group": g.param_group, "params": list(g.params),
-                    "numel": g.numel, "dtype": short_dtype(g.dtype) if g.dtype else None,
-                    "partition_numel": {str(r): n for r, n in sorted(g.partition_numel.items())},
-                    "padding": {str(r): n for r, n in sorted(g.padding.items())}}
-                   for g in ckpt.groups],
-        "findings": [f.to_json() for f in ckpt.findings],
-        "counts": ckpt.counts(),
-        "totals": _totals(ckpt),
-    }
-
-
-_KIND_ORDER = {"model": 0, "optim": 1}
-
-
-def _sorted_files(ckpt):
-    """Model states first, then optimizer files, each by rank (a number, not its spelling)."""
-    return sorted(ckpt.files, key=lambda f: (_KIND_ORDER.get(f.kind, 2), f.mp_rank or 0,
-                                             -1 if f.rank is None else f.rank, f.name))
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    con = Console(stderr=stderr, highlight=False)
-    if not con.is_terminal and "COLUMNS" not in os.environ:
-        con.width = 120  # piped or redirected: room for full file names
-    return con
-
-
-_SEV_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-
-
-def _counts_text(counts: dict) -> str:
-    parts = []
-    for sev in ("error", "warning", "info"):
-        n = counts.get(sev, 0)
-        word = sev if n == 1 else ("info" if sev == "info" else sev + "s")
-        style = _SEV_STYLE[sev] if n else "dim"
-        parts.append(f"[{style}]{n} {word}[/]")
-    return ", ".join(parts)
-
-
-def _human_info(ckpt) -> None:
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    from zinspect.core import fmt
-    from zinspect.core.model import short_dtype
-
-    con = _console()
-    t = _totals(ckpt)
-    other = [x for x in ckpt.tags if x != ckpt.tag]
-
-    summary = Table.grid(padding=(0, 2))
-    summary.add_column(style="bold")
-    summary.add_column()
-    summary.add_row("path", escape(str(ckpt.path)))
-    others = f"   [dim](other tags: {escape(_ellipsis(other, 6))})[/]" if other else ""
-    summary.add_row("tag", escape(ckpt.tag) + others)
-    summary.add_row("ZeRO stage", str(ckpt.stage) if ckpt.stage is not None else "?")
-    summary.add_row("world size", str(ckpt.world_size) if ckpt.world_size else "?")
-    summary.add_row("layout", escape(ckpt.layout))
-    summary.add_row("dtype", f"{short_dtype(ckpt.dtype)} training, "
-                             f"{short_dtype(ckpt.master_dtype)} masters")
-    summary.add_row("DeepSpeed", escape(ckpt.ds_version or "?"))
-    summary.add_row("params", f"{fmt.count(t['params'])} names: {fmt.count(t['trainable'])} "
-                              f"trainable, {fmt.count(t['frozen'])} frozen, "
-                              f"{fmt.count(t['tied'])} tied")
-    summary.add_row("elements", f"{fmt.count(t['numel'])} ({fmt.short_count(t['numel'])}; "
-                                f"{fmt.short_count(t['trainable_numel'])} trainable, "
-                                f"{fmt.short_count(t['frozen_numel'])} frozen)")
-    summary.add_row("fp32 size", f"{fmt.size(t['fp32_bytes'])} merged "
-                                 f"(+ {t['buffers']} buffers, {fmt.size(t['buffer_bytes'])})")
-    summary.add_row("on disk", f"{fmt.size(t['file_bytes'])} in {t['files']} files")
-    summary.add_row("findings", _counts_text(ckpt.counts()))
-    con.print(summary)
-
-    files = Table(title="files", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col, just in (("rank", "right"), ("kind", "left"), ("file", "left"),
-                      ("size", "right"), ("status", "left")):
-        files.add_column(col, justify=just)
-    rows = _sorted_files(ckpt)
-    for f in _fold(rows, 24, 8, 4):
-        if f is None:
-            files.add_row("", "", f"[dim]... {len(rows) - 12} more[/]", "", "")
-            continue
-        status = f"[red]{escape(f.error)}[/]" if f.error else (
-            f"[dim]{f.format}[/]" if f.format else "[dim]-[/]")
-        files.add_row("" if f.rank is None else str(f.rank), f.kind, escape(f.name),
-                      fmt.size(f.size), status)
-    con.print(files)
-
-    if ckpt.groups:
-        groups = Table(title="param groups", title_justify="left", box=box.SIMPLE_HEAD,
-                       pad_edge=False)
-        for col, just in (("group", "right"), ("opt group", "right"), ("params", "right"),
-                          ("elements", "right"), ("master", "left"), ("per rank", "right"),
-                          ("padding", "right")):
-            groups.add_column(col, justify=just)
-        for g in _fold(ckpt.groups, 16, 8, 4):
-            if g is None:
-                groups.add_row("", "", f"[dim]... {len(ckpt.groups) - 12} more[/]", "", "", "",
-                               "")
-                continue
-            parts = list(g.partition_numel.values())
-            per_rank = (fmt.count(parts[0]) if len(set(parts)) == 1 else
-                        f"{fmt.count(min(parts))}..{fmt.count(max(parts))}") if parts else "-"
-            groups.add_row(str(g.index), str(g.param_group), str(len(g.params)),
-                           fmt.count(g.numel), short_dtype(g.dtype), per_rank,
-                           fmt.count(sum(g.padding.values())))
-        con.print(groups)
-    if ckpt.errors:
-        con.print(f"[bold red]{len(ckpt.errors)} error(s)[/]: run [bold]zinspect validate "
-                  f"{escape(_quote(str(ckpt.path)))}[/] for what is wrong and what to do")
-
-
-def _fold(items: list, limit: int, head: int, tail: int) -> list:
-    """All of `items` when short, else the first and last few around a None marker."""
-    items = list(items)
-    if len(items) <= limit:
-        return items
-    return items[:head] + [None] + items[-tail:]
-
-
-def _ellipsis(names: list[str], n: int) -> str:
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
-
-
-def _quote(path: str) -> str:
-    import shlex
-
-    return shlex.quote(path)
-
-
 # ---------------------------------------------------------------------------------- validate
 def cmd_validate(args) -> int:
     ckpt = _open(args)
     if not _readable_at_all(ckpt):
         if args.json:
-            _print_json(_validate_json(ckpt))
+            _print_json(validate_json(ckpt))
         return _unreadable(ckpt)
     if args.deep:
         ckpt.findings.extend(_deep(ckpt, quiet=False))
     if args.json:
-        _print_json(_validate_json(ckpt))
+        _print_json(validate_json(ckpt))
     else:
-        _human_validate(ckpt, verbose=args.verbose)
+        human_validate(ckpt, verbose=args.verbose)
     return 1 if ckpt.errors else 0
-
-
-def _validate_json(ckpt) -> dict:
-    return {"ok": not ckpt.errors, "path": str(ckpt.path), "tag": ckpt.tag,
-            "counts": ckpt.counts(), "findings": [f.to_json() for f in ckpt.findings]}
 
 
 def _deep(ckpt, quiet: bool) -> list:
@@ -526,41 +329,6 @@ def _deep(ckpt, quiet: bool) -> list:
     if stop.requested:
         raise _cancelled("the deep check")
     return list(found or [])
-
-
-def _human_validate(ckpt, verbose: bool = False) -> None:
-    from rich.markup import escape
-
-    con = _console()
-    con.print(f"[bold]{escape(str(ckpt.path))}[/]  (tag {escape(ckpt.tag)}, ZeRO-{ckpt.stage}, "
-              f"world size {ckpt.world_size})")
-    for sev in ("error", "warning", "info"):
-        items = [f for f in ckpt.findings if f.severity == sev]
-        if not items:
-            continue
-        con.print()
-        word = sev if len(items) == 1 or sev == "info" else sev + "s"
-        con.print(f"[{_SEV_STYLE[sev]}]{len(items)} {word}[/]")
-        by_code: dict[str, list] = {}
-        for f in items:
-            by_code.setdefault(f.code, []).append(f)
-        for code, group in by_code.items():
-            shown = group if verbose or len(group) <= 5 else group[:3]
-            for f in shown:
-                con.print(f"  [{_SEV_STYLE[sev]}]{escape(f.code)}[/]  {escape(f.message)}")
-                where = f.where()
-                if where:
-                    con.print(f"      [dim]where:[/] {escape(where)}")
-                if f.hint:
-                    con.print(f"      [dim]hint:[/]  {escape(f.hint)}")
-            if len(shown) < len(group):
-                con.print(f"  [dim]... and {len(group) - len(shown)} more {escape(code)} "
-                          f"(--verbose or --json lists them all)[/]")
-    con.print()
-    if ckpt.errors:
-        con.print(f"[bold red]not mergeable as is[/]: {_counts_text(ckpt.counts())}")
-    else:
-        con.print(f"[bold green]ok[/]: {_counts_text(ckpt.counts())}")
 
 
 # ---------------------------------------------------------------------------------- merge
@@ -621,7 +389,7 @@ def _announce(ckpt, plan, args, shard) -> None:
           + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
     if plan.excluded:
         print(f"  excluded by the selection: {len(plan.excluded)} "
-              f"({_ellipsis(sorted(plan.excluded), 5)})", file=err)
+              f"({ellipsis(sorted(plan.excluded), 5)})", file=err)
     if plan.dropped:
         print(f"  --salvage drops {len(plan.dropped)} that cannot be rebuilt:", file=err)
         for name, why in list(plan.dropped.items())[:20]:
@@ -640,7 +408,7 @@ def _report_merge(result, dropped: dict) -> None:
           file=err)
     if dropped:
         print(f"zinspect: the output lacks the {len(dropped)} tensor(s) --salvage dropped "
-              f"(listed above): {_ellipsis(list(dropped), 5)}", file=err)
+              f"(listed above): {ellipsis(list(dropped), 5)}", file=err)
 
 
 def _cancelled(what: str) -> ZinspectError:
@@ -706,7 +474,7 @@ class _Bar:
             TextColumn(f"[bold]{self.label}[/]"), BarColumn(), DownloadColumn(binary_units=True),
             TransferSpeedColumn(), TimeRemainingColumn(),
             TextColumn("[dim]{task.fields[name]}[/]"),
-            console=_console(stderr=True), transient=False)
+            console=console(stderr=True), transient=False)
         self.progress.__enter__()
         self.task = self.progress.add_task(self.label, total=self.total or None, name="")
 
