@@ -131,16 +131,15 @@ class ZinspectApp(App[int]):
     def exclusion_toggled(self, event: ExclusionToggled) -> None:
         if self.view is None or not event.names:
             return
-        excluded = self.view.toggle(event.names)
-        self.notify(f"{'excluded' if excluded else 'included'}: {event.what}", timeout=2)
+        if not self.view.toggle(event.names) and any(n in self.view.excluded for n in event.names):
+            self.notify(f"{event.what}: still excluded by a pattern of the loaded selection file",
+                        severity="warning")
         self.selection_changed()
 
     def action_exclude_frozen(self) -> None:
         if self.view is None:
             return
-        frozen = sum(1 for p in self.view.ckpt.params.values() if p.frozen)
-        on_now = self.view.toggle_frozen()
-        self.notify(f"{'excluded' if on_now else 'included'} {frozen} frozen param(s)", timeout=3)
+        self.view.toggle_frozen()  # the summary line says "frozen excluded"
         self.selection_changed()
 
     def selection_changed(self) -> None:

@@ -26,7 +26,7 @@ class ExclusionToggled(Message):
     """The user asked to exclude (or include again) these parameters."""
 
     names: list[str]
-    what: str  # shown in the notification: a param name or "module (12 params)"
+    what: str  # for messages: a param name or "module (12 params)"
 
 
 @dataclass
