@@ -192,6 +192,15 @@ def _codecs_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _bytearray(source=b"", encoding=None):
+    """bytearray from pickled contents only: `bytearray(10**12)` (a size) is refused."""
+    if isinstance(source, str):
+        return bytearray(_codecs_encode(source, encoding or "latin1"))
+    if isinstance(source, (bytes, bytearray)):
+        return bytearray(source)
+    raise pickle.UnpicklingError(f"unexpected bytearray({type(source).__name__})")
+
+
 _ALLOWED = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -205,7 +214,7 @@ _ALLOWED = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"): ZeroStageEnum,
 }
@@ -224,8 +233,13 @@ KNOWN_CLASSES = frozenset({
 })
 
 
-class MetaUnpickler(pickle.Unpickler):
-    """Unpickler that resolves globals only from `_ALLOWED` and never imports anything."""
+class MetaUnpickler(pickle._Unpickler):
+    """Unpickler that resolves globals only from `_ALLOWED` and never imports anything.
+
+    It is built on the pure-Python unpickler, whose memo is a dict: the C one keeps its memo in
+    an array sized by the largest PUT index, so a damaged `LONG_BINPUT` index (up to 2**32)
+    makes it allocate and zero up to 64 GB before failing. Pure Python costs about 0.1 s per
+    MB of pickle; real data.pkl files are KB to a few MB."""
 
     def __init__(self, file, legacy: bool = False) -> None:
         super().__init__(file, encoding="utf-8")
