@@ -215,3 +215,25 @@ def test_self_referencing_pickle_does_not_hang_the_checks(tmp_path):
     _torch_zip(root / D.TAG / D.MODEL, pickle.dumps(d, protocol=2))
     check_damaged(root)
     assert open_checkpoint(root).errors
+
+
+@pytest.mark.parametrize("field,value", [
+    (6, b"\x40\x00"),  # "version needed to extract" 6.4: zipfile raised NotImplementedError
+    (8, b"\x01\x00"),  # general purpose flags: "encrypted" (zipfile: RuntimeError on read)
+    (8, b"\x20\x00"),  # "compressed patched data" (zipfile: NotImplementedError on read)
+    (10, b"\x0e\x00"),  # compression method 14 (LZMA)
+])
+def test_odd_central_directory_fields(tmp_path, field, value):
+    """Found by the fuzzer (a flip in the version field of a central-directory entry of a
+    ZeRO-3 model-states file): such files give findings or a clean error, in every reader."""
+    root = D.copy_root(tmp_path, "s3_w4_bf16")
+    p = root / D.TAG / D.z3_model_name(0)
+    with zipfile.ZipFile(p) as zf:
+        pos = zf.start_dir
+    data = bytearray(p.read_bytes())
+    while data[pos:pos + 4] == b"PK\x01\x02":  # every entry, data.pkl included
+        data[pos + field:pos + field + 2] = value
+        n, e, c = (int.from_bytes(data[pos + k:pos + k + 2], "little") for k in (28, 30, 32))
+        pos += 46 + n + e + c
+    p.write_bytes(bytes(data))
+    check_damaged(root)

@@ -162,7 +162,8 @@ def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple]:
         try:
             with zipfile.ZipFile(rf.path) as zf:
                 infos = zf.infolist()
-        except (OSError, zipfile.BadZipFile, ValueError, EOFError, struct.error) as e:
+        except (OSError, zipfile.BadZipFile, ValueError, EOFError, struct.error,
+                NotImplementedError, RuntimeError) as e:  # unknown zip version, "encrypted"
             findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: its zip directory "
                                     f"cannot be read now ({e})", "the file changed or is damaged; "
                                     "copy it again", file=rf.name, rank=rf.rank))
