@@ -16,7 +16,9 @@ The layouts (see the project README, "How it works"):
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -57,9 +59,13 @@ UNSUPPORTED = {
 }
 
 
-def load_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
+                    progress: Callable[[int, int, str], None] | None = None) -> Checkpoint:
     """Read a checkpoint's metadata into the model. Findings from reading are attached;
-    `zinspect.core.validate.validate` adds the consistency checks."""
+    `zinspect.core.validate.validate` adds the consistency checks.
+
+    `progress(files_done, files_total, file_name)` is called (from reader threads) as each
+    rank file is read."""
     loc = locate(path, tag)
     ckpt = Checkpoint(path=loc.tag_dir, tag=loc.tag, root=loc.root, tags=loc.tags)
     try:
@@ -72,12 +78,13 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Checkpoi
     # ZeRO-3 model states of ranks > 0 hold only frozen-param fragments (and copies of what
     # rank 0 says): read them only when rank 0 lists frozen params.
     later = [n for n in wanted if n.kind == "model" and n.rank not in (None, 0)]
-    parsed = _parse_files([n for n in wanted if n.kind != "model" or n.rank in (None, 0)])
+    tick = _Ticker(len(wanted), progress)
+    parsed = _parse_files([n for n in wanted if n.kind != "model" or n.rank in (None, 0)], tick)
     rank0 = next((tf for rf, tf in parsed.values() if rf.kind == "model" and rf.rank == 0), None)
-    if rank0 is not None and isinstance(rank0.obj, dict) and not rank0.obj.get("frozen_param_shapes"):
-        parsed.update(_check_files(later))
+    if isinstance(getattr(rank0, "obj", None), dict) and not rank0.obj.get("frozen_param_shapes"):
+        parsed.update(_check_files(later, tick))
     else:
-        parsed.update(_parse_files(later))
+        parsed.update(_parse_files(later, tick))
     torch_files: dict[int, TorchFile] = {}
     for n in named:
         rf, tf = parsed.get(n.path, (None, None))
@@ -97,10 +104,31 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _parse_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile | None]]:
+class _Ticker:
+    """Counts files done for a progress callback that reader threads share."""
+
+    def __init__(self, total: int, progress: Callable[[int, int, str], None] | None) -> None:
+        self.total, self.progress, self.done = total, progress, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str) -> None:
+        if self.progress is not None:
+            with self._lock:
+                self.done += 1
+                self.progress(self.done, self.total, name)
+
+
+def _parse_files(named: list[NamedFile],
+                 tick: _Ticker) -> dict[Path, tuple[RankFile, TorchFile | None]]:
     """Parse every rank file's metadata; threads overlap the cold reads of many small pickles."""
 
     def one(n: NamedFile) -> tuple[RankFile, TorchFile | None]:
+        try:
+            return _parse_one(n)
+        finally:
+            tick(n.path.name)
+
+    def _parse_one(n: NamedFile) -> tuple[RankFile, TorchFile | None]:
         rf = RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix, size=_size(n.path))
         try:
             tf = read_torch_file(n.path)
@@ -125,7 +153,8 @@ def _parse_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile
     return {rf.path: (rf, tf) for rf, tf in results}
 
 
-def _check_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile | None]]:
+def _check_files(named: list[NamedFile],
+                 tick: _Ticker) -> dict[Path, tuple[RankFile, TorchFile | None]]:
     """Files whose pickle is not needed: check that they are whole, parse only those that
     are not (so the findings can say what is missing)."""
     out, broken = {}, []
@@ -133,9 +162,10 @@ def _check_files(named: list[NamedFile]) -> dict[Path, tuple[RankFile, TorchFile
         if zip_is_complete(n.path):
             out[n.path] = (RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix,
                                     size=_size(n.path), format="zip", shallow=True), None)
+            tick(n.path.name)
         else:
             broken.append(n)
-    out.update(_parse_files(broken))
+    out.update(_parse_files(broken, tick))
     return out
 
 

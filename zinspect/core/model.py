@@ -144,7 +144,7 @@ class Param:
     group: int | None = None  # optimizer param group
     sub_group: int | None = None  # flat group index (== group at stage 1/2)
     tied_to: str | None = None  # alias of this param: the name that owns the data
-    fragments: Sequence[Fragment] = field(default_factory=Fragments)
+    fragments: Sequence[Fragment] = field(default_factory=list)  # or a lazy Fragments
 
     @property
     def numel(self) -> int:
