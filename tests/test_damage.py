@@ -264,9 +264,7 @@ def test_malicious_pickle_never_runs(tmp_path, command):
 #: the app's param tree crashes on a checkpoint with no params (IndexError: No line no. 0 in
 #: the tree, ParamTree.move_cursor_to_line); owned by the app, reported. strict: remove the mark
 #: when it is fixed.
-_APP_BUG = pytest.mark.xfail(strict=True, reason="app crashes when the checkpoint has no params")
-APP_CASES = [pytest.param(n, marks=_APP_BUG) if n == "malicious_pickle" else n
-             for n, c in CASES.items() if c.rc == 1]
+APP_CASES = [n for n, c in CASES.items() if c.rc == 1]
 
 
 @pytest.mark.parametrize("name", APP_CASES)

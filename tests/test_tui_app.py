@@ -359,7 +359,7 @@ async def test_validate_again_rereads_from_disk(tmp_path):
 
 
 async def test_load_failure_of_unexpected_kind_is_shown_not_raised(monkeypatch):
-    def broken(path, tag=None):
+    def broken(path, tag=None, progress=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(app_module, "open_checkpoint", broken)

@@ -42,7 +42,7 @@ def synthetic_checkpoint() -> Checkpoint:
 async def test_300k_names_open_expand_filter_and_jump(monkeypatch):
     ckpt = synthetic_checkpoint()
     assert len(ckpt.params) > 300_000
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None: ckpt)
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
     app = ZinspectApp("synthetic")
     async with app.run_test(size=(120, 36)) as pilot:
         await app.workers.wait_for_complete()

@@ -13,7 +13,7 @@ from zinspect.core.selection import Selection
 from zinspect.errors import ZinspectError
 from zinspect.tui.commands import ActionCommands, ParamCommands
 from zinspect.tui.inspection import Inspection, display_path
-from zinspect.tui.messages import ExclusionToggled, FindingChosen, ParamChosen
+from zinspect.tui.messages import ExclusionToggled, FindingChosen, LoadProgress, ParamChosen
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.main import MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
@@ -67,7 +67,14 @@ class ZinspectApp(App[int]):
     @work(thread=True, exclusive=True, exit_on_error=False, group="load",
           description="reading the checkpoint's metadata")
     def load(self, selection: Selection) -> Inspection:
-        return Inspection(open_checkpoint(self.path, self.tag), selection)
+        def progress(done: int, total: int, name: str) -> None:
+            self.post_message(LoadProgress(done, total, name))
+
+        return Inspection(open_checkpoint(self.path, self.tag, progress), selection)
+
+    @on(LoadProgress)
+    def load_progress(self, event: LoadProgress) -> None:
+        self.main.show_load_progress(event.done, event.total, event.name)
 
     @on(Worker.StateChanged)
     def loaded(self, event: Worker.StateChanged) -> None:

@@ -22,6 +22,18 @@ class MergeProgress(Message):
 
 
 @dataclass
+class LoadProgress(Message):
+    """Posted from the load worker as each rank file's metadata is read."""
+
+    done: int
+    total: int
+    name: str
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, LoadProgress)
+
+
+@dataclass
 class ExclusionToggled(Message):
     """The user asked to exclude (or include again) these parameters."""
 

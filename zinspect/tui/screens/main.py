@@ -66,6 +66,11 @@ class MainScreen(Screen):
         return Vertical(Center(Label(f"Reading {self.what} …", id="loading-label")),
                         LoadingIndicator(), id="loading")
 
+    def show_load_progress(self, done: int, total: int, name: str) -> None:
+        labels = self.query("#loading-label")
+        if labels:
+            labels.first(Label).update(f"Reading {self.what} … {done} of {total} files ({name})")
+
     def show_loading(self) -> None:
         self.last_tab = self.active_tab or self.last_tab
         self._replace_body(self.loading_view())

@@ -58,7 +58,8 @@ class ParamTree(Tree[ModuleNode]):
     def on_mount(self) -> None:
         self.populate(self.root)
         self.root.expand()
-        self.call_after_refresh(self.move_cursor_to_line, 0)
+        if self.root.children:  # a checkpoint whose model states name no param has none
+            self.call_after_refresh(self.move_cursor_to_line, 0)
 
     def populate(self, node: TreeNode[ModuleNode]) -> None:
         """Add the children of `node` (once)."""
