@@ -34,7 +34,7 @@ class Case:
     text: str = ""  # a word the key finding's message must hold
 
 
-O = D.optim_name
+OPTIM = D.optim_name
 CASES = {
     "missing_optim": Case(D.missing_optim, 1, {"missing-optimizer-file", "param-coverage"},
                           [("missing-optimizer-file", None, 2), ("param-coverage", None, 2)]),
@@ -44,23 +44,23 @@ CASES = {
                               ("param-coverage", None, 2)]),
     "rank_gap_stale": Case(D.rank_gap_stale, 1,
                            {"missing-optimizer-file", "stale-rank-file", "param-coverage"},
-                           [("missing-optimizer-file", None, 2), ("stale-rank-file", O(7), 7)]),
-    "extra_stale": Case(D.extra_stale, 1, {"stale-rank-file"}, [("stale-rank-file", O(4), 4)]),
+                           [("missing-optimizer-file", None, 2), ("stale-rank-file", OPTIM(7), 7)]),
+    "extra_stale": Case(D.extra_stale, 1, {"stale-rank-file"}, [("stale-rank-file", OPTIM(4), 4)]),
     "truncated_60": Case(D.truncated_60, 1, {"truncated-file", "param-truncated"},
-                         [("truncated-file", O(1), 1), ("param-truncated", O(1), 1)],
+                         [("truncated-file", OPTIM(1), 1), ("param-truncated", OPTIM(1), 1)],
                          text="truncated"),
     "truncated_100": Case(D.truncated_100, 1, {"unreadable-file", "param-coverage"},
-                          [("unreadable-file", O(1), 1), ("param-coverage", None, 1)],
+                          [("unreadable-file", OPTIM(1), 1), ("param-coverage", None, 1)],
                           text="truncated"),
     "corrupt_pickle": Case(D.corrupt_pickle, 1, {"unreadable-file", "param-coverage"},
-                           [("unreadable-file", O(1), 1)], text="data.pkl"),
+                           [("unreadable-file", OPTIM(1), 1)], text="data.pkl"),
     "corrupt_pickle_crc_ok": Case(D.corrupt_pickle_crc_ok, 1,
                                   {"unreadable-file", "param-coverage"},
-                                  [("unreadable-file", O(1), 1)], text="pickle is corrupt"),
+                                  [("unreadable-file", OPTIM(1), 1)], text="pickle is corrupt"),
     "not_a_zip": Case(D.not_a_zip, 1, {"unreadable-file", "param-coverage"},
-                      [("unreadable-file", O(1), 1)], text="not a torch.save file"),
+                      [("unreadable-file", OPTIM(1), 1)], text="not a torch.save file"),
     "zero_bytes": Case(D.zero_bytes, 1, {"unreadable-file", "param-coverage"},
-                       [("unreadable-file", O(1), 1)], text="empty"),
+                       [("unreadable-file", OPTIM(1), 1)], text="empty"),
     "all_unreadable": Case(D.all_unreadable, 2, stderr="no file in it can be read"),
     "latest_missing_tag": Case(D.latest_missing_tag, 2, stderr="global_step9"),
     "no_latest_two_tags": Case(D.no_latest_two_tags, 2, stderr="--tag"),
@@ -69,10 +69,10 @@ CASES = {
     "other_world_size": Case(D.other_world_size, 1,
                              {"world-size-mismatch", "partition-size", "group-coverage",
                               "param-overlap"},
-                             [("world-size-mismatch", O(1), 1), ("partition-size", O(1), 1)],
+                             [("world-size-mismatch", OPTIM(1), 1), ("partition-size", OPTIM(1), 1)],
                              text="world size 3"),
     "mixed_stages": Case(D.mixed_stages, 1, {"stage-mismatch", "group-missing", "param-coverage"},
-                         [("stage-mismatch", O(1), 1), ("group-missing", O(1), 1)],
+                         [("stage-mismatch", OPTIM(1), 1), ("group-missing", OPTIM(1), 1)],
                          text="ZeRO-3"),
     "malicious_pickle": Case(None, 1, {"unsafe-pickle", "no-params"},
                              [("unsafe-pickle", D.MODEL, None), ("no-params", D.MODEL, None)],
@@ -206,7 +206,7 @@ def test_unreadable_permissions(tmp_path):
     commands run with the capabilities that allow that (DAC override) dropped, so the mode is
     enforced for them as for any user. Skipped only if that cannot be arranged."""
     path = D.unreadable_file(tmp_path)
-    victim = path / D.TAG / O(1)
+    victim = path / D.TAG / OPTIM(1)
     try:
         probe = _run_without_dac("-c", "import sys; open(sys.argv[1], 'rb')", victim)
     except (OSError, subprocess.SubprocessError) as e:
@@ -217,7 +217,7 @@ def test_unreadable_permissions(tmp_path):
     assert r.returncode == 1, r.stderr
     findings = json.loads(r.stdout)["findings"]
     bad = [f for f in findings if f["code"] == "unreadable-file"]
-    assert len(bad) == 1 and bad[0]["file"] == O(1) and bad[0]["rank"] == 1
+    assert len(bad) == 1 and bad[0]["file"] == OPTIM(1) and bad[0]["rank"] == 1
     assert "permission denied" in bad[0]["message"] and "chmod" in bad[0]["hint"]
     assert {f["code"] for f in findings if f["severity"] == "error"} == \
         {"unreadable-file", "param-coverage"}

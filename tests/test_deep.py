@@ -174,7 +174,7 @@ def test_progress_and_cancel(tmp_path):
     deep_check(ckpt, progress=lambda done, total, name: calls.append((done, total, name)),
                chunk=4096)
     assert calls and calls[-1][0] == calls[-1][1] > 0
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
     polls = []
 
     def stop() -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, copy_fixture, fixture_names, manifest, run_zinspect
+from conftest import FIXTURES, copy_fixture, manifest, run_zinspect
 from safetensors import safe_open
 from safetensors.torch import load_file
 

@@ -42,7 +42,7 @@ def z12_touching(m: dict, rank: int) -> set[str]:
         part = -(-sum(sizes) // (2 * ws)) * 2
         lo, hi = rank * part, (rank + 1) * part
         start = 0
-        for name, n in zip(group, sizes):
+        for name, n in zip(group, sizes, strict=False):
             if n and start < hi and start + n > lo:
                 out.add(name)
             start += n

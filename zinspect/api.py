@@ -44,7 +44,7 @@ def get_fp32_state_dict(path: str | os.PathLike, tag: str | None = None, *,
     sink = BufferSink(owners)
     copy_tensors(owners, sink, ProgressMeter(sum(t.nbytes for t in owners), None))
     out = {}
-    for t, buf in zip(owners, sink.buffers):
+    for t, buf in zip(owners, sink.buffers, strict=False):
         dtype = getattr(torch, t.dtype)
         out[t.name] = (torch.frombuffer(buf, dtype=dtype) if buf else
                        torch.empty(0, dtype=dtype)).reshape(t.shape)

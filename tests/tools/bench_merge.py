@@ -96,12 +96,12 @@ def main() -> None:
         try:
             warm(ckpt)
 
-            def run_zinspect():
+            def run_zinspect(ckpt=ckpt, scratch=scratch):
                 out = scratch / "zinspect"
                 shutil.rmtree(out, ignore_errors=True)
                 return timed([sys.executable, "-m", "zinspect", "merge", str(ckpt), str(out)])
 
-            def run_ds():
+            def run_ds(ckpt=ckpt, scratch=scratch):
                 out = scratch / "ds"
                 shutil.rmtree(out, ignore_errors=True)
                 return timed([args.ds_python, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out)],

@@ -159,7 +159,7 @@ def main(argv=None):
         results.append((name, rc, check, seconds, size))
 
     print("\nfixture               rc   time    size")
-    for name, rc, check, seconds, size in results:
+    for name, rc, _check, seconds, size in results:
         print(f"{name:20s} {rc:3d} {seconds:5.1f}s {human(size):>9s}")
     print(f"total in {args.out_dir}: {human(dir_bytes(args.out_dir))}")
     failed = [r[0] for r in results if r[1] != 0 or r[2] is None]

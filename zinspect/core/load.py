@@ -15,6 +15,7 @@ The layouts (see the project README, "How it works"):
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import Counter
@@ -40,7 +41,6 @@ from zinspect.core.model import (
     Storage,
 )
 from zinspect.core.torchzip import (
-    DTYPE_SIZES,
     TensorRef,
     TorchFile,
     read_torch_file,
@@ -178,10 +178,7 @@ def _get(obj, *keys, default=None):
 
 
 def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    return math.prod(int(s) for s in shape)
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -416,7 +413,7 @@ class _Builder:
                       "module and param_shapes are missing or malformed",
                       "the model-states file is damaged or was replaced; restore it from the run",
                       file=self.model_file.name, rank=self.model_file.rank)
-        for name, p in c.params.items():
+        for p in c.params.values():
             if p.tied_to:
                 src = c.params.get(p.tied_to)
                 if src is None:

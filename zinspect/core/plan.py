@@ -6,6 +6,7 @@ partitions, the 16-bit frozen values and the buffers, never the Adam moments or 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -39,10 +40,7 @@ class OutputTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

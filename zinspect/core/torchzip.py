@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import os
 import pickle
 import struct
@@ -82,10 +83,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:

@@ -92,7 +92,7 @@ def write_torch(fd: int, shard: Shard, meter: ProgressMeter, should_stop: Should
     sink = BufferSink(owners)
     copy_tensors(owners, sink, meter, should_stop)
     built = {}
-    for t, buf in zip(owners, sink.buffers):
+    for t, buf in zip(owners, sink.buffers, strict=False):
         dtype = getattr(torch, t.dtype)
         built[t.name] = (torch.frombuffer(buf, dtype=dtype) if buf else
                          torch.empty(0, dtype=dtype)).reshape(t.shape)

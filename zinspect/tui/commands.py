@@ -66,7 +66,7 @@ class ParamCommands(Provider):
             return
         matcher = self.matcher(query)
         hits = 0
-        for name, lower in zip(self.names, self.lowered):
+        for name, lower in zip(self.names, self.lowered, strict=False):
             if all(w in lower for w in words):
                 yield Hit(matcher.match(name) or 0.01, matcher.highlight(name),
                           partial(self.zapp.goto_param, name), text=name, help="go to param")

@@ -61,7 +61,7 @@ class CoverageBar(Widget):
         if not self.segments:
             return Text("no fragments", style="dim")
         widths = _widths([n for _, _, n in self.segments], max(1, self.size.width))
-        for (kind, rank, _), width in zip(self.segments, widths):
+        for (kind, rank, _), width in zip(self.segments, widths, strict=False):
             if kind == "rank":
                 label = f"r{rank}"[:width].center(width)
                 bar.append(label, style=f"bold white on {rank_color(rank)}")

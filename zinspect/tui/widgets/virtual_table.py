@@ -96,7 +96,7 @@ class VirtualTable(ScrollView, can_focus=True):
 
     # -- drawing --------------------------------------------------------------------------
     def _line(self, cells: list[str]) -> str:
-        return " ".join(c.fit(text) for c, text in zip(self.columns, cells))
+        return " ".join(c.fit(text) for c, text in zip(self.columns, cells, strict=False))
 
     def render_line(self, y: int) -> Strip:
         x = self.scroll_offset.x
