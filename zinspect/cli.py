@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from zinspect import __version__
 from zinspect.errors import UsageError, ZinspectError
@@ -449,12 +450,16 @@ class _Stop:
 
 class _Bar:
     """A rich progress bar on stderr (bytes, rate, ETA, current name); update(done, total, name)
-    is the progress callback of merge and deep_check."""
+    is the progress callback of merge and deep_check. It appears only once the work has taken
+    SHOW_AFTER seconds: a bar that would flash for a moment is noise (and rich costs an import)."""
+
+    SHOW_AFTER = 0.3
 
     def __init__(self, label: str, total: int) -> None:
         self.label, self.total = label, total
         self.progress = None
         self.task = None
+        self.created = time.monotonic()
 
     def __enter__(self) -> _Bar:
         return self
@@ -480,6 +485,8 @@ class _Bar:
 
     def update(self, done: int, total: int, name: str = "") -> None:
         if self.progress is None:
+            if time.monotonic() - self.created < self.SHOW_AFTER:
+                return
             self._start()
         name = name if len(name) <= 48 else "..." + name[-45:]
         self.progress.update(self.task, completed=done, total=total or None, name=name)
