@@ -55,7 +55,7 @@ def damaged_copy(tmp_path: Path, fixture: str = "s2_w2_bf16", rank: int = 1) -> 
     return dest
 
 
-@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+@pytest.mark.parametrize("fixture", sorted(p.parent.name for p in FIXTURES.glob("*/manifest.json")))
 async def test_every_fixture_opens_on_every_tab(fixture):
     ckpt = open_checkpoint(FIXTURES / fixture)
     app = ZinspectApp(str(FIXTURES / fixture))

@@ -25,6 +25,10 @@ Usage:
     python3 tests/tools/make_fixtures.py --python dsvenv/bin/python --only s3_w4_bf16
     python3 tests/tools/make_fixtures.py --list
 
+tests/fixtures/stale/ holds two optimizer files saved one step later by the same runs
+(`make_ds_checkpoints.py --out X --stage 2 --world-size 4 --dtype fp16 --steps 3`, rank 2, and
+`--stage 3 --world-size 4 --dtype bf16 --steps 3`, rank 1): stale files with the right shapes.
+
 `--update-sample` also copies the s3_w4_bf16 checkpoint (`latest` and its tag dir only) into
 zinspect/sample/, the sample that ships inside the package.
 """

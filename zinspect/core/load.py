@@ -290,6 +290,20 @@ class _Builder:
         rf.partition_count = [int(pc)] if isinstance(pc, int) else [
             int(x) for x in pc if isinstance(x, int)] if isinstance(pc, list) else []
         rf.ds_version = _str(osd.get("ds_version")) or _str(_get(tf.obj, "ds_version"))
+        rf.step = self._optimizer_step(tf, osd)
+
+    @staticmethod
+    def _optimizer_step(tf: TorchFile, osd: dict) -> float | int | None:
+        """Adam's `step` of the first group: every rank steps together, so a rank file with
+        another value was saved at another time (a stale file with the right shapes)."""
+        base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")
+        state = _get(base, "state")
+        if not isinstance(state, dict) or not state:
+            return None
+        step = _get(state.get(min(state, key=str)), "step")
+        if isinstance(step, TensorRef):
+            return tf.read_scalar(step)
+        return step if isinstance(step, (int, float)) else None
 
     def _pick_model_state(self) -> dict | None:
         """The model-states pickle to take names/shapes from: the rank-0 file (it alone has

@@ -59,6 +59,7 @@ class RankFile:
     partition_count: list[int] = field(default_factory=list)
     ds_version: str | None = None
     dp_world_size: int | None = None  # model-states files: what the engine recorded
+    step: float | int | None = None  # optimizer files: the optimizer's step count
     unknown_globals: list[str] = field(default_factory=list)
     recovered: bool = False  # zip central directory missing; read by walking local headers
     #: only the zip's end record was checked: nothing in its pickle is needed (ZeRO-3 model

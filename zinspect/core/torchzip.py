@@ -48,6 +48,7 @@ STORAGE_DTYPES = {
     "QInt8Storage": "qint8", "QInt32Storage": "qint32", "QUInt8Storage": "quint8",
     "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4", "UntypedStorage": "uint8",
 }
+_SCALAR_CODES = {"float32": "f", "float64": "d", "int64": "q", "int32": "i"}
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 #: a data.pkl larger than this is refused rather than parsed (real ones are KB to a few tens of MB)
 MAX_PICKLE_BYTES = 1 << 30
@@ -334,6 +335,20 @@ class TorchFile:
         """Absolute file offset of the tensor's first element (None if its record is missing)."""
         base = self.data_offset(t.storage.key)
         return None if base is None else base + t.offset * t.itemsize
+
+    def read_scalar(self, t: TensorRef) -> float | int | None:
+        """The value of a one-element tensor (an optimizer's `step`): one tiny read."""
+        code = _SCALAR_CODES.get(t.dtype)
+        offset = self.tensor_offset(t)
+        if code is None or offset is None or t.numel != 1:
+            return None
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(offset)
+                raw = f.read(t.itemsize)
+        except OSError:
+            return None
+        return struct.unpack("<" + code, raw)[0] if len(raw) == t.itemsize else None
 
     def storage_problems(self) -> list[tuple[str, int, int]]:
         """(key, declared bytes, bytes present in the file) for each storage that is not whole."""

@@ -145,6 +145,16 @@ class _Checks:
                 self.add(ERROR, "world-size-mismatch", f"{f.name} was saved with world size "
                          f"{max(f.partition_count)}, the others with {c.world_size}",
                          _REPLACE, file=f.name, rank=f.rank)
+        steps = Counter(f.step for f in optim if f.step is not None)
+        if len(steps) > 1:
+            main = steps.most_common(1)[0][0]
+            for f in optim:
+                if f.step is not None and f.step != main:
+                    self.add(ERROR, "step-mismatch", f"{f.name} holds the optimizer at step "
+                             f"{f.step:g}, the other ranks at step {main:g}: it was saved at "
+                             "another time, and its weights are not this checkpoint's",
+                             "a stale file from an earlier or later save of this run; restore the "
+                             "file saved with the others", file=f.name, rank=f.rank)
         versions = Counter(f.ds_version for f in optim if f.ds_version)
         if len(versions) > 1:
             main = versions.most_common(1)[0][0]

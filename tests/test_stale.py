@@ -1,0 +1,59 @@
+"""A stale rank file with the right shapes: the case every metadata check passes.
+
+tests/fixtures/stale/ holds real optimizer files of the same toy runs as s2_w4_fp16 and
+s3_w4_bf16, saved one step later (make_ds_checkpoints.py ... --steps 3). Dropped into the step-2
+checkpoint, names, shapes, world size and stage all agree, and DeepSpeed's zero_to_fp32 merges
+them without a word: for the ZeRO-2 case it returned 8 of 31 tensors wrong (checked by hand with
+DeepSpeed 0.19.8). The optimizer's `step` is what gives them away.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import FIXTURES, copy_fixture, run_zinspect
+
+from zinspect.core import open_checkpoint
+
+STALE = FIXTURES / "stale"
+CASES = {
+    "s2_w4_fp16": ("s2_w4_fp16_step3_zero_pp_rank_2_mp_rank_00_optim_states.pt",
+                   "zero_pp_rank_2_mp_rank_00_optim_states.pt", 2),
+    "s3_w4_bf16": ("s3_w4_bf16_step3_bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                   "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", 1),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def stale_copy(request, tmp_path):
+    fixture = request.param
+    source, target, rank = CASES[fixture]
+    tag = copy_fixture(tmp_path, fixture)
+    shutil.copy(STALE / source, tag / target)
+    return tag, target, rank
+
+
+def test_a_stale_rank_file_is_named(stale_copy):
+    tag, target, rank = stale_copy
+    ckpt = open_checkpoint(tag)
+    errors = [f for f in ckpt.findings if f.severity == "error"]
+    assert [f.code for f in errors] == ["step-mismatch"]  # nothing else notices it
+    assert errors[0].file == target and errors[0].rank == rank
+    assert "step 3" in errors[0].message and "step 2" in errors[0].message
+
+
+def test_validate_and_merge_refuse_it(stale_copy, tmp_path):
+    tag, target, _ = stale_copy
+    proc = run_zinspect("validate", tag)
+    assert proc.returncode == 1 and "step-mismatch" in proc.stdout and target in proc.stdout
+    out = tmp_path / "merged"
+    proc = run_zinspect("merge", tag, out)
+    assert proc.returncode == 1 and "step" in proc.stderr
+    assert not out.exists()
+
+
+def test_every_fixture_has_one_step_on_all_ranks(fixture_name):
+    ckpt = open_checkpoint(FIXTURES / fixture_name)
+    steps = {f.step for f in ckpt.files_of("optim")}
+    assert steps == {2.0}  # the fixtures were saved after 2 steps
