@@ -1,0 +1,46 @@
+"""`zinspect PATH` in a real pseudo-terminal: the CLI opens the app, which draws, then quits on q."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+from conftest import FIXTURES, REPO
+
+
+def read_until(fd: int, needle: bytes, seconds: float) -> bytes:
+    """Read the terminal until `needle` shows up (a hang guard, not a timing assertion)."""
+    seen = b""
+    deadline = time.monotonic() + seconds
+    while needle not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen += os.read(fd, 65536)
+            except OSError:
+                break
+    return seen
+
+
+def test_the_cli_opens_the_app_and_q_quits():
+    main, child = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "36"}
+    proc = subprocess.Popen([sys.executable, "-m", "zinspect", str(FIXTURES / "s3_w4_bf16")],
+                            stdin=child, stdout=child, stderr=child, cwd=REPO, env=env,
+                            close_fds=True)
+    os.close(child)
+    try:
+        screen = read_until(main, b"Overview", 60)
+        assert b"Overview" in screen, screen[-2000:]
+        screen += read_until(main, b"zero_pp_rank_3", 30)
+        assert b"zero_pp_rank_3" in screen  # the files table of the overview was drawn
+        os.write(main, b"q")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
