@@ -12,11 +12,12 @@ import time
 from conftest import FIXTURES, REPO
 
 
-def read_until(fd: int, needle: bytes, seconds: float) -> bytes:
-    """Read the terminal until `needle` shows up (a hang guard, not a timing assertion)."""
+def read_until(fd: int, needle: bytes, seconds: float, stop=lambda: False) -> bytes:
+    """Read the terminal until `needle` shows up or `stop()` (a hang guard, not a timing
+    assertion). Reading also keeps the app from blocking on a full terminal buffer."""
     seen = b""
     deadline = time.monotonic() + seconds
-    while needle not in seen and time.monotonic() < deadline:
+    while needle not in seen and not stop() and time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
             try:
@@ -39,7 +40,8 @@ def test_the_cli_opens_the_app_and_q_quits():
         screen += read_until(main, b"zero_pp_rank_3", 30)
         assert b"zero_pp_rank_3" in screen  # the files table of the overview was drawn
         os.write(main, b"q")
-        assert proc.wait(timeout=30) == 0
+        read_until(main, b"\x00never", 30, stop=lambda: proc.poll() is not None)  # keep draining
+        assert proc.wait(timeout=5) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -77,6 +77,10 @@ def findings_facts(ckpt: Checkpoint) -> Table:
     return _facts("Validation", [("findings", line), ("", verdict)])
 
 
+#: the Overview lists at most this many files (those with problems first); the Ranks tab has all
+MAX_FILES_SHOWN = 32
+
+
 def files_table(ckpt: Checkpoint) -> Table:
     table = Table(title="Files", title_justify="left", title_style="bold", expand=False,
                   show_edge=False, header_style="bold dim", box=box.SIMPLE_HEAD)
@@ -85,12 +89,17 @@ def files_table(ckpt: Checkpoint) -> Table:
     table.add_column("file")
     table.add_column("size", justify="right")
     table.add_column("status")
-    files = sorted(ckpt.files, key=lambda f: (f.rank is None, f.rank or 0, f.kind, f.name))
-    for f in files:
+    files = sorted(ckpt.files, key=lambda f: (not (f.error or f.recovered), f.rank is None,
+                                              f.rank or 0, f.kind, f.name))
+    for f in files[:MAX_FILES_SHOWN]:
         status = (Text(f.error, style="red") if f.error
                   else Text("recovered", style="yellow") if f.recovered else Text("ok", style="green"))
         table.add_row("" if f.rank is None else str(f.rank), f.kind, f.name, fmt.size(f.size),
                       status)
+    if len(files) > MAX_FILES_SHOWN:
+        table.caption = (f"… and {len(files) - MAX_FILES_SHOWN} more files, all readable "
+                         "(the Ranks tab lists every rank)")
+        table.caption_justify = "left"
     return table
 
 
