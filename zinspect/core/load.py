@@ -484,6 +484,7 @@ class _Builder:
                                   "size; replace it with the one saved with the others",
                                   file=rf.name, rank=r, group=gi)
             real = {r: (t.numel - pad if bf16_opt else t.numel) for r, (_, t, pad) in parts.items()}
+            located = {r: self._partition(rf, r, t) for r, (rf, t, _) in parts.items()}
             start = 0
             for name, shape in members:
                 n = _numel(shape or ())
@@ -496,14 +497,11 @@ class _Builder:
                     for r in range(start // P, min((start + n - 1) // P, ws - 1) + 1):
                         if r not in parts:
                             continue
-                        rf, t, _ = parts[r]
                         lo = max(start, r * P)
                         hi = min(start + n, r * P + real[r])
-                        if hi <= lo:
-                            continue
-                        if p is not None:
-                            p.fragments.append(self._fragment(rf, r, gi, t, lo - r * P,
-                                                              lo - start, hi - lo))
+                        if hi > lo and p is not None:
+                            p.fragments.append(located[r].fragment(gi, lo - r * P, lo - start,
+                                                                   hi - lo))
                 start += n
             self._check_slice_mappings(g, parts)
 
@@ -548,19 +546,6 @@ class _Builder:
                     if isinstance(idx, int):
                         out[idx] = gi
         return out
-
-    def _fragment(self, rf: RankFile, rank: int, group: int | None, t: TensorRef,
-                  elem_in_tensor: int, start: int, numel: int, padding: int = 0,
-                  source: str = "master") -> Fragment:
-        tf = self.tf(rf)
-        base = tf.tensor_offset(t) if tf else None
-        offset = None if base is None else base + elem_in_tensor * t.itemsize
-        rec = tf.records.get(t.storage.key) if tf else None
-        end = (t.offset + elem_in_tensor + numel) * t.itemsize  # bytes into the record
-        intact = rec is not None and offset is not None and t.is_contiguous() and \
-            rec.present >= end and rec.size >= end
-        return Fragment(rank, rf.name, group, start, numel, offset, t.dtype, padding, source,
-                        group_offset=elem_in_tensor, intact=intact)
 
     # ------------------------------------------------------------------ ZeRO-3
     def _build_zero3(self) -> None:
@@ -642,8 +627,9 @@ class _Builder:
             if not isinstance(t, TensorRef):
                 t, source = self.module.get(p.name), "module"
             if isinstance(t, TensorRef) and tf is not None:
-                p.fragments.append(self._fragment(self.model_file, 0, None, t, 0, 0,
-                                                  min(t.numel, p.numel), source=source))
+                part = self._partition(self.model_file, 0, t)
+                p.fragments.append(part.fragment(None, 0, 0, min(t.numel, p.numel),
+                                                 source=source))
 
     def _build_buffers(self) -> None:
         tf = self.tf(self.model_file)
@@ -686,6 +672,14 @@ class _Partition:
     numel: int
     whole: int  # elements from 0 that are really in the file
 
+    def fragment(self, group: int | None, elem: int, start: int, numel: int, padding: int = 0,
+                 source: str = "master") -> Fragment:
+        """Param elements [start, start+numel) held at element `elem` of this tensor."""
+        return Fragment(self.rank, self.file, group, start, numel,
+                        None if self.base is None else self.base + elem * self.itemsize,
+                        self.dtype, padding, source, elem,
+                        self.base is not None and elem + numel <= self.whole)
+
 
 def _zero3_fragments(parts: dict[int, _Partition], group: int | None, offset: int, n: int,
                      P: int, source: str) -> list[Fragment]:
@@ -696,10 +690,7 @@ def _zero3_fragments(parts: dict[int, _Partition], group: int | None, offset: in
         if offset + P > part.numel:
             continue  # partition too short: validate reports the group size
         held = _clamp(n - r * P, P)
-        out.append(Fragment(r, part.file, group, r * P, held,
-                            None if part.base is None else part.base + offset * part.itemsize,
-                            part.dtype, P - held, source, offset,
-                            part.base is not None and offset + held <= part.whole))
+        out.append(part.fragment(group, offset, r * P, held, P - held, source))
     return out
 
 
