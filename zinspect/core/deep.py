@@ -34,6 +34,9 @@ from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled, ZinspectError
 
 CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize
+#: every finding code the deep check emits (a second run replaces the first one's findings)
+CODES = frozenset({"crc-mismatch", "crc-unavailable", "record-unreadable", "values-unchecked",
+                   "nan-values", "inf-values"})
 
 # ------------------------------------------------------------------ NaN / Inf by exponent bits
 

@@ -30,3 +30,10 @@ def duration(seconds: float) -> str:
         return f"{seconds:.1f}s"
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+def progress(done: int, total: int, seconds: float) -> str:
+    """'8.6 KiB of 26.4 KiB · 10.2 KiB/s · ETA 1.8s' for a byte-counting progress display."""
+    speed = done / seconds if seconds > 0 else 0.0
+    eta = f" · ETA {duration((total - done) / speed)}" if speed else ""
+    return f"{size(done)} of {size(total)} · {rate(speed)}{eta}"

@@ -9,6 +9,7 @@ from textual.command import CommandPalette
 from textual.worker import Worker, WorkerState
 
 from zinspect.core import open_checkpoint
+from zinspect.core.model import Finding
 from zinspect.core.selection import Selection
 from zinspect.errors import ZinspectError
 from zinspect.tui.commands import ActionCommands, ParamCommands
@@ -34,6 +35,8 @@ class ZinspectApp(App[int]):
         Binding("v", "validate", "Validate", id="validate",
                 tooltip="Re-read the checkpoint from disk and check it again"),
         Binding("f", "exclude_frozen", "Excl. frozen", id="exclude-frozen"),
+        Binding("d", "deep_check", "Deep check", show=False, id="deep-check",
+                tooltip="Read every byte: zip CRCs and NaN/Inf per param"),
         Binding("s", "save_selection", "Save sel.", id="save-selection"),
         Binding("l", "load_selection", "Load sel.", show=False, id="load-selection"),
         Binding("ctrl+g", "goto_param", "Go to param", show=False, id="goto-param"),
@@ -58,9 +61,9 @@ class ZinspectApp(App[int]):
         self.load(Selection())
 
     # -- loading --------------------------------------------------------------------------
-    def action_validate(self) -> None:
+    async def action_validate(self) -> None:
         """Read the checkpoint (again) from disk in a thread; the screen shows a spinner."""
-        self.main.show_loading()
+        await self.main.show_loading()
         selection = self.view.selection if self.view is not None else Selection()
         self.load(selection)
 
@@ -77,20 +80,41 @@ class ZinspectApp(App[int]):
         self.main.show_load_progress(event.done, event.total, event.name)
 
     @on(Worker.StateChanged)
-    def loaded(self, event: Worker.StateChanged) -> None:
+    async def loaded(self, event: Worker.StateChanged) -> None:
         if event.worker.group != "load":
             return
         if event.state == WorkerState.SUCCESS:
             self.view = event.worker.result
             self.title = f"zinspect · {self.view.ckpt.tag}"
-            self.main.show_inspection(self.view)
+            await self.main.show_inspection(self.view)
         elif event.state == WorkerState.ERROR:
             error = event.worker.error
             if isinstance(error, ZinspectError):
-                self.main.show_error(error.message, error.hint)
+                await self.main.show_error(error.message, error.hint)
             else:
-                self.main.show_error(f"{type(error).__name__}: {error}",
+                await self.main.show_error(f"{type(error).__name__}: {error}",
                                      "this looks like a zinspect bug; please report it")
+
+    def action_deep_check(self) -> None:
+        if self.view is not None:
+            from zinspect.tui.screens.deep_check import DeepCheckScreen
+
+            self.push_screen(DeepCheckScreen(self.view.ckpt), self.deep_checked)
+
+    async def deep_checked(self, found: list[Finding] | None) -> None:
+        """Replace the findings of an earlier deep check with these, and redraw the tabs."""
+        if found is None or self.view is None:
+            return
+        from zinspect.core.deep import CODES
+
+        ckpt = self.view.ckpt
+        ckpt.findings = [f for f in ckpt.findings if f.code not in CODES] + found
+        self.view = Inspection(ckpt, self.view.selection)
+        await self.main.show_inspection(self.view)
+        problems = [f for f in found if f.severity != "info"]
+        self.notify(f"deep check: {len(problems)} problem(s) found" if problems
+                    else "deep check: every CRC matches, no NaN or Inf",
+                    severity="warning" if problems else "information")
 
     # -- navigation -----------------------------------------------------------------------
     def action_help(self) -> None:

@@ -16,6 +16,7 @@ ACTIONS = [
      "exclude_frozen"),
     ("Merge to fp32", "write safetensors or torch files with the current exclusions", "merge"),
     ("Validate again", "re-read the checkpoint from disk and re-run the checks", "validate"),
+    ("Deep check", "read every byte: zip CRCs, NaN/Inf per param (d)", "deep_check"),
     ("Save selection", "write the exclusions for `zinspect merge --selection FILE`",
      "save_selection"),
     ("Load selection", "read exclusions from a selection file", "load_selection"),

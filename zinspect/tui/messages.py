@@ -10,15 +10,15 @@ from zinspect.core.model import Finding
 
 
 @dataclass
-class MergeProgress(Message):
-    """Posted from the merge worker, at most a few dozen times a second."""
+class WorkProgress(Message):
+    """Posted from a merge or deep-check worker, at most a few dozen times a second."""
 
     done: int
     total: int
     name: str
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, MergeProgress)
+        return isinstance(message, WorkProgress)
 
 
 @dataclass

@@ -17,6 +17,7 @@ KEYS = [
         ("ctrl+g", "go to a param by name"),
         ("m", "merge to fp32 (safetensors or torch), with the current exclusions"),
         ("v", "validate again: re-read the checkpoint from disk"),
+        ("d", "deep check: read every byte (zip CRCs, NaN/Inf per param); escape cancels"),
         ("f", "exclude all frozen params (again: include them)"),
         ("s / l", "save / load the selection file (`zinspect merge --selection FILE`)"),
         ("q", "quit"),

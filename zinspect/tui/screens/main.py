@@ -57,10 +57,12 @@ class MainScreen(Screen):
             yield self.loading_view()
         yield Footer()
 
-    def _replace_body(self, *widgets) -> None:
+    async def _replace_body(self, *widgets) -> None:
+        """Swap what the screen shows; awaited, so the old widgets (and their ids) are gone
+        before the new ones arrive."""
         body = self.query_one("#body")
-        body.remove_children()
-        body.mount(*widgets)
+        await body.remove_children()
+        await body.mount(*widgets)
 
     def loading_view(self) -> Vertical:
         return Vertical(Center(Label(f"Reading {self.what} …", id="loading-label")),
@@ -71,11 +73,11 @@ class MainScreen(Screen):
         if labels:
             labels.first(Label).update(f"Reading {self.what} … {done} of {total} files ({name})")
 
-    def show_loading(self) -> None:
+    async def show_loading(self) -> None:
         self.last_tab = self.active_tab or self.last_tab
-        self._replace_body(self.loading_view())
+        await self._replace_body(self.loading_view())
 
-    def show_error(self, message: str, hint: str) -> None:
+    async def show_error(self, message: str, hint: str) -> None:
         text = Text()
         text.append("Cannot open the checkpoint\n\n", style="bold red")
         text.append(message)
@@ -83,11 +85,12 @@ class MainScreen(Screen):
             text.append("\n\nhint: ", style="bold")
             text.append(hint)
         text.append("\n\nv: try again   q: quit", style="dim")
-        self._replace_body(Static(text, id="load-error"))
+        await self._replace_body(Static(text, id="load-error"))
 
-    def show_inspection(self, view: Inspection) -> None:
+    async def show_inspection(self, view: Inspection) -> None:
         """Build the tabs for a freshly loaded checkpoint, keeping the tab the user was on."""
-        self._replace_body(Inspector(view, self.last_tab))
+        self.last_tab = self.active_tab or self.last_tab
+        await self._replace_body(Inspector(view, self.last_tab))
 
     @property
     def active_tab(self) -> str | None:

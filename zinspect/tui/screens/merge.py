@@ -29,7 +29,7 @@ from zinspect.core import fmt
 from zinspect.core.merge import MergeResult, merge, parse_size
 from zinspect.errors import MergeCancelled, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
-from zinspect.tui.messages import MergeProgress
+from zinspect.tui.messages import WorkProgress
 
 
 @dataclass
@@ -175,18 +175,15 @@ class MergeScreen(ModalScreen[None]):
         return merge(
             self.view.ckpt, request.out_dir, selection=self.view.selection, fmt=request.format,
             max_shard_size=request.max_shard_size, force=request.force, salvage=request.salvage,
-            progress=lambda done, total, name: self.post_message(MergeProgress(done, total, name)),
+            progress=lambda done, total, name: self.post_message(WorkProgress(done, total, name)),
             should_stop=lambda: self.stop_requested.is_set() or worker.is_cancelled,
         )
 
-    @on(MergeProgress)
-    def show_progress(self, event: MergeProgress) -> None:
+    @on(WorkProgress)
+    def show_progress(self, event: WorkProgress) -> None:
         self.query_one("#merge-bar", ProgressBar).update(total=event.total, progress=event.done)
-        elapsed = time.monotonic() - self.started
-        rate = event.done / elapsed if elapsed > 0 else 0.0
-        eta = f" · ETA {fmt.duration((event.total - event.done) / rate)}" if rate else ""
         self.query_one("#merge-stats", Label).update(
-            f"{fmt.size(event.done)} of {fmt.size(event.total)} · {fmt.rate(rate)}{eta}")
+            fmt.progress(event.done, event.total, time.monotonic() - self.started))
         if not self.stop_requested.is_set():
             self.query_one("#merge-current", Label).update(f"at {event.name}")
 

@@ -1,0 +1,68 @@
+"""`d` in the app: the deep check on demand, its findings in the Findings tab, and cancel."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from conftest import copy_fixture
+from test_tui_app import SIZE, settle
+
+from zinspect.core import open_checkpoint
+from zinspect.errors import MergeCancelled
+from zinspect.tui.app import ZinspectApp
+from zinspect.tui.screens import deep_check as deep_screen_module
+from zinspect.tui.screens.deep_check import DeepCheckScreen
+
+PARAM = "encoder.blocks.0.mlp.up.weight"
+
+
+def with_nan(tmp_path):
+    """A fixture copy whose fp32 master of PARAM holds a NaN (its zip CRC no longer matches)."""
+    tag = copy_fixture(tmp_path, "s3_w2_fp32")
+    frag = open_checkpoint(tag).params[PARAM].fragments[0]
+    with open(tag / frag.file, "r+b") as f:
+        f.seek(frag.offset)
+        f.write(struct.pack("<f", float("nan")))
+    return tag, frag.file
+
+
+async def test_deep_check_adds_crc_and_nan_findings(tmp_path):
+    tag, damaged_file = with_nan(tmp_path)
+    app = ZinspectApp(str(tag))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert not app.view.ckpt.errors  # the metadata alone cannot see it
+        await pilot.press("d")
+        await settle(app, pilot)
+        codes = {(f.code, f.param or f.file) for f in app.view.ckpt.findings}
+        assert ("nan-values", PARAM) in codes
+        assert any(code == "crc-mismatch" and where == damaged_file for code, where in codes)
+        assert "!" in app.view.marks(PARAM)  # the param is flagged in the tree and table
+        assert not isinstance(app.screen, DeepCheckScreen)
+        await pilot.press("d")  # a second run replaces the first one's findings
+        await settle(app, pilot)
+        assert sum(f.code == "nan-values" for f in app.view.ckpt.findings) == 1
+
+
+async def test_escape_cancels_the_deep_check(tmp_path, monkeypatch):
+    def slow_check(ckpt, progress=None, should_stop=None):
+        for step in range(2000):
+            progress(step, 2000, "rank 0")
+            if should_stop():
+                raise MergeCancelled("the deep check was cancelled")
+            time.sleep(0.005)
+        raise AssertionError("never cancelled")
+
+    monkeypatch.setattr(deep_screen_module, "deep_check", slow_check)
+    app = ZinspectApp(str(copy_fixture(tmp_path, "s2_w2_bf16")))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        before = list(app.view.ckpt.findings)
+        await pilot.press("d")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, DeepCheckScreen)
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, DeepCheckScreen)
+        assert app.view.ckpt.findings == before
