@@ -93,3 +93,24 @@ def test_slice_mappings_are_cross_checked(monkeypatch):
     ckpt = open_checkpoint(FIXTURES / "s2_w3_fp32_rr")
     found = [f for f in ckpt.findings if f.code == "slice-mapping-mismatch"]
     assert found and all(f.file and f.rank is not None and f.param for f in found)
+
+
+def test_zero3_model_states_of_other_ranks_are_read_only_when_needed(tmp_path):
+    """Their pickles only hold frozen-param fragments: opening checks them whole; asking for a
+    frozen param's fragments reads them (all ranks, element ranges and padding right)."""
+    from conftest import copy_fixture
+
+    tag = copy_fixture(tmp_path, "s3_w4_bf16")
+    ckpt = open_checkpoint(tag)
+    models = {f.rank: f for f in ckpt.files_of("model")}
+    assert not models[0].shallow and all(models[r].shallow for r in (1, 2, 3))
+    frozen = ckpt.params["encoder.frozen_proj.weight"]  # 225 elements: 57 per rank, 3 padding
+    assert [(f.rank, f.start, f.numel, f.padding) for f in frozen.fragments] == [
+        (0, 0, 57, 0), (1, 57, 57, 0), (2, 114, 57, 0), (3, 171, 54, 3)]
+    # a damaged pickle in a rank > 0 model-states file is still named when opening
+    victim = tag / "zero_pp_rank_2_mp_rank_00_model_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[200] ^= 0xFF  # inside data.pkl, the first record
+    victim.write_bytes(bytes(data))
+    damaged = open_checkpoint(tag)
+    assert any(f.code == "unreadable-file" and f.rank == 2 for f in damaged.findings)

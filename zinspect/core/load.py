@@ -43,6 +43,7 @@ from zinspect.core.model import (
 from zinspect.core.torchzip import (
     TensorRef,
     TorchFile,
+    pickle_is_intact,
     read_torch_file,
     zip_is_complete,
 )
@@ -75,16 +76,18 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
                              "check the directory's permissions") from e
     named = [classify(p) for p in entries]
     wanted = [n for n in named if n.path.is_file() and n.kind != "other"]
-    # ZeRO-3 model states of ranks > 0 hold only frozen-param fragments (and copies of what
-    # rank 0 says): read them only when rank 0 lists frozen params.
+    # ZeRO-3 model states of ranks > 0 hold only their frozen-param fragments (and copies of
+    # what rank 0 says): at 512 ranks unpickling them all is most of the time to open. They are
+    # checked whole here and unpickled when a frozen param's fragments are first needed.
     later = [n for n in wanted if n.kind == "model" and n.rank not in (None, 0)]
     tick = _Ticker(len(wanted), progress)
     parsed = _parse_files([n for n in wanted if n.kind != "model" or n.rank in (None, 0)], tick)
     rank0 = next((tf for rf, tf in parsed.values() if rf.kind == "model" and rf.rank == 0), None)
-    if isinstance(getattr(rank0, "obj", None), dict) and not rank0.obj.get("frozen_param_shapes"):
-        parsed.update(_check_files(later, tick))
-    else:
+    if rank0 is None:  # the names come from the next model states: read them all
         parsed.update(_parse_files(later, tick))
+    else:  # with frozen params their pickles will be read: check those now
+        frozen = isinstance(rank0.obj, dict) and rank0.obj.get("frozen_param_shapes")
+        parsed.update(_check_files(later, tick, pickle_is_intact if frozen else zip_is_complete))
     torch_files: dict[int, TorchFile] = {}
     for n in named:
         rf, tf = parsed.get(n.path, (None, None))
@@ -153,13 +156,13 @@ def _parse_files(named: list[NamedFile],
     return {rf.path: (rf, tf) for rf, tf in results}
 
 
-def _check_files(named: list[NamedFile],
-                 tick: _Ticker) -> dict[Path, tuple[RankFile, TorchFile | None]]:
-    """Files whose pickle is not needed: check that they are whole, parse only those that
-    are not (so the findings can say what is missing)."""
+def _check_files(named: list[NamedFile], tick: _Ticker,
+                 whole: Callable[[Path], bool]) -> dict[Path, tuple[RankFile, TorchFile | None]]:
+    """Files whose pickle is not needed yet: check that they are `whole`, and parse only
+    those that are not, so the findings can say what is wrong."""
     out, broken = {}, []
     for n in named:
-        if zip_is_complete(n.path):
+        if whole(n.path):
             out[n.path] = (RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix,
                                     size=_size(n.path), format="zip", shallow=True), None)
             tick(n.path.name)
@@ -177,8 +180,8 @@ def _get(obj, *keys, default=None):
     return obj
 
 
-def _numel(shape) -> int:
-    return math.prod(int(s) for s in shape)
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)  # shapes come through _shape: tuples of ints
 
 
 def _shape(value) -> tuple[int, ...] | None:
@@ -587,14 +590,7 @@ class _Builder:
                 o += P
 
     def _partition(self, rf: RankFile, rank: int, t: TensorRef) -> _Partition:
-        """One rank's flat tensor, resolved once: where its element 0 is and how many of its
-        elements are really in the file."""
-        tf = self.tf(rf)
-        base = tf.tensor_offset(t)
-        rec = tf.records.get(t.storage.key)
-        whole = 0 if base is None or rec is None or not t.is_contiguous() else \
-            max(0, min(rec.present, rec.size) // t.itemsize - t.offset)
-        return _Partition(rank, rf.name, base, t.itemsize, t.dtype, t.numel, min(whole, t.numel))
+        return _partition_of(self.tf(rf), rf.name, rank, t)
 
     # ------------------------------------------------------------------ frozen + buffers
     def _build_frozen(self) -> None:
@@ -604,20 +600,9 @@ class _Builder:
             return
         ws = c.world_size or 1
         if c.stage == 3:
-            by_rank = {f.rank: f for f in self.model_files if f.rank is not None}
+            source = _FrozenFragments(self, ws)
             for p in frozen:
-                n = p.numel
-                P = -(-n // ws)
-                parts = {}
-                for r, rf in sorted(by_rank.items()):
-                    tf = self.tf(rf)
-                    t = _get(tf.obj, "frozen_param_fragments", p.name) if tf else None
-                    if isinstance(t, TensorRef):
-                        parts[r] = self._partition(rf, r, t)
-                        p.dtype = p.dtype or t.dtype
-                if P and parts:
-                    p.fragments = Fragments(make=partial(_zero3_fragments, parts, None, 0, n, P,
-                                                         "frozen"))
+                p.fragments = Fragments(make=partial(source.fragments, p.name, p.numel))
             return
         tf = self.tf(self.model_file)
         fragments = self.model_state.get("frozen_param_fragments")
@@ -662,6 +647,39 @@ class _Builder:
                 p.dtype = c.dtype or ""
 
 
+class _FrozenFragments:
+    """ZeRO-3 frozen params: each rank's model states hold its ceil(n/ws) elements. The files
+    of ranks > 0 are unpickled on first use, all at once, in threads."""
+
+    def __init__(self, builder: _Builder, ws: int) -> None:
+        self.ws = ws
+        self.files = {f.rank: f for f in builder.model_files if f.rank is not None}
+        self.parsed = {r: builder.tf(f) for r, f in self.files.items() if builder.tf(f)}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            shallow = [f for f in self.files.values() if f.shallow]
+            named = [NamedFile(f.path, f.kind, f.rank, f.mp_rank) for f in shallow]
+            for rf, tf in _parse_files(named, _Ticker(len(named), None)).values():
+                if tf is not None:
+                    self.parsed[rf.rank] = tf
+            self._loaded = True
+
+    def fragments(self, name: str, n: int) -> list[Fragment]:
+        self._load()
+        P = -(-n // self.ws)
+        parts = {}
+        for r, tf in sorted(self.parsed.items()):
+            t = _get(tf.obj, "frozen_param_fragments", name)
+            if isinstance(t, TensorRef):
+                parts[r] = _partition_of(tf, self.files[r].name, r, t)
+        return _zero3_fragments(parts, None, 0, n, P, "frozen") if P else []
+
+
 @dataclass(frozen=True, slots=True)
 class _Partition:
     rank: int
@@ -679,6 +697,16 @@ class _Partition:
                         None if self.base is None else self.base + elem * self.itemsize,
                         self.dtype, padding, source, elem,
                         self.base is not None and elem + numel <= self.whole)
+
+
+def _partition_of(tf: TorchFile, file: str, rank: int, t: TensorRef) -> _Partition:
+    """A rank's tensor, resolved once: where its element 0 is and how many of its elements are
+    really in the file."""
+    base = tf.tensor_offset(t)
+    rec = tf.records.get(t.storage.key)
+    whole = 0 if base is None or rec is None or not t.is_contiguous() else \
+        max(0, min(rec.present, rec.size) // t.itemsize - t.offset)
+    return _Partition(rank, file, base, t.itemsize, t.dtype, t.numel, min(whole, t.numel))
 
 
 def _zero3_fragments(parts: dict[int, _Partition], group: int | None, offset: int, n: int,

@@ -405,6 +405,22 @@ def zip_is_complete(path: str | os.PathLike) -> bool:
     return cd_offset + cd_size <= size - (len(tail) - i)
 
 
+def pickle_is_intact(path: str | os.PathLike) -> bool:
+    """True when the file is a whole torch.save zip whose data.pkl passes its CRC check: what
+    `read_torch_file` would accept, without unpickling (the slow part)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb", buffering=0) as f:
+            entries = _central_directory(f, size)
+            pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
+            if len(pkl) != 1 or pkl[0][2] != 0 or pkl[0][3] > MAX_PICKLE_BYTES:
+                return False
+            raw = _read_record(f, pkl[0][1], pkl[0][3], size)
+    except (_NoDirectory, struct.error, StopIteration, OSError):
+        return False
+    return raw is not None and zlib.crc32(raw) == pkl[0][4]
+
+
 def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = False,
                  verified: bool = False):
     """`verified`: the bytes passed the zip's CRC check. Large verified pickles go to the fast

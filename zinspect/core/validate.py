@@ -204,8 +204,10 @@ class _Checks:
     def params(self) -> None:
         c = self.c
         whole = self._whole_zero3_groups()
+        frozen_whole = self._whole_zero3_model_states()
         for p in c.params.values():
-            if p.sub_group in whole and not p.frozen and not p.tied_to:
+            if not p.tied_to and (p.frozen and frozen_whole or
+                                  not p.frozen and p.sub_group in whole):
                 continue  # covered by construction; spares building millions of fragments
             if p.tied_to:
                 if p.tied_to not in c.params:
@@ -246,6 +248,16 @@ class _Checks:
                     and all(n == want for n in g.partition_numel.values()):
                 whole.add(g.index)
         return whole
+
+    def _whole_zero3_model_states(self) -> bool:
+        """Every rank's ZeRO-3 model states present and whole: the frozen-param fragments they
+        hold are then not unpickled just to be counted (the merge still checks each one)."""
+        c = self.c
+        files = {f.rank: f for f in c.files_of("model") if f.rank is not None}
+        return c.stage == 3 and bool(c.world_size) and \
+            all(r in files and files[r].readable and not files[r].recovered and
+                all(s.present >= s.nbytes for s in files[r].storages)
+                for r in range(c.world_size))
 
     def _coverage(self, p: Param) -> None:
         c = self.c
