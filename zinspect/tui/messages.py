@@ -10,27 +10,22 @@ from zinspect.core.model import Finding
 
 
 @dataclass
-class WorkProgress(Message):
-    """Posted from a merge or deep-check worker, at most a few dozen times a second."""
-
+class _Progress(Message):
     done: int
     total: int
     name: str
 
     def can_replace(self, message: Message) -> bool:
-        return isinstance(message, WorkProgress)
+        """A newer report of the same work makes an older one still in the queue moot."""
+        return type(message) is type(self)
 
 
-@dataclass
-class LoadProgress(Message):
-    """Posted from the load worker as each rank file's metadata is read."""
+class WorkProgress(_Progress):
+    """Posted from a merge or deep-check worker (bytes), at most a few dozen times a second."""
 
-    done: int
-    total: int
-    name: str
 
-    def can_replace(self, message: Message) -> bool:
-        return isinstance(message, LoadProgress)
+class LoadProgress(_Progress):
+    """Posted from the load worker as each rank file's metadata is read (files)."""
 
 
 @dataclass

@@ -3,22 +3,20 @@ progress; escape cancels. Dismissed with the new findings, or None when cancelle
 
 from __future__ import annotations
 
-import threading
-import time
-
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, ProgressBar
+from textual.widgets import Label
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from zinspect.core import fmt
 from zinspect.core.deep import deep_check
 from zinspect.core.model import Checkpoint, Finding
+from zinspect.core.stream import Progress, ShouldStop
 from zinspect.errors import MergeCancelled, ZinspectError
-from zinspect.tui.messages import WorkProgress
+from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 
 class DeepCheckScreen(ModalScreen[list[Finding] | None]):
@@ -27,8 +25,6 @@ class DeepCheckScreen(ModalScreen[list[Finding] | None]):
     def __init__(self, ckpt: Checkpoint) -> None:
         super().__init__()
         self.ckpt = ckpt
-        self.stop_requested = threading.Event()
-        self.started = time.monotonic()
 
     def compose(self) -> ComposeResult:
         readable = [f for f in self.ckpt.files if f.readable]
@@ -36,34 +32,20 @@ class DeepCheckScreen(ModalScreen[list[Finding] | None]):
             box.border_title = "Deep check"
             yield Label(f"Reading every byte of {len(readable)} files "
                         f"({fmt.size(sum(f.size for f in readable))}): zip CRCs, NaN/Inf")
-            yield ProgressBar(id="deep-bar", show_eta=False)
-            yield Label("", id="deep-stats")
-            yield Label("", id="deep-current")
-            yield Label("escape: cancel", classes="dim")
+            yield WorkProgressPanel("escape: cancel")
 
     def on_mount(self) -> None:
-        self.run_check()
+        self.run_check(*self.query_one(WorkProgressPanel).start())
 
     def action_cancel(self) -> None:
-        self.stop_requested.set()
-        self.query_one("#deep-current", Label).update("cancelling …")
+        self.query_one(WorkProgressPanel).cancel()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="deep-check",
           description="reading every byte of the checkpoint")
-    def run_check(self) -> list[Finding]:
+    def run_check(self, progress: Progress, stop_requested: ShouldStop) -> list[Finding]:
         worker = get_current_worker()
-        return deep_check(
-            self.ckpt,
-            progress=lambda done, total, name: self.post_message(WorkProgress(done, total, name)),
-            should_stop=lambda: self.stop_requested.is_set() or worker.is_cancelled)
-
-    @on(WorkProgress)
-    def show_progress(self, event: WorkProgress) -> None:
-        self.query_one("#deep-bar", ProgressBar).update(total=event.total, progress=event.done)
-        self.query_one("#deep-stats", Label).update(
-            fmt.progress(event.done, event.total, time.monotonic() - self.started))
-        if not self.stop_requested.is_set():
-            self.query_one("#deep-current", Label).update(f"at {event.name}")
+        return deep_check(self.ckpt, progress=progress,
+                          should_stop=lambda: stop_requested() or worker.is_cancelled)
 
     @on(Worker.StateChanged)
     def finished(self, event: Worker.StateChanged) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -18,7 +16,6 @@ from textual.widgets import (
     ContentSwitcher,
     Input,
     Label,
-    ProgressBar,
     RadioButton,
     RadioSet,
     Static,
@@ -27,9 +24,10 @@ from textual.worker import Worker, WorkerState, get_current_worker
 
 from zinspect.core import fmt
 from zinspect.core.merge import MergeResult, merge, parse_size
+from zinspect.core.stream import Progress, ShouldStop
 from zinspect.errors import MergeCancelled, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
-from zinspect.tui.messages import WorkProgress
+from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 
 @dataclass
@@ -61,8 +59,6 @@ class MergeScreen(ModalScreen[None]):
     def __init__(self, view: Inspection) -> None:
         super().__init__()
         self.view = view
-        self.stop_requested = threading.Event()
-        self.started = 0.0
 
     def compose(self) -> ComposeResult:
         with Vertical(id="merge", classes="dialog") as box:
@@ -91,10 +87,7 @@ class MergeScreen(ModalScreen[None]):
                         yield Button("Cancel", id="merge-close-form")
                 with Vertical(id="merge-running"):
                     yield Label("", id="merge-target")
-                    yield ProgressBar(id="merge-bar", show_eta=False)
-                    yield Label("", id="merge-stats")
-                    yield Label("", id="merge-current")
-                    yield Label("escape: cancel (nothing is left on disk)", classes="dim")
+                    yield WorkProgressPanel("escape: cancel (nothing is left on disk)")
                 with Vertical(id="merge-done"):
                     yield Static(id="merge-outcome")
                     with Horizontal(classes="buttons"):
@@ -148,9 +141,7 @@ class MergeScreen(ModalScreen[None]):
         self.query_one(ContentSwitcher).current = "merge-running"
         self.query_one("#merge-target", Label).update(
             f"Writing {request.format} to {display_path(request.out_dir)}")
-        self.stop_requested.clear()
-        self.started = time.monotonic()
-        self.run_merge(request)
+        self.run_merge(request, *self.query_one(WorkProgressPanel).start())
 
     @on(Button.Pressed, "#merge-close-form, #merge-close")
     def close(self) -> None:
@@ -162,30 +153,21 @@ class MergeScreen(ModalScreen[None]):
 
     def action_cancel(self) -> None:
         if self.query_one(ContentSwitcher).current == "merge-running":
-            self.stop_requested.set()
-            self.query_one("#merge-current", Label).update("cancelling …")
+            self.query_one(WorkProgressPanel).cancel()
         else:
             self.dismiss()
 
     # -- the work -------------------------------------------------------------------------
     @work(thread=True, exclusive=True, exit_on_error=False, group="merge",
           description="merging to fp32")
-    def run_merge(self, request: MergeRequest) -> MergeResult:
+    def run_merge(self, request: MergeRequest, progress: Progress,
+                  stop_requested: ShouldStop) -> MergeResult:
         worker = get_current_worker()
         return merge(
             self.view.ckpt, request.out_dir, selection=self.view.selection, fmt=request.format,
             max_shard_size=request.max_shard_size, force=request.force, salvage=request.salvage,
-            progress=lambda done, total, name: self.post_message(WorkProgress(done, total, name)),
-            should_stop=lambda: self.stop_requested.is_set() or worker.is_cancelled,
+            progress=progress, should_stop=lambda: stop_requested() or worker.is_cancelled,
         )
-
-    @on(WorkProgress)
-    def show_progress(self, event: WorkProgress) -> None:
-        self.query_one("#merge-bar", ProgressBar).update(total=event.total, progress=event.done)
-        self.query_one("#merge-stats", Label).update(
-            fmt.progress(event.done, event.total, time.monotonic() - self.started))
-        if not self.stop_requested.is_set():
-            self.query_one("#merge-current", Label).update(f"at {event.name}")
 
     @on(Worker.StateChanged)
     def merge_finished(self, event: Worker.StateChanged) -> None:
