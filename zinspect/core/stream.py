@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from zinspect.core.plan import OutputTensor
 from zinspect.errors import MergeCancelled, UnreadableFile
 
-CHUNK = 4 << 20  # source bytes per batch
+CHUNK = 2 << 20  # source bytes per batch (2 MiB beat 1 and 4 MiB here: less to zero-fill, as fast)
 DEPTH = 8  # batches in flight
 READERS = 4  # threads; about one per rank file was fastest on these machines
 
