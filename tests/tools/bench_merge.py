@@ -5,10 +5,14 @@ page cache warm, best of N runs, each tool's default output:
 
 * zinspect:     python -m zinspect merge CKPT OUT            (safetensors, fsync'd)
 * zero_to_fp32: DS_PYTHON CKPT/zero_to_fp32.py CKPT OUT       (pytorch_model.bin)
+* engine:       zinspect.merge(CKPT, OUT) timed inside a warm process (parse, plan, read, write,
+                fsync, rename: the run without interpreter start and imports)
 * floor:        pread exactly the bytes the merge needs + write (and fsync) the output's size
 
-Wall time and peak RSS come from /usr/bin/time -v. DS_PYTHON is a venv with deepspeed installed
-(see make_fixtures.py for how to set one up).
+Wall time and peak RSS come from /usr/bin/time -v. Each tool runs once unmeasured first, and
+the children may write bytecode caches (PYTHONDONTWRITEBYTECODE is dropped), as an installed
+tool would have them: otherwise an editable zinspect compiles its modules on every run.
+DS_PYTHON is a venv with deepspeed installed (see make_fixtures.py for how to set one up).
 
     python tests/tools/bench_merge.py /work/bench/s3_w4_fp32_60M /work/bench/s3_w4_large \\
         --ds-python /work/dsvenv/bin/python --runs 3
@@ -29,9 +33,10 @@ from pathlib import Path
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of a command under /usr/bin/time -v."""
+    env = {**os.environ, **(env or {})}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     t0 = time.monotonic()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -77,7 +82,24 @@ def floor(ckpt: Path, scratch: Path) -> tuple[float, int, int]:
     return wall, plan.read_bytes, plan.total_bytes
 
 
+ENGINE = """
+import sys, time
+import zinspect.api  # the imports are not timed
+t0 = time.monotonic()
+zinspect.api.merge(sys.argv[1], sys.argv[2])
+print(time.monotonic() - t0)
+"""
+
+
+def engine(ckpt: Path, out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-c", ENGINE, str(ckpt), str(out)],
+                          capture_output=True, text=True, check=True)
+    return float(proc.stdout)
+
+
 def best(runs: int, fn) -> tuple[float, int]:
+    fn()  # unmeasured: bytecode caches, page cache
     results = [fn() for _ in range(runs)]
     return min(r[0] for r in results), max(r[1] for r in results)
 
@@ -109,20 +131,23 @@ def main() -> None:
 
             zi = best(args.runs, run_zinspect)
             ds = best(args.runs, run_ds)
+            eng = min(engine(ckpt, scratch / "engine") for _ in range(args.runs))
             fl_runs = [floor(ckpt, scratch) for _ in range(args.runs)]
             fl = min(r[0] for r in fl_runs)
             read_b, out_b = fl_runs[0][1], fl_runs[0][2]
-            rows.append((ckpt.name, out_b, read_b, zi, ds, fl))
+            rows.append((ckpt.name, out_b, read_b, zi, ds, eng, fl))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     gb = 1e9
     print("| checkpoint | output | zinspect time | zinspect peak RSS | zero_to_fp32 time | "
-          "zero_to_fp32 peak RSS | I/O floor | speed-up | RSS ratio | zinspect / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, out_b, read_b, zi, ds, fl in rows:
+          "zero_to_fp32 peak RSS | I/O floor | speed-up | RSS ratio | zinspect / floor | "
+          "engine (in-process) / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, out_b, read_b, zi, ds, eng, fl in rows:
         print(f"| {name} | {out_b / gb:.2f} GB | {zi[0]:.2f} s | {zi[1] / 2**20:.0f} MiB | "
               f"{ds[0]:.2f} s | {ds[1] / 2**20:.0f} MiB | {fl:.2f} s (read {read_b / gb:.2f} GB) | "
-              f"{ds[0] / zi[0]:.1f}x | {ds[1] / zi[1]:.1f}x | {zi[0] / fl:.2f}x |")
+              f"{ds[0] / zi[0]:.1f}x | {ds[1] / zi[1]:.1f}x | {zi[0] / fl:.2f}x | "
+              f"{eng:.2f} s, {eng / fl:.2f}x |")
 
 
 if __name__ == "__main__":
