@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import copy_fixture, tag_dir
 
-from zinspect.core import open_checkpoint
+from zinspect.core import open_checkpoint, torchzip
 from zinspect.core.torchzip import TensorRef, read_torch_file
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -139,6 +139,25 @@ def test_opening_a_checkpoint_reads_no_tensor_bytes(count_reads):
         if "optim" in f.name:  # the files that hold the weights: a few % of them is read
             assert got < f.stat().st_size * 0.05, (f.name, got)
     assert on_disk > read
+
+
+def test_identical_rank_pickles_are_unpickled_once(monkeypatch):
+    """ZeRO-3 optimizer files of all ranks hold the same data.pkl: it is unpickled once, and each
+    rank's fragments still point into its own file (the merge tests check the bytes). ZeRO-2
+    ranks' pickles differ: each is unpickled."""
+    calls = []
+    real = torchzip._load_pickle
+    monkeypatch.setattr(torchzip, "_load_pickle", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    c = open_checkpoint(tag_dir("s3_w4_bf16"))
+    optim = [f for f in c.files if f.kind == "optim"]
+    assert len(optim) == 4 and sum("optim" in path for path in calls) == 1
+    frags = c.params["embed.weight"].fragments  # each rank's part, from that rank's own file
+    assert sorted(f.file for f in frags) == sorted(f.name for f in optim)
+    assert all(f.offset > 0 for f in frags)
+
+    calls.clear()
+    c = open_checkpoint(tag_dir("s2_w4_fp16"))
+    assert sum("optim" in path for path in calls) == 4
 
 
 def test_a_large_tensor_is_not_read(tmp_path, count_reads):

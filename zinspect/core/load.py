@@ -41,6 +41,7 @@ from zinspect.core.model import (
     Storage,
 )
 from zinspect.core.torchzip import (
+    PickleMemo,
     TensorRef,
     TorchFile,
     pickle_is_intact,
@@ -124,6 +125,7 @@ class _Ticker:
 def _parse_files(named: list[NamedFile],
                  tick: _Ticker) -> dict[Path, tuple[RankFile, TorchFile | None]]:
     """Parse every rank file's metadata; threads overlap the cold reads of many small pickles."""
+    memo = PickleMemo()
 
     def one(n: NamedFile) -> tuple[RankFile, TorchFile | None]:
         try:
@@ -134,7 +136,7 @@ def _parse_files(named: list[NamedFile],
     def _parse_one(n: NamedFile) -> tuple[RankFile, TorchFile | None]:
         rf = RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix, size=_size(n.path))
         try:
-            tf = read_torch_file(n.path)
+            tf = read_torch_file(n.path, memo)
         except UnreadableFile as e:
             rf.error = e.message.removeprefix(f"{n.path}: ")
             rf.error_hint = e.hint or None

@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -55,6 +56,26 @@ MAX_PICKLE_BYTES = 1 << 30
 #: CRC-checked pickles larger than this are read by the C unpickler (see FastMetaUnpickler)
 FAST_PICKLE_BYTES = 4 << 20
 _DESCRIPTOR = b"PK\x07\x08"
+
+
+class PickleMemo:
+    """Pickles already read, by their bytes: the optimizer files of all ZeRO-3 ranks hold the
+    very same data.pkl (their bytes differ only in the tensor records), so a 512-rank checkpoint
+    unpickles it once, not 512 times. The results are shared read-only. Holds a few entries at
+    most (ZeRO-1/2 ranks' pickles all differ: those are simply not kept)."""
+
+    def __init__(self, entries: int = 8) -> None:
+        self.entries = entries
+        self._seen: dict[bytes, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, raw: bytes) -> tuple | None:
+        return self._seen.get(raw)
+
+    def put(self, raw: bytes, parsed: tuple) -> None:
+        with self._lock:
+            if len(self._seen) < self.entries:
+                self._seen[raw] = parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +382,9 @@ class TorchFile:
         return out
 
 
-def read_torch_file(path: str | os.PathLike) -> TorchFile:
-    """Parse the metadata of a torch.save file. Raises `UnreadableFile` with the cause."""
+def read_torch_file(path: str | os.PathLike, memo: PickleMemo | None = None) -> TorchFile:
+    """Parse the metadata of a torch.save file. Raises `UnreadableFile` with the cause.
+    With a `memo`, a data.pkl with the same bytes as one read before is not unpickled again."""
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -372,7 +394,7 @@ def read_torch_file(path: str | os.PathLike) -> TorchFile:
                 raise UnreadableFile(f"{path}: the file is empty (0 bytes)",
                                      "the save was interrupted; restore this file from a copy")
             if head == b"PK\x03\x04":
-                return _read_zip(f, path, size)
+                return _read_zip(f, path, size, memo)
             if head[:1] == b"\x80":
                 return _read_legacy(io.BufferedReader(f), path, size)  # pickle reads bytewise
     except PermissionError as e:
@@ -506,7 +528,7 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     raise _NoDirectory
 
 
-def _read_zip(f, path: str, size: int) -> TorchFile:
+def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchFile:
     try:
         entries = _central_directory(f, size)
     except (_NoDirectory, struct.error, StopIteration, OSError):
@@ -533,8 +555,14 @@ def _read_zip(f, path: str, size: int) -> TorchFile:
     if raw is None or zlib.crc32(raw) != pkl_crc:
         raise UnreadableFile(f"{path}: data.pkl fails its CRC check (the bytes are damaged)",
                              _CORRUPT)
-    obj, up = _load_pickle(raw, path, verified=True)
-    return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
+    parsed = memo.get(raw) if memo is not None else None
+    if parsed is None:
+        obj, up = _load_pickle(raw, path, verified=True)
+        parsed = (obj, up.storages, up.unknown_globals)
+        if memo is not None:
+            memo.put(raw, parsed)
+    obj, storages, unknown_globals = parsed
+    return TorchFile(path, size, "zip", obj, storages, records, unknown_globals,
                      pickle_bytes=len(raw))
 
 
