@@ -2,8 +2,8 @@
 
 A real torch.save of a multi-GB file costs minutes and GBs; zinspect only reads the pickle and
 the zip directory, so a record whose bytes are a hole reads the same. zip64 records and end
-records are written whenever an offset or the file passes 4 GiB. Hole records get CRC 0 (a deep
-check flags them; nothing else reads their bytes).
+records are written whenever an offset or the file passes 4 GiB, or there are over 65535
+records. Hole records get CRC 0 (a deep check flags them; nothing else reads their bytes).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def write_zip(path, records: list[Record]) -> None:
         cd_offset = f.tell()
         f.write(cd)
         n = len(records)
-        if cd_offset + len(cd) > ZIP64_LIMIT:
+        if cd_offset + len(cd) > ZIP64_LIMIT or n > 0xFFFF:
             eocd64 = f.tell()
             f.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, n, n, len(cd),
                                 cd_offset))

@@ -8,9 +8,9 @@ again. Every flat fp32 partition and Adam moment becomes a zip record whose byte
 a 70B-param, 512-rank checkpoint (785 GB apparent) takes a few MB of disk. The data records carry
 CRC 0: `validate --deep` flags them; nothing else reads them.
 
-    /work/dsvenv/bin/python tests/tools/make_sparse_ckpt.py tests/fixtures/s3_w4_fp32 \\
+    /work/dsvenv/bin/python tests/tools/make_sparse_ckpt.py tests/fixtures/s3_w4_bf16 \\
         /work/bench/sparse70b --world-size 512                       # LLaMA-2-70B shapes
-    /work/dsvenv/bin/python tests/tools/make_sparse_ckpt.py tests/fixtures/s3_w4_fp32 \\
+    /work/dsvenv/bin/python tests/tools/make_sparse_ckpt.py tests/fixtures/s3_w4_bf16 \\
         /work/bench/moe306k --world-size 4 --layers 80 --experts 1270 --hidden 64 --ffn 128 \\
         --kv-hidden 64 --vocab 1000                                   # 306k param names
 

@@ -61,20 +61,21 @@ _DESCRIPTOR = b"PK\x07\x08"
 class PickleMemo:
     """Pickles already read, by their bytes: the optimizer files of all ZeRO-3 ranks hold the
     very same data.pkl (their bytes differ only in the tensor records), so a 512-rank checkpoint
-    unpickles it once, not 512 times. The results are shared read-only. Holds a few entries at
-    most (ZeRO-1/2 ranks' pickles all differ: those are simply not kept)."""
+    unpickles it once, not 512 times. The results are shared read-only. Only small pickles are
+    kept, and only the first few distinct ones, so what it holds stays bounded (ZeRO-1/2 ranks'
+    pickles all differ: those simply miss)."""
 
-    def __init__(self, entries: int = 8) -> None:
-        self.entries = entries
+    def __init__(self, entries: int = 8, max_bytes: int = FAST_PICKLE_BYTES) -> None:
+        self.entries, self.max_bytes = entries, max_bytes
         self._seen: dict[bytes, tuple] = {}
         self._lock = threading.Lock()
 
     def get(self, raw: bytes) -> tuple | None:
-        return self._seen.get(raw)
+        return self._seen.get(raw) if len(raw) <= self.max_bytes else None
 
     def put(self, raw: bytes, parsed: tuple) -> None:
         with self._lock:
-            if len(self._seen) < self.entries:
+            if len(raw) <= self.max_bytes and len(self._seen) < self.entries:
                 self._seen[raw] = parsed
 
 
