@@ -9,6 +9,7 @@ DeepSpeed 0.19.8). The optimizer's `step` is what gives them away.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -57,3 +58,31 @@ def test_every_fixture_has_one_step_on_all_ranks(fixture_name):
     ckpt = open_checkpoint(FIXTURES / fixture_name)
     steps = {f.step for f in ckpt.files_of("optim")}
     assert steps == {2.0}  # the fixtures were saved after 2 steps
+
+
+def test_salvage_leaves_out_every_param_the_stale_file_holds(stale_copy, tmp_path):
+    """--salvage must not write what a file from another step holds: its params are dropped,
+    the rest is bit-exact, and the exit code says the output is partial."""
+    import safetensors.torch
+    import torch
+
+    tag, target, rank = stale_copy
+    fixture = tag.parent.name
+    ckpt = open_checkpoint(tag)
+    held = {n for n, p in ckpt.params.items() if any(f.file == target for f in p.fragments)}
+    held |= {n for n, p in ckpt.params.items() if p.tied_to in held}
+    assert held and len(held) < len(ckpt.params)
+    out = tmp_path / "rescued"
+    proc = run_zinspect("merge", tag, out, "--salvage", "--max-shard-size", "0", "--json")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    dropped = json.loads(proc.stdout)["dropped"]
+    assert set(dropped) == held  # at ZeRO-3 every trainable param has a share in every rank
+    owners = {n for n in held if not ckpt.params[n].tied_to}
+    assert {dropped[n] for n in owners} == {f"{target} is not this checkpoint's (step-mismatch)"}
+    got = safetensors.torch.load_file(str(out / "model.safetensors"))
+    ref = torch.load(FIXTURES / fixture / "reference_fp32.pt", weights_only=True)
+    assert set(got) == set(ref) - held
+    for name, t in got.items():
+        assert t.dtype == ref[name].dtype or t.dtype == torch.float32, name
+        assert torch.equal(t.reshape(-1).view(torch.uint8), ref[name].reshape(-1).view(torch.uint8)), name

@@ -16,6 +16,10 @@ from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import NotMergeable, UsageError
 
 MERGEABLE_LAYOUTS = ("zero", "bf16_optimizer")
+#: file-level errors that say a rank file's tensors are not this checkpoint's: under --salvage,
+#: every param with a fragment in such a file is left out (its shapes may still look right)
+UNTRUSTED_FILE_CODES = {"step-mismatch", "mixed-prefix", "stage-mismatch", "world-size-mismatch",
+                        "partition-size", "unsafe-pickle"}
 #: source dtypes that are written upcast to fp32 (frozen 16-bit values, 16-bit masters)
 UPCAST = ("bfloat16", "float16")
 
@@ -75,8 +79,9 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
                            _layout_hint(ckpt))
     selection = selection or Selection()
     excluded = selection.excluded(ckpt)
+    blocking = blocking_errors(ckpt, excluded)
+    distrusted = _distrusted_params(ckpt, blocking) if salvage else {}
     if not salvage:
-        blocking = blocking_errors(ckpt, excluded)
         if blocking:
             lines = "\n".join(f"  - {f.message}" for f in blocking[:8])
             more = f"\n  ... and {len(blocking) - 8} more" if len(blocking) > 8 else ""
@@ -89,7 +94,8 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
         if name in excluded:
             continue
         owner = ckpt.params.get(p.tied_to) if p.tied_to else p
-        problem = _param_problem(owner) if owner is not None else f"tied to missing {p.tied_to}"
+        problem = (f"tied to missing {p.tied_to}" if owner is None else
+                   _param_problem(owner) or distrusted.get(name) or distrusted.get(owner.name))
         if problem:
             plan.dropped[name] = problem
             continue
@@ -105,7 +111,7 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
                                          [Piece(str(ckpt.path / b.file), b.offset, nbytes)]
                                          if nbytes else []))
     if salvage and not any(t.name in ckpt.params for t in plan.tensors):
-        why = "; ".join(f.message for f in blocking_errors(ckpt, excluded)[:3])
+        why = "; ".join(f.message for f in blocking[:3])
         raise NotMergeable(f"{ckpt.path}: --salvage found no param that can be rebuilt"
                            + (f" ({why})" if why else ""),
                            "run `zinspect validate` to see what is wrong")
@@ -121,6 +127,33 @@ def blocking_errors(ckpt: Checkpoint, excluded: set[str]) -> list[Finding]:
     about params the user left out."""
     return [f for f in ckpt.findings if f.severity == ERROR and
             not (f.param is not None and f.param in excluded)]
+
+
+def _distrusted_params(ckpt: Checkpoint, blocking: list[Finding]) -> dict[str, str]:
+    """--salvage: the params that errors make untrustworthy beyond what their own fragments
+    show (name -> why): those an error names, those of a group whose ranks do not add up, and
+    those with a fragment in a file from another run. Refuses when an error puts the whole
+    layout in doubt (it names no param, file, rank or group)."""
+    whole = [f for f in blocking if f.param is None and f.file is None and f.rank is None
+             and f.group is None]
+    if whole:
+        raise NotMergeable(f"{ckpt.path}: --salvage cannot work around: "
+                           + "; ".join(f.message for f in whole[:3]),
+                           "run `zinspect validate` for details")
+    out = {f.param: f.message for f in blocking if f.param is not None}
+    for f in blocking:
+        if f.code == "group-coverage":
+            group = next((g for g in ckpt.groups if g.index == f.group), None)
+            for name in group.params if group else ():
+                out.setdefault(name, f.message)
+    files = {f.file: f for f in blocking if f.param is None and f.file
+             and f.code in UNTRUSTED_FILE_CODES}
+    if files:
+        for name, p in ckpt.params.items():
+            bad = next((fr.file for fr in p.fragments if fr.file in files), None)
+            if bad is not None:
+                out.setdefault(name, f"{bad} is not this checkpoint's ({files[bad].code})")
+    return out
 
 
 def _param_problem(p: Param) -> str | None:
