@@ -234,3 +234,25 @@ def test_cli_merge_both_formats(tmp_path, name):
         summary = json.loads(proc.stdout)
         assert [Path(f).name for f in summary["files"]] == [single]
         assert_matches_reference(read_output([out / single]), reference(name))
+
+
+def test_reader_threads_open_each_file_once(monkeypatch):
+    """Four reader threads start on the same file: a slow open must not leave an fd behind."""
+    import time
+
+    from zinspect.core import stream
+
+    plan = plan_merge(open_checkpoint(FIXTURES / "s3_w4_bf16"))
+    real_open = os.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.005)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(stream.os, "open", slow_open)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        sink = stream.BufferSink(plan.tensors)
+        stream.copy_tensors(plan.tensors, sink, stream.ProgressMeter(plan.total_bytes, None),
+                            chunk=4096)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -27,19 +28,25 @@ ShouldStop = Callable[[], bool]
 
 
 class SourceFiles:
-    """Open file descriptors of the rank files, one per path, for positional reads."""
+    """Open file descriptors of the rank files, one per path, for positional reads; shared by
+    the reader threads (opening is locked: two threads opening one path would leak an fd)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def fd(self, path: str) -> int:
         fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise UnreadableFile(f"{path}: cannot open ({e.strerror})",
-                                     "check that the file still exists and is readable") from e
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise UnreadableFile(f"{path}: cannot open ({e.strerror})",
+                                         "check that the file still exists and is readable") from e
         return fd
 
     def close(self) -> None:
