@@ -326,18 +326,29 @@ def test_merge_refuses_existing_output_without_force(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("size", ["5XB", "-1GB", "lots"])
+@pytest.mark.parametrize("size", ["5XB", "-1GB", "lots", "1" + "0" * 400, "0.1"])
 def test_merge_bad_shard_size_exits_2(tmp_path, size):
     r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", tmp_path / "out", f"--max-shard-size={size}")
     assert r.returncode == 2 and "hint:" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_merge_bad_selection_file_exits_2(tmp_path):
+@pytest.mark.parametrize("content", [
+    b"{not json", b"\x80\x02\xff\xfe binary", b"[1, 2]", b'{"exclude_globs": 5}',
+    b'{"exclude_globs": null}', b'{"exclude_globs": "head.*"}', b'{"exclude": [1]}',
+    b'{"exclude_frozen": "yes"}'])
+def test_merge_bad_selection_file_exits_2(tmp_path, content):
     sel = tmp_path / "sel.json"
-    sel.write_text("{not json")
+    sel.write_bytes(content)
     r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", tmp_path / "out", "--selection", sel)
-    assert r.returncode == 2 and "selection" in r.stderr
+    assert r.returncode == 2 and "selection" in r.stderr and "hint:" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_that_excludes_everything_writes_nothing(tmp_path):
+    r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", tmp_path / "out", "--exclude", "*")
+    assert r.returncode == 2 and "nothing to write" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -447,3 +458,23 @@ def test_validate_deep(tmp_path):
     assert r.returncode == 1, r.stderr
     hits = [f for f in json.loads(r.stdout)["findings"] if f["code"] == "crc-mismatch"]
     assert [h["file"] for h in hits] == [victim.name]
+
+
+def test_merge_into_a_path_under_a_file_exits_2(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = run_zinspect("merge", FIXTURES / "s1_w2_fp32", tmp_path / "afile" / "out")
+    assert r.returncode == 2 and "cannot use it as the output directory" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_dir_that_cannot_be_listed_is_a_clean_error(monkeypatch, tmp_path):
+    from zinspect.core import discover
+    from zinspect.errors import CheckpointNotFound
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(discover.Path, "iterdir", denied)
+    with pytest.raises(CheckpointNotFound, match="Permission denied") as e:
+        discover.locate(tmp_path)
+    assert "chmod" in e.value.hint

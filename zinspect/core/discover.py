@@ -82,6 +82,14 @@ class Location:
 def locate(path: str | Path, tag: str | None = None) -> Location:
     """Resolve PATH (a tag dir, or the dir holding `latest`) and an optional --tag."""
     path = Path(path).expanduser()
+    try:
+        return _locate(path, tag)
+    except OSError as e:  # e.g. a dir without read or search permission
+        raise CheckpointNotFound(f"{e.filename or path}: cannot be read ({e.strerror or e})",
+                                 "check the permissions (chmod +rx on directories)") from e
+
+
+def _locate(path: Path, tag: str | None) -> Location:
     if not path.exists():
         raise CheckpointNotFound(f"{path}: no such file or directory",
                                  "give the checkpoint dir (holding `latest`) or a tag dir")

@@ -59,9 +59,13 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     out_dir = Path(out_dir).expanduser()
     shards = plan_shards(plan.tensors, fmt, max_shard_size)
     names = [s.name for s in shards] + ([FORMATS[fmt][2]] if len(shards) > 1 else [])
-    _check_output(ckpt, out_dir, names, plan.total_bytes, force)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _check_output(ckpt, out_dir, names, plan.total_bytes, force)
+        created = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot use it as the output directory "
+                          f"({e.strerror or e})", "check the path and its permissions") from e
     meter = ProgressMeter(plan.total_bytes, progress)
     temps: list[Path] = []
     try:

@@ -110,6 +110,9 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
         plan.tensors.append(OutputTensor(name, b.shape, b.dtype, b.dtype,
                                          [Piece(str(ckpt.path / b.file), b.offset, nbytes)]
                                          if nbytes else []))
+    if not plan.tensors and not plan.dropped:
+        raise UsageError(f"{ckpt.path}: nothing to write: every param and buffer is excluded",
+                         "exclude less (check the --exclude patterns and the selection file)")
     if salvage and not any(t.name in ckpt.params for t in plan.tensors):
         why = "; ".join(f.message for f in blocking[:3])
         raise NotMergeable(f"{ckpt.path}: --salvage found no param that can be rebuilt"
@@ -200,6 +203,8 @@ def parse_size(text: str) -> int:
     if not m:
         raise UsageError(f"bad size {text!r}", "use a number with a unit, e.g. 500MB, 5GB, 2GiB")
     value = float(m[1]) * _UNITS[(m[2] or "B").upper()]
+    if not math.isfinite(value) or value > 2**63:
+        raise UsageError(f"bad size {text!r}: too large", "e.g. 5GB")
     if value < 1:
         raise UsageError(f"bad size {text!r}: must be at least 1 byte", "e.g. 5GB")
     return int(value)

@@ -8,6 +8,7 @@ Saved as a small JSON file that the app writes and `zinspect merge --selection F
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
 import os
@@ -37,24 +38,22 @@ class Selection:
                 out.add(name)
         return out
 
-    def toggle(self, names: list[str]) -> bool:
-        """Exclude all of `names`, or include them all again when all are excluded already.
-        Returns True when they end up excluded."""
-        if all(n in self.exclude for n in names):
-            self.exclude.difference_update(names)
-            return False
-        self.exclude.update(names)
-        return True
-
     def to_json(self) -> dict:
         return {"zinspect_selection": FORMAT_VERSION, "exclude": sorted(self.exclude),
                 "exclude_globs": list(self.exclude_globs), "exclude_frozen": self.exclude_frozen}
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (a temp file beside it, then a rename). Raises OSError."""
         path = Path(path)
+        if not path.name or path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory; give a file name", str(path))
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -62,15 +61,21 @@ class Selection:
         try:
             data = json.loads(Path(path).read_text())
         except OSError as e:
-            raise UsageError(f"{path}: cannot read the selection file ({e.strerror})",
+            raise UsageError(f"{path}: cannot read the selection file ({e.strerror or e})",
                              "check the path") from e
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}: not a JSON selection file ({e})",
-                             "save a selection from the app (key s) or write "
-                             '{"exclude": ["name", ...]}') from e
-        if not isinstance(data, dict) or not isinstance(data.get("exclude", []), list):
-            raise UsageError(f"{path}: not a zinspect selection file",
-                             'expected {"exclude": ["name", ...]}')
-        return cls(set(map(str, data.get("exclude", []))),
-                   [str(g) for g in data.get("exclude_globs", [])],
-                   bool(data.get("exclude_frozen", False)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: not a JSON selection file ({e})"[:300], _EXPECTED) from e
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}: not a zinspect selection file", _EXPECTED)
+        exclude, globs = data.get("exclude", []), data.get("exclude_globs", [])
+        frozen = data.get("exclude_frozen", False)
+        for key, value in (("exclude", exclude), ("exclude_globs", globs)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UsageError(f"{path}: {key!r} must be a list of strings", _EXPECTED)
+        if not isinstance(frozen, bool):
+            raise UsageError(f"{path}: 'exclude_frozen' must be true or false", _EXPECTED)
+        return cls(set(exclude), globs, frozen)
+
+
+_EXPECTED = ('save a selection from the app (key s) or write {"exclude": ["name", ...], '
+             '"exclude_globs": ["pattern", ...], "exclude_frozen": false}')
