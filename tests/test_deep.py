@@ -168,6 +168,30 @@ def test_file_shrunk_after_open_is_a_finding(tmp_path):
     assert bad and all(f.file == D.optim_name(3) for f in bad)
 
 
+def test_zip_directory_damaged_after_open_is_a_finding(tmp_path):
+    """The end record overwritten between `open_checkpoint` and the deep check: one finding for
+    that file (its records cannot be listed), the other files are still checked."""
+    root = D.copy_root(tmp_path, "s2_w4_fp16")
+    ckpt = open_checkpoint(root)
+    victim = root / D.TAG / D.optim_name(2)
+    _poke(victim, victim.stat().st_size - 22, bytes(22))
+    found = deep_check(ckpt)
+    bad = [f for f in found if f.code == "record-unreadable"]
+    assert len(bad) == 1 and bad[0].file == D.optim_name(2) and bad[0].rank == 2
+    assert "zip directory cannot be read now" in bad[0].message
+    assert not [f for f in found if f.code == "crc-mismatch"]
+
+
+def test_file_removed_after_open_is_a_finding(tmp_path):
+    root = D.copy_root(tmp_path, "s2_w4_fp16")
+    ckpt = open_checkpoint(root)
+    (root / D.TAG / D.optim_name(1)).unlink()
+    found = deep_check(ckpt)
+    bad = [f for f in found if f.code == "record-unreadable"]
+    assert bad and all(f.file == D.optim_name(1) for f in bad)
+    assert "cannot open" in bad[0].message
+
+
 def test_progress_and_cancel(tmp_path):
     ckpt = open_checkpoint(tag_dir("s3_w5_bf16_small"))
     calls = []

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
 import zlib
 from collections.abc import Callable
 
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile
-from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
-from zinspect.core.torchzip import DTYPE_SIZES
-from zinspect.errors import MergeCancelled, ZinspectError
+from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, SourceFiles
+from zinspect.core.torchzip import DTYPE_SIZES, _central_directory, _NoDirectory
+from zinspect.errors import MergeCancelled, UnreadableFile, ZinspectError
 
 CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize
 #: every finding code the deep check emits (a second run replaces the first one's findings)
@@ -89,31 +88,24 @@ def count_nonfinite(data: memoryview | bytes, dtype: str) -> tuple[int, int]:
 # ------------------------------------------------------------------ the check
 
 
-class _Reader:
-    """Positional reads into one reused buffer; open fds cached per path."""
+def _pread(files: SourceFiles, view: memoryview, path: str, offset: int,
+           nbytes: int) -> memoryview:
+    """Up to `nbytes` (<= len(view)) bytes at `offset` into `view`; fewer when the file ends
+    first. Raises OSError, or UnreadableFile when the file cannot be opened."""
+    fd = files.fd(path)
+    pos = 0
+    while pos < nbytes:
+        n = os.preadv(fd, [view[pos:nbytes]], offset + pos)
+        if n <= 0:
+            break
+        pos += n
+    return view[:pos]
 
-    def __init__(self, chunk: int) -> None:
-        self.buf = bytearray(chunk)
-        self.view = memoryview(self.buf)
-        self.fds: dict[str, int] = {}
 
-    def read(self, path: str, offset: int, nbytes: int) -> memoryview:
-        """Up to `nbytes` (<= chunk) bytes at `offset`; shorter when the file ends first."""
-        fd = self.fds.get(path)
-        if fd is None:
-            fd = self.fds[path] = os.open(path, os.O_RDONLY)
-        pos = 0
-        while pos < nbytes:
-            n = os.preadv(fd, [self.view[pos:nbytes]], offset + pos)
-            if n <= 0:
-                break
-            pos += n
-        return self.view[:pos]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+def _why(e: OSError | UnreadableFile, path: str) -> str:
+    if isinstance(e, UnreadableFile):
+        return e.message.removeprefix(f"{path}: ")
+    return e.strerror or str(e)
 
 
 def deep_check(ckpt: Checkpoint, progress: Progress | None = None,
@@ -125,33 +117,31 @@ def deep_check(ckpt: Checkpoint, progress: Progress | None = None,
     when true, raises `MergeCancelled`."""
     chunk = max(64, chunk - chunk % 8)  # >= a local header (30 bytes), whole elements
     findings: list[Finding] = []
-    records = _zip_records(ckpt, findings)
-    tensors = _planned_tensors(ckpt, findings)
-    total = sum(size for _, _, _, size, _ in records) + \
-        sum(t.src_nbytes for t in tensors)
-    meter = ProgressMeter(total, progress)
-    reader = _Reader(chunk)
+    with SourceFiles() as files:  # one fd per file: its directory, then every read of it
+        records = _zip_records(ckpt, files, findings)
+        tensors = _planned_tensors(ckpt, findings)
+        total = sum(size for _, _, _, size, _ in records) + sum(t.src_nbytes for t in tensors)
+        meter = ProgressMeter(total, progress)
+        view = memoryview(bytearray(chunk))
 
-    def tick(nbytes: int, name: str) -> None:
-        meter.add(nbytes, name)
-        if should_stop is not None and should_stop():
-            raise MergeCancelled("the deep check was cancelled", "nothing was changed")
+        def tick(nbytes: int, name: str) -> None:
+            meter.add(nbytes, name)
+            if should_stop is not None and should_stop():
+                raise MergeCancelled("the deep check was cancelled", "nothing was changed")
 
-    try:
         for rf, name, header_offset, size, crc in records:
-            _check_crc(reader, rf, name, header_offset, size, crc, findings, tick)
+            _check_crc(files, view, rf, name, header_offset, size, crc, findings, tick)
         rank_of = {str(ckpt.path / f.name): f for f in ckpt.files}
         for t in tensors:
-            _check_values(reader, t, rank_of, findings, tick)
-    finally:
-        reader.close()
+            _check_values(files, view, t, rank_of, findings, tick)
     if progress is not None and meter.done < total:
         progress(total, total, "")
     return findings
 
 
-def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple]:
-    """(file, record name, header offset, size, crc) of every record of every readable zip."""
+def _zip_records(ckpt: Checkpoint, files: SourceFiles, findings: list[Finding]) -> list[tuple]:
+    """(file, record name, header offset, size, crc) of every record of every readable zip,
+    from its central directory as it is now (torchzip's parser: no object per record)."""
     out = []
     for rf in ckpt.files:
         if not rf.readable:
@@ -162,25 +152,27 @@ def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple]:
             findings.append(Finding(INFO, "crc-unavailable", f"{rf.name}: no CRCs to check: {why}",
                                     file=rf.name, rank=rf.rank))
             continue
+        path = str(rf.path)
         try:
-            with zipfile.ZipFile(rf.path) as zf:
-                infos = zf.infolist()
-        except (OSError, zipfile.BadZipFile, ValueError, EOFError, struct.error,
-                NotImplementedError, RuntimeError) as e:  # unknown zip version, "encrypted"
+            with open(files.fd(path), "rb", buffering=0, closefd=False) as f:
+                entries = _central_directory(f, os.fstat(f.fileno()).st_size)
+        except (_NoDirectory, struct.error, StopIteration, OSError, UnreadableFile) as e:
+            why = _why(e, path) if isinstance(e, (OSError, UnreadableFile)) else \
+                "its end record or entries are missing or malformed"
             findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: its zip directory "
-                                    f"cannot be read now ({e})", "the file changed or is damaged; "
-                                    "copy it again", file=rf.name, rank=rf.rank))
+                                    f"cannot be read now ({why})", "the file changed or is "
+                                    "damaged; copy it again", file=rf.name, rank=rf.rank))
             continue
-        out.extend((rf, zi.filename, zi.header_offset, zi.file_size, zi.CRC) for zi in infos)
+        out.extend((rf, name, offset, size, crc) for name, offset, _, size, crc in entries)
     return out
 
 
-def _check_crc(reader: _Reader, rf: RankFile, name: str, header_offset: int, size: int,
-               want: int, findings: list[Finding], tick) -> None:
+def _check_crc(files: SourceFiles, view: memoryview, rf: RankFile, name: str,
+               header_offset: int, size: int, want: int, findings: list[Finding], tick) -> None:
     path = str(rf.path)
     where = {"file": rf.name, "rank": rf.rank}
     try:
-        head = bytes(reader.read(path, header_offset, 30))
+        head = bytes(_pread(files, view, path, header_offset, 30))
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
             findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} has "
                                     "no local header where the zip directory says",
@@ -191,15 +183,15 @@ def _check_crc(reader: _Reader, rf: RankFile, name: str, header_offset: int, siz
         offset = header_offset + 30 + name_len + extra_len
         crc, done = 0, 0
         while done < size:
-            data = reader.read(path, offset + done, min(reader.view.nbytes, size - done))
+            data = _pread(files, view, path, offset + done, min(len(view), size - done))
             if not len(data):
                 break
             crc = zlib.crc32(data, crc)
             done += len(data)
             tick(len(data), rf.name)
-    except OSError as e:
+    except (OSError, UnreadableFile) as e:
         findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} cannot "
-                                f"be read ({e.strerror or e})", "check the file", **where))
+                                f"be read ({_why(e, path)})", "check the file", **where))
         return
     if done < size:
         findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} holds "
@@ -227,16 +219,18 @@ def _planned_tensors(ckpt: Checkpoint, findings: list[Finding]) -> list:
     return [t for t in plan.tensors if t.tied_to is None and t.src_dtype in _FLOAT_BITS]
 
 
-def _check_values(reader: _Reader, t, files: dict, findings: list[Finding], tick) -> None:
+def _check_values(files: SourceFiles, view: memoryview, t, rank_of: dict,
+                  findings: list[Finding], tick) -> None:
     itemsize = DTYPE_SIZES[t.src_dtype]
-    step = reader.view.nbytes - reader.view.nbytes % itemsize
+    step = len(view) - len(view) % itemsize
     nan = inf = 0
     bad_files: list[str] = []
     for piece in t.pieces:
         done = 0
         try:
             while done < piece.nbytes:
-                data = reader.read(piece.path, piece.offset + done, min(step, piece.nbytes - done))
+                data = _pread(files, view, piece.path, piece.offset + done,
+                              min(step, piece.nbytes - done))
                 whole = len(data) - len(data) % itemsize
                 if not whole:
                     break
@@ -246,17 +240,17 @@ def _check_values(reader: _Reader, t, files: dict, findings: list[Finding], tick
                 nan, inf = nan + n, inf + i
                 done += whole
                 tick(whole, t.name)
-        except OSError:
+        except (OSError, UnreadableFile):
             pass
         if done < piece.nbytes:
-            rf = files.get(piece.path)
+            rf = rank_of.get(piece.path)
             findings.append(Finding(ERROR, "record-unreadable", f"{t.name}: only {done:,} of "
                                     f"{piece.nbytes:,} bytes could be read from "
                                     f"{os.path.basename(piece.path)}", "the file changed or is "
                                     "truncated; copy it again", file=rf.name if rf else None,
                                     rank=rf.rank if rf else None, param=t.name))
             tick(piece.nbytes - done, t.name)
-    rf = files.get(bad_files[0]) if len(bad_files) == 1 else None
+    rf = rank_of.get(bad_files[0]) if len(bad_files) == 1 else None
     where = {"file": rf.name if rf else None, "rank": rf.rank if rf else None, "param": t.name}
     source = "fp32 masters" if t.src_dtype == "float32" else f"saved {t.src_dtype} values"
     for count, code, what in ((nan, "nan-values", "NaN"), (inf, "inf-values", "Inf")):
