@@ -17,7 +17,8 @@ from zinspect.core.merge import MergeResult
 from zinspect.core.merge import merge as _merge
 from zinspect.core.plan import plan_merge
 from zinspect.core.selection import Selection
-from zinspect.core.stream import BufferSink, ProgressMeter, copy_tensors
+from zinspect.core.stream import ProgressMeter
+from zinspect.core.writers import torch_tensors
 
 __all__ = ["get_fp32_state_dict", "load_into", "merge", "open_checkpoint"]
 
@@ -35,23 +36,9 @@ def get_fp32_state_dict(path: str | os.PathLike, tag: str | None = None, *,
     raise `NotMergeable` instead of returning wrong weights. Tied names share one tensor.
 
     `exclude` takes glob patterns of names to leave out."""
-    import torch
-
     ckpt = open_checkpoint(path, tag)
     plan = plan_merge(ckpt, _selection(exclude, exclude_frozen), salvage=salvage)
-    names = {t.name for t in plan.tensors}
-    owners = [t for t in plan.tensors if t.tied_to is None or t.tied_to not in names]
-    sink = BufferSink(owners)
-    copy_tensors(owners, sink, ProgressMeter(sum(t.nbytes for t in owners), None))
-    out = {}
-    for t, buf in zip(owners, sink.buffers, strict=False):
-        dtype = getattr(torch, t.dtype)
-        out[t.name] = (torch.frombuffer(buf, dtype=dtype) if buf else
-                       torch.empty(0, dtype=dtype)).reshape(t.shape)
-    for t in plan.tensors:
-        if t.name not in out:
-            out[t.name] = out[t.tied_to]
-    return {t.name: out[t.name] for t in plan.tensors}
+    return torch_tensors(plan.tensors, ProgressMeter(plan.total_bytes, None))
 
 
 def load_into(model, path: str | os.PathLike, tag: str | None = None, strict: bool = True):

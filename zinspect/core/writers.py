@@ -88,31 +88,31 @@ def write_torch(fd: int, shard: Shard, meter: ProgressMeter, should_stop: Should
     """torch.save of {name: tensor}; tied aliases share their owner's tensor (saved once)."""
     import torch
 
-    owners = [t for t in shard.tensors if t.tied_to is None]
-    sink = BufferSink(owners)
-    copy_tensors(owners, sink, meter, should_stop)
-    built = {}
-    for t, buf in zip(owners, sink.buffers, strict=False):
-        dtype = getattr(torch, t.dtype)
-        built[t.name] = (torch.frombuffer(buf, dtype=dtype) if buf else
-                         torch.empty(0, dtype=dtype)).reshape(t.shape)
-    state = {}
-    for t in shard.tensors:
-        state[t.name] = built[t.name] if t.tied_to is None else _alias(built, t, torch)
-        if t.tied_to is not None:
-            meter.add(t.nbytes, t.name)
+    state = torch_tensors(shard.tensors, meter, should_stop)
     with os.fdopen(os.dup(fd), "wb") as f:
         torch.save(state, f)
 
 
-def _alias(built: dict, t: OutputTensor, torch):
-    """The owner's tensor when it is in this shard; otherwise a copy read on its own."""
-    owner = built.get(t.tied_to)
-    if owner is not None:
-        return owner
-    sink = BufferSink([t])
-    copy_tensors([t], sink, ProgressMeter(t.nbytes, None))
-    return torch.frombuffer(sink.buffers[0], dtype=getattr(torch, t.dtype)).reshape(t.shape)
+def torch_tensors(tensors: list[OutputTensor], meter: ProgressMeter,
+                  should_stop: ShouldStop | None = None) -> dict:
+    """{name: torch tensor} of `tensors`, read in one stream. A tied alias shares its owner's
+    tensor when the owner is among them, and is read like an owner otherwise."""
+    import torch
+
+    names = {t.name for t in tensors}
+    owners = [t for t in tensors if t.tied_to is None or t.tied_to not in names]
+    sink = BufferSink(owners)
+    copy_tensors(owners, sink, meter, should_stop)
+    built = {}
+    for t, buf in zip(owners, sink.buffers, strict=True):
+        dtype = getattr(torch, t.dtype)
+        built[t.name] = (torch.frombuffer(buf, dtype=dtype) if buf else
+                         torch.empty(0, dtype=dtype)).reshape(t.shape)
+    for t in tensors:
+        if t.name not in built:
+            built[t.name] = built[t.tied_to]
+            meter.add(t.nbytes, t.name)
+    return {t.name: built[t.name] for t in tensors}
 
 
 WRITERS = {"safetensors": write_safetensors, "pt": write_torch}
