@@ -15,7 +15,9 @@ from textual.worker import WorkerFailed
 
 from zinspect.core import open_checkpoint
 from zinspect.core.merge import plan_merge
+from zinspect.core.model import Param
 from zinspect.core.selection import Selection
+from zinspect.report import totals
 from zinspect.tui import app as app_module
 from zinspect.tui.app import ZinspectApp
 from zinspect.tui.screens import merge as merge_screen_module
@@ -367,3 +369,18 @@ async def test_load_failure_of_unexpected_kind_is_shown_not_raised(monkeypatch):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         assert "RuntimeError: boom" in text_of(app.screen.query_one("#load-error", Static))
+
+
+async def test_overview_counts_a_frozen_tied_alias_once_like_info(monkeypatch):
+    ckpt = open_checkpoint(FIXTURES / "s2_w2_bf16")
+    frozen = next(p for p in ckpt.params.values() if p.frozen)
+    ckpt.params["alias.of.frozen"] = Param("alias.of.frozen", frozen.shape, frozen.dtype,
+                                           frozen=True, tied_to=frozen.name)
+    t = totals(ckpt)
+    assert (t["params"], t["trainable"], t["frozen"], t["tied"]) == (28, 25, 1, 2)
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    app = ZinspectApp("s2_w2_bf16")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        overview = text_of(app.screen.query_one("#overview-body", Static))
+        assert "28: 25 trainable · 1 frozen · 2 tied" in overview

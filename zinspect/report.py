@@ -14,7 +14,9 @@ def _group_of(ckpt, p) -> int | None:
     return None if p.frozen else p.group
 
 
-def _totals(ckpt) -> dict:
+def totals(ckpt) -> dict:
+    """Counts and sizes of a checkpoint, shared by `zinspect info` and the app's Overview.
+    A tied alias counts once, as tied, whether or not its owner is frozen."""
     from zinspect.core.torchzip import DTYPE_SIZES
 
     params = list(ckpt.params.values())
@@ -71,7 +73,7 @@ def info_json(ckpt) -> dict:
                    for g in ckpt.groups],
         "findings": [f.to_json() for f in ckpt.findings],
         "counts": ckpt.counts(),
-        "totals": _totals(ckpt),
+        "totals": totals(ckpt),
     }
 
 
@@ -115,7 +117,7 @@ def human_info(ckpt) -> None:
     from zinspect.core.model import short_dtype
 
     con = console()
-    t = _totals(ckpt)
+    t = totals(ckpt)
     other = [x for x in ckpt.tags if x != ckpt.tag]
 
     summary = Table.grid(padding=(0, 2))

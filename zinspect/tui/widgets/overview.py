@@ -12,6 +12,7 @@ from textual.widgets import Static
 
 from zinspect.core import fmt
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, short_dtype
+from zinspect.report import totals
 from zinspect.tui.inspection import Inspection, display_path
 
 LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer"}
@@ -48,20 +49,15 @@ def checkpoint_facts(ckpt: Checkpoint) -> Table:
 
 
 def size_facts(view: Inspection) -> Table:
-    params = view.ckpt.params.values()
-    tied = sum(1 for p in params if p.tied_to)
-    frozen = sum(1 for p in params if p.frozen)
-    trainable = len(view.ckpt.params) - tied - frozen
-    numel = view.ckpt.total_numel
+    t = totals(view.ckpt)
     out = view.output
     return _facts("Contents", [
-        ("params", f"{fmt.count(len(view.ckpt.params))}: {fmt.count(trainable)} trainable · "
-                   f"{fmt.count(frozen)} frozen · {fmt.count(tied)} tied"),
-        ("buffers", fmt.count(len(view.ckpt.buffers))),
-        ("elements", f"{fmt.count(numel)} ({fmt.short_count(numel)})"),
+        ("params", f"{fmt.count(t['params'])}: {fmt.count(t['trainable'])} trainable · "
+                   f"{fmt.count(t['frozen'])} frozen · {fmt.count(t['tied'])} tied"),
+        ("buffers", fmt.count(t["buffers"])),
+        ("elements", f"{fmt.count(t['numel'])} ({fmt.short_count(t['numel'])})"),
         ("fp32 output", f"{fmt.size(out.nbytes + out.excluded_nbytes)}"),
-        ("files", f"{len(view.ckpt.files)}, "
-                  f"{fmt.size(sum(f.size for f in view.ckpt.files))} on disk"),
+        ("files", f"{t['files']}, {fmt.size(t['file_bytes'])} on disk"),
     ])
 
 
