@@ -110,7 +110,7 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
         plan.tensors.append(OutputTensor(name, b.shape, b.dtype, b.dtype,
                                          [Piece(str(ckpt.path / b.file), b.offset, nbytes)]
                                          if nbytes else []))
-    if not plan.tensors and not plan.dropped:
+    if not plan.tensors and not plan.dropped and plan.excluded:
         raise UsageError(f"{ckpt.path}: nothing to write: every param and buffer is excluded",
                          "exclude less (check the --exclude patterns and the selection file)")
     if salvage and not any(t.name in ckpt.params for t in plan.tensors):
