@@ -16,7 +16,7 @@ import sys
 import time
 
 from zinspect import __version__
-from zinspect.errors import UsageError, ZinspectError
+from zinspect.errors import ZinspectError
 from zinspect.report import console, ellipsis, human_info, human_validate, info_json, validate_json
 
 COMMANDS = ("info", "validate", "merge")
@@ -314,7 +314,7 @@ def cmd_validate(args) -> int:
             _print_json(validate_json(ckpt))
         return _unreadable(ckpt)
     if args.deep:
-        ckpt.findings.extend(_deep(ckpt, quiet=False))
+        ckpt.findings.extend(_deep(ckpt))
     if args.json:
         _print_json(validate_json(ckpt))
     else:
@@ -322,12 +322,9 @@ def cmd_validate(args) -> int:
     return 1 if ckpt.errors else 0
 
 
-def _deep(ckpt, quiet: bool) -> list:
-    try:
-        from zinspect.core.deep import deep_check
-    except ImportError:
-        raise UsageError("--deep is not available yet",
-                         "run without --deep; the metadata checks still apply") from None
+def _deep(ckpt) -> list:
+    from zinspect.core.deep import deep_check
+
     total = sum(f.size for f in ckpt.files if f.readable)
     with _Stop() as stop, _Bar("reading", total) as bar:
         found = deep_check(ckpt, progress=bar.update, should_stop=stop)
@@ -463,7 +460,7 @@ class _Bar:
         return self
 
     def _start(self) -> None:
-        """Shown from the first update on, so a merge refused up front prints no bar."""
+        """Created at the first update after SHOW_AFTER, so a merge refused up front prints no bar."""
         from rich.progress import (
             BarColumn,
             DownloadColumn,

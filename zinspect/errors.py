@@ -40,7 +40,7 @@ class OutputError(ZinspectError):
 
 
 class MergeCancelled(ZinspectError):
-    """The merge was stopped by the user; nothing was written."""
+    """The user stopped a merge (nothing was written) or a deep check (no findings added)."""
 
     exit_code = 130
 

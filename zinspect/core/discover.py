@@ -25,7 +25,6 @@ class NamedFile:
     rank: int | None = None
     mp_rank: int | None = None
     prefix: str = ""
-    legacy_name: bool = False  # "..._mp_rank_00optim_states.pt" (no underscore), old DeepSpeed
 
 
 def classify(path: Path) -> NamedFile:
@@ -37,8 +36,7 @@ def classify(path: Path) -> NamedFile:
             return NamedFile(path, "universal")
         return NamedFile(path, "other")
     if m := _OPTIM.match(name):
-        return NamedFile(path, "optim", int(m[2]), int(m[3]), m[1] or "",
-                         legacy_name=not name.endswith("_optim_states.pt"))
+        return NamedFile(path, "optim", int(m[2]), int(m[3]), m[1] or "")
     if m := _Z3_MODEL.match(name):
         return NamedFile(path, "model", int(m[1]), int(m[2]))
     if m := _MODEL.match(name):

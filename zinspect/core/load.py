@@ -299,8 +299,8 @@ class _Builder:
 
     @staticmethod
     def _optimizer_step(tf: TorchFile, osd: dict) -> float | int | None:
-        """Adam's `step` of the first group: every rank steps together, so a rank file with
-        another value was saved at another time (a stale file with the right shapes)."""
+        """Adam's `step` of the lowest-numbered param state: every rank steps together, so a rank
+        file with another value was saved at another time (a stale file with the right shapes)."""
         base = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")
         state = _get(base, "state")
         if not isinstance(state, dict) or not state:

@@ -62,8 +62,9 @@ class RankFile:
     step: float | int | None = None  # optimizer files: the optimizer's step count
     unknown_globals: list[str] = field(default_factory=list)
     recovered: bool = False  # zip central directory missing; read by walking local headers
-    #: only the zip's end record was checked: nothing in its pickle is needed (ZeRO-3 model
-    #: states of ranks > 0 when there are no frozen params), so it was not read
+    #: not unpickled when the checkpoint was opened (ZeRO-3 model states of ranks > 0): only
+    #: checked whole (the zip end record; with frozen params, the pickle's CRC as well, as its
+    #: frozen fragments are unpickled when first needed)
     shallow: bool = False
 
     @property

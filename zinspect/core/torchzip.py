@@ -337,7 +337,6 @@ class TorchFile:
     unknown_globals: set[str] = field(default_factory=set)
     #: the central directory was missing and the records were found by walking local headers
     recovered: bool = False
-    pickle_bytes: int = 0
 
     def data_offset(self, key: str) -> int | None:
         rec = self.records.get(key)
@@ -371,17 +370,6 @@ class TorchFile:
         except OSError:
             return None
         return struct.unpack("<" + code, raw)[0] if len(raw) == t.itemsize else None
-
-    def storage_problems(self) -> list[tuple[str, int, int]]:
-        """(key, declared bytes, bytes present in the file) for each storage that is not whole."""
-        out = []
-        for key, st in self.storages.items():
-            rec = self.records.get(key)
-            present = 0 if rec is None else min(rec.present, st.nbytes)
-            if rec is None or rec.size < st.nbytes or present < st.nbytes:
-                out.append((key, st.nbytes, present))
-        return out
-
 
 def read_torch_file(path: str | os.PathLike, memo: PickleMemo | None = None) -> TorchFile:
     """Parse the metadata of a torch.save file. Raises `UnreadableFile` with the cause.
@@ -563,8 +551,7 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
         if memo is not None:
             memo.put(raw, parsed)
     obj, storages, unknown_globals = parsed
-    return TorchFile(path, size, "zip", obj, storages, records, unknown_globals,
-                     pickle_bytes=len(raw))
+    return TorchFile(path, size, "zip", obj, storages, records, unknown_globals)
 
 
 def _read_record(f, header: int, nbytes: int, size: int) -> bytes | None:
@@ -628,9 +615,7 @@ def _read_legacy(f, path: str, size: int) -> TorchFile:
         raise UnreadableFile(f"{path}: a pickle, but not a torch.save file", _CORRUPT)
     _load_pickle(f, path)  # protocol version
     _load_pickle(f, path)  # sys info
-    start = f.tell()
     obj, up = _load_pickle(f, path, legacy=True)
-    pickle_bytes = f.tell() - start
     keys, _ = _load_pickle(f, path)
     if not isinstance(keys, list):
         raise UnreadableFile(f"{path}: legacy storage list is malformed", _CORRUPT)
@@ -646,5 +631,4 @@ def _read_legacy(f, path: str, size: int) -> TorchFile:
         nbytes = numel * DTYPE_SIZES[st.dtype]
         records[key] = Record(nbytes, max(0, min(nbytes, size - off - 8)), data_offset=off + 8)
         off += 8 + nbytes
-    return TorchFile(path, size, "legacy", obj, up.storages, records, up.unknown_globals,
-                     pickle_bytes=pickle_bytes)
+    return TorchFile(path, size, "legacy", obj, up.storages, records, up.unknown_globals)

@@ -113,7 +113,7 @@ class _Checks:
                              f"the other optimizer files {main or 'none'!r}: two runs are mixed",
                              _STALE, file=f.name, rank=f.rank)
         for f in optim:
-            if f.name != f.path.name or not f.name.endswith("_optim_states.pt"):
+            if not f.name.endswith("_optim_states.pt"):
                 self.add(WARNING, "legacy-file-name", f"{f.name} uses the pre-0.10 name without "
                          "'_' before optim_states; DeepSpeed's converter skips it", file=f.name)
 
@@ -177,7 +177,7 @@ class _Checks:
             if not g.partition_numel:
                 continue
             if c.stage == 3:
-                want = sum(-(-c.params[n].numel // ws) for n in g.params if n in c.params)
+                want = _zero3_rank_numel(c, g, ws)
                 for r, n in sorted(g.partition_numel.items()):
                     if n != want and r < ws:
                         self.add(ERROR, "partition-size", f"group {g.index}: rank {r} holds {n:,} "
@@ -193,7 +193,7 @@ class _Checks:
                          f"elements, its {len(g.params)} params need exactly {g.numel:,}",
                          "a rank file comes from another run or the param shapes do not match "
                          "the optimizer files", group=g.index)
-            part = -(-g.numel // (2 * ws)) * 2 if ws else 0  # aligned to 2*ws, cut in ws parts
+            part = _zero12_partition(g.numel, ws)
             for r, n in sorted(real.items()):
                 expect = max(0, min(part, g.numel - r * part))
                 if n != expect:
@@ -243,7 +243,7 @@ class _Checks:
                    any(s.present < s.nbytes for s in f.storages)}
         whole = set()
         for g in c.groups:
-            want = sum(-(-c.params[n].numel // ws) for n in g.params if n in c.params)
+            want = _zero3_rank_numel(c, g, ws)
             if set(g.partition_numel) == set(range(ws)) and not damaged & set(g.partition_numel) \
                     and all(n == want for n in g.partition_numel.values()):
                 whole.add(g.index)
@@ -315,6 +315,16 @@ def _file_of(c: Checkpoint, rank: int) -> str | None:
     return next((f.name for f in c.files_of("optim") if f.rank == rank), None)
 
 
+def _zero3_rank_numel(c: Checkpoint, g, ws: int) -> int:
+    """ZeRO-3: each param of a sub-group puts ceil(numel / ws) elements in every rank's part."""
+    return sum(-(-c.params[n].numel // ws) for n in g.params if n in c.params)
+
+
+def _zero12_partition(numel: int, ws: int) -> int:
+    """ZeRO-1/2: a flat group is padded to a multiple of 2*ws and cut into ws equal parts."""
+    return -(-numel // (2 * ws)) * 2 if ws else 0
+
+
 def _ranks_for(c: Checkpoint, p: Param, gaps: list[tuple[int, int]]) -> list[int]:
     """Ranks whose share of the param falls in the gaps (the files that would hold them)."""
     ws = c.world_size or 0
@@ -326,7 +336,7 @@ def _ranks_for(c: Checkpoint, p: Param, gaps: list[tuple[int, int]]) -> list[int
     g = next((g for g in c.groups if g.index == p.sub_group), None)
     if g is None:
         return []
-    part = -(-g.numel // (2 * ws)) * 2
+    part = _zero12_partition(g.numel, ws)
     start = _offset_in_group(c, g, p.name)
     return sorted({r for a, b in gaps for r in range((start + a) // part,
                                                       (start + b - 1) // part + 1) if r < ws})
