@@ -150,24 +150,33 @@ def _parse_files(named: list[NamedFile],
                                        None if rec is None else rec.data_offset))
         return rf, tf
 
-    if len(named) <= 2:
-        results = [one(n) for n in named]
-    else:
-        with ThreadPoolExecutor(max_workers=min(8, len(named))) as pool:
-            results = list(pool.map(one, named))
-    return {rf.path: (rf, tf) for rf, tf in results}
+    return {rf.path: (rf, tf) for rf, tf in _each(one, named)}
+
+
+def _each(fn, items: list) -> list:
+    """fn over items, in threads when there are several: the reads are small and many, and on
+    a cold cache (or a network file system) their latencies overlap; crc32 releases the GIL."""
+    if len(items) <= 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _check_files(named: list[NamedFile], tick: _Ticker,
                  whole: Callable[[Path], bool]) -> dict[Path, tuple[RankFile, TorchFile | None]]:
     """Files whose pickle is not needed yet: check that they are `whole`, and parse only
     those that are not, so the findings can say what is wrong."""
+    def check(n: NamedFile) -> bool:
+        ok = whole(n.path)
+        if ok:
+            tick(n.path.name)
+        return ok
+
     out, broken = {}, []
-    for n in named:
-        if whole(n.path):
+    for n, ok in zip(named, _each(check, named), strict=True):
+        if ok:
             out[n.path] = (RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix,
                                     size=_size(n.path), format="zip", shallow=True), None)
-            tick(n.path.name)
         else:
             broken.append(n)
     out.update(_parse_files(broken, tick))
