@@ -50,7 +50,7 @@ def _central_entry(r: Record, offset: int) -> bytes:
 
 
 def write_zip(path, records: list[Record]) -> None:
-    cd = b""
+    entries = []
     with open(path, "wb") as f:
         for r in records:
             if r.at is not None:
@@ -61,7 +61,8 @@ def write_zip(path, records: list[Record]) -> None:
                 f.seek(r.hole, 1)
             else:
                 f.write(r.data)
-            cd += _central_entry(r, offset)
+            entries.append(_central_entry(r, offset))
+        cd = b"".join(entries)
         cd_offset = f.tell()
         f.write(cd)
         n = len(records)
