@@ -384,3 +384,44 @@ async def test_overview_counts_a_frozen_tied_alias_once_like_info(monkeypatch):
         await settle(app, pilot)
         overview = text_of(app.screen.query_one("#overview-body", Static))
         assert "28: 25 trainable · 1 frozen · 2 tied" in overview
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b'{"exclude": "embed.weight"}'])
+async def test_a_binary_or_malformed_selection_file_is_a_notification(tmp_path, content):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        for path in (str(bad), str(tmp_path / "nul\0.json")):  # NUL: a ValueError from open
+            await pilot.press("l")
+            app.screen.query_one("#selection-path", Input).value = path
+            await pilot.press("enter")
+            assert app._notifications and list(app._notifications)[-1].severity == "error"
+            assert app.view.excluded == set()
+        await pilot.press("s")
+        app.screen.query_one("#selection-path", Input).value = str(tmp_path / "nul\0.json")
+        await pilot.press("enter")
+        assert "cannot write" in list(app._notifications)[-1].message
+        assert app.is_running
+
+
+async def test_merge_shard_size_too_big_for_a_float_is_a_form_error(tmp_path, monkeypatch):
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        huge = "1" + "0" * 400
+        screen = await merge_into(app, pilot, tmp_path / "out", shard=huge)
+        assert "bad size" in text_of(screen.query_one("#merge-form-error", Static))
+
+        def overflowing(text):
+            raise OverflowError("cannot convert float infinity to integer")
+
+        monkeypatch.setattr(merge_screen_module, "parse_size", overflowing)
+        shard = screen.query_one("#merge-shard", Input)
+        shard.value = "5GB"
+        shard.focus()
+        await pilot.press("enter")  # the long error above pushed the button out of view
+        assert "bad size '5GB'" in text_of(screen.query_one("#merge-form-error", Static))
+        assert screen.query_one("ContentSwitcher").current == "merge-form"
+        assert not (tmp_path / "out").exists()

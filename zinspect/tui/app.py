@@ -187,8 +187,9 @@ class ZinspectApp(App[int]):
             return
         try:
             self.view.selection.save(path)
-        except OSError as e:
-            self.notify(f"cannot write {path}: {e.strerror or e}", severity="error")
+        except (OSError, ValueError) as e:  # ValueError: e.g. a NUL in the path
+            self.notify(f"cannot write {path}: {getattr(e, 'strerror', None) or e}",
+                        severity="error")
             return
         self.selection_file = path
         self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {path}")
@@ -204,6 +205,9 @@ class ZinspectApp(App[int]):
             selection = Selection.load(path)
         except ZinspectError as e:
             self.notify(f"{e.message}\nhint: {e.hint}", severity="error", timeout=8)
+            return
+        except (OSError, ValueError) as e:  # e.g. a NUL in the path, an undecodable file
+            self.notify(f"{path}: not a selection file ({e})", severity="error", timeout=8)
             return
         self.selection_file = path
         self.view.set_selection(selection)

@@ -25,7 +25,7 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from zinspect.core import fmt
 from zinspect.core.merge import MergeResult, merge, parse_size
 from zinspect.core.stream import Progress, ShouldStop
-from zinspect.errors import MergeCancelled, ZinspectError
+from zinspect.errors import MergeCancelled, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
@@ -49,6 +49,14 @@ def error_text(title: str, error: BaseException) -> Text:
     else:
         text.append(f"{type(error).__name__}: {error}")
     return text
+
+
+def shard_size(text: str) -> int:
+    """The form's shard size; anything parse_size cannot make a byte count of is a UsageError."""
+    try:
+        return parse_size(text)
+    except (ValueError, OverflowError) as e:  # e.g. '1' and 400 zeros: float('inf')
+        raise UsageError(f"bad size {text!r}", "use a number with a unit, e.g. 500MB, 5GB") from e
 
 
 class MergeScreen(ModalScreen[None]):
@@ -123,7 +131,7 @@ class MergeScreen(ModalScreen[None]):
         return MergeRequest(
             out_dir=self.query_one("#merge-out", Input).value.strip(),
             format="pt" if self.query_one("#fmt-pt", RadioButton).value else "safetensors",
-            max_shard_size=parse_size(shard) if shard else None,
+            max_shard_size=shard_size(shard) if shard else None,
             force=self.query_one("#merge-force", Checkbox).value,
             salvage=bool(salvage) and salvage.first(Checkbox).value,
         )
