@@ -131,22 +131,25 @@ def deep_check(ckpt: Checkpoint, progress: Progress | None = None,
     when true, raises `MergeCancelled`."""
     chunk = max(64, chunk - chunk % 8)  # >= a local header (30 bytes), whole elements
     findings: list[Finding] = []
-    with SourceFiles() as files:  # one fd per file: its directory, then every read of it
-        records = _zip_records(ckpt, files, findings)
-        tensors = _planned_tensors(ckpt, findings)
-        total = sum(size for _, _, _, size, _ in records) + sum(t.src_nbytes for t in tensors)
-        meter = ProgressMeter(total, progress)
-        view = memoryview(bytearray(chunk))
+    records = _zip_records(ckpt, findings)
+    tensors = _planned_tensors(ckpt, findings)
+    total = sum(e[3] for _, entries in records for e in entries) + \
+        sum(t.src_nbytes for t in tensors)
+    meter = ProgressMeter(total, progress)
+    view = memoryview(bytearray(chunk))
 
-        def tick(nbytes: int, name: str) -> None:
-            meter.add(nbytes, name)
-            if should_stop is not None and should_stop():
-                raise MergeCancelled("the deep check was cancelled", "nothing was changed")
+    def tick(nbytes: int, name: str) -> None:
+        meter.add(nbytes, name)
+        if should_stop is not None and should_stop():
+            raise MergeCancelled("the deep check was cancelled", "nothing was changed")
 
-        _check_pickles(ckpt, findings, tick)
-        for rf, name, header_offset, size, crc in records:
-            _check_crc(files, view, rf, name, header_offset, size, crc, findings, tick)
-        rank_of = {str(ckpt.path / f.name): f for f in ckpt.files}
+    _check_pickles(ckpt, findings, tick)
+    for rf, entries in records:
+        with SourceFiles() as one:  # one file open at a time: 1024 rank files fit `ulimit -n`
+            for name, header_offset, _, size, crc in entries:
+                _check_crc(one, view, rf, name, header_offset, size, crc, findings, tick)
+    rank_of = {str(ckpt.path / f.name): f for f in ckpt.files}
+    with SourceFiles() as files:  # a ZeRO-3 tensor has a piece in every rank's file
         for t in tensors:
             _check_values(files, view, t, rank_of, findings, tick)
     if progress is not None and meter.done < total:
@@ -186,9 +189,9 @@ def _unsafe_pickle(ckpt: Checkpoint, rf: RankFile, unknown_globals: set[str]) ->
     return [f for f in checks.out if f.code == "unsafe-pickle"]
 
 
-def _zip_records(ckpt: Checkpoint, files: SourceFiles, findings: list[Finding]) -> list[tuple]:
-    """(file, record name, header offset, size, crc) of every record of every readable zip,
-    from its central directory as it is now (torchzip's parser: no object per record)."""
+def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple[RankFile, list]]:
+    """Every readable zip with its records (name, header offset, compression, size, crc), from
+    its central directory as it is now (torchzip's parser: no object per record)."""
     out = []
     for rf in ckpt.files:
         if not rf.readable:
@@ -199,18 +202,15 @@ def _zip_records(ckpt: Checkpoint, files: SourceFiles, findings: list[Finding]) 
             findings.append(Finding(INFO, "crc-unavailable", f"{rf.name}: no CRCs to check: {why}",
                                     file=rf.name, rank=rf.rank))
             continue
-        path = str(rf.path)
         try:
-            with open(files.fd(path), "rb", buffering=0, closefd=False) as f:
-                entries = _central_directory(f, os.fstat(f.fileno()).st_size)
-        except (_NoDirectory, struct.error, StopIteration, OSError, UnreadableFile) as e:
-            why = _why(e, path) if isinstance(e, (OSError, UnreadableFile)) else \
+            with open(rf.path, "rb", buffering=0) as f:
+                out.append((rf, _central_directory(f, os.fstat(f.fileno()).st_size)))
+        except (_NoDirectory, struct.error, StopIteration, OSError) as e:
+            why = (e.strerror or str(e)) if isinstance(e, OSError) else \
                 "its end record or entries are missing or malformed"
             findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: its zip directory "
                                     f"cannot be read now ({why})", "the file changed or is "
                                     "damaged; copy it again", file=rf.name, rank=rf.rank))
-            continue
-        out.extend((rf, name, offset, size, crc) for name, offset, _, size, crc in entries)
     return out
 
 
