@@ -425,3 +425,26 @@ async def test_merge_shard_size_too_big_for_a_float_is_a_form_error(tmp_path, mo
         assert "bad size '5GB'" in text_of(screen.query_one("#merge-form-error", Static))
         assert screen.query_one("ContentSwitcher").current == "merge-form"
         assert not (tmp_path / "out").exists()
+
+
+async def test_validate_again_redraws_an_open_param_detail(tmp_path):
+    path = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "s2_w2_bf16", path)
+    app = ZinspectApp(str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        app.goto_param("embed.weight")
+        await pilot.pause()
+        detail = app.screen
+        table = detail.query_one("#fragment-table", DataTable)
+        assert table.row_count == 2
+        next((path / "global_step2").glob("*rank_1_*optim_states.pt")).unlink()
+        await pilot.press("v")
+        await settle(app, pilot)
+        assert app.screen is detail
+        assert table.row_count == 1 == len(app.view.ckpt.params["embed.weight"].fragments)
+        facts = text_of(detail.query_one("#param-facts", Static))
+        assert "held by no rank file" in facts and "in 1 fragment(s)" in facts
+        await pilot.press("space")
+        assert "embed.weight" in app.view.excluded
+        assert "excluded" in text_of(detail.query_one("#param-facts", Static))

@@ -6,13 +6,15 @@ import struct
 import time
 
 from conftest import copy_fixture
-from test_tui_app import SIZE, settle
+from test_tui_app import SIZE, settle, text_of
+from textual.widgets import Static
 
 from zinspect.core import open_checkpoint
 from zinspect.errors import MergeCancelled
 from zinspect.tui.app import ZinspectApp
 from zinspect.tui.screens import deep_check as deep_screen_module
 from zinspect.tui.screens.deep_check import DeepCheckScreen
+from zinspect.tui.screens.param_detail import ParamDetailScreen
 
 PARAM = "encoder.blocks.0.mlp.up.weight"
 
@@ -66,3 +68,23 @@ async def test_escape_cancels_the_deep_check(tmp_path, monkeypatch):
         await settle(app, pilot)
         assert not isinstance(app.screen, DeepCheckScreen)
         assert app.view.ckpt.findings == before
+
+
+async def test_deep_check_from_a_param_detail_updates_that_screen(tmp_path):
+    tag, _ = with_nan(tmp_path)
+    app = ZinspectApp(str(tag))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        view = app.view
+        app.goto_param(PARAM)
+        await pilot.pause()
+        detail = app.screen
+        assert isinstance(detail, ParamDetailScreen)
+        await pilot.press("d")
+        await settle(app, pilot)
+        assert app.screen is detail and app.view is view  # updated in place, not rebuilt
+        nan = next(f for f in app.view.ckpt.findings_for(PARAM) if f.code == "nan-values")
+        assert nan.message in text_of(detail.query_one("#param-facts", Static))
+        await pilot.press("space")
+        assert PARAM in app.view.excluded
+        assert "excluded" in text_of(detail.query_one("#param-facts", Static))

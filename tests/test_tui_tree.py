@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from zinspect.core import open_checkpoint
+from zinspect.core.model import Finding
 from zinspect.core.tree import build_tree, count_below, ordered_children
 from zinspect.tui.inspection import Inspection
 
@@ -67,3 +68,15 @@ def test_inspection_filters_by_every_word():
     assert view.param_names("model", "BLOCKS.1 Down") == [
         "encoder.blocks.1.mlp.down.weight", "encoder.blocks.1.mlp.down.bias"]
     assert view.param_names("name")[:2] == ["bn.bias", "bn.weight"]
+
+
+def test_update_findings_reflags_in_place():
+    view = Inspection(open_checkpoint(SAMPLE))
+    tree, sizes = view.tree, view.sizes
+    assert not view.flagged
+    view.ckpt.findings.append(Finding("error", "nan-values", "NaN", param="encoder.cube"))
+    view.update_findings()
+    assert view.flagged == {"encoder.cube"}
+    assert view.flagged_in(view.tree.find("encoder")) == 1
+    assert view.marks("encoder.cube").endswith("!")
+    assert view.tree is tree and view.sizes is sizes

@@ -87,6 +87,8 @@ class ZinspectApp(App[int]):
             self.view = event.worker.result
             self.title = f"zinspect · {self.view.ckpt.tag}"
             await self.main.show_inspection(self.view)
+            for screen in self.detail_screens():
+                screen.show_param()
         elif event.state == WorkerState.ERROR:
             error = event.worker.error
             if isinstance(error, ZinspectError):
@@ -109,8 +111,10 @@ class ZinspectApp(App[int]):
 
         ckpt = self.view.ckpt
         ckpt.findings = [f for f in ckpt.findings if f.code not in CODES] + found
-        self.view = Inspection(ckpt, self.view.selection)
+        self.view.update_findings()
         await self.main.show_inspection(self.view)
+        for screen in self.detail_screens():
+            screen.refresh_facts()
         problems = [f for f in found if f.severity != "info"]
         self.notify(f"deep check: {len(problems)} problem(s) found" if problems
                     else "deep check: every CRC matches, no NaN or Inf",
@@ -139,12 +143,16 @@ class ZinspectApp(App[int]):
             self.pop_screen()
         self.main.query_one("#tabs").active = "tab-params"
         self.main.query_one(ParamsPane).show_param(name)
-        self.push_screen(ParamDetailScreen(self.view, name))
+        self.push_screen(ParamDetailScreen(name))
+
+    def detail_screens(self) -> list[ParamDetailScreen]:
+        """Param detail screens on the stack: redrawn when the view changes under them."""
+        return [s for s in self.screen_stack if isinstance(s, ParamDetailScreen)]
 
     @on(ParamChosen)
     def param_chosen(self, event: ParamChosen) -> None:
         if self.view is not None:
-            self.push_screen(ParamDetailScreen(self.view, event.name))
+            self.push_screen(ParamDetailScreen(event.name))
 
     @on(FindingChosen)
     def finding_chosen(self, event: FindingChosen) -> None:

@@ -47,13 +47,21 @@ class Inspection:
         self.selection = selection or Selection()
         self.sizes = {name: (p.numel, p.numel * OUTPUT_ITEMSIZE) for name, p in ckpt.params.items()}
         self.tree: ModuleNode = build_tree(self.sizes)
-        self.flagged = {f.param for f in ckpt.findings if f.param in ckpt.params}
-        self.flagged_below = count_below(self.flagged)
+        self.flagged: set[str] = set()
+        self.flagged_below: dict[str, int] = {}
+        self.update_findings()
         self._sorted: dict[str, list[str]] = {"model": list(ckpt.params)}
         self.excluded: set[str] = set()
         self.excluded_below: dict[str, int] = {}
         self.output: OutputSummary
         self.update_exclusion()
+
+    def update_findings(self) -> None:
+        """Recompute which params the findings flag, after a deep check replaced some of them.
+        Sizes, tree and sort orders stay: rebuilding them takes seconds at 300k params."""
+        params = self.ckpt.params
+        self.flagged = {f.param for f in self.ckpt.findings if f.param in params}
+        self.flagged_below = count_below(self.flagged)
 
     # -- exclusion -------------------------------------------------------------------------
     def update_exclusion(self) -> None:

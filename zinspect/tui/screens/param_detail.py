@@ -11,7 +11,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
 from zinspect.core import fmt
-from zinspect.core.model import short_dtype
+from zinspect.core.model import Fragment, short_dtype
 from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled
 from zinspect.tui.widgets.coverage_bar import CoverageBar
@@ -27,28 +27,46 @@ class ParamDetailScreen(Screen):
                 tooltip="Exclude this param from the merge, or include it again"),
     ]
 
-    def __init__(self, view: Inspection, name: str) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__()
-        self.view = view
         self.param_name = name
+        self.fragments: list[Fragment] = []
+
+    @property
+    def view(self) -> Inspection:
+        """The app's current view, not the one this screen opened on: `v` replaces it and `d`
+        updates its findings while the screen stays open."""
+        return self.app.view  # type: ignore[attr-defined]
 
     def compose(self) -> ComposeResult:
-        p = self.view.param(self.param_name)
         yield Header(icon="◆")
         with VerticalScroll(id="param-detail"):
-            yield Static(self.facts(), id="param-facts")
+            yield Static(id="param-facts")
             yield Label("Coverage of its elements by rank", classes="section-title")
-            yield CoverageBar(p.numel, p.fragments, id="coverage")
+            yield CoverageBar(id="coverage")
             yield Label("Fragments", classes="section-title")
             yield DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
     def on_mount(self) -> None:
         self.title = self.param_name
+        self.query_one("#fragment-table", DataTable).add_columns(
+            "rank", "file", "group", "elements", "offset", "length", "pad", "saved as", "bytes")
+        self.show_param()
+
+    def show_param(self) -> None:
+        """Fill the screen from the app's current view (again after `v` re-read the checkpoint)."""
+        p = self.view.ckpt.params.get(self.param_name)
+        self.show_fragments([] if p is None else list(p.fragments))
+
+    def show_fragments(self, fragments: list[Fragment]) -> None:
+        self.fragments = fragments
+        self.refresh_facts()
+        p = self.view.ckpt.params.get(self.param_name)
+        self.query_one("#coverage", CoverageBar).show(0 if p is None else p.numel, fragments)
         table = self.query_one("#fragment-table", DataTable)
-        table.add_columns("rank", "file", "group", "elements", "offset", "length", "pad",
-                          "saved as", "bytes")
-        for f in self.view.param(self.param_name).fragments:
+        table.clear()
+        for f in fragments:
             table.add_row(
                 str(f.rank), f.file, "" if f.group is None else str(f.group),
                 f"{fmt.count(f.start)}..{fmt.count(f.start + f.numel)}",
@@ -57,16 +75,18 @@ class ParamDetailScreen(Screen):
                 Text("ok", style="green") if f.intact else Text("NOT IN FILE", style="bold red"),
             )
 
-    def facts(self) -> Table:
-        view, name = self.view, self.param_name
-        p = view.param(name)
+    def facts(self) -> Table | Text:
+        view, name, fragments = self.view, self.param_name, self.fragments
+        p = view.ckpt.params.get(name)
+        if p is None:
+            return Text(f"{name} is not in the checkpoint as re-read from disk", style="yellow")
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="dim", min_width=12)
         grid.add_column()
         grid.add_row("param", Text(name, style="bold"))
         grid.add_row("shape", f"{tuple(p.shape)} · {fmt.count(p.numel)} elements")
         grid.add_row("dtype", f"{short_dtype(p.dtype)} in training · saved as "
-                              f"{short_dtype(p.source_dtype)}")
+                              f"{short_dtype(fragments[0].dtype if fragments else None)}")
         grid.add_row("group", "—" if p.group is None else
                      f"param group {p.group} · flat group {p.sub_group}")
         state = ["frozen" if p.frozen else "trainable"]
@@ -76,8 +96,8 @@ class ParamDetailScreen(Screen):
         excluded = name in view.excluded
         grid.add_row("merge", Text("excluded", style="red") if excluded else
                      Text(f"included, {fmt.size(view.sizes[name][1])} of fp32", style="green"))
-        grid.add_row("coverage", f"{fmt.count(p.covered)} of {fmt.count(p.numel)} elements "
-                                 f"in {len(p.fragments)} fragment(s)")
+        grid.add_row("coverage", f"{fmt.count(sum(f.numel for f in fragments))} of "
+                                 f"{fmt.count(p.numel)} elements in {len(fragments)} fragment(s)")
         for f in view.ckpt.findings_for(name):
             grid.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]),
                          f"{f.message}" + (f"\nhint: {f.hint}" if f.hint else ""))

@@ -52,9 +52,13 @@ class CoverageBar(Widget):
     CoverageBar { height: 2; }
     """
 
-    def __init__(self, numel: int, fragments: list[Fragment], **kwargs) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.segments: list[tuple[str, int | None, int]] = []
+
+    def show(self, numel: int, fragments: list[Fragment]) -> None:
         self.segments = coverage_segments(numel, fragments)
+        self.refresh()
 
     def render(self) -> Text:
         bar = Text()
