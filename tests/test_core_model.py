@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import copy_fixture, fixture_names, manifest, tag_dir
+from conftest import FIXTURES, copy_fixture, fixture_names, manifest, tag_dir
 
 from zinspect.core import open_checkpoint
 from zinspect.core.model import ERROR, Checkpoint
@@ -265,3 +265,24 @@ def test_extra_file_is_only_info(tmp_path):
     [f] = finding(c, "extra-file")
     assert f.severity == "info" and f.file == "notes.txt"
     assert codes(c) == set()
+
+
+def test_opening_leaves_the_garbage_collector_as_it_was():
+    """Opening pauses the cyclic collector (millions of acyclic objects); a host program's
+    setting must come back, even when opening fails."""
+    import gc
+
+    from zinspect.errors import CheckpointNotFound
+
+    assert gc.isenabled()
+    open_checkpoint(FIXTURES / "s3_w4_bf16")
+    assert gc.isenabled()
+    with pytest.raises(CheckpointNotFound):
+        open_checkpoint(FIXTURES / "no-such-checkpoint")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        open_checkpoint(FIXTURES / "s3_w4_bf16")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

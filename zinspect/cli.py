@@ -301,7 +301,9 @@ def cmd_info(args) -> int:
 
 
 def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=1, default=str))
+    """Indented for a terminal; compact when piped (json's C encoder: 4x faster at 300k params)."""
+    indent = 1 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(obj, indent=indent, default=str))
     sys.stdout.write("\n")
     sys.stdout.flush()
 
