@@ -128,3 +128,21 @@ def test_cli(tmp_path, deep):
         assert r.returncode == 1
         assert [(f["file"], f["rank"], f["severity"]) for f in unsafe] == \
             [(D.z3_model_name(1), 1, "error")]
+
+
+async def test_app_deep_check_twice(tmp_path):
+    """`d` in the app, twice: one unsafe-pickle for rank 1's file, and the payload never ran."""
+    from test_tui_app import SIZE, settle
+
+    from zinspect.tui.app import ZinspectApp
+
+    root, marker = hostile_copy(tmp_path, 1)
+    app = ZinspectApp(str(root))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        for _ in range(2):
+            await pilot.press("d")
+            await settle(app, pilot)
+            unsafe = [f.file for f in app.view.ckpt.findings if f.code == "unsafe-pickle"]
+            assert unsafe == [D.z3_model_name(1)]
+    assert not marker.exists()
