@@ -145,6 +145,12 @@ class Inspection:
     def param(self, name: str) -> Param:
         return self.ckpt.params[name]
 
+    def slow_fragments(self, name: str) -> bool:
+        """A ZeRO-3 frozen param's fragments live in every rank's model states, which the load
+        leaves unparsed until the first such param is asked for: seconds at 512 ranks."""
+        p = self.ckpt.params[name]
+        return self.ckpt.stage == 3 and p.frozen and p.tied_to is None
+
     def marks(self, name: str) -> str:
         """One-letter marks: x excluded, F frozen, T tied, ! has findings."""
         p = self.ckpt.params[name]

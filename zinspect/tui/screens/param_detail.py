@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from rich.table import Table
 from rich.text import Text
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, Static
+from textual.worker import Worker, WorkerState
 
 from zinspect.core import fmt
-from zinspect.core.model import Fragment, short_dtype
+from zinspect.core.model import Fragment, Param, short_dtype
 from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled
 from zinspect.tui.widgets.coverage_bar import CoverageBar
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
+
+READING = "reading the ranks' model states…"
 
 
 class ParamDetailScreen(Screen):
@@ -30,7 +34,7 @@ class ParamDetailScreen(Screen):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.param_name = name
-        self.fragments: list[Fragment] = []
+        self.fragments: list[Fragment] | None = []  # None while read in a thread
 
     @property
     def view(self) -> Inspection:
@@ -55,9 +59,33 @@ class ParamDetailScreen(Screen):
         self.show_param()
 
     def show_param(self) -> None:
-        """Fill the screen from the app's current view (again after `v` re-read the checkpoint)."""
+        """Fill the screen from the app's current view (again after `v` re-read the checkpoint).
+        Fragments that need the ranks' files read come from a thread; the rest at once."""
         p = self.view.ckpt.params.get(self.param_name)
-        self.show_fragments([] if p is None else list(p.fragments))
+        if p is None or not self.view.slow_fragments(p.name):
+            self.show_fragments([] if p is None else list(p.fragments))
+            return
+        self.fragments = None
+        self.refresh_facts()
+        self.query_one("#coverage", CoverageBar).show_note(READING)
+        self.query_one("#fragment-table", DataTable).clear()
+        self.read_fragments(p)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="fragments",
+          description=READING)
+    def read_fragments(self, p: Param) -> list[Fragment]:
+        return list(p.fragments)
+
+    @on(Worker.StateChanged)
+    def fragments_read(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "fragments":
+            return
+        if event.state == WorkerState.SUCCESS:
+            self.show_fragments(event.worker.result)
+        elif event.state == WorkerState.ERROR:
+            error = event.worker.error
+            self.query_one("#coverage", CoverageBar).show_note(
+                f"cannot read the ranks' model states: {type(error).__name__}: {error}")
 
     def show_fragments(self, fragments: list[Fragment]) -> None:
         self.fragments = fragments
@@ -85,8 +113,8 @@ class ParamDetailScreen(Screen):
         grid.add_column()
         grid.add_row("param", Text(name, style="bold"))
         grid.add_row("shape", f"{tuple(p.shape)} · {fmt.count(p.numel)} elements")
-        grid.add_row("dtype", f"{short_dtype(p.dtype)} in training · saved as "
-                              f"{short_dtype(fragments[0].dtype if fragments else None)}")
+        saved = "…" if fragments is None else short_dtype(fragments[0].dtype if fragments else None)
+        grid.add_row("dtype", f"{short_dtype(p.dtype)} in training · saved as {saved}")
         grid.add_row("group", "—" if p.group is None else
                      f"param group {p.group} · flat group {p.sub_group}")
         state = ["frozen" if p.frozen else "trainable"]
@@ -96,8 +124,9 @@ class ParamDetailScreen(Screen):
         excluded = name in view.excluded
         grid.add_row("merge", Text("excluded", style="red") if excluded else
                      Text(f"included, {fmt.size(view.sizes[name][1])} of fp32", style="green"))
-        grid.add_row("coverage", f"{fmt.count(sum(f.numel for f in fragments))} of "
-                                 f"{fmt.count(p.numel)} elements in {len(fragments)} fragment(s)")
+        grid.add_row("coverage", "…" if fragments is None else
+                     f"{fmt.count(sum(f.numel for f in fragments))} of {fmt.count(p.numel)} "
+                     f"elements in {len(fragments)} fragment(s)")
         for f in view.ckpt.findings_for(name):
             grid.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]),
                          f"{f.message}" + (f"\nhint: {f.hint}" if f.hint else ""))

@@ -55,13 +55,20 @@ class CoverageBar(Widget):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.segments: list[tuple[str, int | None, int]] = []
+        self.note = ""  # shown instead of the bar, e.g. while the fragments are being read
 
     def show(self, numel: int, fragments: list[Fragment]) -> None:
-        self.segments = coverage_segments(numel, fragments)
+        self.segments, self.note = coverage_segments(numel, fragments), ""
+        self.refresh()
+
+    def show_note(self, note: str) -> None:
+        self.segments, self.note = [], note
         self.refresh()
 
     def render(self) -> Text:
         bar = Text()
+        if self.note:
+            return Text(self.note, style="dim")
         if not self.segments:
             return Text("no fragments", style="dim")
         widths = _widths([n for _, _, n in self.segments], max(1, self.size.width))
