@@ -256,3 +256,29 @@ def test_reader_threads_open_each_file_once(monkeypatch):
         stream.copy_tensors(plan.tensors, sink, stream.ProgressMeter(plan.total_bytes, None),
                             chunk=4096)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_too_many_open_files_raises_the_soft_limit(monkeypatch):
+    """1024 rank files against a soft limit of 1024: the soft limit goes up to the hard one."""
+    import resource
+
+    from zinspect.core import stream
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(soft, 64)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+    held = []
+    try:
+        while True:  # use up the descriptors
+            try:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        files = stream.SourceFiles()
+        fd = files.fd(str(FIXTURES / "s3_w4_bf16" / "latest"))
+        assert fd >= 0 and resource.getrlimit(resource.RLIMIT_NOFILE)[0] > low
+        files.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -7,6 +7,7 @@ previous batches. preadv and write release the GIL, so reading and writing overl
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -43,7 +44,7 @@ class SourceFiles:
             fd = self._fds.get(path)
             if fd is None:
                 try:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    fd = self._fds[path] = _open_read(path)
                 except OSError as e:
                     raise UnreadableFile(f"{path}: cannot open ({e.strerror})",
                                          "check that the file still exists and is readable") from e
@@ -59,6 +60,29 @@ class SourceFiles:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _open_read(path: str) -> int:
+    """os.open, and on "too many open files" raise the soft limit to the hard one and retry:
+    512 ranks with frozen params are 1024 rank files, the common soft limit is 1024."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as e:
+        if e.errno != errno.EMFILE or not _raise_open_file_limit():
+            raise
+        return os.open(path, os.O_RDONLY)
+
+
+def _raise_open_file_limit() -> bool:
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return False
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return True
 
 
 @dataclass
