@@ -31,7 +31,6 @@ import os
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import replace
 
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, SourceFiles
@@ -42,7 +41,7 @@ from zinspect.core.torchzip import (
     _NoDirectory,
     read_torch_file,
 )
-from zinspect.core.validate import _Checks
+from zinspect.core.validate import unsafe_pickle_finding
 from zinspect.errors import MergeCancelled, UnreadableFile, ZinspectError
 
 CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize
@@ -175,18 +174,10 @@ def _check_pickles(ckpt: Checkpoint, findings: list[Finding], tick) -> None:
                                     "do not load this file with torch; copy it again",
                                     file=rf.name, rank=rf.rank))
         else:
-            findings.extend(_unsafe_pickle(ckpt, rf, tf.unknown_globals))
+            unsafe = unsafe_pickle_finding(rf.name, rf.rank, sorted(tf.unknown_globals))
+            if unsafe:
+                findings.append(unsafe)
         tick(0, rf.name)
-
-
-def _unsafe_pickle(ckpt: Checkpoint, rf: RankFile, unknown_globals: set[str]) -> list[Finding]:
-    """validate's "unsafe-pickle" finding for `rf` had its pickle been read at open: the file
-    checks of validate, run on a one-file stand-in, so the wording is validate's own."""
-    probe = replace(rf, unknown_globals=sorted(unknown_globals), storages=[], recovered=False,
-                    shallow=False)
-    checks = _Checks(Checkpoint(path=ckpt.path, tag=ckpt.tag, files=[probe]))
-    checks.files()
-    return [f for f in checks.out if f.code == "unsafe-pickle"]
 
 
 def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple[RankFile, list]]:

@@ -77,15 +77,10 @@ class _Checks:
             if f.format == "legacy":
                 self.add(INFO, "legacy-format", f"{f.name} uses torch's legacy (non-zip) format; "
                          "DeepSpeed's converter cannot mmap it, zinspect reads it", file=f.name)
-            unsafe = [g for g in f.unknown_globals if g.split(".", 1)[0] in _UNSAFE_MODULES]
+            unsafe = unsafe_pickle_finding(f.name, f.rank, f.unknown_globals)
             if unsafe:
-                self.add(ERROR, "unsafe-pickle", f"{f.name} names {', '.join(unsafe[:5])} in its "
-                         "pickle: torch.load(weights_only=False), as DeepSpeed and zero_to_fp32.py "
-                         "load it, would run that code; zinspect did not",
-                         "do not load this file with torch or DeepSpeed: it was tampered with or "
-                         "is not a checkpoint; get the checkpoint again from a source you trust",
-                         file=f.name, rank=f.rank)
-            other = [g for g in f.unknown_globals if g not in unsafe]
+                self.out.append(unsafe)
+            other = [g for g in f.unknown_globals if not _is_unsafe(g)]
             if other:
                 self.add(INFO, "unknown-classes", f"{f.name} pickles classes zinspect does not "
                          f"know ({', '.join(other[:5])}); they were recorded, "
@@ -309,6 +304,23 @@ def _dp_world_size(c: Checkpoint) -> int | None:
         if f.readable and f.dp_world_size is not None:
             return f.dp_world_size
     return None
+
+
+def unsafe_pickle_finding(name: str, rank: int | None, globals_: list[str]) -> Finding | None:
+    """The error for a rank file whose pickle names code that torch.load would run."""
+    unsafe = [g for g in globals_ if _is_unsafe(g)]
+    if not unsafe:
+        return None
+    return Finding(ERROR, "unsafe-pickle", f"{name} names {', '.join(unsafe[:5])} in its pickle: "
+                   "torch.load(weights_only=False), as DeepSpeed and zero_to_fp32.py load it, "
+                   "would run that code; zinspect did not",
+                   "do not load this file with torch or DeepSpeed: it was tampered with or is "
+                   "not a checkpoint; get the checkpoint again from a source you trust",
+                   file=name, rank=rank)
+
+
+def _is_unsafe(qualname: str) -> bool:
+    return qualname.split(".", 1)[0] in _UNSAFE_MODULES
 
 
 def _file_of(c: Checkpoint, rank: int) -> str | None:
