@@ -251,9 +251,10 @@ def test_hostile_pickle_never_runs(tmp_path, legacy):
     assert marker.exists()
 
 
-def _inject_payload(path: Path, command: str) -> None:
+def _inject_payload(path: Path, command: str, then_break: bool = False) -> None:
     """Add `{"evil": os.system(command)}` to the top-level dict of a torch.save zip file by
-    patching its data.pkl (the real file's classes need DeepSpeed to be loaded by torch)."""
+    patching its data.pkl (the real file's classes need DeepSpeed to be loaded by torch).
+    `then_break`: the pickle ends right after the call (unreadable, yet the call would run)."""
     with zipfile.ZipFile(path) as zf:
         entries = [(zi.filename, zf.read(zi)) for zi in zf.infolist()]
     out = []
@@ -262,7 +263,8 @@ def _inject_payload(path: Path, command: str) -> None:
             assert data.endswith(b".")
             payload = pickle.dumps("evil", protocol=2)[2:-1]  # a BINUNICODE, no PROTO/STOP
             cmd = pickle.dumps(command, protocol=2)[2:-1]
-            data = data[:-1] + payload + b"cposix\nsystem\n" + cmd + b"\x85R" + b"s."
+            data = data[:-1] + payload + b"cposix\nsystem\n" + cmd + b"\x85R" + \
+                (b"" if then_break else b"s.")
         out.append((name, data))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         for name, data in out:
@@ -285,3 +287,15 @@ def test_hostile_rank_file_in_a_checkpoint_is_reported(tmp_path):
     # the rest of the file is fine and still read
     assert not [f for f in c.errors if f.code != "unsafe-pickle"]
     assert c.world_size == 2 and len(c.groups) == 3
+
+
+def test_a_payload_before_the_damage_is_still_named(tmp_path):
+    """A pickle that calls os.system and then breaks: unreadable, and unsafe-pickle too."""
+    marker = tmp_path / "MARKER"
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    victim = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    _inject_payload(victim, f"touch {marker}", then_break=True)
+    c = open_checkpoint(tag)
+    assert not marker.exists()
+    codes = {f.code for f in c.errors if f.file == victim.name}
+    assert {"unreadable-file", "unsafe-pickle"} <= codes, codes

@@ -28,6 +28,9 @@ class CheckpointNotFound(ZinspectError):
 class UnreadableFile(ZinspectError):
     """A file could not be parsed as a torch.save file (not a zip, truncated pickle, hostile pickle...)."""
 
+    #: the globals its pickle named before it broke (a payload may sit before the damage)
+    unknown_globals: frozenset[str] = frozenset()
+
 
 class NotMergeable(ZinspectError):
     """Validation found errors (or an unsupported layout) that make a correct merge impossible."""

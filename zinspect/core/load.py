@@ -140,6 +140,7 @@ def _parse_files(named: list[NamedFile],
         except UnreadableFile as e:
             rf.error = e.message.removeprefix(f"{n.path}: ")
             rf.error_hint = e.hint or None
+            rf.unknown_globals = sorted(e.unknown_globals)
             return rf, None
         rf.format, rf.recovered = tf.format, tf.recovered
         rf.unknown_globals = sorted(tf.unknown_globals)

@@ -441,12 +441,14 @@ def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = Fals
     up = (FastMetaUnpickler if fast else MetaUnpickler)(stream, legacy=legacy)
     try:
         return up.load(), up
-    except RecursionError as e:
-        raise UnreadableFile(f"{path}: the pickle nests too deeply to read", _CORRUPT) from e
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, UnicodeDecodeError, struct.error, OverflowError, MemoryError) as e:
-        raise UnreadableFile(f"{path}: its pickle is corrupt ({type(e).__name__}: {e})"[:400],
-                             _CORRUPT) from e
+    except (RecursionError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+            IndexError, AttributeError, UnicodeDecodeError, struct.error, OverflowError,
+            MemoryError) as e:
+        what = ("the pickle nests too deeply to read" if isinstance(e, RecursionError) else
+                f"its pickle is corrupt ({type(e).__name__}: {e})")
+        error = UnreadableFile(f"{path}: {what}"[:400], _CORRUPT)
+        error.unknown_globals = frozenset(up.unknown_globals)  # a payload before the damage
+        raise error from e
 
 
 _CORRUPT = "the file is damaged; restore it from a copy or re-save the checkpoint"
