@@ -36,9 +36,11 @@ from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankF
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, SourceFiles
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
+    LOCAL_HEADER,
     PickleMemo,
     _central_directory,
     _NoDirectory,
+    local_data_offset,
     read_torch_file,
 )
 from zinspect.core.validate import unsafe_pickle_finding
@@ -210,15 +212,14 @@ def _check_crc(files: SourceFiles, view: memoryview, rf: RankFile, name: str,
     path = str(rf.path)
     where = {"file": rf.name, "rank": rf.rank}
     try:
-        head = bytes(_pread(files, view, path, header_offset, 30))
-        if len(head) < 30 or head[:4] != b"PK\x03\x04":
+        offset = local_data_offset(header_offset,
+                                   bytes(_pread(files, view, path, header_offset, LOCAL_HEADER)))
+        if offset is None:
             findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} has "
                                     "no local header where the zip directory says",
                                     "the file is damaged; copy it again", **where))
             tick(size, rf.name)
             return
-        name_len, extra_len = struct.unpack("<HH", head[26:30])
-        offset = header_offset + 30 + name_len + extra_len
         crc, done = 0, 0
         while done < size:
             data = _pread(files, view, path, offset + done, min(len(view), size - done))

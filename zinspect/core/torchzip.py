@@ -56,6 +56,7 @@ MAX_PICKLE_BYTES = 1 << 30
 #: CRC-checked pickles larger than this are read by the C unpickler (see FastMetaUnpickler)
 FAST_PICKLE_BYTES = 4 << 20
 _DESCRIPTOR = b"PK\x07\x08"
+LOCAL_HEADER = 30  # bytes of a zip local header before its name and extra field
 
 
 class PickleMemo:
@@ -345,11 +346,7 @@ class TorchFile:
         if rec.data_offset is None and rec.header_offset is not None:
             with open(self.path, "rb", buffering=0) as f:  # 30 bytes, not a buffer's worth
                 f.seek(rec.header_offset)
-                head = f.read(30)
-            if len(head) < 30 or head[:4] != b"PK\x03\x04":
-                return None
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            rec.data_offset = rec.header_offset + 30 + name_len + extra_len
+                rec.data_offset = local_data_offset(rec.header_offset, f.read(LOCAL_HEADER))
         return rec.data_offset
 
     def tensor_offset(self, t: TensorRef) -> int | None:
@@ -556,15 +553,23 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
     return TorchFile(path, size, "zip", obj, storages, records, unknown_globals)
 
 
-def _read_record(f, header: int, nbytes: int, size: int) -> bytes | None:
-    if header + 30 > size:
-        return None
-    f.seek(header)
-    head = f.read(30)
-    if head[:4] != b"PK\x03\x04":
+def local_data_offset(header_offset: int, head: bytes) -> int | None:
+    """Where a zip record's data starts, from the LOCAL_HEADER bytes at `header_offset` (None
+    when they are not a local header)."""
+    if len(head) < LOCAL_HEADER or head[:4] != b"PK\x03\x04":
         return None
     name_len, extra_len = struct.unpack("<HH", head[26:30])
-    f.seek(header + 30 + name_len + extra_len)
+    return header_offset + LOCAL_HEADER + name_len + extra_len
+
+
+def _read_record(f, header: int, nbytes: int, size: int) -> bytes | None:
+    if header + LOCAL_HEADER > size:
+        return None
+    f.seek(header)
+    start = local_data_offset(header, f.read(LOCAL_HEADER))
+    if start is None:
+        return None
+    f.seek(start)
     data = f.read(nbytes)
     return data if len(data) == nbytes else None
 
