@@ -26,6 +26,7 @@ from zinspect.tui.screens import merge as merge_screen_module
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.merge import MergeScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
+from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
 from zinspect.tui.widgets.ranks_pane import RanksPane
@@ -74,7 +75,7 @@ async def test_every_fixture_opens_on_every_tab(fixture):
         assert sum(n.data.count for n in tree.root.children) == len(ckpt.params)
         ranks = app.screen.query_one("#rank-table", DataTable)
         assert ranks.row_count == ckpt.world_size
-        findings = app.screen.query_one("#findings-table", DataTable)
+        findings = app.screen.query_one("#findings-table", FindingTable)
         assert findings.row_count == len(ckpt.findings)
 
 
@@ -327,7 +328,7 @@ async def test_findings_on_a_damaged_copy_jump_to_rank_and_param(tmp_path):
         overview = text_of(app.screen.query_one("#overview-body", Static))
         assert "errors: a merge would be wrong" in overview
         await pilot.press("4")
-        table = app.screen.query_one("#findings-table", DataTable)
+        table = app.screen.query_one("#findings-table", FindingTable)
         first = app.view.ckpt.findings[0]
         assert first.code == "missing-optimizer-file" and first.rank == 1
         assert table.has_focus

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from textual.widgets import Static
 
-from zinspect.core.model import Checkpoint, Fragment, Param
+from zinspect.core.model import Checkpoint, Finding, Fragment, Param
 from zinspect.tui import app as app_module
 from zinspect.tui.app import ZinspectApp
 from zinspect.tui.screens.param_detail import ParamDetailScreen
+from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
 
@@ -75,3 +76,32 @@ async def test_300k_names_open_expand_filter_and_jump(monkeypatch):
         await pilot.pause()
         assert isinstance(app.screen, ParamDetailScreen)
         assert app.screen.param_name == "model.layers.1599.mlp.experts.7.w2.weight"
+
+
+async def test_100k_findings_list_and_jump(monkeypatch):
+    """A ZeRO-3 checkpoint missing a rank has a coverage finding per param: the Findings tab
+    draws only the rows on screen, and enter still jumps to the param or rank named."""
+    ckpt = synthetic_checkpoint()
+    names = list(ckpt.params)[-100_000:]
+    ckpt.findings = [Finding("error", "missing-optimizer-file", "rank 7's optimizer file is gone",
+                             rank=7)]
+    ckpt.findings += [Finding("error", "param-coverage", f"{n}: 64 of 8,192 elements are held "
+                              "by no rank file (rank 7)", "restore the missing rank files",
+                              rank=7, param=n) for n in names]
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    app = ZinspectApp("synthetic")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("4")
+        table = app.screen.query_one(FindingTable)
+        assert table.has_focus and table.row_count == len(ckpt.findings) == 100_001
+        await pilot.press("end")
+        assert table.cursor == 100_000
+        assert names[-1] in str(app.screen.query_one("#finding-detail", Static).content)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ParamDetailScreen)
+        assert app.screen.param_name == names[-1]
+        await pilot.press("escape", "4", "home", "enter")
+        assert app.screen.query_one("#tabs").active == "tab-ranks"

@@ -2,40 +2,95 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
+from rich.style import Style
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import DataTable, Static
+from textual.widgets import Static
 
 from zinspect.core.model import Checkpoint, Finding
 from zinspect.tui.messages import FindingChosen
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
+from zinspect.tui.widgets.virtual_table import Column, VirtualTable
+
+#: the "where" column fits the first this many findings, up to WHERE_MAX columns
+WHERE_SAMPLE, WHERE_MAX = 1000, 48
+
+
+def finding_columns(findings: list[Finding]) -> list[Column]:
+    """Columns as wide as their contents; the message gets whatever width is left."""
+    codes = {f.code for f in findings}
+    wheres = (len(f.where()) for f in findings[:WHERE_SAMPLE])
+    return [
+        Column("severity", 8),
+        Column("code", max([4, *map(len, codes)])),
+        Column("where", min(WHERE_MAX, max([5, *wheres]))),
+        Column("message", 24, flex=True),
+    ]
+
+
+class FindingTable(VirtualTable):
+    """One row per finding, drawn a screenful at a time: a ZeRO-3 checkpoint missing a rank
+    has a coverage finding for every param, 300k of them for a large model."""
+
+    def __init__(self, findings: list[Finding], **kwargs) -> None:
+        super().__init__(finding_columns(findings), len(findings), **kwargs)
+        self.findings = findings
+
+    def row_cells(self, index: int) -> list[str]:
+        f = self.findings[index]
+        return [f.severity, f.code, f.where(), f.message.replace("\n", " ")]
+
+    def cell_style(self, index: int, column: int) -> Style | None:
+        if column == 0:
+            return Style.parse(SEVERITY_STYLES[self.findings[index].severity])
+        return None
+
+    def on_virtual_table_row_chosen(self, event: VirtualTable.RowChosen) -> None:
+        event.stop()
+        self.post_message(FindingChosen(self.findings[event.index]))
+
+
+def findings_summary(findings: list[Finding]) -> Text:
+    """How many findings of each code: with thousands of rows, what the list holds at a glance."""
+    counts = Counter((f.severity, f.code) for f in findings)
+    text = Text(f"{len(findings):,} finding{'s' if len(findings) != 1 else ''}: ", style="bold")
+    for i, ((severity, code), n) in enumerate(counts.items()):
+        text.append(" · " if i else "")
+        text.append(f"{n:,} {code}", style=SEVERITY_STYLES[severity])
+    return text
 
 
 class FindingsPane(Vertical):
-    """The findings table and, below it, the full message and hint of the highlighted one."""
+    """A count per code, the findings table and, below it, the full message and hint of the
+    highlighted one."""
 
     def __init__(self, ckpt: Checkpoint, **kwargs) -> None:
         super().__init__(**kwargs)
         self.findings: list[Finding] = list(ckpt.findings)
 
     def compose(self) -> ComposeResult:
-        yield DataTable(id="findings-table", cursor_type="row")
+        if self.findings:
+            yield Static(findings_summary(self.findings), id="findings-summary")
+        yield FindingTable(self.findings, id="findings-table")
         yield Static(id="finding-detail")
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_columns("severity", "code", "where", "message")
-        for i, f in enumerate(self.findings):
-            table.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]), f.code,
-                          f.where(), f.message, key=str(i))
-        if not self.findings:
-            self.query_one("#finding-detail", Static).update("No findings: the checkpoint is consistent.")
+        if self.findings:
+            self.show_detail(0)
+        else:
+            self.query_one("#finding-detail", Static).update(
+                "No findings: the checkpoint is consistent.")
 
-    @on(DataTable.RowHighlighted, "#findings-table")
-    def _show_detail(self, event: DataTable.RowHighlighted) -> None:
-        f = self.findings[event.cursor_row]
+    @on(VirtualTable.RowHighlighted, "#findings-table")
+    def _highlighted(self, event: VirtualTable.RowHighlighted) -> None:
+        self.show_detail(event.index)
+
+    def show_detail(self, index: int) -> None:
+        f = self.findings[index]
         text = Text()
         text.append(f"{f.severity} {f.code}: ", style=SEVERITY_STYLES[f.severity])
         text.append(f.message)
@@ -45,7 +100,3 @@ class FindingsPane(Vertical):
         if f.param or f.rank is not None:
             text.append("\nenter: show the " + ("param" if f.param else "rank"), style="dim")
         self.query_one("#finding-detail", Static).update(text)
-
-    @on(DataTable.RowSelected, "#findings-table")
-    def _jump(self, event: DataTable.RowSelected) -> None:
-        self.post_message(FindingChosen(self.findings[event.cursor_row]))

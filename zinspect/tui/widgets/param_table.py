@@ -11,20 +11,15 @@ from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
-NAME_COLUMN = 1
-
-
-def param_columns() -> list[Column]:
-    """Fresh columns per table: the name column's width follows the table's."""
-    return [
-        Column("xFT!", 4),
-        Column("name", 48),
-        Column("shape", 14),
-        Column("dtype", 5),
-        Column("numel", 12, right=True),
-        Column("size", 10, right=True),
-        Column("group", 5, right=True),
-    ]
+PARAM_COLUMNS = [
+    Column("xFT!", 4),
+    Column("name", 24, flex=True),
+    Column("shape", 14),
+    Column("dtype", 5),
+    Column("numel", 12, right=True),
+    Column("size", 10, right=True),
+    Column("group", 5, right=True),
+]
 
 
 class ParamTable(VirtualTable):
@@ -36,15 +31,9 @@ class ParamTable(VirtualTable):
     ]
 
     def __init__(self, view: Inspection, **kwargs) -> None:
-        super().__init__(param_columns(), **kwargs)
+        super().__init__(PARAM_COLUMNS, **kwargs)
         self.view = view
         self.names: list[str] = []
-
-    def on_resize(self) -> None:
-        """Give the name column whatever width the others leave."""
-        others = sum(c.width + 1 for i, c in enumerate(self.columns) if i != NAME_COLUMN)
-        self.columns[NAME_COLUMN].width = max(24, self.size.width - others - 1)
-        self._resize()
 
     def set_names(self, names: list[str]) -> None:
         self.names = names

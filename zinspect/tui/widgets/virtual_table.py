@@ -18,13 +18,14 @@ from textual.strip import Strip
 @dataclass
 class Column:
     label: str
-    width: int
+    width: int  # of a flex column: the least it gets
     right: bool = False  # right-aligned (numbers)
+    flex: bool = False  # widened to the width the other columns leave (one per table)
 
-    def fit(self, text: str) -> str:
-        if len(text) > self.width:
-            return text[: self.width - 1] + "…"
-        return text.rjust(self.width) if self.right else text.ljust(self.width)
+    def fit(self, text: str, width: int) -> str:
+        if len(text) > width:
+            return text[: width - 1] + "…"
+        return text.rjust(width) if self.right else text.ljust(width)
 
 
 class VirtualTable(ScrollView, can_focus=True):
@@ -82,6 +83,10 @@ class VirtualTable(ScrollView, can_focus=True):
     def row_style(self, index: int) -> Style:
         return Style()
 
+    def cell_style(self, index: int, column: int) -> Style | None:
+        """A style over the row's for one cell (e.g. a severity's colour), or None."""
+        return None
+
     # -- data -----------------------------------------------------------------------------
     def set_row_count(self, row_count: int, cursor: int = 0) -> None:
         self.row_count = row_count
@@ -95,25 +100,39 @@ class VirtualTable(ScrollView, can_focus=True):
         self.virtual_size = Size(width, self.row_count + 1)
 
     # -- drawing --------------------------------------------------------------------------
-    def _line(self, cells: list[str]) -> str:
-        return " ".join(c.fit(text) for c, text in zip(self.columns, cells, strict=False))
-
     def render_line(self, y: int) -> Strip:
         x = self.scroll_offset.x
         width = self.size.width
         if y == 0:
             style = self.get_component_rich_style("virtual-table--header")
-            text = self._line([c.label for c in self.columns])
-        else:
-            index = self.scroll_offset.y + y - 1
-            if index >= self.row_count:
-                return Strip.blank(width, self.rich_style)
-            text = self._line(self.row_cells(index))
-            style = self.rich_style + self.row_style(index)
-            if index == self.cursor:
-                style += self.get_component_rich_style("virtual-table--cursor")
-        text = text.ljust(x + width)
-        return Strip([Segment(text, style)]).crop(x, x + width)
+            return self._strip([c.label for c in self.columns], style, x + width).crop(x, x + width)
+        index = self.scroll_offset.y + y - 1
+        if index >= self.row_count:
+            return Strip.blank(width, self.rich_style)
+        style = self.rich_style + self.row_style(index)
+        if index == self.cursor:
+            style += self.get_component_rich_style("virtual-table--cursor")
+        strip = self._strip(self.row_cells(index), style, x + width, index)
+        return strip.crop(x, x + width)
+
+    def _widths(self) -> list[int]:
+        """Column widths as drawn: a flex column takes the room left beside the scrollbar, so
+        the table never scrolls sideways unless its columns' least widths do not fit."""
+        spare = max(0, self.scrollable_content_region.width - self.virtual_size.width)
+        return [c.width + spare if c.flex else c.width for c in self.columns]
+
+    def _strip(self, cells: list[str], style: Style, width: int, index: int | None = None) -> Strip:
+        """Cells fitted to their columns, one space apart, padded to `width`."""
+        segments = []
+        widths = self._widths()
+        for i, (column, text) in enumerate(zip(self.columns, cells, strict=False)):
+            extra = None if index is None else self.cell_style(index, i)
+            segments.append(Segment(column.fit(text, widths[i]) + " ",
+                                    style + extra if extra else style))
+        used = sum(len(s.text) for s in segments)
+        if used < width:
+            segments.append(Segment(" " * (width - used), style))
+        return Strip(Segment.simplify(segments))
 
     # -- cursor ---------------------------------------------------------------------------
     def watch_cursor(self, index: int) -> None:
