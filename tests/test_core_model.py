@@ -286,3 +286,24 @@ def test_opening_leaves_the_garbage_collector_as_it_was():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_lazy_fragments_read_by_two_threads_at_once():
+    import threading
+    import time
+
+    from zinspect.core.model import Fragment, Fragments
+
+    def make():
+        time.sleep(0.05)  # both threads are inside make() at once
+        return [Fragment(r, f"rank{r}.pt", 0, 10 * r, 10, 64, "float32") for r in range(4)]
+
+    frags = Fragments(make=make)
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(len(frags))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [4, 4]  # neither thread saw a half-built (empty) list
+    assert [f.rank for f in frags] == [0, 1, 2, 3]

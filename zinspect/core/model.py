@@ -12,6 +12,7 @@ Everything here is metadata; no tensor bytes are ever held.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,9 @@ class Fragment:
         return self.numel * DTYPE_SIZES[self.dtype]
 
 
+_BUILDING = threading.Lock()
+
+
 class Fragments(Sequence):
     """A param's fragments, built on first use.
 
@@ -114,9 +118,13 @@ class Fragments(Sequence):
         self._make = make
 
     def _all(self) -> list[Fragment]:
-        if self._make is not None:
-            make, self._make = self._make, None
-            self._items.extend(make())
+        make = self._make
+        if make is not None:  # two threads (the merge, the app's detail view) may both build:
+            built = make()  # the first to finish keeps its list, the other's is dropped
+            with _BUILDING:
+                if self._make is make:
+                    self._items.extend(built)
+                    self._make = None
         return self._items
 
     def append(self, fragment: Fragment) -> None:

@@ -201,10 +201,10 @@ def parse_size(text: str) -> int:
     """'5GB' -> 5_000_000_000 (Hugging Face's units: KB/MB/GB are powers of 10; KiB... of 2)."""
     m = _SIZE.match(str(text))
     if not m:
-        raise UsageError(f"bad size {text!r}", "use a number with a unit, e.g. 500MB, 5GB, 2GiB")
+        raise UsageError(f"bad size {text!r:.40}", "use a number with a unit, e.g. 500MB, 5GB, 2GiB")
     value = float(m[1]) * _UNITS[(m[2] or "B").upper()]
     if not math.isfinite(value) or value > 2**63:
-        raise UsageError(f"bad size {text!r}: too large", "e.g. 5GB")
+        raise UsageError(f"bad size {text!r:.40}: too large", "e.g. 5GB")
     if value < 1:
-        raise UsageError(f"bad size {text!r}: must be at least 1 byte", "e.g. 5GB")
+        raise UsageError(f"bad size {text!r:.40}: must be at least 1 byte", "e.g. 5GB")
     return int(value)
