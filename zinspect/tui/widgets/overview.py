@@ -65,7 +65,8 @@ def findings_facts(ckpt: Checkpoint) -> Table:
     counts = ckpt.counts()
     line = Text()
     for severity, n in counts.items():
-        line.append(f"{n} {severity}{'s' if n != 1 else ''}",
+        plural = "s" if n != 1 and severity != INFO else ""  # "2 errors", "2 info"
+        line.append(f"{n} {severity}{plural}",
                     style=SEVERITY_STYLES[severity] if n else "dim")
         line.append("   ")
     verdict = (Text("errors: a merge would be wrong; see the Findings tab", style="bold red")
