@@ -161,15 +161,6 @@ class Param:
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def source_dtype(self) -> str | None:
-        """dtype of the saved values the merge reads (fp32 masters, or 16-bit frozen values)."""
-        return self.fragments[0].dtype if self.fragments else None
-
-    @property
-    def covered(self) -> int:
-        return sum(f.numel for f in self.fragments)
-
 
 @dataclass
 class Buffer:
