@@ -18,14 +18,14 @@ def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
 
     PATH is the dir holding `latest` or a tag dir itself; `tag` picks another tag;
     `progress(files_done, files_total, file_name)` follows the reading of the rank files."""
-    with _gc_paused():
+    with gc_paused():
         ckpt = load_checkpoint(path, tag, progress)
         validate(ckpt)
     return ckpt
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Opening builds up to millions of small objects that hold no reference cycles; the cyclic
     collector would walk all of them again and again as they pile up (at 306k params it took a
     third of the time). Reference counting still frees everything that is dropped."""
@@ -38,4 +38,4 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-__all__ = ["Checkpoint", "open_checkpoint"]
+__all__ = ["Checkpoint", "gc_paused", "open_checkpoint"]

@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.command import CommandPalette
 from textual.worker import Worker, WorkerState
 
-from zinspect.core import open_checkpoint
+from zinspect.core import gc_paused, open_checkpoint
 from zinspect.core.model import Finding
 from zinspect.core.selection import Selection
 from zinspect.errors import ZinspectError
@@ -73,7 +73,8 @@ class ZinspectApp(App[int]):
         def progress(done: int, total: int, name: str) -> None:
             self.post_message(LoadProgress(done, total, name))
 
-        return Inspection(open_checkpoint(self.path, self.tag, progress), selection)
+        with gc_paused():  # the tree and sort orders are as many small objects again
+            return Inspection(open_checkpoint(self.path, self.tag, progress), selection)
 
     @on(LoadProgress)
     def load_progress(self, event: LoadProgress) -> None:
