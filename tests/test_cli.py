@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -478,3 +480,23 @@ def test_a_dir_that_cannot_be_listed_is_a_clean_error(monkeypatch, tmp_path):
     with pytest.raises(CheckpointNotFound, match="Permission denied") as e:
         discover.locate(tmp_path)
     assert "chmod" in e.value.hint
+
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # as if torch were not installed: `import torch` raises ImportError
+from zinspect.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pt_output_without_torch_says_what_to_install(tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "merge", str(FIXTURES / "s3_w4_bf16"),
+                        str(out), "--format", "pt"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2, r.stderr
+    assert "torch is not installed" in r.stderr and "zinspect[torch]" in r.stderr
+    assert "internal error" not in r.stderr and not out.exists()
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, "merge", str(FIXTURES / "s1_w4_bf16"),
+                        str(out)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr  # safetensors (fp16/bf16 upcasts too) needs no torch

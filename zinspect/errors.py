@@ -48,5 +48,9 @@ class MergeCancelled(ZinspectError):
     exit_code = 130
 
 
+class MissingDependency(ZinspectError):
+    """An optional package is needed for what was asked (torch for .pt output and tensors)."""
+
+
 class UsageError(ZinspectError):
     """Bad arguments: an unknown format, a malformed shard size, a bad selection file."""

@@ -14,7 +14,7 @@ from zinspect.core.model import Checkpoint
 from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
-from zinspect.core.writers import FORMATS, WRITERS, index_json, plan_shards
+from zinspect.core.writers import FORMATS, WRITERS, index_json, plan_shards, require_torch
 from zinspect.errors import MergeCancelled, OutputError, UsageError
 
 TMP_SUFFIX = ".zinspect-partial"
@@ -52,6 +52,8 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     `should_stop()` is polled between chunks and, when true, cancels (MergeCancelled)."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    if fmt == "pt":
+        require_torch()  # before anything is written
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
     started = time.monotonic()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from zinspect.core.plan import OutputTensor
 from zinspect.core.stream import BufferSink, ProgressMeter, ShouldStop, copy_tensors, fd_sink
+from zinspect.errors import MissingDependency
 
 SAFETENSORS_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -86,8 +87,7 @@ def write_safetensors(fd: int, shard: Shard, meter: ProgressMeter,
 
 def write_torch(fd: int, shard: Shard, meter: ProgressMeter, should_stop: ShouldStop | None) -> None:
     """torch.save of {name: tensor}; tied aliases share their owner's tensor (saved once)."""
-    import torch
-
+    torch = require_torch()
     state = torch_tensors(shard.tensors, meter, should_stop)
     with os.fdopen(os.dup(fd), "wb") as f:
         torch.save(state, f)
@@ -97,7 +97,7 @@ def torch_tensors(tensors: list[OutputTensor], meter: ProgressMeter,
                   should_stop: ShouldStop | None = None) -> dict:
     """{name: torch tensor} of `tensors`, read in one stream. A tied alias shares its owner's
     tensor when the owner is among them, and is read like an owner otherwise."""
-    import torch
+    torch = require_torch()
 
     names = {t.name for t in tensors}
     owners = [t for t in tensors if t.tied_to is None or t.tied_to not in names]
@@ -113,6 +113,18 @@ def torch_tensors(tensors: list[OutputTensor], meter: ProgressMeter,
             built[t.name] = built[t.tied_to]
             meter.add(t.nbytes, t.name)
     return {t.name: built[t.name] for t in tensors}
+
+
+def require_torch():
+    """torch, imported on demand: only `.pt` output and the tensor API need it."""
+    try:
+        import torch
+    except ImportError as e:
+        raise MissingDependency(
+            "torch is not installed: .pt output and the tensor API (get_fp32_state_dict, "
+            "load_into) need it", "pip install 'zinspect[torch]', or write safetensors "
+            "(the default format, which needs no torch)") from e
+    return torch
 
 
 WRITERS = {"safetensors": write_safetensors, "pt": write_torch}
