@@ -496,7 +496,7 @@ def test_pt_output_without_torch_says_what_to_install(tmp_path):
                         str(out), "--format", "pt"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2, r.stderr
     assert "torch is not installed" in r.stderr and "zinspect[torch]" in r.stderr
-    assert "internal error" not in r.stderr and not out.exists()
+    assert "internal error" not in r.stderr and "writing" not in r.stderr and not out.exists()
     r = subprocess.run([sys.executable, "-c", NO_TORCH, "merge", str(FIXTURES / "s1_w4_bf16"),
                         str(out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr  # safetensors (fp16/bf16 upcasts too) needs no torch

@@ -346,6 +346,10 @@ def cmd_merge(args) -> int:
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
     shard = _shard_size(args.max_shard_size, parse_size)
+    if args.fmt == "pt":
+        from zinspect.core.writers import require_torch
+
+        require_torch()  # say so before announcing a merge that cannot start
     sel = Selection.load(args.selection) if args.selection else Selection()
     sel.exclude_globs = list(sel.exclude_globs) + list(args.exclude)
     sel.exclude_frozen = sel.exclude_frozen or args.exclude_frozen
