@@ -28,7 +28,6 @@ Damaged or unreadable bytes never raise: they become findings.
 from __future__ import annotations
 
 import os
-import struct
 import zlib
 from collections.abc import Callable
 
@@ -37,9 +36,9 @@ from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, SourceFile
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
     LOCAL_HEADER,
+    NoZipDirectory,
     PickleMemo,
-    _central_directory,
-    _NoDirectory,
+    central_directory,
     local_data_offset,
     read_torch_file,
 )
@@ -197,8 +196,8 @@ def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple[RankFi
             continue
         try:
             with open(rf.path, "rb", buffering=0) as f:
-                out.append((rf, _central_directory(f, os.fstat(f.fileno()).st_size)))
-        except (_NoDirectory, struct.error, StopIteration, OSError) as e:
+                out.append((rf, central_directory(f, os.fstat(f.fileno()).st_size)))
+        except (NoZipDirectory, OSError) as e:
             why = (e.strerror or str(e)) if isinstance(e, OSError) else \
                 "its end record or entries are missing or malformed"
             findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: its zip directory "

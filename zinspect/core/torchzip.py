@@ -401,16 +401,11 @@ def zip_is_complete(path: str | os.PathLike) -> bool:
             tail = _tail(f, size)
     except OSError:
         return False
-    i = tail.rfind(b"PK\x05\x06")
-    if i < 0 or len(tail) - i < 22:
+    try:
+        _, cd_size, cd_offset, end = _directory_span(tail)
+    except NoZipDirectory:
         return False
-    cd_size, cd_offset = struct.unpack("<II", tail[i + 12:i + 20])
-    if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:  # zip64: sizes live in another record
-        j = tail.rfind(b"PK\x06\x06", 0, i)
-        if j < 0 or len(tail) - j < 56:
-            return False
-        cd_size, cd_offset = struct.unpack("<QQ", tail[j + 40:j + 56])
-    return cd_offset + cd_size <= size - (len(tail) - i)
+    return cd_offset + cd_size <= size - (len(tail) - end)
 
 
 def pickle_is_intact(path: str | os.PathLike) -> bool:
@@ -419,12 +414,12 @@ def pickle_is_intact(path: str | os.PathLike) -> bool:
     try:
         size = os.path.getsize(path)
         with open(path, "rb", buffering=0) as f:
-            entries = _central_directory(f, size)
+            entries = central_directory(f, size)
             pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
             if len(pkl) != 1 or pkl[0][2] != 0 or pkl[0][3] > MAX_PICKLE_BYTES:
                 return False
             raw = _read_record(f, pkl[0][1], pkl[0][3], size)
-    except (_NoDirectory, struct.error, StopIteration, OSError):
+    except (NoZipDirectory, OSError):
         return False
     return raw is not None and zlib.crc32(raw) == pkl[0][4]
 
@@ -463,31 +458,30 @@ def _tail(f, size: int) -> bytes:
     return tail
 
 
-class _NoDirectory(Exception):
+class NoZipDirectory(Exception):
     """The zip's end record or central directory is missing or malformed."""
 
 
-def _central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
+def central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
     """(name, local header offset, compression, size, crc) of every record, read straight from
-    the central directory: zipfile builds an object per record, too slow at 300k records."""
-    tail = _tail(f, size)
-    i = tail.rfind(b"PK\x05\x06")
-    if i < 0 or len(tail) - i < 22:
-        raise _NoDirectory
-    count, cd_size, cd_offset = struct.unpack_from("<HII", tail, i + 10)
-    if 0xFFFF in (count,) or 0xFFFFFFFF in (cd_size, cd_offset):
-        j = tail.rfind(b"PK\x06\x06", 0, i)
-        if j < 0 or len(tail) - j < 56:
-            raise _NoDirectory
-        count, cd_size, cd_offset = struct.unpack_from("<QQQ", tail, j + 32)
+    the central directory: zipfile builds an object per record, too slow at 300k records.
+    Raises NoZipDirectory when the end record or an entry is missing or malformed, OSError."""
+    try:
+        return _parse_central_directory(f, size)
+    except (struct.error, StopIteration) as e:
+        raise NoZipDirectory from e
+
+
+def _parse_central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
+    count, cd_size, cd_offset, _ = _directory_span(_tail(f, size))
     if cd_offset + cd_size > size:
-        raise _NoDirectory
+        raise NoZipDirectory
     f.seek(cd_offset)
     cd = f.read(cd_size)
     out, pos = [], 0
     while pos + 46 <= len(cd):
         if cd[pos:pos + 4] != b"PK\x01\x02":
-            raise _NoDirectory
+            raise NoZipDirectory
         comp, crc, csize, usize, nlen, xlen, clen, offset = \
             struct.unpack_from("<10xH4xIIIHHH8xI", cd, pos)
         name = cd[pos + 46:pos + 46 + nlen].decode("utf-8", "replace")
@@ -497,8 +491,23 @@ def _central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
         out.append((name, offset, comp, usize, crc))
         pos += 46 + nlen + xlen + clen
     if len(out) != count:
-        raise _NoDirectory
+        raise NoZipDirectory
     return out
+
+
+def _directory_span(tail: bytes) -> tuple[int, int, int, int]:
+    """From a zip's last bytes: (record count, directory size, directory offset, where the end
+    record starts in `tail`), from the zip64 records when the end record defers to them."""
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or len(tail) - i < 22:
+        raise NoZipDirectory
+    count, cd_size, cd_offset = struct.unpack_from("<HII", tail, i + 10)
+    if count == 0xFFFF or 0xFFFFFFFF in (cd_size, cd_offset):
+        j = tail.rfind(b"PK\x06\x06", 0, i)
+        if j < 0 or len(tail) - j < 56:
+            raise NoZipDirectory
+        count, cd_size, cd_offset = struct.unpack_from("<QQQ", tail, j + 32)
+    return count, cd_size, cd_offset, i
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int]:
@@ -513,13 +522,13 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
             offset = next(values) if offset == 0xFFFFFFFF else offset
             return usize, offset
         pos += 4 + length
-    raise _NoDirectory
+    raise NoZipDirectory
 
 
 def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchFile:
     try:
-        entries = _central_directory(f, size)
-    except (_NoDirectory, struct.error, StopIteration, OSError):
+        entries = central_directory(f, size)
+    except (NoZipDirectory, OSError):
         return _walk_local_headers(f, path, size)
     pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
     if len(pkl) != 1:
