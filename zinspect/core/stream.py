@@ -81,7 +81,10 @@ def _raise_open_file_limit() -> bool:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft >= hard:
         return False
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):  # an unlimited hard limit is more than the kernel allows
+        return False
     return True
 
 
