@@ -376,8 +376,9 @@ def test_merge_broken_checkpoint_refused_then_salvaged(tmp_path):
 def test_merge_cancel_leaves_nothing(tmp_path, monkeypatch, capsys):
     """should_stop() answering True (what Ctrl-C sets) cancels with 130 and no output."""
     from zinspect import cli
+    from zinspect.cli import common
 
-    monkeypatch.setattr(cli._Stop, "__call__", lambda self: True)
+    monkeypatch.setattr(common.Stop, "__call__", lambda self: True)
     out = tmp_path / "out"
     code = cli.main(["merge", str(FIXTURES / "s3_w4_bf16"), str(out)])
     assert code == 130
@@ -389,10 +390,10 @@ def test_merge_cancel_leaves_nothing(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_handler_asks_to_stop_then_aborts():
     import signal
 
-    from zinspect import cli
+    from zinspect.cli import common
 
     before = signal.getsignal(signal.SIGINT)
-    with cli._Stop() as stop:
+    with common.Stop() as stop:
         assert signal.getsignal(signal.SIGINT) == stop._handler
         assert stop() is False
         stop._handler(signal.SIGINT, None)
@@ -410,7 +411,8 @@ def test_merge_sigint_in_a_subprocess(tmp_path):
     code = (
         "import os, sys, time\n"
         "from zinspect import cli\n"
-        "orig = cli._Bar.update\n"
+        "from zinspect.cli import common\n"
+        "orig = common.Bar.update\n"
         "def update(self, done, total, name=''):\n"
         f"    open({str(ready)!r}, 'w').close()\n"
         "    orig(self, done, total, name)\n"
@@ -418,12 +420,12 @@ def test_merge_sigint_in_a_subprocess(tmp_path):
         "    while not cli._STOP_SEEN and time.monotonic() < deadline:\n"
         "        time.sleep(0.01)\n"
         "cli._STOP_SEEN = False\n"
-        "h = cli._Stop._handler\n"
+        "h = common.Stop._handler\n"
         "def handler(self, *a):\n"
         "    h(self, *a)\n"
         "    cli._STOP_SEEN = True\n"
-        "cli._Stop._handler = handler\n"
-        "cli._Bar.update = update\n"
+        "common.Stop._handler = handler\n"
+        "common.Bar.update = update\n"
         f"sys.exit(cli.main(['merge', {str(FIXTURES / 's3_w4_bf16')!r}, {str(out)!r}]))\n")
     import signal
     import subprocess

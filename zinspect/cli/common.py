@@ -1,0 +1,151 @@
+"""What every subcommand shares: the parser pieces, opening the checkpoint, JSON and error output,
+Ctrl-C as a polite stop, and the progress bar. Imports stay lazy: `info --json` and
+`validate --json` import neither torch, textual nor rich."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from zinspect.errors import ZinspectError
+from zinspect.report import console
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH",
+                   help="the checkpoint dir (holding `latest`) or one of its tag dirs")
+    p.add_argument("--tag", metavar="TAG",
+                   help="tag dir to read instead of the one `latest` names (e.g. global_step500)")
+
+
+def open_checkpoint(args):
+    from zinspect.core import open_checkpoint as open_ckpt
+
+    return open_ckpt(args.path, args.tag)
+
+
+def readable_at_all(ckpt) -> bool:
+    """False when not one file of the tag dir could be parsed: nothing to show."""
+    return any(f.readable for f in ckpt.files)
+
+
+def unreadable(ckpt) -> int:
+    print(f"zinspect: {ckpt.path}: no file in it can be read as a checkpoint file", file=sys.stderr)
+    print("  hint: every file is damaged or not a torch.save file; `zinspect info` lists them",
+          file=sys.stderr)
+    return 2
+
+
+def print_json(obj) -> None:
+    """Indented for a terminal; compact when piped (json's C encoder: 4x faster at 300k params)."""
+    indent = 1 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(obj, indent=indent, default=str))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def print_error(e: ZinspectError) -> None:
+    print(f"zinspect: {e.message}", file=sys.stderr)
+    if e.hint:
+        print(f"  hint: {e.hint}", file=sys.stderr)
+
+
+def silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def cancelled(what: str) -> ZinspectError:
+    from zinspect.errors import MergeCancelled
+
+    return MergeCancelled(f"{what} was cancelled", "nothing was written")
+
+
+class Stop:
+    """A should_stop() callable that turns the first Ctrl-C into a polite stop request;
+    a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nzinspect: stopping... (Ctrl-C again to abort at once)", file=sys.stderr)
+
+    def __enter__(self) -> Stop:
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class Bar:
+    """A rich progress bar on stderr (bytes, rate, ETA, current name); update(done, total, name)
+    is the progress callback of merge and deep_check. It appears only once the work has taken
+    SHOW_AFTER seconds: a bar that would flash for a moment is noise (and rich costs an import)."""
+
+    SHOW_AFTER = 0.3
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.progress = None
+        self.task = None
+        self.created = time.monotonic()
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def _start(self) -> None:
+        """Created at the first update after SHOW_AFTER, so a merge refused up front prints no bar."""
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn(f"[bold]{self.label}[/]"), BarColumn(), DownloadColumn(binary_units=True),
+            TransferSpeedColumn(), TimeRemainingColumn(),
+            TextColumn("[dim]{task.fields[name]}[/]"),
+            console=console(stderr=True), transient=False)
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.label, total=self.total or None, name="")
+
+    def update(self, done: int, total: int, name: str = "") -> None:
+        if self.progress is None:
+            if time.monotonic() - self.created < self.SHOW_AFTER:
+                return
+            self._start()
+        name = name if len(name) <= 48 else "..." + name[-45:]
+        self.progress.update(self.task, completed=done, total=total or None, name=name)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)

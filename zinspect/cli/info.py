@@ -1,0 +1,40 @@
+"""`zinspect info`: a summary of a checkpoint from its metadata."""
+
+from __future__ import annotations
+
+from zinspect.cli.common import open_checkpoint, print_json, readable_at_all
+from zinspect.report import human_info, info_json
+
+NAME = "info"
+SUMMARY = "summary of a checkpoint (--json for scripts)"
+DESCRIPTION = "Summarise a checkpoint from its metadata."
+EPILOG = """\
+Shows where the checkpoint is (tag, other tags), how it was trained (ZeRO stage, world size,
+dtypes, DeepSpeed version, layout), its params (trainable, frozen, tied) and sizes, the files
+of each rank, the optimizer param groups, and how many findings validation has.
+
+examples:
+  zinspect info ./checkpoints
+  zinspect info ./checkpoints/global_step1000 --json | jq '.params[] | .name'
+
+--json prints one object: stage, world_size, dtype ("bf16", "fp16", "fp32"), master_dtype,
+ds_version, tag, tags, layout, path, files, buffers, params (name, shape, numel, dtype, frozen,
+tied_to, group), groups, findings, counts, totals. Tied params appear under both names.
+
+exit codes:
+  0    the checkpoint was found and read (even if it has errors: info shows what it could read)
+  2    PATH is not a checkpoint, or no file in it can be read, or bad usage
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def run(args) -> int:
+    ckpt = open_checkpoint(args)
+    if args.json:
+        print_json(info_json(ckpt))
+    else:
+        human_info(ckpt)
+    return 0 if readable_at_all(ckpt) else 2

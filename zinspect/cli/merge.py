@@ -1,0 +1,138 @@
+"""`zinspect merge`: write the consolidated weights, streamed and atomic."""
+
+from __future__ import annotations
+
+import sys
+
+from zinspect.cli.common import (
+    Bar,
+    Stop,
+    cancelled,
+    open_checkpoint,
+    print_json,
+    readable_at_all,
+    unreadable,
+)
+from zinspect.report import ellipsis
+
+NAME = "merge"
+SUMMARY = "write the consolidated fp32 weights (safetensors or .pt)"
+DESCRIPTION = "Merge the ZeRO partitions into full fp32 weights."
+EPILOG = """\
+Rebuilds the full fp32 weights (params, tied aliases, buffers) from the ZeRO partitions and
+writes them to OUT_DIR, as safetensors shards with an index (or torch .pt files). Only the
+bytes the output needs are read (the fp32 partitions, not the optimizer moments). Shards are
+written under temporary names and renamed into place at the end, so a failed or cancelled
+merge leaves nothing behind.
+
+examples:
+  zinspect merge ./checkpoints ./merged
+  zinspect merge ./checkpoints ./merged --format pt --max-shard-size 2GB
+  zinspect merge ./checkpoints ./merged --exclude 'lora_*' --exclude-frozen
+  zinspect merge ./checkpoints ./merged --selection picked.json    (saved from the app)
+  zinspect merge ./broken ./rescued --salvage                      (drop what cannot be rebuilt)
+
+exit codes:
+  0    merged
+  1    the checkpoint cannot be merged correctly (run `zinspect validate`), or --salvage dropped
+       params (they are listed)
+  2    PATH is not a checkpoint, OUT_DIR is unusable (exists: use --force), or bad usage
+  130  cancelled with Ctrl-C; nothing was written
+"""
+
+
+def add_arguments(p) -> None:
+    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create with the output")
+    p.add_argument("--format", dest="fmt", choices=("safetensors", "pt"), default="safetensors",
+                   help="output format (default: safetensors)")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest output file, e.g. 5GB, 500MB, 2GiB; 0 for a single file "
+                        "(default: 5GB)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out params/buffers whose name matches GLOB (repeatable)")
+    p.add_argument("--exclude-frozen", action="store_true", help="leave out all frozen params")
+    p.add_argument("--selection", metavar="FILE",
+                   help="a selection JSON file saved from the app (its exclusions are added)")
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT_DIR even if it is not empty (same-named files are "
+                        "replaced, others are left as they are)")
+    p.add_argument("--salvage", action="store_true",
+                   help="merge what can be rebuilt and drop (and list) the params that cannot")
+    p.add_argument("--json", action="store_true", help="print a JSON summary of the result")
+
+
+def run(args) -> int:
+    import warnings
+
+    from zinspect.core.merge import merge, parse_size, plan_merge
+    from zinspect.core.selection import Selection
+
+    # torch (pt output, fp16 upcasts) warns at import when numpy is absent; it needs none here
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+    shard = shard_size(args.max_shard_size, parse_size)
+    if args.fmt == "pt":
+        from zinspect.core.writers import require_torch
+
+        require_torch()  # say so before announcing a merge that cannot start
+    sel = Selection.load(args.selection) if args.selection else Selection()
+    sel.exclude_globs = list(sel.exclude_globs) + list(args.exclude)
+    sel.exclude_frozen = sel.exclude_frozen or args.exclude_frozen
+    ckpt = open_checkpoint(args)
+    if not readable_at_all(ckpt):
+        return unreadable(ckpt)
+    plan = plan_merge(ckpt, sel, salvage=args.salvage)
+    _announce(ckpt, plan, args, shard)
+    with Stop() as stop, Bar("merging", plan.total_bytes) as bar:
+        try:
+            result = merge(ckpt, args.out_dir, selection=sel, fmt=args.fmt, max_shard_size=shard,
+                           force=args.force, salvage=args.salvage, progress=bar.update,
+                           should_stop=stop, plan=plan)
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the merge's checks
+            raise cancelled("the merge") from None
+    dropped = dict(getattr(result, "dropped", None) or {})
+    if args.json:
+        print_json(result.to_json())
+    _report_merge(result, dropped)
+    return 1 if dropped else 0
+
+
+def shard_size(text: str, parse_size) -> int | None:
+    """--max-shard-size: None for one file ('0', 'none', ...); parse_size raises UsageError."""
+    if text.strip().lower() in ("0", "none", "no", "off", ""):
+        return None
+    return parse_size(text)
+
+
+def _announce(ckpt, plan, args, shard) -> None:
+    from zinspect.core import fmt
+
+    names = [t.name for t in plan.tensors]
+    params = sum(1 for n in names if n in ckpt.params)
+    buffers = sum(1 for n in names if n in ckpt.buffers)
+    err = sys.stderr
+    print(f"zinspect: writing {fmt.count(params)} params and {buffers} buffers "
+          f"({fmt.size(plan.total_bytes)}) to {args.out_dir} as {args.fmt}"
+          + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
+    if plan.excluded:
+        print(f"  excluded by the selection: {len(plan.excluded)} "
+              f"({ellipsis(sorted(plan.excluded), 5)})", file=err)
+    if plan.dropped:
+        print(f"  --salvage drops {len(plan.dropped)} that cannot be rebuilt:", file=err)
+        for name, why in list(plan.dropped.items())[:20]:
+            print(f"    {name}: {why}", file=err)
+        if len(plan.dropped) > 20:
+            print(f"    ... and {len(plan.dropped) - 20} more", file=err)
+    err.flush()
+
+
+def _report_merge(result, dropped: dict) -> None:
+    from zinspect.core import fmt
+
+    err = sys.stderr
+    print(f"zinspect: wrote {fmt.count(result.tensors)} tensors, {fmt.size(result.bytes)} in "
+          f"{len(result.files)} file(s) to {result.out_dir} in {fmt.duration(result.seconds)}",
+          file=err)
+    if dropped:
+        print(f"zinspect: the output lacks the {len(dropped)} tensor(s) --salvage dropped "
+              f"(listed above): {ellipsis(list(dropped), 5)}", file=err)
