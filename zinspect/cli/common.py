@@ -75,12 +75,17 @@ def cancelled(what: str) -> ZinspectError:
 
 
 class Stop:
-    """A should_stop() callable that turns the first Ctrl-C into a polite stop request;
-    a second Ctrl-C interrupts at once."""
+    """A should_stop() callable that turns the first SIGINT (Ctrl-C), SIGTERM (`timeout`, SLURM,
+    systemd) or SIGHUP (the terminal closed) into a polite stop request; a second one interrupts
+    at once. A MergeCancelled leaving the block then exits 128 + the signal's number (130, 143,
+    129), as a shell reports a process killed by it."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
 
     def __call__(self) -> bool:
         return self.requested
@@ -88,19 +93,33 @@ class Stop:
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nzinspect: stopping... (Ctrl-C again to abort at once)", file=sys.stderr)
+        self.requested, self.signum = True, signum
+        if signum == signal.SIGINT:
+            print("\nzinspect: stopping... (Ctrl-C again to abort at once)", file=sys.stderr)
+        else:
+            print(f"\nzinspect: {signal.Signals(signum).name} received, stopping...",
+                  file=sys.stderr)
 
     def __enter__(self) -> Stop:
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                break
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from zinspect.errors import MergeCancelled
+
+        for sig, old in self._old.items():
+            if old is not None:  # None: a handler not set from Python, nothing to restore
+                signal.signal(sig, old)
+        self._old = {}
+        if isinstance(exc, MergeCancelled) and self.signum is not None:
+            exc.exit_code = 128 + self.signum
 
 
 class Bar:

@@ -87,7 +87,8 @@ def run(args) -> int:
         try:
             result = merge(ckpt, args.out_dir, selection=sel, fmt=args.fmt, max_shard_size=shard,
                            force=args.force, salvage=args.salvage, progress=bar.update,
-                           should_stop=stop, plan=plan)
+                           should_stop=stop, plan=plan,
+                           notice=lambda text: print(f"zinspect: {text}", file=sys.stderr))
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the merge's checks
             raise cancelled("the merge") from None
     dropped = dict(getattr(result, "dropped", None) or {})
