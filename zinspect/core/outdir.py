@@ -68,7 +68,8 @@ class LockInfo:
     def parse(cls, data: bytes) -> LockInfo:
         try:
             d = json.loads(data.decode("utf-8", "replace")[:4096])
-            return cls(int(d["pid"]), str(d["host"])[:64], float(d["started"]))
+            host = "".join(c if c.isprintable() else "?" for c in str(d["host"])[:64])
+            return cls(int(d["pid"]), host, float(d["started"]))
         except (ValueError, KeyError, TypeError):
             return cls(0, "an unknown host", 0.0)
 
@@ -187,9 +188,8 @@ class OutputDir:
         (flock()ed by us) until the contents check passes, then replace it (_claim)."""
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                            "started": time.time()}).encode()
-        tmp = temp_name(LOCK_NAME)
-        self.lock_fd = os.open(tmp, _OPEN_NEW, 0o644, dir_fd=self.dfd)
-        self._lock_tmp = tmp
+        self.lock_fd, self._lock_tmp = self._open_new(LOCK_NAME)
+        tmp = self._lock_tmp
         os.write(self.lock_fd, info)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for _ in range(20):
@@ -254,7 +254,7 @@ class OutputDir:
         self.notice(f"took over the lock of an interrupted merge ({self.stale.describe()})")
 
     def _check_contents(self) -> None:
-        entries = [n for n in os.listdir(self.dfd) if n != LOCK_NAME]
+        entries = [n for n in os.listdir(self.dfd) if n not in (LOCK_NAME, self._lock_tmp)]
         for n in entries:
             st = os.stat(n, dir_fd=self.dfd, follow_symlinks=False)
             if (st.st_dev, st.st_ino) in self._input_ids:
@@ -284,14 +284,18 @@ class OutputDir:
     def create(self, name: str) -> int:
         """A new, empty file (fd) that becomes `name` at commit(); the caller closes it."""
         assert name in self.names and name not in self.temps
+        fd, self.temps[name] = self._open_new(name)
+        return fd
+
+    def _open_new(self, name: str) -> tuple[int, str]:
+        """Create the temp file of `name`: never an existing entry (O_EXCL), never through a
+        link (O_NOFOLLOW); something planted at the name is left alone and another is tried."""
         for _ in range(16):
             tmp = temp_name(name)
             try:
-                fd = os.open(tmp, _OPEN_NEW, 0o644, dir_fd=self.dfd)
-            except FileExistsError:  # something planted at the name: leave it, take another
+                return os.open(tmp, _OPEN_NEW, 0o644, dir_fd=self.dfd), tmp
+            except FileExistsError:
                 continue
-            self.temps[name] = tmp
-            return fd
         raise OutputError(f"{self.path}: cannot create a temporary file for {name}",
                           "something keeps creating files in OUT_DIR; pick another directory")
 
