@@ -10,7 +10,8 @@ Two container formats exist:
 The object pickle is loaded by `MetaUnpickler`, which never imports a module or calls anything the
 pickle names: tensors become `TensorRef` descriptors, a short allowlist of harmless builtins is
 honoured, and every other global becomes an inert `Opaque` record. A hostile pickle therefore
-cannot run code here; at worst it yields records the caller ignores.
+cannot run code here; at worst it yields records the caller ignores. Its time and memory are
+bounded by the pickle's size (zinspect.core.unpickle): past a budget the file is unreadable.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from zinspect.core.unpickle import BoundedUnpickler, PickleBudgetExceeded, checked_set
+from zinspect.core.zipcheck import LOCAL_HEADER, ZipStructureError, check_records
 from zinspect.errors import UnreadableFile
 
 #: torch dtype name -> bytes per element
@@ -53,10 +56,11 @@ _SCALAR_CODES = {"float32": "f", "float64": "d", "int64": "q", "int32": "i"}
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 #: a data.pkl larger than this is refused rather than parsed (real ones are KB to a few tens of MB)
 MAX_PICKLE_BYTES = 1 << 30
-#: CRC-checked pickles larger than this are read by the C unpickler (see FastMetaUnpickler)
-FAST_PICKLE_BYTES = 4 << 20
+#: PickleMemo keeps pickles up to this size
+MEMO_PICKLE_BYTES = 4 << 20
+#: largest storage element count accepted (2**48: 1 PB of bytes at most)
+MAX_NUMEL = 1 << 48
 _DESCRIPTOR = b"PK\x07\x08"
-LOCAL_HEADER = 30  # bytes of a zip local header before its name and extra field
 
 
 class PickleMemo:
@@ -66,7 +70,7 @@ class PickleMemo:
     kept, and only the first few distinct ones, so what it holds stays bounded (ZeRO-1/2 ranks'
     pickles all differ: those simply miss)."""
 
-    def __init__(self, entries: int = 8, max_bytes: int = FAST_PICKLE_BYTES) -> None:
+    def __init__(self, entries: int = 8, max_bytes: int = MEMO_PICKLE_BYTES) -> None:
         self.entries, self.max_bytes = entries, max_bytes
         self._seen: dict[bytes, tuple] = {}
         self._lock = threading.Lock()
@@ -233,9 +237,9 @@ _ALLOWED = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): tuple,
     ("torch", "device"): str,
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): checked_set(OrderedDict),
+    ("builtins", "set"): checked_set(set),
+    ("builtins", "frozenset"): checked_set(frozenset),
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
     ("builtins", "bytearray"): _bytearray,
@@ -261,8 +265,8 @@ class _Rules:
     """What the unpicklers below allow: globals only from `_ALLOWED` (nothing is ever imported),
     unknown ones as inert `Opaque` classes, and storages as `StorageRef` descriptors."""
 
-    def __init__(self, file, legacy: bool = False) -> None:
-        super().__init__(file, encoding="utf-8")
+    def __init__(self, file, legacy: bool = False, budget_bytes: int = 0) -> None:
+        super().__init__(file, encoding="utf-8", budget_bytes=budget_bytes)
         self.legacy = legacy
         self.storages: dict[str, StorageRef] = {}
         self.unknown_globals: set[str] = set()
@@ -283,14 +287,19 @@ class _Rules:
         return cls
 
     def persistent_load(self, pid):
+        # nothing from the pickle is formatted here: a memo bomb's repr never ends
         if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+            raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         want = 6 if self.legacy else 5
-        if len(pid) != want or not isinstance(pid[1], _StorageClass):
-            raise pickle.UnpicklingError(f"malformed storage reference {pid!r:.80}")
-        key, location, numel = str(pid[2]), str(pid[3]), pid[4]
-        if not isinstance(numel, int) or numel < 0:
-            raise pickle.UnpicklingError(f"storage {key}: bad element count {numel!r:.40}")
+        if len(pid) != want or not isinstance(pid[1], _StorageClass) or \
+                not isinstance(pid[2], (str, int)) or not isinstance(pid[3], str) or \
+                len(str(pid[2])) > 64 or len(pid[3]) > 64:
+            raise pickle.UnpicklingError(f"malformed storage reference ({len(pid)} fields)")
+        key, location, numel = str(pid[2]), pid[3], pid[4]
+        if type(numel) is not int or not 0 <= numel <= MAX_NUMEL:
+            raise pickle.UnpicklingError(f"storage {key}: bad element count "
+                                         f"{numel if type(numel) is int else type(numel).__name__}"
+                                         [:120])
         ref = self.storages.get(key)
         if ref is None:
             ref = self.storages[key] = StorageRef(key, pid[1].dtype, numel, location)
@@ -299,18 +308,11 @@ class _Rules:
         return ref
 
 
-class MetaUnpickler(_Rules, pickle._Unpickler):
-    """The pure-Python unpickler, whose memo is a dict. The C one keeps its memo in an array
-    sized by the largest PUT index, so a damaged `LONG_BINPUT` index (up to 2**32) makes it
-    allocate and zero up to 64 GB before failing. Pure Python costs about 0.1 s per MB of
-    pickle; nearly every real data.pkl is KB to a few MB."""
-
-
-class FastMetaUnpickler(_Rules, pickle.Unpickler):
-    """The C unpickler, about 7x faster, for pickles over FAST_PICKLE_BYTES that passed the
-    zip's CRC check (300k param names make a 50 MB data.pkl: 25 s in pure Python, 3.5 s here).
-    Random damage never reaches it; a large pickle forged with a matching CRC could make it
-    allocate memory, never run code: the allowlist is the same."""
+class MetaUnpickler(_Rules, BoundedUnpickler):
+    """The restricted, bounded unpickler for every pickle, large ones too. The C unpickler
+    (about 7x faster) was used for CRC-checked pickles over 4 MB, but a forged one could make
+    it allocate gigabytes (its memo is an array sized by the largest PUT index) or crash while
+    hashing a deeply nested key, and a valid CRC is no proof against forgery."""
 
 
 @dataclass
@@ -425,19 +427,21 @@ def pickle_is_intact(path: str | os.PathLike) -> bool:
 
 
 def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = False,
-                 verified: bool = False):
-    """`verified`: the bytes passed the zip's CRC check. Large verified pickles go to the fast
-    C unpickler; everything else to the pure-Python one (see the two classes)."""
+                 budget_bytes: int | None = None):
+    """Unpickle `data` (bytes, or a stream positioned at a pickle). The parsing budgets scale
+    with `budget_bytes` (default: the length of `data`): what a pickle of that size can need."""
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    fast = verified and len(data) > FAST_PICKLE_BYTES
-    up = (FastMetaUnpickler if fast else MetaUnpickler)(stream, legacy=legacy)
+    if budget_bytes is None:
+        budget_bytes = len(data)
+    up = MetaUnpickler(stream, legacy=legacy, budget_bytes=budget_bytes)
     try:
         return up.load(), up
     except (RecursionError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
             IndexError, AttributeError, UnicodeDecodeError, struct.error, OverflowError,
             MemoryError) as e:
         what = ("the pickle nests too deeply to read" if isinstance(e, RecursionError) else
-                f"its pickle is corrupt ({type(e).__name__}: {e})")
+                f"its pickle exceeds a parsing budget: {e}" if isinstance(e, PickleBudgetExceeded)
+                else f"its pickle is corrupt ({type(e).__name__}: {str(e)[:200]})")
         error = UnreadableFile(f"{path}: {what}"[:400], _CORRUPT)
         error.unknown_globals = frozenset(up.unknown_globals)  # a payload before the damage
         raise error from e
@@ -469,6 +473,14 @@ def central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
     try:
         return _parse_central_directory(f, size)
     except (struct.error, StopIteration) as e:
+        raise NoZipDirectory from e
+
+
+def directory_offset(f, size: int) -> int:
+    """Where the central directory starts (raises NoZipDirectory like central_directory)."""
+    try:
+        return _directory_span(_tail(f, size))[2]
+    except struct.error as e:
         raise NoZipDirectory from e
 
 
@@ -536,15 +548,21 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
                              _CORRUPT)
     name, header, comp, pkl_size, pkl_crc = pkl[0]
     prefix = name[: -len("data.pkl")]
+    try:
+        starts = check_records(f, size, entries, directory_offset(f, size))
+    except ZipStructureError as e:
+        raise UnreadableFile(f"{path}: its zip structure is forged or damaged: {e}",
+                             _CORRUPT) from e
     records: dict[str, Record] = {}
     for rec_name, offset, rec_comp, rec_size, crc in entries:
         if rec_name.startswith(prefix + "data/"):
             if rec_comp != 0:
-                raise UnreadableFile(f"{path}: record {rec_name} is compressed",
+                raise UnreadableFile(f"{path}: record {rec_name[-120:]!r} is compressed",
                                      "re-save the checkpoint with torch.save")
-            present = max(0, min(rec_size, size - offset))
-            records[rec_name[len(prefix) + 5:]] = Record(rec_size, present, header_offset=offset,
-                                                         crc=crc)
+            start = starts[rec_name]
+            present = 0 if start is None else max(0, min(rec_size, size - start))
+            records[rec_name[len(prefix) + 5:]] = Record(rec_size, present, data_offset=start,
+                                                         header_offset=offset, crc=crc)
     if comp != 0 or pkl_size > MAX_PICKLE_BYTES:
         raise UnreadableFile(f"{path}: data.pkl is {'compressed' if comp else 'too large'}",
                              _CORRUPT)
@@ -554,7 +572,7 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
                              _CORRUPT)
     parsed = memo.get(raw) if memo is not None else None
     if parsed is None:
-        obj, up = _load_pickle(raw, path, verified=True)
+        obj, up = _load_pickle(raw, path)
         parsed = (obj, up.storages, up.unknown_globals)
         if memo is not None:
             memo.put(raw, parsed)
@@ -604,7 +622,7 @@ def _walk_local_headers(f, path: str, size: int) -> TorchFile:
         if name.endswith("data.pkl"):
             f.seek(data)
             stream = io.BytesIO(f.read(min(size - data, MAX_PICKLE_BYTES)))
-            obj, up = _load_pickle(stream, path)
+            obj, up = _load_pickle(stream, path, budget_bytes=size)
             length = stream.tell()
         elif up is not None and "/data/" in name and leaf in up.storages:
             length = up.storages[leaf].nbytes
@@ -626,13 +644,13 @@ def _walk_local_headers(f, path: str, size: int) -> TorchFile:
 
 def _read_legacy(f, path: str, size: int) -> TorchFile:
     f.seek(0)
-    magic, _ = _load_pickle(f, path)
+    magic, _ = _load_pickle(f, path, budget_bytes=size)
     if magic != LEGACY_MAGIC:
         raise UnreadableFile(f"{path}: a pickle, but not a torch.save file", _CORRUPT)
-    _load_pickle(f, path)  # protocol version
-    _load_pickle(f, path)  # sys info
-    obj, up = _load_pickle(f, path, legacy=True)
-    keys, _ = _load_pickle(f, path)
+    _load_pickle(f, path, budget_bytes=size)  # protocol version
+    _load_pickle(f, path, budget_bytes=size)  # sys info
+    obj, up = _load_pickle(f, path, legacy=True, budget_bytes=size)
+    keys, _ = _load_pickle(f, path, budget_bytes=size)
     if not isinstance(keys, list):
         raise UnreadableFile(f"{path}: legacy storage list is malformed", _CORRUPT)
     records: dict[str, Record] = {}
