@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import os
 
+from zinspect.core.fmt import SHOWN_CHARS, shown
+
+#: a finding's message, where and hint quote names: room for a few of them
+MESSAGE_CHARS = 600
+
+
+def _safe(text: object, limit: int = SHOWN_CHARS) -> str:
+    """A checkpoint string for rich: control characters escaped, shortened, markup escaped."""
+    from rich.markup import escape
+
+    return escape(shown(text, limit))
+
 
 def _group_of(ckpt, p) -> int | None:
     """Optimizer param group of a param; a tied alias has its owner's, a frozen one none."""
@@ -14,9 +26,22 @@ def _group_of(ckpt, p) -> int | None:
     return None if p.frozen else p.group
 
 
+def output_nbytes(ckpt) -> dict[str, int]:
+    """Bytes an fp32 merge writes per tensor name: the one size rule of `info`, the app and the
+    merge preview (it is `plan_merge(ckpt).total_bytes` summed by name). Every param name is
+    written, a tied alias as a tensor of its own, at 4 bytes an element (16-bit masters and
+    frozen values are upcast); every buffer keeps its dtype."""
+    from zinspect.core.torchzip import DTYPE_SIZES
+
+    out = {name: p.numel * 4 for name, p in ckpt.params.items()}
+    out.update((name, b.numel * DTYPE_SIZES.get(b.dtype, 0)) for name, b in ckpt.buffers.items())
+    return out
+
+
 def totals(ckpt) -> dict:
     """Counts and sizes of a checkpoint, shared by `zinspect info` and the app's Overview.
-    A tied alias counts once, as tied, whether or not its owner is frozen."""
+    A tied alias counts once, as tied, whether or not its owner is frozen; `output_bytes` is
+    what the merge writes (tied aliases and buffers included)."""
     from zinspect.core.torchzip import DTYPE_SIZES
 
     params = list(ckpt.params.values())
@@ -34,8 +59,9 @@ def totals(ckpt) -> dict:
         "numel": numel,
         "trainable_numel": sum(p.numel for p in trainable),
         "frozen_numel": sum(p.numel for p in frozen),
-        "fp32_bytes": numel * 4,  # what a merge writes for the params
+        "fp32_bytes": numel * 4,  # the params' own elements, each tied pair counted once
         "buffer_bytes": buf_bytes,
+        "output_bytes": sum(output_nbytes(ckpt).values()),
         "files": len(ckpt.files),
         "file_bytes": sum(f.size for f in ckpt.files),
     }
@@ -110,7 +136,6 @@ def _counts_text(counts: dict) -> str:
 
 def human_info(ckpt) -> None:
     from rich import box
-    from rich.markup import escape
     from rich.table import Table
 
     from zinspect.core import fmt
@@ -123,23 +148,24 @@ def human_info(ckpt) -> None:
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("path", escape(str(ckpt.path)))
-    others = f"   [dim](other tags: {escape(ellipsis(other, 6))})[/]" if other else ""
-    summary.add_row("tag", escape(ckpt.tag) + others)
+    summary.add_row("path", _safe(ckpt.path))
+    others = f"   [dim](other tags: {_safe(ellipsis([shown(x, 40) for x in other], 6))})[/]" \
+        if other else ""
+    summary.add_row("tag", _safe(ckpt.tag) + others)
     summary.add_row("ZeRO stage", str(ckpt.stage) if ckpt.stage is not None else "?")
     summary.add_row("world size", str(ckpt.world_size) if ckpt.world_size else "?")
-    summary.add_row("layout", escape(ckpt.layout))
+    summary.add_row("layout", _safe(ckpt.layout))
     summary.add_row("dtype", f"{short_dtype(ckpt.dtype)} training, "
                              f"{short_dtype(ckpt.master_dtype)} masters")
-    summary.add_row("DeepSpeed", escape(ckpt.ds_version or "?"))
+    summary.add_row("DeepSpeed", _safe(ckpt.ds_version or "?"))
     summary.add_row("params", f"{fmt.count(t['params'])} names: {fmt.count(t['trainable'])} "
                               f"trainable, {fmt.count(t['frozen'])} frozen, "
                               f"{fmt.count(t['tied'])} tied")
     summary.add_row("elements", f"{fmt.count(t['numel'])} ({fmt.short_count(t['numel'])}; "
                                 f"{fmt.short_count(t['trainable_numel'])} trainable, "
                                 f"{fmt.short_count(t['frozen_numel'])} frozen)")
-    summary.add_row("fp32 size", f"{fmt.size(t['fp32_bytes'])} merged "
-                                 f"(+ {t['buffers']} buffers, {fmt.size(t['buffer_bytes'])})")
+    summary.add_row("fp32 output", f"{fmt.size(t['output_bytes'])}: what `merge` writes "
+                                   f"({fmt.count(t['params'])} params, {t['buffers']} buffers)")
     summary.add_row("on disk", f"{fmt.size(t['file_bytes'])} in {t['files']} files")
     summary.add_row("findings", _counts_text(ckpt.counts()))
     con.print(summary)
@@ -153,9 +179,9 @@ def human_info(ckpt) -> None:
         if f is None:
             files.add_row("", "", f"[dim]... {len(rows) - 12} more[/]", "", "")
             continue
-        status = f"[red]{escape(f.error)}[/]" if f.error else (
+        status = f"[red]{_safe(f.error)}[/]" if f.error else (
             f"[dim]{f.format}[/]" if f.format else "[dim]-[/]")
-        files.add_row("" if f.rank is None else str(f.rank), f.kind, escape(f.name),
+        files.add_row("" if f.rank is None else str(f.rank), f.kind, _safe(f.name),
                       fmt.size(f.size), status)
     con.print(files)
 
@@ -180,7 +206,7 @@ def human_info(ckpt) -> None:
         con.print(groups)
     if ckpt.errors:
         con.print(f"[bold red]{len(ckpt.errors)} error(s)[/]: run [bold]zinspect validate "
-                  f"{escape(_quote(str(ckpt.path)))}[/] for what is wrong and what to do")
+                  f"{_safe(_quote(str(ckpt.path)))}[/] for what is wrong and what to do")
 
 
 def _fold(items: list, limit: int, head: int, tail: int) -> list:
@@ -207,10 +233,8 @@ def validate_json(ckpt) -> dict:
 
 
 def human_validate(ckpt, verbose: bool = False) -> None:
-    from rich.markup import escape
-
     con = console()
-    con.print(f"[bold]{escape(str(ckpt.path))}[/]  (tag {escape(ckpt.tag)}, ZeRO-{ckpt.stage}, "
+    con.print(f"[bold]{_safe(ckpt.path)}[/]  (tag {_safe(ckpt.tag)}, ZeRO-{ckpt.stage}, "
               f"world size {ckpt.world_size})")
     for sev in ("error", "warning", "info"):
         items = [f for f in ckpt.findings if f.severity == sev]
@@ -223,16 +247,16 @@ def human_validate(ckpt, verbose: bool = False) -> None:
         for f in items:
             by_code.setdefault(f.code, []).append(f)
         for code, group in by_code.items():
-            shown = group if verbose or len(group) <= 5 else group[:3]
-            for f in shown:
-                con.print(f"  [{_SEV_STYLE[sev]}]{escape(f.code)}[/]  {escape(f.message)}")
+            listed = group if verbose or len(group) <= 5 else group[:3]
+            for f in listed:
+                con.print(f"  [{_SEV_STYLE[sev]}]{_safe(f.code)}[/]  {_safe(f.message, MESSAGE_CHARS)}")
                 where = f.where()
                 if where:
-                    con.print(f"      [dim]where:[/] {escape(where)}")
+                    con.print(f"      [dim]where:[/] {_safe(where, MESSAGE_CHARS)}")
                 if f.hint:
-                    con.print(f"      [dim]hint:[/]  {escape(f.hint)}")
-            if len(shown) < len(group):
-                con.print(f"  [dim]... and {len(group) - len(shown)} more {escape(code)} "
+                    con.print(f"      [dim]hint:[/]  {_safe(f.hint, MESSAGE_CHARS)}")
+            if len(listed) < len(group):
+                con.print(f"  [dim]... and {len(group) - len(listed)} more {_safe(code)} "
                           f"(--verbose or --json lists them all)[/]")
     con.print()
     if ckpt.errors:

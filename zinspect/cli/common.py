@@ -40,7 +40,10 @@ def readable_at_all(ckpt) -> bool:
 
 
 def unreadable(ckpt) -> int:
-    print(f"zinspect: {ckpt.path}: no file in it can be read as a checkpoint file", file=sys.stderr)
+    from zinspect.core.fmt import shown
+
+    print(f"zinspect: {shown(ckpt.path)}: no file in it can be read as a checkpoint file",
+          file=sys.stderr)
     print("  hint: every file is damaged or not a torch.save file; `zinspect info` lists them",
           file=sys.stderr)
     return 2
@@ -55,9 +58,15 @@ def print_json(obj) -> None:
 
 
 def print_error(e: ZinspectError) -> None:
-    print(f"zinspect: {e.message}", file=sys.stderr)
+    """Message and hint with control characters escaped (they quote names, `latest`, pickle
+    content); a line break inside becomes an indented line, never one that looks like ours."""
+    from zinspect.core.fmt import shown
+
+    lines = [shown(line, 600) for line in e.message.split("\n")]
+    print("\n".join([f"zinspect: {lines[0]}"] + [
+        line if line.startswith(" ") else "  " + line for line in lines[1:]]), file=sys.stderr)
     if e.hint:
-        print(f"  hint: {e.hint}", file=sys.stderr)
+        print(f"  hint: {shown(e.hint, 600)}", file=sys.stderr)
 
 
 def silence_stdout() -> None:
@@ -162,7 +171,11 @@ class Bar:
             if time.monotonic() - self.created < self.SHOW_AFTER:
                 return
             self._start()
-        name = name if len(name) <= 48 else "..." + name[-45:]
+        from rich.markup import escape
+
+        from zinspect.core.fmt import shown
+
+        name = escape(shown(name, 48))
         self.progress.update(self.task, completed=done, total=total or None, name=name)
 
     def __exit__(self, *exc) -> None:

@@ -58,6 +58,9 @@ def add_arguments(p) -> None:
                         "replaced, others are left as they are)")
     p.add_argument("--salvage", action="store_true",
                    help="merge what can be rebuilt and drop (and list) the params that cannot")
+    p.add_argument("--strict", action="store_true",
+                   help="treat every warning (validation warnings, NaN/Inf in what is written) "
+                        "as an error: exit 1, nothing written")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the result")
 
 
@@ -82,12 +85,13 @@ def run(args) -> int:
     if not readable_at_all(ckpt):
         return unreadable(ckpt)
     plan = plan_merge(ckpt, sel, salvage=args.salvage)
-    _announce(ckpt, plan, args, shard)
     with Stop() as stop, Bar("merging", plan.total_bytes) as bar:
         try:
             result = merge(ckpt, args.out_dir, selection=sel, fmt=args.fmt, max_shard_size=shard,
-                           force=args.force, salvage=args.salvage, progress=bar.update,
+                           force=args.force, salvage=args.salvage, strict=args.strict,
+                           progress=bar.update,
                            should_stop=stop, plan=plan,
+                           ready=lambda: _announce(ckpt, plan, args, shard),
                            notice=lambda text: print(f"zinspect: {text}", file=sys.stderr))
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the merge's checks
             raise cancelled("the merge") from None
@@ -95,6 +99,7 @@ def run(args) -> int:
     if args.json:
         print_json(result.to_json())
     _report_merge(result, dropped)
+    _report_verification(result, plan)
     return 1 if dropped else 0
 
 
@@ -113,15 +118,15 @@ def _announce(ckpt, plan, args, shard) -> None:
     buffers = sum(1 for n in names if n in ckpt.buffers)
     err = sys.stderr
     print(f"zinspect: writing {fmt.count(params)} params and {buffers} buffers "
-          f"({fmt.size(plan.total_bytes)}) to {args.out_dir} as {args.fmt}"
+          f"({fmt.size(plan.total_bytes)}) to {fmt.shown(args.out_dir)} as {args.fmt}"
           + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
     if plan.excluded:
         print(f"  excluded by the selection: {len(plan.excluded)} "
-              f"({ellipsis(sorted(plan.excluded), 5)})", file=err)
+              f"({ellipsis([fmt.shown(n, 80) for n in sorted(plan.excluded)], 5)})", file=err)
     if plan.dropped:
         print(f"  --salvage drops {len(plan.dropped)} that cannot be rebuilt:", file=err)
         for name, why in list(plan.dropped.items())[:20]:
-            print(f"    {name}: {why}", file=err)
+            print(f"    {fmt.shown(name)}: {fmt.shown(why, 300)}", file=err)
         if len(plan.dropped) > 20:
             print(f"    ... and {len(plan.dropped) - 20} more", file=err)
     err.flush()
@@ -132,8 +137,29 @@ def _report_merge(result, dropped: dict) -> None:
 
     err = sys.stderr
     print(f"zinspect: wrote {fmt.count(result.tensors)} tensors, {fmt.size(result.bytes)} in "
-          f"{len(result.files)} file(s) to {result.out_dir} in {fmt.duration(result.seconds)}",
+          f"{len(result.files)} file(s) to {fmt.shown(result.out_dir)} in "
+          f"{fmt.duration(result.seconds)}",
           file=err)
     if dropped:
         print(f"zinspect: the output lacks the {len(dropped)} tensor(s) --salvage dropped "
-              f"(listed above): {ellipsis(list(dropped), 5)}", file=err)
+              f"(listed above): {ellipsis([fmt.shown(n, 80) for n in dropped], 5)}", file=err)
+
+
+def _report_verification(result, plan) -> None:
+    """What the stream found: params --salvage dropped for a failed CRC (after the announce),
+    NaN/Inf written (a warning naming the params), records not read whole (not CRC-checked)."""
+    from zinspect.core import fmt
+
+    err = sys.stderr
+    late = {n: why for n, why in result.dropped.items() if n not in plan.dropped}
+    for name, why in list(late.items())[:20]:
+        print(f"zinspect: dropped {fmt.shown(name)}: {fmt.shown(why, 300)}", file=err)
+    for line in result.warnings[:20]:
+        print(f"zinspect: warning: {fmt.shown(line, 300)}", file=err)
+    if len(result.warnings) > 20:
+        print(f"zinspect: warning: ... and {len(result.warnings) - 20} more with NaN/Inf",
+              file=err)
+    if result.unverified:
+        print(f"zinspect: {len(result.unverified)} record(s) were read only in part, so not "
+              f"CRC-checked: {ellipsis([fmt.shown(r, 120) for r in result.unverified], 3)}",
+              file=err)
