@@ -45,23 +45,6 @@ examples:
   zinspect merge ./checkpoints ./merged --exclude-frozen
 
 `zinspect COMMAND --help` explains each command. A checkpoint dir literally named like a
-command (info, validate, merge) is opened with `zinspect ./info`.
-
-{EXIT_CODES}"""
-
-MAIN_EPILOG = f"""\
-PATH is the directory DeepSpeed's save_checkpoint wrote (the one holding `latest`) or one of
-its tag dirs (global_stepN/). Only the pickles and zip directories of the files are read, never
-tensor bytes, so `info` and `validate` take well under a second whatever the checkpoint size.
-
-examples:
-  zinspect ./checkpoints                      browse the checkpoint in the terminal app
-  zinspect ./checkpoints/global_step1000      the same, naming the tag dir
-  zinspect info ./checkpoints --tag global_step500
-  zinspect validate ./checkpoints --json
-  zinspect merge ./checkpoints ./merged --exclude-frozen
-
-`zinspect COMMAND --help` explains each command. A checkpoint dir literally named like a
 command ({', '.join(COMMANDS)}) is opened with `zinspect ./info`.
 
 {EXIT_CODES}"""
@@ -111,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.commands.get(args.command, parser).error(
                     f"unrecognized arguments: {' '.join(extra)}")
         else:  # `zinspect PATH [--tag T]`
+            _check_not_a_typo(argv[0])
             args = _open_parser().parse_args(argv)
             args.command = None
         return _dispatch(args)
@@ -132,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
               "  hint: this is a bug in zinspect; rerun with ZINSPECT_DEBUG=1 for the "
               "traceback and report it", file=sys.stderr)
         return 3
+
+
+def _check_not_a_typo(word: str) -> None:
+    """`zinspect valdate PATH`: a word close to a command that is no path is a mistyped
+    command (argparse would say "unrecognized arguments: PATH")."""
+    import difflib
+
+    if word.startswith("-") or os.path.lexists(word):
+        return
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
+    if close:
+        from zinspect.core.fmt import shown
+
+        build_parser().error(f"{shown(word, 40)!r} is not a command nor an existing path; "
+                             f"did you mean `zinspect {close[0]}`?")
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zinspect.core.model import Checkpoint
+from zinspect.core.model import WARNING, Checkpoint
 from zinspect.core.outdir import OutputDir
 from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
+from zinspect.core.verify import Verification, plan_without
 from zinspect.core.writers import FORMATS, WRITERS, index_json, plan_shards, require_torch
-from zinspect.errors import MergeCancelled, OutputError, UsageError
+from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 __all__ = ["MergePlan", "MergeResult", "merge", "parse_size", "plan_merge"]
 
@@ -31,25 +32,47 @@ class MergeResult:
     format: str = "safetensors"
     dropped: dict[str, str] = field(default_factory=dict)
     excluded: list[str] = field(default_factory=list)
+    #: zip records read whole and CRC-checked; records read only in part ("file: record")
+    verified: int = 0
+    unverified: list[str] = field(default_factory=list)
+    nonfinite: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (NaN, Inf)
+
+    @property
+    def warnings(self) -> list[str]:
+        """NaN/Inf written, one line per param (a warning: --strict refuses instead)."""
+        return [nonfinite_warning(name, nan, inf) for name, (nan, inf) in self.nonfinite.items()]
 
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "format": self.format,
                 "files": [p.name for p in self.files], "tensors": self.tensors,
                 "bytes": self.bytes, "seconds": round(self.seconds, 3),
-                "excluded": self.excluded, "dropped": self.dropped}
+                "excluded": self.excluded, "dropped": self.dropped,
+                "verified_records": self.verified, "unverified_records": self.unverified,
+                "nonfinite": {n: {"nan": a, "inf": b} for n, (a, b) in self.nonfinite.items()},
+                "warnings": self.warnings}
 
 
 def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection | None = None,
           fmt: str = "safetensors", max_shard_size: int | str | None = None, force: bool = False,
           salvage: bool = False, progress: Progress | None = None,
           should_stop: ShouldStop | None = None, plan: MergePlan | None = None,
-          notice: Callable[[str], None] | None = None) -> MergeResult:
+          notice: Callable[[str], None] | None = None,
+          ready: Callable[[], None] | None = None, strict: bool = False) -> MergeResult:
     """Write the consolidated fp32 state dict of `ckpt` into `out_dir`.
 
     `progress(done_bytes, total_bytes, current_name)` is called about 20 times a second;
     `should_stop()` is polled between chunks and, when true, cancels (MergeCancelled);
     `notice(text)` hears what was done to OUT_DIR besides the output (a dead merge's lock taken
-    over, its partial files removed). OUT_DIR is handled by OutputDir (zinspect.core.outdir)."""
+    over, its partial files removed); `ready()` is called once OUT_DIR passed its checks and
+    is locked, before a byte is written (the CLI announces the merge then, not before a refusal).
+    OUT_DIR is handled by OutputDir (zinspect.core.outdir).
+
+    Every zip record read whole is CRC-checked as it streams, the source files are pinned and
+    re-checked before the commit, NaN/Inf are counted per param (`zinspect.core.verify`). A
+    bad record refuses (NotMergeable, nothing written); under `salvage` the stream goes on to
+    find every bad record, the output is thrown away and the merge restarts without their
+    params (so the common, intact case reads once). `strict` refuses validation warnings
+    and NaN/Inf."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     if fmt == "pt":
@@ -58,15 +81,36 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
         max_shard_size = parse_size(max_shard_size)
     started = time.monotonic()
     plan = plan or plan_merge(ckpt, selection, salvage=salvage)
+    if strict:
+        refuse_warnings(ckpt, plan)
     out_dir = Path(out_dir).expanduser()
+    while True:
+        try:
+            return _attempt(ckpt, plan, out_dir, fmt, max_shard_size, force, salvage, strict,
+                            progress, should_stop, notice, ready, started)
+        except _Restart as e:
+            plan, ready = plan_without(plan, e.failures), None  # the announce was made once
+
+
+class _Restart(Exception):  # noqa: N818 (control flow, never seen outside merge)
+    def __init__(self, failures: list) -> None:
+        self.failures = failures
+
+
+def _attempt(ckpt, plan, out_dir, fmt, max_shard_size, force, salvage, strict, progress,
+             should_stop, notice, ready, started) -> MergeResult:
     shards = plan_shards(plan.tensors, fmt, max_shard_size)
     names = [s.name for s in shards] + ([FORMATS[fmt][2]] if len(shards) > 1 else [])
     inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
     meter = ProgressMeter(plan.total_bytes, progress)
+    verification = meter.verification = Verification(plan.tensors, salvage=salvage,
+                                                     shown=_shown_in(ckpt))
     try:
         with OutputDir(out_dir, names, inputs=inputs, nbytes=plan.total_bytes, force=force,
                        forbidden_dirs=[ckpt.path] + ([ckpt.root] if ckpt.root else []),
                        notice=notice) as out:
+            if ready is not None:
+                ready()
             for shard in shards:
                 fd = out.create(shard.name)
                 try:
@@ -78,6 +122,14 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
                 out.write_text(FORMATS[fmt][2], index_json(shards))
             if should_stop is not None and should_stop():
                 raise MergeCancelled("merge cancelled; nothing was written")
+            verification.check_unchanged()
+            failures = verification.failures()
+            if failures:
+                raise _Restart(failures)  # only under salvage: the stream refuses otherwise
+            if strict and verification.nonfinite:
+                raise NotMergeable("; ".join(nonfinite_warning(n, a, b) for n, (a, b) in
+                                             list(verification.nonfinite.items())[:5])
+                                   + "; nothing was written (--strict)", NONFINITE_HINT)
             final = out.commit()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -88,4 +140,34 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     except KeyboardInterrupt as e:
         raise MergeCancelled("merge interrupted; nothing was written") from e
     return MergeResult(out_dir, final, len(plan.tensors), plan.total_bytes,
-                       time.monotonic() - started, fmt, dict(plan.dropped), sorted(plan.excluded))
+                       time.monotonic() - started, fmt, dict(plan.dropped), sorted(plan.excluded),
+                       len(verification.checks),
+                       [f"{c.file}: {c.record}" for c in verification.unverified],
+                       dict(verification.nonfinite))
+
+
+NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "
+                  "earlier checkpoint, or --exclude the params")
+
+
+def nonfinite_warning(name: str, nan: int, inf: int) -> str:
+    what = " and ".join(f"{n:,} {w}" for n, w in ((nan, "NaN"), (inf, "Inf")) if n)
+    return f"{name}: {what} values written"
+
+
+def refuse_warnings(ckpt: Checkpoint, plan: MergePlan) -> None:
+    """--strict: any validation warning about what is written refuses the merge."""
+    warned = [f for f in ckpt.findings if f.severity == WARNING and
+              not (f.param is not None and f.param in plan.excluded)]
+    if warned:
+        lines = "\n".join(f"  - {f.message}" for f in warned[:8])
+        raise NotMergeable(f"{ckpt.path}: --strict: validation found {len(warned)} "
+                           f"warning(s):\n{lines}", "run `zinspect validate` for details, or "
+                           "merge without --strict")
+
+
+def _shown_in(ckpt: Checkpoint):
+    def shown(path: str) -> str:
+        p = Path(path)
+        return p.name if p.parent == ckpt.path else str(p)
+    return shown
