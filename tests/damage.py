@@ -237,3 +237,71 @@ def all_unreadable(tmp: Path) -> Path:
     for p in (root / TAG).iterdir():
         truncate(p, 0)
     return root
+
+
+# ------------------------------------------------------------------ hostile paths and names
+#: a param name forged to clear the line, start a fake "ok" line and set the terminal title;
+#: as long as the name it replaces, so the pickle's string lengths stay right
+FORGED_NAME = "\x1b[2K\nok: 0 errors\x1b]0;\x07"
+FORGED_OF = "encoder.odd_out.weight"
+assert len(FORGED_NAME) == len(FORGED_OF)
+
+
+def forged_name(tmp: Path) -> Path:
+    """s2_w2_fp32_plain with `encoder.odd_out.weight` renamed to FORGED_NAME in every pickle
+    (model states and the optimizer file that names it), the zip CRCs fixed up."""
+    root = copy_root(tmp, "s2_w2_fp32_plain", "forged_name")
+    for p in (root / TAG).iterdir():
+        off, size = zip_entry(p, "data.pkl")
+        data = bytearray(p.read_bytes())
+        pkl = bytes(data[off:off + size])
+        if FORGED_OF.encode() not in pkl:
+            continue
+        data[off:off + size] = pkl.replace(FORGED_OF.encode(), FORGED_NAME.encode())
+        p.write_bytes(bytes(data))
+        set_crc(p, "data.pkl")
+    return root
+
+
+def hostile_latest(tmp: Path, content: bytes, name: str = "hostile_latest") -> Path:
+    """s2_w2_fp32_plain whose `latest` holds `content`, with a healthy decoy tag dir
+    `tmp/decoy` beside the root (where `../decoy` or its absolute path would lead)."""
+    root = copy_root(tmp, "s2_w2_fp32_plain", name)
+    (root / "latest").write_bytes(content)
+    decoy = tmp / "decoy"
+    if not decoy.exists():
+        shutil.copytree(FIXTURES / "s1_w2_fp32" / manifest("s1_w2_fp32")["tag"], decoy)
+    return root
+
+
+#: what can sit under a rank-file name besides a regular file
+SPECIAL_KINDS = ("fifo", "dev_zero_link", "dangling_link", "link_loop", "directory")
+
+
+def special_rank_file(tmp: Path, kind: str, leaf: str = MODEL,
+                      fixture: str = "s2_w2_fp32_plain") -> Path:
+    """A copy of `fixture` whose rank file `leaf` is replaced by `kind` (SPECIAL_KINDS), or by
+    a symbolic link to a regular copy of itself ("regular_link")."""
+    import os
+
+    root = copy_root(tmp, fixture, f"{fixture}_{kind}")
+    p = root / TAG / leaf
+    if kind == "regular_link":
+        moved = root.parent / f"{root.name}-real-file"  # not a *_states.pt name
+        p.rename(moved)
+        p.symlink_to(moved)
+        return root
+    p.unlink()
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "dev_zero_link":
+        p.symlink_to("/dev/zero")
+    elif kind == "dangling_link":
+        p.symlink_to(root / "no_such_file")
+    elif kind == "link_loop":
+        p.symlink_to(p.name)
+    elif kind == "directory":
+        p.mkdir()
+    else:
+        raise ValueError(kind)
+    return root

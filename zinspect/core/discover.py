@@ -28,13 +28,11 @@ class NamedFile:
 
 
 def classify(path: Path) -> NamedFile:
+    """From the name alone; a rank-file name is a rank file whatever it is on disk (a directory,
+    a FIFO, a dangling link...), so that what it is can be reported (`file_kind`)."""
     name = path.name
-    if path.is_dir():
-        if name == "offloaded_tensors":
-            return NamedFile(path, "offload")
-        if name == "zero":
-            return NamedFile(path, "universal")
-        return NamedFile(path, "other")
+    if name in ("offloaded_tensors", "zero") and path.is_dir():
+        return NamedFile(path, "offload" if name == "offloaded_tensors" else "universal")
     if m := _OPTIM.match(name):
         return NamedFile(path, "optim", int(m[2]), int(m[3]), m[1] or "")
     if m := _Z3_MODEL.match(name):
@@ -67,6 +65,49 @@ def _tag_dirs(root: Path) -> list[str]:
 
 def _natural(text: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+#: `latest` holds one dir name; anything longer is not DeepSpeed's (and is never echoed whole)
+LATEST_MAX_BYTES = 255
+
+
+def _bad_tag_name(raw: bytes, named: str) -> str | None:
+    """Why `latest` does not name a tag dir directly inside the root, or None. It is never
+    followed elsewhere: `../other`, `/abs/path` and `a/b` would validate a decoy directory."""
+    if len(raw) > LATEST_MAX_BYTES:
+        return f"is longer than {LATEST_MAX_BYTES} bytes"
+    if "\ufffd" in named:
+        return "is not UTF-8 text"
+    if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in named):
+        return "holds control characters"
+    if "/" in named or "\\" in named or named in (".", ".."):
+        return "does not name a directory directly inside the checkpoint dir"
+    return None
+
+
+def file_kind(path: Path) -> str | None:
+    """None for a regular file (or a link to one); else what it is, for a rank-file name that
+    must never be opened: 'a FIFO', 'a directory', 'a dangling symbolic link', ..."""
+    import errno
+    import stat
+
+    try:
+        st = path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if path.is_symlink():
+            return "a dangling symbolic link"
+        return f"not readable ({e.strerror})"
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return None
+    what = ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device"
+            if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    if path.is_symlink():
+        return f"a symbolic link to {what}"
+    return what
 
 
 @dataclass
@@ -110,10 +151,20 @@ def _locate(path: Path, tag: str | None) -> Location:
     latest = path / "latest"
     if latest.is_file():
         try:
-            named = latest.read_text(errors="replace").strip()
+            with open(latest, "rb") as f:
+                raw = f.read(LATEST_MAX_BYTES + 1)
         except OSError as e:
             raise CheckpointNotFound(f"{latest}: cannot be read ({e.strerror})",
                                      "check its permissions, or pass --tag") from e
+        named = raw.decode("utf-8", errors="replace").strip()
+        problem = _bad_tag_name(raw, named)
+        if problem:
+            from zinspect.core.fmt import shown
+
+            raise CheckpointNotFound(
+                f"{latest}: {problem}: it holds {shown(repr(named), 80)}; a tag dir inside "
+                f"{path} was expected", f"pass --tag with one of: {', '.join(tags)}" if tags
+                else "write the tag dir's name into `latest`, or open the tag dir itself")
         if named and (path / named).is_dir():
             return Location(path / named, named, path, tags)
         hint = (f"pass --tag with one of: {', '.join(tags)}" if tags

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from zinspect.core.discover import NamedFile, classify, locate
+from zinspect.core.discover import NamedFile, classify, file_kind, locate
 from zinspect.core.model import (
     ERROR,
     INFO,
@@ -76,7 +76,9 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
         raise UnreadableFile(f"{loc.tag_dir}: cannot list ({e.strerror})",
                              "check the directory's permissions") from e
     named = [classify(p) for p in entries]
-    wanted = [n for n in named if n.path.is_file() and n.kind != "other"]
+    # only regular files are opened: a FIFO would block forever, a device never ends
+    special = {n.path: file_kind(n.path) for n in named if n.kind != "other"}
+    wanted = [n for n in named if n.kind != "other" and special[n.path] is None]
     # ZeRO-3 model states of ranks > 0 hold only their frozen-param fragments (and copies of
     # what rank 0 says): at 512 ranks unpickling them all is most of the time to open. They are
     # checked whole here and unpickled when a frozen param's fragments are first needed.
@@ -94,6 +96,13 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
         rf, tf = parsed.get(n.path, (None, None))
         if rf is None:
             rf = RankFile(n.path, n.kind, n.rank, n.mp_rank, n.prefix, size=_size(n.path))
+            if special.get(n.path):
+                rf.error = f"it is {special[n.path]}, not a regular file (it was not opened)"
+                rf.error_hint = "put the real file back under this name (restore it from a copy)"
+        elif n.path.is_symlink():
+            ckpt.findings.append(Finding(
+                INFO, "symlinked-file", f"{n.path.name} is a symbolic link to "
+                f"{os.path.realpath(n.path)}; it was followed", file=n.path.name, rank=n.rank))
         ckpt.files.append(rf)
         if tf is not None:
             torch_files[id(rf)] = tf

@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from zinspect.core.fmt import shown
 from zinspect.core.model import ERROR, Checkpoint, Finding, Param
 from zinspect.core.selection import Selection
 from zinspect.core.torchzip import DTYPE_SIZES
@@ -83,7 +84,7 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
     distrusted = _distrusted_params(ckpt, blocking) if salvage else {}
     if not salvage:
         if blocking:
-            lines = "\n".join(f"  - {f.message}" for f in blocking[:8])
+            lines = "\n".join(f"  - {shown(f.message, 300)}" for f in blocking[:8])
             more = f"\n  ... and {len(blocking) - 8} more" if len(blocking) > 8 else ""
             raise NotMergeable(
                 f"{ckpt.path}: validation found {len(blocking)} error(s):\n{lines}{more}",
@@ -113,9 +114,13 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
     if not plan.tensors and not plan.dropped and plan.excluded:
         raise UsageError(f"{ckpt.path}: nothing to write: every param and buffer is excluded",
                          "exclude less (check the --exclude patterns and the selection file)")
-    if salvage and not any(t.name in ckpt.params for t in plan.tensors):
+    # never an output without params (e.g. model states that cannot be read), unless the
+    # selection left every param out on purpose
+    if not any(t.name in ckpt.params for t in plan.tensors) and \
+            not (ckpt.params and set(ckpt.params) <= excluded):
         why = "; ".join(f.message for f in blocking[:3])
-        raise NotMergeable(f"{ckpt.path}: --salvage found no param that can be rebuilt"
+        raise NotMergeable(f"{ckpt.path}: there is no param that can be rebuilt (the output "
+                           "would hold none)"
                            + (f" ({why})" if why else ""),
                            "run `zinspect validate` to see what is wrong")
     if plan.dropped and not salvage:
