@@ -502,3 +502,90 @@ def test_pt_output_without_torch_says_what_to_install(tmp_path):
     r = subprocess.run([sys.executable, "-c", NO_TORCH, "merge", str(FIXTURES / "s1_w4_bf16"),
                         str(out)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr  # safetensors (fp16/bf16 upcasts too) needs no torch
+
+
+# -- wording a newcomer meets (issue 14 items 5 and 6) -----------------------------------------
+@pytest.mark.parametrize("typo,meant", [("valdate", "validate"), ("mrege", "merge"),
+                                        ("inof", "info")])
+def test_a_mistyped_command_suggests_the_command(typo, meant):
+    r = run_zinspect(typo, FIXTURES / "s3_w4_bf16")
+    assert r.returncode == 2
+    assert f"did you mean `zinspect {meant}`?" in r.stderr
+    assert "unrecognized arguments" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_dir_named_like_a_typo_is_still_opened_as_a_path(tmp_path):
+    """Only a word that is no existing path is taken for a typo: `zinspect valdate` with a
+    ./valdate dir goes to the app's path handling (here: not a checkpoint, exit 2, no hint)."""
+    (tmp_path / "valdate").mkdir()
+    r = run_zinspect("valdate", cwd=tmp_path)
+    assert r.returncode == 2 and "did you mean" not in r.stderr
+    assert "no DeepSpeed checkpoint here" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["not_empty", "in_tag"])
+def test_merge_checks_the_output_before_announcing(tmp_path, where):
+    out = tmp_path / "out"
+    if where == "not_empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    else:
+        out = copy_fixture(tmp_path, "s2_w4_fp16") / "merged"
+    r = run_zinspect("merge", out.parent.parent if where == "in_tag" else FIXTURES / "s2_w4_fp16",
+                     out)
+    assert r.returncode == 2, r.stderr
+    assert "writing" not in r.stderr, r.stderr  # refused first, nothing announced
+    assert ("not empty" if where == "not_empty" else "inside the checkpoint") in r.stderr
+
+
+def test_merge_too_small_disk_refuses_before_announcing(tmp_path, monkeypatch, capsys):
+    import shutil as sh
+
+    from zinspect import cli
+
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage._replace(free=1000))
+    assert cli.main(["merge", str(FIXTURES / "s3_w2_fp32"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "only 1,000 are free" in err and "writing" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_deep_check_of_a_hostile_file_does_not_talk_of_salvage(tmp_path):
+    from damage import malicious_pickle
+
+    root = malicious_pickle(tmp_path, tmp_path / "marker")
+    r = run_zinspect("validate", "--deep", root)
+    assert r.returncode == 1 and "unsafe-pickle" in r.stdout
+    assert "--salvage" not in r.stdout and not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("name", ["s2_w4_fp16", "s3_w4_bf16", "s1_w2_bf16_bf16opt"])
+def test_info_size_is_what_the_merge_writes(tmp_path, name):
+    """One size rule: `info` (json and human), the merge announcement and the bytes written
+    agree, tied aliases and buffers included (info said 143.4 KiB where merge said 168.2)."""
+    from zinspect.core import fmt
+
+    totals = info_json(FIXTURES / name)["totals"]
+    r = run_zinspect("merge", FIXTURES / name, tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout)["bytes"]
+    assert totals["output_bytes"] == written
+    assert written > totals["fp32_bytes"]  # a tied alias and the buffers are written too
+    human = run_zinspect("info", FIXTURES / name).stdout
+    assert f"fp32 output  {fmt.size(written)}" in human
+    assert f"({fmt.size(written)}) to" in r.stderr
+
+
+@pytest.mark.parametrize("name", fixture_names)
+def test_the_app_overview_size_is_the_info_size(name):
+    """The app's Overview ("fp32 output") and `info` use the same rule, on every fixture."""
+    from zinspect.core import open_checkpoint
+    from zinspect.core.plan import plan_merge
+    from zinspect.report import totals
+    from zinspect.tui.inspection import Inspection
+
+    ckpt = open_checkpoint(FIXTURES / name)
+    out = Inspection(ckpt).output
+    assert out.nbytes + out.excluded_nbytes == totals(ckpt)["output_bytes"] \
+        == plan_merge(ckpt).total_bytes
