@@ -98,7 +98,7 @@ def file_kind(path: Path) -> str | None:
             return "a symbolic link loop"
         if path.is_symlink():
             return "a dangling symbolic link"
-        return f"not readable ({e.strerror})"
+        return f"a file that cannot be examined ({e.strerror})"
     mode = st.st_mode
     if stat.S_ISREG(mode):
         return None

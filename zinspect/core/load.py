@@ -99,7 +99,7 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
             if special.get(n.path):
                 rf.error = f"it is {special[n.path]}, not a regular file (it was not opened)"
                 rf.error_hint = "put the real file back under this name (restore it from a copy)"
-        elif n.path.is_symlink():
+        elif n.kind != "other" and n.path.is_symlink():
             ckpt.findings.append(Finding(
                 INFO, "symlinked-file", f"{n.path.name} is a symbolic link to "
                 f"{os.path.realpath(n.path)}; it was followed", file=n.path.name, rank=n.rank))
