@@ -270,3 +270,61 @@ def test_two_merges_into_one_dir_give_one_output_and_one_refusal(ckpt_copy, tmp_
     assert not [q for q in files if PARTIAL in q.name or q.name == LOCK_NAME]
     assert_matches_reference(read_output(files), reference(NAME))
     assert hashes(root) == before
+
+
+# -- the app killed by SIGTERM/SIGHUP while its merge worker writes ------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_the_app_killed_by_a_signal_mid_merge_leaves_nothing(ckpt_copy, tmp_path, sig):
+    """`zinspect PATH` in a real pty: `m`, an OUT_DIR, enter; the worker pauses once OUT_DIR is
+    locked (a hook that waits until the worker is cancelled); the signal must end the app and
+    let the worker remove what it made."""
+    import pty
+
+    from test_tui_e2e import read_until
+
+    root, before = ckpt_copy
+    out = tmp_path / "new" / "out"
+    ready = tmp_path / "ready"
+    code = (
+        "import sys, time\n"
+        "from textual.worker import get_current_worker\n"
+        "from zinspect import cli\n"
+        "from zinspect.core import outdir\n"
+        "orig = outdir.OutputDir.create\n"
+        "def create(self, name):\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    worker, deadline = get_current_worker(), time.monotonic() + 60\n"
+        "    while not worker.is_cancelled and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    return orig(self, name)\n"
+        "outdir.OutputDir.create = create\n"
+        f"sys.exit(cli.main([{str(root)!r}]))\n")
+    main, child = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "36"}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child,
+                            stderr=child, cwd=REPO, env=env, close_fds=True)
+    os.close(child)
+    try:
+        screen = read_until(main, b"zero_pp_rank_3", 60)
+        assert b"zero_pp_rank_3" in screen, screen[-2000:]
+        os.write(main, b"m")
+        screen = read_until(main, b"Output directory", 30)
+        assert b"Output directory" in screen, screen[-2000:]
+        for key in [b"\x15", *(bytes([c]) for c in str(out).encode())]:  # ctrl+u clears
+            os.write(main, key)
+            read_until(main, b"\x00never", 0.02)
+        screen = read_until(main, out.name.encode(), 30)
+        os.write(main, b"\r")
+        screen = read_until(main, b"\x00never", 30, stop=ready.exists)
+        assert ready.exists(), screen[-3000:].decode(errors="replace")
+        assert (out / LOCK_NAME).exists()
+        proc.send_signal(sig)
+        read_until(main, b"\x00never", 60, stop=lambda: proc.poll() is not None)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
+    assert hashes(root) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from dataclasses import dataclass
 
 from rich.text import Text
@@ -150,6 +152,10 @@ class MergeScreen(ModalScreen[None]):
         self.query_one("#merge-target", Label).update(
             f"Writing {request.format} to {display_path(request.out_dir)}")
         self.run_merge(request, *self.query_one(WorkProgressPanel).start())
+        # SIGTERM/SIGHUP (Textual leaves them fatal) end the app as `q` does: the worker is
+        # cancelled and removes its partial output before the process exits
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            asyncio.get_running_loop().add_signal_handler(sig, self.app.exit, None, 128 + sig)
 
     @on(Button.Pressed, "#merge-close-form, #merge-close")
     def close(self) -> None:
