@@ -305,3 +305,301 @@ def special_rank_file(tmp: Path, kind: str, leaf: str = MODEL,
     else:
         raise ValueError(kind)
     return root
+
+
+# ------------------------------------------------------------------ the verifying merge (issue 8)
+
+
+def record_holding(path: Path, offset: int) -> tuple[str, int, int]:
+    """(record name, data offset, size) of the zip record of `path` whose data holds `offset`."""
+    with zipfile.ZipFile(path) as zf:
+        names = [z.filename for z in zf.infolist()]
+    for name in names:
+        off, size = zip_entry(path, name.split("/", 1)[1])
+        if off <= offset < off + size:
+            return name, off, size
+    raise AssertionError(f"no record of {path} holds byte {offset}")
+
+
+def flipped_fp32_record(tmp: Path, param: str = "encoder.cube") -> Path:
+    """Four bytes flipped at the start of rank 1's fp32 master piece of `param` (s3_w2_fp32):
+    the zip directory and the pickles are intact, only the record's CRC32 no longer matches."""
+    from zinspect.core import open_checkpoint
+
+    root = copy_root(tmp, "s3_w2_fp32", "flipped_fp32_record")
+    frag = next(f for f in open_checkpoint(root).params[param].fragments if f.rank == 1)
+    flip(root / TAG / frag.file, frag.offset, 4)
+    return root
+
+
+def nan_in_master(tmp: Path, param: str = "encoder.cube") -> Path:
+    """A NaN and an Inf written into rank 0's fp32 master piece of `param` (s3_w2_fp32), with
+    the record's CRC updated: the bytes are as saved (a diverged run), not corrupt."""
+    from zinspect.core import open_checkpoint
+
+    root = copy_root(tmp, "s3_w2_fp32", "nan_in_master")
+    frag = next(f for f in open_checkpoint(root).params[param].fragments if f.rank == 0)
+    path = root / TAG / frag.file
+    with open(path, "r+b") as f:
+        f.seek(frag.offset + 4)
+        f.write(struct.pack("<II", 0x7FC00000, 0xFF800000))
+    set_crc(path, record_holding(path, frag.offset)[0].split("/", 1)[1])
+    return root
+
+
+# ------------------------------------------------------------------ forged structure (issue 8)
+def pickle_of(path: Path) -> bytes:
+    """The data.pkl bytes of a torch.save zip."""
+    off, size = zip_entry(path, "data.pkl")
+    return path.read_bytes()[off:off + size]
+
+
+def rewrite_pickle(path: Path, raw: bytes) -> None:
+    """Rewrite the zip at `path` with its data.pkl replaced by `raw` (the other records and
+    their order kept, stored uncompressed; CRCs valid): a forged file that passes every CRC."""
+    with zipfile.ZipFile(path) as zf:
+        records = [(zi.filename, zf.read(zi)) for zi in zf.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in records:
+            zf.writestr(name, raw if name.endswith("/data.pkl") else data)
+
+
+def _central_entries(buf: bytes) -> list[tuple[int, str]]:
+    """(position in the file, name) of every central-directory entry."""
+    with zipfile.ZipFile(__import__("io").BytesIO(buf)) as zf:
+        pos = zf.start_dir
+    out = []
+    while buf[pos:pos + 4] == b"PK\x01\x02":
+        n, e, c = struct.unpack("<HHH", buf[pos + 28:pos + 34])
+        out.append((pos, buf[pos + 46:pos + 46 + n].decode()))
+        pos += 46 + n + e + c
+    return out
+
+
+def _patch_central(path: Path, leaf: str, fmt: str, at: int, value) -> None:
+    buf = bytearray(path.read_bytes())
+    pos = next(p for p, name in _central_entries(bytes(buf)) if name.endswith("/" + leaf))
+    struct.pack_into(fmt, buf, pos + at, value)
+    path.write_bytes(bytes(buf))
+
+
+def _rename_record(path: Path, leaf: str, new_leaf: str, local: bool, central: bool) -> None:
+    """Rename record `leaf` to `new_leaf` (same length) in its local header and/or its central
+    entry."""
+    assert len(leaf) == len(new_leaf)
+    buf = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        zi = next(z for z in zf.infolist() if z.filename.endswith("/" + leaf))
+    new = (zi.filename[: -len(leaf)] + new_leaf).encode()
+    if local:
+        buf[zi.header_offset + 30:zi.header_offset + 30 + len(new)] = new
+    if central:
+        pos = next(p for p, name in _central_entries(bytes(buf)) if name == zi.filename)
+        buf[pos + 46:pos + 46 + len(new)] = new
+    path.write_bytes(bytes(buf))
+
+
+def _fp32_and_moment(path: Path) -> tuple[str, str]:
+    """Record keys of rank file `path`'s first fp32 partition and of a same-sized Adam moment."""
+    from zinspect.core.torchzip import read_torch_file
+
+    tf = read_torch_file(path)
+    osd = tf.obj["optimizer_state_dict"]
+    flat = (osd.get("single_partition_of_fp32_groups") or osd["fp32_flat_groups"])[0]
+    state = (osd.get("base_optimizer_state") or osd["optimizer_state_dict"])["state"]
+    moment = next(v["exp_avg"] for v in state.values() if v["exp_avg"].numel == flat.numel)
+    return flat.storage.key, moment.storage.key
+
+
+def zip_duplicate_name(tmp: Path) -> Path:
+    """Rank 1's Adam-moment record renamed (local and central) to the fp32 partition's name:
+    two records named data/<k>; a reader taking the last one merges the moment as the weight."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / optim_name(1)
+    flat, moment = _fp32_and_moment(p)
+    assert len(flat) == len(moment)
+    _rename_record(p, "data/" + moment, "data/" + flat, local=True, central=True)
+    return root
+
+
+def zip_entry_elsewhere(tmp: Path) -> Path:
+    """Rank 1's central entry for the fp32 partition pointed at the Adam moment's record."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / optim_name(1)
+    flat, moment = _fp32_and_moment(p)
+    with zipfile.ZipFile(p) as zf:
+        target = next(z for z in zf.infolist() if z.filename.endswith("/data/" + moment))
+    _patch_central(p, "data/" + flat, "<I", 42, target.header_offset)
+    return root
+
+
+def zip_local_mismatch(tmp: Path) -> Path:
+    """Rank 1's fp32 partition record renamed in its local header only."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / optim_name(1)
+    flat, _ = _fp32_and_moment(p)
+    _rename_record(p, "data/" + flat, "data/" + "x" * len(flat), local=True, central=False)
+    return root
+
+
+def zip_overlap(tmp: Path) -> Path:
+    """Rank 1's fp32 partition record grown by 64 bytes in the central directory: it runs into
+    the next record."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / optim_name(1)
+    flat, _ = _fp32_and_moment(p)
+    with zipfile.ZipFile(p) as zf:
+        zi = next(z for z in zf.infolist() if z.filename.endswith("/data/" + flat))
+    for at in (20, 24):  # compressed and uncompressed size
+        _patch_central(p, "data/" + flat, "<I", at, zi.file_size + 64)
+    return root
+
+
+def _ops(raw: bytes):
+    import pickletools
+
+    return list(pickletools.genops(raw))
+
+
+def _int_op(value: int) -> bytes:
+    """The pickle opcode pushing `value`."""
+    import pickle
+
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def _replace_ops(raw: bytes, spans: list[tuple[int, int, bytes]]) -> bytes:
+    out, pos = [], 0
+    for start, end, new in sorted(spans):
+        out += [raw[pos:start], new]
+        pos = end
+    return b"".join(out + [raw[pos:]])
+
+
+def negative_storage_offset(tmp: Path) -> Path:
+    """Rank 1's fp32 partition given storage offset -16 (it would read the record before)."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / optim_name(1)
+    raw = pickle_of(p)
+    ops = _ops(raw)
+    key = _fp32_and_moment(p)[0]
+    i = next(k for k, (op, arg, _) in enumerate(ops)
+             if op.name == "BINPERSID" and any(a == key for _, a, _ in ops[k - 8:k]))
+    op, arg, pos = ops[i + 1] if ops[i + 1][0].name != "BINPUT" else ops[i + 2]
+    assert arg == 0, (op.name, arg)
+    end = next(q for _, _, q in ops if q > pos)
+    rewrite_pickle(p, _replace_ops(raw, [(pos, end, _int_op(-16))]))
+    return root
+
+
+def _shape_dims(raw: bytes) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """(name, [(value, start, end) of each dim opcode]) of each param_shapes entry, in order."""
+    ops = _ops(raw)
+    start = next(k for k, (_, arg, _) in enumerate(ops) if arg == "param_shapes")
+    out, name = [], None
+    for k in range(start + 1, len(ops)):
+        op, arg, pos = ops[k]
+        if op.name in ("BINUNICODE", "SHORT_BINUNICODE"):
+            if isinstance(arg, str) and "." in arg:
+                name = arg
+                out.append((name, []))
+            elif out:
+                break  # the next key of the top-level dict
+        elif op.name in ("BININT1", "BININT2", "BININT", "LONG1") and out:
+            out[-1][1].append((arg, pos, ops[k + 1][2]))
+    return out
+
+
+def shape_off(tmp: Path, name: str = "s2_w4_fp16", by: int = 2) -> Path:
+    """The first 1-D trainable param of `name` declared `by` elements longer in param_shapes
+    (CRCs valid): the flat group no longer adds up."""
+    root = copy_root(tmp, name)
+    p = root / TAG / (MODEL if (root / TAG / MODEL).exists() else z3_model_name(0))
+    raw = pickle_of(p)
+    param, dims = next((n, d) for n, d in _shape_dims(raw) if len(d) == 1)
+    value, start, end = dims[0]
+    rewrite_pickle(p, _replace_ops(raw, [(start, end, _int_op(value + by))]))
+    (root / "forged_param.txt").write_text(param)
+    return root
+
+
+def shape_off_z3(tmp: Path) -> Path:
+    return shape_off(tmp, "s3_w4_bf16")
+
+
+def numel_balanced(tmp: Path) -> Path:
+    """The first two params' first dims set to 10**18 and -10**18 + their sizes."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / MODEL
+    raw = pickle_of(p)
+    (_, d1), (_, d2) = _shape_dims(raw)[:2]
+    spans = [(d1[0][1], d1[0][2], _int_op(10**18)), (d2[0][1], d2[0][2], _int_op(-10**18))]
+    rewrite_pickle(p, _replace_ops(raw, spans))
+    return root
+
+
+def append_to_pickle(tmp: Path, ops: bytes, fixture: str = "s2_w4_fp16") -> Path:
+    """`ops` (leaving a key and a value on the stack) spliced in before the final STOP of the
+    model-states pickle, with SETITEM: the real dict gains one forged entry."""
+    root = copy_root(tmp, fixture)
+    p = root / TAG / MODEL
+    raw = pickle_of(p)
+    assert raw.endswith(b".")
+    rewrite_pickle(p, raw[:-1] + ops + b"s.")
+    return root
+
+
+def _key(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def memo_bomb(tmp: Path) -> Path:
+    """A value of 2**60 nodes from 121 bytes: None, then 60 times (DUP, TUPLE2)."""
+    return append_to_pickle(tmp, _key("bomb") + b"N" + b"2\x86" * 60)
+
+
+def memo_bomb_key(tmp: Path) -> Path:
+    """A storage reference whose key is a memo bomb (formatting it never ends)."""
+    pid = (b"(" + _key("storage") + b"ctorch\nFloatStorage\n" + b"N" + b"2\x86" * 60 +
+           _key("cpu") + b"K\x04t" + b"Q")
+    return append_to_pickle(tmp, _key("bomb") + pid)
+
+
+def deep_key(tmp: Path) -> Path:
+    """A dict key that is a tuple nested 200,000 deep (hashing it recurses)."""
+    return append_to_pickle(tmp, b"N" + b"\x85" * 200_000 + b"N")
+
+
+def huge_memo_index(tmp: Path) -> Path:
+    """A LONG_BINPUT at index 2**32-2 in a 5 MB pickle (the C unpickler, used for pickles over
+    4 MB, sized its memo array by it: gigabytes)."""
+    return append_to_pickle(tmp, b"N0" * (5 << 19) + _key("memo") + b"N" + b"r\xfe\xff\xff\xff")
+
+
+def giant_string(tmp: Path) -> Path:
+    """A 24 MiB string value."""
+    return append_to_pickle(tmp, _key("name") + _key("x" * (24 << 20)))
+
+
+def model_100_bytes(tmp: Path, name: str = "s2_w4_fp16") -> Path:
+    """The (rank-0) model-states file cut to its first 100 bytes."""
+    root = copy_root(tmp, name)
+    model = root / TAG / MODEL
+    truncate(model if model.exists() else root / TAG / z3_model_name(0), 100)
+    return root
+
+
+def model_100_bytes_z3(tmp: Path) -> Path:
+    return model_100_bytes(tmp, "s3_w4_bf16")
+
+
+def model_100_bytes_z1(tmp: Path) -> Path:
+    return model_100_bytes(tmp, "s1_w2_fp32")
+
+
+def corrupt_rank0_optim(tmp: Path) -> Path:
+    """Rank 0's optimizer file overwritten with text (the reference rank for the layout)."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    (root / TAG / optim_name(0)).write_text("this is not a checkpoint\n" * 100)
+    return root

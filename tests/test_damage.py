@@ -172,6 +172,8 @@ def test_no_latest_one_tag_is_fine(tmp_path):
     path = D.no_latest_one_tag(tmp_path)
     r, out = run_json("validate", path)
     assert r.returncode == 0 and out["ok"] and out["tag"] == "global_step2"
+    note = [f for f in out["findings"] if f["code"] == "no-latest"]  # which tag, and why
+    assert len(note) == 1 and note[0]["severity"] == "info" and "global_step2" in note[0]["message"]
     r = run_zinspect("merge", path, tmp_path / "out", timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()

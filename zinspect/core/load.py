@@ -41,6 +41,7 @@ from zinspect.core.model import (
     Storage,
 )
 from zinspect.core.torchzip import (
+    MAX_NUMEL,
     PickleMemo,
     TensorRef,
     TorchFile,
@@ -107,6 +108,13 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
         if tf is not None:
             torch_files[id(rf)] = tf
     _Builder(ckpt, torch_files).build()
+    if tag is None and loc.root is not None and \
+            Path(path).expanduser().resolve() != loc.tag_dir.resolve() and \
+            not (loc.root / "latest").is_file():
+        ckpt.findings.append(Finding(
+            INFO, "no-latest", f"{loc.root} has no `latest` file; its only tag dir, "
+            f"{loc.tag}, was used", "DeepSpeed writes `latest` last: if the save or the copy "
+            "was cut short, check that this tag is complete (zinspect validate --deep)"))
     return ckpt
 
 
@@ -206,7 +214,11 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _shape(value) -> tuple[int, ...] | None:
-    if isinstance(value, (tuple, list)) and all(isinstance(s, int) for s in value):
+    """A shape from the pickle, or None unless it has at most 64 non-negative int dims and
+    at most MAX_NUMEL elements (a dim of 10**18 balanced by a negative one sums to little)."""
+    if isinstance(value, (tuple, list)) and len(value) <= 64 and \
+            all(type(s) is int and 0 <= s <= MAX_NUMEL for s in value) and \
+            math.prod(value) <= MAX_NUMEL:
         return tuple(value)
     return None
 
@@ -359,7 +371,9 @@ class _Builder:
         stages = Counter(f.stage for f in optim if f.stage is not None)
         if stages:
             c.stage = stages.most_common(1)[0][0]
-        ref = self.optim_by_rank.get(0) or next(iter(self.optim_by_rank.values()), None)
+        # the lowest rank that can be read: an unreadable rank 0 is reported once, as itself
+        ref = next((rf for _, rf in sorted(self.optim_by_rank.items()) if self.tf(rf)),
+                   self.optim_by_rank.get(0))
         ref_tf = self.tf(ref) if ref else None
         osd = _get(ref_tf.obj, "optimizer_state_dict") if ref_tf else None
         if isinstance(osd, dict):
@@ -416,6 +430,7 @@ class _Builder:
                                                  next(iter(self.optim_by_rank.values()))).obj,
                                          "param_shapes"))
         self.flat_groups = [[(str(n), _shape(s)) for n, s in g.items()] for g in shapes]
+        self._check_flat_groups(shapes)
         frozen = ms.get("frozen_param_shapes")
         self.frozen_shapes = {str(n): _shape(s) for n, s in frozen.items()} \
             if isinstance(frozen, dict) else {}
@@ -426,6 +441,7 @@ class _Builder:
         for n in list(trainable) + list(self.frozen_shapes):
             if n not in module:
                 names.append(n)  # module missing or stripped: the shapes lists still name them
+        untied: list[str] = []
         for name in names:
             t = module.get(name)
             dtype = t.dtype if isinstance(t, TensorRef) else None
@@ -433,6 +449,12 @@ class _Builder:
             if shape is None and isinstance(t, TensorRef) and c.stage != 3:
                 shape = t.shape
             p = Param(name, shape or (), dtype or "")
+            if name in trainable and shape is not None and isinstance(t, TensorRef) and \
+                    c.stage != 3 and t.shape != shape:  # stage 1/2 modules hold full weights
+                self.find(ERROR, "shape-mismatch", f"{name}: param_shapes says "
+                          f"{_short(shape)}, its 16-bit weight in the module is {_short(t.shape)}",
+                          "the model-states file is damaged or forged; restore it from the run",
+                          param=name, file=self.model_file.name)
             src = shared.get(name)
             if isinstance(src, str) and src != name and name not in trainable:
                 p.tied_to = src
@@ -440,12 +462,22 @@ class _Builder:
                 pass
             elif name in self.frozen_shapes or (isinstance(t, TensorRef) and c.stage != 3):
                 p.frozen = True  # ZeRO-1 keeps frozen params only in `module`
+            elif self.model_file.rank not in (0, None) and not shared:
+                untied.append(name)  # a tied alias: only rank 0 saves the links
+                continue
             else:
                 self.find(ERROR, "param-unaccounted",
                           f"{name} is in the module state but in no param group, frozen list "
                           "or tied-params map", "the model-states file is inconsistent",
                           param=name, file=self.model_file.name)
             c.params[name] = p
+        if untied:  # folded under the missing rank-0 file: one cause, one finding
+            i, f = next((i, f) for i, f in enumerate(c.findings)
+                        if f.code == "rank0-model-missing")
+            c.findings[i] = Finding(f.severity, f.code, f"{f.message}; {len(untied)} tied "
+                                    f"alias(es) cannot be linked and are left out "
+                                    f"({', '.join(untied[:3])}{', ...' if len(untied) > 3 else ''})",
+                                    f.hint, f.file, f.rank)
         if not c.params:
             self.find(ERROR, "no-params", f"{self.model_file.name} names no parameters: its "
                       "module and param_shapes are missing or malformed",
@@ -463,6 +495,23 @@ class _Builder:
                     continue
                 p.shape, p.frozen = src.shape, src.frozen
                 p.dtype = p.dtype or src.dtype
+
+    def _check_flat_groups(self, shapes: list[dict]) -> None:
+        """Every trainable param once, with a valid shape: otherwise its group cannot add up."""
+        seen: dict[str, int] = {}
+        for gi, (members, raw) in enumerate(zip(self.flat_groups, shapes, strict=True)):
+            for (name, shape), value in zip(members, raw.values(), strict=True):
+                if shape is None:
+                    self.find(ERROR, "param-shape", f"{name}: param_shapes gives it no valid "
+                              f"shape ({type(value).__name__} {_short(value)})",
+                              "the model-states file is damaged or forged; restore it from the "
+                              "run", param=name, group=gi, file=self.model_file.name)
+                if name in seen:
+                    self.find(ERROR, "duplicate-param", f"{name} is in param group {seen[name]} "
+                              f"and in group {gi}", "the model-states file is damaged or "
+                              "forged; restore it from the run", param=name, group=gi,
+                              file=self.model_file.name)
+                seen.setdefault(name, gi)
 
     # ------------------------------------------------------------------ ZeRO-1/2
     def _build_zero12(self) -> None:
@@ -745,6 +794,15 @@ def _zero3_fragments(parts: dict[int, _Partition], group: int | None, offset: in
 
 def _clamp(x: int, hi: int) -> int:
     return max(0, min(x, hi))
+
+
+def _short(value) -> str:
+    """A bounded, printable glimpse of a value from a pickle (its ints only: never a repr)."""
+    if isinstance(value, (tuple, list)):
+        dims = ", ".join(str(x) if type(x) is int and abs(x) < 10**30 else "?"
+                         for x in value[:8])
+        return f"({dims}{', ...' if len(value) > 8 else ''})"
+    return ""
 
 
 def _str(v) -> str | None:

@@ -186,12 +186,28 @@ class _StorageClass:
     dtype: str
 
 
+def _window(storage: StorageRef, offset, size, stride) -> tuple[int, tuple, tuple]:
+    """A tensor's (offset, shape, stride), refused unless every element lies inside its
+    storage: a negative offset would read the record before, a huge shape walk forever."""
+    size, stride = tuple(size), tuple(stride)
+    if type(offset) is not int or offset < 0 or len(size) != len(stride) or len(size) > 64 or \
+            any(type(x) is not int or x < 0 for x in size + stride):
+        raise pickle.UnpicklingError(f"storage {storage.key}: a tensor with a malformed "
+                                     "offset, shape or stride")
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) \
+        if all(size) else offset - 1
+    if last >= storage.numel and all(size):
+        raise pickle.UnpicklingError(f"storage {storage.key}: a tensor reaches element {last:,}, "
+                                     f"past the {storage.numel:,} of its storage")
+    return offset, size, stride
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
                        metadata=None):
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("a tensor without a storage")
-    return TensorRef(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype,
-                     bool(requires_grad))
+    offset, size, stride = _window(storage, storage_offset, size, stride)
+    return TensorRef(storage, offset, size, stride, storage.dtype, bool(requires_grad))
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype,
@@ -200,8 +216,8 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hoo
         raise pickle.UnpicklingError("a tensor without a storage or dtype")
     typed = StorageRef(storage.key, dtype.name, storage.nbytes // DTYPE_SIZES[dtype.name],
                        storage.location)
-    return TensorRef(typed, int(storage_offset), tuple(size), tuple(stride), dtype.name,
-                     bool(requires_grad))
+    offset, size, stride = _window(typed, storage_offset, size, stride)
+    return TensorRef(typed, offset, size, stride, dtype.name, bool(requires_grad))
 
 
 def _rebuild_parameter(data, requires_grad, hooks, state=None):
@@ -391,7 +407,8 @@ def read_torch_file(path: str | os.PathLike, memo: PickleMemo | None = None) -> 
     except OSError as e:
         raise UnreadableFile(f"{path}: cannot read ({e.strerror or e})", "check the file") from e
     raise UnreadableFile(f"{path}: not a torch.save file (starts with {head!r})",
-                         "this file is not a checkpoint file; move it out of the tag directory")
+                         "its name says it is part of the checkpoint, but its bytes are not a "
+                         "torch.save file: restore it from a copy or copy it again")
 
 
 def zip_is_complete(path: str | os.PathLike) -> bool:

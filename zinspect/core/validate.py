@@ -44,7 +44,7 @@ class _Checks:
             return
         self.files()
         if c.layout not in ("zero", "bf16_optimizer"):
-            if c.layout == "unknown" and c.files_of("optim"):
+            if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
                 self.add(ERROR, "unknown-layout", "the optimizer files hold neither fp32 "
                          "partitions nor a zero_stage", "these are not ZeRO optimizer files")
             return
