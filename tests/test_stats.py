@@ -1,0 +1,80 @@
+"""`zinspect stats`: per-param statistics equal torch's on the committed fixtures' references."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import FIXTURES, tag_dir
+
+from zinspect.cli import main
+from zinspect.core.sources import open_source
+from zinspect.core.stats import compute_stats, nonfinite_findings
+from zinspect.errors import MergeCancelled
+
+CASES = ["s2_w2_fp32_plain", "s3_w4_bf16", "s3_w3_fp16_sub", "s1_w2_bf16_bf16opt"]
+
+
+def _close(a, b, rel=1e-9, abs_=1e-12):
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("which", ["checkpoint", "reference"])
+def test_stats_equal_torch_on_the_reference(name, which):
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt")
+    path = FIXTURES / name if which == "checkpoint" else FIXTURES / name / "reference_fp32.pt"
+    stats = compute_stats(open_source(path).tensors)
+    assert {s.name for s in stats} <= set(ref) and len(stats) >= len(ref) - 2  # tied aliases
+    for s in stats:
+        t = ref[s.name].double().flatten()
+        assert s.numel == t.numel()
+        if not t.numel():
+            continue
+        assert s.min == t.min().item() and s.max == t.max().item()
+        assert s.max_abs == t.abs().max().item()
+        assert _close(s.mean, t.mean().item()), s.name
+        assert _close(s.std, t.std(unbiased=False).item()), s.name
+        assert _close(s.l2, t.norm().item()), s.name
+        assert s.zeros == int((t == 0).sum()) and s.nan == 0 and s.inf == 0
+
+
+def test_stats_of_a_large_tensor_across_chunks(tmp_path):
+    """A tensor larger than the stream's chunks is combined exactly (Chan's formula)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3_000_000, generator=g) * 5 + 1000  # a big mean: naive sums lose precision
+    x[17] = float("nan")
+    x[18] = float("inf")
+    x[19:40] = 0
+    save_file({"w": x}, tmp_path / "m.safetensors")
+    (s,) = compute_stats(open_source(tmp_path / "m.safetensors").tensors)
+    f = x.double()[torch.isfinite(x)]
+    assert s.nan == 1 and s.inf == 1 and s.zeros == 21 and s.finite == x.numel() - 2
+    assert _close(s.mean, f.mean().item(), 1e-12) and _close(s.std, f.std(unbiased=False).item(), 1e-10)
+    codes = [(f.code, f.param) for f in nonfinite_findings([s])]
+    assert codes == [("nan-values", "w"), ("inf-values", "w")]
+
+
+def test_progress_and_cancel():
+    tensors = open_source(FIXTURES / "s2_w2_fp32_plain").tensors
+    seen = []
+    compute_stats(tensors, progress=lambda d, t, n: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1] == sum(t.nbytes for t in tensors if not t.tied_to)
+    with pytest.raises(MergeCancelled, match="statistics cancelled"):
+        compute_stats(tensors, should_stop=lambda: True)
+
+
+def test_cli_json_and_exit_codes(capsys, tmp_path):
+    assert main(["stats", str(FIXTURES / "s2_w2_fp32_plain"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [p["name"] for p in out["params"]]
+    assert "embed.weight" in names and out["findings"] == []
+    assert main(["stats", str(tag_dir("s2_w2_fp32_plain"))]) == 0
+    assert "embed.weight" in capsys.readouterr().out
+    (tmp_path / "x.safetensors").write_bytes(b"\x00" * 4)
+    assert main(["stats", str(tmp_path / "x.safetensors")]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
