@@ -61,8 +61,9 @@ def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the
         item, depth = stack.pop()
         nodes += 1
         if nodes > max_nodes:
-            raise PickleBudgetExceeded(f"{what} holds more than {max_nodes:,} objects "
-                                       "(shared references repeated: a memo bomb)")
+            raise PickleBudgetExceeded(f"{what} holds more than {max_nodes:,} objects" +
+                                       (" (shared references repeated: a memo bomb)"
+                                        if what == "the pickle" else ""))
         if type(item) in _ATOMS:
             continue
         kids = children(item)
