@@ -61,12 +61,23 @@ def add_arguments(p) -> None:
     p.add_argument("--strict", action="store_true",
                    help="treat every warning (validation warnings, NaN/Inf in what is written) "
                         "as an error: exit 1, nothing written")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="float output dtype, rounded to nearest even from the fp32 masters as "
+                        "torch's .to() does; int buffers keep theirs (default: fp32)")
+    p.add_argument("--peft", action="store_true",
+                   help="a PEFT (LoRA) run: write only the adapter (adapter_model.safetensors + "
+                        "adapter_config.json) for PeftModel.from_pretrained")
+    p.add_argument("--no-hf-files", dest="hf_files", action="store_false",
+                   help="do not copy config.json, generation_config.json and tokenizer files "
+                        "from the checkpoint root into OUT_DIR")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the result")
 
 
 def run(args) -> int:
     import warnings
 
+    from zinspect.core import hf
+    from zinspect.core.dtypes import output_dtype
     from zinspect.core.merge import merge, parse_size, plan_merge
     from zinspect.core.selection import Selection
 
@@ -84,14 +95,17 @@ def run(args) -> int:
     ckpt = open_checkpoint(args)
     if not readable_at_all(ckpt):
         return unreadable(ckpt)
-    plan = plan_merge(ckpt, sel, salvage=args.salvage)
+    sel.check_matches(ckpt)
+    plan = plan_merge(ckpt, sel, salvage=args.salvage, dtype=output_dtype(args.dtype))
+    output = hf.prepare(ckpt, plan, peft=args.peft, copy_files=args.hf_files)
+    plan = output.plan
     with Stop() as stop, Bar("merging", plan.total_bytes) as bar:
         try:
             result = merge(ckpt, args.out_dir, selection=sel, fmt=args.fmt, max_shard_size=shard,
                            force=args.force, salvage=args.salvage, strict=args.strict,
                            progress=bar.update,
-                           should_stop=stop, plan=plan,
-                           ready=lambda: _announce(ckpt, plan, args, shard),
+                           should_stop=stop, plan=plan, output=output, dtype=args.dtype,
+                           ready=lambda: _announce(ckpt, plan, args, shard, output.notes),
                            notice=lambda text: print(f"zinspect: {text}", file=sys.stderr))
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the merge's checks
             raise cancelled("the merge") from None
@@ -110,7 +124,7 @@ def shard_size(text: str, parse_size) -> int | None:
     return parse_size(text)
 
 
-def _announce(ckpt, plan, args, shard) -> None:
+def _announce(ckpt, plan, args, shard, notes=()) -> None:
     from zinspect.core import fmt
 
     names = [t.name for t in plan.tensors]
@@ -118,8 +132,11 @@ def _announce(ckpt, plan, args, shard) -> None:
     buffers = sum(1 for n in names if n in ckpt.buffers)
     err = sys.stderr
     print(f"zinspect: writing {fmt.count(params)} params and {buffers} buffers "
-          f"({fmt.size(plan.total_bytes)}) to {fmt.shown(args.out_dir)} as {args.fmt}"
+          f"({fmt.size(plan.total_bytes)}) to {fmt.shown(args.out_dir)} as {args.fmt} "
+          f"{args.dtype}"
           + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
+    for note in notes:
+        print(f"  {fmt.shown(note, 400)}", file=err)
     if plan.excluded:
         print(f"  excluded by the selection: {len(plan.excluded)} "
               f"({ellipsis([fmt.shown(n, 80) for n in sorted(plan.excluded)], 5)})", file=err)
@@ -157,7 +174,7 @@ def _report_verification(result, plan) -> None:
     for line in result.warnings[:20]:
         print(f"zinspect: warning: {fmt.shown(line, 300)}", file=err)
     if len(result.warnings) > 20:
-        print(f"zinspect: warning: ... and {len(result.warnings) - 20} more with NaN/Inf",
+        print(f"zinspect: warning: ... and {len(result.warnings) - 20} more with NaN/Inf/overflow",
               file=err)
     if result.unverified:
         print(f"zinspect: {len(result.unverified)} record(s) were read only in part, so not "

@@ -10,13 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zinspect.core import hf
+from zinspect.core.dtypes import NARROW, output_dtype
 from zinspect.core.model import WARNING, Checkpoint
 from zinspect.core.outdir import OutputDir
 from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.verify import Verification, plan_without
-from zinspect.core.writers import FORMATS, WRITERS, index_json, plan_shards, require_torch
+from zinspect.core.writers import FORMATS, WRITERS, index_json, require_torch
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 __all__ = ["MergePlan", "MergeResult", "merge", "parse_size", "plan_merge"]
@@ -36,11 +38,16 @@ class MergeResult:
     verified: int = 0
     unverified: list[str] = field(default_factory=list)
     nonfinite: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (NaN, Inf)
+    format_dtype: str = "float32"
+    overflow: dict[str, int] = field(default_factory=dict)  # 16-bit output: name -> finite->inf
+    notes: list[str] = field(default_factory=list)  # what hf.prepare did (files copied...)
 
     @property
     def warnings(self) -> list[str]:
         """NaN/Inf written, one line per param (a warning: --strict refuses instead)."""
-        return [nonfinite_warning(name, nan, inf) for name, (nan, inf) in self.nonfinite.items()]
+        return [nonfinite_warning(name, nan, inf) for name, (nan, inf) in self.nonfinite.items()] + [
+            f"{name}: {n:,} finite values overflowed to +-inf in {self.format_dtype}"
+            for name, n in self.overflow.items()]
 
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "format": self.format,
@@ -49,7 +56,8 @@ class MergeResult:
                 "excluded": self.excluded, "dropped": self.dropped,
                 "verified_records": self.verified, "unverified_records": self.unverified,
                 "nonfinite": {n: {"nan": a, "inf": b} for n, (a, b) in self.nonfinite.items()},
-                "warnings": self.warnings}
+                "warnings": self.warnings, "dtype": self.format_dtype, "overflow": self.overflow,
+                "notes": self.notes}
 
 
 def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection | None = None,
@@ -57,7 +65,8 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
           salvage: bool = False, progress: Progress | None = None,
           should_stop: ShouldStop | None = None, plan: MergePlan | None = None,
           notice: Callable[[str], None] | None = None,
-          ready: Callable[[], None] | None = None, strict: bool = False) -> MergeResult:
+          ready: Callable[[], None] | None = None, strict: bool = False, dtype: str = "fp32",
+          peft: bool = False, hf_files: bool = True, output: hf.Output | None = None) -> MergeResult:
     """Write the consolidated fp32 state dict of `ckpt` into `out_dir`.
 
     `progress(done_bytes, total_bytes, current_name)` is called about 20 times a second;
@@ -72,7 +81,8 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     bad record refuses (NotMergeable, nothing written); under `salvage` the stream goes on to
     find every bad record, the output is thrown away and the merge restarts without their
     params (so the common, intact case reads once). `strict` refuses validation warnings
-    and NaN/Inf."""
+    and NaN/Inf. `dtype` (fp32, bf16, fp16) is the float output; `hf.prepare` shapes the output
+    (`peft`: the adapter alone; `hf_files`: copy config/tokenizer files), or pass its `output`."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     if fmt == "pt":
@@ -80,16 +90,23 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
     started = time.monotonic()
-    plan = plan or plan_merge(ckpt, selection, salvage=salvage)
+    try:
+        dtype = output_dtype(dtype)
+    except ValueError as e:
+        raise UsageError(str(e), "e.g. --dtype bf16") from e
+    if output is None:
+        plan = plan or plan_merge(ckpt, selection, salvage=salvage, dtype=dtype)
+        output = hf.prepare(ckpt, plan, peft=peft, copy_files=hf_files)
+    plan = output.plan
     if strict:
         refuse_warnings(ckpt, plan)
     out_dir = Path(out_dir).expanduser()
     while True:
         try:
-            return _attempt(ckpt, plan, out_dir, fmt, max_shard_size, force, salvage, strict,
+            return _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                             progress, should_stop, notice, ready, started)
         except _Restart as e:
-            plan, ready = plan_without(plan, e.failures), None  # the announce was made once
+            output.plan, ready = plan_without(output.plan, e.failures), None  # announced once
 
 
 class _Restart(Exception):  # noqa: N818 (control flow, never seen outside merge)
@@ -97,10 +114,12 @@ class _Restart(Exception):  # noqa: N818 (control flow, never seen outside merge
         self.failures = failures
 
 
-def _attempt(ckpt, plan, out_dir, fmt, max_shard_size, force, salvage, strict, progress,
+def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict, progress,
              should_stop, notice, ready, started) -> MergeResult:
-    shards = plan_shards(plan.tensors, fmt, max_shard_size)
+    plan = output.plan
+    shards = hf.shards_of(output, fmt, max_shard_size)
     names = [s.name for s in shards] + ([FORMATS[fmt][2]] if len(shards) > 1 else [])
+    names += list(output.copies)
     inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
     meter = ProgressMeter(plan.total_bytes, progress)
     verification = meter.verification = Verification(plan.tensors, salvage=salvage,
@@ -120,6 +139,7 @@ def _attempt(ckpt, plan, out_dir, fmt, max_shard_size, force, salvage, strict, p
                     os.close(fd)
             if len(shards) > 1:
                 out.write_text(FORMATS[fmt][2], index_json(shards))
+            hf.copy_into(out, output.copies)
             if should_stop is not None and should_stop():
                 raise MergeCancelled("merge cancelled; nothing was written")
             verification.check_unchanged()
@@ -143,7 +163,9 @@ def _attempt(ckpt, plan, out_dir, fmt, max_shard_size, force, salvage, strict, p
                        time.monotonic() - started, fmt, dict(plan.dropped), sorted(plan.excluded),
                        len(verification.checks),
                        [f"{c.file}: {c.record}" for c in verification.unverified],
-                       dict(verification.nonfinite))
+                       dict(verification.nonfinite),
+                       next((t.dtype for t in plan.tensors if t.dtype in NARROW), "float32"),
+                       dict(meter.overflow), list(output.notes))
 
 
 NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "

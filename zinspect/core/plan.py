@@ -72,9 +72,10 @@ class MergePlan:
 
 
 def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
-               salvage: bool = False) -> MergePlan:
+               salvage: bool = False, dtype: str = "float32") -> MergePlan:
     """What a merge writes. Raises `NotMergeable` when validation errors touch what it would
-    write; with `salvage`, params that cannot be rebuilt are dropped (and listed) instead."""
+    write; with `salvage`, params that cannot be rebuilt are dropped (and listed) instead.
+    `dtype` (float32, bfloat16, float16) is what float params and buffers are written as."""
     if ckpt.layout not in MERGEABLE_LAYOUTS:
         raise NotMergeable(f"{ckpt.path}: cannot merge a {ckpt.layout} checkpoint",
                            _layout_hint(ckpt))
@@ -100,7 +101,7 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
         if problem:
             plan.dropped[name] = problem
             continue
-        plan.tensors.append(_param_tensor(ckpt, name, owner, p.tied_to))
+        plan.tensors.append(_param_tensor(ckpt, name, owner, p.tied_to, dtype))
     for name, b in ckpt.buffers.items():
         if name in excluded:
             continue
@@ -108,7 +109,7 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
             plan.dropped[name] = "its bytes are not in the model-states file"
             continue
         nbytes = b.numel * DTYPE_SIZES[b.dtype]
-        plan.tensors.append(OutputTensor(name, b.shape, b.dtype, b.dtype,
+        plan.tensors.append(OutputTensor(name, b.shape, _out_dtype(b.dtype, dtype), b.dtype,
                                          [Piece(str(ckpt.path / b.file), b.offset, nbytes)]
                                          if nbytes else []))
     if not plan.tensors and not plan.dropped and plan.excluded:
@@ -182,12 +183,19 @@ def _param_problem(p: Param) -> str | None:
     return None
 
 
-def _param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None) -> OutputTensor:
+def _param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
+                  dtype: str = "float32") -> OutputTensor:
     frags = sorted((f for f in p.fragments if f.numel), key=lambda f: f.start)
     src = frags[0].dtype if frags else "float32"
-    out = "float32" if src in UPCAST else src
+    out = _out_dtype("float32" if src in UPCAST else src, dtype)
     pieces = [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags]
     return OutputTensor(name, p.shape, out, src, pieces, tied_to)
+
+
+def _out_dtype(natural: str, dtype: str) -> str:
+    """16-bit output turns fp32, bf16 and fp16 values into `dtype`; ints, bools and fp64 keep
+    their dtype (and so does everything in an fp32 merge)."""
+    return dtype if dtype != "float32" and natural in ("float32", *UPCAST) else natural
 
 
 def _layout_hint(ckpt: Checkpoint) -> str:

@@ -4,6 +4,11 @@ Saved as a small JSON file that the app writes and `zinspect merge --selection F
 
     {"zinspect_selection": 1, "exclude": ["encoder.frozen_proj.weight"],
      "exclude_globs": ["head.*"], "exclude_frozen": false}
+
+Globs are matched as users write them: a pattern with a dot is matched against the whole name
+(`head.*`, `*.lora_A.*`); one without a dot against each dotted component too, so `lora_*`
+matches `base_model.model.h.0.attn.c_attn.lora_A.default.weight`. A pattern or a name that
+matches nothing is an error (`check_matches`): a typo must not silently write everything.
 """
 
 from __future__ import annotations
@@ -32,11 +37,28 @@ class Selection:
         out = set()
         for name in list(ckpt.params) + list(ckpt.buffers):
             p = ckpt.params.get(name)
-            if name in self.exclude or any(fnmatch.fnmatchcase(name, g) for g in self.exclude_globs):
+            if name in self.exclude or any(glob_matches(g, name) for g in self.exclude_globs):
                 out.add(name)
             elif self.exclude_frozen and p is not None and p.frozen:
                 out.add(name)
         return out
+
+    def unmatched(self, ckpt: Checkpoint) -> list[str]:
+        """The names and patterns that match no param or buffer of `ckpt`."""
+        names = list(ckpt.params) + list(ckpt.buffers)
+        known = set(names)
+        missing = [n for n in sorted(self.exclude) if n not in known]
+        return missing + [g for g in self.exclude_globs if not any(glob_matches(g, n) for n in names)]
+
+    def check_matches(self, ckpt: Checkpoint) -> None:
+        """Raises UsageError naming every name or pattern that matches nothing."""
+        missing = self.unmatched(ckpt)
+        if missing:
+            shown = ", ".join(repr(m)[:80] for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise UsageError(f"{ckpt.path}: {len(missing)} exclusion(s) match no param or buffer: "
+                             f"{shown}", "run `zinspect info PATH --json` to see the names; a "
+                             "pattern without a dot matches any part of a name (lora_*), one "
+                             "with a dot the whole name (*.lora_A.*)")
 
     def to_json(self) -> dict:
         return {"zinspect_selection": FORMAT_VERSION, "exclude": sorted(self.exclude),
@@ -67,6 +89,13 @@ class Selection:
             raise UsageError(f"{path}: not a JSON selection file ({e})"[:300], _EXPECTED) from e
         if not isinstance(data, dict):
             raise UsageError(f"{path}: not a zinspect selection file", _EXPECTED)
+        unknown = sorted(set(data) - _KEYS)
+        if unknown:
+            raise UsageError(f"{path}: unknown key(s) {', '.join(repr(k)[:40] for k in unknown[:5])}"
+                             " in the selection file", _EXPECTED)
+        if data.get("zinspect_selection", FORMAT_VERSION) != FORMAT_VERSION:
+            raise UsageError(f"{path}: selection format {data['zinspect_selection']!r:.20} is not "
+                             f"{FORMAT_VERSION}", "save the selection again with this zinspect")
         exclude, globs = data.get("exclude", []), data.get("exclude_globs", [])
         frozen = data.get("exclude_frozen", False)
         for key, value in (("exclude", exclude), ("exclude_globs", globs)):
@@ -77,5 +106,13 @@ class Selection:
         return cls(set(exclude), globs, frozen)
 
 
+def glob_matches(pattern: str, name: str) -> bool:
+    """`pattern` against the whole name, and, for a pattern without a dot, each component."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    return "." not in pattern and any(fnmatch.fnmatchcase(c, pattern) for c in name.split("."))
+
+
+_KEYS = {"zinspect_selection", "exclude", "exclude_globs", "exclude_frozen"}
 _EXPECTED = ('save a selection from the app (key s) or write {"exclude": ["name", ...], '
              '"exclude_globs": ["pattern", ...], "exclude_frozen": false}')

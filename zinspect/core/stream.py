@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from zinspect.core.dtypes import NARROW, narrow
 from zinspect.core.plan import OutputTensor
 from zinspect.errors import MergeCancelled, UnreadableFile
 
@@ -101,13 +102,15 @@ def _batches(tensors: Iterable[OutputTensor], chunk: int) -> Iterator[_Batch]:
     size, conv, name = 0, None, ""
     for t in tensors:
         tconv = (t.src_dtype, t.dtype)
+        # a narrowing batch holds one tensor, so that overflows to inf are counted per tensor
+        alone = t.dtype in NARROW and t.src_dtype != t.dtype and name != t.name
         for p in t.pieces:
             off, left = p.offset, p.nbytes
             while left:
-                if segs and (conv != tconv or size + min(left, chunk) > chunk):
+                if segs and (conv != tconv or alone or size + min(left, chunk) > chunk):
                     yield _Batch(segs, conv, size, name)
                     segs, size = [], 0
-                conv, name = tconv, t.name
+                conv, name, alone = tconv, t.name, False
                 n = min(left, chunk - size)
                 segs.append((p.path, off, n))
                 size += n
@@ -134,25 +137,29 @@ def _read_batch(files: SourceFiles, batch: _Batch, buf: bytearray) -> int:
     return pos
 
 
-def _convert(conversion: tuple[str, str], data: memoryview, scratch: bytearray) -> memoryview:
-    """16-bit floats to fp32 without torch: bf16 is the high half of an fp32; fp16 via struct."""
+def _convert(conversion: tuple[str, str], data: memoryview,
+             scratch: bytearray) -> tuple[memoryview, int]:
+    """(converted bytes, finite values that overflowed to inf). 16-bit floats to fp32 without
+    torch: bf16 is the high half of an fp32; fp16 via struct. To 16 bits: `dtypes.narrow`."""
     src, dst = conversion
     if src == dst:
-        return data
+        return data, 0
+    if dst in NARROW:
+        return narrow(src, dst, data, scratch)
     n = len(data) // 2
     if (src, dst) == ("bfloat16", "float32"):
         out = memoryview(scratch)[: 4 * n]
         out[0::4] = out[1::4] = bytes(n)
         out[2::4] = data[0::2]
         out[3::4] = data[1::2]
-        return out
+        return out, 0
     if (src, dst) == ("float16", "float32"):
         step = 1 << 16  # elements per struct call: bounds the temporary tuple of floats
         for i in range(0, n, step):
             k = min(step, n - i)
             struct.pack_into(f"<{k}f", scratch, 4 * i,
                              *struct.unpack_from(f"<{k}e", data, 2 * i))
-        return memoryview(scratch)[: 4 * n]
+        return memoryview(scratch)[: 4 * n], 0
     raise ValueError(f"no conversion from {src} to {dst}")
 
 
@@ -162,6 +169,7 @@ class ProgressMeter:
     def __init__(self, total: int, progress: Progress | None, interval: float = 0.05) -> None:
         self.total, self.progress, self.interval = total, progress, interval
         self.done, self._last = 0, 0.0
+        self.overflow: dict[str, int] = {}  # tensor name -> finite values written as +-inf
 
     def add(self, nbytes: int, name: str) -> None:
         self.done += nbytes
@@ -193,7 +201,9 @@ def copy_tensors(tensors: list[OutputTensor], sink: Callable[[memoryview], None]
             while inflight:
                 batch, future, buf = inflight.popleft()
                 n = future.result()
-                out = _convert(batch.conversion, memoryview(buf)[:n], scratch)
+                out, inf = _convert(batch.conversion, memoryview(buf)[:n], scratch)
+                if inf:
+                    meter.overflow[batch.last_name] = meter.overflow.get(batch.last_name, 0) + inf
                 sink(out)
                 meter.add(len(out), batch.last_name)
                 if should_stop is not None and should_stop():

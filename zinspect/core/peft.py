@@ -1,0 +1,111 @@
+"""PEFT (LoRA) runs: recognise them and write only the adapter, named as PEFT saves it.
+
+A PEFT model trained under ZeRO names its params `base_model.model.<module>.lora_A.<adapter>.weight`
+(and `<module>.modules_to_save.<adapter>.<leaf>` for fully trained copies). `PeftModel.save_pretrained`
+keeps the adapter's tensors only and removes the adapter name; `PeftModel.from_pretrained` puts it
+back. adapter_config.json, which the Trainer writes beside `latest`, says what the adapter is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from zinspect.core.model import Checkpoint
+from zinspect.core.plan import OutputTensor
+from zinspect.errors import UsageError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = {"safetensors": "adapter_model.safetensors", "pt": "adapter_model.bin"}
+#: name components of PEFT's own tensors (LoRA, DoRA, LoRA on embeddings)
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+@dataclass
+class PeftInfo:
+    """What the overview shows about a PEFT run."""
+
+    peft_type: str | None  # from adapter_config.json (None: recognised by the names only)
+    rank: int | None
+    alpha: float | None
+    targets: list[str]
+    adapter: str  # the adapter name in the param names ("default")
+    trainable: int  # elements
+    base: int  # elements of the frozen base
+    config_path: Path | None
+
+
+def root_of(ckpt: Checkpoint) -> Path:
+    """The dir the Trainer writes config files into: the one holding `latest`."""
+    return ckpt.root or ckpt.path.parent
+
+
+def adapter_name(name: str) -> str | None:
+    """'...q_proj.lora_A.default.weight' -> 'default'; None for a name that is not PEFT's."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-2]):
+        if part in ADAPTER_PARTS or part == "modules_to_save":
+            return parts[i + 1]
+    return None
+
+
+def detect(ckpt: Checkpoint) -> PeftInfo | None:
+    """A PeftInfo when the params carry PEFT's names or the root holds adapter_config.json."""
+    adapters = {a for a in map(adapter_name, ckpt.params) if a}
+    cfg_path = root_of(ckpt) / CONFIG
+    config = _read_config(cfg_path) if cfg_path.is_file() else None
+    if not adapters and config is None:
+        return None
+    trainable = sum(p.numel for p in ckpt.params.values() if not p.frozen and not p.tied_to)
+    base = sum(p.numel for p in ckpt.params.values() if p.frozen and not p.tied_to)
+    cfg = config or {}
+    targets = cfg.get("target_modules") or []
+    return PeftInfo(cfg.get("peft_type"), cfg.get("r"), cfg.get("lora_alpha"),
+                    sorted(targets) if isinstance(targets, list) else [str(targets)],
+                    sorted(adapters)[0] if adapters else "default", trainable, base,
+                    cfg_path if config is not None else None)
+
+
+def adapter_tensors(ckpt: Checkpoint, tensors: list[OutputTensor]) -> list[OutputTensor]:
+    """The adapter's tensors among `tensors`, renamed as PeftModel.save_pretrained names them.
+    Raises UsageError when the checkpoint is not a PEFT run or lacks adapter_config.json."""
+    info = detect(ckpt)
+    cfg_path = root_of(ckpt) / CONFIG
+    if info is None:
+        raise UsageError(f"{ckpt.path}: --peft: this is not a PEFT run (no param is named like "
+                         "'...lora_A.default.weight' and there is no adapter_config.json)",
+                         "merge without --peft to write the full weights")
+    if info.config_path is None:
+        raise UsageError(f"{cfg_path}: --peft needs adapter_config.json beside `latest`, and it "
+                         "is missing", "copy the adapter_config.json of the run there (the "
+                         "Trainer writes it; peft's LoraConfig(...).save_pretrained(DIR) does too)")
+    bias = _read_config(cfg_path).get("bias", "none")
+    adapter = info.adapter
+    out = []
+    for t in tensors:
+        p = ckpt.params.get(t.name)
+        ours = adapter_name(t.name) == adapter
+        if ours or (bias != "none" and p is not None and not p.frozen and t.name.endswith(".bias")):
+            out.append(replace(t, name=peft_key(t.name, adapter), tied_to=None))
+    if not out:
+        raise UsageError(f"{ckpt.path}: --peft: no adapter tensor is left to write",
+                         "check the --exclude patterns and the selection")
+    return out
+
+
+def peft_key(name: str, adapter: str) -> str:
+    """PEFT's saved name: `modules_to_save.<adapter>.` and then every `.<adapter>` removed
+    (get_peft_model_state_dict's rule)."""
+    return name.replace(f"modules_to_save.{adapter}.", "").replace(f".{adapter}", "")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read it as JSON ({e})"[:300],
+                         "write it again with peft's save_pretrained") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: not a PEFT adapter config", "write it again with peft's save_pretrained")
+    return data
