@@ -29,7 +29,9 @@ class ParamDiff:
     dtype_a: str
     dtype_b: str
     identical: bool = True  # same dtype and the same bytes
-    within: bool = True  # |a-b| <= atol + rtol*|b| everywhere (NaN where the other is NaN)
+    #: the values: |a-b| <= atol + rtol*|b| everywhere (NaN where the other is NaN), or with no
+    #: tolerance the same bits (values, when the dtypes differ: the dtype difference is its own)
+    within: bool = True
     max_abs: float = 0.0
     diff_sq: float = 0.0
     a_sq: float = 0.0
@@ -64,8 +66,9 @@ class DiffResult:
 
     @property
     def equal(self) -> bool:
+        """No name, shape or dtype differences, and every value within tolerance."""
         return not self.only_a and not self.only_b and all(
-            p.comparable and p.within for p in self.params)
+            p.comparable and p.dtype_a == p.dtype_b and p.within for p in self.params)
 
     def to_json(self) -> dict:
         return {"equal": self.equal, "only_a": self.only_a, "only_b": self.only_b,
@@ -107,9 +110,9 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
         if ta is None:
             continue
         p = ParamDiff(name, ta.name, tuple(ta.shape), tuple(tb.shape), ta.dtype, tb.dtype)
-        p.identical = p.within = p.comparable and ta.dtype == tb.dtype
+        p.identical = p.comparable and ta.dtype == tb.dtype
+        p.within = p.comparable
         if p.comparable:
-            p.within = True
             pairs.append((p, ta, tb))
         result.params.append(p)
     exact = atol == 0 and rtol == 0

@@ -1,0 +1,133 @@
+"""`zinspect diff`: a checkpoint equals its own merge; a twin, a planted change, renamed, reshaped
+and retyped tensors are found and located; exit codes 0/1/2."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import save_file
+
+from zinspect.cli import main
+from zinspect.core.diff import diff_tensors
+from zinspect.core.sources import open_source
+from zinspect.errors import MergeCancelled
+
+CKPT = FIXTURES / "s2_w2_fp32_plain"
+TWIN = FIXTURES / "s2_w1_fp32"  # the same model and seed, trained at world size 1
+
+
+def _diff(a, b, **kw):
+    return diff_tensors(open_source(a).tensors, open_source(b).tensors, **kw)
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """The fixture merged to fp32 safetensors, sharded (a folder with an index)."""
+    out = tmp_path_factory.mktemp("diff") / "merged"
+    assert main(["merge", str(CKPT), str(out), "--max-shard-size", "8KB"]) == 0
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+    return out
+
+
+@pytest.mark.parametrize("name", ["s2_w2_fp32_plain", "s3_w4_bf16", "s3_w3_fp16_sub"])
+def test_checkpoint_equals_its_reference(name):
+    r = _diff(FIXTURES / name, FIXTURES / name / "reference_fp32.pt")
+    assert r.equal and r.params and all(p.identical for p in r.params)
+
+
+def test_checkpoint_equals_its_sharded_merge(merged, capsys):
+    r = _diff(CKPT, merged)
+    assert r.equal and not r.only_a and not r.only_b and all(p.identical for p in r.params)
+    assert main(["diff", str(CKPT), str(merged)]) == 0
+    assert "EQUAL" in capsys.readouterr().out
+
+
+def test_twin_at_another_world_size_names_what_differs(capsys):
+    ref_a = torch.load(CKPT / "reference_fp32.pt")
+    ref_b = torch.load(TWIN / "reference_fp32.pt")
+    expect = {n for n in ref_a if n in ref_b and not torch.equal(ref_a[n], ref_b[n])}
+    assert expect  # the twins did train apart
+    r = _diff(CKPT, TWIN)
+    assert {p.name for p in r.params if not p.within} == expect
+    for p in r.params:
+        if p.name in expect:
+            d = (ref_a[p.name].double() - ref_b[p.name].double())
+            assert p.max_abs == pytest.approx(d.abs().max().item(), rel=1e-12)
+            assert p.rel_l2 == pytest.approx((d.norm() / ref_a[p.name].double().norm()).item(),
+                                             rel=1e-9)
+    changes = [p.rel_l2 for p in r.params]
+    assert changes == sorted(changes, reverse=True)  # most changed first
+    assert main(["diff", str(CKPT), str(TWIN), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["equal"] is False and {p["name"] for p in out["params"] if not p["within_tolerance"]} == expect
+
+
+def test_a_planted_change_of_one_element_is_found_and_located(merged, tmp_path):
+    ref = torch.load(CKPT / "reference_fp32.pt")
+    sd = {k: v.clone() for k, v in ref.items()}
+    sd["encoder.cube"][2, 3, 4] += 1e-6  # encoder.cube is 3x5x7
+    save_file(sd, tmp_path / "m.safetensors")
+    r = _diff(merged, tmp_path / "m.safetensors")
+    assert not r.equal
+    (p,) = [p for p in r.params if not p.within]
+    assert p.name == "encoder.cube" and p.differing == 1 and p.to_json()["first_position"] == [2, 3, 4]
+    assert p.max_abs == pytest.approx(1e-6, rel=0.1)
+    assert r.params[0] is p  # sorted by change
+    # within a tolerance it is equal
+    assert _diff(merged, tmp_path / "m.safetensors", atol=1e-5).equal
+    assert main(["diff", str(merged), str(tmp_path / "m.safetensors"), "--atol", "1e-5"]) == 0
+    assert main(["diff", str(merged), str(tmp_path / "m.safetensors")]) == 1
+
+
+def test_bit_identity_sees_signed_zero(tmp_path):
+    save_file({"w": torch.zeros(4)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.tensor([0.0, -0.0, 0.0, 0.0])}, tmp_path / "b.safetensors")
+    r = _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert not r.equal and r.params[0].first_index == 1
+    assert _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rtol=1e-9).equal
+
+
+def test_names_shapes_dtypes_and_prefix_map(tmp_path, capsys):
+    ref = torch.load(CKPT / "reference_fp32.pt")
+    sd = {"base_model.model." + k: v.clone() for k, v in ref.items() if k != "head.bias"}
+    sd["base_model.model.extra"] = torch.ones(3)
+    sd["base_model.model.encoder.cube"] = sd["base_model.model.encoder.cube"].reshape(5, 3, 7).contiguous()
+    sd["base_model.model.embed.weight"] = sd["base_model.model.embed.weight"].double()
+    torch.save(sd, tmp_path / "peft.bin")
+    r = _diff(tmp_path / "peft.bin", CKPT / "reference_fp32.pt", prefix_map=[("base_model.model.", "")])
+    out = r.to_json()
+    assert out["only_a"] == ["base_model.model.extra"] and out["only_b"] == ["head.bias"]
+    assert out["shape_mismatch"] == ["encoder.cube"] and out["dtype_mismatch"] == ["embed.weight"]
+    emb = next(p for p in r.params if p.name == "embed.weight")
+    assert not emb.identical and emb.within and emb.max_abs == 0  # same values, in fp64
+    assert not r.equal
+    assert _diff(tmp_path / "peft.bin", CKPT / "reference_fp32.pt").only_b  # no map: nothing matches
+    assert main(["diff", str(tmp_path / "peft.bin"), str(CKPT / "reference_fp32.pt"),
+                 "--map-prefix", "base_model.model.="]) == 1
+    text = capsys.readouterr().out
+    assert "only in A: base_model.model.extra" in text and "only in B: head.bias" in text
+    assert "shape     encoder.cube: [5, 3, 7] vs [3, 5, 7]" in text
+
+
+@pytest.mark.parametrize("args", [["/nonexistent"], ["--map-prefix", "nope"], ["--atol", "-1"]])
+def test_bad_input_exits_2(args, capsys):
+    other = args[0] if args[0].startswith("/") else str(CKPT)
+    assert main(["diff", str(CKPT), other, *args[1:]]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_not_a_state_dict_exits_2(tmp_path, capsys):
+    torch.save([1, 2, 3], tmp_path / "x.pt")
+    assert main(["diff", str(CKPT), str(tmp_path / "x.pt")]) == 2
+    assert "holds no state dict" in capsys.readouterr().err
+    (tmp_path / "t.safetensors").write_bytes(struct.pack("<Q", 10**9))
+    assert main(["diff", str(CKPT), str(tmp_path / "t.safetensors")]) == 2
+
+
+def test_cancel():
+    with pytest.raises(MergeCancelled, match="diff was cancelled"):
+        _diff(CKPT, TWIN, should_stop=lambda: True)
