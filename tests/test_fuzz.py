@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import tempfile
 import tracemalloc
 import zipfile
@@ -135,6 +136,64 @@ def test_pickle_bytes_flipped_with_valid_crc(tgt, flips):
         D.set_crc(p, "data.pkl")
         with zipfile.ZipFile(p) as zf:  # the damage really reaches the unpickler
             zf.read(next(z for z in zf.infolist() if z.filename.endswith("/data.pkl")))
+        check_damaged(root)
+    finally:
+        shutil.rmtree(tmp)
+
+
+#: central-directory fields (offset in the entry, struct format) a forgery would change: the
+#: sizes, the local header offset and the name length
+_CD_FIELDS = [(20, "<I"), (24, "<I"), (42, "<I"), (28, "<H")]
+
+
+@FUZZ
+@given(target(), st.data())
+def test_zip_structure_fields_forged(tgt, data):
+    """A central-directory entry's size, offset or name length set to another value, and/or a
+    local header's name changed: the records are cross-checked, never trusted."""
+    name, leaf = tgt
+    tmp, root = damaged_copy(name)
+    try:
+        p = root / D.TAG / leaf
+        buf = bytearray(p.read_bytes())
+        entries = D._central_entries(bytes(buf))
+        pos, _ = data.draw(st.sampled_from(entries))
+        at, fmt = data.draw(st.sampled_from(_CD_FIELDS))
+        top = 0xFFFF if fmt == "<H" else len(buf) + 4096
+        struct.pack_into(fmt, buf, pos + at, data.draw(st.integers(0, top)))
+        if data.draw(st.booleans()):  # and a local header's name byte
+            with zipfile.ZipFile(p) as zf:
+                zi = data.draw(st.sampled_from(zf.infolist()))
+            buf[zi.header_offset + 30 + data.draw(st.integers(0, len(zi.filename) - 1))] ^= 0x20
+        p.write_bytes(bytes(buf))
+        check_damaged(root)
+    finally:
+        shutil.rmtree(tmp)
+
+
+#: pickle fragments that each push one value, at sizes bounded here (the budgets must stop
+#: them well before these bounds matter): memo bombs, deep nesting, memo indices, long strings
+_FRAGMENTS = st.one_of(
+    st.integers(1, 80).map(lambda k: b"N" + b"2\x86" * k),
+    st.integers(1, 50_000).map(lambda k: b"N" + b"\x85" * k),
+    st.integers(0, 2**32 - 1).map(lambda i: b"N" + b"r" + struct.pack("<I", i)),
+    st.integers(0, 3 << 20).map(lambda n: b"X" + struct.pack("<I", n) + b"x" * n),
+    st.integers(1, 5_000).map(lambda k: b"(" * k + b"N" + b"t" * k),
+)
+
+
+@FUZZ
+@given(target(), _FRAGMENTS, st.booleans())
+def test_pickle_opcodes_forged(tgt, fragment, as_key):
+    """A forged entry spliced into a real data.pkl (every CRC valid): the fragment as a value
+    or as a dict key (hashed). Each is read within the budgets or refused as unreadable."""
+    name, leaf = tgt
+    tmp, root = damaged_copy(name)
+    try:
+        p = root / D.TAG / leaf
+        raw = D.pickle_of(p)
+        entry = fragment + b"N" if as_key else D._key("fz") + fragment
+        D.rewrite_pickle(p, raw[:-1] + entry + b"s.")
         check_damaged(root)
     finally:
         shutil.rmtree(tmp)
