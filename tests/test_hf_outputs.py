@@ -65,6 +65,8 @@ def test_tied_alias_left_out_when_the_config_ties_it(tmp_path):
     assert "lm_head.weight" not in written and "model.embed_tokens.weight" in written
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(model.lm_head.weight, reference(name)["lm_head.weight"])
+    merge(ckpt(name), tmp_path / "plain", hf_files=False)  # a plain state dict keeps the alias
+    assert "lm_head.weight" in load_file(tmp_path / "plain" / "model.safetensors")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

@@ -4,7 +4,8 @@ The HF Trainer writes config.json, generation_config.json and the tokenizer file
 `checkpoint-N/`, beside DeepSpeed's `latest`. A merge copies them into OUT, so OUT loads with
 `AutoModelForCausalLM.from_pretrained(OUT)`; the weights are already named as HF names them
 (model.safetensors, model-00001-of-0000N.safetensors + model.safetensors.index.json). Tied
-aliases (lm_head.weight) are left out when the config ties them, as save_pretrained does.
+aliases (lm_head.weight) are left out when the config ties them, as save_pretrained does (with
+--no-hf-files the output is a plain state dict and keeps them, for load_state_dict(strict=True)).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def prepare(ckpt: Checkpoint, plan: MergePlan, *, peft: bool = False,
     notes = []
     tensors = plan.tensors
     config = _config(present.get(CONFIG))
-    if config is not None and config.get("tie_word_embeddings", True):
+    if copy_files and config is not None and config.get("tie_word_embeddings", True):
         names = {t.name for t in tensors}
         tied = [t for t in tensors if t.tied_to in names]
         if tied:
