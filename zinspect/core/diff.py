@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from zinspect.core.plan import OutputTensor, Piece
-from zinspect.core.stats import as_float64
+from zinspect.core.stats import Scratch, as_float64
 from zinspect.core.stream import BufferSink, Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled, UsageError
@@ -118,6 +118,7 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
     exact = atol == 0 and rtol == 0
     total = sum(ta.nbytes + tb.nbytes for _, ta, tb in pairs)
     meter = ProgressMeter(total, progress)
+    scratch = Scratch()
     try:
         for batch in _windows(pairs):
             wa = [w for _, w, _, _ in batch]
@@ -126,7 +127,7 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
             copy_tensors(wa, sa, ProgressMeter(0, None), should_stop)
             copy_tensors(wb, sb, ProgressMeter(0, None), should_stop)
             for (p, ta, tb, start), ba, bb in zip(batch, sa.buffers, sb.buffers, strict=True):
-                _compare(p, ta.dtype, tb.dtype, ba, bb, start, exact, atol, rtol)
+                _compare(p, ta.dtype, tb.dtype, ba, bb, start, exact, atol, rtol, scratch)
             meter.add(sum(len(x) for x in sa.buffers + sb.buffers), batch[-1][0].name)
             if should_stop is not None and should_stop():
                 raise MergeCancelled("the diff was cancelled")
@@ -138,16 +139,16 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
 
 
 def _compare(p: ParamDiff, dtype_a: str, dtype_b: str, ba: bytearray, bb: bytearray,
-             start: int, exact: bool, atol: float, rtol: float) -> None:
+             start: int, exact: bool, atol: float, rtol: float, scratch: Scratch) -> None:
     import numpy as np
 
     if p.identical and ba == bb:
-        x = as_float64(ba, dtype_a)
+        x = as_float64(ba, dtype_a, scratch)
         x = x if np.isfinite(x).all() else np.where(np.isfinite(x), x, 0.0)
-        p.a_sq += float(np.dot(x, x))
+        p.a_sq += float(np.einsum("i,i->", x, x))
         return
     p.identical = False
-    x, y = as_float64(ba, dtype_a), as_float64(bb, dtype_b)
+    x, y = as_float64(ba, dtype_a, scratch, 0), as_float64(bb, dtype_b, scratch, 1)
     with np.errstate(invalid="ignore", over="ignore"):
         d = np.abs(x - y)
         both_nan = np.isnan(x) & np.isnan(y)
@@ -159,9 +160,9 @@ def _compare(p: ParamDiff, dtype_a: str, dtype_b: str, ba: bytearray, bb: bytear
         else:
             bad = ~((d <= atol + rtol * np.abs(y)) | both_nan | same)
         fin = np.where(np.isfinite(d), d, 0.0)
-        p.diff_sq += float(np.dot(fin, fin))
+        p.diff_sq += float(np.einsum("i,i->", fin, fin))
         xf = np.where(np.isfinite(x), x, 0.0)
-        p.a_sq += float(np.dot(xf, xf))
+        p.a_sq += float(np.einsum("i,i->", xf, xf))
         if (~np.isfinite(d) & ~both_nan & ~same).any():
             p.max_abs = math.inf
         elif len(fin):
