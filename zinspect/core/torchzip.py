@@ -330,6 +330,8 @@ class MetaUnpickler(_Rules, BoundedUnpickler):
     it allocate gigabytes (its memo is an array sized by the largest PUT index) or crash while
     hashing a deeply nested key, and a valid CRC is no proof against forgery."""
 
+    leaf_types = frozenset({TensorRef, StorageRef, DType, _StorageClass})
+
 
 @dataclass
 class Record:

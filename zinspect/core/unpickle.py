@@ -21,6 +21,7 @@ a PUT opcode of at least two bytes.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from collections import OrderedDict
 
@@ -33,44 +34,48 @@ MAX_DEPTH = 100
 #: result nodes allowed per byte of pickle, plus a floor (a node costs >= 1 opcode byte unless
 #: it is a shared reference; real checkpoints stay far below 1 per byte)
 NODES_PER_BYTE, NODES_FLOOR = 4, 1 << 16
-_ATOMS = (str, int, float, bytes, bool, type(None), complex)
+_ATOMS = frozenset({str, int, float, bytes, bool, type(None), complex})
+_SIZED = (tuple, list, set, frozenset, dict)
 
 
 class PickleBudgetExceeded(pickle.UnpicklingError):
     """A pickle asks for more than its size can honestly need (see the module docstring)."""
 
 
-def children(obj) -> tuple | list | None:
+def children(obj):
     """The objects a walk over `obj` reaches next (None for a leaf). Inert records of the
     restricted unpickler expose their `args` and `state`."""
     if isinstance(obj, (tuple, list, set, frozenset)):
         return obj
     if isinstance(obj, dict):
-        return [x for kv in obj.items() for x in kv]
+        return itertools.chain(obj.keys(), obj.values()) if obj else None
     args = getattr(obj, "args", None) if hasattr(obj, "state") else None
     if isinstance(args, tuple):
         return (*args, obj.state)
     return None
 
 
-def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the pickle") -> None:
+def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the pickle",
+               leaves: frozenset = _ATOMS) -> None:
     """Raise PickleBudgetExceeded when walking `obj` would visit more than `max_nodes` nodes or
-    go deeper than `max_depth`. Iterative, and stops at the first budget passed."""
-    stack, nodes = [(obj, 0)], 0
+    go deeper than `max_depth`. Iterative; leaves (objects of the types `leaves`) are counted
+    without being stacked, and the walk stops at the first budget passed."""
+    stack, nodes = [(obj, 0)], 1
     while stack:
         item, depth = stack.pop()
-        nodes += 1
+        kids = children(item)
+        if not kids:
+            continue
+        if depth >= max_depth:
+            raise PickleBudgetExceeded(f"{what} nests deeper than {max_depth} levels")
+        inner = [kid for kid in kids if type(kid) not in leaves]
+        nodes += len(item) * (2 if isinstance(item, dict) else 1) if isinstance(item, _SIZED) \
+            else len(inner) + 2
+        stack.extend([(kid, depth + 1) for kid in inner])
         if nodes > max_nodes:
             raise PickleBudgetExceeded(f"{what} holds more than {max_nodes:,} objects" +
                                        (" (shared references repeated: a memo bomb)"
                                         if what == "the pickle" else ""))
-        if type(item) in _ATOMS:
-            continue
-        kids = children(item)
-        if kids:
-            if depth >= max_depth:
-                raise PickleBudgetExceeded(f"{what} nests deeper than {max_depth} levels")
-            stack.extend((k, depth + 1) for k in kids)
 
 
 def _hashable(key) -> None:
@@ -101,6 +106,8 @@ class BoundedUnpickler(pickle._Unpickler):
     is checked as a tree against `budget_bytes` (the pickle's size)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
+    #: types of the objects a subclass builds that hold nothing from the pickle to walk
+    leaf_types: frozenset = frozenset()
 
     def __init__(self, file, *, budget_bytes: int, **kwargs) -> None:
         super().__init__(file, **kwargs)
@@ -108,7 +115,7 @@ class BoundedUnpickler(pickle._Unpickler):
 
     def load(self):
         obj = super().load()
-        check_tree(obj, self.max_nodes)
+        check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
         return obj
 
 
