@@ -205,3 +205,17 @@ def test_full_merge_of_a_peft_run_points_to_peft(tmp_path):
 def test_peft_on_a_plain_run_is_an_error(tmp_path):
     r = run_zinspect("merge", FIXTURES / FULL[0], tmp_path / "out", "--peft")
     assert r.returncode == 2 and "not a PEFT run" in r.stderr
+
+
+def test_info_recognises_the_peft_run():
+    r = run_zinspect("info", FIXTURES / LORA, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["peft"]
+    assert got["peft_type"] == "LORA" and got["rank"] == 4 and got["adapter"] == "default"
+    assert got["targets"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    params = json.loads(r.stdout)["params"]
+    assert got["trainable_numel"] == sum(p["numel"] for p in params if not p["frozen"])
+    assert got["base_numel"] == sum(p["numel"] for p in params if p["frozen"])
+    human = run_zinspect("info", FIXTURES / LORA)
+    assert "LORA r=4" in human.stdout + human.stderr
+    assert json.loads(run_zinspect("info", FIXTURES / FULL[0], "--json").stdout)["peft"] is None

@@ -100,7 +100,14 @@ def info_json(ckpt) -> dict:
         "findings": [f.to_json() for f in ckpt.findings],
         "counts": ckpt.counts(),
         "totals": totals(ckpt),
+        "peft": peft_summary(ckpt),
     }
+
+
+def peft_summary(ckpt) -> dict | None:
+    from zinspect.core import peft
+
+    return peft.summary(ckpt)
 
 
 _KIND_ORDER = {"model": 0, "optim": 1}
@@ -167,6 +174,11 @@ def human_info(ckpt) -> None:
     summary.add_row("fp32 output", f"{fmt.size(t['output_bytes'])}: what `merge` writes "
                                    f"({fmt.count(t['params'])} params, {t['buffers']} buffers)")
     summary.add_row("on disk", f"{fmt.size(t['file_bytes'])} in {t['files']} files")
+    adapter = peft_summary(ckpt)
+    if adapter is not None:
+        from zinspect.core import peft
+
+        summary.add_row("PEFT", _safe(peft.describe(adapter), 300))
     summary.add_row("findings", _counts_text(ckpt.counts()))
     con.print(summary)
 

@@ -49,15 +49,19 @@ def narrow(src: str, dst: str, data: memoryview, scratch: bytearray) -> tuple[me
             _to_fp16(np, f32, out)
         else:
             raise ValueError(f"no conversion from {src} to {dst}")
-    overflow = int(np.count_nonzero((out & 0x7FFF) == (0x7F80 if dst == "bfloat16" else 0x7C00))
-                   - np.count_nonzero(np.isinf(f32)))
+    infs = np.count_nonzero((out & 0x7FFF) == (0x7F80 if dst == "bfloat16" else 0x7C00))
+    overflow = int(infs - np.count_nonzero(np.isinf(f32))) if infs else 0
     return memoryview(scratch)[: 2 * n], overflow
 
 
 def _to_bf16(np, f32, out) -> None:
     u = f32.view(np.uint32)
-    bias = ((u >> 16) & 1) + np.uint32(0x7FFF)
-    out[:] = (u + bias) >> 16  # uint32 wraps only for NaNs (0xFFFF8000...), replaced below
+    t = u >> 16  # in place from here: one temporary for the whole batch
+    t &= 1
+    t += 0x7FFF
+    t += u  # wraps only for NaNs (0xFFFF8000...), replaced below
+    t >>= 16
+    out[:] = t
     nan = np.isnan(f32)
     if nan.any():
         out[nan] = BF16_NAN

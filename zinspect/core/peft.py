@@ -109,3 +109,30 @@ def _read_config(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: not a PEFT adapter config", "write it again with peft's save_pretrained")
     return data
+
+
+def summary(ckpt: Checkpoint) -> dict | None:
+    """What `zinspect info` shows of a PEFT run (None for another run); never raises."""
+    try:
+        info = detect(ckpt)
+    except UsageError as e:
+        return {"error": e.message}
+    if info is None:
+        return None
+    return {"peft_type": info.peft_type, "rank": info.rank, "alpha": info.alpha,
+            "targets": info.targets, "adapter": info.adapter, "trainable_numel": info.trainable,
+            "base_numel": info.base, "adapter_config": str(info.config_path) if info.config_path
+            else None}
+
+
+def describe(s: dict) -> str:
+    """One line for a person: 'LORA r=4 alpha=8 on k_proj, q_proj: 1.2k trainable ...'."""
+    from zinspect.core import fmt
+
+    if "error" in s:
+        return s["error"]
+    where = f" on {', '.join(s['targets'])}" if s["targets"] else ""
+    conf = "" if s["adapter_config"] else " (no adapter_config.json beside `latest`: --peft needs it)"
+    return (f"{s['peft_type'] or 'PEFT'} r={s['rank']} alpha={s['alpha']}{where}, adapter "
+            f"{s['adapter']!r}: {fmt.short_count(s['trainable_numel'])} trainable, "
+            f"{fmt.short_count(s['base_numel'])} base (frozen){conf}; `merge --peft` writes it")
