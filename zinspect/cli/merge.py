@@ -128,8 +128,8 @@ def _announce(ckpt, plan, args, shard, notes=()) -> None:
     from zinspect.core import fmt
 
     names = [t.name for t in plan.tensors]
-    params = sum(1 for n in names if n in ckpt.params)
     buffers = sum(1 for n in names if n in ckpt.buffers)
+    params = len(names) - buffers  # a PEFT adapter's names are PEFT's, not the checkpoint's
     err = sys.stderr
     print(f"zinspect: writing {fmt.count(params)} params and {buffers} buffers "
           f"({fmt.size(plan.total_bytes)}) to {fmt.shown(args.out_dir)} as {args.fmt} "
