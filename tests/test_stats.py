@@ -78,3 +78,71 @@ def test_cli_json_and_exit_codes(capsys, tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\x00" * 4)
     assert main(["stats", str(tmp_path / "x.safetensors")]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ the app
+async def test_app_statistics_screen_table_and_layers():
+    from test_tui_app import SIZE, settle
+    from textual.widgets import DataTable, Sparkline
+
+    from zinspect.tui.app import ZinspectApp
+    from zinspect.tui.screens.stats import StatisticsScreen
+
+    name = "s3_w2_fp32"
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt")
+    app = ZinspectApp(str(FIXTURES / name))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("a")
+        await settle(app, pilot)
+        assert isinstance(app.screen, StatisticsScreen)
+        table = app.screen.query_one("#stats-table", DataTable)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        l2 = [float(r[6]) for r in rows]
+        assert l2 == sorted(l2, reverse=True)  # L2, largest first
+        top = max((n for n in ref if ref[n].is_floating_point()), key=lambda n: ref[n].double().norm())
+        assert rows[0][0] == top
+        # per layer: the L2 norm of every param named `.N.`, in depth order
+        layers = {}
+        for n, t in ref.items():
+            if ".0." in n or ".1." in n:
+                i = 0 if ".0." in n else 1
+                layers[i] = layers.get(i, 0.0) + t.double().pow(2).sum().item()
+        spark = app.screen.query_one("#stats-layers", Sparkline)
+        assert [round(v, 9) for v in spark.data] == [round(math.sqrt(layers[i]), 9) for i in (0, 1)]
+        await pilot.click("#stats-table", offset=(2, 0))  # the `name` header: sort by name
+        await pilot.pause()
+        names = [table.get_row_at(i)[0] for i in range(table.row_count)]
+        assert names == sorted(names)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, StatisticsScreen)
+
+
+async def test_app_escape_cancels_the_statistics(monkeypatch):
+    import time
+
+    from test_tui_app import SIZE, settle
+
+    from zinspect.core import stats as stats_module
+    from zinspect.tui.app import ZinspectApp
+    from zinspect.tui.screens.stats import StatisticsScreen
+
+    def slow(tensors, progress=None, should_stop=None):
+        for step in range(2000):
+            progress(step, 2000, "x")
+            if should_stop():
+                raise MergeCancelled("statistics cancelled")
+            time.sleep(0.005)
+        raise AssertionError("never cancelled")
+
+    monkeypatch.setattr(stats_module, "compute_stats", slow)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_fp32_plain"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("a")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, StatisticsScreen)
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, StatisticsScreen)

@@ -17,6 +17,8 @@ ACTIONS = [
     ("Merge to fp32", "write safetensors or torch files with the current exclusions", "merge"),
     ("Validate again", "re-read the checkpoint from disk and re-run the checks", "validate"),
     ("Deep check", "read every byte: zip CRCs, NaN/Inf per param (d)", "deep_check"),
+    ("Statistics", "min/max/mean/std/L2, NaN/Inf per param, L2 per layer (a)",
+     "screen.statistics"),
     ("Save selection", "write the exclusions for `zinspect merge --selection FILE`",
      "save_selection"),
     ("Load selection", "read exclusions from a selection file", "load_selection"),

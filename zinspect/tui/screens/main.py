@@ -44,7 +44,8 @@ class MainScreen(Screen):
     BINDINGS = [
         Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False, id=f"tab-{tab}")
         for i, tab in enumerate(TABS)
-    ]
+    ] + [Binding("a", "statistics", "Statistics", show=False, id="statistics",
+                 tooltip="Read the values: min/max/mean/std/L2, NaN/Inf per param and layer")]
 
     def __init__(self, what: str) -> None:
         super().__init__()
@@ -63,6 +64,12 @@ class MainScreen(Screen):
         body = self.query_one("#body")
         await body.remove_children()
         await body.mount(*widgets)
+        if self.focused is not None and not self.focused.is_attached:
+            # This screen resumed (a dialog closed) while the old body was being removed:
+            # Textual's auto focus chose one of the old widgets, and every key sent to a removed
+            # widget is lost (the app looked frozen after `d`). Focus the new body instead.
+            self.set_focus(None)
+            self.call_after_refresh(self.focus_tab_content)
 
     def loading_view(self) -> Vertical:
         return Vertical(Center(Label(f"Reading {self.what} …", id="loading-label")),
@@ -96,6 +103,13 @@ class MainScreen(Screen):
     def active_tab(self) -> str | None:
         tabs = self.query(TabbedContent)
         return tabs.first().active.removeprefix("tab-") if tabs else None
+
+    def action_statistics(self) -> None:
+        view = getattr(self.app, "view", None)
+        if view is not None and self.query(TabbedContent):
+            from zinspect.tui.screens.stats import StatisticsScreen
+
+            self.app.push_screen(StatisticsScreen(view.ckpt))
 
     def action_show_tab(self, tab: str) -> None:
         if self.query(TabbedContent):

@@ -1,0 +1,163 @@
+"""`a`: statistics of the values, computed on demand in a thread worker (progress; escape
+cancels), then a sortable per-param table and the L2 norm of each layer along depth as a
+sparkline, so that a layer out of line stands out."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Label, Sparkline
+from textual.worker import Worker, WorkerState, get_current_worker
+
+from zinspect.core.fmt import shown
+from zinspect.core.model import Checkpoint
+from zinspect.core.stats import TensorStats
+from zinspect.core.stream import Progress, ShouldStop
+from zinspect.errors import MergeCancelled, ZinspectError
+from zinspect.tui.widgets.work_progress import WorkProgressPanel
+
+#: (column title, sort key of a TensorStats)
+COLUMNS = [
+    ("name", lambda s: s.name), ("numel", lambda s: s.numel), ("min", lambda s: _key(s.min)),
+    ("max", lambda s: _key(s.max)), ("mean", lambda s: _key(s.mean)), ("std", lambda s: _key(s.std)),
+    ("L2", lambda s: s.l2), ("max|x|", lambda s: _key(s.max_abs)),
+    ("zeros", lambda s: s.zero_fraction), ("NaN", lambda s: s.nan), ("Inf", lambda s: s.inf),
+]
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _key(v: float) -> float:
+    return -math.inf if math.isnan(v) else v
+
+
+def _num(v: float) -> str:
+    return "-" if math.isnan(v) else f"{v:.4g}"
+
+
+def layer_norms(stats: list[TensorStats]) -> list[tuple[int, float]]:
+    """(layer index, L2 norm of all its params) in depth order: the layer is the first
+    `.N.` in a name (`encoder.blocks.3.mlp.weight` -> 3)."""
+    sums: dict[int, float] = {}
+    for s in stats:
+        m = _LAYER.search(s.name)
+        if m:
+            sums[int(m[1])] = sums.get(int(m[1]), 0.0) + s.sumsq
+    return [(i, math.sqrt(v)) for i, v in sorted(sums.items())]
+
+
+class StatisticsScreen(Screen):
+    BINDINGS = [Binding("escape", "back", "Back / cancel", id="stats-back"),
+                Binding("o", "sort_next", "Sort", id="stats-sort")]
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        super().__init__()
+        self.ckpt = ckpt
+        self.stats: list[TensorStats] | None = None
+        self.sort_column, self.reverse = 6, True  # L2, largest first
+
+    DEFAULT_CSS = """
+    #stats-results { height: 1fr; padding: 0 1; }
+    #stats-layers { height: 3; margin: 0 0 1 0; }
+    #stats-table { height: 1fr; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Header(icon="◆")
+        with Vertical(id="stats-running", classes="dialog") as box:
+            box.border_title = "Statistics"
+            yield Label("Reading the fp32 masters a merge would write: min, max, mean, std, "
+                        "L2, zeros, NaN/Inf per param")
+            yield WorkProgressPanel("escape: cancel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.run_stats(*self.query_one(WorkProgressPanel).start())
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="stats",
+          description="computing statistics of the values")
+    def run_stats(self, progress: Progress, stop_requested: ShouldStop) -> list[TensorStats]:
+        from zinspect.core.plan import plan_merge
+        from zinspect.core.stats import compute_stats
+
+        worker = get_current_worker()
+        return compute_stats(plan_merge(self.ckpt).tensors, progress=progress,
+                             should_stop=lambda: stop_requested() or worker.is_cancelled)
+
+    @on(Worker.StateChanged)
+    async def finished(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "stats":
+            return
+        if event.state == WorkerState.SUCCESS:
+            self.stats = event.worker.result
+            await self.show_results()
+        elif event.state == WorkerState.ERROR:
+            error = event.worker.error
+            if isinstance(error, MergeCancelled):
+                self.app.notify("statistics cancelled")
+            elif isinstance(error, ZinspectError):
+                self.app.notify(f"{error.message}\nhint: {error.hint}", severity="error", timeout=8)
+            else:
+                self.app.notify(f"statistics failed: {type(error).__name__}: {error}",
+                                severity="error", timeout=8)
+            self.dismiss()
+
+    async def show_results(self) -> None:
+        await self.query_one("#stats-running").remove()
+        stats = self.stats or []
+        layers = layer_norms(stats)
+        box = Vertical(id="stats-results")
+        await self.mount(box, before=self.query_one(Footer))
+        bad = sum(s.nan + s.inf for s in stats)
+        await box.mount(Label(f"{len(stats)} tensors; " + (f"[b red]{bad:,} NaN/Inf values[/]"
+                                                            if bad else "no NaN or Inf"),
+                              id="stats-summary"))
+        if len(layers) > 1:
+            norms = [n for _, n in layers]
+            median = statistics.median(norms)
+            top = max(layers, key=lambda item: item[1])
+            note = f"layer {top[0]}: {top[1] / median:.2f}x the median" if median else ""
+            await box.mount(Label(f"L2 norm per layer, layers {layers[0][0]}..{layers[-1][0]} "
+                                  f"(max {note})", id="stats-layers-label"),
+                            Sparkline(norms, summary_function=max, id="stats-layers"))
+        table = DataTable(id="stats-table", cursor_type="row", zebra_stripes=True)
+        await box.mount(table)
+        for title, _ in COLUMNS:
+            table.add_column(title, key=title)
+        self.fill_table()
+        table.focus()
+
+    def fill_table(self) -> None:
+        table = self.query_one("#stats-table", DataTable)
+        table.clear()
+        rows = sorted(self.stats or [], key=COLUMNS[self.sort_column][1], reverse=self.reverse)
+        for s in rows:
+            table.add_row(shown(s.name, 60), f"{s.numel:,}", _num(s.min), _num(s.max), _num(s.mean),
+                          _num(s.std), _num(s.l2), _num(s.max_abs), f"{s.zero_fraction:.1%}",
+                          f"{s.nan:,}", f"{s.inf:,}", key=s.name)
+        self.sub_title = f"sorted by {COLUMNS[self.sort_column][0]}" + (" ↓" if self.reverse else " ↑")
+
+    @on(DataTable.HeaderSelected)
+    def sort_by_header(self, event: DataTable.HeaderSelected) -> None:
+        index = event.column_index
+        self.reverse = not self.reverse if index == self.sort_column else index != 0
+        self.sort_column = index
+        self.fill_table()
+
+    def action_sort_next(self) -> None:
+        if self.stats is not None:
+            self.sort_column = (self.sort_column + 1) % len(COLUMNS)
+            self.reverse = self.sort_column != 0
+            self.fill_table()
+
+    def action_back(self) -> None:
+        if self.stats is None:
+            self.query_one(WorkProgressPanel).cancel()
+        else:
+            self.dismiss()
