@@ -9,6 +9,7 @@ float64 (max |a-b|, ||a-b|| / ||a||), so memory stays bounded whatever the model
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from zinspect.core.plan import OutputTensor, Piece
@@ -120,17 +121,19 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
     meter = ProgressMeter(total, progress)
     scratch = Scratch()
     try:
-        for batch in _windows(pairs):
-            wa = [w for _, w, _, _ in batch]
-            wb = [w for _, _, w, _ in batch]
-            sa, sb = BufferSink(wa), BufferSink(wb)
-            copy_tensors(wa, sa, ProgressMeter(0, None), should_stop)
-            copy_tensors(wb, sb, ProgressMeter(0, None), should_stop)
-            for (p, ta, tb, start), ba, bb in zip(batch, sa.buffers, sb.buffers, strict=True):
-                _compare(p, ta.dtype, tb.dtype, ba, bb, start, exact, atol, rtol, scratch)
-            meter.add(sum(len(x) for x in sa.buffers + sb.buffers), batch[-1][0].name)
-            if should_stop is not None and should_stop():
-                raise MergeCancelled("the diff was cancelled")
+        with ThreadPoolExecutor(1, "zinspect-diff") as pool:  # A's window read beside B's
+            for batch in _windows(pairs):
+                wa = [w for _, w, _, _ in batch]
+                wb = [w for _, _, w, _ in batch]
+                sa, sb = BufferSink(wa), BufferSink(wb)
+                side_a = pool.submit(copy_tensors, wa, sa, ProgressMeter(0, None), should_stop)
+                copy_tensors(wb, sb, ProgressMeter(0, None), should_stop)
+                side_a.result()
+                for (p, ta, tb, start), ba, bb in zip(batch, sa.buffers, sb.buffers, strict=True):
+                    _compare(p, ta.dtype, tb.dtype, ba, bb, start, exact, atol, rtol, scratch)
+                meter.add(sum(len(x) for x in sa.buffers + sb.buffers), batch[-1][0].name)
+                if should_stop is not None and should_stop():
+                    raise MergeCancelled("the diff was cancelled")
     except MergeCancelled as e:
         raise MergeCancelled("the diff was cancelled", "nothing was changed") from e
     result.params.sort(key=lambda p: (p.comparable and p.dtype_a == p.dtype_b, p.within,
