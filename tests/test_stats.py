@@ -146,3 +146,37 @@ async def test_app_escape_cancels_the_statistics(monkeypatch):
         await pilot.press("escape")
         await settle(app, pilot)
         assert not isinstance(app.screen, StatisticsScreen)
+
+
+def test_app_statistics_in_a_real_terminal():
+    """`a` in the real app (a pty): the worker runs, the table and the per-layer line draw,
+    escape goes back and q quits."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_tui_e2e import read_until
+
+    main_fd, child = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "36"}
+    proc = subprocess.Popen([sys.executable, "-m", "zinspect", str(FIXTURES / "s3_w2_fp32")],
+                            stdin=child, stdout=child, stderr=child, cwd=REPO, env=env,
+                            close_fds=True)
+    os.close(child)
+    try:
+        assert b"Overview" in read_until(main_fd, b"Overview", 60)
+        read_until(main_fd, b"\x00never", 1)  # let the first frames settle
+        os.write(main_fd, b"a")
+        screen = read_until(main_fd, b"L2 norm per layer", 60)
+        assert b"L2 norm per layer" in screen, screen[-2000:]
+        os.write(main_fd, b"\x1b")
+        assert b"Overview" in read_until(main_fd, b"Overview", 30)
+        os.write(main_fd, b"q")
+        read_until(main_fd, b"\x00never", 30, stop=lambda: proc.poll() is not None)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main_fd)
