@@ -154,3 +154,29 @@ def test_the_forgeries_are_live():
             "hash(pickle._Unpickler(io.BytesIO(raw)).load())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=TIMEOUT)
     assert r.returncode != 0  # SIGSEGV or RecursionError, as the issue saw
+
+
+# ------------------------------------------------------------------ one cause, one finding (14.4)
+def test_corrupt_rank0_is_one_finding_with_a_restore_hint(tmp_path):
+    """Rank 0 (the layout's reference) overwritten: the file is named, with a hint to restore
+    it, and no knock-on unknown-layout (the layout is read from the next readable rank)."""
+    r = run("validate", D.corrupt_rank0_optim(tmp_path), "--json")
+    out = json.loads(r.stdout)
+    assert {f["code"] for f in out["findings"] if f["severity"] == "error"} == ZIP
+    bad = next(f for f in out["findings"] if f["code"] == "unreadable-file")
+    assert bad["file"] == D.optim_name(0) and "restore it" in bad["hint"]
+    assert "move it out" not in bad["hint"]
+
+
+def test_truncated_rank0_model_states_z3_folds_the_tied_alias(tmp_path):
+    """A 100-byte rank-0 model-states file at stage 3: names come from rank 1, whose module
+    holds the tied alias head.weight without its link. That is said once, under the
+    rank0-model-missing warning, not as param-unaccounted or 'no rank holds' errors."""
+    r = run("validate", D.model_100_bytes_z3(tmp_path), "--json")
+    out = json.loads(r.stdout)
+    codes = [f["code"] for f in out["findings"]]
+    assert "param-unaccounted" not in codes
+    assert not [f for f in out["findings"] if f["param"] == "head.weight"]
+    warn = next(f for f in out["findings"] if f["code"] == "rank0-model-missing")
+    assert "head.weight" in warn["message"] and "tied" in warn["message"]
+    assert {f["code"] for f in out["findings"] if f["severity"] == "error"} == ZIP
