@@ -24,9 +24,11 @@ from textual.widgets import (
 )
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from zinspect.core import fmt
+from zinspect.core import fmt, peft
+from zinspect.core.dtypes import OUTPUT_DTYPES
 from zinspect.core.merge import MergeResult, merge, parse_size
 from zinspect.core.stream import Progress, ShouldStop
+from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
@@ -39,6 +41,11 @@ class MergeRequest:
     max_shard_size: int | None
     force: bool
     salvage: bool
+    dtype: str = "fp32"
+    peft: bool = False
+
+
+FLOATS = ("float32", "bfloat16", "float16")
 
 
 def error_text(title: str, error: BaseException) -> Text:
@@ -84,6 +91,13 @@ class MergeScreen(ModalScreen[None]):
                                 yield RadioButton("safetensors", value=True, id="fmt-safetensors")
                                 yield RadioButton("pt (torch.save)", id="fmt-pt")
                         with Vertical():
+                            yield Label("Weights")
+                            with RadioSet(id="merge-dtype"):
+                                for name in OUTPUT_DTYPES:
+                                    yield RadioButton(name, value=name == "fp32", id=f"dtype-{name}")
+                            if peft.summary(self.view.ckpt) is not None:
+                                yield Checkbox("adapter only", id="merge-peft")
+                        with Vertical():
                             yield Label("Max shard size (empty: one file)")
                             yield Input(placeholder="e.g. 5GB", id="merge-shard")
                             yield Checkbox("overwrite an existing output", id="merge-force")
@@ -104,12 +118,12 @@ class MergeScreen(ModalScreen[None]):
                         yield Button("Close", variant="primary", id="merge-close")
                         yield Button("Back to the form", id="merge-back")
 
-    def plan_text(self) -> Text:
+    def plan_text(self, dtype: str = "fp32") -> Text:
         out = self.view.output
         text = Text()
         text.append("Writes ", style="dim")
         text.append(f"{fmt.count(out.params)} params + {fmt.count(out.buffers)} buffers, "
-                    f"{fmt.size(out.nbytes)}", style="bold")
+                    f"{fmt.size(self.output_nbytes(dtype))}", style="bold")
         excluded = sorted(self.view.excluded)
         if excluded:
             text.append(f"\nExcludes {fmt.count(len(excluded))} ({fmt.size(out.excluded_nbytes)}): ",
@@ -117,11 +131,33 @@ class MergeScreen(ModalScreen[None]):
             text.append(", ".join(excluded[:4]) + (" …" if len(excluded) > 4 else ""))
         else:
             text.append("\nExcludes nothing", style="dim")
+        unmatched = self.view.selection.unmatched(self.view.ckpt)
+        if unmatched:
+            text.append(f"\nwarning: {len(unmatched)} exclusion(s) match nothing: ", style="yellow")
+            text.append(", ".join(fmt.shown(u, 60) for u in unmatched[:4]))
         errors = len(self.view.ckpt.errors)
         if errors:
             text.append(f"\n{errors} validation error(s): the merge refuses unless the params "
                         "they name are excluded, or salvage is on", style="yellow")
         return text
+
+    def output_nbytes(self, dtype: str) -> int:
+        """The preview's size: 16-bit output halves every float, buffers' ints keep theirs."""
+        if dtype == "fp32":
+            return self.view.output.nbytes
+        ckpt, excluded = self.view.ckpt, self.view.excluded
+        params = sum(2 * p.numel for n, p in ckpt.params.items() if n not in excluded)
+        buffers = sum(b.numel * (2 if b.dtype in FLOATS else DTYPE_SIZES.get(b.dtype, 4))
+                      for n, b in ckpt.buffers.items() if n not in excluded)
+        return params + buffers
+
+    @on(RadioSet.Changed, "#merge-dtype")
+    def dtype_changed(self, event: RadioSet.Changed) -> None:
+        self.query_one("#merge-plan", Static).update(self.plan_text(self.form_dtype()))
+
+    def form_dtype(self) -> str:
+        return next((n for n in OUTPUT_DTYPES if self.query_one(f"#dtype-{n}", RadioButton).value),
+                    "fp32")
 
     def on_mount(self) -> None:
         self.query_one("#merge-out", Input).focus()
@@ -136,6 +172,8 @@ class MergeScreen(ModalScreen[None]):
             max_shard_size=shard_size(shard) if shard else None,
             force=self.query_one("#merge-force", Checkbox).value,
             salvage=bool(salvage) and salvage.first(Checkbox).value,
+            dtype=self.form_dtype(),
+            peft=bool(self.query("#merge-peft")) and self.query_one("#merge-peft", Checkbox).value,
         )
 
     @on(Button.Pressed, "#merge-start")
@@ -149,6 +187,7 @@ class MergeScreen(ModalScreen[None]):
             self.query_one("#merge-form-error", Static).update(error_text("Cannot merge", e))
             return
         self.query_one(ContentSwitcher).current = "merge-running"
+        self.set_focus(None)  # a hidden form field kept it: q and every key went into it
         self.query_one("#merge-target", Label).update(
             f"Writing {request.format} to {display_path(request.out_dir)}")
         self.run_merge(request, *self.query_one(WorkProgressPanel).start())
@@ -164,6 +203,7 @@ class MergeScreen(ModalScreen[None]):
     @on(Button.Pressed, "#merge-back")
     def back_to_form(self) -> None:
         self.query_one(ContentSwitcher).current = "merge-form"
+        self.query_one("#merge-out", Input).focus()  # not the hidden "Back" button
 
     def action_cancel(self) -> None:
         if self.query_one(ContentSwitcher).current == "merge-running":
@@ -181,6 +221,7 @@ class MergeScreen(ModalScreen[None]):
             self.view.ckpt, request.out_dir, selection=self.view.selection, fmt=request.format,
             max_shard_size=request.max_shard_size, force=request.force, salvage=request.salvage,
             progress=progress, should_stop=lambda: stop_requested() or worker.is_cancelled,
+            dtype=request.dtype, peft=request.peft,
         )
 
     @on(Worker.StateChanged)
@@ -213,4 +254,7 @@ class MergeScreen(ModalScreen[None]):
         if result.dropped:
             text.append(f"salvage left out {len(result.dropped)}: ", style="yellow")
             text.append(", ".join(list(result.dropped)[:5]))
+        if result.warnings:  # NaN/Inf written: the weights exist but are unusable
+            text.append(f"\nwarning: NaN/Inf in {len(result.warnings)} param(s): ", style="yellow")
+            text.append("; ".join(fmt.shown(w, 120) for w in result.warnings[:5]))
         return text
