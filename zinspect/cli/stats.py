@@ -12,7 +12,9 @@ DESCRIPTION = "Compute per-param statistics of a checkpoint's values, reading ev
 EPILOG = """\
 For each param and buffer a merge would write (the fp32 masters of a ZeRO checkpoint): numel,
 min, max, mean, std (population), L2 norm, max |x|, fraction of zeros, NaN and Inf counts.
-min/max/mean/std are over the finite values. Accumulation is float64; memory stays bounded.
+min/max/mean/std are over the finite values. --moments adds Adam's exp_avg and exp_avg_sq of
+each trainable param (as NAME:exp_avg, NAME:exp_avg_sq), read from the optimizer files.
+Accumulation is float64; memory stays bounded.
 PATH may also be a safetensors file or folder, or a torch .pt/.bin state dict.
 
 examples:
@@ -31,13 +33,15 @@ exit codes:
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--moments", action="store_true",
+                   help="also Adam's exp_avg / exp_avg_sq per param (NAME:exp_avg; plain ZeRO 1/2/3)")
 
 
 def run(args) -> int:
     from zinspect.core.sources import open_source
     from zinspect.core.stats import compute_stats, nonfinite_findings
 
-    src = open_source(args.path, args.tag)
+    src = open_source(args.path, args.tag, moments=args.moments)
     total = sum(t.nbytes for t in src.tensors if t.tied_to is None)
     with Stop() as stop, Bar("stats", total) as bar:
         stats = compute_stats(src.tensors, progress=bar.update, should_stop=stop)

@@ -18,7 +18,7 @@ from zinspect.core.fmt import shown
 from zinspect.core.plan import OutputTensor, Piece
 from zinspect.core.torchzip import DTYPE_SIZES, TensorRef
 from zinspect.core.writers import SAFETENSORS_DTYPES
-from zinspect.errors import UnreadableFile
+from zinspect.errors import UnreadableFile, UsageError
 
 SAFETENSORS_CODES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
@@ -32,9 +32,10 @@ class Source:
     tensors: list[OutputTensor]
 
 
-def open_source(path: str | os.PathLike, tag: str | None = None) -> Source:
+def open_source(path: str | os.PathLike, tag: str | None = None, moments: bool = False) -> Source:
     """Whatever PATH is: a safetensors file or a folder of them (with or without its index), a
-    torch state dict file, or else a checkpoint (its fp32 masters, as a merge would write them).
+    torch state dict file, or else a checkpoint (its fp32 masters, as a merge would write them;
+    with `moments`, its Adam moments too).
     Raises a ZinspectError naming PATH when it is none of these."""
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
@@ -45,14 +46,69 @@ def open_source(path: str | os.PathLike, tag: str | None = None) -> Source:
         files = sorted(p.glob("*.safetensors"))
         if files:
             return Source(str(p), "safetensors", [t for f in files for t in safetensors_tensors(f)])
-    return Source(str(p), "checkpoint", checkpoint_tensors(p, tag))
+    return Source(str(p), "checkpoint", checkpoint_tensors(p, tag, moments))
 
 
-def checkpoint_tensors(path: Path, tag: str | None = None) -> list[OutputTensor]:
+def checkpoint_tensors(path: Path, tag: str | None = None,
+                       moments: bool = False) -> list[OutputTensor]:
+    """The tensors a merge writes; with `moments`, then each param's Adam exp_avg and
+    exp_avg_sq (named `NAME:exp_avg`, `NAME:exp_avg_sq`)."""
     from zinspect.core import open_checkpoint
     from zinspect.core.plan import plan_merge
 
-    return plan_merge(open_checkpoint(path, tag)).tensors
+    ckpt = open_checkpoint(path, tag)
+    tensors = plan_merge(ckpt).tensors
+    return tensors + moment_tensors(ckpt) if moments else tensors
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def moment_tensors(ckpt) -> list[OutputTensor]:
+    """Adam's moments of every trainable param in a plain ZeRO 1/2/3 checkpoint. Each rank's
+    optimizer state holds, per flat group, exp_avg/exp_avg_sq tensors shaped like its fp32
+    partition (`state[group][key]`, under base_optimizer_state for ZeRO 1/2, under
+    optimizer_state_dict for ZeRO 3), so a param's moment pieces sit at its fp32 fragments'
+    group offsets."""
+    from zinspect.core.torchzip import read_torch_file
+
+    if ckpt.layout != "zero":
+        raise UsageError(f"{ckpt.path}: Adam moments are read from plain ZeRO checkpoints only "
+                         f"(this one is {ckpt.layout})", "leave out --moments")
+    states: dict[str, tuple] = {}
+
+    def state_of(file: str):
+        if file not in states:
+            tf = read_torch_file(ckpt.path / file)
+            osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
+            inner = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict") \
+                if isinstance(osd, dict) else None
+            state = inner.get("state") if isinstance(inner, dict) else None
+            if not isinstance(state, dict):
+                raise UnreadableFile(f"{shown(file)}: no optimizer state (exp_avg) in it",
+                                     "the optimizer is not Adam, or leave out --moments")
+            states[file] = (tf, state)
+        return states[file]
+
+    out = []
+    for key in MOMENTS:
+        for name, p in ckpt.params.items():
+            frags = sorted((f for f in p.fragments if f.numel and f.source == "master"),
+                           key=lambda f: f.start)
+            if p.tied_to or not frags:
+                continue
+            t = OutputTensor(f"{name}:{key}", p.shape, "float32", "float32", [])
+            for f in frags:
+                tf, state = state_of(f.file)
+                ref = (state.get(f.group) or {}).get(key) if isinstance(state.get(f.group), dict) else None
+                offset = tf.tensor_offset(ref) if isinstance(ref, TensorRef) else None
+                if offset is None or ref.dtype != "float32" or f.group_offset + f.numel > ref.numel:
+                    raise UnreadableFile(f"{shown(f.file)}: no {key} of group {f.group} for "
+                                         f"{shown(name, 80)}", "leave out --moments")
+                t.pieces.append(Piece(str(ckpt.path / f.file), offset + 4 * f.group_offset,
+                                      4 * f.numel))
+            out.append(t)
+    return out
 
 
 def safetensors_tensors(path: Path) -> list[OutputTensor]:
