@@ -131,3 +131,13 @@ def test_not_a_state_dict_exits_2(tmp_path, capsys):
 def test_cancel():
     with pytest.raises(MergeCancelled, match="diff was cancelled"):
         _diff(CKPT, TWIN, should_stop=lambda: True)
+
+
+def test_a_checkpoint_that_cannot_be_rebuilt_is_bad_input(tmp_path, capsys):
+    from conftest import copy_fixture
+
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    next(tag.glob("zero_pp_rank_1_*optim_states.pt")).unlink()
+    assert main(["diff", str(tag), str(CKPT)]) == 2  # not 1: that means "different"
+    assert main(["stats", str(tag)]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -43,15 +43,14 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from zinspect.cli.stats import opened
     from zinspect.core.diff import diff_tensors, parse_prefix_map
-    from zinspect.core.sources import open_source
     from zinspect.errors import UsageError
 
     if not (math.isfinite(args.atol) and math.isfinite(args.rtol)) or args.atol < 0 or args.rtol < 0:
         raise UsageError("--atol and --rtol must be finite and >= 0", "e.g. --rtol 1e-6")
     prefix_map = parse_prefix_map(args.map_prefix)
-    a = open_source(args.path, args.tag)
-    b = open_source(args.other, args.other_tag)
+    a, b = opened(args.path, args.tag), opened(args.other, args.other_tag)
     total = sum(t.nbytes for t in a.tensors + b.tensors)
     with Stop() as stop, Bar("diff", total) as bar:
         result = diff_tensors(a.tensors, b.tensors, prefix_map, args.atol, args.rtol,

@@ -38,10 +38,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from zinspect.core.sources import open_source
     from zinspect.core.stats import compute_stats, nonfinite_findings
 
-    src = open_source(args.path, args.tag, moments=args.moments)
+    src = opened(args.path, args.tag, moments=args.moments)
     total = sum(t.nbytes for t in src.tensors if t.tied_to is None)
     with Stop() as stop, Bar("stats", total) as bar:
         stats = compute_stats(src.tensors, progress=bar.update, should_stop=stop)
@@ -53,6 +52,19 @@ def run(args) -> int:
         return 0
     _human(stats, findings)
     return 0
+
+
+def opened(path, tag, moments: bool = False):
+    """open_source, where a checkpoint whose values cannot be rebuilt (NotMergeable, exit 1
+    for merge) is bad input: exit 2 (for diff, 1 means "different")."""
+    from zinspect.core.sources import open_source
+    from zinspect.errors import NotMergeable
+
+    try:
+        return open_source(path, tag, moments=moments)
+    except NotMergeable as e:
+        e.exit_code = 2
+        raise
 
 
 def _num(v: float) -> str:
