@@ -603,3 +603,14 @@ def corrupt_rank0_optim(tmp: Path) -> Path:
     root = copy_root(tmp, "s2_w4_fp16")
     (root / TAG / optim_name(0)).write_text("this is not a checkpoint\n" * 100)
     return root
+
+
+def zip_record_past_eof(tmp: Path) -> Path:
+    """Rank 1's fp32 partition record said (in the central directory) to be 1 MiB long: it
+    runs past the end of the file."""
+    root = copy_root(tmp, "s2_w4_fp16")
+    p = root / TAG / optim_name(1)
+    flat, _ = _fp32_and_moment(p)
+    for at in (20, 24):
+        _patch_central(p, "data/" + flat, "<I", at, 1 << 20)
+    return root

@@ -42,6 +42,8 @@ CASES = {
     "zip_local_mismatch": Case(D.zip_local_mismatch, ZIP, ("unreadable-file", OPTIM1, 1, None),
                                "its local header at offset"),
     "zip_overlap": Case(D.zip_overlap, ZIP, ("unreadable-file", OPTIM1, 1, None), "overlap"),
+    "zip_record_past_eof": Case(D.zip_record_past_eof, {"truncated-file"},
+                                ("truncated-file", OPTIM1, 1, None), "is truncated"),
     "negative_storage_offset": Case(D.negative_storage_offset, ZIP,
                                     ("unreadable-file", OPTIM1, 1, None),
                                     "malformed offset, shape or stride"),

@@ -163,8 +163,12 @@ def _parse_files(named: list[NamedFile],
         rf.unknown_globals = sorted(tf.unknown_globals)
         for key, st in tf.storages.items():
             rec = tf.records.get(key)
-            rf.storages.append(Storage(key, st.dtype, st.numel, st.nbytes,
-                                       0 if rec is None else min(rec.present, st.nbytes),
+            # a record cut by the end of the file is truncated even where its tensor's bytes
+            # are all there: count the record's own size
+            nbytes = st.nbytes if rec is None or rec.present >= rec.size else \
+                max(st.nbytes, rec.size)
+            rf.storages.append(Storage(key, st.dtype, st.numel, nbytes,
+                                       0 if rec is None else min(rec.present, nbytes),
                                        None if rec is None else rec.data_offset))
         return rf, tf
 

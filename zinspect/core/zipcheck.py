@@ -61,15 +61,17 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
                                     f"{usize:,} (method {comp})")
         data = header + LOCAL_HEADER + nlen + xlen
         out[name] = data
-        spans.append((header, data + usize + (_DESCRIPTOR if flags & 8 else 0), name))
+        end = data + usize + (_DESCRIPTOR if flags & 8 else 0)
+        # a record said to run past the end of the file is cut (validate: truncated-file);
+        # only its header must not overlap
+        spans.append((header, data if end > size else end, name))
     end_prev, prev = 0, None
     for start, end, name in spans:
         if start < end_prev:
             raise ZipStructureError(f"records {prev[-120:]!r} and {name[-120:]!r} overlap "
                                     f"at offset {start:,}")
         end_prev, prev = end, name
-    # a record running past the end of the file is a truncated copy (validate: truncated-file)
-    if spans and directory_start < end_prev <= size:
+    if spans and directory_start < end_prev:
         raise ZipStructureError(f"record {prev[-120:]!r} runs into the zip directory at "
                                 f"offset {directory_start:,}")
     return out
