@@ -1,0 +1,242 @@
+"""The real app in a real pseudo-terminal, driven by keys through its long-running flows: the
+deep check, the merge dialog, a re-validate, a merge run to completion and a cancelled one.
+
+Pilot runs the app headless and in its own order of events; a real terminal has found freezes
+Pilot did not (after `d`, focus was left on a widget the rebuild had removed: every key went
+nowhere). Each step here waits for what the next screen draws, with generous hang guards only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pyte
+import pytest
+from conftest import FIXTURES, REPO, copy_fixture, manifest
+
+#: a hang guard for one step, not a timing assertion: a healthy step takes well under a second
+STEP = 45.0
+FIXTURE = "s2_w2_bf16"
+
+#: the merge of the app, made to wait for escape: the fixtures merge in milliseconds, too fast
+#: to cancel by hand. Everything else (the dialog, the worker, the cancel) is the real app's.
+PATIENT_MERGE = """
+import sys, time
+from zinspect.tui.screens import merge as screen
+real = screen.merge
+def patient(*args, should_stop, **kwargs):
+    def wait_for_escape():
+        deadline = time.monotonic() + 120
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return should_stop()
+    return real(*args, should_stop=wait_for_escape, **kwargs)
+screen.merge = patient
+from zinspect.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+class PtyApp:
+    """`zinspect ARGS` on a pty of `size`; a thread drains the terminal (the app never blocks on
+    a full buffer) into a terminal emulator, whose screen `wait_for` and `wait_gone` read."""
+
+    def __init__(self, args: list[str], cwd: Path, size=(120, 36), code: str | None = None):
+        self.fd, child = pty.openpty()
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", size[1], size[0], 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(size[0]),
+               "LINES": str(size[1]), "PYTHONPATH": str(REPO)}
+        prefix = ["-c", code] if code else ["-m", "zinspect"]
+        self.proc = subprocess.Popen([sys.executable, *prefix, *args], stdin=child,
+                                     stdout=child, stderr=child, cwd=cwd, close_fds=True, env=env)
+        os.close(child)
+        self.screen = pyte.Screen(*size)
+        self.stream = pyte.ByteStream(self.screen)
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if ready:
+                    chunk = os.read(self.fd, 65536)
+                    if not chunk:
+                        return
+                    with self.lock:
+                        self.stream.feed(chunk)
+            except (OSError, ValueError):  # the child closed its end, or we closed ours
+                return
+
+    def shown(self) -> str:
+        """The terminal's screen now, one line a row."""
+        with self.lock:
+            return "\n".join(line.rstrip() for line in self.screen.display)
+
+    def _wait(self, done, what: str, seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            shown = self.shown()
+            if done(shown):
+                return shown
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{what}; exit {self.proc.poll()}; the screen:\n{self.shown()}")
+
+    def wait_for(self, *needles: str, seconds: float = STEP) -> str:
+        """Wait until the screen shows every needle; returns the screen."""
+        return self._wait(lambda shown: all(n in shown for n in needles),
+                          f"never shown: {needles}", seconds)
+
+    def wait_gone(self, needle: str, seconds: float = STEP) -> str:
+        return self._wait(lambda shown: needle not in shown, f"never gone: {needle!r}", seconds)
+
+    def wait_footer(self, needle: str, seconds: float = STEP) -> str:
+        """Wait until the bottom row (the footer) shows `needle`."""
+        return self._wait(lambda shown: needle in shown.splitlines()[-1],
+                          f"the footer never shows {needle!r}", seconds)
+
+    def press(self, keys: str | bytes) -> None:
+        os.write(self.fd, keys.encode() if isinstance(keys, str) else keys)
+
+    def quit(self) -> int:
+        self.press("q")
+        try:
+            return self.proc.wait(timeout=STEP)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"q did not quit; the screen:\n{self.shown()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.fd)
+        self.reader.join(timeout=5)
+
+
+@pytest.fixture
+def open_app(tmp_path):
+    """Start the app (in tmp_path: the merge's default output goes there) and wait for the
+    tabs and the overview's files table."""
+    apps: list[PtyApp] = []
+
+    def start(path: Path = FIXTURES / FIXTURE, **kwargs) -> PtyApp:
+        app = PtyApp([str(path)], cwd=tmp_path, **kwargs)
+        apps.append(app)
+        app.wait_for("Overview", "Findings (", "zero_pp_rank_1")
+        return app
+
+    yield start
+    for app in apps:
+        app.close()
+
+
+ESCAPE = b"\x1b"
+CTRL_P = b"\x10"
+DEEP_OK = "every CRC matches"
+OUT = f"{FIXTURE}-{manifest(FIXTURE)['tag']}-fp32"
+
+
+def close_dialog(app: PtyApp, title: str) -> None:
+    """Escape, then wait until the dialog is gone and the main screen's footer is back: a key
+    sent sooner would be read with the escape as alt+key."""
+    app.press(ESCAPE)
+    app.wait_gone(title)
+    app.wait_footer("Validate")
+
+
+def test_keys_work_after_a_deep_check_then_merge_dialog_validate_and_quit(open_app, tmp_path):
+    tag = copy_fixture(tmp_path, FIXTURE)
+    app = open_app(tag.parent)
+    app.press("d")
+    app.wait_for(DEEP_OK)
+    app.wait_gone("Reading every byte")
+    app.wait_footer("Validate")  # frozen, the footer stayed empty
+    app.press("m")  # frozen, every key went to a widget the rebuild had removed
+    app.wait_for("Merge to fp32", "Output directory")
+    close_dialog(app, "Merge to fp32")
+    next(tag.glob("*rank_1_mp_rank_00_optim_states.pt")).unlink()
+    app.press("v")  # re-read: the missing file is found
+    shown = app.wait_for("Overview", ") !")  # the findings tab says there are errors now
+    assert "Findings (1)" not in shown
+    assert app.quit() == 0
+
+
+def test_a_deep_check_from_the_palette_on_the_parameters_tab_leaves_keys_working(open_app):
+    app = open_app()
+    app.press("2")
+    app.wait_for("encoder")  # the param tree
+    app.press(CTRL_P)
+    app.wait_for("Deep check", "Merge to fp32")  # the palette lists the app's actions
+    app.press("deep check")
+    app.wait_gone("Exclude frozen params")
+    app.press("\r")
+    app.wait_for(DEEP_OK)
+    app.wait_gone("Reading every byte")
+    app.press("d")  # again, from the keyboard
+    app.wait_for("Reading every byte")
+    app.wait_gone("Reading every byte")
+    app.press("?")
+    app.wait_for("escape")
+    close_dialog(app, "zinspect keys")
+    assert app.quit() == 0
+
+
+def test_a_merge_runs_to_completion_in_the_terminal(open_app, tmp_path):
+    app = open_app()
+    app.press("m")
+    app.wait_for("Merge to fp32", "Output directory")
+    app.press("\r")  # enter in the output field: merge with the defaults
+    app.wait_for("Merged", "model.safetensors")
+    assert (tmp_path / OUT / "model.safetensors").stat().st_size > 0
+    close_dialog(app, "Merged")
+    app.press("d")  # the app still answers
+    app.wait_for(DEEP_OK)
+    assert app.quit() == 0
+
+
+def patient_app(tmp_path) -> PtyApp:
+    app = PtyApp([str(FIXTURES / FIXTURE)], cwd=tmp_path, code=PATIENT_MERGE)
+    app.wait_for("Overview", "zero_pp_rank_1")
+    app.press("m")
+    app.wait_for("Merge to fp32", "Output directory")
+    app.press("\r")
+    app.wait_for("escape: cancel")
+    return app
+
+
+def test_escape_cancels_a_merge_in_the_terminal_and_leaves_nothing(tmp_path):
+    app = patient_app(tmp_path)
+    try:
+        app.press(ESCAPE)
+        app.wait_for("Cancelled", "Back to the form")
+        assert list(tmp_path.iterdir()) == []  # no output dir, no partial file, no lock
+        close_dialog(app, "Cancelled")
+        app.press("m")  # a second dialog opens: the app still answers
+        app.wait_for("Merge to fp32", "Output directory")
+        close_dialog(app, "Output directory")
+        assert app.quit() == 0
+    finally:
+        app.close()
+
+
+def test_ctrl_q_during_a_merge_cancels_it_quits_and_leaves_nothing(tmp_path):
+    app = patient_app(tmp_path)
+    try:
+        app.press("q")  # the dialog takes no q (a hidden form field used to)
+        app.press(b"\x11")  # ctrl+q quits from anywhere: the merge worker is cancelled
+        assert app.proc.wait(timeout=STEP) == 0
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        app.close()
