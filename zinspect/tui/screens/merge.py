@@ -27,9 +27,10 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from zinspect.core import fmt, peft
 from zinspect.core.dtypes import OUTPUT_DTYPES
 from zinspect.core.merge import MergeResult, merge, parse_size
+from zinspect.core.plan import plan_merge
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.core.torchzip import DTYPE_SIZES
-from zinspect.errors import MergeCancelled, UsageError, ZinspectError
+from zinspect.errors import MergeCancelled, NotMergeable, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
@@ -48,13 +49,19 @@ class MergeRequest:
 FLOATS = ("float32", "bfloat16", "float16")
 
 
+#: the app's hint for a merge validation refuses: the CLI's names `zinspect validate`/--salvage
+APP_NOT_MERGEABLE_HINT = ("the Findings tab (4) says what is wrong; exclude the params it names, "
+                          "or tick salvage to write the rest and list what it left out")
+
+
 def error_text(title: str, error: BaseException) -> Text:
     text = Text(f"{title}\n\n", style="bold red")
     if isinstance(error, ZinspectError):
         text.append(error.message)
-        if error.hint:
+        hint = APP_NOT_MERGEABLE_HINT if isinstance(error, NotMergeable) else error.hint
+        if hint:
             text.append("\n\nhint: ", style="bold")
-            text.append(error.hint)
+            text.append(hint)
     else:
         text.append(f"{type(error).__name__}: {error}")
     return text
@@ -119,6 +126,8 @@ class MergeScreen(ModalScreen[None]):
                         yield Button("Back to the form", id="merge-back")
 
     def plan_text(self, dtype: str = "fp32") -> Text:
+        if self.salvage_ticked():
+            return self.salvage_text()
         out = self.view.output
         text = Text()
         text.append("Writes ", style="dim")
@@ -140,6 +149,30 @@ class MergeScreen(ModalScreen[None]):
             text.append(f"\n{errors} validation error(s): the merge refuses unless the params "
                         "they name are excluded, or salvage is on", style="yellow")
         return text
+
+    def salvage_ticked(self) -> bool:
+        box = self.query("#merge-salvage")
+        return bool(box) and box.first(Checkbox).value
+
+    def salvage_text(self) -> Text:
+        """With salvage ticked, what the salvage plan really writes (not the unsalvaged count)."""
+        try:
+            plan = plan_merge(self.view.ckpt, self.view.selection, salvage=True)
+        except ZinspectError as e:
+            return error_text("Salvage cannot work around these errors", e)
+        params = sum(t.name in self.view.ckpt.params for t in plan.tensors)
+        text = Text("Writes ", style="dim")
+        text.append(f"{fmt.count(params)} param{'s' * (params != 1)} + "
+                    f"{fmt.count(len(plan.tensors) - params)} buffers, "
+                    f"{fmt.size(plan.total_bytes)} as fp32", style="bold")
+        dropped = list(plan.dropped)
+        text.append(f"\nSalvage leaves out {fmt.count(len(dropped))}: ", style="yellow")
+        text.append(", ".join(fmt.shown(n, 60) for n in dropped[:4]) + (" …" if len(dropped) > 4 else ""))
+        return text
+
+    @on(Checkbox.Changed, "#merge-salvage")
+    def salvage_changed(self) -> None:
+        self.query_one("#merge-plan", Static).update(self.plan_text(self.form_dtype()))
 
     def output_nbytes(self, dtype: str) -> int:
         """The preview's size: 16-bit output halves every float, buffers' ints keep theirs."""
