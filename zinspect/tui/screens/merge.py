@@ -10,7 +10,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import (
     Button,
@@ -85,7 +85,7 @@ class MergeScreen(ModalScreen[None]):
         self.view = view
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="merge", classes="dialog") as box:
+        with VerticalScroll(id="merge", classes="dialog") as box:  # scrolls at 80x24
             box.border_title = "Merge to fp32"
             with ContentSwitcher(initial="merge-form"):
                 with Vertical(id="merge-form"):
