@@ -1,6 +1,6 @@
 """Regenerate screenshots/*.svg and *.png from the real app on the bundled sample.
 
-    python -m zinspect.tui.screenshots [OUT_DIR]      (default: ./screenshots)
+    .venv/bin/python tests/tools/screenshots.py [OUT_DIR]      (default: ./screenshots)
 
 PNGs need cairosvg (the `dev` extra). Textual's SVG asks for the web font "Fira Code"; cairosvg
 would fall back to a proportional font, so it is rewritten to DejaVu Sans Mono first.
@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 from textual.pilot import Pilot
@@ -23,7 +23,7 @@ from textual.widgets import ProgressBar
 from zinspect.tui.app import ZinspectApp
 from zinspect.tui.screens import merge as merge_screen
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the repo: tests/tools/ is two below
 SAMPLE = "zinspect/sample"  # relative to PACKAGE_PARENT: what the screenshots show as the path
 SIZE = (120, 34)
 PNG_WIDTH = 1600
@@ -65,13 +65,22 @@ async def shoot(path: str, name: str, out: Path, *keys: str, during=None) -> Pat
     return svg
 
 
-def slowed_merge(real_merge):
-    """The real merge, with a progress callback that sleeps so the tiny sample takes a while."""
-    def merge(*args, progress, **kwargs):
-        def slow_progress(done: int, total: int, name: str) -> None:
+def held_merge(real_merge, release: threading.Event):
+    """The real merge at its real speed, held part way (between two chunks) until `release` or
+    escape:
+    the progress panel shows the true rate and ETA of the moment it was held."""
+    def merge(*args, progress, should_stop, **kwargs):
+        state = {"fraction": 0.0}
+
+        def noting_progress(done: int, total: int, name: str) -> None:
+            state["fraction"] = done / total if total else 0.0
             progress(done, total, name)
-            time.sleep(0.4)
-        return real_merge(*args, progress=slow_progress, **kwargs)
+
+        def holding_stop() -> bool:
+            while state["fraction"] > 0.3 and not should_stop() and not release.wait(0.05):
+                pass  # held: escape (the shot's end) cancels it
+            return should_stop()
+        return real_merge(*args, progress=noting_progress, should_stop=holding_stop, **kwargs)
     return merge
 
 
@@ -81,8 +90,9 @@ async def merge_midway(pilot: Pilot) -> None:
     screen.query_one("#merge-shard").value = "3KB"
     await pilot.click("#merge-start")
     bar = screen.query_one(ProgressBar)
-    while not (bar.total and 0.3 < bar.progress / bar.total < 0.8):
+    while not (bar.total and bar.progress / bar.total > 0.3):
         await pilot.pause(0.05)
+    await pilot.pause(0.2)  # the stats line drawn for that progress
 
 
 async def make_all(out: Path) -> list[Path]:
@@ -94,17 +104,20 @@ async def make_all(out: Path) -> list[Path]:
         shots.append(await shoot(SAMPLE, "tree", out, "2", "down", "enter", "down", "down",
                                  "enter", "down", "enter", "f", "down"))
         shots.append(await shoot(SAMPLE, "param_detail", out, "slash", *"embed", "enter", "enter"))
+        shots.append(await shoot(SAMPLE, "ranks", out, "3"))
     with tempfile.TemporaryDirectory() as tmp, working_dir(Path(tmp)):
         shutil.copytree(PACKAGE_PARENT / SAMPLE, "damaged_sample")
         next(Path("damaged_sample/global_step2").glob("*rank_2_*optim_states.pt")).unlink()
         shots.append(await shoot("damaged_sample", "findings", out, "4", "down"))
     real_merge = merge_screen.merge
-    merge_screen.merge = slowed_merge(real_merge)
+    release = threading.Event()
+    merge_screen.merge = held_merge(real_merge, release)
     try:
         with working_dir(PACKAGE_PARENT):  # the merge is cancelled: it leaves nothing here
             shots.append(await shoot(SAMPLE, "merge_progress", out, "f", "m",
                                      during=merge_midway))
     finally:
+        release.set()
         merge_screen.merge = real_merge
     return shots
 
