@@ -485,3 +485,39 @@ async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch
         assert sum(n for kind, _, n in segments if kind == "rank") == \
             app.view.ckpt.params[name].numel
         assert "in 4 fragment(s)" in text_of(screen.query_one("#param-facts", Static))
+
+
+def test_name_sort_is_natural_like_the_tree():
+    """blocks.2 sorts before blocks.10 in the flat table, as it does in the tree (issue 14.6)."""
+    from zinspect.tui.inspection import Inspection
+    ckpt = open_checkpoint(str(SAMPLE))
+    first, *_ = ckpt.params
+    p = ckpt.params[first]
+    ckpt.params = {"blocks.10.w": p, "blocks.2.w": p, "blocks.1.w": p}
+    assert Inspection(ckpt).param_names("name") == ["blocks.1.w", "blocks.2.w", "blocks.10.w"]
+
+
+async def test_help_says_how_to_close_it():
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("question_mark")
+        assert "escape" in str(app.screen.query_one("#help").border_subtitle)
+
+
+async def test_validate_again_says_what_changed(tmp_path):
+    """`v` on unchanged files says so; after a file is removed it says the findings grew."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "s2_w2_bf16", path)
+    app = ZinspectApp(str(path))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("v")
+        await settle(app, pilot)
+        messages = [n.message for n in app._notifications]
+        assert "validated again: no change" in messages
+        next((path / "global_step2").glob("*rank_1_*optim_states.pt")).unlink()
+        await pilot.press("v")
+        await settle(app, pilot)
+        last = [n.message for n in app._notifications][-1]
+        assert last.startswith("validated again:") and "no change" not in last, last

@@ -85,7 +85,9 @@ class ZinspectApp(App[int]):
         if event.worker.group != "load":
             return
         if event.state == WorkerState.SUCCESS:
-            self.view = event.worker.result
+            old, self.view = self.view, event.worker.result
+            if old is not None:
+                self.notify(self.view.change_since(old), timeout=4)
             self.title = f"zinspect · {self.view.ckpt.tag}"
             await self.main.show_inspection(self.view)
             for screen in self.detail_screens():

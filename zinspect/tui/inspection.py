@@ -12,7 +12,7 @@ from pathlib import Path
 from zinspect.core.model import Checkpoint, Param
 from zinspect.core.selection import Selection
 from zinspect.core.torchzip import DTYPE_SIZES
-from zinspect.core.tree import ModuleNode, build_tree, count_below
+from zinspect.core.tree import ModuleNode, _natural, build_tree, count_below
 
 #: the merge writes fp32 values for every param
 OUTPUT_ITEMSIZE = DTYPE_SIZES["float32"]
@@ -138,9 +138,20 @@ class Inspection:
     def _sort(self, key: str) -> list[str]:
         names = list(self.ckpt.params)
         if key == "name":
-            return sorted(names)
+            # natural, like the tree: blocks.2 before blocks.10
+            return sorted(names, key=lambda n: [_natural(part) for part in n.split(".")])
         index = 0 if key == "numel" else 1
         return sorted(names, key=lambda n: -self.sizes[n][index])
+
+    def change_since(self, old: Inspection) -> str:
+        """What `v` tells the user: re-reading the same files must not look like nothing happened."""
+        def keys(view: Inspection) -> list[tuple[str, str]]:
+            return sorted((f.code, f.where()) for f in view.ckpt.findings)
+        before, after = keys(old), keys(self)
+        if before == after and old.ckpt.params.keys() == self.ckpt.params.keys():
+            return "validated again: no change"
+        return (f"validated again: {len(after)} finding(s) (was {len(before)}), "
+                f"{len(self.ckpt.params)} params (was {len(old.ckpt.params)})")
 
     def param(self, name: str) -> Param:
         return self.ckpt.params[name]

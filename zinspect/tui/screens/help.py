@@ -55,4 +55,5 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help", classes="dialog") as box:
             box.border_title = "zinspect keys"
+            box.border_subtitle = "escape, ? or q closes"
             yield Static(keys_table())
