@@ -521,3 +521,16 @@ async def test_validate_again_says_what_changed(tmp_path):
         await settle(app, pilot)
         last = [n.message for n in app._notifications][-1]
         assert last.startswith("validated again:") and "no change" not in last, last
+
+
+async def test_a_filter_matching_nothing_says_so_not_an_empty_table():
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("slash", *"zzz")
+        assert app.screen.query_one("#param-views").current == "param-empty"
+        assert "zzz" in text_of(app.screen.query_one("#param-empty", Static))
+        await pilot.press("backspace", "backspace", "backspace", *"mlp")
+        assert app.screen.query_one("#param-views").current == "param-table"
+        await pilot.press("escape")
+        assert app.screen.query_one("#param-views").current == "param-tree"

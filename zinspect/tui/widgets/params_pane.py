@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -36,6 +37,7 @@ class ParamsPane(Vertical):
         with ContentSwitcher(initial="param-tree", id="param-views"):
             yield ParamTree(self.view, id="param-tree")
             yield ParamTable(self.view, id="param-table")
+            yield Static(id="param-empty")
         yield Static(id="output-summary")
 
     def on_mount(self) -> None:
@@ -64,7 +66,14 @@ class ParamsPane(Vertical):
         table = self.query_one(ParamTable)
         table.set_names(self.view.param_names(self.sort, self.filter_text))
         use_table = self.table_chosen or bool(self.filter_text)
-        self.query_one(ContentSwitcher).current = "param-table" if use_table else "param-tree"
+        current = "param-table" if use_table else "param-tree"
+        if self.filter_text and not table.row_count:
+            # an empty table reads as "nothing loaded"; say what matched nothing
+            self.query_one("#param-empty", Static).update(Text(
+                f"No param name contains every word of “{self.filter_text}”.\n"
+                "Edit the filter, or press escape to clear it."))
+            current = "param-empty"
+        self.query_one(ContentSwitcher).current = current
         self._update_status()
 
     def action_clear_filter(self) -> None:
@@ -89,7 +98,7 @@ class ParamsPane(Vertical):
         self.notify(f"sorted by {self.sort}", timeout=2)
 
     def current_view(self) -> ParamTree | ParamTable:
-        if self.query_one(ContentSwitcher).current == "param-table":
+        if self.query_one(ContentSwitcher).current != "param-tree":
             return self.query_one(ParamTable)
         return self.query_one(ParamTree)
 
