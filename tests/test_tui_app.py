@@ -342,9 +342,10 @@ async def test_findings_on_a_damaged_copy_jump_to_rank_and_param(tmp_path):
         await pilot.press("enter")
         assert isinstance(app.screen, ParamDetailScreen)
         assert app.screen.param_name == app.view.ckpt.findings[1].param == "embed.weight"
-        await pilot.press("escape")
-        tree = app.screen.query_one(ParamTree)
-        assert tree.cursor_node.data.path == "embed.weight"
+        await pilot.press("escape")  # back to the finding, not to the tree (issue 14.6)
+        assert app.screen.query_one("#tabs").active == "tab-findings"
+        table = app.screen.query_one("#findings-table", FindingTable)
+        assert table.cursor == 1 and table.has_focus
 
 
 async def test_validate_again_rereads_from_disk(tmp_path):

@@ -138,14 +138,16 @@ class ZinspectApp(App[int]):
             self.push_screen(CommandPalette(providers=[ParamCommands],
                                             placeholder="Go to parameter: words in its name"))
 
-    def goto_param(self, name: str) -> None:
-        """Show `name` in the tree and open its detail screen."""
+    def goto_param(self, name: str, keep_tab: bool = False) -> None:
+        """Show `name` in the tree and open its detail screen; with `keep_tab` (from a finding)
+        the tab stays, so escape goes back to where the user came from."""
         if self.view is None or name not in self.view.ckpt.params:
             return
         while len(self.screen_stack) > 1:
             self.pop_screen()
-        self.main.query_one("#tabs").active = "tab-params"
-        self.main.query_one(ParamsPane).show_param(name)
+        if not keep_tab:
+            self.main.query_one("#tabs").active = "tab-params"
+            self.main.query_one(ParamsPane).show_param(name)
         self.push_screen(ParamDetailScreen(name))
 
     def detail_screens(self) -> list[ParamDetailScreen]:
@@ -161,7 +163,7 @@ class ZinspectApp(App[int]):
     def finding_chosen(self, event: FindingChosen) -> None:
         f = event.finding
         if f.param is not None and self.view is not None and f.param in self.view.ckpt.params:
-            self.goto_param(f.param)
+            self.goto_param(f.param, keep_tab=True)
         elif f.rank is not None:
             self.main.action_show_tab("ranks")
             self.main.query_one(RanksPane).show_rank(f.rank)
