@@ -535,3 +535,15 @@ async def test_a_filter_matching_nothing_says_so_not_an_empty_table():
         assert app.screen.query_one("#param-views").current == "param-table"
         await pilot.press("escape")
         assert app.screen.query_one("#param-views").current == "param-tree"
+
+
+async def test_a_rank_missing_its_optimizer_file_is_not_ok_in_ranks(tmp_path):
+    """Issue 14.3: the status cell reflects the findings about the rank."""
+    app = ZinspectApp(str(damaged_copy(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        ranks = app.screen.query_one(RanksPane).query_one("#rank-table", DataTable)
+        status = [str(ranks.get_row_at(i)[-1]) for i in range(ranks.row_count)]
+        assert status[0] == "ok"
+        assert status[1].startswith("error: missing-optimizer-file"), status

@@ -13,6 +13,17 @@ from zinspect.core.model import Checkpoint
 MATRIX_MAX_GROUPS = 64
 
 
+def rank_status(ckpt: Checkpoint, rank: int, file_names: set[str]) -> str:
+    """"ok" only when no finding names the rank or one of its files: a missing optimizer
+    file is a finding about the rank, not a file of it that failed to read."""
+    found = [f for f in ckpt.findings if f.rank == rank or f.file in file_names]
+    if not found:
+        return "ok"
+    worst = next((f for f in found if f.severity == "error"), found[0])
+    more = f" +{len(found) - 1}" if len(found) > 1 else ""
+    return f"{worst.severity}: {worst.code}{more}"
+
+
 def rank_numbers(ckpt: Checkpoint) -> list[int]:
     ranks = {f.rank for f in ckpt.files if f.rank is not None}
     if ckpt.world_size:
@@ -44,9 +55,7 @@ class RanksPane(Vertical):
         for r in ranks:
             files = [f for f in ckpt.files if f.rank == r]
             held = [g for g in ckpt.groups if r in g.partition_numel]
-            broken = [f.name for f in files if f.error]
-            status = ("missing files" if not files else f"{len(broken)} unreadable" if broken
-                      else "ok")
+            status = rank_status(ckpt, r, {f.name for f in files})
             table.add_row(
                 str(r),
                 " · ".join(f"{f.kind} {fmt.size(f.size)}" for f in files) or "—",
