@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 
 from zinspect.core import open_checkpoint
@@ -18,6 +19,7 @@ from zinspect.core.merge import merge as _merge
 from zinspect.core.plan import plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import ProgressMeter
+from zinspect.core.verify import Verification, plan_without
 from zinspect.core.writers import torch_tensors
 
 __all__ = ["get_fp32_state_dict", "load_into", "merge", "open_checkpoint"]
@@ -38,7 +40,24 @@ def get_fp32_state_dict(path: str | os.PathLike, tag: str | None = None, *,
     `exclude` takes glob patterns of names to leave out."""
     ckpt = open_checkpoint(path, tag)
     plan = plan_merge(ckpt, _selection(exclude, exclude_frozen), salvage=salvage)
-    return torch_tensors(plan.tensors, ProgressMeter(plan.total_bytes, None))
+    while True:  # verified as the merge is: a bad record refuses, or under salvage is dropped
+        meter = ProgressMeter(plan.total_bytes, None)
+        verification = meter.verification = Verification(plan.tensors, salvage=salvage)
+        tensors = torch_tensors(plan.tensors, meter)
+        verification.check_unchanged()
+        failures = verification.failures()
+        if not failures:
+            break
+        plan = plan_without(plan, failures)
+    if plan.dropped:
+        warnings.warn(f"--salvage left out {len(plan.dropped)} tensor(s): "
+                      + "; ".join(f"{n}: {why}" for n, why in list(plan.dropped.items())[:5]),
+                      RuntimeWarning, stacklevel=2)
+    if verification.nonfinite:
+        warnings.warn("NaN/Inf in " + ", ".join(
+            f"{n} ({a:,} NaN, {b:,} Inf)" for n, (a, b) in verification.nonfinite.items()),
+            RuntimeWarning, stacklevel=2)
+    return tensors
 
 
 def load_into(model, path: str | os.PathLike, tag: str | None = None, strict: bool = True):

@@ -8,6 +8,8 @@ page cache warm, best of N runs, each tool's default output:
 * engine:       zinspect.merge(CKPT, OUT) timed inside a warm process (parse, plan, read, write,
                 fsync, rename: the run without interpreter start and imports)
 * floor:        pread exactly the bytes the merge needs + write (and fsync) the output's size
+* before:       with --before SRC (a source tree of an older zinspect, e.g. a `git worktree` of
+                the commit before the verifying merge), its CLI and engine too, side by side
 
 Wall time and peak RSS come from /usr/bin/time -v. Each tool runs once unmeasured first, and
 the children may write bytecode caches (PYTHONDONTWRITEBYTECODE is dropped), as an installed
@@ -15,7 +17,7 @@ tool would have them: otherwise an editable zinspect compiles its modules on eve
 DS_PYTHON is a venv with deepspeed installed (see make_fixtures.py for how to set one up).
 
     python tests/tools/bench_merge.py /work/bench/s3_w4_fp32_60M /work/bench/s3_w4_large \\
-        --ds-python /work/dsvenv/bin/python --runs 3
+        --ds-python /work/dsvenv/bin/python --runs 3 --before /work/scratch/before
 """
 
 from __future__ import annotations
@@ -91,10 +93,16 @@ print(time.monotonic() - t0)
 """
 
 
-def engine(ckpt: Path, out: Path) -> float:
+def src_env(src: Path | None) -> dict | None:
+    """The environment that imports zinspect from `src` (None: the installed one)."""
+    return None if src is None else {"PYTHONPATH": str(src)}
+
+
+def engine(ckpt: Path, out: Path, src: Path | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-c", ENGINE, str(ckpt), str(out)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, **(src_env(src) or {})})
     return float(proc.stdout)
 
 
@@ -111,6 +119,8 @@ def main() -> None:
                     help="python of a venv with deepspeed installed")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scratch", type=Path, default=None, help="where outputs go (same disk)")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="source tree of an older zinspect to measure beside this one")
     args = ap.parse_args()
     rows = []
     for ckpt in args.checkpoints:
@@ -118,10 +128,11 @@ def main() -> None:
         try:
             warm(ckpt)
 
-            def run_zinspect(ckpt=ckpt, scratch=scratch):
+            def run_zinspect(ckpt=ckpt, scratch=scratch, src=None):
                 out = scratch / "zinspect"
                 shutil.rmtree(out, ignore_errors=True)
-                return timed([sys.executable, "-m", "zinspect", "merge", str(ckpt), str(out)])
+                return timed([sys.executable, "-m", "zinspect", "merge", str(ckpt), str(out)],
+                             env=src_env(src))
 
             def run_ds(ckpt=ckpt, scratch=scratch):
                 out = scratch / "ds"
@@ -129,13 +140,14 @@ def main() -> None:
                 return timed([args.ds_python, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out)],
                              env={"DS_ACCELERATOR": "cpu"})
 
-            zi = best(args.runs, run_zinspect)
             ds = best(args.runs, run_ds)
-            eng = min(engine(ckpt, scratch / "engine") for _ in range(args.runs))
             fl_runs = [floor(ckpt, scratch) for _ in range(args.runs)]
             fl = min(r[0] for r in fl_runs)
             read_b, out_b = fl_runs[0][1], fl_runs[0][2]
-            rows.append((ckpt.name, out_b, read_b, zi, ds, eng, fl))
+            for label, src in [("", None)] + ([(" (before)", args.before)] if args.before else []):
+                zi = best(args.runs, lambda src=src: run_zinspect(src=src))
+                eng = min(engine(ckpt, scratch / "engine", src) for _ in range(args.runs))
+                rows.append((ckpt.name + label, out_b, read_b, zi, ds, eng, fl))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     gb = 1e9

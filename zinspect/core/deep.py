@@ -18,6 +18,9 @@ whatever the checkpoint size), stdlib only:
    only at the exponent bits, with `bytes.translate` and big-int bit counts, so it runs in C
    at several hundred MB/s without torch or numpy.
 
+The CRC rule (`RecordCheck`) and the NaN/Inf counter are `zinspect.core.verify`'s, shared with
+the merge, which applies them to the bytes it streams.
+
 Cancelling: `should_stop()` is polled after every chunk and every pickle; when it returns true
 the check raises `MergeCancelled` (as a cancelled merge does) instead of returning partial
 results that could be mistaken for a clean bill of health.
@@ -28,8 +31,6 @@ Damaged or unreadable bytes never raise: they become findings.
 from __future__ import annotations
 
 import os
-import zlib
-from collections.abc import Callable
 
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, SourceFiles
@@ -43,6 +44,7 @@ from zinspect.core.torchzip import (
     read_torch_file,
 )
 from zinspect.core.validate import unsafe_pickle_finding
+from zinspect.core.verify import CRC_HINT, FLOAT_DTYPES, RecordCheck, count_nonfinite
 from zinspect.errors import MergeCancelled, UnreadableFile, ZinspectError
 
 CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize
@@ -50,54 +52,6 @@ CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize
 #: findings). It also emits validate's "unsafe-pickle", for files no finding names yet.
 CODES = frozenset({"crc-mismatch", "crc-unavailable", "record-unreadable", "values-unchecked",
                    "nan-values", "inf-values"})
-
-# ------------------------------------------------------------------ NaN / Inf by exponent bits
-
-
-def _table(pred: Callable[[int], bool]) -> bytes:
-    return bytes(1 if pred(b) else 0 for b in range(256))
-
-
-#: dtype -> (itemsize, [(byte index, "exponent bits all ones" table)],
-#:           [(byte index, "mantissa bits all zero" table)]), little-endian layouts
-_FLOAT_BITS = {
-    "float32": (4, [(3, _table(lambda b: b & 0x7F == 0x7F)), (2, _table(lambda b: b & 0x80))],
-                [(2, _table(lambda b: b & 0x7F == 0)), (1, _table(lambda b: b == 0)),
-                 (0, _table(lambda b: b == 0))]),
-    "bfloat16": (2, [(1, _table(lambda b: b & 0x7F == 0x7F)), (0, _table(lambda b: b & 0x80))],
-                 [(0, _table(lambda b: b & 0x7F == 0))]),
-    "float16": (2, [(1, _table(lambda b: b & 0x7C == 0x7C))],
-                [(1, _table(lambda b: b & 0x03 == 0)), (0, _table(lambda b: b == 0))]),
-    "float64": (8, [(7, _table(lambda b: b & 0x7F == 0x7F)), (6, _table(lambda b: b & 0xF0 == 0xF0))],
-                [(6, _table(lambda b: b & 0x0F == 0))] +
-                [(i, _table(lambda b: b == 0)) for i in range(6)]),
-}
-
-
-def count_nonfinite(data: memoryview | bytes, dtype: str) -> tuple[int, int]:
-    """(NaN count, Inf count) of little-endian `dtype` values in `data` (whole elements).
-    Dtypes that cannot hold NaN/Inf (ints, bool) give (0, 0)."""
-    spec = _FLOAT_BITS.get(dtype)
-    if spec is None:
-        return 0, 0
-    size, exp, mant = spec
-    data = memoryview(data).cast("B")
-    # the first exponent test alone rules out almost every real weight: one pass, no ints
-    idx, table = exp[0]
-    first = bytes(data[idx::size]).translate(table)
-    if first.find(1) < 0:
-        return 0, 0
-    mask = int.from_bytes(first, "little")
-    for idx, table in exp[1:]:
-        mask &= int.from_bytes(bytes(data[idx::size]).translate(table), "little")
-    special = mask.bit_count()
-    if not special:
-        return 0, 0
-    for idx, table in mant:
-        mask &= int.from_bytes(bytes(data[idx::size]).translate(table), "little")
-    inf = mask.bit_count()
-    return special - inf, inf
-
 
 # ------------------------------------------------------------------ the check
 
@@ -219,29 +173,25 @@ def _check_crc(files: SourceFiles, view: memoryview, rf: RankFile, name: str,
                                     "the file is damaged; copy it again", **where))
             tick(size, rf.name)
             return
-        crc, done = 0, 0
-        while done < size:
-            data = _pread(files, view, path, offset + done, min(len(view), size - done))
+        check = RecordCheck(rf.name, name, offset, size, want)
+        while not check.done:
+            data = _pread(files, view, path, offset + check.cursor,
+                          min(len(view), size - check.cursor))
             if not len(data):
                 break
-            crc = zlib.crc32(data, crc)
-            done += len(data)
+            check.feed(offset + check.cursor, data)
             tick(len(data), rf.name)
     except (OSError, UnreadableFile) as e:
         findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} cannot "
                                 f"be read ({_why(e, path)})", "check the file", **where))
         return
-    if done < size:
+    if not check.done:
         findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} holds "
-                                f"{done:,} of its {size:,} bytes", "the file is truncated; "
-                                "copy it again", **where))
-        tick(size - done, rf.name)
-    elif crc != want:
-        findings.append(Finding(ERROR, "crc-mismatch", f"{rf.name}: record {name} fails its "
-                                f"CRC32 check ({crc:08x}, the zip directory says {want:08x}): "
-                                "its bytes changed after the save",
-                                "the file is corrupt (disk or copy error); copy it again from "
-                                "the training run", **where))
+                                f"{check.cursor:,} of its {size:,} bytes", "the file is "
+                                "truncated; copy it again", **where))
+        tick(size - check.cursor, rf.name)
+    elif check.failed:
+        findings.append(Finding(ERROR, "crc-mismatch", check.problem(), CRC_HINT, **where))
 
 
 def _planned_tensors(ckpt: Checkpoint, findings: list[Finding]) -> list:
@@ -254,7 +204,7 @@ def _planned_tensors(ckpt: Checkpoint, findings: list[Finding]) -> list:
                                 e.hint))
         return []
     # tied aliases share their owner's bytes: count them once, under the owner's name
-    return [t for t in plan.tensors if t.tied_to is None and t.src_dtype in _FLOAT_BITS]
+    return [t for t in plan.tensors if t.tied_to is None and t.src_dtype in FLOAT_DTYPES]
 
 
 def _check_values(files: SourceFiles, view: memoryview, t, rank_of: dict,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from zinspect.core.dtypes import NARROW, narrow
 from zinspect.core.plan import OutputTensor
+from zinspect.core.verify import FLOAT_DTYPES, Segment, Verification, count_nonfinite
 from zinspect.errors import MergeCancelled, UnreadableFile
 
 CHUNK = 2 << 20  # source bytes per batch (2 MiB beat 1 and 4 MiB here: less to zero-fill, as fast)
@@ -91,20 +92,32 @@ def _raise_open_file_limit() -> bool:
 
 @dataclass
 class _Batch:
-    segments: list[tuple[str, int, int]]  # (path, offset, nbytes)
+    segments: list[tuple[Segment, str | None]]  # (bytes, tensor whose NaN/Inf they count)
     conversion: tuple[str, str]  # (source dtype, output dtype)
     nbytes: int
     last_name: str
 
 
-def _batches(tensors: Iterable[OutputTensor], chunk: int) -> Iterator[_Batch]:
-    segs: list[tuple[str, int, int]] = []
+def _batches(tensors: Iterable[OutputTensor], chunk: int,
+             verification: Verification | None = None) -> Iterator[_Batch]:
+    """Batches of at most `chunk` output-bound bytes; bytes read only for a CRC (gaps between
+    pieces) ride along with the batch of the piece after them."""
+    segs: list[tuple[Segment, str | None]] = []
     size, conv, name = 0, None, ""
     for t in tensors:
         tconv = (t.src_dtype, t.dtype)
         # a narrowing batch holds one tensor, so that overflows to inf are counted per tensor
         alone = t.dtype in NARROW and t.src_dtype != t.dtype and name != t.name
-        for p in t.pieces:
+        # tied aliases re-read their owner's bytes: NaN/Inf are counted under the owner
+        counted = t.name if verification is not None and t.tied_to is None and \
+            t.src_dtype in FLOAT_DTYPES else None
+        pieces = verification.segments_of(t) if verification is not None else \
+            [Segment(p.path, p.offset, p.nbytes, None) for p in t.pieces]
+        for p in pieces:
+            if not p.sink:
+                segs.append((p, None))
+                conv = conv or tconv
+                continue
             off, left = p.offset, p.nbytes
             while left:
                 if segs and (conv != tconv or alone or size + min(left, chunk) > chunk):
@@ -112,7 +125,7 @@ def _batches(tensors: Iterable[OutputTensor], chunk: int) -> Iterator[_Batch]:
                     segs, size = [], 0
                 conv, name, alone = tconv, t.name, False
                 n = min(left, chunk - size)
-                segs.append((p.path, off, n))
+                segs.append((Segment(p.path, off, n, p.check), counted))
                 size += n
                 off += n
                 left -= n
@@ -121,20 +134,68 @@ def _batches(tensors: Iterable[OutputTensor], chunk: int) -> Iterator[_Batch]:
         yield _Batch(segs, conv, size, name)
 
 
-def _read_batch(files: SourceFiles, batch: _Batch, buf: bytearray) -> int:
+_discard = threading.local()  # per reader thread: where bytes read only for a CRC go
+
+
+def _read_batch(files: SourceFiles, batch: _Batch, buf: bytearray,
+                verification: Verification | None = None) -> int:
+    """Read the batch into `buf` (output-bound bytes, back to back; returns how many), feeding
+    the CRC of each record and counting NaN/Inf as the bytes arrive: here, in the reader
+    threads, where zlib.crc32 and preadv run without the GIL."""
     view = memoryview(buf)
     pos = 0
-    for path, offset, nbytes in batch.segments:
-        fd = files.fd(path)
-        end = pos + nbytes
-        while pos < end:
-            n = os.preadv(fd, [view[pos:end]], offset)
-            if n <= 0:
-                raise UnreadableFile(f"{path}: ended at byte {offset:,} while reading "
-                                     f"{nbytes:,} bytes", "the file is truncated; copy it again")
-            pos += n
-            offset += n
+    try:
+        for seg, counted in batch.segments:
+            if not seg.sink:
+                _read_for_check(files, seg, len(buf), verification)
+                continue
+            _pread_all(files.fd(seg.path), view[pos:pos + seg.nbytes], seg.path, seg.offset)
+            data = view[pos:pos + seg.nbytes]
+            if seg.check is not None:
+                seg.check.feed(seg.offset, data, verification.abort)
+                _verdict(seg, verification)
+            if counted is not None:
+                nan, inf = count_nonfinite(data, batch.conversion[0])
+                if nan or inf:
+                    verification.add_nonfinite(counted, nan, inf)
+            pos += seg.nbytes
+    except BaseException:
+        if verification is not None:  # readers waiting for these bytes must not wait forever
+            verification.abort.set()
+        raise
     return pos
+
+
+def _pread_all(fd: int, view: memoryview, path: str, offset: int) -> None:
+    pos = 0
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos:]], offset + pos)
+        if n <= 0:
+            raise UnreadableFile(f"{path}: ended at byte {offset + pos:,} while reading "
+                                 f"{len(view):,} bytes", "the file is truncated; copy it again")
+        pos += n
+
+
+def _read_for_check(files: SourceFiles, seg: Segment, step: int,
+                    verification: Verification) -> None:
+    buf = getattr(_discard, "buf", None)
+    if buf is None or len(buf) < step:
+        buf = _discard.buf = bytearray(step)
+    view = memoryview(buf)
+    done = 0
+    while done < seg.nbytes:
+        n = min(step, seg.nbytes - done)
+        _pread_all(files.fd(seg.path), view[:n], seg.path, seg.offset + done)
+        seg.check.feed(seg.offset + done, view[:n], verification.abort)
+        done += n
+    _verdict(seg, verification)
+
+
+def _verdict(seg: Segment, verification: Verification) -> None:
+    """A record whose last byte just came in and fails its CRC stops the merge at once, but
+    under --salvage the stream goes on (the merge restarts without its params)."""
+    if seg.check.failed and not verification.salvage:
+        raise verification.refuse(seg.check)
 
 
 def _convert(conversion: tuple[str, str], data: memoryview,
@@ -170,6 +231,8 @@ class ProgressMeter:
         self.total, self.progress, self.interval = total, progress, interval
         self.done, self._last = 0, 0.0
         self.overflow: dict[str, int] = {}  # tensor name -> finite values written as +-inf
+        #: what the stream checks as it reads (CRCs, NaN/Inf counts), across all shards
+        self.verification: Verification | None = None
 
     def add(self, nbytes: int, name: str) -> None:
         self.done += nbytes
@@ -186,14 +249,16 @@ def copy_tensors(tensors: list[OutputTensor], sink: Callable[[memoryview], None]
                  chunk: int = CHUNK, depth: int = DEPTH, readers: int = READERS) -> None:
     """Stream the bytes of `tensors`, converted to their output dtype, into `sink`, in order."""
     scratch = bytearray(2 * chunk) if any(t.src_dtype != t.dtype for t in tensors) else bytearray()
-    batches = _batches(tensors, chunk)
+    verification = meter.verification
+    batches = _batches(tensors, chunk, verification)
     with SourceFiles() as files, ThreadPoolExecutor(readers, "zinspect-read") as pool:
         inflight: deque = deque()
 
         def submit(buf: bytearray) -> None:
             batch = next(batches, None)
             if batch is not None:
-                inflight.append((batch, pool.submit(_read_batch, files, batch, buf), buf))
+                inflight.append((batch, pool.submit(_read_batch, files, batch, buf,
+                                                        verification), buf))
 
         for _ in range(depth):
             submit(bytearray(chunk))
@@ -209,6 +274,10 @@ def copy_tensors(tensors: list[OutputTensor], sink: Callable[[memoryview], None]
                 if should_stop is not None and should_stop():
                     raise MergeCancelled("merge cancelled; nothing was written")
                 submit(buf)
+        except BaseException:
+            if verification is not None:
+                verification.abort.set()
+            raise
         finally:
             for _, future, _ in inflight:
                 future.cancel()

@@ -1,0 +1,331 @@
+"""One verification path for everything that reads tensor bytes: the merge, the tensor API and
+the deep check (`validate --deep`).
+
+- **CRC32 of zip records** (`RecordCheck`): the bytes of a record are fed in order, from
+  whichever thread read them, and compared with the CRC of the zip directory once the last
+  byte is in. zlib.crc32 releases the GIL on large buffers, so the reader threads of
+  `zinspect.core.stream` run it beside the writes.
+- **NaN/Inf counts** (`count_nonfinite`): by exponent bits, stdlib only.
+- **Pins** (`Verification.pins`): every source file's (inode, size, mtime_ns) when the merge
+  opens it, compared again at the end: a file rewritten or replaced while it was read fails.
+
+`Verification` plans, for a merge's tensors in output order, which bytes feed which record:
+the planned pieces, plus the small gaps between them (ZeRO-3 padding, a partition's tail) read
+for the CRC only, so that every record the merge touches is checked whole. A record with large
+gaps (params left out by the selection) is not read whole: it is named as unverified.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from zinspect.core.torchzip import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
+from zinspect.errors import NotMergeable
+
+#: a record whose unplanned bytes are at most 1/GAP_SHARE of it, or GAP_BYTES, is read whole
+#: (the gaps only for the CRC): ZeRO-3 padding and partition tails, not left-out params
+GAP_SHARE, GAP_BYTES = 8, 1 << 20
+
+# ------------------------------------------------------------------ NaN / Inf by exponent bits
+
+
+def _table(pred: Callable[[int], bool]) -> bytes:
+    return bytes(1 if pred(b) else 0 for b in range(256))
+
+
+#: dtype -> (itemsize, [(byte index, "exponent bits all ones" table)],
+#:           [(byte index, "mantissa bits all zero" table)]), little-endian layouts
+_FLOAT_BITS = {
+    "float32": (4, [(3, _table(lambda b: b & 0x7F == 0x7F)), (2, _table(lambda b: b & 0x80))],
+                [(2, _table(lambda b: b & 0x7F == 0)), (1, _table(lambda b: b == 0)),
+                 (0, _table(lambda b: b == 0))]),
+    "bfloat16": (2, [(1, _table(lambda b: b & 0x7F == 0x7F)), (0, _table(lambda b: b & 0x80))],
+                 [(0, _table(lambda b: b & 0x7F == 0))]),
+    "float16": (2, [(1, _table(lambda b: b & 0x7C == 0x7C))],
+                [(1, _table(lambda b: b & 0x03 == 0)), (0, _table(lambda b: b == 0))]),
+    "float64": (8, [(7, _table(lambda b: b & 0x7F == 0x7F)), (6, _table(lambda b: b & 0xF0 == 0xF0))],
+                [(6, _table(lambda b: b & 0x0F == 0))] +
+                [(i, _table(lambda b: b == 0)) for i in range(6)]),
+}
+FLOAT_DTYPES = frozenset(_FLOAT_BITS)
+
+
+def count_nonfinite(data, dtype: str) -> tuple[int, int]:
+    """(NaN count, Inf count) of little-endian `dtype` values in `data` (whole elements).
+    Dtypes that cannot hold NaN/Inf (ints, bool) give (0, 0).
+
+    Strided slices of bytes run at memory speed (a memoryview's do not: it is copied once);
+    the first exponent test alone rules out almost every real weight, so the usual cost is
+    one copy, one strided slice and one translate."""
+    spec = _FLOAT_BITS.get(dtype)
+    if spec is None:
+        return 0, 0
+    size, exp, mant = spec
+    raw = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B").tobytes()
+    end = len(raw) - len(raw) % size
+    idx, table = exp[0]
+    first = raw[idx:end:size].translate(table)
+    if first.find(1) < 0:
+        return 0, 0
+    mask = int.from_bytes(first, "little")
+    for idx, table in exp[1:]:
+        mask &= int.from_bytes(raw[idx:end:size].translate(table), "little")
+    special = mask.bit_count()
+    if not special:
+        return 0, 0
+    for idx, table in mant:
+        mask &= int.from_bytes(raw[idx:end:size].translate(table), "little")
+    inf = mask.bit_count()
+    return special - inf, inf
+
+
+# ------------------------------------------------------------------ CRC of one record
+
+
+class Aborted(Exception):
+    """A reader waiting for its turn on a record gave up: the stream is being torn down."""
+
+
+@dataclass(eq=False)
+class RecordCheck:
+    """The CRC32 of one zip record, fed in order. `feed` may be called from several threads:
+    each waits until the bytes before its own are in (the stream submits reads in order, so
+    the one it waits for is already running)."""
+
+    file: str  # shown name (the rank file's name)
+    record: str  # the record's name in the zip
+    start: int  # where its data starts in the file
+    size: int
+    want: int
+    params: list[str] = field(default_factory=list)  # tensors with bytes in it, in order
+    crc: int = 0
+    cursor: int = 0  # bytes fed so far
+    cond: threading.Condition | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def feed(self, offset: int, data, abort: threading.Event | None = None) -> None:
+        cond = self.cond
+        if cond is not None:
+            with cond:
+                while self.start + self.cursor != offset:
+                    if abort is not None and abort.is_set():
+                        raise Aborted
+                    cond.wait(0.5)
+        self.crc = zlib.crc32(data, self.crc)
+        if cond is not None:
+            with cond:
+                self.cursor += len(data)
+                cond.notify_all()
+        else:
+            self.cursor += len(data)
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= self.size
+
+    @property
+    def failed(self) -> bool:
+        return self.done and self.crc != self.want
+
+    def problem(self) -> str:
+        """The one message for a record whose bytes are not the ones saved."""
+        return (f"{self.file}: record {self.record} fails its CRC32 check ({self.crc:08x}, "
+                f"the zip directory says {self.want:08x}): its bytes changed after the save")
+
+
+CRC_HINT = "the file is corrupt (disk or copy error); copy it again from the training run"
+
+
+# ------------------------------------------------------------------ a merge's verification
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Bytes the stream reads: `sink` ones go to the output, the others only to `check`."""
+
+    path: str
+    offset: int
+    nbytes: int
+    check: RecordCheck | None
+    sink: bool = True
+
+
+@dataclass(frozen=True)
+class Pin:
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Pin:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class Verification:
+    """What a merge checks while it streams `tensors` (in output order): the segments of each
+    tensor, the record checks they feed, the pins of the source files, and the NaN/Inf counts
+    per tensor (filled by the reader threads)."""
+
+    def __init__(self, tensors, salvage: bool = False,
+                 shown: Callable[[str], str] = os.path.basename) -> None:
+        self.salvage = salvage  # a failed record does not stop the stream (see merge)
+        self.abort = threading.Event()
+        self.cond = threading.Condition()
+        self.pins: dict[str, Pin] = {}
+        self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN, Inf)
+        self.checks: list[RecordCheck] = []
+        self.unverified: list[RecordCheck] = []
+        self._lock = threading.Lock()
+        records = self._records({p.path for t in tensors for p in t.pieces}, shown)
+        self.segments: dict[int, list[Segment]] = {}
+        self._plan(tensors, records)
+
+    def _records(self, paths, shown) -> dict[str, tuple[list[int], list[RecordCheck]]]:
+        """path -> (sorted data starts, their RecordChecks), with the file pinned."""
+        out = {}
+        for path in sorted(paths):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue  # the stream reports it, located
+            try:
+                st = os.fstat(fd)
+                self.pins[path] = Pin.of(st)
+                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                    entries = central_directory(f, st.st_size)
+                checks = []
+                for name, header, _, size, crc in entries:
+                    start = local_data_offset(header, os.pread(fd, LOCAL_HEADER, header))
+                    if start is not None:
+                        checks.append(RecordCheck(shown(path), name, start, size, crc,
+                                                  cond=self.cond))
+            except (OSError, NoZipDirectory):
+                continue  # legacy format or damaged directory: nothing to check against
+            finally:
+                os.close(fd)
+            checks.sort(key=lambda c: c.start)
+            out[path] = ([c.start for c in checks], checks)
+        return out
+
+    def _plan(self, tensors, records) -> None:
+        def record_of(path: str, offset: int, nbytes: int) -> RecordCheck | None:
+            starts, checks = records.get(path, ((), ()))
+            i = bisect.bisect_right(starts, offset) - 1
+            if i >= 0 and offset + nbytes <= checks[i].end:
+                return checks[i]
+            return None
+
+        # pass 1: the unplanned bytes of each record, in stream order
+        cursor: dict[int, int] = {}
+        gaps: dict[int, int] = {}
+        broken: set[int] = set()
+        last: dict[int, tuple[int, int]] = {}  # record -> (tensor index, piece index)
+        located = []
+        for ti, t in enumerate(tensors):
+            row = []
+            for pi, p in enumerate(t.pieces):
+                # aliases may be skipped by a stream (torch output): they never feed a record
+                c = None if t.tied_to else record_of(p.path, p.offset, p.nbytes)
+                row.append(c)
+                if c is None:
+                    continue
+                at = cursor.get(id(c), c.start)
+                if p.offset + p.nbytes <= at and id(c) in cursor:
+                    row[-1] = None  # read again (a tied alias): checked the first time
+                    continue
+                if p.offset < at:
+                    broken.add(id(c))
+                gaps[id(c)] = gaps.get(id(c), 0) + max(0, p.offset - at)
+                cursor[id(c)] = p.offset + p.nbytes
+                last[id(c)] = (ti, pi)
+                if not c.params or c.params[-1] != t.name:
+                    c.params.append(t.name)
+            located.append(row)
+        whole = set()
+        for _, checks in records.values():
+            for c in checks:
+                if id(c) not in cursor:
+                    continue  # not read at all (Adam moments...)
+                gap = gaps[id(c)] + c.end - cursor[id(c)]
+                if id(c) in broken or gap > max(c.size // GAP_SHARE, GAP_BYTES):
+                    self.unverified.append(c)
+                else:
+                    whole.add(id(c))
+                    self.checks.append(c)
+        # pass 2: the segments, with the gaps read for the CRC only
+        cursor.clear()
+        for ti, (t, row) in enumerate(zip(tensors, located, strict=True)):
+            segs = []
+            for pi, (p, c) in enumerate(zip(t.pieces, row, strict=True)):
+                if c is None or id(c) not in whole:
+                    segs.append(Segment(p.path, p.offset, p.nbytes, None))
+                    continue
+                at = cursor.get(id(c), c.start)
+                if p.offset > at:
+                    segs.append(Segment(p.path, at, p.offset - at, c, sink=False))
+                segs.append(Segment(p.path, p.offset, p.nbytes, c))
+                cursor[id(c)] = p.offset + p.nbytes
+                if last[id(c)] == (ti, pi) and cursor[id(c)] < c.end:
+                    segs.append(Segment(p.path, cursor[id(c)], c.end - cursor[id(c)], c,
+                                        sink=False))
+            self.segments[id(t)] = segs
+
+    def segments_of(self, t) -> list[Segment]:
+        segs = self.segments.get(id(t))
+        return segs if segs is not None else [Segment(p.path, p.offset, p.nbytes, None)
+                                              for p in t.pieces]
+
+    def add_nonfinite(self, name: str, nan: int, inf: int) -> None:
+        with self._lock:
+            n, i = self.nonfinite.get(name, (0, 0))
+            self.nonfinite[name] = (n + nan, i + inf)
+
+    def failures(self) -> list[RecordCheck]:
+        return [c for c in self.checks if c.failed]
+
+    def refuse(self, c: RecordCheck) -> NotMergeable:
+        names = ", ".join(c.params[:5]) + (f" and {len(c.params) - 5} more"
+                                           if len(c.params) > 5 else "")
+        return NotMergeable(f"{c.problem()}; it holds {names}; nothing was written",
+                            CRC_HINT + "; `--salvage` writes the rest without its params")
+
+    def changed_files(self) -> list[str]:
+        """Source files whose (inode, size, mtime) differ from their pins."""
+        out = []
+        for path, pin in self.pins.items():
+            try:
+                now = Pin.of(os.stat(path))
+            except OSError:
+                now = None
+            if now != pin:
+                out.append(path)
+        return out
+
+    def check_unchanged(self) -> None:
+        changed = self.changed_files()
+        if changed:
+            shown = ", ".join(os.path.basename(p) for p in changed[:5])
+            raise NotMergeable(f"{shown}: changed while the merge read it (inode, size or "
+                               "modification time differ from when it was opened); nothing "
+                               "was written", "wait until nothing writes to the checkpoint "
+                               "and merge again")
+
+
+def plan_without(plan, failures: list[RecordCheck]):
+    """The plan minus the params of records that failed their CRC (and their tied aliases)."""
+    why = {name: c.problem() for c in failures for name in c.params}
+    for t in plan.tensors:
+        if t.tied_to in why and t.name not in why:
+            why[t.name] = f"tied to {t.tied_to}: " + why[t.tied_to]
+    from zinspect.core.plan import MergePlan
+
+    return MergePlan([t for t in plan.tensors if t.name not in why], plan.excluded,
+                     {**plan.dropped, **why})
