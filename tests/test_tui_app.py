@@ -547,3 +547,21 @@ async def test_a_rank_missing_its_optimizer_file_is_not_ok_in_ranks(tmp_path):
         status = [str(ranks.get_row_at(i)[-1]) for i in range(ranks.row_count)]
         assert status[0] == "ok"
         assert status[1].startswith("error: missing-optimizer-file"), status
+
+
+async def test_overview_names_a_peft_runs_adapter_like_info():
+    """A LoRA run (real DeepSpeed ZeRO-3 + peft fixture): the overview says what `info` says."""
+    from zinspect.core import peft
+
+    ckpt = open_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16")
+    expected = peft.describe(peft.summary(ckpt))
+    assert expected.startswith("LORA")
+    app = ZinspectApp(str(FIXTURES / "hf_mistral_lora_s3_w2_bf16"))
+    async with app.run_test(size=(200, 50)) as pilot:
+        await settle(app, pilot)
+        overview = text_of(app.screen.query_one("#overview-body", Static))
+        assert "PEFT" in overview and expected[:40] in overview
+    plain = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
+    async with plain.run_test(size=SIZE) as pilot:
+        await settle(plain, pilot)
+        assert "PEFT" not in text_of(plain.screen.query_one("#overview-body", Static))

@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from zinspect.core import fmt
+from zinspect.core import fmt, peft
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, short_dtype
 from zinspect.report import totals
 from zinspect.tui.inspection import Inspection, display_path
@@ -45,7 +45,14 @@ def checkpoint_facts(ckpt: Checkpoint) -> Table:
         ("world size", str(ckpt.world_size) if ckpt.world_size is not None else "?"),
         ("dtypes", f"training {short_dtype(ckpt.dtype)} · master {short_dtype(ckpt.master_dtype)}"),
         ("DeepSpeed", ckpt.ds_version or "?"),
+        *_peft_row(ckpt),
     ])
+
+
+def _peft_row(ckpt: Checkpoint) -> list[tuple[str, RenderableType]]:
+    """A PEFT run's adapter (type, rank, targets, trainable vs base), as `zinspect info` says it."""
+    summary = peft.summary(ckpt)
+    return [] if summary is None else [("PEFT", Text(peft.describe(summary)))]
 
 
 def size_facts(view: Inspection) -> Table:
