@@ -589,3 +589,26 @@ def test_the_app_overview_size_is_the_info_size(name):
     out = Inspection(ckpt).output
     assert out.nbytes + out.excluded_nbytes == totals(ckpt)["output_bytes"] \
         == plan_merge(ckpt).total_bytes
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_validate_deep_stopped_by_a_signal_exits_128_plus_it(sig, code):
+    """A signal during `validate --deep` (sent from its first progress call, so no timing is
+    involved) stops it with the signal's exit code, as a merge does."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, signal, sys\n"
+        "from zinspect import cli\n"
+        "from zinspect.cli import common\n"
+        "orig, sent = common.Bar.update, []\n"
+        "def update(self, done, total, name=''):\n"
+        "    if not sent:\n"
+        f"        sent.append(1); os.kill(os.getpid(), signal.{sig})\n"
+        "    orig(self, done, total, name)\n"
+        "common.Bar.update = update\n"
+        f"sys.exit(cli.main(['validate', '--deep', {str(FIXTURES / 's3_w4_bf16')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    assert "cancelled" in r.stderr and "Traceback" not in r.stderr

@@ -326,5 +326,6 @@ def test_the_app_killed_by_a_signal_mid_merge_leaves_nothing(ckpt_copy, tmp_path
         if proc.poll() is None:
             proc.kill()
         os.close(main)
+    assert proc.returncode == 128 + sig  # 143 / 129, as the CLI's merge exits
     assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
     assert hashes(root) == before

@@ -69,6 +69,6 @@ def _deep(ckpt) -> list:
     total = sum(f.size for f in ckpt.files if f.readable)
     with Stop() as stop, Bar("reading", total) as bar:
         found = deep_check(ckpt, progress=bar.update, should_stop=stop)
-    if stop.requested:
-        raise cancelled("the deep check")
+        if stop.requested:  # raised inside: Stop gives it 128 + the signal's number
+            raise cancelled("the deep check")
     return list(found or [])

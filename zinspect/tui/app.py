@@ -241,6 +241,8 @@ class ZinspectApp(App[int]):
 
 
 def run_app(path: str, tag: str | None = None) -> int:
-    """Open the app on a checkpoint; returns the process exit code."""
-    ZinspectApp(path, tag).run()
-    return 0
+    """Open the app on a checkpoint; returns the process exit code (0 after `q`; 143 / 129 when
+    SIGTERM / SIGHUP ended a merge, see screens/merge.py)."""
+    app = ZinspectApp(path, tag)
+    app.run()
+    return app.return_code or 0
