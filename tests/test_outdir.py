@@ -279,9 +279,7 @@ def test_the_app_killed_by_a_signal_mid_merge_leaves_nothing(ckpt_copy, tmp_path
     """`zinspect PATH` in a real pty: `m`, an OUT_DIR, enter; the worker pauses once OUT_DIR is
     locked (a hook that waits until the worker is cancelled); the signal must end the app and
     let the worker remove what it made."""
-    import pty
-
-    from test_tui_e2e import read_until
+    from test_tui_e2e import read_until, spawn_in_pty
 
     root, before = ckpt_copy
     out = tmp_path / "new" / "out"
@@ -300,11 +298,7 @@ def test_the_app_killed_by_a_signal_mid_merge_leaves_nothing(ckpt_copy, tmp_path
         "    return orig(self, name)\n"
         "outdir.OutputDir.create = create\n"
         f"sys.exit(cli.main([{str(root)!r}]))\n")
-    main, child = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "36"}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=child, stdout=child,
-                            stderr=child, cwd=REPO, env=env, close_fds=True)
-    os.close(child)
+    proc, main = spawn_in_pty(["-c", code])
     try:
         screen = read_until(main, b"zero_pp_rank_3", 60)
         assert b"zero_pp_rank_3" in screen, screen[-2000:]

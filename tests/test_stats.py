@@ -153,19 +153,10 @@ def test_app_statistics_in_a_real_terminal():
     """`a` in the real app (a pty): the worker runs, the table and the per-layer line draw,
     escape goes back and q quits."""
     import os
-    import pty
-    import subprocess
-    import sys
 
-    from conftest import REPO
-    from test_tui_e2e import read_until
+    from test_tui_e2e import read_until, spawn_in_pty
 
-    main_fd, child = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "36"}
-    proc = subprocess.Popen([sys.executable, "-m", "zinspect", str(FIXTURES / "s3_w2_fp32")],
-                            stdin=child, stdout=child, stderr=child, cwd=REPO, env=env,
-                            close_fds=True)
-    os.close(child)
+    proc, main_fd = spawn_in_pty(["-m", "zinspect", str(FIXTURES / "s3_w2_fp32")])
     try:
         assert b"Overview" in read_until(main_fd, b"Overview", 60)
         read_until(main_fd, b"\x00never", 1)  # let the first frames settle

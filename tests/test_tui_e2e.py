@@ -27,13 +27,18 @@ def read_until(fd: int, needle: bytes, seconds: float, stop=lambda: False) -> by
     return seen
 
 
-def test_the_cli_opens_the_app_and_q_quits():
+def spawn_in_pty(args: list[str]) -> tuple[subprocess.Popen, int]:
+    """`python ARGS` (e.g. ["-m", "zinspect", PATH]) on a 120x36 pty: (process, the pty's fd)."""
     main, child = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "36"}
-    proc = subprocess.Popen([sys.executable, "-m", "zinspect", str(FIXTURES / "s3_w4_bf16")],
-                            stdin=child, stdout=child, stderr=child, cwd=REPO, env=env,
-                            close_fds=True)
+    proc = subprocess.Popen([sys.executable, *args], stdin=child, stdout=child, stderr=child,
+                            cwd=REPO, env=env, close_fds=True)
     os.close(child)
+    return proc, main
+
+
+def test_the_cli_opens_the_app_and_q_quits():
+    proc, main = spawn_in_pty(["-m", "zinspect", str(FIXTURES / "s3_w4_bf16")])
     try:
         screen = read_until(main, b"Overview", 60)
         assert b"Overview" in screen, screen[-2000:]
