@@ -503,7 +503,7 @@ async def test_help_says_how_to_close_it():
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("question_mark")
-        assert "escape" in str(app.screen.query_one("#help").border_subtitle)
+        assert "esc" in str(app.screen.query_one("#help").border_subtitle)
 
 
 async def test_validate_again_says_what_changed(tmp_path):

@@ -12,6 +12,7 @@ import fcntl
 import os
 import pty
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -178,9 +179,9 @@ def test_a_deep_check_from_the_palette_on_the_parameters_tab_leaves_keys_working
     app.press("2")
     app.wait_for("encoder")  # the param tree
     app.press(CTRL_P)
-    app.wait_for("Deep check", "Merge to fp32")  # the palette lists the app's actions
+    app.wait_for("Deep check", "Exclude frozen")  # the palette lists the app's actions
     app.press("deep check")
-    app.wait_gone("Exclude frozen params")
+    app.wait_gone("Exclude frozen")
     app.press("\r")
     app.wait_for(DEEP_OK)
     app.wait_gone("Reading every byte")
@@ -238,5 +239,23 @@ def test_ctrl_q_during_a_merge_cancels_it_quits_and_leaves_nothing(tmp_path):
         app.press(b"\x11")  # ctrl+q quits from anywhere: the merge worker is cancelled
         assert app.proc.wait(timeout=STEP) == 0
         assert list(tmp_path.iterdir()) == []
+    finally:
+        app.close()
+
+
+def test_several_tags_without_latest_pick_one_in_the_terminal(tmp_path):
+    """`zinspect ROOT` on a root with two tag dirs and no `latest`: the app asks which (the
+    CLI without a terminal exits 2 naming them, tests/test_tui_app_edges.py)."""
+    root = tmp_path / "two_tags"
+    for name, fixture in (("global_step2", FIXTURE), ("global_step9", "s1_w2_fp32")):
+        shutil.copytree(FIXTURES / fixture / manifest(fixture)["tag"], root / name)
+    app = PtyApp([str(root)], cwd=tmp_path)
+    try:
+        app.wait_for("Which tag?", "global_step2", "global_step9")
+        app.press(b"\x1b[B")  # down
+        app.press("\r")
+        shown = app.wait_for("Overview", "zero_pp_rank_1", "global_step9")
+        assert "ZeRO stage 1" in shown
+        assert app.quit() == 0
     finally:
         app.close()

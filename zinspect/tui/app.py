@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 from textual.command import CommandPalette
-from textual.worker import Worker, WorkerState
 
 from zinspect.core import gc_paused, open_checkpoint
+from zinspect.core.fmt import shown
 from zinspect.core.model import Finding
 from zinspect.core.selection import Selection
-from zinspect.errors import ZinspectError
+from zinspect.errors import UsageError, ZinspectError
 from zinspect.tui.commands import ActionCommands, ParamCommands
+from zinspect.tui.errors import Problem, WorkerOutcomes, explain
 from zinspect.tui.inspection import Inspection, display_path
 from zinspect.tui.messages import ExclusionToggled, FindingChosen, LoadProgress, ParamChosen
 from zinspect.tui.screens.help import HelpScreen
@@ -23,32 +26,49 @@ from zinspect.tui.widgets.params_pane import ParamsPane
 from zinspect.tui.widgets.ranks_pane import RanksPane
 
 
-class ZinspectApp(App[int]):
+class ZinspectApp(WorkerOutcomes, App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "zinspect"
     COMMANDS = App.COMMANDS | {ActionCommands, ParamCommands}
+    #: the help screen and the command palette are made from these (description, tooltip)
     BINDINGS = [
-        Binding("q", "quit", "Quit", id="quit"),
-        Binding("question_mark", "help", "Help", id="help", key_display="?"),
-        Binding("slash", "filter", "Filter", id="filter", key_display="/"),
-        Binding("m", "merge", "Merge", id="merge"),
+        Binding("q", "quit", "Quit", id="quit", tooltip="quit (a running merge is cancelled first)"),
+        Binding("question_mark", "help", "Help", id="help", key_display="?",
+                tooltip="this help: what every key does"),
+        Binding("slash", "filter", "Filter", id="filter", key_display="/",
+                tooltip="filter the parameters by the words a name contains, as you type"),
+        Binding("m", "merge", "Merge", id="merge",
+                tooltip="merge with the current exclusions: fp32, bf16 or fp16; safetensors, "
+                        "torch or a PEFT adapter"),
         Binding("v", "validate", "Validate", id="validate",
-                tooltip="Re-read the checkpoint from disk and check it again"),
-        Binding("f", "exclude_frozen", "Excl. frozen", id="exclude-frozen"),
+                tooltip="validate again: re-read the checkpoint from disk"),
         Binding("d", "deep_check", "Deep check", show=False, id="deep-check",
-                tooltip="Read every byte: zip CRCs and NaN/Inf per param"),
-        Binding("s", "save_selection", "Save sel.", id="save-selection"),
-        Binding("l", "load_selection", "Load sel.", show=False, id="load-selection"),
-        Binding("ctrl+g", "goto_param", "Go to param", show=False, id="goto-param"),
+                tooltip="read every byte: zip CRCs, NaN/Inf per param; escape cancels"),
+        Binding("f", "exclude_frozen", "Exclude frozen", show=False, id="exclude-frozen",
+                tooltip="exclude every frozen param (again: include them)"),
+        Binding("s", "save_selection", "Save selection", show=False, id="save-selection",
+                tooltip="save the exclusions to the file `zinspect merge --selection FILE` reads"),
+        Binding("l", "load_selection", "Load selection", show=False, id="load-selection",
+                tooltip="load the exclusions from a selection file"),
+        Binding("ctrl+g", "goto_param", "Go to param", show=False, id="goto-param",
+                tooltip="go to a param by the words in its name"),
     ]
 
-    def __init__(self, path: str, tag: str | None = None) -> None:
+    def __init__(self, path: str, tag: str | None = None, tags: list[str] | None = None) -> None:
+        """`tags`: PATH has several tag dirs and no `latest`; the user picks one first."""
         super().__init__()
         self.path = path
         self.tag = tag
+        self.tags_to_pick = tags or []
         self.view: Inspection | None = None
         self.selection_file = DEFAULT_SELECTION_FILE
         self.sub_title = display_path(path)
+
+    def notify(self, message: str, *, title: str = "", severity: Any = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Never markup, whatever the caller asks: notifications quote names from the
+        checkpoint, and `[@click=app.quit]` in a name must stay text (issue 8)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=False)
 
     def get_default_screen(self) -> MainScreen:
         return MainScreen(self.sub_title)
@@ -58,6 +78,18 @@ class ZinspectApp(App[int]):
         return self.screen_stack[0]  # type: ignore[return-value]
 
     def on_mount(self) -> None:
+        if self.tag is None and self.tags_to_pick:
+            from zinspect.tui.screens.tag_picker import TagPickerScreen
+
+            self.push_screen(TagPickerScreen(self.path, self.tags_to_pick), self.tag_picked)
+        else:
+            self.load(Selection())
+
+    def tag_picked(self, tag: str | None) -> None:
+        if tag is None:
+            self.exit()
+            return
+        self.tag = tag
         self.load(Selection())
 
     # -- loading --------------------------------------------------------------------------
@@ -80,25 +112,22 @@ class ZinspectApp(App[int]):
     def load_progress(self, event: LoadProgress) -> None:
         self.main.show_load_progress(event.done, event.total, event.name)
 
-    @on(Worker.StateChanged)
-    async def loaded(self, event: Worker.StateChanged) -> None:
-        if event.worker.group != "load":
+    async def worker_succeeded(self, group: str, result: Any) -> None:
+        if group != "load":
             return
-        if event.state == WorkerState.SUCCESS:
-            old, self.view = self.view, event.worker.result
-            if old is not None:
-                self.notify(self.view.change_since(old), timeout=4)
-            self.title = f"zinspect · {self.view.ckpt.tag}"
-            await self.main.show_inspection(self.view)
-            for screen in self.detail_screens():
-                screen.show_param()
-        elif event.state == WorkerState.ERROR:
-            error = event.worker.error
-            if isinstance(error, ZinspectError):
-                await self.main.show_error(error.message, error.hint)
-            else:
-                await self.main.show_error(f"{type(error).__name__}: {error}",
-                                     "this looks like a zinspect bug; please report it")
+        old, self.view = self.view, result
+        if old is not None:
+            self.notify(self.view.change_since(old), timeout=4)
+        self.title = f"zinspect · {shown(self.view.ckpt.tag, 80)}"
+        await self.main.show_inspection(self.view)
+        for screen in self.detail_screens():
+            screen.show_param()
+
+    async def worker_failed(self, group: str, problem: Problem) -> bool:
+        if group != "load":
+            return False
+        await self.main.show_error(problem)
+        return True
 
     def action_deep_check(self) -> None:
         if self.view is not None:
@@ -175,9 +204,11 @@ class ZinspectApp(App[int]):
     def exclusion_toggled(self, event: ExclusionToggled) -> None:
         if self.view is None or not event.names:
             return
-        if not self.view.toggle(event.names) and any(n in self.view.excluded for n in event.names):
-            self.notify(f"{event.what}: still excluded by a pattern of the loaded selection file",
-                        severity="warning")
+        including = all(n in self.view.excluded for n in event.names)
+        self.view.toggle(event.names)
+        if including and any(n in self.view.excluded for n in event.names):  # a glob keeps them
+            self.notify(f"{shown(event.what, 120)}: still excluded by a pattern of the loaded "
+                        "selection file", severity="warning")
         self.selection_changed()
 
     def action_exclude_frozen(self) -> None:
@@ -201,11 +232,12 @@ class ZinspectApp(App[int]):
         try:
             self.view.selection.save(path)
         except (OSError, ValueError) as e:  # ValueError: e.g. a NUL in the path
-            self.notify(f"cannot write {path}: {getattr(e, 'strerror', None) or e}",
-                        severity="error")
+            why = getattr(e, "strerror", None) or e
+            explain(UsageError(f"cannot write {path}: {why}", "give another path"),
+                    "saving the selection").notify(self)
             return
         self.selection_file = path
-        self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {path}")
+        self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {shown(path, 120)}")
 
     def action_load_selection(self) -> None:
         if self.view is not None:
@@ -217,17 +249,18 @@ class ZinspectApp(App[int]):
         try:
             selection = Selection.load(path)
         except ZinspectError as e:
-            self.notify(f"{e.message}\nhint: {e.hint}", severity="error", timeout=8)
+            explain(e, "loading the selection file").notify(self)
             return
         except (OSError, ValueError) as e:  # e.g. a NUL in the path, an undecodable file
-            self.notify(f"{path}: not a selection file ({e})", severity="error", timeout=8)
+            explain(UsageError(f"{path}: not a selection file ({e})", "give another path"),
+                    "loading the selection file").notify(self)
             return
         self.selection_file = path
         self.view.set_selection(selection)
         unknown = [n for n in selection.exclude if n not in self.view.ckpt.params
                    and n not in self.view.ckpt.buffers]
         note = f"; {len(unknown)} name(s) are not in this checkpoint" if unknown else ""
-        self.notify(f"loaded {path}: {len(self.view.excluded)} excluded{note}",
+        self.notify(f"loaded {shown(path, 120)}: {len(self.view.excluded)} excluded{note}",
                     severity="warning" if unknown else "information")
         self.selection_changed()
 
@@ -240,9 +273,9 @@ class ZinspectApp(App[int]):
         self.push_screen(MergeScreen(self.view))
 
 
-def run_app(path: str, tag: str | None = None) -> int:
+def run_app(path: str, tag: str | None = None, tags: list[str] | None = None) -> int:
     """Open the app on a checkpoint; returns the process exit code (0 after `q`; 143 / 129 when
     SIGTERM / SIGHUP ended a merge, see screens/merge.py)."""
-    app = ZinspectApp(path, tag)
+    app = ZinspectApp(path, tag, tags)
     app.run()
     return app.return_code or 0

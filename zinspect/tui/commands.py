@@ -1,4 +1,6 @@
-"""Command palette providers: app actions, and "go to param" over every name."""
+"""Command palette providers: the app's actions (read from the bindings: their description is
+the title, their tooltip the help, their key shown beside it), and "go to param" over every
+name (escaped, never read as markup)."""
 
 from __future__ import annotations
 
@@ -6,27 +8,19 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+from textual.content import Content
+
+from zinspect.core.fmt import shown
+from zinspect.tui.keys import key_of, own_bindings, what_it_does
 
 if TYPE_CHECKING:
+    from textual.binding import Binding
+    from textual.dom import DOMNode
+
     from zinspect.tui.app import ZinspectApp
 
-#: (title, help, action name on the app)
-ACTIONS = [
-    ("Exclude frozen params", "leave every frozen param out of the merge (again: include)",
-     "exclude_frozen"),
-    ("Merge to fp32", "write safetensors or torch files with the current exclusions", "merge"),
-    ("Validate again", "re-read the checkpoint from disk and re-run the checks", "validate"),
-    ("Deep check", "read every byte: zip CRCs, NaN/Inf per param (d)", "deep_check"),
-    ("Statistics", "min/max/mean/std/L2, NaN/Inf per param, L2 per layer (a)",
-     "screen.statistics"),
-    ("Save selection", "write the exclusions for `zinspect merge --selection FILE`",
-     "save_selection"),
-    ("Load selection", "read exclusions from a selection file", "load_selection"),
-    ("Go to param", "find a parameter by name", "goto_param"),
-    ("Show findings", "the validation results", "screen.show_tab('findings')"),
-    ("Show ranks", "files and partitions per rank", "screen.show_tab('ranks')"),
-    ("Help", "what every key does", "help"),
-]
+#: actions the palette leaves to Textual's own commands
+NOT_LISTED = {"quit"}
 
 
 class ActionCommands(Provider):
@@ -36,17 +30,41 @@ class ActionCommands(Provider):
     def zapp(self) -> ZinspectApp:
         return self.app  # type: ignore[return-value]
 
+    def actions(self) -> list[tuple[Binding, DOMNode]]:
+        """(binding, the node its action runs on): the app's, then the main screen's."""
+        from zinspect.tui.screens.main import MainScreen
+
+        app = self.zapp
+        return [(b, node) for node, cls in ((app, type(app)), (app.main, MainScreen))
+                for b in own_bindings(cls) if b.action not in NOT_LISTED]
+
+    def _hit_parts(self, b: Binding, node: DOMNode):
+        return (partial(self.zapp.run_action, b.action, node),
+                f"{what_it_does(b)} ({key_of(self.zapp, b)})")
+
     async def discover(self) -> Hits:
-        for title, help_text, action in ACTIONS:
-            yield DiscoveryHit(title, partial(self.zapp.run_action, action), help=help_text)
+        for b, node in self.actions():
+            run, help_text = self._hit_parts(b, node)
+            yield DiscoveryHit(Content(b.description), run, help=Content(help_text))
 
     async def search(self, query: str) -> Hits:
         matcher = self.matcher(query)
-        for title, help_text, action in ACTIONS:
-            score = matcher.match(title)
+        for b, node in self.actions():
+            score = matcher.match(b.description)
             if score > 0:
-                yield Hit(score, matcher.highlight(title), partial(self.zapp.run_action, action),
-                          help=help_text)
+                run, help_text = self._hit_parts(b, node)
+                yield Hit(score, matcher.highlight(b.description), run, help=Content(help_text))
+
+
+def highlighted(matcher, name: str) -> Content:
+    """`name` escaped, with the matched letters styled. Textual's own `highlight` parses the
+    candidate as markup: a name holding `[@click=app.quit]` would become a link."""
+    text = shown(name)
+    content = Content(text)
+    score, offsets = matcher.fuzzy_search.match(matcher.query, text)
+    for offset in offsets if score else ():
+        content = content.stylize(matcher.match_style, offset, offset + 1)
+    return content
 
 
 class ParamCommands(Provider):
@@ -71,8 +89,9 @@ class ParamCommands(Provider):
         hits = 0
         for name, lower in zip(self.names, self.lowered, strict=False):
             if all(w in lower for w in words):
-                yield Hit(matcher.match(name) or 0.01, matcher.highlight(name),
-                          partial(self.zapp.goto_param, name), text=name, help="go to param")
+                yield Hit(matcher.match(name) or 0.01, highlighted(matcher, name),
+                          partial(self.zapp.goto_param, name), text=shown(name),
+                          help=Content("go to param"))
                 hits += 1
                 if hits >= self.MAX_HITS:
                     return

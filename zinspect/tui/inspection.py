@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint, Param
 from zinspect.core.selection import Selection
 from zinspect.core.torchzip import DTYPE_SIZES
@@ -20,12 +21,12 @@ OUTPUT_ITEMSIZE = DTYPE_SIZES["float32"]
 
 def display_path(path: Path | str) -> str:
     """A path as shown on screen: relative to the working dir when under it (stable in
-    screenshots and snapshots), else as given."""
+    screenshots and snapshots), else as given; escaped (fmt.shown), so plain text only."""
     path = Path(path)
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+        return shown(str(path.resolve().relative_to(Path.cwd().resolve())) or ".")
     except ValueError:
-        return str(path)
+        return shown(path)
 
 
 @dataclass

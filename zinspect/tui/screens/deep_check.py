@@ -3,24 +3,25 @@ progress; escape cancels. Dismissed with the new findings, or None when cancelle
 
 from __future__ import annotations
 
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.worker import get_current_worker
 
 from zinspect.core import fmt
 from zinspect.core.deep import deep_check
 from zinspect.core.model import Checkpoint, Finding
 from zinspect.core.stream import Progress, ShouldStop
-from zinspect.errors import MergeCancelled, ZinspectError
+from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 
-class DeepCheckScreen(ModalScreen[list[Finding] | None]):
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="cancel-deep-check")]
+class DeepCheckScreen(WorkerOutcomes, ModalScreen[list[Finding] | None]):
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="cancel-deep-check",
+                        tooltip="cancel the deep check (the findings stay as they were)")]
 
     def __init__(self, ckpt: Checkpoint) -> None:
         super().__init__()
@@ -47,20 +48,9 @@ class DeepCheckScreen(ModalScreen[list[Finding] | None]):
         return deep_check(self.ckpt, progress=progress,
                           should_stop=lambda: stop_requested() or worker.is_cancelled)
 
-    @on(Worker.StateChanged)
-    def finished(self, event: Worker.StateChanged) -> None:
-        if event.worker.group != "deep-check":
-            return
-        if event.state == WorkerState.SUCCESS:
-            self.dismiss(event.worker.result)
-        elif event.state == WorkerState.ERROR:
-            error = event.worker.error
-            if isinstance(error, MergeCancelled):
-                self.app.notify("deep check cancelled; the findings are unchanged")
-            elif isinstance(error, ZinspectError):
-                self.app.notify(f"{error.message}\nhint: {error.hint}", severity="error",
-                                timeout=8)
-            else:
-                self.app.notify(f"deep check failed: {type(error).__name__}: {error}",
-                                severity="error", timeout=8)
-            self.dismiss(None)
+    def worker_succeeded(self, group: str, result: list[Finding]) -> None:
+        self.dismiss(result)
+
+    def worker_failed(self, group: str, problem: Problem) -> bool:
+        self.dismiss(None)
+        return False  # the app's notification says why

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Center, Container, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Label, LoadingIndicator, Static, TabbedContent, TabPane
+from textual.widgets import Header, Label, LoadingIndicator, Static, TabbedContent, TabPane
 
+from zinspect.core.fmt import shown
+from zinspect.tui.errors import Problem
+from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import Inspection
+from zinspect.tui.keys import binding, key_of
 from zinspect.tui.widgets.findings_pane import FindingsPane
 from zinspect.tui.widgets.overview import Overview
 from zinspect.tui.widgets.params_pane import ParamsPane
@@ -40,12 +46,18 @@ class Inspector(Container):
                 yield FindingsPane(view.ckpt, id="findings")
 
 
+#: the tab keys share one line in the help
+TAB_KEYS = Binding.Group("Overview, Parameters, Ranks, Findings tabs")
+
+
 class MainScreen(Screen):
     BINDINGS = [
-        Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False, id=f"tab-{tab}")
+        Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False, id=f"tab-{tab}",
+                tooltip=f"the {tab.title()} tab", group=TAB_KEYS)
         for i, tab in enumerate(TABS)
     ] + [Binding("a", "statistics", "Statistics", show=False, id="statistics",
-                 tooltip="Read the values: min/max/mean/std/L2, NaN/Inf per param and layer")]
+                 tooltip="statistics per param and the L2 norm per layer, read in a worker; "
+                         "escape cancels")]
 
     def __init__(self, what: str) -> None:
         super().__init__()
@@ -56,7 +68,7 @@ class MainScreen(Screen):
         yield Header(icon="◆")
         with Container(id="body"):
             yield self.loading_view()
-        yield Footer()
+        yield KeyFooter()
 
     async def _replace_body(self, *widgets) -> None:
         """Swap what the screen shows; awaited, so the old widgets (and their ids) are gone
@@ -72,26 +84,25 @@ class MainScreen(Screen):
             self.call_after_refresh(self.focus_tab_content)
 
     def loading_view(self) -> Vertical:
-        return Vertical(Center(Label(f"Reading {self.what} …", id="loading-label")),
+        return Vertical(Center(Label(Text(f"Reading {self.what} …"), id="loading-label")),
                         LoadingIndicator(), id="loading")
 
     def show_load_progress(self, done: int, total: int, name: str) -> None:
         labels = self.query("#loading-label")
         if labels:
-            labels.first(Label).update(f"Reading {self.what} … {done} of {total} files ({name})")
+            labels.first(Label).update(Text(
+                f"Reading {self.what} … {done} of {total} files ({shown(name, 80)})"))
 
     async def show_loading(self) -> None:
         self.last_tab = self.active_tab or self.last_tab
         await self._replace_body(self.loading_view())
 
-    async def show_error(self, message: str, hint: str) -> None:
-        text = Text()
-        text.append("Cannot open the checkpoint\n\n", style="bold red")
-        text.append(message)
-        if hint:
-            text.append("\n\nhint: ", style="bold")
-            text.append(hint)
-        text.append("\n\nv: try again   q: quit", style="dim")
+    async def show_error(self, problem: Problem) -> None:
+        """The checkpoint could not be opened: what, where, what to try, and the keys."""
+        text = replace(problem, title="Cannot open the checkpoint").text()
+        app = type(self.app)
+        again, leave = (key_of(self.app, binding(app, name)) for name in ("validate", "quit"))
+        text.append(f"\n\n{again}: try again   {leave}: quit", style="dim")
         await self._replace_body(Static(text, id="load-error"))
 
     async def show_inspection(self, view: Inspection) -> None:

@@ -1,40 +1,54 @@
-"""One parameter in full: its facts, a coverage bar and where each fragment lives."""
+"""One parameter in full: its facts, a coverage bar and where each fragment lives.
+
+A tied param (`lm_head.weight` tied to `model.embed_tokens.weight`) has no storage of its own:
+DeepSpeed saves its owner once. Its screen says so and shows the owner's fragments, which are
+what the merge writes under both names; `o` opens the owner.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.table import Table
 from rich.text import Text
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Label, Static
-from textual.worker import Worker, WorkerState
+from textual.widgets import DataTable, Header, Label, Static
 
 from zinspect.core import fmt
 from zinspect.core.model import Fragment, Param, short_dtype
+from zinspect.tui.errors import Problem, WorkerOutcomes
+from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import Inspection
+from zinspect.tui.keys import binding, key_of
 from zinspect.tui.messages import ExclusionToggled
+from zinspect.tui.text import literal
 from zinspect.tui.widgets.coverage_bar import CoverageBar
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 
 READING = "reading the ranks' model states…"
 
 
-class ParamDetailScreen(Screen):
+class ParamDetailScreen(WorkerOutcomes, Screen):
     """Shown on enter in the tree or table, from the palette, or from a finding."""
 
     BINDINGS = [
-        Binding("escape", "app.pop_screen", "Back", id="back"),
+        Binding("escape", "app.pop_screen", "Back", id="back",
+                tooltip="back to where this param was opened from"),
         Binding("space", "toggle_exclude", "Exclude", id="exclude-param",
-                tooltip="Exclude this param from the merge, or include it again"),
+                tooltip="exclude this param from the merge, or include it again"),
+        Binding("o", "open_owner", "Owner", id="open-owner",
+                tooltip="a tied param: open the param that owns its values"),
     ]
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.param_name = name
-        self.fragments: list[Fragment] | None = []  # None while read in a thread
+        self.fragments: list[Fragment] | None = []  # the holder's; None while read in a thread
+        self.aliases: list[str] = []  # the params tied to this one
 
     @property
     def view(self) -> Inspection:
@@ -42,61 +56,88 @@ class ParamDetailScreen(Screen):
         updates its findings while the screen stays open."""
         return self.app.view  # type: ignore[attr-defined]
 
+    @property
+    def param(self) -> Param | None:
+        return self.view.ckpt.params.get(self.param_name)
+
+    @property
+    def owner(self) -> Param | None:
+        """The param whose saved values this one shares, when it is tied and the owner exists."""
+        p = self.param
+        return self.view.ckpt.params.get(p.tied_to) if p is not None and p.tied_to else None
+
+    @property
+    def holder(self) -> Param | None:
+        """Whose fragments hold the values: the owner for a tied param, else the param."""
+        return self.owner or self.param
+
     def compose(self) -> ComposeResult:
         yield Header(icon="◆")
         with VerticalScroll(id="param-detail"):
             yield Static(id="param-facts")
-            yield Label("Coverage of its elements by rank", classes="section-title")
+            yield Label(classes="section-title", id="coverage-title")
             yield CoverageBar(id="coverage")
-            yield Label("Fragments", classes="section-title")
+            yield Label(classes="section-title", id="fragments-title")
             yield DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
-        self.title = self.param_name
+        self.title = fmt.shown(self.param_name, 120)
         self.query_one("#fragment-table", DataTable).add_columns(
             "rank", "file", "group", "elements", "offset", "length", "pad", "saved as", "bytes")
         self.show_param()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`o` is offered only where there is an owner to open."""
+        return self.owner is not None if action == "open_owner" else True
+
     def show_param(self) -> None:
         """Fill the screen from the app's current view (again after `v` re-read the checkpoint).
         Fragments that need the ranks' files read come from a thread; the rest at once."""
-        p = self.view.ckpt.params.get(self.param_name)
-        if p is None or not self.view.slow_fragments(p.name):
-            self.show_fragments([] if p is None else list(p.fragments))
+        self.refresh_bindings()
+        owner, holder = self.owner, self.holder
+        self.aliases = [n for n, q in self.view.ckpt.params.items() if q.tied_to == self.param_name]
+        whose = Text("Coverage of its elements by rank")
+        if owner is not None:
+            whose = Text.assemble("Coverage of its owner ", literal(owner.name, 120),
+                                  " by rank (the same values)")
+        self.query_one("#coverage-title", Label).update(whose)
+        self.query_one("#fragments-title", Label).update(
+            Text.assemble("Fragments of ", literal(owner.name, 120)) if owner else Text("Fragments"))
+        if holder is None or not self.view.slow_fragments(holder.name):
+            self.show_fragments([] if holder is None else list(holder.fragments))
             return
         self.fragments = None
         self.refresh_facts()
         self.query_one("#coverage", CoverageBar).show_note(READING)
         self.query_one("#fragment-table", DataTable).clear()
-        self.read_fragments(p)
+        self.read_fragments(holder)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="fragments",
-          description=READING)
+          description=READING.rstrip("…"))
     def read_fragments(self, p: Param) -> list[Fragment]:
         return list(p.fragments)
 
-    @on(Worker.StateChanged)
-    def fragments_read(self, event: Worker.StateChanged) -> None:
-        if event.worker.group != "fragments":
-            return
-        if event.state == WorkerState.SUCCESS:
-            self.show_fragments(event.worker.result)
-        elif event.state == WorkerState.ERROR:
-            error = event.worker.error
-            self.query_one("#coverage", CoverageBar).show_note(
-                f"cannot read the ranks' model states: {type(error).__name__}: {error}")
+    def worker_succeeded(self, group: str, result: Any) -> None:
+        self.show_fragments(result)
+
+    def worker_failed(self, group: str, problem: Problem) -> bool:
+        """Shown where the bar would be: the rest of the screen stays usable."""
+        note = f"{problem.title}: {problem.message}" + (f" (hint: {problem.hint})" if problem.hint else "")
+        self.query_one("#coverage", CoverageBar).show_note(note)
+        return True
 
     def show_fragments(self, fragments: list[Fragment]) -> None:
         self.fragments = fragments
         self.refresh_facts()
-        p = self.view.ckpt.params.get(self.param_name)
-        self.query_one("#coverage", CoverageBar).show(0 if p is None else p.numel, fragments)
+        holder = self.holder
+        self.query_one("#coverage", CoverageBar).show(0 if holder is None else holder.numel,
+                                                      fragments)
         table = self.query_one("#fragment-table", DataTable)
         table.clear()
         for f in fragments:
             table.add_row(
-                str(f.rank), f.file, "" if f.group is None else str(f.group),
+                str(f.rank), literal(f.file, 80), "" if f.group is None else str(f.group),
                 f"{fmt.count(f.start)}..{fmt.count(f.start + f.numel)}",
                 "missing" if f.offset is None else fmt.count(f.offset),
                 fmt.size(f.nbytes), fmt.count(f.padding), f"{short_dtype(f.dtype)} {f.source}",
@@ -105,35 +146,66 @@ class ParamDetailScreen(Screen):
 
     def facts(self) -> Table | Text:
         view, name, fragments = self.view, self.param_name, self.fragments
-        p = view.ckpt.params.get(name)
+        p = self.param
         if p is None:
-            return Text(f"{name} is not in the checkpoint as re-read from disk", style="yellow")
+            return Text.assemble(literal(name, 120),
+                                 " is not in the checkpoint as re-read from disk", style="yellow")
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="dim", min_width=12)
         grid.add_column()
-        grid.add_row("param", Text(name, style="bold"))
-        grid.add_row("shape", f"{tuple(p.shape)} · {fmt.count(p.numel)} elements")
+        grid.add_row("param", literal(name, 400, style="bold"))
+        grid.add_row("shape", Text(f"{tuple(p.shape)} · {fmt.count(p.numel)} elements"))
         saved = "…" if fragments is None else short_dtype(fragments[0].dtype if fragments else None)
-        grid.add_row("dtype", f"{short_dtype(p.dtype)} in training · saved as {saved}")
-        grid.add_row("group", "—" if p.group is None else
-                     f"param group {p.group} · flat group {p.sub_group}")
-        state = ["frozen" if p.frozen else "trainable"]
-        if p.tied_to:
-            state.append(f"tied to {p.tied_to} (its values are {p.tied_to}'s)")
-        grid.add_row("kind", ", ".join(state))
+        grid.add_row("dtype", Text(f"{short_dtype(p.dtype)} in training · saved as {saved}"))
+        grid.add_row("group", Text("—" if p.group is None else
+                                   f"param group {p.group} · flat group {p.sub_group}"))
+        grid.add_row("kind", self.kind_text(p))
         excluded = name in view.excluded
         grid.add_row("merge", Text("excluded", style="red") if excluded else
                      Text(f"included, {fmt.size(view.sizes[name][1])} of fp32", style="green"))
-        grid.add_row("coverage", "…" if fragments is None else
-                     f"{fmt.count(sum(f.numel for f in fragments))} of {fmt.count(p.numel)} "
-                     f"elements in {len(fragments)} fragment(s)")
+        grid.add_row("coverage", self.coverage_text())
         for f in view.ckpt.findings_for(name):
             grid.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]),
-                         f"{f.message}" + (f"\nhint: {f.hint}" if f.hint else ""))
+                         Text.assemble(literal(f.message, 600),
+                                       ("\nhint: " + fmt.shown(f.hint, 600)) if f.hint else ""))
         return grid
+
+    def kind_text(self, p: Param) -> Text:
+        text = Text("frozen" if p.frozen else "trainable")
+        if self.aliases:
+            text.append(", owner of the tied ")
+            text.append_text(literal(", ".join(self.aliases[:5]), 300, style="bold"))
+            text.append(" (the merge writes these values under each name)")
+        if p.tied_to is None:
+            return text
+        text.append(", tied to ")
+        text.append_text(literal(p.tied_to, 200, style="bold"))
+        if self.owner is None:
+            text.append(" (which is not in this checkpoint)", style="yellow")
+            return text
+        key = key_of(self.app, binding(ParamDetailScreen, "open-owner"))
+        text.append(": saved once, as its owner; the merge writes the owner's values under "
+                    f"this name too ({key}: open the owner)")
+        return text
+
+    def coverage_text(self) -> Text:
+        fragments, holder = self.fragments, self.holder
+        if fragments is None or holder is None:
+            return Text("…")
+        text = Text(f"{fmt.count(sum(f.numel for f in fragments))} of {fmt.count(holder.numel)} "
+                    f"elements in {len(fragments)} fragment(s)")
+        if holder is not self.param:
+            text.append(" of the owner")
+        return text
 
     def action_toggle_exclude(self) -> None:
         self.app.post_message(ExclusionToggled([self.param_name], self.param_name))
+
+    def action_open_owner(self) -> None:
+        """Over this screen, so that escape comes back to the tied param."""
+        owner = self.owner
+        if owner is not None:
+            self.app.push_screen(ParamDetailScreen(owner.name))
 
     def refresh_facts(self) -> None:
         self.query_one("#param-facts", Static).update(self.facts())

@@ -13,14 +13,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Label, Sparkline
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.widgets import DataTable, Header, Label, Sparkline
+from textual.worker import get_current_worker
 
-from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.stats import TensorStats
 from zinspect.core.stream import Progress, ShouldStop
-from zinspect.errors import MergeCancelled, ZinspectError
+from zinspect.tui.errors import Problem, WorkerOutcomes
+from zinspect.tui.footer import KeyFooter
+from zinspect.tui.text import literal
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 #: (column title, sort key of a TensorStats)
@@ -52,9 +53,11 @@ def layer_norms(stats: list[TensorStats]) -> list[tuple[int, float]]:
     return [(i, math.sqrt(v)) for i, v in sorted(sums.items())]
 
 
-class StatisticsScreen(Screen):
-    BINDINGS = [Binding("escape", "back", "Back / cancel", id="stats-back"),
-                Binding("o", "sort_next", "Sort", id="stats-sort")]
+class StatisticsScreen(WorkerOutcomes, Screen):
+    BINDINGS = [Binding("escape", "back", "Back / cancel", id="stats-back",
+                        tooltip="cancel while reading; then back to the checkpoint"),
+                Binding("o", "sort_next", "Sort", id="stats-sort",
+                        tooltip="sort by the next column (or click a column's header)")]
 
     def __init__(self, ckpt: Checkpoint) -> None:
         super().__init__()
@@ -75,7 +78,7 @@ class StatisticsScreen(Screen):
             yield Label("Reading the fp32 masters a merge would write: min, max, mean, std, "
                         "L2, zeros, NaN/Inf per param")
             yield WorkProgressPanel("escape: cancel")
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.run_stats(*self.query_one(WorkProgressPanel).start())
@@ -90,30 +93,20 @@ class StatisticsScreen(Screen):
         return compute_stats(plan_merge(self.ckpt).tensors, progress=progress,
                              should_stop=lambda: stop_requested() or worker.is_cancelled)
 
-    @on(Worker.StateChanged)
-    async def finished(self, event: Worker.StateChanged) -> None:
-        if event.worker.group != "stats":
-            return
-        if event.state == WorkerState.SUCCESS:
-            self.stats = event.worker.result
-            await self.show_results()
-        elif event.state == WorkerState.ERROR:
-            error = event.worker.error
-            if isinstance(error, MergeCancelled):
-                self.app.notify("statistics cancelled")
-            elif isinstance(error, ZinspectError):
-                self.app.notify(f"{error.message}\nhint: {error.hint}", severity="error", timeout=8)
-            else:
-                self.app.notify(f"statistics failed: {type(error).__name__}: {error}",
-                                severity="error", timeout=8)
-            self.dismiss()
+    async def worker_succeeded(self, group: str, result: list[TensorStats]) -> None:
+        self.stats = result
+        await self.show_results()
+
+    def worker_failed(self, group: str, problem: Problem) -> bool:
+        self.dismiss()
+        return False  # the app's notification says why
 
     async def show_results(self) -> None:
         await self.query_one("#stats-running").remove()
         stats = self.stats or []
         layers = layer_norms(stats)
         box = Vertical(id="stats-results")
-        await self.mount(box, before=self.query_one(Footer))
+        await self.mount(box, before=self.query_one(KeyFooter))
         bad = sum(s.nan + s.inf for s in stats)
         await box.mount(Label(f"{len(stats)} tensors; " + (f"[b red]{bad:,} NaN/Inf values[/]"
                                                             if bad else "no NaN or Inf"),
@@ -138,7 +131,7 @@ class StatisticsScreen(Screen):
         table.clear()
         rows = sorted(self.stats or [], key=COLUMNS[self.sort_column][1], reverse=self.reverse)
         for s in rows:
-            table.add_row(shown(s.name, 60), f"{s.numel:,}", _num(s.min), _num(s.max), _num(s.mean),
+            table.add_row(literal(s.name, 60), f"{s.numel:,}", _num(s.min), _num(s.max), _num(s.mean),
                           _num(s.std), _num(s.l2), _num(s.max_abs), f"{s.zero_fraction:.1%}",
                           f"{s.nan:,}", f"{s.inf:,}", key=s.name)
         self.sub_title = f"sorted by {COLUMNS[self.sort_column][0]}" + (" ↓" if self.reverse else " ↑")
