@@ -283,3 +283,84 @@ def test_several_tags_without_a_terminal_keep_the_clear_error(tmp_path):
     r = run_zinspect(several_tags(tmp_path))  # stdout is a pipe: no app
     assert r.returncode == 2
     assert "global_step2" in r.stderr and "global_step9" in r.stderr and "--tag" in r.stderr
+
+
+# ------------------------------------------------------------------ issue 13: diff in the app
+def merged(tmp_path: Path, fixture: str = "s2_w2_bf16") -> Path:
+    from zinspect.core import open_checkpoint
+    from zinspect.core.merge import merge
+
+    out = tmp_path / "merged"
+    merge(open_checkpoint(FIXTURES / fixture), out)
+    return out
+
+
+def plant_change(out: Path, name: str) -> None:
+    """Add 1.0 to the first element of `name` in the merged safetensors file."""
+    import json
+    import struct
+
+    path = out / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    start = 8 + n + json.loads(data[8:8 + n])[name]["data_offsets"][0]
+    (v,) = struct.unpack("<f", data[start:start + 4])
+    data[start:start + 4] = struct.pack("<f", v + 1.0)
+    path.write_bytes(bytes(data))
+
+
+async def compare(app: ZinspectApp, pilot, other: Path):
+    from zinspect.tui.screens.diff import DiffScreen
+
+    await pilot.press("c")
+    await pilot.pause()
+    app.screen.query_one("#compare-path").value = str(other)
+    await pilot.press("enter")
+    await settle(app, pilot)
+    screen = app.screen
+    assert isinstance(screen, DiffScreen)
+    return screen
+
+
+async def test_compare_with_the_merged_output_is_equal_and_a_planted_change_is_found(tmp_path):
+    out = merged(tmp_path)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        screen = await compare(app, pilot, out)
+        assert screen.result.equal
+        assert "EQUAL" in str(screen.query_one("#diff-summary").content)
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is app.main
+
+        victim = "encoder.blocks.1.mlp.up.weight"
+        plant_change(out, victim)
+        screen = await compare(app, pilot, out)
+        assert not screen.result.equal
+        table = screen.query_one("#diff-table")
+        top = table.row_cells(0)
+        assert top[0] == victim and top[1] == "differs" and top[4] == "1" and top[5] == "[0, 0]"
+        assert all(table.row_cells(i)[1] == "identical" for i in range(1, table.row_count))
+        await pilot.press("enter")  # the param's detail, over the diff
+        await pilot.pause()
+        assert isinstance(app.screen, ParamDetailScreen) and app.screen.param_name == victim
+        await pilot.press("escape")
+        assert app.screen is screen
+
+
+async def test_compare_with_something_unreadable_is_one_notification(tmp_path):
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("c")
+        await pilot.pause()
+        app.screen.query_one("#compare-path").value = str(bad)
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.screen is app.main
+        (note,) = [n for n in app._notifications if n.severity == "error"]
+        assert note.title == "Comparing with the other checkpoint failed"
+        assert "weights.safetensors" in note.message and "hint:" not in note.title

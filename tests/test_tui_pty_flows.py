@@ -259,3 +259,53 @@ def test_several_tags_without_latest_pick_one_in_the_terminal(tmp_path):
         assert app.quit() == 0
     finally:
         app.close()
+
+
+#: the app's diff made to wait for escape, as PATIENT_MERGE does for the merge
+PATIENT_DIFF = PATIENT_MERGE.replace("from zinspect.tui.screens import merge as screen",
+                                     "from zinspect.tui.screens import diff as screen") \
+    .replace("real = screen.merge", "real = screen.diff_tensors") \
+    .replace("screen.merge = patient", "screen.diff_tensors = patient")
+
+
+def compare_in(app: PtyApp, other: Path) -> None:
+    app.press("c")
+    app.wait_for("Compare with")  # the field is empty: no merged output in the working dir
+    app.press(str(other) + "\r")
+
+
+def test_compare_with_the_merged_output_in_the_terminal(open_app, tmp_path):
+    from zinspect.core import open_checkpoint
+    from zinspect.core.merge import merge
+
+    out = tmp_path / "out"
+    merge(open_checkpoint(FIXTURES / FIXTURE), out)
+    app = open_app()
+    compare_in(app, out)
+    app.wait_for("EQUAL", "identical")
+    close_dialog(app, "EQUAL")
+    app.press("m")  # the app still answers
+    app.wait_for("Merge to fp32", "Output directory")
+    close_dialog(app, "Output directory")
+    assert app.quit() == 0
+
+
+def test_escape_cancels_a_compare_in_the_terminal(tmp_path):
+    from zinspect.core import open_checkpoint
+    from zinspect.core.merge import merge
+
+    out = tmp_path / "out"
+    merge(open_checkpoint(FIXTURES / FIXTURE), out)
+    app = PtyApp([str(FIXTURES / FIXTURE)], cwd=tmp_path, code=PATIENT_DIFF)
+    try:
+        app.wait_for("Overview", "zero_pp_rank_1")
+        compare_in(app, out)
+        app.wait_for("escape: cancel")
+        app.press(ESCAPE)
+        app.wait_for("the diff was cancelled")  # the notification
+        app.wait_footer("Validate")  # back on the main screen
+        app.press("d")
+        app.wait_for(DEEP_OK)
+        assert app.quit() == 0
+    finally:
+        app.close()

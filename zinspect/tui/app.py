@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from textual import on, work
@@ -16,12 +17,16 @@ from zinspect.core.selection import Selection
 from zinspect.errors import UsageError, ZinspectError
 from zinspect.tui.commands import ActionCommands, ParamCommands
 from zinspect.tui.errors import Problem, WorkerOutcomes, explain
-from zinspect.tui.inspection import Inspection, display_path
+from zinspect.tui.inspection import Inspection, default_output_dir, display_path
 from zinspect.tui.messages import ExclusionToggled, FindingChosen, LoadProgress, ParamChosen
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.main import MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
-from zinspect.tui.screens.selection_file import DEFAULT_SELECTION_FILE, SelectionFileScreen
+from zinspect.tui.screens.selection_file import (
+    DEFAULT_SELECTION_FILE,
+    PathScreen,
+    selection_file_screen,
+)
 from zinspect.tui.widgets.params_pane import ParamsPane
 from zinspect.tui.widgets.ranks_pane import RanksPane
 
@@ -52,6 +57,9 @@ class ZinspectApp(WorkerOutcomes, App[int]):
                 tooltip="load the exclusions from a selection file"),
         Binding("ctrl+g", "goto_param", "Go to param", show=False, id="goto-param",
                 tooltip="go to a param by the words in its name"),
+        Binding("c", "compare", "Compare", show=False, id="compare",
+                tooltip="diff against another checkpoint, a merged output or a state dict, "
+                        "param by param; escape cancels"),
     ]
 
     def __init__(self, path: str, tag: str | None = None, tags: list[str] | None = None) -> None:
@@ -224,7 +232,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
     def action_save_selection(self) -> None:
         if self.view is not None:
-            self.push_screen(SelectionFileScreen("Save", self.selection_file), self.save_selection)
+            self.push_screen(selection_file_screen("Save", self.selection_file), self.save_selection)
 
     def save_selection(self, path: str | None) -> None:
         if path is None or self.view is None:
@@ -241,7 +249,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
     def action_load_selection(self) -> None:
         if self.view is not None:
-            self.push_screen(SelectionFileScreen("Load", self.selection_file), self.load_selection)
+            self.push_screen(selection_file_screen("Load", self.selection_file), self.load_selection)
 
     def load_selection(self, path: str | None) -> None:
         if path is None or self.view is None:
@@ -271,6 +279,23 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         from zinspect.tui.screens.merge import MergeScreen  # the merge engine loads on demand
 
         self.push_screen(MergeScreen(self.view))
+
+
+    # -- diff -----------------------------------------------------------------------------
+    def action_compare(self) -> None:
+        if self.view is None:
+            return
+        merged = default_output_dir(self.view.ckpt)
+        self.push_screen(PathScreen(
+            "Compare with", "Another checkpoint, a merged output (safetensors folder or file) or "
+            "a .pt/.bin state dict:", "Compare", merged if os.path.exists(merged) else "",
+            "compare-path"), self.compare_with)
+
+    def compare_with(self, other: str | None) -> None:
+        if other is not None and self.view is not None:
+            from zinspect.tui.screens.diff import DiffScreen  # numpy loads on demand
+
+            self.push_screen(DiffScreen(self.view.ckpt, other))
 
 
 def run_app(path: str, tag: str | None = None, tags: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ def sections() -> list[tuple[str, list[type]]]:
     the screens import the app's modules."""
     from zinspect.tui.app import ZinspectApp
     from zinspect.tui.screens.deep_check import DeepCheckScreen
+    from zinspect.tui.screens.diff import DiffScreen
     from zinspect.tui.screens.main import MainScreen
     from zinspect.tui.screens.merge import MergeScreen
     from zinspect.tui.screens.param_detail import ParamDetailScreen
@@ -48,6 +49,7 @@ def sections() -> list[tuple[str, list[type]]]:
         ("Merge", [MergeScreen]),
         ("Deep check", [DeepCheckScreen]),
         ("Statistics", [StatisticsScreen]),
+        ("Compare", [DiffScreen]),
         ("Findings", []),
     ]
 

@@ -1,4 +1,4 @@
-"""Ask for the path of a selection file to save or load."""
+"""Ask for a path: the selection file to save or load, the other side of a diff."""
 
 from __future__ import annotations
 
@@ -7,36 +7,45 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Input, Static
 
 DEFAULT_SELECTION_FILE = "zinspect-selection.json"
 
 
-class SelectionFileScreen(ModalScreen[str | None]):
+class PathScreen(ModalScreen[str | None]):
     """Returns the path typed, or None when cancelled."""
 
-    BINDINGS = [Binding("escape", "dismiss", "Cancel", id="cancel-selection-file")]
+    BINDINGS = [Binding("escape", "dismiss", "Cancel", id="cancel-path",
+                        tooltip="close without doing anything")]
 
-    def __init__(self, verb: str, path: str = DEFAULT_SELECTION_FILE) -> None:
+    def __init__(self, title: str, prompt: str, verb: str, path: str, input_id: str) -> None:
         super().__init__()
-        self.verb = verb
-        self.path = path
+        self.dialog_title, self.prompt, self.verb = title, prompt, verb
+        self.path, self.input_id = path, input_id
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="selection-file", classes="dialog") as box:
-            box.border_title = f"{self.verb} selection"
-            yield Label("Selection file (what `zinspect merge --selection FILE` reads):")
-            yield Input(self.path, id="selection-path")
+        with Vertical(classes="dialog") as box:
+            box.border_title = self.dialog_title
+            yield Static(self.prompt, markup=False)
+            yield Input(self.path, id=self.input_id)
             with Horizontal(classes="buttons"):
-                yield Button(self.verb, variant="primary", id="selection-ok")
-                yield Button("Cancel", id="selection-cancel")
+                yield Button(self.verb, variant="primary", id="path-ok")
+                yield Button("Cancel", id="path-cancel")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()  # typing goes into the field, not to the app's keys
 
     @on(Input.Submitted)
-    @on(Button.Pressed, "#selection-ok")
+    @on(Button.Pressed, "#path-ok")
     def _ok(self) -> None:
         path = self.query_one(Input).value.strip()
         self.dismiss(path or None)
 
-    @on(Button.Pressed, "#selection-cancel")
+    @on(Button.Pressed, "#path-cancel")
     def _cancel(self) -> None:
         self.dismiss(None)
+
+
+def selection_file_screen(verb: str, path: str) -> PathScreen:
+    return PathScreen(f"{verb} selection", "Selection file (what `zinspect merge --selection FILE` "
+                      "reads):", verb, path, "selection-path")
