@@ -1,0 +1,233 @@
+"""Tensor parallel (issue 10): the split rules of zinspect/core/layouts/tp_rules.py on the real AutoTP
+fixtures (tests/fixtures/parallel/tp2_*) and on the cases they do not hold (vocabulary padding,
+Megatron-DeepSpeed names, 2-sub-params, pre-0.4 sub-param counts, and every way to be unknowable)."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+from conftest import FIXTURES
+
+from zinspect.core.layouts import tp_rules as R
+from zinspect.core.torchzip import read_torch_file
+
+PARALLEL = FIXTURES / "parallel"
+TP = ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy", "tp2_dp2_s3_toy", "tp2_dp2_s2_llama_bf16_tied"]
+KIND = {"column-subparams": R.SUB_PARAMS}  # the manifests' word -> the rule's label
+
+
+def manifest(name: str) -> dict:
+    return json.loads((PARALLEL / name / "manifest.json").read_text())
+
+
+@functools.cache
+def model_states(name: str, tp: int) -> dict:
+    tag = PARALLEL / name / manifest(name)["tag"]
+    path = next(tag.glob(f"*mp_rank_{tp:02d}_model_states.pt"))
+    return read_torch_file(path).obj
+
+
+def shard_shapes(name: str) -> dict[str, dict[int, tuple]]:
+    out: dict[str, dict[int, tuple]] = {}
+    for tp in range(manifest(name)["tp"]):
+        for group in model_states(name, tp)["param_shapes"]:
+            for pname, shape in group.items():
+                out.setdefault(pname, {})[tp] = tuple(shape)
+    return out
+
+
+@pytest.mark.parametrize("name", TP)
+def test_rules_and_affine_map_give_the_manifests_split(name):
+    m = manifest(name)
+    info = model_states(name, 0)["universal_checkpoint_info"]
+    assert info == model_states(name, 1)["universal_checkpoint_info"]
+    shards = shard_shapes(name)
+    owners = {n for n, p in m["params"].items() if not p["tied_to"]}
+    assert set(shards) == owners
+    for pname in owners:
+        want = m["params"][pname]
+        rule = R.rule_for(pname, info)
+        assert rule.label == KIND.get(want["kind"], want["kind"]), pname
+        if want["kind"] != "replicated":
+            assert rule.dim == want["dim"], pname
+        from_rule = R.geometry_from_rule(rule, shards[pname])
+        assert from_rule.shape == tuple(want["shape"]), pname
+        assert from_rule.replicated == (want["kind"] == "replicated")
+        entry = R.affine_entry(pname, info["affine_map"])
+        assert entry is not None and R.affine_shard_shapes(entry) == shards[pname]
+        from_map = R.geometry_from_affine(entry, info["affine_map"]["version"])
+        assert R.same_geometry(from_rule, from_map), pname
+        assert R.tiling_problem(from_rule, shards[pname]) is None
+
+
+def assemble(geo: R.Geometry, shards: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The full tensor from the shards by the pieces (what the merge must do, done with torch)."""
+    full = torch.full(geo.shape, float("nan"), dtype=torch.float32)
+    for t, pieces in geo.pieces.items():
+        for shard_at, full_at, sizes in pieces:
+            full[tuple(slice(o, o + n) for o, n in zip(full_at, sizes))] = \
+                shards[t][tuple(slice(o, o + n) for o, n in zip(shard_at, sizes))].float()
+            if geo.replicated:
+                break
+        if geo.replicated:
+            break
+    return full
+
+
+@pytest.mark.parametrize("name", ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy"])
+def test_pieces_put_the_module_shards_where_the_reference_has_them(name):
+    """fp32 training: each tp rank's module weights are its fp32 masters, so the pieces laid out
+    with torch must give reference_fp32.pt bit for bit (sub-params and row splits included)."""
+    tag = PARALLEL / name / manifest(name)["tag"]
+    modules = {t: torch.load(tag / f"mp_rank_{t:02d}_model_states.pt", weights_only=False)["module"]
+               for t in range(2)}
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    info = model_states(name, 0)["universal_checkpoint_info"]
+    for pname, shapes in shard_shapes(name).items():
+        geo = R.geometry_from_rule(R.rule_for(pname, info), shapes)
+        assert torch.equal(assemble(geo, {t: modules[t][pname] for t in modules}), reference[pname]), pname
+        if geo.replicated:
+            assert torch.equal(modules[0][pname], modules[1][pname])
+
+
+# -- cases the fixtures do not hold -----------------------------------------------------------
+
+MEGATRON = {
+    "tp_replicated_parameter_patterns": [r"\d+.input_layernorm.weight", r"\d+.self_attention.dense.bias"],
+    "parameter_to_average_patterns": [r"\d+.post_attention_layernorm.weight"],
+    "parameter_with_row_parallelism_patterns": [r"\d+.self_attention.dense.weight",
+                                                r"\d+.mlp.dense_4h_to_h.weight"],
+    "parameter_with_2_sub_params_cat_dim_0": [r"\d+.mlp.dense_h_to_4h.weight"],
+    "vocabulary_parameter_patterns": [r"\d+.word_embeddings.weight"],
+    "original_vocab_size": 50,
+}
+
+
+def test_megatron_gpt_names_take_the_same_rules():
+    rule = R.rule_for
+    assert rule("3.input_layernorm.weight", MEGATRON).kind == R.REPLICATED
+    assert rule("3.post_attention_layernorm.weight", MEGATRON).kind == R.AVERAGE
+    assert (rule("3.self_attention.dense.weight", MEGATRON).kind, rule("3.self_attention.dense.weight",
+                                                                        MEGATRON).dim) == (R.ROW, 1)
+    assert rule("3.mlp.dense_h_to_4h.weight", MEGATRON).kind == R.TWO_SUB_PARAMS
+    assert rule("3.self_attention.query_key_value.weight", MEGATRON) == R.Rule(R.COLUMN, 0)
+    vocab = rule("1.word_embeddings.weight", MEGATRON)
+    assert (vocab.label, vocab.vocab_size) == ("vocab", 50)
+
+
+def test_vocabulary_padding_is_trimmed():
+    """64 padded rows over 2 ranks, 50 real: rank 1 keeps 18 of its 32 rows."""
+    geo = R.geometry_from_rule(R.rule_for("1.word_embeddings.weight", MEGATRON), {0: (32, 8), 1: (32, 8)})
+    assert geo.shape == (50, 8)
+    assert geo.pieces == {0: [((0, 0), (0, 0), (32, 8))], 1: [((0, 0), (32, 0), (18, 8))]}
+    assert R.tiling_problem(geo, {0: (32, 8), 1: (32, 8)}) is None
+
+
+def test_vocabulary_larger_than_its_shards_is_a_shape_error():
+    with pytest.raises(R.ShardShapeError, match="original_vocab_size is 50 but the shards hold 32 rows"):
+        R.geometry_from_rule(R.rule_for("1.word_embeddings.weight", MEGATRON), {0: (16, 8), 1: (16, 8)})
+
+
+def test_two_sub_params_are_joined_half_by_half():
+    shards = {0: torch.arange(0, 8).reshape(4, 2), 1: torch.arange(8, 16).reshape(4, 2)}
+    geo = R.geometry_from_rule(R.rule_for("0.mlp.dense_h_to_4h.weight", MEGATRON), {t: (4, 2) for t in shards})
+    halves = [torch.chunk(s, 2, dim=0) for s in shards.values()]
+    want = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+    assert torch.equal(assemble(geo, shards), want.float())
+
+
+def test_row_parallel_concatenates_on_dim_1():
+    shards = {0: torch.arange(0, 6).reshape(2, 3), 1: torch.arange(6, 12).reshape(2, 3)}
+    geo = R.geometry_from_rule(R.rule_for("2.mlp.dense_4h_to_h.weight", MEGATRON), {0: (2, 3), 1: (2, 3)})
+    assert torch.equal(assemble(geo, shards), torch.cat(list(shards.values()), dim=1).float())
+
+
+UNEVEN = {"parameter_with_sub_params": [{"patterns": [r"^qkv$"], "shape": [[8, 2, 2], -1], "partition_dim": 0}],
+          "sub_param_shard_widths": {r"^qkv$": [[4, 4], [1, 1], [1, 1]]}}
+
+
+def test_sub_params_by_widths_follow_deepspeeds_regrouping():
+    shards = {0: torch.arange(0, 12).reshape(6, 2), 1: torch.arange(12, 24).reshape(6, 2)}
+    geo = R.geometry_from_rule(R.rule_for("qkv", UNEVEN), {0: (6, 2), 1: (6, 2)})
+    views = list(shards.values())
+    want = torch.cat([views[0][0:4], views[1][0:4], views[0][4:5], views[1][4:5], views[0][5:6], views[1][5:6]])
+    assert geo.shape == (12, 2)
+    assert torch.equal(assemble(geo, shards), want.float())
+
+
+def test_legacy_sub_param_count_is_an_even_split():
+    info = {"parameter_with_sub_params": [{"patterns": ["^qkv$"], "shape": [3, -1], "partition_dim": 0}]}
+    rule = R.rule_for("qkv", info)
+    assert (rule.kind, rule.sub_count) == (R.SUB_PARAMS, 3)
+    geo = R.geometry_from_rule(rule, {0: (6, 2), 1: (6, 2)})
+    assert geo.pieces[1] == [((0, 0), (2, 0), (2, 2)), ((2, 0), (6, 0), (2, 2)), ((4, 0), (10, 0), (2, 2))]
+    with pytest.raises(R.SplitUnknown, match="uneven"):
+        R.geometry_from_rule(rule, {0: (5, 2), 1: (4, 2)})
+
+
+@pytest.mark.parametrize("info, match", [
+    ({"tp_replicated_parameter_patterns": ["norm", r"norm\.w"]}, "matches 2 of the tp_replicated"),
+    ({"parameter_with_sub_params": [{"patterns": ["^norm"], "shape": [[4, 4], -1], "partition_dim": 0}]},
+     "no sub_param_shard_widths"),
+    ({"parameter_with_sub_params": [{"patterns": ["^norm"], "shape": [[4, 4], -1], "partition_dim": 0}],
+      "sub_param_shard_widths": {"^norm": [[2, 2], [2, 1]]}}, "do not add up"),
+    ({"vocabulary_parameter_patterns": ["norm"]}, "original_vocab_size is None"),
+])
+def test_a_split_that_cannot_be_known_is_named(info, match):
+    with pytest.raises(R.SplitUnknown, match=match):
+        R.rule_for("norm.weight", info)
+
+
+def test_shards_that_break_their_rule_are_shape_errors():
+    with pytest.raises(R.ShardShapeError, match="replicated param has different shapes"):
+        R.geometry_from_rule(R.Rule(R.REPLICATED), {0: (4,), 1: (5,)})
+    with pytest.raises(R.ShardShapeError, match="differ off that dim"):
+        R.geometry_from_rule(R.Rule(R.COLUMN, 0), {0: (4, 3), 1: (4, 2)})
+    with pytest.raises(R.ShardShapeError, match="split on dim 1"):
+        R.geometry_from_rule(R.Rule(R.ROW, 1), {0: (4,), 1: (4,)})
+    with pytest.raises(R.ShardShapeError, match="its sub-param widths say 6"):
+        R.geometry_from_rule(R.rule_for("qkv", UNEVEN), {0: (6, 2), 1: (5, 2)})
+
+
+def entry(pieces_by_rank, logical=(4, 2), shard=(2, 2)):
+    return {"logical_shape": list(logical), "ranks": {t: {"shard_shape": list(shard), "pieces": ps}
+                                                      for t, ps in pieces_by_rank.items()}}
+
+
+def piece(source, dest, shape=(2, 2), strides=(2, 1), dest_strides=(2, 1), **extra):
+    return {"shape": list(shape), "source": [source, list(strides)], "dest": [dest, list(dest_strides)], **extra}
+
+
+def test_affine_map_unreadable_pieces_are_named():
+    with pytest.raises(R.SplitUnknown, match="scaled by 0.5"):
+        R.geometry_from_affine(entry({0: [piece(0, 0, scale=0.5)], 1: [piece(4, 0)]}), 1)
+    with pytest.raises(R.SplitUnknown, match="not the row-major strides"):
+        R.geometry_from_affine(entry({0: [piece(0, 0, strides=(1, 4))], 1: [piece(4, 0)]}), 1)
+    with pytest.raises(R.SplitUnknown, match="version 2"):
+        R.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(4, 0)]}), 2)
+    with pytest.raises(R.SplitUnknown, match="runs past"):
+        R.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(6, 0)]}), 1)
+    with pytest.raises(R.SplitUnknown, match="malformed"):
+        R.geometry_from_affine({"logical_shape": [4, 2]}, 1)
+
+
+def test_affine_map_that_disagrees_with_the_rule_is_told_apart():
+    rule = R.geometry_from_rule(R.Rule(R.COLUMN, 0), {0: (2, 2), 1: (2, 2)})
+    same = R.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(4, 0)]}), 1)
+    swapped = R.geometry_from_affine(entry({0: [piece(4, 0)], 1: [piece(0, 0)]}), 1)
+    split_in_two = R.geometry_from_affine(entry({0: [piece(0, 0, shape=(1, 2)), piece(2, 2, shape=(1, 2))],
+                                                 1: [piece(4, 0)]}), 1)
+    assert R.same_geometry(rule, same) and R.same_geometry(rule, split_in_two)
+    assert not R.same_geometry(rule, swapped)
+
+
+def test_tiling_problems_are_found():
+    gap = R.Geometry((4, 2), {0: [((0, 0), (0, 0), (2, 2))], 1: []})
+    assert R.tiling_problem(gap, {0: (2, 2), 1: (2, 2)}) == "the shards place 4 of its 8 elements"
+    twice = R.Geometry((4, 2), {0: [((0, 0), (0, 0), (2, 2))], 1: [((0, 0), (1, 0), (2, 2))]})
+    assert "overlap" in R.tiling_problem(twice, {0: (2, 2), 1: (2, 2)})
+    too_big = R.Geometry((4, 2), {0: [((0, 0), (0, 0), (2, 2))], 1: [((0, 0), (2, 0), (2, 2))]})
+    assert "does not fit its shard [1, 2]" in R.tiling_problem(too_big, {0: (2, 2), 1: (1, 2)})
