@@ -1,0 +1,328 @@
+"""Tensor parallel (AutoTP, Megatron-DeepSpeed style): one slice of files per tp rank.
+
+Tp rank T has its model states (`mp_rank_TT_model_states.pt`; at ZeRO-3 one per dp rank,
+`zero_pp_rank_D_mp_rank_TT_model_states.pt`) naming its shards (`param_shapes` holds shard
+shapes), and one optimizer file per dp rank (`[bf16_]zero_pp_rank_D_mp_rank_TT_optim_states.pt`,
+global rank D*tp + T) that partitions those shards exactly as plain ZeRO partitions a model. So:
+
+* the params' names, ties and buffers come from tp rank 0 (`common.describe_names`);
+* each param's full shape and `Param.shards` (what each tp rank holds, as boxes) come from the
+  `universal_checkpoint_info` every model-states file carries (`tp_rules`): the split patterns,
+  cross-checked with AutoTP's `affine_map` when there is one (the map is used, as DeepSpeed's
+  converter does);
+* each tp rank's optimizer files get the ZeRO geometry of plain ZeRO (`zero12.attach` /
+  `zero3.attach`), their fragments indexing that rank's shard (`Fragment.shard`).
+
+A param whose split cannot be known is named (tp-split-unknown) and gets no shards: the merge
+refuses it rather than guess.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+
+from zinspect.core.layouts import common, tp_rules, zero3, zero12
+from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.pickled import as_group_list, get, located, numel, shape
+from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, Topology
+from zinspect.core.torchzip import TensorRef
+
+REPLACE = "restore the tp rank's files from the run (every tp rank saves its own shards)"
+
+
+@dataclass
+class Slice:
+    """The files of one tp rank."""
+
+    tp: int
+    model: RankFile | None = None  # the model states its names/shapes are read from
+    models: dict[int, RankFile] = field(default_factory=dict)  # ZeRO-3: dp rank -> model states
+    optim: dict[int, RankFile] = field(default_factory=dict)  # dp rank -> optimizer file
+    state: dict | None = None  # the model states' pickle
+    flat_groups: list = field(default_factory=list)  # [(name, shard shape)] per flat group
+
+
+def _model_state(ctx: LoadContext) -> dict:
+    return ctx.model_state if isinstance(ctx.model_state, dict) else {}
+
+
+def tp_degree(ctx: LoadContext) -> int | None:
+    """The tp size the model states record (checkpoint_parallel_dimensions / mp_world_size)."""
+    ms = _model_state(ctx)
+    for value in (get(ms, "checkpoint_parallel_dimensions", "tp_degree"), ms.get("mp_world_size")):
+        if type(value) is int and value > 0:
+            return value
+    return None
+
+
+def recognise(ctx: LoadContext) -> bool:
+    if ctx.kinds & {"layer", "expert", "expert_optim"}:
+        return False
+    return len(ctx.mp_ranks) > 1 or (tp_degree(ctx) or 1) > 1
+
+
+def describe(ctx: LoadContext) -> None:
+    c = ctx.ckpt
+    names = common.describe_names(ctx)
+    if names is None:
+        return
+    tp = tp_degree(ctx) or (max(ctx.mp_ranks) + 1 if ctx.mp_ranks else 1)
+    dp = _dp_size(ctx)
+    c.topology = Topology(dp=dp, tp=tp, files=list(c.files))
+    slices = _slices(ctx, tp, dp)
+    infos = _split_info(ctx, slices)
+    shards = _shard_shapes(ctx, slices)
+    unplaced = [p for p in c.owners() if not _place(ctx, p, infos, shards.get(p.name, {}), tp)]
+    for p in c.params.values():  # a tied alias has its owner's full shape
+        owner = c.params.get(p.tied_to) if p.tied_to else None
+        if owner is not None:
+            p.shape = owner.shape
+    for s in slices:
+        if not s.optim:
+            continue
+        if c.stage == 3:
+            _chained(c, partial(zero3.attach, ctx, s.optim, s.flat_groups, dp, shard=s.tp,
+                                coords=Coords(tp=s.tp)))
+        else:
+            zero12.attach(ctx, s.optim, s.flat_groups, dp, shard=s.tp, coords=Coords(tp=s.tp))
+        common.attach_moments(ctx, s.optim)
+    _attach_frozen(ctx, slices, dp)
+    for p in unplaced:  # their ranges index shards that cannot be placed: nothing to merge
+        p.fragments = []
+    common.finish(ctx, names)
+    c.world_size = dp * tp
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def _dp_size(ctx: LoadContext) -> int:
+    ms = _model_state(ctx)
+    counts = Counter(f.partition_count[0] for f in ctx.optim_files if f.partition_count)
+    if counts:
+        return counts.most_common(1)[0][0]
+    dp = ms.get("dp_world_size")
+    return dp if type(dp) is int and dp > 0 else max(1, len(ctx.optim))
+
+
+def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
+    """Each tp rank's files; missing ones and files of another topology reported."""
+    c = ctx.ckpt
+    slices = [Slice(t) for t in range(tp)]
+    for rf in c.files:
+        t = rf.coords.tp
+        if rf.kind not in ("optim", "model") or rf.mp_rank is None:
+            continue
+        if t >= tp or (rf.rank is not None and rf.rank >= dp):
+            axis = f"tp rank {t} of tp {tp}" if t >= tp else f"dp rank {rf.rank} of dp {dp}"
+            ctx.find("stale-rank-file", f"{rf.name} is at {axis}: this checkpoint has tp {tp} x "
+                     f"dp {dp}", "it belongs to a run of another topology; move it out of the "
+                     "tag dir", file=rf.name, rank=_global(rf, tp))
+            continue
+        s = slices[t]
+        if rf.kind == "optim":
+            if rf.rank in s.optim:
+                ctx.find("duplicate-rank", f"tp rank {t}, dp rank {rf.rank} has two optimizer "
+                         f"files: {s.optim[rf.rank].name} and {rf.name}", "remove the one that "
+                         "does not belong to this run", file=rf.name, rank=_global(rf, tp))
+                continue
+            s.optim[rf.rank] = rf
+            if t and ctx.torch_file(rf) is not None:
+                common._read_optim_header(ctx, rf)  # noqa: SLF001 (core's header reader)
+        elif rf.rank is None or c.stage == 3:
+            s.models[rf.rank or 0] = rf
+    for s in slices:
+        s.model = next((s.models[r] for r in sorted(s.models) if ctx.torch_file(s.models[r])), None)
+        tf = ctx.torch_file(s.model)
+        s.state = tf.obj if tf is not None and isinstance(tf.obj, dict) else None
+        s.flat_groups = [[(str(n), shape(v)) for n, v in g.items()]
+                         for g in as_group_list(get(s.state, "param_shapes"))]
+        _report_missing(ctx, s, tp, dp)
+    return slices
+
+
+def _global(rf: RankFile, tp: int) -> int | None:
+    return None if rf.rank is None else rf.rank * tp + rf.coords.tp
+
+
+def _report_missing(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
+    c = ctx.ckpt
+    wanted = range(dp) if c.stage == 3 else [0]
+    for d in wanted:
+        if d not in s.models:
+            name = f"zero_pp_rank_{d}_mp_rank_{s.tp:02d}_model_states.pt" if c.stage == 3 else \
+                f"mp_rank_{s.tp:02d}_model_states.pt"
+            ctx.find("missing-tp-rank", f"tp rank {s.tp}'s model states {name} are missing: its "
+                     "shards' shapes (and ZeRO-3 frozen params) are unknown", REPLACE,
+                     file=name, rank=d * tp + s.tp)
+    if s.models and s.state is None:
+        ctx.find("missing-tp-rank", f"tp rank {s.tp}'s model states cannot be read", REPLACE,
+                 file=next(iter(s.models.values())).name, rank=s.tp)
+    prefix = next((f.prefix for f in ctx.optim_files), "")
+    for d in range(dp):
+        if d not in s.optim and ctx.optim_files:
+            name = f"{prefix}zero_pp_rank_{d}_mp_rank_{s.tp:02d}_optim_states.pt"
+            ctx.find("missing-optimizer-file", f"{name} (dp rank {d}, tp rank {s.tp}) is missing: "
+                     f"its part of tp rank {s.tp}'s shards is lost", REPLACE, file=name,
+                     rank=d * tp + s.tp)
+
+
+# -- split rules ------------------------------------------------------------------------------
+
+
+def _split_info(ctx: LoadContext, slices: list[Slice]) -> dict | None:
+    """tp rank 0's universal_checkpoint_info; another rank's that differs is reported."""
+    infos = [(s, get(s.state, "universal_checkpoint_info")) for s in slices if s.state is not None]
+    ref = next((i for _, i in infos if isinstance(i, dict)), None)
+    for s, info in infos:
+        if info != ref:
+            ctx.find("tp-info-mismatch", f"tp rank {s.tp}'s universal_checkpoint_info differs from "
+                     "tp rank 0's: the ranks describe their splits differently",
+                     "the files come from different runs or versions; tp rank 0's is used",
+                     file=s.model.name, rank=s.tp)
+    return ref
+
+
+def _shard_shapes(ctx: LoadContext, slices: list[Slice]) -> dict[str, dict[int, tuple]]:
+    out: dict[str, dict[int, tuple]] = {}
+    for s in slices:
+        for group in s.flat_groups:
+            for name, shp in group:
+                if shp is not None:
+                    out.setdefault(name, {})[s.tp] = shp
+        frozen = get(s.state, "frozen_param_shapes")
+        for name, value in (frozen.items() if isinstance(frozen, dict) else ()):
+            if shape(value) is not None:
+                out.setdefault(str(name), {})[s.tp] = shape(value)
+    return out
+
+
+def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple], tp: int) -> bool:
+    """Set p's full shape and its shards (True); a split that cannot be known is named, never
+    guessed (False)."""
+    held = sorted(shards)
+    if held != list(range(tp)):
+        lost = sorted(set(range(tp)) - set(held))
+        if held and _rank_has_files(ctx, lost):  # a missing tp rank is reported as itself
+            ctx.find("tp-param-missing", f"{p.name} is held by tp ranks {held} but not by {lost}",
+                     "the tp ranks' model states name different params: they come from "
+                     "different runs; " + REPLACE, param=p.name)
+        return False
+    try:
+        geo = _geometry(ctx, p, info, shards)
+    except tp_rules.SplitUnknown as e:
+        ctx.find("tp-split-unknown", f"{p.name}: how its tp shards join cannot be known: {e}",
+                 "zinspect does not guess a split: the param is left out of merges (--salvage "
+                 "writes the others)", param=p.name)
+        return False
+    except tp_rules.ShardShapeError as e:
+        ctx.find("tp-shard-shape", f"{p.name}: {e}", "a tp rank's model states hold another "
+                 "model's shards; " + REPLACE, param=p.name)
+        return False
+    problem = tp_rules.tiling_problem(geo, shards)
+    if problem:
+        ctx.find("tp-coverage", f"{p.name}: its tp shards do not make the full tensor: {problem}",
+                 REPLACE, param=p.name)
+        return False
+    p.shape = geo.shape
+    p.shards = {t: Shard(t, shards[t], [(Box(a, n), Box(b, n)) for a, b, n in geo.pieces[t]],
+                         geo.replicated) for t in range(tp)}
+    return True
+
+
+def _rank_has_files(ctx: LoadContext, ranks: list[int]) -> bool:
+    return any(f.coords.tp in ranks and f.kind == "model" for f in ctx.ckpt.files)
+
+
+def _geometry(ctx: LoadContext, p: Param, info: dict | None,
+              shards: dict[int, tuple]) -> tp_rules.Geometry:
+    """The affine map's geometry when it has one for p (DeepSpeed's converter prefers it),
+    cross-checked with the split patterns'; else the patterns'."""
+    if not isinstance(info, dict):
+        raise tp_rules.SplitUnknown("the model states carry no universal_checkpoint_info")
+    try:
+        rule, rule_error = tp_rules.geometry_from_rule(tp_rules.rule_for(p.name, info), shards), None
+    except (tp_rules.SplitUnknown, tp_rules.ShardShapeError) as e:
+        rule, rule_error = None, e
+    affine = info.get("affine_map") if isinstance(info.get("affine_map"), dict) else None
+    entry = tp_rules.affine_entry(p.name, affine)
+    if entry is None:
+        if rule_error:
+            raise rule_error
+        return rule
+    try:
+        mapped = tp_rules.geometry_from_affine(entry, affine.get("version"))
+        recorded = tp_rules.affine_shard_shapes(entry)
+    except tp_rules.SplitUnknown as e:
+        if rule_error:
+            raise rule_error from None
+        _mismatch(ctx, p, f"its affine map cannot be read ({e}); the split patterns are used")
+        return rule
+    if recorded != shards:
+        raise tp_rules.ShardShapeError(
+            f"the affine map gives its shards {_shapes(recorded)}, the model states {_shapes(shards)}")
+    if rule_error:
+        _mismatch(ctx, p, f"the split patterns fail ({rule_error}); the affine map is used")
+    elif not tp_rules.same_geometry(rule, mapped):
+        _mismatch(ctx, p, f"the affine map and the split patterns place its shards differently "
+                  f"(map: full {list(mapped.shape)}, patterns: full {list(rule.shape)}); the "
+                  "affine map is used, as DeepSpeed's converter does")
+    return mapped
+
+
+def _mismatch(ctx: LoadContext, p: Param, message: str) -> None:
+    ctx.find("tp-split-mismatch", f"{p.name}: {message}", "the run's universal_checkpoint_info "
+             "is inconsistent: check the merged tensor against the model", param=p.name)
+
+
+def _shapes(shards: dict[int, tuple]) -> str:
+    return ", ".join(f"tp {t}: {list(s)}" for t, s in sorted(shards.items()))
+
+
+# -- fragments --------------------------------------------------------------------------------
+
+
+def _chained(c, attach) -> None:
+    """Run a ZeRO-3 attach (which sets each param's lazy fragments) without losing the
+    fragments earlier tp ranks attached."""
+    before = {n: p.fragments for n, p in c.params.items()}
+    attach()
+    for n, p in c.params.items():
+        old = before.get(n)
+        if old is not None and old is not p.fragments and (isinstance(old, Fragments) or old):
+            p.fragments = Fragments(make=partial(_joined, old, p.fragments))
+
+
+def _joined(a, b) -> list:
+    return [*a, *b]
+
+
+def _attach_frozen(ctx: LoadContext, slices: list[Slice], dp: int) -> None:
+    """Frozen params: each tp rank's shard, whole in its model states (ZeRO-0/1/2: as
+    frozen_param_fragments, else the 16-bit module weight), partitioned at ZeRO-3."""
+    c = ctx.ckpt
+    if not any(p.frozen and not p.tied_to for p in c.params.values()):
+        return
+    for s in slices:
+        if c.stage == 3:
+            _chained(c, partial(zero3.attach_frozen, ctx, s.models, dp, shard=s.tp))
+            continue
+        tf = ctx.torch_file(s.model)
+        if tf is None:
+            continue
+        for p in c.params.values():
+            if not p.frozen or p.tied_to or s.tp not in p.shards:
+                continue
+            t = get(s.state, "frozen_param_fragments", p.name)
+            source = "frozen"
+            if not isinstance(t, TensorRef):
+                t, source = get(s.state, "module", p.name), "module"
+            if isinstance(t, TensorRef):
+                n = min(t.numel, numel(p.shards[s.tp].shape))
+                p.fragments.append(located(tf, s.model.name, 0, t).fragment(
+                    None, 0, 0, n, source=source, shard=s.tp))
+
+
+LAYOUT = Layout("tensor_parallel", recognise, describe)
