@@ -18,7 +18,7 @@ from zinspect.report import ellipsis
 NAME = "merge"
 SUMMARY = "write the consolidated fp32 weights (safetensors or .pt)"
 DESCRIPTION = "Merge the ZeRO partitions into full fp32 weights."
-EPILOG = """\
+_EPILOG = """\
 Rebuilds the full fp32 weights (params, tied aliases, buffers) from the ZeRO partitions and
 writes them to OUT_DIR, as safetensors shards with an index (or torch .pt files). Only the
 bytes the output needs are read (the fp32 partitions, not the optimizer moments). Shards are
@@ -32,6 +32,9 @@ examples:
   zinspect merge ./checkpoints ./merged --selection picked.json    (saved from the app)
   zinspect merge ./broken ./rescued --salvage                      (drop what cannot be rebuilt)
 
+formats (--format):
+{formats}
+
 exit codes:
   0    merged
   1    the checkpoint cannot be merged correctly (run `zinspect validate`), or --salvage dropped
@@ -41,10 +44,21 @@ exit codes:
 """
 
 
+def __getattr__(name: str) -> str:
+    """EPILOG lists the registered writers (zinspect.core.writers.WRITERS)."""
+    if name == "EPILOG":
+        from zinspect.core.writers import formats_help
+
+        return _EPILOG.format(formats=formats_help())
+    raise AttributeError(name)
+
+
 def add_arguments(p) -> None:
+    from zinspect.core.writers import WRITERS
+
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create with the output")
-    p.add_argument("--format", dest="fmt", choices=("safetensors", "pt"), default="safetensors",
-                   help="output format (default: safetensors)")
+    p.add_argument("--format", dest="fmt", choices=list(WRITERS), default=next(iter(WRITERS)),
+                   help=f"output format (default: {next(iter(WRITERS))}; listed below)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest output file, e.g. 5GB, 500MB, 2GiB; 0 for a single file "
                         "(default: 5GB)")
@@ -84,11 +98,11 @@ def run(args) -> int:
     # torch (pt output, fp16 upcasts) warns at import when numpy is absent; it needs none here
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
-    shard = shard_size(args.max_shard_size, parse_size)
-    if args.fmt == "pt":
-        from zinspect.core.writers import require_torch
+    from zinspect.core.writers import writer
 
-        require_torch()  # say so before announcing a merge that cannot start
+    shard = shard_size(args.max_shard_size, parse_size)
+    # a dtype it cannot write or a missing dependency, said before opening the checkpoint
+    writer(args.fmt).check(output_dtype(args.dtype))
     sel = Selection.load(args.selection) if args.selection else Selection()
     sel.exclude_globs = list(sel.exclude_globs) + list(args.exclude)
     sel.exclude_frozen = sel.exclude_frozen or args.exclude_frozen

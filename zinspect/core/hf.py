@@ -18,7 +18,7 @@ from pathlib import Path
 from zinspect.core import peft as peft_mod
 from zinspect.core.model import Checkpoint
 from zinspect.core.plan import MergePlan
-from zinspect.core.writers import Shard, plan_shards
+from zinspect.core.writers import Shard, plan_shards, writer
 from zinspect.errors import UsageError
 
 CONFIG = "config.json"
@@ -114,5 +114,5 @@ def copy_into(out, copies: dict[str, Path]) -> None:
 def shards_of(output: Output, fmt: str, max_shard_size: int | None):
     """The files the weights go to: PEFT's single adapter file, or HF's model shards."""
     if output.peft:
-        return [Shard(peft_mod.WEIGHTS[fmt], output.plan.tensors)]
+        return [Shard(writer(fmt).single_name(peft_mod.WEIGHTS_STEM), output.plan.tensors)]
     return plan_shards(output.plan.tensors, fmt, max_shard_size)

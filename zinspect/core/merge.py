@@ -18,7 +18,7 @@ from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.verify import Verification, plan_without
-from zinspect.core.writers import FORMATS, WRITERS, index_json, require_torch
+from zinspect.core.writers import index_json, writer
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 __all__ = ["MergePlan", "MergeResult", "merge", "parse_size", "plan_merge"]
@@ -83,10 +83,6 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     params (so the common, intact case reads once). `strict` refuses validation warnings
     and NaN/Inf. `dtype` (fp32, bf16, fp16) is the float output; `hf.prepare` shapes the output
     (`peft`: the adapter alone; `hf_files`: copy config/tokenizer files), or pass its `output`."""
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
-    if fmt == "pt":
-        require_torch()  # before anything is written
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
     started = time.monotonic()
@@ -94,6 +90,7 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
         dtype = output_dtype(dtype)
     except ValueError as e:
         raise UsageError(str(e), "e.g. --dtype bf16") from e
+    writer(fmt).check(dtype)  # before anything is written
     if output is None:
         plan = plan or plan_merge(ckpt, selection, salvage=salvage, dtype=dtype)
         output = hf.prepare(ckpt, plan, peft=peft, copy_files=hf_files)
@@ -117,8 +114,9 @@ class _Restart(Exception):  # noqa: N818 (control flow, never seen outside merge
 def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict, progress,
              should_stop, notice, ready, started) -> MergeResult:
     plan = output.plan
+    w = writer(fmt)
     shards = hf.shards_of(output, fmt, max_shard_size)
-    names = [s.name for s in shards] + ([FORMATS[fmt][2]] if len(shards) > 1 else [])
+    names = [s.name for s in shards] + ([w.index_name()] if len(shards) > 1 else [])
     names += list(output.copies)
     inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
     meter = ProgressMeter(plan.total_bytes, progress)
@@ -133,12 +131,12 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
             for shard in shards:
                 fd = out.create(shard.name)
                 try:
-                    WRITERS[fmt](fd, shard, meter, should_stop)
+                    w.write(fd, shard, meter, should_stop)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
             if len(shards) > 1:
-                out.write_text(FORMATS[fmt][2], index_json(shards))
+                out.write_text(w.index_name(), index_json(shards))
             hf.copy_into(out, output.copies)
             if should_stop is not None and should_stop():
                 raise MergeCancelled("merge cancelled; nothing was written")

@@ -17,7 +17,8 @@ from zinspect.core.plan import OutputTensor
 from zinspect.errors import UsageError
 
 CONFIG = "adapter_config.json"
-WEIGHTS = {"safetensors": "adapter_model.safetensors", "pt": "adapter_model.bin"}
+#: the stem of the adapter's weights file (adapter_model.safetensors / adapter_model.bin)
+WEIGHTS_STEM = "adapter_model"
 #: name components of PEFT's own tensors (LoRA, DoRA, LoRA on embeddings)
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 

@@ -1,32 +1,33 @@
-"""Output formats: streamed safetensors (default) and torch.save files, sharded the Hugging Face way.
+"""Output formats behind one registry (`WRITERS`): streamed safetensors (default) and torch.save
+files, sharded the Hugging Face way.
 
 safetensors needs no library: an 8-byte header length, a JSON header (every shape and offset is
 known from the plan), then the tensors' bytes back to back. So a shard is written as a stream and
 memory stays bounded. `torch.save` output needs torch and holds one shard in memory.
+
+The CLI's `--format` choices and help, the app's merge form and the dependency check all read
+`WRITERS`. Adding a shard writer is one `Writer(...)` entry here with its `write` function; a
+writer of a directory tree (DeepSpeed's universal checkpoint) gives `tree` instead and writes
+through the same OutputDir (see `register`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from zinspect.core.dtypes import OUTPUT_DTYPES
 from zinspect.core.plan import OutputTensor
 from zinspect.core.stream import BufferSink, ProgressMeter, ShouldStop, copy_tensors, fd_sink
-from zinspect.errors import MissingDependency
+from zinspect.errors import MissingDependency, UsageError
 
 SAFETENSORS_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
     "uint16": "U16", "uint32": "U32", "uint64": "U64",
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-FORMATS = {
-    # format: (single-file name, shard name pattern, index name)
-    "safetensors": ("model.safetensors", "model-{:05d}-of-{:05d}.safetensors",
-                    "model.safetensors.index.json"),
-    "pt": ("pytorch_model.bin", "pytorch_model-{:05d}-of-{:05d}.bin",
-           "pytorch_model.bin.index.json"),
 }
 
 
@@ -40,9 +41,11 @@ class Shard:
         return sum(t.nbytes for t in self.tensors)
 
 
-def plan_shards(tensors: list[OutputTensor], fmt: str, max_shard_size: int | None) -> list[Shard]:
+def plan_shards(tensors: list[OutputTensor], fmt: str, max_shard_size: int | None,
+                stem: str | None = None) -> list[Shard]:
     """Greedy, in order: a shard closes before the tensor that would push it past the limit
-    (a tensor larger than the limit gets a shard of its own)."""
+    (a tensor larger than the limit gets a shard of its own). `stem` names the files
+    (default: the writer's, e.g. "model")."""
     groups: list[list[OutputTensor]] = [[]]
     size = 0
     for t in tensors:
@@ -51,10 +54,10 @@ def plan_shards(tensors: list[OutputTensor], fmt: str, max_shard_size: int | Non
             size = 0
         groups[-1].append(t)
         size += t.nbytes
-    single, pattern, _ = FORMATS[fmt]
+    w = writer(fmt)
     if len(groups) == 1:
-        return [Shard(single, groups[0])]
-    return [Shard(pattern.format(i + 1, len(groups)), g) for i, g in enumerate(groups)]
+        return [Shard(w.single_name(stem), groups[0])]
+    return [Shard(w.shard_name(i + 1, len(groups), stem), g) for i, g in enumerate(groups)]
 
 
 def index_json(shards: list[Shard]) -> str:
@@ -127,4 +130,76 @@ def require_torch():
     return torch
 
 
-WRITERS = {"safetensors": write_safetensors, "pt": write_torch}
+@dataclass(frozen=True)
+class Writer:
+    """One output format. File names are templates of `stem` ("model", "exp_avg"...): `single`
+    for a one-file output, `shard` (with `i` and `n`) and `index` for a sharded one. `dtypes`
+    are the output dtypes it can write (the plan's names: float32, bfloat16, float16).
+
+    A shard writer has `write(fd, shard, meter, should_stop)`. A tree writer (`tree`) writes a
+    directory tree itself: `tree(ckpt, output, out_dir, meter, should_stop)` with `out_dir` an
+    OutputDir and `output` the hf.Output; its `names(ckpt, output)` lists the top-level entries
+    it will create, for the OutputDir's checks."""
+
+    name: str
+    description: str
+    stem: str = "model"
+    single: str = ""
+    shard: str = ""
+    index: str = ""
+    needs_torch: bool = False
+    dtypes: tuple[str, ...] = tuple(OUTPUT_DTYPES.values())
+    write: Callable | None = None
+    tree: Callable | None = None
+    names: Callable | None = None
+    label: str = ""  # the app's radio button (default: the name)
+
+    def single_name(self, stem: str | None = None) -> str:
+        return self.single.format(stem=stem or self.stem)
+
+    def shard_name(self, i: int, n: int, stem: str | None = None) -> str:
+        return self.shard.format(stem=stem or self.stem, i=i, n=n)
+
+    def index_name(self, stem: str | None = None) -> str:
+        return self.index.format(stem=stem or self.stem)
+
+    def check(self, dtype: str = "float32") -> None:
+        """Refuse before anything is written: a dtype it cannot write, a missing dependency."""
+        if dtype not in self.dtypes:
+            short = {v: k for k, v in OUTPUT_DTYPES.items()}
+            raise UsageError(f"--format {self.name} writes {', '.join(short.get(d, d) for d in self.dtypes)}"
+                             f" only, not {short.get(dtype, dtype)}",
+                             f"leave out --dtype, or use another --format ({', '.join(WRITERS)})")
+        if self.needs_torch:
+            require_torch()
+
+
+#: every output format, in the order the CLI and the app offer them (the first is the default)
+WRITERS: dict[str, Writer] = {}
+
+
+def register(w: Writer) -> Writer:
+    WRITERS[w.name] = w
+    return w
+
+
+register(Writer("safetensors", "streamed safetensors shards + index, no torch needed (default)",
+                single="{stem}.safetensors", shard="{stem}-{i:05d}-of-{n:05d}.safetensors",
+                index="{stem}.safetensors.index.json", write=write_safetensors))
+register(Writer("pt", "torch.save files (pytorch_model.bin); needs torch, holds one shard in memory",
+                stem="pytorch_model", single="{stem}.bin", shard="{stem}-{i:05d}-of-{n:05d}.bin",
+                index="{stem}.bin.index.json", needs_torch=True, write=write_torch,
+                label="pt (torch.save)"))
+
+
+def writer(name: str) -> Writer:
+    """The registered writer `name`; UsageError naming the choices otherwise."""
+    w = WRITERS.get(name)
+    if w is None:
+        raise UsageError(f"unknown format {name!r}", f"use one of: {', '.join(WRITERS)}")
+    return w
+
+
+def formats_help() -> str:
+    """One line per writer, for --help."""
+    return "\n".join(f"  {w.name:<12} {w.description}" for w in WRITERS.values())

@@ -30,6 +30,7 @@ from zinspect.core.merge import MergeResult, merge, parse_size
 from zinspect.core.plan import plan_merge
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.core.torchzip import DTYPE_SIZES
+from zinspect.core.writers import WRITERS, writer
 from zinspect.errors import MergeCancelled, NotMergeable, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
@@ -95,8 +96,9 @@ class MergeScreen(ModalScreen[None]):
                         with Vertical():
                             yield Label("Format")
                             with RadioSet(id="merge-format"):
-                                yield RadioButton("safetensors", value=True, id="fmt-safetensors")
-                                yield RadioButton("pt (torch.save)", id="fmt-pt")
+                                for i, w in enumerate(WRITERS.values()):
+                                    yield RadioButton(w.label or w.name, value=i == 0,
+                                                      id=f"fmt-{w.name}")
                         with Vertical():
                             yield Label("Weights")
                             with RadioSet(id="merge-dtype"):
@@ -192,6 +194,10 @@ class MergeScreen(ModalScreen[None]):
         return next((n for n in OUTPUT_DTYPES if self.query_one(f"#dtype-{n}", RadioButton).value),
                     "fp32")
 
+    def form_format(self) -> str:
+        return next((n for n in WRITERS if self.query_one(f"#fmt-{n}", RadioButton).value),
+                    next(iter(WRITERS)))
+
     def on_mount(self) -> None:
         self.query_one("#merge-out", Input).focus()
 
@@ -201,7 +207,7 @@ class MergeScreen(ModalScreen[None]):
         salvage = self.query("#merge-salvage")
         return MergeRequest(
             out_dir=self.query_one("#merge-out", Input).value.strip(),
-            format="pt" if self.query_one("#fmt-pt", RadioButton).value else "safetensors",
+            format=self.form_format(),
             max_shard_size=shard_size(shard) if shard else None,
             force=self.query_one("#merge-force", Checkbox).value,
             salvage=bool(salvage) and salvage.first(Checkbox).value,
@@ -216,6 +222,7 @@ class MergeScreen(ModalScreen[None]):
             request = self.read_form()
             if not request.out_dir:
                 raise ZinspectError("give an output directory")
+            writer(request.format).check(OUTPUT_DTYPES[request.dtype])  # dtype, torch
         except ZinspectError as e:
             self.query_one("#merge-form-error", Static).update(error_text("Cannot merge", e))
             return
