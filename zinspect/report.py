@@ -101,7 +101,16 @@ def info_json(ckpt) -> dict:
         "counts": ckpt.counts(),
         "totals": totals(ckpt),
         "peft": peft_summary(ckpt),
+        "optimizer": optimizer_json(ckpt),
     }
+
+
+def optimizer_json(ckpt) -> dict:
+    """The optimizer's step, hyper-parameters per param group, per-param state keys and loss
+    scaler, from the lowest rank's optimizer file (its pickle only)."""
+    from zinspect.core.optimizer import read_optimizer
+
+    return read_optimizer(ckpt).to_json()
 
 
 def peft_summary(ckpt) -> dict | None:
@@ -179,6 +188,7 @@ def human_info(ckpt) -> None:
         from zinspect.core import peft
 
         summary.add_row("PEFT", _safe(peft.describe(adapter), 300))
+    _optimizer_rows(ckpt, summary)
     summary.add_row("findings", _counts_text(ckpt.counts()))
     con.print(summary)
 
@@ -219,6 +229,18 @@ def human_info(ckpt) -> None:
     if ckpt.errors:
         con.print(f"[bold red]{len(ckpt.errors)} error(s)[/]: run [bold]zinspect validate "
                   f"{_safe(_quote(str(ckpt.path)))}[/] for what is wrong and what to do")
+
+
+def _optimizer_rows(ckpt, summary) -> None:
+    """`optimizer  AdamW (ZeRO-1/2), step 2; lr 0.01, betas (0.9, 0.95), ...` and, for a
+    scaled (fp16) run, the loss scale and the steps it skipped."""
+    from zinspect.core.optimizer import read_optimizer, scaler_line, summary_line
+
+    opt = read_optimizer(ckpt)
+    summary.add_row("optimizer", _safe(summary_line(opt), 300))
+    scale = scaler_line(opt)
+    if scale is not None:
+        summary.add_row("loss scale", _safe(scale, 300))
 
 
 def _fold(items: list, limit: int, head: int, tail: int) -> list:

@@ -11,7 +11,8 @@ DESCRIPTION = "Summarise a checkpoint from its metadata."
 EPILOG = """\
 Shows where the checkpoint is (tag, other tags), how it was trained (ZeRO stage, world size,
 dtypes, DeepSpeed version, layout), its params (trainable, frozen, tied) and sizes, the files
-of each rank, the optimizer param groups, and how many findings validation has.
+of each rank, the optimizer param groups, the optimizer (kind, step, hyper-parameters, fp16 loss
+scale) and how many findings validation has.
 
 examples:
   zinspect info ./checkpoints
@@ -19,7 +20,13 @@ examples:
 
 --json prints one object: stage, world_size, dtype ("bf16", "fp16", "fp32"), master_dtype,
 ds_version, tag, tags, layout, path, files, buffers, params (name, shape, numel, dtype, frozen,
-tied_to, group), groups, findings, counts, totals. Tied params appear under both names.
+tied_to, group), groups, findings, counts, totals, optimizer. Tied params appear under both
+names. `optimizer` is read from the lowest rank's optimizer file: name (AdamW, SGD (momentum),
+... or "unknown"), wrapper (ZeRO-1/2, ZeRO-3, BF16_Optimizer, ...), step, groups (the
+hyper-parameters of each param group: lr, betas, eps, weight_decay, ...), state_keys (what each
+param's state holds: exp_avg, exp_avg_sq, momentum_buffer, ...), adam, clip_grad, loss_scaler
+(scale, dynamic, overflow, iteration, last_overflow, ...; null without one), skipped_steps and
+global_steps (for a dynamic loss scale and ZeRO-0), source and note.
 
 exit codes:
   0    the checkpoint was found and read (even if it has errors: info shows what it could read)

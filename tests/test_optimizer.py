@@ -1,0 +1,272 @@
+"""The optimizer's state: what `read_optimizer` says (step, hyper-parameters per group, state
+keys, fp16 loss scaler, clip_grad) and the per-param sizes `optimizer_stats` streams (L2 and
+max |x| of the master, exp_avg and sqrt(exp_avg_sq), the Adam update |m| / (sqrt(v) + eps)),
+each checked against torch.load of the real fixtures' files."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+from conftest import FIXTURES, manifest, run_zinspect
+
+from zinspect.core import open_checkpoint
+from zinspect.core.optimizer import optimizer_name, read_optimizer, scaler_line, summary_line
+from zinspect.core.optimizer_stats import WINDOW, optimizer_stats
+from zinspect.errors import MergeCancelled
+
+torch = pytest.importorskip("torch")
+
+PARALLEL = FIXTURES / "parallel"
+SGD = FIXTURES / "optim" / "sgd_s2_w2_fp32"
+#: fp32, bf16 (ZeRO and BF16_Optimizer) and fp16 fixtures, stages 1 to 3
+PLAIN = ["s1_w2_fp32", "s3_w2_fp32", "s2_w2_bf16", "s1_w2_bf16_bf16opt", "s3_w4_bf16",
+         "s2_w4_fp16", "s3_w3_fp16_sub"]
+
+
+class _DeepSpeedStubs:
+    """torch.load's pickle module without deepspeed installed: its classes become plain
+    objects that keep their pickled attributes (the loss scaler's cur_scale...)."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("deepspeed"):
+                return type(name, (), {"__init__": lambda self, *a, **k: None})
+            return super().find_class(module, name)
+
+    load = pickle.load
+
+
+def torch_load(path):
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_DeepSpeedStubs)
+
+
+def rank0_optimizer_file(ckpt):
+    return sorted(ckpt.files_of("optim"), key=lambda f: (f.mp_rank or 0, f.rank, f.name))[0]
+
+
+def torch_state(osd):
+    """(the torch optimizer state dict, the wrapper dict) of a ZeRO optimizer file."""
+    return osd.get("base_optimizer_state") or osd["optimizer_state_dict"], osd
+
+
+def hyper(groups):
+    return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items() if k != "params"}
+            for g in groups]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_read_optimizer_equals_torch_load_of_rank0(name):
+    ckpt = open_checkpoint(FIXTURES / name)
+    opt = read_optimizer(ckpt)
+    rf = rank0_optimizer_file(ckpt)
+    inner, osd = torch_state(torch_load(rf.path)["optimizer_state_dict"])
+    assert opt.source == rf.name
+    assert opt.groups == hyper(inner["param_groups"])
+    first = inner["state"][min(inner["state"])]
+    assert opt.step == first["step"].item() == manifest(name)["steps"]
+    assert opt.state_keys == list(first)  # step, exp_avg, exp_avg_sq
+    assert opt.adam and opt.name == "AdamW"  # torch AdamW: decoupled_weight_decay
+    assert opt.clip_grad == osd.get("clip_grad")
+    scaler = osd.get("loss_scaler")
+    if scaler is None:  # BF16_Optimizer saves none
+        assert opt.loss_scaler is None
+    else:
+        assert opt.loss_scaler.scale == scaler.cur_scale
+        assert opt.loss_scaler.dynamic is scaler.dynamic is osd["dynamic_loss_scale"]
+        assert opt.loss_scaler.overflow is osd["overflow"]
+        assert opt.loss_scaler.iteration == getattr(scaler, "cur_iter", None)
+        assert opt.loss_scaler.last_overflow == getattr(scaler, "last_overflow_iter", None)
+
+
+@pytest.mark.parametrize("name", ["s2_w4_fp16", "s3_w3_fp16_sub"])
+def test_fp16_loss_scale_and_skipped_steps(name):
+    ckpt = open_checkpoint(FIXTURES / name)
+    opt = read_optimizer(ckpt)
+    model = torch_load(sorted(ckpt.files_of("model"), key=lambda f: (f.rank or 0))[0].path)
+    assert opt.loss_scaler.dynamic and opt.loss_scaler.scale == 256
+    assert opt.skipped_steps == model["skipped_steps"] == manifest(name)["skipped_steps"]
+    assert opt.global_steps == model["global_steps"] == manifest(name)["global_steps"]
+    assert scaler_line(opt) == "256, dynamic (iteration 2, no overflow yet, 0 step(s) skipped)"
+    assert scaler_line(read_optimizer(open_checkpoint(FIXTURES / "s3_w2_fp32"))) is None
+
+
+@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16"])
+def test_zero0_optimizer_lives_in_the_model_states(name):
+    ckpt = open_checkpoint(PARALLEL / name)
+    opt = read_optimizer(ckpt)
+    saved = torch_load(ckpt.path / "mp_rank_00_model_states.pt")
+    inner = saved["optimizer"].get("optimizer_state_dict", saved["optimizer"])
+    assert opt.source == "mp_rank_00_model_states.pt"
+    assert opt.groups == hyper(inner["param_groups"])
+    assert opt.step == inner["state"][0]["step"].item()
+    assert opt.adam and opt.global_steps == saved["global_steps"]
+    assert opt.wrapper == ("torch" if name == "z0_fp32" else "FP16_Optimizer")
+    if name == "z0_bf16":  # FP16_UnfusedOptimizer keeps the scaler's keys in its own dict
+        assert opt.loss_scaler.scale == saved["optimizer"]["cur_scale"]
+
+
+@pytest.mark.parametrize("name", ["pp2_dp2_s1_bf16_pmd", "moe_ep2_w4_s2_fp32", "tp2_dp2_s3_toy",
+                                  "pp3_dp1_s0_fp32"])
+def test_parallel_layouts_have_their_hyper_parameters(name):
+    """Whatever the layout, the lowest rank's optimizer state gives step and groups (MoE: the
+    expert groups too, with their name and moe flag)."""
+    ckpt = open_checkpoint(PARALLEL / name)
+    opt = read_optimizer(ckpt)
+    saved = torch_load(ckpt.path / opt.source)
+    osd = saved.get("optimizer_state_dict") or saved["optimizer"]
+    inner = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict") or osd
+    assert opt.groups == hyper(inner["param_groups"]) and opt.step == 2 and opt.adam
+    if name.startswith("moe"):
+        assert any(g.get("moe") for g in opt.groups)
+
+
+def test_sgd_is_named_with_its_state_keys():
+    """A real ZeRO-2 run with torch SGD (momentum): no Adam moments; it is named, not failed."""
+    ckpt = open_checkpoint(SGD)
+    opt = read_optimizer(ckpt)
+    assert opt.name == "SGD (momentum)" and not opt.adam
+    assert "momentum_buffer" in opt.state_keys and "exp_avg" not in opt.state_keys
+    inner, _ = torch_state(torch_load(rank0_optimizer_file(ckpt).path)["optimizer_state_dict"])
+    assert opt.groups == hyper(inner["param_groups"]) and opt.groups[0]["momentum"] == 0.9
+    assert "state momentum_buffer" in summary_line(opt)
+    stats = optimizer_stats(ckpt, opt)  # the masters only
+    assert stats and all(s.exp_avg is None and s.update is None and s.master.l2 > 0 for s in stats)
+
+
+@pytest.mark.parametrize(("keys", "groups", "name"), [
+    (["step", "exp_avg", "exp_avg_sq"], [{"decoupled_weight_decay": False}], "Adam"),
+    (["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], [{}], "Adam"),
+    (["momentum_buffer"], [{"ns_steps": 5, "momentum": 0.95}], "Muon"),
+    (["momentum_buffer"], [{"use_muon": True}], "Muon"),
+    (["exp_avg", "exp_avg_sq", "momentum_buffer"], [{"use_muon": True}, {"use_muon": False}],
+     "Muon with AdamW"),
+    (["exp_avg"], [{}], "Lion"),
+    (["step", "sum"], [{}], "Adagrad"),
+    ([], [{"momentum": 0}], "SGD"),
+    (["weird"], [{}], "unknown"),
+])
+def test_optimizer_names_from_state_keys(keys, groups, name):
+    assert optimizer_name(keys, groups) == name
+
+
+def test_no_optimizer_files_is_unknown_with_a_reason(tmp_path):
+    from conftest import copy_fixture
+
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    for f in tag.glob("*optim_states.pt"):
+        f.unlink()
+    opt = read_optimizer(open_checkpoint(tag))
+    assert opt.name == "unknown" and opt.source is None and "no optimizer state" in opt.note
+    assert summary_line(opt).startswith("unknown (no optimizer state")
+
+
+def test_a_truncated_optimizer_file_is_unknown_not_a_crash(tmp_path):
+    from conftest import copy_fixture
+
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    rank1 = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    ckpt = open_checkpoint(tag)
+    data = rank1.read_bytes()
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(data[:200])
+    opt = read_optimizer(ckpt)  # the file broke after opening: said, not raised
+    assert opt.name == "unknown" and "cannot read it" in opt.note
+
+
+# -- per-param statistics against torch ---------------------------------------------------
+def expected(ckpt, opt):
+    """name -> (master, m, v) as float64 torch tensors, cut from torch.load of each rank's
+    optimizer file at the param's fragments."""
+    loaded, out = {}, {}
+    for name, p in ckpt.params.items():
+        if p.frozen or p.tied_to:
+            continue
+        parts = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
+        for f in sorted((f for f in p.fragments if f.numel and f.source == "master"),
+                        key=lambda f: f.start):
+            if f.file not in loaded:
+                loaded[f.file] = torch_load(ckpt.path / f.file)["optimizer_state_dict"]
+            osd = loaded[f.file]
+            inner, _ = torch_state(osd)
+            flat = (osd.get("single_partition_of_fp32_groups") or osd["fp32_flat_groups"])[f.group]
+            window = slice(f.group_offset, f.group_offset + f.numel)
+            parts["fp32"].append(flat.flatten()[window])
+            for key in ("exp_avg", "exp_avg_sq"):
+                parts[key].append(inner["state"][f.group][key].flatten()[window])
+        out[name] = [torch.cat(parts[k]).double() for k in ("fp32", "exp_avg", "exp_avg_sq")]
+    return out
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300)
+
+
+@pytest.mark.parametrize("name", ["s1_w2_fp32", "s2_w2_bf16", "s1_w2_bf16_bf16opt", "s3_w4_bf16",
+                                  "s3_w3_fp16_sub", "s2_w3_fp32_rr"])
+def test_param_stats_equal_torch(name):
+    ckpt = open_checkpoint(FIXTURES / name)
+    opt = read_optimizer(ckpt)
+    stats = optimizer_stats(ckpt, opt)
+    want = expected(ckpt, opt)
+    reference = torch.load(FIXTURES / name / "reference_fp32.pt", weights_only=True)
+    assert [s.name for s in stats] == list(want)
+    for s in stats:
+        x, m, v = want[s.name]
+        assert torch.equal(x.float(), reference[s.name].flatten())  # the masters are the true ones
+        eps = opt.groups[ckpt.params[s.name].group]["eps"]
+        u = m.abs() / (v.sqrt() + eps)
+        assert close(s.master.l2, x.norm().item()), s.name
+        assert close(s.master.max_abs, x.abs().max().item())
+        assert close(s.exp_avg.l2, m.norm().item())
+        assert close(s.sqrt_exp_avg_sq.l2, v.sqrt().norm().item())
+        assert close(s.update.mean, u.mean().item()), s.name
+        assert close(s.update.max, u.max().item())
+        assert s.nonfinite == 0 and s.numel == x.numel()
+
+
+def test_windows_cut_a_param_and_keep_elements_aligned(monkeypatch):
+    """With windows of 7 elements every param spans several (and rank boundaries cut them):
+    the update is still m[i] against v[i] of the same element."""
+    from zinspect.core import optimizer_stats as module
+
+    monkeypatch.setattr(module, "WINDOW", 7)
+    ckpt = open_checkpoint(FIXTURES / "s3_w4_bf16")
+    opt = read_optimizer(ckpt)
+    want = expected(ckpt, opt)
+    for s in optimizer_stats(ckpt, opt):
+        x, m, v = want[s.name]
+        u = m.abs() / (v.sqrt() + 1e-8)
+        assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item()), s.name
+        assert close(s.master.l2, x.norm().item())
+    assert WINDOW > 7
+
+
+def test_cancel_stops_the_stream():
+    ckpt = open_checkpoint(FIXTURES / "s1_w2_fp32")
+    with pytest.raises(MergeCancelled, match="optimizer statistics cancelled"):
+        optimizer_stats(ckpt, read_optimizer(ckpt), should_stop=lambda: True)
+
+
+# -- zinspect info ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["s2_w4_fp16", "s1_w2_bf16_bf16opt"])
+def test_info_json_and_human_carry_the_optimizer(name):
+    ckpt = open_checkpoint(FIXTURES / name)
+    inner, osd = torch_state(torch_load(rank0_optimizer_file(ckpt).path)["optimizer_state_dict"])
+    r = run_zinspect("info", FIXTURES / name, "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["optimizer"]
+    assert got["step"] == 2 and got["name"] == "AdamW" and got["adam"] is True
+    assert got["groups"] == hyper(inner["param_groups"])
+    assert got["state_keys"] == ["step", "exp_avg", "exp_avg_sq"]
+    assert got["clip_grad"] == osd["clip_grad"]
+    human = run_zinspect("info", FIXTURES / name).stdout
+    line = next(x for x in human.splitlines() if x.startswith("optimizer"))
+    assert "AdamW" in line and "step 2" in line and "lr 0.01 / 0.005" in line
+    if name == "s2_w4_fp16":
+        assert got["loss_scaler"]["scale"] == 256 and got["loss_scaler"]["dynamic"] is True
+        assert got["skipped_steps"] == 0
+        assert any(x.startswith("loss scale") and "256, dynamic" in x for x in human.splitlines())
+    else:
+        assert got["loss_scaler"] is None and "loss scale" not in human
