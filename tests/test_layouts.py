@@ -80,16 +80,16 @@ def test_slice_mappings_are_cross_checked(monkeypatch):
     so the check is skipped there; forced on, it must notice the disagreement."""
     from conftest import FIXTURES
 
-    from zinspect.core import load
+    from zinspect.core.layouts import zero12
 
     assert "slice-mapping-mismatch" not in codes(open_checkpoint(FIXTURES / "s2_w3_fp32_rr"))
-    check = load._Builder._check_slice_mappings
+    check = zero12.check_slice_mappings
 
-    def as_if_round_robin_were_off(self, group, parts):
-        self.c.ds_config = {}
-        return check(self, group, parts)
+    def as_if_round_robin_were_off(ctx, group, files):
+        ctx.ckpt.ds_config = {}
+        return check(ctx, group, files)
 
-    monkeypatch.setattr(load._Builder, "_check_slice_mappings", as_if_round_robin_were_off)
+    monkeypatch.setattr(zero12, "check_slice_mappings", as_if_round_robin_were_off)
     ckpt = open_checkpoint(FIXTURES / "s2_w3_fp32_rr")
     found = [f for f in ckpt.findings if f.code == "slice-mapping-mismatch"]
     assert found and all(f.file and f.rank is not None and f.param for f in found)

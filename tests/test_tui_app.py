@@ -14,7 +14,7 @@ from safetensors import safe_open
 from textual.widgets import DataTable, Input, Static
 from textual.worker import WorkerFailed
 
-from zinspect.core import load as load_module
+from zinspect.core.layouts import zero3
 from zinspect.core import open_checkpoint
 from zinspect.core.merge import plan_merge
 from zinspect.core.model import Param
@@ -458,14 +458,14 @@ async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch
     """A ZeRO-3 frozen param's fragments need every rank's model states parsed: the screen
     opens at once, says so, and fills in the table and bar when the thread is done."""
     release, threads = threading.Event(), []
-    real = load_module._FrozenFragments.fragments
+    real = zero3.FrozenFragments.fragments
 
     def gated(self, name, numel):
         threads.append(threading.current_thread())
         release.wait(10)
         return real(self, name, numel)
 
-    monkeypatch.setattr(load_module._FrozenFragments, "fragments", gated)
+    monkeypatch.setattr(zero3.FrozenFragments, "fragments", gated)
     name = "encoder.frozen_proj.weight"
     app = ZinspectApp(str(FIXTURES / "s3_w4_bf16"))
     async with app.run_test(size=SIZE) as pilot:

@@ -6,25 +6,31 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from zinspect.core.model import Coords
 from zinspect.errors import CheckpointNotFound
 
 _OPTIM = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_?optim_states\.pt$")
 _Z3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-_EXPERT = re.compile(r"^(?:layer_\d+_)?expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_EXPERT = re.compile(r"^(?:layer_(\d+)_)?expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _EXPERT_OPTIM = re.compile(r"^expp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 _LAYER = re.compile(r"^layer_(\d+)-model(?:_(\d+))?-model_states\.pt$")
 
 
 @dataclass
 class NamedFile:
-    """What a file name says: its kind and, for rank files, its ranks."""
+    """What a file name says: its kind and, for rank files, its ranks and coordinates.
+
+    `coords` are what the name alone says: `dp` = the zero_pp_rank / expp_rank number, `tp` =
+    the mp_rank number (a pipeline layout, whose mp_rank counts stages, moves it to `pp`),
+    `layer` and `expert` from layer/expert file names."""
 
     path: Path
     kind: str  # optim, model, expert, expert_optim, layer, offload, universal, other
     rank: int | None = None
     mp_rank: int | None = None
     prefix: str = ""
+    coords: Coords = Coords()
 
 
 def classify(path: Path) -> NamedFile:
@@ -34,18 +40,28 @@ def classify(path: Path) -> NamedFile:
     if name in ("offloaded_tensors", "zero") and path.is_dir():
         return NamedFile(path, "offload" if name == "offloaded_tensors" else "universal")
     if m := _OPTIM.match(name):
-        return NamedFile(path, "optim", int(m[2]), int(m[3]), m[1] or "")
+        return _ranked(path, "optim", int(m[2]), int(m[3]), m[1] or "")
     if m := _Z3_MODEL.match(name):
-        return NamedFile(path, "model", int(m[1]), int(m[2]))
+        return _ranked(path, "model", int(m[1]), int(m[2]))
     if m := _MODEL.match(name):
-        return NamedFile(path, "model", None, int(m[1]))
+        return _ranked(path, "model", None, int(m[1]))
     if m := _EXPERT.match(name):
-        return NamedFile(path, "expert", None, int(m[2]))
+        return _ranked(path, "expert", None, int(m[3]), layer=_int(m[1]), expert=int(m[2]))
     if m := _EXPERT_OPTIM.match(name):
-        return NamedFile(path, "expert_optim", int(m[1]), int(m[2]))
+        return _ranked(path, "expert_optim", int(m[1]), int(m[2]))
     if m := _LAYER.match(name):
-        return NamedFile(path, "layer", None, int(m[2]) if m[2] else 0)
+        return _ranked(path, "layer", None, _int(m[2]) or 0, layer=int(m[1]))
     return NamedFile(path, "other")
+
+
+def _int(text: str | None) -> int | None:
+    return None if text is None else int(text)
+
+
+def _ranked(path: Path, kind: str, rank: int | None, mp_rank: int, prefix: str = "",
+            layer: int | None = None, expert: int | None = None) -> NamedFile:
+    return NamedFile(path, kind, rank, mp_rank, prefix,
+                     Coords(dp=rank or 0, tp=mp_rank, layer=layer, expert=expert))
 
 
 def _is_tag_dir(path: Path) -> bool:

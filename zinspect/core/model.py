@@ -1,10 +1,16 @@
 """The checkpoint model: plain dataclasses that the CLI, the app and the merge all read.
 
-    Checkpoint -> RankFile (one per file in the tag dir)
+    Checkpoint -> RankFile (one per file in the tag dir, with its Coords)
+               -> Topology (sizes per parallel axis; which files hold which coordinates)
                -> ParamGroup (optimizer flat group; a ZeRO-3 sub-group)
                -> Param -> Fragment (which file holds which element range at which byte offset)
+                        -> Shard (tensor parallel: what one tp rank holds, as Box maps)
                -> Buffer
                -> Finding (validation results)
+
+Optimizer states other than the fp32 masters (Adam's exp_avg / exp_avg_sq) are not stored as
+fragments: `Checkpoint.state_fragments` derives them from the masters' (same element ranges, at
+the same offsets in the moment tensors of the same rank and group).
 
 Everything here is metadata; no tensor bytes are ever held.
 """
@@ -30,6 +36,62 @@ def short_dtype(dtype: str | None) -> str:
     return DTYPE_SHORT.get(dtype or "", dtype or "?")
 
 
+#: the optimizer states a checkpoint may hold per trainable param ("fp32": the masters)
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+MOMENTS = STATES[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class Coords:
+    """Where a file sits in the parallel topology; an axis the layout does not have is 0.
+    `layer` (pipeline layer files) and `expert` (MoE expert files) are None when not named."""
+
+    dp: int = 0
+    tp: int = 0
+    pp: int = 0
+    ep: int = 0
+    layer: int | None = None
+    expert: int | None = None
+
+
+@dataclass
+class Topology:
+    """Sizes of the parallel axes (an absent axis is 1) and the files at each coordinate."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    files: list[RankFile] = field(default_factory=list, repr=False)
+
+    def files_at(self, dp: int | None = None, tp: int | None = None, pp: int | None = None,
+                 ep: int | None = None, kind: str | None = None) -> list[RankFile]:
+        """The files whose coordinates match every axis given (and `kind`, when given)."""
+        want = {k: v for k, v in (("dp", dp), ("tp", tp), ("pp", pp), ("ep", ep)) if v is not None}
+        return [f for f in self.files if (kind is None or f.kind == kind) and
+                all(getattr(f.coords, k) == v for k, v in want.items())]
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """An N-D box of a tensor: `sizes[d]` elements from `offsets[d]` on each dim (as torch DCP's
+    ChunkStorageMetadata)."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+@dataclass
+class Shard:
+    """What tensor-parallel rank `tp` holds of a param: a tensor of `shape` whose boxes map onto
+    the full tensor (shard box -> full box). `replicated`: every tp rank holds the whole param."""
+
+    tp: int
+    shape: tuple[int, ...]
+    maps: list[tuple[Box, Box]] = field(default_factory=list)
+    replicated: bool = False
+
+
 @dataclass
 class Storage:
     """A tensor record inside a rank file."""
@@ -47,7 +109,7 @@ class RankFile:
     """One file of the tag dir, with what its name says and what its pickle holds."""
 
     path: Path
-    kind: str  # "optim", "model", "expert", "layer", "universal", "offload", "other"
+    kind: str  # "optim", "model", "expert", "expert_optim", "layer", "universal", "offload", "other"
     rank: int | None = None  # data-parallel rank parsed from the name
     mp_rank: int | None = None
     prefix: str = ""  # "bf16_" / "fp16_" / "" (optimizer files)
@@ -67,6 +129,7 @@ class RankFile:
     #: checked whole (the zip end record; with frozen params, the pickle's CRC as well, as its
     #: frozen fragments are unpickled when first needed)
     shallow: bool = False
+    coords: Coords = field(default_factory=Coords)  # from its name (see discover.classify)
 
     @property
     def name(self) -> str:
@@ -81,7 +144,8 @@ class RankFile:
 class Fragment:
     """Elements [start, start+numel) of a param (flattened), held by `file` at byte `offset`.
 
-    `padding` elements follow it in the same partition (ZeRO-3 per-param padding)."""
+    `padding` elements follow it in the same partition (ZeRO-3 per-param padding). `shard`: the
+    tp rank whose shard (`Param.shards[shard]`) the range indexes; None: the full tensor."""
 
     rank: int
     file: str
@@ -94,10 +158,33 @@ class Fragment:
     source: str = "master"  # "master" (fp32 partition), "frozen" (16-bit fragment), "module"
     group_offset: int = 0  # element offset inside the rank's flat group
     intact: bool = True  # False when its bytes are not all in the file (missing or truncated)
+    shard: int | None = None
 
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorAt:
+    """A flat tensor of a rank file, resolved once: where its element 0 is and how many of its
+    elements are really in the file. It makes the fragments that index into it."""
+
+    rank: int
+    file: str
+    base: int | None  # byte offset of element 0 in the file (None: the record is missing)
+    itemsize: int
+    dtype: str
+    numel: int
+    whole: int  # elements from 0 that are really in the file
+
+    def fragment(self, group: int | None, elem: int, start: int, numel: int, padding: int = 0,
+                 source: str = "master", shard: int | None = None) -> Fragment:
+        """Param elements [start, start+numel) held at element `elem` of this tensor."""
+        return Fragment(self.rank, self.file, group, start, numel,
+                        None if self.base is None else self.base + elem * self.itemsize,
+                        self.dtype, padding, source, elem,
+                        self.base is not None and elem + numel <= self.whole, shard)
 
 
 _BUILDING = threading.Lock()
@@ -156,6 +243,7 @@ class Param:
     sub_group: int | None = None  # flat group index (== group at stage 1/2)
     tied_to: str | None = None  # alias of this param: the name that owns the data
     fragments: Sequence[Fragment] = field(default_factory=list)  # or a lazy Fragments
+    shards: dict[int, Shard] = field(default_factory=dict)  # tp rank -> shard; {}: not tp-split
 
     @property
     def numel(self) -> int:
@@ -187,6 +275,7 @@ class ParamGroup:
     partition_numel: dict[int, int] = field(default_factory=dict)  # rank -> saved elements
     padding: dict[int, int] = field(default_factory=dict)  # rank -> padding elements
     dtype: str | None = None  # master dtype
+    coords: Coords | None = None  # the slice (tp, pp, ep) whose files hold it; None: the only one
 
 
 @dataclass
@@ -225,7 +314,8 @@ class Checkpoint:
     tags: list[str] = field(default_factory=list)  # every tag dir found beside this one
     stage: int | None = None
     world_size: int | None = None
-    layout: str = "unknown"  # "zero", "bf16_optimizer", or the name of an unsupported layout
+    layout: str = "unknown"  # the describing layout's name (zinspect.core.layouts)
+    features: list[str] = field(default_factory=list)  # "offload", "hpz", ... from ds_config
     dtype: str | None = None  # training dtype (bf16, fp16, fp32)
     master_dtype: str | None = None
     ds_version: str | None = None
@@ -235,6 +325,39 @@ class Checkpoint:
     params: dict[str, Param] = field(default_factory=dict)  # model order; aliases included
     buffers: dict[str, Buffer] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    topology: Topology = field(default_factory=Topology)
+    #: (file, flat group, moment) -> that moment's flat tensor, for `state_fragments`
+    moments: dict[tuple[str, int, str], TensorAt] = field(default_factory=dict, repr=False)
+
+    @property
+    def states(self) -> list[str]:
+        """The optimizer states present: "fp32" (the masters) when there are flat groups, then
+        each Adam moment that some optimizer file holds."""
+        held = {key[2] for key in self.moments}
+        return (["fp32"] if self.groups else []) + [s for s in MOMENTS if s in held]
+
+    def state_fragments(self, param: str, state: str) -> list[Fragment]:
+        """A param's fragments of `state` ("fp32", "exp_avg", "exp_avg_sq"): the fp32 masters'
+        element ranges, at the same element offsets in that state's tensor of the same rank and
+        group. A tied alias answers for its owner; [] for a frozen param or a state the files
+        do not hold (a rank file without it leaves that rank's range out)."""
+        if state not in STATES:
+            raise ValueError(f"unknown optimizer state {state!r} (one of {', '.join(STATES)})")
+        p = self.params.get(param)
+        if p is not None and p.tied_to:
+            p = self.params.get(p.tied_to)
+        if p is None or p.frozen:
+            return []
+        masters = [f for f in p.fragments if f.source == "master"]
+        if state == "fp32":
+            return masters
+        out = []
+        for f in masters:
+            at = self.moments.get((f.file, f.group, state)) if f.group is not None else None
+            if at is not None:
+                out.append(at.fragment(f.group, f.group_offset, f.start, f.numel, f.padding,
+                                       state, f.shard))
+        return out
 
     # -- derived views -------------------------------------------------------------------
     def file(self, name: str) -> RankFile | None:
@@ -259,7 +382,3 @@ class Checkpoint:
 
     def findings_for(self, param: str) -> list[Finding]:
         return [f for f in self.findings if f.param == param]
-
-    @property
-    def total_numel(self) -> int:
-        return sum(p.numel for p in self.owners())

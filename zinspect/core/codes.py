@@ -1,0 +1,78 @@
+"""Every finding code, once: its severity and what it means.
+
+Codes are stable (tests, `--json` users and CI scripts rely on them). Severities:
+error = a merge would be wrong or incomplete; warning = it works but something is off;
+info = worth knowing (what DeepSpeed's converter would have done differently, for instance).
+A finding is made with `finding(code, ...)`, so a code cannot be raised at two severities.
+"""
+
+from __future__ import annotations
+
+from zinspect.core.model import ERROR, INFO, WARNING, Finding
+
+#: code -> (severity, one-line meaning)
+CODES: dict[str, tuple[str, str]] = {
+    # files
+    "empty-tag-dir": (ERROR, "the tag dir holds no files"),
+    "unreadable-file": (ERROR, "a rank file cannot be parsed (damaged, truncated, not a torch file)"),
+    "truncated-file": (ERROR, "tensor records of a file are cut short"),
+    "no-zip-directory": (WARNING, "a zip's central directory is lost; records found by their headers"),
+    "legacy-format": (INFO, "a file in torch's legacy (non-zip) format"),
+    "unsafe-pickle": (ERROR, "a pickle names code that torch.load would run"),
+    "unknown-classes": (INFO, "a pickle names classes zinspect does not know (never imported)"),
+    "extra-file": (INFO, "a file that is not part of a checkpoint"),
+    "symlinked-file": (INFO, "a rank file is a symbolic link (followed)"),
+    "no-latest": (INFO, "the root has no `latest`; its only tag dir was used"),
+    "not-optimizer-file": (ERROR, "an optimizer file name holds no optimizer_state_dict"),
+    "not-model-states": (ERROR, "a model-states file name holds no model states"),
+    "no-model-states": (ERROR, "no model-states file: names and shapes are unknown"),
+    "legacy-file-name": (WARNING, "a pre-0.10 optimizer file name (DeepSpeed's converter skips it)"),
+    # layout and topology
+    "unsupported-layout": (ERROR, "a layout zinspect recognises but cannot merge yet"),
+    "unknown-layout": (ERROR, "optimizer files of no known ZeRO layout"),
+    "bf16-optimizer": (INFO, "the BF16_Optimizer layout (zero_to_fp32.py refuses it)"),
+    "round-robin": (INFO, "round_robin_gradients reorders the flat groups (handled)"),
+    "topology-mismatch": (ERROR, "the file names and the pickles disagree on the parallel sizes"),
+    # ranks and runs
+    "world-size-unknown": (ERROR, "no readable optimizer file says the world size"),
+    "missing-optimizer-file": (ERROR, "a rank's optimizer file is missing"),
+    "missing-model-states-file": (ERROR, "a rank's ZeRO-3 model-states file is missing"),
+    "stale-rank-file": (ERROR, "a rank file beyond the world size (another run's)"),
+    "duplicate-rank": (ERROR, "two optimizer files for one rank"),
+    "mixed-prefix": (ERROR, "optimizer files with different bf16_/fp16_ prefixes"),
+    "stage-mismatch": (ERROR, "files of different ZeRO stages"),
+    "world-size-mismatch": (ERROR, "files saved at different world sizes"),
+    "step-mismatch": (ERROR, "a rank's optimizer was saved at another step"),
+    "ds-version-mismatch": (WARNING, "files saved by different DeepSpeed versions"),
+    "rank0-model-missing": (WARNING, "the rank-0 model states are missing; tied links may be lost"),
+    # groups and params
+    "group-missing": (ERROR, "a rank file lacks a flat group's partition"),
+    "partition-size": (ERROR, "a rank's partition has the wrong number of elements"),
+    "group-coverage": (ERROR, "the ranks hold more or fewer elements than the group's params"),
+    "slice-mapping-mismatch": (WARNING, "the optimizer's param_slice_mappings disagree with the shapes"),
+    "param-shape": (ERROR, "param_shapes gives a param no valid shape"),
+    "duplicate-param": (ERROR, "a param is in two param groups"),
+    "shape-mismatch": (ERROR, "param_shapes and the module's weight disagree on a shape"),
+    "param-unaccounted": (ERROR, "a module param in no group, frozen list or tie"),
+    "no-params": (ERROR, "the model states name no parameters"),
+    "tied-source-missing": (ERROR, "a tied alias whose owner is not in the checkpoint"),
+    "frozen-missing": (ERROR, "a frozen param with no saved values"),
+    "frozen-from-module": (INFO, "a ZeRO-1 frozen param recovered from the 16-bit module"),
+    "param-coverage": (ERROR, "elements of a param held by no rank file"),
+    "param-overlap": (ERROR, "elements of a param held twice"),
+    "param-truncated": (ERROR, "a param's bytes are not all in its file"),
+    "master-not-fp32": (WARNING, "the optimizer masters are 16-bit"),
+    "int-buffers": (INFO, "integer buffers keep their dtype"),
+    # reading every byte (validate --deep, merge, stats)
+    "crc-mismatch": (ERROR, "a record's bytes do not match its zip CRC"),
+    "crc-unavailable": (INFO, "a file has no CRCs to check (legacy format)"),
+    "record-unreadable": (ERROR, "a record cannot be read whole"),
+    "values-unchecked": (INFO, "NaN/Inf were not counted"),
+    "nan-values": (WARNING, "NaN values in a tensor"),
+    "inf-values": (WARNING, "Inf values in a tensor"),
+}
+
+
+def finding(code: str, message: str, hint: str = "", **where) -> Finding:
+    """A finding of a registered `code`, at the code's severity."""
+    return Finding(CODES[code][0], code, message, hint, **where)

@@ -1,0 +1,59 @@
+"""Checkpoint layouts: one module per layout behind one interface (`base.Layout`), and the
+registry below that `load.py` asks, in order, which layout the files are.
+
+A layout module defines `LAYOUT = Layout(name, recognise, describe)`:
+  * `recognise(ctx) -> bool` from the files' names and headers (`ctx`: a `base.LoadContext`;
+    `common.read_headers` has filled it: optimizer files by rank, stage, world size, the
+    model states, the reference optimizer_state_dict);
+  * `describe(ctx) -> None` fills `ctx.ckpt` (params, groups, fragments, topology, findings
+    through `ctx.find(code, ...)`). The shared steps are in `common` (names/ties/frozen from
+    the model states: `describe_names`; buffers/dtypes: `finish`; moments: `attach_moments`);
+    the ZeRO geometry per slice is `zero12.attach` / `zero3.attach` (+ `zero3.attach_frozen`).
+
+How to add a layout: write `layouts/<name>.py` with its LAYOUT, add its module name to
+`REGISTRY` (one line; before the layouts it must win over, and if it replaces a placeholder of
+`unsupported.py`, in that placeholder's place), and add its fixtures and tests. Nothing else.
+An entry is a module name (its LAYOUT) or "module:ATTRIBUTE" for another Layout object.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from zinspect.core.layouts.base import Layout, LoadContext
+
+#: asked in this order; the first layout that recognises the files describes them
+REGISTRY: tuple[str, ...] = (
+    "unsupported:UNIVERSAL",
+    "unsupported:TENSOR_PARALLEL",
+    "unsupported:PIPELINE",
+    "unsupported:MOE",
+    "unsupported:NVME_OFFLOAD",
+    "unsupported:ZERO0",
+    "zero3",
+    "zero12",
+    "bf16_optimizer",
+    "unsupported:UNKNOWN",  # always last: files of no known layout
+)
+
+
+@cache
+def layouts() -> tuple[Layout, ...]:
+    """The registry's Layout objects, in order."""
+    out = []
+    for entry in REGISTRY:
+        module, _, attr = entry.partition(":")
+        out.append(getattr(importlib.import_module(f"{__name__}.{module}"), attr or "LAYOUT"))
+    return tuple(out)
+
+
+def pick(ctx: LoadContext) -> Layout:
+    """The first layout of the registry that recognises the files."""
+    return next(layout for layout in layouts() if layout.recognise(ctx))
+
+
+#: the layouts a merge can be planned for
+MERGEABLE = ("zero", "bf16_optimizer")
+
+__all__ = ["MERGEABLE", "REGISTRY", "Layout", "LoadContext", "layouts", "pick"]

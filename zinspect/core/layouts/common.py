@@ -1,0 +1,346 @@
+"""The steps every layout shares, written once: what the file headers say (`read_headers`), the
+names, shapes and ties of the params from the model states (`describe_names`), frozen params
+saved whole, buffers, dtypes and the Adam moments' tensors (`finish`, `attach_moments`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from zinspect.core.layouts.base import LoadContext
+from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
+from zinspect.core.model import MOMENTS, Buffer, Finding, Param, RankFile
+from zinspect.core.torchzip import TensorRef, TorchFile
+
+REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
+
+
+# ---------------------------------------------------------------------- headers
+def read_headers(ctx: LoadContext) -> None:
+    """What the files' headers say, before any layout is chosen: unreadable files, the
+    optimizer files by rank, stage / partition count / step of each, the model states that
+    names are read from, and the checkpoint's stage, world size, version and ds_config."""
+    c = ctx.ckpt
+    for rf in c.files:
+        if rf.error:
+            ctx.find("unreadable-file", f"{rf.name} cannot be read: {rf.error}",
+                     rf.error_hint or "restore this file from a copy, or re-save the checkpoint",
+                     file=rf.name, rank=rf.rank)
+    ctx.optim_files = [f for f in c.files_of("optim") if f.mp_rank in (0, None)]
+    ctx.optim = _by_rank(ctx, ctx.optim_files)
+    for rf in ctx.optim_files:
+        _read_optim_header(ctx, rf)
+    ctx.model_files = [f for f in c.files_of("model") if f.mp_rank in (0, None)]
+    for rf in ctx.model_files:
+        obj = ctx.torch_file(rf).obj if ctx.torch_file(rf) else None
+        if isinstance(obj, dict):
+            rf.ds_version = text(obj.get("ds_version"))
+            dp = obj.get("dp_world_size")
+            rf.dp_world_size = dp if isinstance(dp, int) else None
+    _pick_model_state(ctx)
+    stages = Counter(f.stage for f in ctx.optim_files if f.stage is not None)
+    if stages:
+        c.stage = stages.most_common(1)[0][0]
+    # the lowest rank that can be read: an unreadable rank 0 is reported once, as itself
+    ref = next((rf for _, rf in sorted(ctx.optim.items()) if ctx.torch_file(rf)),
+               ctx.optim.get(0))
+    ref_tf = ctx.torch_file(ref)
+    osd = get(ref_tf.obj, "optimizer_state_dict") if ref_tf else None
+    if isinstance(osd, dict):
+        counts = [pc for f in ctx.optim_files for pc in f.partition_count[:1]]
+        if ref.partition_count:
+            c.world_size = max(ref.partition_count)
+        elif counts:
+            c.world_size = Counter(counts).most_common(1)[0][0]
+        c.ds_version = ref.ds_version
+        c.ds_config = get(ref_tf.obj, "ds_config")
+        ctx.ref_osd = osd
+
+
+def _by_rank(ctx: LoadContext, files: list[RankFile]) -> dict[int, RankFile]:
+    out: dict[int, RankFile] = {}
+    for rf in sorted(files, key=lambda f: (f.rank, f.name)):
+        if rf.rank in out:
+            ctx.find("duplicate-rank",
+                     f"rank {rf.rank} has two optimizer files: {out[rf.rank].name} and {rf.name}",
+                     "a stale file from another run is mixed in (bf16_/fp16_ prefix); "
+                     "remove the one that does not belong to this run", file=rf.name, rank=rf.rank)
+            continue
+        out[rf.rank] = rf
+    return out
+
+
+def _read_optim_header(ctx: LoadContext, rf: RankFile) -> None:
+    tf = ctx.torch_file(rf)
+    if tf is None:
+        return
+    osd = get(tf.obj, "optimizer_state_dict")
+    if not isinstance(osd, dict):
+        rf.error = "no optimizer_state_dict in it: not a DeepSpeed optimizer file"
+        ctx.find("not-optimizer-file", f"{rf.name} has no optimizer_state_dict",
+                 "this is not a DeepSpeed ZeRO optimizer file; move it out of the tag dir",
+                 file=rf.name, rank=rf.rank)
+        ctx.forget(rf)
+        return
+    stage = osd.get("zero_stage")
+    if isinstance(stage, int):
+        rf.stage = int(stage)
+    elif "single_partition_of_fp32_groups" in osd:
+        rf.stage = 1  # BF16_Optimizer: no zero_stage key, ZeRO-1 partitioning
+    pc = osd.get("partition_count")
+    rf.partition_count = [int(pc)] if isinstance(pc, int) else [
+        int(x) for x in pc if isinstance(x, int)] if isinstance(pc, list) else []
+    rf.ds_version = text(osd.get("ds_version")) or text(get(tf.obj, "ds_version"))
+    rf.step = _optimizer_step(tf, osd)
+
+
+def _optimizer_step(tf: TorchFile, osd: dict) -> float | int | None:
+    """Adam's `step` of the lowest-numbered param state: every rank steps together, so a rank
+    file with another value was saved at another time (a stale file with the right shapes)."""
+    state = get(_inner_optimizer(osd), "state")
+    if not isinstance(state, dict) or not state:
+        return None
+    step = get(state.get(min(state, key=str)), "step")
+    if isinstance(step, TensorRef):
+        return tf.read_scalar(step)
+    return step if isinstance(step, (int, float)) else None
+
+
+def _inner_optimizer(osd: dict | None) -> dict | None:
+    """The torch optimizer's own state dict: under base_optimizer_state at ZeRO-1/2 and in
+    BF16_Optimizer, under optimizer_state_dict at ZeRO-3."""
+    if not isinstance(osd, dict):
+        return None
+    inner = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict")
+    return inner if isinstance(inner, dict) else None
+
+
+def _pick_model_state(ctx: LoadContext) -> None:
+    """The model-states pickle to take names/shapes from: the rank-0 file (it alone has
+    `shared_params` at stage 3), else the lowest rank that can be read."""
+    for rf in sorted(ctx.model_files, key=lambda f: (f.rank or 0, f.name)):
+        tf = ctx.torch_file(rf)
+        if tf is None:
+            continue
+        if not isinstance(tf.obj, dict) or \
+                ("buffer_names" not in tf.obj and "param_shapes" not in tf.obj):
+            rf.error = "not a model-states file (no buffer_names/param_shapes)"
+            ctx.find("not-model-states", f"{rf.name} is not a model-states file",
+                     "move it out of the tag dir", file=rf.name, rank=rf.rank)
+            continue
+        ctx.model_file, ctx.model_state = rf, tf.obj
+        if rf.rank not in (0, None):
+            ctx.find("rank0-model-missing", f"the rank-0 model-states file is missing or "
+                     f"unreadable; names are read from {rf.name}",
+                     "tied-parameter links (shared_params) are only saved by rank 0; "
+                     "restore zero_pp_rank_0_mp_rank_00_model_states.pt",
+                     file=rf.name, rank=rf.rank)
+        return
+
+
+def param_groups_of(ctx: LoadContext, files: dict[int, RankFile]) -> dict[int, int]:
+    """flat group index -> optimizer param group, from the lowest readable of `files`."""
+    for _, rf in sorted(files.items()):
+        tf = ctx.torch_file(rf)
+        if tf is not None:
+            return param_group_map(get(tf.obj, "optimizer_state_dict"), ctx.ckpt.stage == 3)
+    return {}
+
+
+# ---------------------------------------------------------------------- names
+@dataclass
+class Names:
+    """What the model states say, beyond the params they name (kept for the later steps)."""
+
+    module: dict  # name -> TensorRef of the 16-bit module state
+    buffer_names: list[str]
+    #: per flat group, its (name, shape) members in order (shape None: not a valid shape)
+    flat_groups: list[list[tuple[str, tuple[int, ...] | None]]]
+    frozen_shapes: dict[str, tuple[int, ...] | None]
+
+
+def describe_names(ctx: LoadContext) -> Names | None:
+    """Params (names, shapes, frozen, ties) from the model states into `ctx.ckpt.params`;
+    None (with a finding when none exists) when there are no model states to read."""
+    c, ms = ctx.ckpt, ctx.model_state
+    if ms is None:
+        if c.files and not c.files_of("model"):
+            ctx.find("no-model-states", "no *_model_states.pt file in the tag dir",
+                     "the parameter names and shapes live there; copy it from the run")
+        return None
+    c.ds_version = c.ds_version or text(ms.get("ds_version"))
+    c.ds_config = ms.get("ds_config") if c.ds_config is None else c.ds_config
+    if c.world_size is None and isinstance(ms.get("dp_world_size"), int):
+        c.world_size = ms["dp_world_size"]
+    module = ms.get("module") if isinstance(ms.get("module"), dict) else {}
+    buffer_names = [b for b in ms.get("buffer_names") or [] if isinstance(b, str)]
+    shapes = as_group_list(ms.get("param_shapes"))
+    if not shapes and ctx.ref_osd is not None:  # DeepSpeed < 0.6 kept them in optim files
+        first = ctx.optim.get(0) or next(iter(ctx.optim.values()))
+        shapes = as_group_list(get(ctx.torch_file(first).obj, "param_shapes"))
+    flat_groups = [[(str(n), shape(s)) for n, s in g.items()] for g in shapes]
+    _check_flat_groups(ctx, flat_groups, shapes)
+    frozen = ms.get("frozen_param_shapes")
+    frozen_shapes = {str(n): shape(s) for n, s in frozen.items()} \
+        if isinstance(frozen, dict) else {}
+    names = Names(module, buffer_names, flat_groups, frozen_shapes)
+    _build_params(ctx, names, ms.get("shared_params")
+                  if isinstance(ms.get("shared_params"), dict) else {})
+    return names
+
+
+def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
+    c, module, model_file = ctx.ckpt, names.module, ctx.model_file
+    trainable = {n: s for g in names.flat_groups for n, s in g}
+    bufset = set(names.buffer_names)
+    listed = [n for n in module if isinstance(n, str) and n not in bufset]
+    for n in list(trainable) + list(names.frozen_shapes):
+        if n not in module:
+            listed.append(n)  # module missing or stripped: the shapes lists still name them
+    untied: list[str] = []
+    for name in listed:
+        t = module.get(name)
+        dtype = t.dtype if isinstance(t, TensorRef) else None
+        shp = trainable.get(name) or names.frozen_shapes.get(name)
+        if shp is None and isinstance(t, TensorRef) and c.stage != 3:
+            shp = t.shape
+        p = Param(name, shp or (), dtype or "")
+        if name in trainable and shp is not None and isinstance(t, TensorRef) and \
+                c.stage != 3 and t.shape != shp:  # stage 1/2 modules hold full weights
+            ctx.find("shape-mismatch", f"{name}: param_shapes says {short(shp)}, its 16-bit "
+                     f"weight in the module is {short(t.shape)}", REPLACE_MODEL_STATES,
+                     param=name, file=model_file.name)
+        src = shared.get(name)
+        if isinstance(src, str) and src != name and name not in trainable:
+            p.tied_to = src
+        elif name in trainable:
+            pass
+        elif name in names.frozen_shapes or (isinstance(t, TensorRef) and c.stage != 3):
+            p.frozen = True  # ZeRO-1 keeps frozen params only in `module`
+        elif model_file.rank not in (0, None) and not shared:
+            untied.append(name)  # a tied alias: only rank 0 saves the links
+            continue
+        else:
+            ctx.find("param-unaccounted", f"{name} is in the module state but in no param "
+                     "group, frozen list or tied-params map", "the model-states file is "
+                     "inconsistent", param=name, file=model_file.name)
+        c.params[name] = p
+    if untied:  # folded under the missing rank-0 file: one cause, one finding
+        i, f = next((i, f) for i, f in enumerate(c.findings) if f.code == "rank0-model-missing")
+        c.findings[i] = Finding(f.severity, f.code, f"{f.message}; {len(untied)} tied "
+                                f"alias(es) cannot be linked and are left out "
+                                f"({', '.join(untied[:3])}{', ...' if len(untied) > 3 else ''})",
+                                f.hint, f.file, f.rank)
+    if not c.params:
+        ctx.find("no-params", f"{model_file.name} names no parameters: its module and "
+                 "param_shapes are missing or malformed", "the model-states file is damaged or "
+                 "was replaced; restore it from the run", file=model_file.name,
+                 rank=model_file.rank)
+    for p in c.params.values():
+        src = c.params.get(p.tied_to) if p.tied_to else None
+        if src is None:
+            continue  # not tied, or tied to a name that is not here (validate reports it)
+        if p.shape and src.shape and p.shape != src.shape:
+            # zero-numel params share a data_ptr with their neighbour at stage 1/2
+            p.tied_to = None
+            p.frozen = True
+            continue
+        p.shape, p.frozen = src.shape, src.frozen
+        p.dtype = p.dtype or src.dtype
+
+
+def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict]) -> None:
+    """Every trainable param once, with a valid shape: otherwise its group cannot add up."""
+    seen: dict[str, int] = {}
+    file = ctx.model_file.name
+    for gi, (members, raw) in enumerate(zip(flat_groups, shapes, strict=True)):
+        for (name, shp), value in zip(members, raw.values(), strict=True):
+            if shp is None:
+                ctx.find("param-shape", f"{name}: param_shapes gives it no valid shape "
+                         f"({type(value).__name__} {short(value)})", REPLACE_MODEL_STATES,
+                         param=name, group=gi, file=file)
+            if name in seen:
+                ctx.find("duplicate-param", f"{name} is in param group {seen[name]} and in "
+                         f"group {gi}", REPLACE_MODEL_STATES, param=name, group=gi, file=file)
+            seen.setdefault(name, gi)
+
+
+# ---------------------------------------------------------------------- after the geometry
+def attach_whole_frozen(ctx: LoadContext, names: Names) -> None:
+    """Frozen params saved whole in the one model-states file (ZeRO-0/1/2): as
+    `frozen_param_fragments` (stage 2), else only as the 16-bit module weights (stage 1)."""
+    c = ctx.ckpt
+    frozen = [p for p in c.params.values() if p.frozen and not p.tied_to]
+    tf = ctx.torch_file(ctx.model_file)
+    fragments = ctx.model_state.get("frozen_param_fragments")
+    for p in frozen:
+        t = fragments.get(p.name) if isinstance(fragments, dict) else None
+        source = "frozen"
+        if not isinstance(t, TensorRef):
+            t, source = names.module.get(p.name), "module"
+        if isinstance(t, TensorRef) and tf is not None:
+            at = located(tf, ctx.model_file.name, 0, t)
+            p.fragments.append(at.fragment(None, 0, 0, min(t.numel, p.numel), source=source))
+
+
+def finish(ctx: LoadContext, names: Names) -> None:
+    """Buffers, the dtypes, and a tied alias's group (its owner's)."""
+    _buffers(ctx, names)
+    _settle_dtypes(ctx)
+    c = ctx.ckpt
+    for p in c.params.values():  # a tied alias lives where its owner lives
+        owner = c.params.get(p.tied_to) if p.tied_to else None
+        if owner is not None:
+            p.group, p.sub_group = owner.group, owner.sub_group
+
+
+def _buffers(ctx: LoadContext, names: Names) -> None:
+    tf = ctx.torch_file(ctx.model_file)
+    for name in names.buffer_names:
+        t = names.module.get(name)
+        if isinstance(t, TensorRef):
+            offset = tf.tensor_offset(t) if tf else None
+            rec = tf.records.get(t.storage.key) if tf else None
+            intact = offset is not None and t.is_contiguous() and rec is not None and \
+                rec.present >= (t.offset * t.itemsize + t.nbytes)
+            ctx.ckpt.buffers[name] = Buffer(name, t.shape, t.dtype, ctx.model_file.name,
+                                            offset, intact)
+        else:
+            ctx.ckpt.buffers[name] = Buffer(name, (), "", intact=False)
+
+
+def _settle_dtypes(ctx: LoadContext) -> None:
+    c = ctx.ckpt
+    masters = Counter(g.dtype for g in c.groups if g.dtype)
+    c.master_dtype = masters.most_common(1)[0][0] if masters else None
+    cfg = c.ds_config if isinstance(c.ds_config, dict) else {}
+    if get(cfg, "bf16", "enabled") is True:
+        c.dtype = "bfloat16"
+    elif get(cfg, "fp16", "enabled") is True:
+        c.dtype = "float16"
+    else:
+        dts = Counter(p.dtype for p in c.params.values() if p.dtype)
+        c.dtype = dts.most_common(1)[0][0] if dts else c.master_dtype
+    for p in c.params.values():
+        if not p.dtype:
+            p.dtype = c.dtype or ""
+
+
+def attach_moments(ctx: LoadContext, files: dict[int, RankFile]) -> None:
+    """Record where each optimizer file keeps Adam's exp_avg / exp_avg_sq of each flat group
+    (`state[group][moment]`, shaped like the group's fp32 partition), for
+    `Checkpoint.state_fragments`. Only metadata already parsed is read."""
+    for rank, rf in files.items():
+        tf = ctx.torch_file(rf)
+        state = get(_inner_optimizer(get(tf.obj, "optimizer_state_dict")), "state") \
+            if tf else None
+        if not isinstance(state, dict):
+            continue
+        for group, per in state.items():
+            if type(group) is not int or not isinstance(per, dict):
+                continue
+            for moment in MOMENTS:
+                t = per.get(moment)
+                if isinstance(t, TensorRef):
+                    ctx.ckpt.moments[(rf.name, group, moment)] = located(tf, rf.name, rank, t)
+

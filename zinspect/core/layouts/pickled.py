@@ -1,0 +1,78 @@
+"""Reading values out of a parsed pickle defensively: nothing from a checkpoint is trusted to
+have the type, size or shape DeepSpeed would give it."""
+
+from __future__ import annotations
+
+import math
+
+from zinspect.core.model import TensorAt
+from zinspect.core.torchzip import MAX_NUMEL, TensorRef, TorchFile
+
+
+def get(obj, *keys, default=None):
+    """obj[k1][k2]..., or `default` as soon as a level is not a dict holding the key."""
+    for k in keys:
+        if not isinstance(obj, dict) or k not in obj:
+            return default
+        obj = obj[k]
+    return obj
+
+
+def numel(shape: tuple[int, ...] | None) -> int:
+    return math.prod(shape or ())  # shapes come through `shape`: tuples of ints
+
+
+def shape(value) -> tuple[int, ...] | None:
+    """A shape from the pickle, or None unless it has at most 64 non-negative int dims and
+    at most MAX_NUMEL elements (a dim of 10**18 balanced by a negative one sums to little)."""
+    if isinstance(value, (tuple, list)) and len(value) <= 64 and \
+            all(type(s) is int and 0 <= s <= MAX_NUMEL for s in value) and \
+            math.prod(value) <= MAX_NUMEL:
+        return tuple(value)
+    return None
+
+
+def short(value) -> str:
+    """A bounded, printable glimpse of a value from a pickle (its ints only: never a repr)."""
+    if isinstance(value, (tuple, list)):
+        dims = ", ".join(str(x) if type(x) is int and abs(x) < 10**30 else "?"
+                         for x in value[:8])
+        return f"({dims}{', ...' if len(value) > 8 else ''})"
+    return ""
+
+
+def text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def as_group_list(shapes) -> list[dict]:
+    """`param_shapes`: a list of per-group OrderedDicts (a single dict before DeepSpeed 0.5.4)."""
+    if isinstance(shapes, dict):
+        return [shapes]
+    if isinstance(shapes, list):
+        return [g for g in shapes if isinstance(g, dict)]
+    return []
+
+
+def param_group_map(osd: dict | None, stage3: bool) -> dict[int, int]:
+    """flat group (ZeRO-3 sub-group) index -> optimizer param group index, from the torch
+    optimizer's saved param_groups (each lists the flat tensors it owns)."""
+    base = get(osd, "optimizer_state_dict" if stage3 else "base_optimizer_state")
+    groups = get(base, "param_groups")
+    out: dict[int, int] = {}
+    if isinstance(groups, list):
+        for gi, g in enumerate(groups):
+            for idx in get(g, "params", default=[]) or []:
+                if isinstance(idx, int):
+                    out[idx] = gi
+    return out
+
+
+def located(tf: TorchFile, file: str, rank: int, t: TensorRef) -> TensorAt:
+    """A rank's tensor, resolved once: where its element 0 is and how many of its elements are
+    really in the file."""
+    base = tf.tensor_offset(t)
+    rec = tf.records.get(t.storage.key)
+    whole = 0 if base is None or rec is None or not t.is_contiguous() else \
+        max(0, min(rec.present, rec.size) // t.itemsize - t.offset)
+    return TensorAt(rank, file, base, t.itemsize, t.dtype, t.numel, min(whole, t.numel))

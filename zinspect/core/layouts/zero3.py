@@ -1,0 +1,148 @@
+"""ZeRO stage 3: each param of sub-group k is cut into ceil(n/ws) elements per rank (the last
+ranks padded), and rank r's pieces are concatenated, padding included, in `fp32_flat_groups[k]`.
+Frozen params: each rank's model states hold its ceil(n/ws) 16-bit elements.
+
+A param's fragments are built when first asked for (`Fragments(make=...)`): a 300k-name model
+over 64 ranks would be 19M of them. `attach` and `attach_frozen` are the geometry alone,
+reusable per slice (tensor-parallel ranks, pipeline stages)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import partial
+
+from zinspect.core import partition
+from zinspect.core.layouts import common
+from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.pickled import get, located, numel
+from zinspect.core.model import Coords, Fragment, Fragments, ParamGroup, RankFile, TensorAt
+from zinspect.core.torchzip import TensorRef, TorchFile
+
+Members = list[tuple[str, tuple[int, ...] | None]]
+
+
+def recognise(ctx: LoadContext) -> bool:
+    return isinstance(ctx.ref_osd, dict) and "zero_stage" in ctx.ref_osd and \
+        ctx.ckpt.stage == 3
+
+
+def describe(ctx: LoadContext) -> None:
+    names = common.describe_names(ctx)
+    if names is None:
+        return
+    c = ctx.ckpt
+    ws = c.world_size or len(ctx.optim)
+    attach(ctx, ctx.optim, names.flat_groups, ws)
+    common.attach_moments(ctx, ctx.optim)
+    attach_frozen(ctx, {f.rank: f for f in ctx.model_files if f.rank is not None},
+                  c.world_size or 1)
+    common.finish(ctx, names)
+
+
+def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[Members],
+           partition_count: int, *, shard: int | None = None,
+           coords: Coords | None = None) -> list[ParamGroup]:
+    """Attach (lazily) the fp32 fragments of `flat_groups` (sub-group k =
+    `fp32_flat_groups[k]` of each file) held by `files` ({dp rank: optimizer file}) to
+    `ctx.ckpt.params`, cut over `partition_count` ranks; add one ParamGroup per sub-group to
+    `ctx.ckpt.groups` (returned). `shard` / `coords`: as in zero12.attach."""
+    c = ctx.ckpt
+    ws = partition_count
+    group_of = common.param_groups_of(ctx, files)
+    flats: dict[int, list[TensorAt | None]] = {}
+    for r, rf in files.items():
+        tf = ctx.torch_file(rf)
+        fl = get(tf.obj, "optimizer_state_dict", "fp32_flat_groups") if tf else None
+        if isinstance(fl, list):
+            flats[r] = [located(tf, rf.name, r, t) if isinstance(t, TensorRef) else None
+                        for t in fl]
+    out = []
+    for gi, members in enumerate(flat_groups):
+        g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), [n for n, _ in members],
+                       sum(numel(s) for _, s in members), coords=coords)
+        c.groups.append(g)
+        out.append(g)
+        parts = {r: fl[gi] for r, fl in flats.items() if gi < len(fl) and fl[gi] is not None}
+        for r, part in parts.items():
+            g.partition_numel[r], g.padding[r] = part.numel, 0
+            g.dtype = g.dtype or part.dtype
+        o = 0
+        for name, shape in members:
+            n = numel(shape)
+            P = partition.zero3_share(n, ws)
+            if P:
+                for r in range(n // P, ws):  # only the last ranks hold padding
+                    if r in parts:
+                        g.padding[r] += P - partition.zero3_held(n, ws, r)
+            p = c.params.get(name)
+            if p is not None:
+                p.group, p.sub_group = g.param_group, gi
+                if not p.shape and shape:
+                    p.shape = shape
+                if P:
+                    p.fragments = Fragments(make=partial(fragments_of, parts, gi, o, n, P,
+                                                         "master", shard))
+            o += P
+    return out
+
+
+def attach_frozen(ctx: LoadContext, model_files: dict[int, RankFile], partition_count: int,
+                  shard: int | None = None) -> None:
+    """Frozen params (not tied aliases) of `ctx.ckpt`: lazily, from each rank's model states
+    (`model_files`: {dp rank: file}) holding ceil(n / partition_count) elements of each."""
+    frozen = [p for p in ctx.ckpt.params.values() if p.frozen and not p.tied_to]
+    if not frozen:
+        return
+    source = FrozenFragments(ctx, model_files, partition_count, shard)
+    for p in frozen:
+        p.fragments = Fragments(make=partial(source.fragments, p.name, p.numel))
+
+
+class FrozenFragments:
+    """ZeRO-3 frozen params: each rank's model states hold its ceil(n/ws) elements. The files
+    of ranks > 0 are unpickled on first use, all at once, in threads."""
+
+    def __init__(self, ctx: LoadContext, files: dict[int, RankFile], ws: int,
+                 shard: int | None = None) -> None:
+        self.ws, self.shard, self.files, self.parse = ws, shard, files, ctx.parse
+        self.parsed: dict[int, TorchFile] = {r: ctx.torch_file(f) for r, f in files.items()
+                                             if ctx.torch_file(f)}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    def _load(self) -> None:
+        with self._lock:
+            if self._loaded:
+                return
+            shallow = {id(f): r for r, f in self.files.items() if f.shallow}
+            got = self.parse([f for f in self.files.values() if f.shallow])
+            for key, tf in got.items():
+                self.parsed[shallow[key]] = tf
+            self._loaded = True
+
+    def fragments(self, name: str, n: int) -> list[Fragment]:
+        self._load()
+        P = partition.zero3_share(n, self.ws)
+        parts = {}
+        for r, tf in sorted(self.parsed.items()):
+            t = get(tf.obj, "frozen_param_fragments", name)
+            if isinstance(t, TensorRef):
+                parts[r] = located(tf, self.files[r].name, r, t)
+        return fragments_of(parts, None, 0, n, P, "frozen", self.shard) if P else []
+
+
+def fragments_of(parts: dict[int, TensorAt], group: int | None, offset: int, n: int, P: int,
+                 source: str, shard: int | None = None) -> list[Fragment]:
+    """A ZeRO-3 param of n elements at element `offset` of each rank's partition: rank r holds
+    elements [r*P, r*P + held) followed by P - held padding elements."""
+    out = []
+    for r, part in parts.items():
+        if offset + P > part.numel:
+            continue  # partition too short: validate reports the group size
+        held = max(0, min(n - r * P, P))
+        out.append(part.fragment(group, offset, r * P, held, P - held, source, shard))
+    return out
+
+
+LAYOUT = Layout("zero", recognise, describe)
