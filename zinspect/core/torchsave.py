@@ -15,13 +15,15 @@ reads back as the same objects torch itself would have saved.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import struct
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from zinspect.core.plan import OutputTensor, Piece
 from zinspect.core.torchzip import (
     _ALLOWED,
     DTYPE_SIZES,
@@ -79,14 +81,17 @@ class NewStorage:
 
 @dataclass(frozen=True, eq=False)
 class NewTensor:
-    """A contiguous tensor of `shape` at element `offset` of `storage`."""
+    """A tensor of `shape` at element `offset` of `storage` (contiguous unless `strides`)."""
 
     storage: NewStorage
     shape: tuple[int, ...]
     offset: int = 0
+    strides: tuple[int, ...] | None = None
 
     @property
     def stride(self) -> tuple[int, ...]:
+        if self.strides is not None:
+            return self.strides
         out, step = [], 1
         for n in reversed(self.shape):
             out.append(step)
@@ -268,3 +273,115 @@ TAIL_RECORDS = (("version", b"3\n"),)
 def serialization_id(name: str) -> bytes:
     """torch's `.data/serialization_id`: an opaque string; here a digest of the file name."""
     return str(zlib.crc32(name.encode()) * 10**10 + len(name)).zfill(20).encode()
+
+
+# ------------------------------------------------------------------------------ streamed files
+@dataclass
+class OutFile:
+    """One torch.save file to write: the object `obj` pickled, and each of its storages filled
+    from `ops` in order: a `Piece` (bytes of a source file, read verified) or an int (that
+    many zero bytes: padding)."""
+
+    name: str
+    obj: object = None
+    records: list = field(default_factory=list)  # [(NewStorage, [Piece | int, ...])]
+
+    def tensor(self, dtype: str, shape: tuple[int, ...], ops: list) -> NewTensor:
+        """A new contiguous tensor of its own storage, filled by `ops`."""
+        st = NewStorage(str(len(self.records)), dtype, math.prod(shape))
+        self.records.append((st, ops))
+        return NewTensor(st, Size(shape))
+
+    def storage(self, dtype: str, numel: int, ops: list) -> NewStorage:
+        st = NewStorage(str(len(self.records)), dtype, numel)
+        self.records.append((st, ops))
+        return st
+
+
+def add_piece(ops: list, piece: Piece) -> None:
+    """Append `piece`, merged into the previous one when it continues it in the same file."""
+    last = ops[-1] if ops else None
+    if isinstance(last, Piece) and last.path == piece.path and \
+            last.offset + last.nbytes == piece.offset:
+        ops[-1] = Piece(last.path, last.offset, last.nbytes + piece.nbytes)
+    elif piece.nbytes:
+        ops.append(piece)
+
+
+def add_zeros(ops: list, nbytes: int) -> None:
+    if nbytes and ops and type(ops[-1]) is int:
+        ops[-1] += nbytes
+    elif nbytes:
+        ops.append(nbytes)
+
+
+def stream_tensors(files: list[OutFile]) -> list[OutputTensor]:
+    """The source bytes of `files`, in the order they are written: one tensor per run of pieces
+    (what zinspect.core.stream reads and zinspect.core.verify checks)."""
+    out = []
+    for f in files:
+        for st, ops in f.records:
+            run: list[Piece] = []
+            for op in [*ops, 0]:
+                if isinstance(op, Piece):
+                    run.append(op)
+                elif run:
+                    n = sum(p.nbytes for p in run) // DTYPE_SIZES[st.dtype]
+                    out.append(OutputTensor(f"{f.name}:{st.key}", (n,), st.dtype, st.dtype, run))
+                    run = []
+    return out
+
+
+def output_bytes(files: list[OutFile]) -> int:
+    return sum(st.nbytes for f in files for st, _ in f.records)
+
+
+class FilesSink:
+    """The stream's sink for `files`: routes each source byte to its record, writes the zero
+    padding, the pickles and the small records between them, and the zip directories. `open`
+    gives a new file's fd; `done(name, fd)` is called once a file is complete."""
+
+    ZEROS = bytes(1 << 20)
+
+    def __init__(self, files: list[OutFile], open_fd, done) -> None:
+        self._steps = self._walk(files, open_fd, done)
+        self._need = 0  # source bytes the current piece still wants
+        self.zip: ZipWriter | None = None
+
+    def _walk(self, files, open_fd, done):
+        for f in files:
+            fd = open_fd(f.name)
+            self.zip = z = ZipWriter(fd, f.name.removesuffix(".pt"))
+            z.add("data.pkl", dumps(f.obj))
+            for name, data in HEAD_RECORDS:
+                z.add(name, data)
+            for st, ops in f.records:
+                z.begin(f"data/{st.key}")
+                for op in ops:
+                    if isinstance(op, Piece):
+                        yield op.nbytes
+                    else:
+                        for i in range(0, op, len(self.ZEROS)):
+                            z.feed(memoryview(self.ZEROS)[:min(len(self.ZEROS), op - i)])
+                z.end()
+            for name, data in TAIL_RECORDS:
+                z.add(name, data)
+            z.add(".data/serialization_id", serialization_id(f.name))
+            z.close()
+            done(f.name, fd)
+
+    def __call__(self, data: memoryview) -> None:
+        while len(data):
+            if not self._need:
+                self._need = next(self._steps)
+            n = min(self._need, len(data))
+            self.zip.feed(data[:n])
+            self._need -= n
+            data = data[n:]
+
+    def finish(self) -> None:
+        """Write what follows the last source byte (padding, small records, directories)."""
+        if self._need:
+            raise RuntimeError("the stream ended before every planned byte was read")
+        for _ in self._steps:
+            raise RuntimeError("the stream ended before every planned byte was read")

@@ -1,0 +1,146 @@
+"""Reshard a ZeRO checkpoint to another data-parallel world size: the files DeepSpeed itself would
+have saved had the run used N ranks, so a stock engine at N resumes with `load_checkpoint()`.
+
+The optimizer state of a ZeRO rank is a slice of flat groups (ZeRO-1/2, BF16_Optimizer: each
+param group flattened, padded to a multiple of 2*N and cut into N partitions; ZeRO-3: each param
+cut into ceil(n/N) per rank, the pieces of a sub-group concatenated). Every per-element state
+(the fp32 masters, Adam's exp_avg and exp_avg_sq) follows the same slicing, so each new rank's
+tensors are runs of byte ranges of the old files plus zero padding: planned here from the
+checkpoint model (`zinspect.core.reshard_zero`), then streamed once, verified, into new
+torch.save files (`zinspect.core.torchsave`) under a temporary name, renamed into place at the
+end, `latest` written last as DeepSpeed does. The pickles' non-tensor parts (ds_config, loss
+scaler, param_groups, ...) are written back as the source files hold them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zinspect.core.fmt import shown
+from zinspect.core.model import Checkpoint
+from zinspect.core.outdir import OutputDir, temp_name
+from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
+from zinspect.core.torchsave import FilesSink, OutFile, output_bytes, stream_tensors
+from zinspect.core.verify import Verification
+from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
+
+RESHARDABLE = ("zero", "bf16_optimizer")
+
+
+@dataclass
+class ReshardResult:
+    out_dir: Path
+    tag: str
+    files: list[Path]
+    world_size: int
+    source_world_size: int
+    stage: int
+    bytes: int
+    seconds: float
+    verified: int = 0  # zip records read whole and CRC-checked
+    unverified: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"out_dir": str(self.out_dir), "tag": self.tag,
+                "files": [p.name for p in self.files], "world_size": self.world_size,
+                "source_world_size": self.source_world_size, "stage": self.stage,
+                "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "verified_records": self.verified, "unverified_records": self.unverified,
+                "notes": self.notes}
+
+
+def check_reshardable(ckpt: Checkpoint, world_size: int) -> None:
+    """Refuse (NotMergeable, naming why) what cannot be resharded correctly."""
+    where = shown(str(ckpt.path))
+    if world_size < 1:
+        raise UsageError(f"--world-size must be at least 1 (got {world_size})", "e.g. --world-size 4")
+    if ckpt.layout not in RESHARDABLE:
+        raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be resharded (only plain "
+                           "ZeRO-1/2/3 and BF16_Optimizer data-parallel checkpoints can)",
+                           "a tensor- or pipeline-parallel run keeps its tp/pp degrees; "
+                           "`zinspect merge --format universal` may serve instead")
+    if ckpt.errors:
+        first = ckpt.errors[0]
+        raise NotMergeable(f"{where}: validation found {len(ckpt.errors)} error(s), the first: "
+                           f"{first.message}", "run `zinspect validate` for details; a "
+                           "damaged checkpoint cannot be resharded")
+    feats = set(getattr(ckpt, "features", ()) or ())
+    if feats & {"offload", "nvme", "hpz", "mics"}:
+        raise NotMergeable(f"{where}: resharding a run with {', '.join(sorted(feats))} is not "
+                           "supported", "reshard a plain ZeRO checkpoint")
+
+
+def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
+            force: bool = False, progress: Progress | None = None,
+            should_stop: ShouldStop | None = None, notice: Callable[[str], None] | None = None,
+            ready: Callable[[], None] | None = None) -> ReshardResult:
+    """Write `ckpt` resharded for `world_size` data-parallel ranks into OUT_DIR/<tag>/ and
+    OUT_DIR/latest. Every source byte read is CRC-checked; nothing is written under a final
+    name until everything was read and written; a failure or cancel leaves nothing behind."""
+    from zinspect.core.reshard_zero import plan_files
+
+    check_reshardable(ckpt, world_size)
+    started = time.monotonic()
+    out_dir = Path(out_dir).expanduser()
+    forbidden = [ckpt.path] + ([ckpt.root] if ckpt.root else [])
+    if out_dir.resolve() in [d.resolve() for d in forbidden]:
+        raise OutputError(f"{out_dir}: is the checkpoint's own directory",
+                          "write the resharded checkpoint to a directory of its own")
+    latest = out_dir / "latest"
+    if os.path.lexists(latest) and not force:
+        raise OutputError(f"{out_dir}: already holds a `latest`",
+                          "pick an empty or new directory, or pass --force to replace it")
+    files, notes = plan_files(ckpt, world_size)
+    tensors = stream_tensors(files)
+    meter = ProgressMeter(sum(t.src_nbytes for t in tensors), progress)
+    verification = meter.verification = Verification(tensors, shown=os.path.basename)
+    inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
+    try:
+        with OutputDir(out_dir / ckpt.tag, [f.name for f in files], inputs=inputs,
+                       forbidden_dirs=forbidden, nbytes=output_bytes(files), force=force,
+                       notice=notice) as out:
+            if ready is not None:
+                ready()
+
+            def done(name: str, fd: int) -> None:
+                os.fsync(fd)
+                os.close(fd)
+
+            sink = FilesSink(files, out.create, done)
+            copy_tensors(tensors, sink, meter, should_stop)
+            sink.finish()
+            if should_stop is not None and should_stop():
+                raise MergeCancelled("reshard cancelled; nothing was written")
+            verification.check_unchanged()
+            final = out.commit()
+            _write_latest(out_dir, ckpt.tag)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{out_dir}: the disk is full; nothing was written",
+                              "free some space or write to another disk") from e
+        raise OutputError(f"{out_dir}: writing failed ({e.strerror or e}); nothing was written",
+                          "check the output directory") from e
+    except KeyboardInterrupt as e:
+        raise MergeCancelled("reshard interrupted; nothing was written") from e
+    return ReshardResult(out_dir, ckpt.tag, final, world_size, ckpt.world_size or 0,
+                         ckpt.stage or 0, output_bytes(files), time.monotonic() - started,
+                         len(verification.checks),
+                         [f"{c.file}: {c.record}" for c in verification.unverified], notes)
+
+
+def _write_latest(out_dir: Path, tag: str) -> None:
+    """`latest` names the tag (no newline, as DeepSpeed writes it), replaced by rename."""
+    tmp = out_dir / temp_name("latest")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, tag.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, out_dir / "latest")
