@@ -5,7 +5,9 @@ Megatron-DeepSpeed names, 2-sub-params, pre-0.4 sub-param counts, and every way 
 from __future__ import annotations
 
 import functools
+import math
 import json
+import shutil
 
 import pytest
 import torch
@@ -231,3 +233,159 @@ def test_tiling_problems_are_found():
     assert "overlap" in R.tiling_problem(twice, {0: (2, 2), 1: (2, 2)})
     too_big = R.Geometry((4, 2), {0: [((0, 0), (0, 0), (2, 2))], 1: [((0, 0), (2, 0), (2, 2))]})
     assert "does not fit its shard [1, 2]" in R.tiling_problem(too_big, {0: (2, 2), 1: (1, 2)})
+
+
+# -- the layout on the real fixtures ---------------------------------------------------------
+
+
+def tp_checkpoint(path):
+    from zinspect.core import open_checkpoint
+
+    return open_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", TP)
+def test_layout_gives_full_shapes_and_shards(name):
+    m = manifest(name)
+    c = tp_checkpoint(PARALLEL / name)
+    assert (c.layout, c.stage, c.world_size) == ("tensor_parallel", m["stage"], m["world_size"])
+    assert (c.topology.tp, c.topology.dp) == (m["tp"], m["dp"])
+    assert c.findings == []
+    assert list(c.params) == list(m["params"]) or set(c.params) == set(m["params"])
+    for pname, want in m["params"].items():
+        p = c.params[pname]
+        assert (list(p.shape), p.tied_to) == (want["shape"], want["tied_to"]), pname
+        if p.tied_to:
+            continue
+        assert sorted(p.shards) == [0, 1]
+        for t, shard in p.shards.items():
+            assert (shard.tp, list(shard.shape)) == (t, want["shard_shape"]), pname
+            assert shard.replicated == (want["kind"] == "replicated")
+            held = sorted((f.start, f.numel) for f in p.fragments if f.shard == t)
+            assert sum(n for _, n in held) == math.prod(shard.shape), (pname, t)
+            assert all(a + n == b for (a, n), (b, _) in zip(held, held[1:]))
+        assert all(f.shard in (0, 1) for f in p.fragments)
+
+
+def read_fragments(c, p, t: int) -> torch.Tensor:
+    """Tp rank t's shard of p, read from its fp32 master fragments' bytes (no merge code)."""
+    flat = torch.full((math.prod(p.shards[t].shape),), float("nan"))
+    for f in p.fragments:
+        if f.shard == t:
+            raw = (c.path / f.file).read_bytes()[f.offset: f.offset + f.numel * 4]
+            flat[f.start: f.start + f.numel] = torch.frombuffer(bytearray(raw), dtype=torch.float32)
+    return flat.reshape(p.shards[t].shape)
+
+
+@pytest.mark.parametrize("name", TP)
+def test_shards_and_fragments_rebuild_the_reference(name):
+    """The fp32 masters each fragment points at, laid out by the shards' boxes, are
+    reference_fp32.pt bit for bit; the replicas of a replicated param are equal."""
+    c = tp_checkpoint(PARALLEL / name)
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    for p in c.owners():
+        shards = {t: read_fragments(c, p, t) for t in p.shards}
+        geo = R.Geometry(p.shape, {t: [(a.offsets, b.offsets, a.sizes) for a, b in s.maps]
+                                   for t, s in p.shards.items()}, p.shards[0].replicated)
+        assert torch.equal(assemble(geo, shards), reference[p.name]), p.name
+        if geo.replicated:
+            assert torch.equal(shards[0], shards[1]), p.name
+
+
+# -- damaged copies: every tp-axis problem located, with its exact code ------------------------
+
+
+def damaged(tmp_path, name: str, damage) -> list:
+    """Validate a copy of fixture `name` after `damage(tag_dir)`: [(code, file, rank, param)]."""
+    from zinspect.core.validate import validate
+
+    root = tmp_path / name
+    shutil.copytree(PARALLEL / name, root)
+    damage(root / manifest(name)["tag"])
+    return sorted({(f.code, f.file, f.rank, f.param) for f in validate(tp_checkpoint(root))},
+                  key=str)
+
+
+def edit_model_states(path, change) -> None:
+    state = torch.load(path, weights_only=False)
+    change(state)
+    torch.save(state, path)
+
+
+def both_tp_ranks(change):
+    def damage(tag):
+        for t in (0, 1):
+            edit_model_states(tag / f"mp_rank_{t:02d}_model_states.pt", change)
+    return damage
+
+
+Q_PROJ = r"^model\.layers\.0\.self_attn\.q_proj\.weight$"
+
+
+def test_a_missing_tp_rank_is_located(tmp_path):
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: (tag / "mp_rank_01_model_states.pt").unlink())
+    assert got == [("missing-tp-rank", "mp_rank_01_model_states.pt", 1, None)]
+
+
+def test_a_missing_zero3_tp_rank_is_located(tmp_path):
+    got = damaged(tmp_path, "tp2_dp2_s3_toy",
+                  lambda tag: (tag / "zero_pp_rank_0_mp_rank_01_model_states.pt").unlink())
+    assert ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 1, None) in got
+    assert {code for code, *_ in got} == {"missing-tp-rank"}
+
+
+@pytest.mark.parametrize("name", ["tp2_dp2_s2_toy", "tp2_dp2_s3_toy", "tp2_dp2_s2_llama_bf16_tied"])
+def test_a_missing_optimizer_file_of_tp_rank_1_is_located(tmp_path, name):
+    prefix = "bf16_" if "bf16" in name else ""
+    lost = f"{prefix}zero_pp_rank_1_mp_rank_01_optim_states.pt"
+    got = damaged(tmp_path, name, lambda tag: (tag / lost).unlink())
+    assert ("missing-optimizer-file", lost, 3, None) in got
+    assert {code for code, *_ in got} <= {"missing-optimizer-file", "param-coverage"}
+
+
+def test_files_of_another_topology_are_stale(tmp_path):
+    def damage(tag):
+        shutil.copy(tag / "zero_pp_rank_1_mp_rank_01_optim_states.pt", tag / "zero_pp_rank_1_mp_rank_02_optim_states.pt")
+        shutil.copy(tag / "zero_pp_rank_1_mp_rank_01_optim_states.pt", tag / "zero_pp_rank_2_mp_rank_01_optim_states.pt")
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", damage)
+    assert got == [("stale-rank-file", "zero_pp_rank_1_mp_rank_02_optim_states.pt", 4, None),
+                   ("stale-rank-file", "zero_pp_rank_2_mp_rank_01_optim_states.pt", 5, None)]
+
+
+def test_a_shard_shape_that_breaks_its_rule_is_located(tmp_path):
+    norm = "model.layers.0.input_layernorm.weight"
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: edit_model_states(
+        tag / "mp_rank_01_model_states.pt", lambda s: s["param_shapes"][1].__setitem__(norm, torch.Size([4, 4]))))
+    assert got == [("tp-shard-shape", None, None, norm)]
+
+
+def test_shards_that_do_not_tile_are_located(tmp_path):
+    def overlap(state):
+        state["universal_checkpoint_info"]["affine_map"]["params"][Q_PROJ]["ranks"][1]["pieces"][0]["source"][0] = 0
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(overlap))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert got == [("tp-coverage", None, None, q), ("tp-split-mismatch", None, None, q)]
+
+
+def test_a_split_that_cannot_be_known_is_named_not_guessed(tmp_path):
+    def unknowable(state):
+        del state["universal_checkpoint_info"]["affine_map"], state["universal_checkpoint_info"]["sub_param_shard_widths"]
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(unknowable))
+    assert got == [("tp-split-unknown", None, None, f"model.layers.{i}.mlp.gate_up_proj.weight") for i in (0, 1)]
+
+
+def test_the_affine_map_wins_over_patterns_it_contradicts(tmp_path):
+    """A row param listed as column too: the patterns join it on dim 0, the map on dim 1; the map
+    is used (as DeepSpeed's converter does) and the disagreement is a warning."""
+    def contradict(state):
+        state["universal_checkpoint_info"]["parameter_with_row_parallelism_patterns"].remove(
+            r"^model\.layers\.0\.self_attn\.o_proj\.weight$")
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(contradict))
+    assert got == [("tp-split-mismatch", None, None, "model.layers.0.self_attn.o_proj.weight")]
+
+
+def test_tp_ranks_that_describe_their_splits_differently_are_reported(tmp_path):
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: edit_model_states(
+        tag / "mp_rank_01_model_states.pt",
+        lambda s: s["universal_checkpoint_info"]["tp_replicated_parameter_patterns"].append("^nothing$")))
+    assert got == [("tp-info-mismatch", "mp_rank_01_model_states.pt", 1, None)]

@@ -74,7 +74,9 @@ def describe(ctx: LoadContext) -> None:
     slices = _slices(ctx, tp, dp)
     infos = _split_info(ctx, slices)
     shards = _shard_shapes(ctx, slices)
-    unplaced = [p for p in c.owners() if not _place(ctx, p, infos, shards.get(p.name, {}), tp)]
+    unread = {s.tp for s in slices if s.state is None}
+    unplaced = [p for p in c.owners()
+                if not _place(ctx, p, infos, shards.get(p.name, {}), tp, unread)]
     for p in c.params.values():  # a tied alias has its owner's full shape
         owner = c.params.get(p.tied_to) if p.tied_to else None
         if owner is not None:
@@ -135,6 +137,11 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
             s.models[rf.rank or 0] = rf
     for s in slices:
         s.model = next((s.models[r] for r in sorted(s.models) if ctx.torch_file(s.models[r])), None)
+        if s.model is None and s.models:  # ZeRO-3 without dp rank 0's: read the next one
+            first = s.models[min(s.models)]
+            if first.shallow:
+                ctx.parsed.update(ctx.parse([first]))
+                s.model = first if ctx.torch_file(first) else None
         tf = ctx.torch_file(s.model)
         s.state = tf.obj if tf is not None and isinstance(tf.obj, dict) else None
         s.flat_groups = [[(str(n), shape(v)) for n, v in g.items()]
@@ -154,9 +161,9 @@ def _report_missing(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
         if d not in s.models:
             name = f"zero_pp_rank_{d}_mp_rank_{s.tp:02d}_model_states.pt" if c.stage == 3 else \
                 f"mp_rank_{s.tp:02d}_model_states.pt"
-            ctx.find("missing-tp-rank", f"tp rank {s.tp}'s model states {name} are missing: its "
-                     "shards' shapes (and ZeRO-3 frozen params) are unknown", REPLACE,
-                     file=name, rank=d * tp + s.tp)
+            lost = "its frozen-param partitions" if s.models else "its shards' shapes"
+            ctx.find("missing-tp-rank", f"{name} (dp rank {d}, tp rank {s.tp}) is missing: {lost} "
+                     "are unknown", REPLACE, file=name, rank=d * tp + s.tp)
     if s.models and s.state is None:
         ctx.find("missing-tp-rank", f"tp rank {s.tp}'s model states cannot be read", REPLACE,
                  file=next(iter(s.models.values())).name, rank=s.tp)
@@ -178,8 +185,11 @@ def _split_info(ctx: LoadContext, slices: list[Slice]) -> dict | None:
     ref = next((i for _, i in infos if isinstance(i, dict)), None)
     for s, info in infos:
         if info != ref:
+            keys = sorted(k for k in {*(info or {}), *(ref or {})} if isinstance(k, str) and
+                          get(info, k) != get(ref, k))
             ctx.find("tp-info-mismatch", f"tp rank {s.tp}'s universal_checkpoint_info differs from "
-                     "tp rank 0's: the ranks describe their splits differently",
+                     f"the first rank's in {', '.join(keys[:4]) or 'its type'}: the ranks describe "
+                     "their splits differently",
                      "the files come from different runs or versions; tp rank 0's is used",
                      file=s.model.name, rank=s.tp)
     return ref
@@ -199,13 +209,14 @@ def _shard_shapes(ctx: LoadContext, slices: list[Slice]) -> dict[str, dict[int, 
     return out
 
 
-def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple], tp: int) -> bool:
+def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple], tp: int,
+           unread: set[int]) -> bool:
     """Set p's full shape and its shards (True); a split that cannot be known is named, never
     guessed (False)."""
     held = sorted(shards)
     if held != list(range(tp)):
         lost = sorted(set(range(tp)) - set(held))
-        if held and _rank_has_files(ctx, lost):  # a missing tp rank is reported as itself
+        if held and not set(lost) <= unread:  # a missing tp rank is reported as itself
             ctx.find("tp-param-missing", f"{p.name} is held by tp ranks {held} but not by {lost}",
                      "the tp ranks' model states name different params: they come from "
                      "different runs; " + REPLACE, param=p.name)
@@ -230,10 +241,6 @@ def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tupl
     p.shards = {t: Shard(t, shards[t], [(Box(a, n), Box(b, n)) for a, b, n in geo.pieces[t]],
                          geo.replicated) for t in range(tp)}
     return True
-
-
-def _rank_has_files(ctx: LoadContext, ranks: list[int]) -> bool:
-    return any(f.coords.tp in ranks and f.kind == "model" for f in ctx.ckpt.files)
 
 
 def _geometry(ctx: LoadContext, p: Param, info: dict | None,
@@ -266,10 +273,16 @@ def _geometry(ctx: LoadContext, p: Param, info: dict | None,
     if rule_error:
         _mismatch(ctx, p, f"the split patterns fail ({rule_error}); the affine map is used")
     elif not tp_rules.same_geometry(rule, mapped):
+        t = next((t for t in sorted(mapped.pieces) if mapped.pieces[t] != rule.pieces.get(t)), 0)
         _mismatch(ctx, p, f"the affine map and the split patterns place its shards differently "
-                  f"(map: full {list(mapped.shape)}, patterns: full {list(rule.shape)}); the "
-                  "affine map is used, as DeepSpeed's converter does")
+                  f"(full {list(mapped.shape)} vs {list(rule.shape)}; tp rank {t} at "
+                  f"{_places(mapped, t)} vs {_places(rule, t)}); the affine map is used, as "
+                  "DeepSpeed's converter does")
     return mapped
+
+
+def _places(geo: tp_rules.Geometry, t: int) -> str:
+    return ", ".join(f"{list(full)}+{list(n)}" for _, full, n in geo.pieces.get(t, [])[:3])
 
 
 def _mismatch(ctx: LoadContext, p: Param, message: str) -> None:
