@@ -4,6 +4,7 @@ and retyped tensors are found and located; exit codes 0/1/2."""
 from __future__ import annotations
 
 import json
+import threading
 import struct
 
 import pytest
@@ -141,3 +142,69 @@ def test_a_checkpoint_that_cannot_be_rebuilt_is_bad_input(tmp_path, capsys):
     assert main(["diff", str(tag), str(CKPT)]) == 2  # not 1: that means "different"
     assert main(["stats", str(tag)]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_next_window_is_read_while_this_one_is_compared(monkeypatch):
+    """Reads overlap the comparison: while window 0 is compared, both sides have already read
+    window 1 (the diff that waited on each window's reads would wait here in vain)."""
+    from zinspect.core import diff
+
+    monkeypatch.setattr(diff, "WINDOW", 4096)
+    read = {}  # side -> windows handed over
+    ahead = threading.Event()
+    real_put, real_compare = diff._Side._put, diff._compare
+
+    def put(side, item):
+        real_put(side, item)
+        read[id(side)] = read.get(id(side), 0) + 1
+        if len(read) == 2 and min(read.values()) >= 2:
+            ahead.set()
+
+    compared = []
+
+    def compare(p, *args):
+        if not compared:
+            compared.append(ahead.wait(10))
+        real_compare(p, *args)
+
+    monkeypatch.setattr(diff._Side, "_put", put)
+    monkeypatch.setattr(diff, "_compare", compare)
+    r = _diff(CKPT, CKPT / "reference_fp32.pt")
+    assert compared == [True]
+    assert r.equal and all(p.identical for p in r.params)
+
+
+def test_nan_and_inf_are_counted_and_reported_as_stats_reports_them(merged, tmp_path, capsys):
+    from zinspect.core.stats import compute_stats, nonfinite_findings
+
+    ref = torch.load(CKPT / "reference_fp32.pt")
+    sd = {k: v.clone() for k, v in ref.items()}
+    sd["encoder.cube"][0, 0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    save_file(sd, tmp_path / "bad.safetensors")
+    r = _diff(merged, tmp_path / "bad.safetensors")
+    p = next(p for p in r.params if p.name == "encoder.cube")
+    assert (p.nan_a, p.inf_a, p.nan_b, p.inf_b) == (0, 0, 1, 2)
+    assert p.differing == 3 and p.max_abs == float("inf")
+    stats = nonfinite_findings(compute_stats(open_source(tmp_path / "bad.safetensors").tensors))
+    found = r.findings()
+    assert [(f.code, f.param) for f in found] == [(f.code, f.param) for f in stats]
+    assert [f.message for f in found] == [f.message + " in B" for f in stats]
+    assert main(["diff", str(merged), str(tmp_path / "bad.safetensors"), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [f["code"] for f in out["findings"]] == ["nan-values", "inf-values"]
+    assert main(["stats", str(tmp_path / "bad.safetensors"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["findings"] == \
+        [dict(f, message=f["message"].removesuffix(" in B")) for f in out["findings"]]
+
+
+def test_a_bf16_output_equals_its_checkpoint_within_a_tolerance(tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["merge", str(CKPT), str(out), "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    exact = _diff(CKPT, out)
+    assert not exact.equal  # bit-identity: other dtype, other bits
+    assert {p.name for p in exact.params if p.dtype_a != p.dtype_b}
+    r = _diff(CKPT, out, rtol=2 ** -8)  # bf16 keeps 8 significant bits: rounding is within
+    assert r.equal, [p.name for p in r.params if not p.within]
+    assert main(["diff", str(CKPT), str(out), "--rtol", "4e-3"]) == 0
+    assert main(["diff", str(CKPT), str(out)]) == 1

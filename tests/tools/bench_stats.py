@@ -8,7 +8,9 @@ For each checkpoint (a dir holding `latest`), page cache warm, best of N runs, i
 * diff:   diff_tensors(checkpoint, its merged safetensors output), bit-identity path
 
 The merged output is written once under --scratch (default /work/scratch/g/bench).
-Peak RSS is the process's (ru_maxrss) after each phase.
+Peak RSS is the process's (ru_maxrss) after each phase. `--before FILE` also times the
+diff_tensors of another diff.py (e.g. `git show bd7f209:zinspect/core/diff.py > /tmp/d.py`:
+the diff that waited on each window's reads), after the current one, for a before/after.
 
     python tests/tools/bench_stats.py /work/scratch/b/s3_w4_60M /work/scratch/b/s3_w4_122M --runs 2
 """
@@ -16,7 +18,9 @@ Peak RSS is the process's (ru_maxrss) after each phase.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -50,15 +54,22 @@ def main() -> None:
     ap.add_argument("ckpts", nargs="+", type=Path)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--scratch", type=Path, default=Path("/work/scratch/g/bench"))
+    ap.add_argument("--before", type=Path, help="a diff.py to time as well (its diff_tensors)")
     args = ap.parse_args()
+    before = None
+    if args.before:
+        spec = importlib.util.spec_from_file_location("diff_before", args.before)
+        module = sys.modules["diff_before"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        before = module.diff_tensors
     for ckpt in args.ckpts:
         out = args.scratch / ckpt.name
         if not out.exists():
             assert cli(["merge", str(ckpt), str(out)]) == 0
-        bench(ckpt, out, args.runs)
+        bench(ckpt, out, args.runs, before)
 
 
-def bench(ckpt: Path, out: Path, runs: int) -> None:
+def bench(ckpt: Path, out: Path, runs: int, before=None) -> None:
     a = open_source(ckpt).tensors
     b = open_source(out).tensors
     na = sum(t.src_nbytes for t in a if t.tied_to is None)
@@ -76,6 +87,9 @@ def bench(ckpt: Path, out: Path, runs: int) -> None:
           f"  peak RSS {r1:,.0f} MiB")
     print(f"  diff   {td:6.2f} s  floor {f2:6.2f} s  ({td / f2:4.1f}x, {(na + nb) / mib / td:,.0f}"
           f" MiB/s)  peak RSS {r2:,.0f} MiB")
+    if before is not None:
+        tb = best(lambda: before(a, b), runs)
+        print(f"  before {tb:6.2f} s  floor {f2:6.2f} s  ({tb / f2:4.1f}x)  peak RSS {rss_mib():,.0f} MiB")
 
 
 if __name__ == "__main__":

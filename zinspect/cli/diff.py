@@ -15,7 +15,9 @@ A and B are each a ZeRO checkpoint (its fp32 masters), a safetensors file or fol
 each param: bit-identical or not, max |a-b|, relative L2 change ||a-b||/||a||, how many elements
 differ and where the first is; most changed first.
 
-By default "equal" means bit-identical; --atol/--rtol allow |a-b| <= atol + rtol*|b|.
+By default "equal" means bit-identical; --atol/--rtol allow |a-b| <= atol + rtol*|b|, and then
+the values count, not their dtype (a bf16 output against its fp32 masters: --rtol 4e-3).
+NaN/Inf on either side are warnings (nan-values / inf-values), as in stats and validate --deep.
 --map-prefix OLD=NEW renames A's names first (repeatable), e.g. --map-prefix base_model.model.=
 to compare a PEFT model with its base.
 
@@ -87,5 +89,7 @@ def _human(result, verbose: bool) -> None:
         verdict = "within" if p.within else "differs"
         print(f"{verdict:<9} {name}{dt}: max|a-b| {p.max_abs:.4g}, rel L2 {p.rel_l2:.3g}, "
               f"{p.differing:,} element(s){where}")
+    for f in result.findings():
+        print(f"warning {f.code}: {shown(f.message, 300)}\n  hint: {f.hint}")
     print(f"{len(result.params)} matched, {same} equal, {len(result.only_a)} only in A, "
           f"{len(result.only_b)} only in B: {'EQUAL' if result.equal else 'DIFFERENT'}")

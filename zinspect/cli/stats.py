@@ -47,8 +47,7 @@ def run(args) -> int:
     findings = nonfinite_findings(stats)
     if args.json:
         print_json({"path": src.path, "kind": src.kind, "params": [s.to_json() for s in stats],
-                    "findings": [{"severity": f.severity, "code": f.code, "message": f.message,
-                                  "hint": f.hint, "param": f.param} for f in findings]})
+                    "findings": [f.to_json() for f in findings]})
         return 0
     _human(stats, findings)
     return 0

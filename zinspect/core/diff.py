@@ -9,12 +9,15 @@ float64 (max |a-b|, ||a-b|| / ||a||), so memory stays bounded whatever the model
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from zinspect.core.plan import OutputTensor, Piece
-from zinspect.core.stats import Scratch, as_float64
-from zinspect.core.stream import BufferSink, Progress, ProgressMeter, ShouldStop, copy_tensors
+from zinspect.core.model import Finding
+from zinspect.core.stats import NUMPY_DTYPES, Scratch, as_float64, tensor_nonfinite
+from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled, UsageError
 
@@ -38,6 +41,10 @@ class ParamDiff:
     a_sq: float = 0.0
     differing: int = 0  # elements not within tolerance
     first_index: int | None = None  # flat index of the first such element
+    nan_a: int = 0  # NaN / Inf values on each side (counted as stats and deep check count them)
+    inf_a: int = 0
+    nan_b: int = 0
+    inf_b: int = 0
 
     @property
     def comparable(self) -> bool:
@@ -55,6 +62,7 @@ class ParamDiff:
                 "identical": self.identical, "within_tolerance": self.within,
                 "max_abs_diff": _j(self.max_abs), "rel_l2": _j(self.rel_l2),
                 "differing": self.differing, "first_index": self.first_index,
+                "nan_a": self.nan_a, "inf_a": self.inf_a, "nan_b": self.nan_b, "inf_b": self.inf_b,
                 "first_position": list(unravel(self.first_index, self.shape_b))
                 if self.first_index is not None else None}
 
@@ -64,18 +72,33 @@ class DiffResult:
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
     params: list[ParamDiff] = field(default_factory=list)  # sorted: most changed first
+    #: no tolerance: equal means the same bits, so a dtype difference is a difference; with a
+    #: tolerance it is the values that count (a bf16 output against its fp32 masters)
+    exact: bool = True
 
     @property
     def equal(self) -> bool:
-        """No name, shape or dtype differences, and every value within tolerance."""
+        """No name or shape differences, every value within tolerance, and (when exact) no
+        dtype differences."""
         return not self.only_a and not self.only_b and all(
-            p.comparable and p.dtype_a == p.dtype_b and p.within for p in self.params)
+            p.comparable and p.within and (p.dtype_a == p.dtype_b or not self.exact)
+            for p in self.params)
+
+    def findings(self) -> list[Finding]:
+        """NaN/Inf on either side (nan-values / inf-values, as stats and validate --deep say
+        them): counted in the compared params, whatever the verdict."""
+        out = []
+        for p in self.params:
+            out += tensor_nonfinite(p.name_a, math.prod(p.shape_a), p.nan_a, p.inf_a, "A")
+            out += tensor_nonfinite(p.name, math.prod(p.shape_b), p.nan_b, p.inf_b, "B")
+        return out
 
     def to_json(self) -> dict:
         return {"equal": self.equal, "only_a": self.only_a, "only_b": self.only_b,
                 "shape_mismatch": [p.name for p in self.params if not p.comparable],
                 "dtype_mismatch": [p.name for p in self.params if p.dtype_a != p.dtype_b],
-                "params": [p.to_json() for p in self.params]}
+                "params": [p.to_json() for p in self.params],
+                "findings": [f.to_json() for f in self.findings()]}
 
 
 def parse_prefix_map(items: list[str] | None) -> list[tuple[str, str]]:
@@ -116,24 +139,34 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
         if p.comparable:
             pairs.append((p, ta, tb))
         result.params.append(p)
-    exact = atol == 0 and rtol == 0
-    total = sum(ta.nbytes + tb.nbytes for _, ta, tb in pairs)
-    meter = ProgressMeter(total, progress)
+    exact = result.exact = atol == 0 and rtol == 0
+    windows = list(_windows(pairs))
+    meter = ProgressMeter(sum(ta.nbytes + tb.nbytes for _, ta, tb in pairs), progress)
     scratch = Scratch()
+    stop = threading.Event()
+    sides = [_Side([[w[k] for w in batch] for batch in windows], stop, should_stop, sumsq=k == 1)
+             for k in (1, 2)]
     try:
-        with ThreadPoolExecutor(1, "zinspect-diff") as pool:  # A's window read beside B's
-            for batch in _windows(pairs):
-                wa = [w for _, w, _, _ in batch]
-                wb = [w for _, _, w, _ in batch]
-                sa, sb = BufferSink(wa), BufferSink(wb)
-                side_a = pool.submit(copy_tensors, wa, sa, ProgressMeter(0, None), should_stop)
-                copy_tensors(wb, sb, ProgressMeter(0, None), should_stop)
-                side_a.result()
-                for (p, ta, tb, start), ba, bb in zip(batch, sa.buffers, sb.buffers, strict=True):
-                    _compare(p, ta.dtype, tb.dtype, ba, bb, start, exact, atol, rtol, scratch)
-                meter.add(sum(len(x) for x in sa.buffers + sb.buffers), batch[-1][0].name)
-                if should_stop is not None and should_stop():
-                    raise MergeCancelled("the diff was cancelled")
+        with ThreadPoolExecutor(2, "zinspect-diff") as pool:  # A's and B's streams
+            for side in sides:
+                pool.submit(side.run)
+            try:
+                for batch in windows:
+                    (da, facts_a), (db, facts_b) = sides[0].get(), sides[1].get()
+                    # one memcmp says a whole window is bit-identical (the usual verdict)
+                    same = all(wa.dtype == wb.dtype for _, wa, wb, _ in batch) and da == db
+                    va, vb, pa, pb = memoryview(da), memoryview(db), 0, 0
+                    for (p, wa, wb, start), fa, fb in zip(batch, facts_a, facts_b, strict=True):
+                        p.nan_a, p.inf_a, p.a_sq = p.nan_a + fa[0], p.inf_a + fa[1], p.a_sq + fa[2]
+                        p.nan_b, p.inf_b = p.nan_b + fb[0], p.inf_b + fb[1]
+                        _compare(p, wa.dtype, wb.dtype, va[pa:pa + wa.nbytes],
+                                 vb[pb:pb + wb.nbytes], same, start, exact, atol, rtol, scratch)
+                        pa, pb = pa + wa.nbytes, pb + wb.nbytes
+                    meter.add(len(da) + len(db), batch[-1][0].name)
+                    if should_stop is not None and should_stop():
+                        raise MergeCancelled("the diff was cancelled")
+            finally:
+                stop.set()  # the streams stop at their next chunk or queue slot
     except MergeCancelled as e:
         raise MergeCancelled("the diff was cancelled", "nothing was changed") from e
     result.params.sort(key=lambda p: (p.comparable and p.dtype_a == p.dtype_b, p.within,
@@ -141,32 +174,109 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
     return result
 
 
-def _compare(p: ParamDiff, dtype_a: str, dtype_b: str, ba: bytearray, bb: bytearray,
-             start: int, exact: bool, atol: float, rtol: float, scratch: Scratch) -> None:
+#: finished windows each side may hold ahead of the comparison (memory: about
+#: (QUEUED + 2) * WINDOW per side, the window being filled and the one being compared included)
+QUEUED = 1
+
+#: what a side says of each tensor of a window: (NaN count, Inf count, sum of squares of the
+#: finite values, or 0.0 when not asked for)
+Facts = tuple[int, int, float]
+
+
+class _Side:
+    """One side's windows as one stream: `copy_tensors` over all of them in a thread, each
+    finished window handed to the comparison through a small queue, so the next windows are
+    read while this one is compared (a diff costs about one read of A and B). The side's
+    thread also counts NaN/Inf (and for A the squares ||a||^2 needs) in each window it hands
+    over: numpy runs without the GIL, beside the comparison, on the second core."""
+
+    def __init__(self, windows: list[list[OutputTensor]], stop: threading.Event,
+                 should_stop: ShouldStop | None, sumsq: bool) -> None:
+        self.windows = windows
+        self.sizes = [sum(t.nbytes for t in w) for w in windows]
+        self.stop, self.should_stop, self.sumsq = stop, should_stop, sumsq
+        self.queue: queue.Queue = queue.Queue(QUEUED)
+        self.scratch = Scratch()  # this thread's own
+        self._buf, self._pos, self._i = bytearray(), 0, 0
+
+    def run(self) -> None:
+        try:
+            copy_tensors([t for w in self.windows for t in w], self._sink,
+                         ProgressMeter(0, None), self._stopping)
+        except BaseException as e:  # handed to the comparison, which raises it
+            self._put(e)
+
+    def _stopping(self) -> bool:
+        return self.stop.is_set() or (self.should_stop is not None and self.should_stop())
+
+    def _sink(self, data: memoryview) -> None:
+        while len(data):
+            if not self._buf:
+                self._buf, self._pos = bytearray(self.sizes[self._i]), 0
+            n = min(len(data), len(self._buf) - self._pos)
+            self._buf[self._pos:self._pos + n] = data[:n]
+            self._pos += n
+            data = data[n:]
+            if self._pos == len(self._buf):
+                self._put((self._buf, self._facts(self._buf, self.windows[self._i])))
+                self._buf, self._i = bytearray(), self._i + 1
+
+    def _facts(self, buf: bytearray, window: list[OutputTensor]) -> list[Facts]:
+        import numpy as np
+
+        out, pos, view = [], 0, memoryview(buf)
+        for t in window:
+            x = _values(view[pos:pos + t.nbytes], t.dtype, self.scratch)
+            pos += t.nbytes
+            finite = np.isfinite(x)
+            nan, inf = _nonfinite(x, finite)
+            if nan or inf:
+                x = np.where(finite, x, 0.0)
+            out.append((nan, inf, float(np.einsum("i,i->", x, x, dtype=np.float64))
+                        if self.sumsq else 0.0))  # exact squares, float64 sums
+        return out
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+        raise MergeCancelled("the diff was cancelled")
+
+    def get(self) -> tuple[bytearray, list[Facts]]:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def _compare(p: ParamDiff, dtype_a: str, dtype_b: str, ba: memoryview, bb: memoryview,
+             same: bool, start: int, exact: bool, atol: float, rtol: float,
+             scratch: Scratch) -> None:
+    """Fold one window of a param into `p` (its NaN/Inf and ||a||^2 come from the sides);
+    `same`: the whole window is known bit-identical (else the bytes are compared here:
+    memoryviews compare element by element, bytes with memcmp)."""
     import numpy as np
 
-    if p.identical and ba == bb:
-        x = as_float64(ba, dtype_a, scratch)
-        x = x if np.isfinite(x).all() else np.where(np.isfinite(x), x, 0.0)
-        p.a_sq += float(np.einsum("i,i->", x, x))
+    if p.identical and (same or ba.tobytes() == bb.tobytes()):
         return
     p.identical = False
     x, y = as_float64(ba, dtype_a, scratch, 0), as_float64(bb, dtype_b, scratch, 1)
     with np.errstate(invalid="ignore", over="ignore"):
         d = np.abs(x - y)
         both_nan = np.isnan(x) & np.isnan(y)
-        same = x == y  # equal infinities too
+        same_values = x == y  # equal infinities too
         if exact and dtype_a == dtype_b:  # bit-identity: -0 vs 0, NaN payloads differ too
             w = DTYPE_SIZES[dtype_a]
             bad = (np.frombuffer(ba, "u1").reshape(-1, w) != np.frombuffer(bb, "u1").reshape(-1, w)
                    ).any(axis=1)
         else:
-            bad = ~((d <= atol + rtol * np.abs(y)) | both_nan | same)
+            bad = ~((d <= atol + rtol * np.abs(y)) | both_nan | same_values)
         fin = np.where(np.isfinite(d), d, 0.0)
         p.diff_sq += float(np.einsum("i,i->", fin, fin))
-        xf = np.where(np.isfinite(x), x, 0.0)
-        p.a_sq += float(np.einsum("i,i->", xf, xf))
-        if (~np.isfinite(d) & ~both_nan & ~same).any():
+        if (~np.isfinite(d) & ~both_nan & ~same_values).any():
             p.max_abs = math.inf
         elif len(fin):
             p.max_abs = max(p.max_abs, float(fin.max()))
@@ -176,6 +286,26 @@ def _compare(p: ParamDiff, dtype_a: str, dtype_b: str, ba: bytearray, bb: bytear
         p.differing += n_bad
         if p.first_index is None:
             p.first_index = start + int(np.argmax(bad))
+
+
+def _values(data: memoryview, dtype: str, scratch: Scratch):
+    """The values as numpy reads them without a copy (fp32, fp64, fp16), else as float64."""
+    import numpy as np
+
+    if dtype in ("float32", "float64", "float16"):
+        return np.frombuffer(data, NUMPY_DTYPES[dtype])
+    return as_float64(data, dtype, scratch)
+
+
+def _nonfinite(x, finite) -> tuple[int, int]:
+    """(NaN, Inf) counts of `x`, given its isfinite mask."""
+    import numpy as np
+
+    bad = len(x) - int(np.count_nonzero(finite))
+    if not bad:
+        return 0, 0
+    nan = int(np.count_nonzero(np.isnan(x)))
+    return nan, bad - nan
 
 
 def _windows(pairs):

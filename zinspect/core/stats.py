@@ -183,12 +183,19 @@ def compute_stats(tensors: list[OutputTensor], progress: Progress | None = None,
 
 def nonfinite_findings(stats: list[TensorStats]) -> list[Finding]:
     """NaN/Inf in the values, with validate --deep's codes (nan-values, inf-values)."""
+    return [f for s in stats for f in tensor_nonfinite(s.name, s.numel, s.nan, s.inf)]
+
+
+NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt: see `zinspect "
+                  "validate --deep`); use an earlier checkpoint")
+
+
+def tensor_nonfinite(name: str, numel: int, nan: int, inf: int, source: str = "") -> list[Finding]:
+    """One tensor's NaN/Inf counts as findings, worded as validate --deep words them:
+    `NAME: n of N values are NaN [in SOURCE]` (stats, and each side of a diff)."""
     out = []
-    for s in stats:
-        for count, code, what in ((s.nan, "nan-values", "NaN"), (s.inf, "inf-values", "Inf")):
-            if count:
-                out.append(Finding(WARNING, code, f"{s.name}: {count:,} of {s.numel:,} values are "
-                                   f"{what}", "training diverged before this save (or the bytes "
-                                   "are corrupt: see `zinspect validate --deep`); use an earlier "
-                                   "checkpoint", param=s.name))
+    for count, code, what in ((nan, "nan-values", "NaN"), (inf, "inf-values", "Inf")):
+        if count:
+            out.append(Finding(WARNING, code, f"{name}: {count:,} of {numel:,} values are {what}"
+                               + (f" in {source}" if source else ""), NONFINITE_HINT, param=name))
     return out
