@@ -14,12 +14,12 @@ import os
 import sys
 
 from zinspect import __version__
-from zinspect.cli import diff, info, merge, open_app, stats, validate
+from zinspect.cli import diff, info, merge, open_app, reshard, stats, validate
 from zinspect.cli.common import Parser, add_path, print_error, silence_stdout
 from zinspect.errors import ZinspectError
 
 #: subcommand modules, in the order --help lists them
-COMMAND_MODULES = (info, validate, merge, stats, diff)
+COMMAND_MODULES = (info, validate, merge, stats, diff, reshard)
 COMMANDS = tuple(m.NAME for m in COMMAND_MODULES)
 
 EXIT_CODES = """\

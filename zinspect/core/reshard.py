@@ -30,6 +30,17 @@ from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 RESHARDABLE = ("zero", "bf16_optimizer")
+#: why a layout is refused, and what to do instead
+REFUSED = {
+    "zero0": "ZeRO-0 keeps whole optimizer states, not partitions: it loads at any data-parallel "
+             "size as it is",
+    "pipeline": "a pipeline keeps its pp degree; write a universal checkpoint "
+                "(`zinspect merge PATH OUT --format universal`) and load it with "
+                "\"checkpoint\": {\"load_universal\": true}",
+    "tensor_parallel": "a tensor-parallel run keeps its tp degree; write a universal checkpoint "
+                       "(`zinspect merge PATH OUT --format universal`)",
+    "moe": "expert-parallel groups are partitioned over their own ranks; not supported yet",
+}
 
 
 @dataclass
@@ -63,16 +74,15 @@ def check_reshardable(ckpt: Checkpoint, world_size: int) -> None:
     if ckpt.layout not in RESHARDABLE:
         raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be resharded (only plain "
                            "ZeRO-1/2/3 and BF16_Optimizer data-parallel checkpoints can)",
-                           "a tensor- or pipeline-parallel run keeps its tp/pp degrees; "
-                           "`zinspect merge --format universal` may serve instead")
+                           REFUSED.get(ckpt.layout, "reshard a plain ZeRO checkpoint"))
     if ckpt.errors:
         first = ckpt.errors[0]
         raise NotMergeable(f"{where}: validation found {len(ckpt.errors)} error(s), the first: "
                            f"{first.message}", "run `zinspect validate` for details; a "
                            "damaged checkpoint cannot be resharded")
-    feats = set(getattr(ckpt, "features", ()) or ())
-    if feats & {"offload", "nvme", "hpz", "mics"}:
-        raise NotMergeable(f"{where}: resharding a run with {', '.join(sorted(feats))} is not "
+    odd = set(ckpt.features or ()) & {"nvme", "mics"}
+    if odd:
+        raise NotMergeable(f"{where}: resharding a run with {', '.join(sorted(odd))} is not "
                            "supported", "reshard a plain ZeRO checkpoint")
 
 
