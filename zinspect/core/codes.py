@@ -33,6 +33,11 @@ CODES: dict[str, tuple[str, str]] = {
     "bf16-optimizer": (INFO, "the BF16_Optimizer layout (zero_to_fp32.py refuses it)"),
     "round-robin": (INFO, "round_robin_gradients reorders the flat groups (handled)"),
     "topology-mismatch": (ERROR, "the file names and the pickles disagree on the parallel sizes"),
+    # pipeline, MoE and ZeRO-0 (layouts/pipeline.py, moe.py, zero0.py)
+    "missing-stage-file": (ERROR, "a pipeline stage's mp_rank_SS model-states file is missing"),
+    "missing-layer-file": (ERROR, "a pipeline layer file is missing where the optimizer holds params"),
+    "missing-expert-file": (ERROR, "an MoE expert file (or a param in it) is missing"),
+    "zero0-order-unknown": (ERROR, "ZeRO-0 masters cannot be matched to param names by shape"),
     # ranks and runs
     "world-size-unknown": (ERROR, "no readable optimizer file says the world size"),
     "missing-optimizer-file": (ERROR, "a rank's optimizer file is missing"),

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from zinspect.core import codes, layouts
+from zinspect.core.features import features_of
 from zinspect.core.discover import NamedFile, classify, file_kind, locate
 from zinspect.core.layouts import common
 from zinspect.core.model import Checkpoint, RankFile, Storage
@@ -79,6 +80,7 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
     layout = layouts.pick(ctx)
     ckpt.layout = layout.name
     layout.describe(ctx)
+    ckpt.features = features_of(ckpt.ds_config)
     if tag is None and loc.root is not None and \
             Path(path).expanduser().resolve() != loc.tag_dir.resolve() and \
             not (loc.root / "latest").is_file():

@@ -244,6 +244,8 @@ class Param:
     tied_to: str | None = None  # alias of this param: the name that owns the data
     fragments: Sequence[Fragment] = field(default_factory=list)  # or a lazy Fragments
     shards: dict[int, Shard] = field(default_factory=dict)  # tp rank -> shard; {}: not tp-split
+    #: other pipeline stages' fp32 masters of a tied param (stage -> fragments, same ranges)
+    copies: dict[int, list[Fragment]] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:

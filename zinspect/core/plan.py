@@ -10,13 +10,14 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from zinspect.core import layouts
 from zinspect.core.fmt import shown
 from zinspect.core.model import ERROR, Checkpoint, Finding, Param
 from zinspect.core.selection import Selection
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import NotMergeable, UsageError
 
-MERGEABLE_LAYOUTS = ("zero", "bf16_optimizer")
+MERGEABLE_LAYOUTS = layouts.MERGEABLE
 #: file-level errors that say a rank file's tensors are not this checkpoint's: under --salvage,
 #: every param with a fragment in such a file is left out (its shapes may still look right)
 UNTRUSTED_FILE_CODES = {"step-mismatch", "mixed-prefix", "stage-mismatch", "world-size-mismatch",

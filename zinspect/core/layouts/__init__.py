@@ -26,11 +26,11 @@ from zinspect.core.layouts.base import Layout, LoadContext
 #: asked in this order; the first layout that recognises the files describes them
 REGISTRY: tuple[str, ...] = (
     "unsupported:UNIVERSAL",
+    "pipeline",  # before any tensor-parallel layout: a pipeline has one mp_rank file per stage
     "unsupported:TENSOR_PARALLEL",
-    "unsupported:PIPELINE",
-    "unsupported:MOE",
+    "moe",
     "unsupported:NVME_OFFLOAD",
-    "unsupported:ZERO0",
+    "zero0",
     "zero3",
     "zero12",
     "bf16_optimizer",
@@ -54,6 +54,6 @@ def pick(ctx: LoadContext) -> Layout:
 
 
 #: the layouts a merge can be planned for
-MERGEABLE = ("zero", "bf16_optimizer")
+MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "moe", "zero0")
 
 __all__ = ["MERGEABLE", "REGISTRY", "Layout", "LoadContext", "layouts", "pick"]

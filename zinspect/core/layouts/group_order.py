@@ -1,0 +1,75 @@
+"""Which param is which entry of an optimizer's param groups, when the files record no names.
+
+ZeRO-0 (FP16_UnfusedOptimizer's `fp32_groups`, a plain torch optimizer's `state`) and ZeRO-0
+pipelines save their optimizer state by position only: group g's i-th tensor is the i-th param
+the client put in group g. Clients build their groups by walking the model in order and sending
+each param to one group (decay / no decay ...) or to none (frozen), so every group is a
+subsequence of the model's params in module order. Given the params (name, shape) in module
+order and each group's shapes in order, this finds the assignment — and says when the shapes
+allow more than one, because then which master belongs to which name cannot be known from the
+files, and guessing would write wrong weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: frontier states explored per param before giving up (an adversarial file must not hang us)
+MAX_STATES = 20_000
+
+
+@dataclass
+class GroupOrder:
+    """groups[g][i]: the name of group g's i-th entry; `skipped`: params in no group (frozen)."""
+
+    groups: list[list[str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    #: why no assignment is given: "none" (the shapes fit no assignment), "ambiguous" (more than
+    #: one fits), "too-complex"; "" when `groups` holds the one assignment
+    problem: str = ""
+
+
+def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]]) -> GroupOrder:
+    """Assign each group entry (by shape) to a distinct param so that each group keeps module
+    order; the params left over are the frozen ones. Exactly one assignment or a problem."""
+    n, k = len(params), len(groups)
+    lengths = tuple(len(g) for g in groups)
+    skips = n - sum(lengths)
+    if skips < 0:
+        return GroupOrder(problem="none")
+    # frontier: pointers per group -> (ways capped at 2, back link); step i consumes params[i]
+    frontier: dict[tuple, tuple[int, object]] = {(0,) * k: (1, None)}
+    for i, (_, shape) in enumerate(params):
+        nxt: dict[tuple, tuple[int, object]] = {}
+        for ptrs, (ways, link) in frontier.items():
+            if i - sum(ptrs) < skips:  # params[i] is frozen
+                _add(nxt, ptrs, ways, (link, i, None))
+            for g in range(k):
+                if ptrs[g] < lengths[g] and tuple(groups[g][ptrs[g]]) == tuple(shape):
+                    moved = ptrs[:g] + (ptrs[g] + 1,) + ptrs[g + 1:]
+                    _add(nxt, moved, ways, (link, i, g))
+        if len(nxt) > MAX_STATES:
+            return GroupOrder(problem="too-complex")
+        frontier = nxt
+    done = frontier.get(lengths)
+    if done is None:
+        return GroupOrder(problem="none")
+    ways, link = done
+    if ways > 1:
+        return GroupOrder(problem="ambiguous")
+    out = GroupOrder(groups=[[] for _ in groups])
+    steps = []
+    while link is not None:
+        link, i, g = link
+        steps.append((i, g))
+    for i, g in reversed(steps):
+        (out.skipped if g is None else out.groups[g]).append(params[i][0])
+    return out
+
+
+def _add(frontier: dict, ptrs: tuple, ways: int, link) -> None:
+    had = frontier.get(ptrs)
+    if had is None:
+        frontier[ptrs] = (ways, link)
+    else:  # two paths reach the same state: two different assignments
+        frontier[ptrs] = (min(2, had[0] + ways), had[1])

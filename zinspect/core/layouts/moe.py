@@ -1,0 +1,233 @@
+"""Native DeepSpeed MoE (`deepspeed.moe.layer.MoE`): experts split over ep ranks, ZeRO 1 or 2.
+
+Files (parallel-layouts.md §4):
+  * `mp_rank_00_model_states.pt`: the dense params (`module` leaves the experts out),
+    `num_experts` per MoE layer, and `param_shapes` whose expert groups list only rank 0's LOCAL
+    experts (`...deepspeed_experts.0.fc1.weight` for local expert 0).
+  * `layer_L_expert_E_mp_rank_00_model_states.pt`: the 16-bit tensors of MoE layer L's expert
+    E under full names with the GLOBAL expert id: global = ep_rank × num_local + local, where
+    ep_rank = rank % ep_size.
+  * one optimizer file per rank: the dense flat groups over all ranks, and the expert groups
+    (`moe: True`, named `ep_size_N`) of the rank's own local experts, cut over its
+    expert-data-parallel group (the ranks with the same ep_rank) — `partition_count` says so,
+    e.g. [4, 4, 2, 2] at world 4, ep 2.
+So an expert group is one ZeRO-1/2 slice per ep rank (members renamed to global ids) over that
+ep rank's ranks. Every expert of every MoE layer must have its file and its partitions: a
+missing one is located, never dropped. DeepSpeed refuses native MoE with ZeRO-3; ZeRO-0 MoE
+(`expp_rank_*` optimizer files) is named, not merged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from zinspect.core.layouts import common, zero12
+from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.pickled import get, located
+from zinspect.core.model import Coords, Param, RankFile, Topology
+from zinspect.core.torchzip import TensorRef
+
+EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."
+_LOCAL = re.compile(re.escape(EXPERTS) + r"(\d+)\.")
+_EP_NAME = re.compile(r"^ep_size_(\d+)$")
+
+
+def recognise(ctx: LoadContext) -> bool:
+    return bool(ctx.kinds & {"expert", "expert_optim"}) or \
+        isinstance(get(ctx.model_state, "num_experts"), list) and bool(ctx.optim)
+
+
+def global_name(name: str, ep_rank: int, num_local: int) -> str:
+    """A local expert param name of `ep_rank` under its global expert id."""
+    m = _LOCAL.search(name)
+    if m is None:
+        return name
+    return f"{name[:m.start(1)]}{ep_rank * num_local + int(m[1])}{name[m.end(1):]}"
+
+
+class _MoE:
+    def __init__(self, ctx: LoadContext) -> None:
+        self.ctx, self.c = ctx, ctx.ckpt
+        self.ws = self.c.world_size or len(ctx.optim)
+        num = get(ctx.model_state, "num_experts")
+        self.num_experts = [n for n in num if type(n) is int and n > 0] \
+            if isinstance(num, list) else []
+        self.layers: list[str] = []  # MoE layer prefixes, in module order (= layer ids)
+        self.expert_files: dict[tuple[int, int], RankFile] = {}
+
+    def describe(self) -> None:
+        ctx, c = self.ctx, self.c
+        if not ctx.optim:
+            ctx.find("unsupported-layout", "a ZeRO-0 mixture-of-experts checkpoint (expp_rank_* "
+                     "optimizer files): zinspect can show it but not merge it yet",
+                     "for now load it with DeepSpeed itself")
+        names = common.describe_names(ctx)
+        if names is None:
+            return
+        self.layers = _moe_layers(list(names.module) + [n for g in names.flat_groups for n, _ in g])
+        pcs = _partition_counts(ctx)
+        expert_groups = self._expert_groups(pcs)
+        dense = {gi: m for gi, m in enumerate(names.flat_groups) if gi not in expert_groups}
+        zero12.attach(ctx, ctx.optim, dense, pcs or self.ws)
+        eps = {ep for ep, _ in expert_groups.values()}
+        self._sort_files(eps)
+        for gi, (ep, pc) in sorted(expert_groups.items()):
+            for e in range(ep):
+                members = [(self.global_of(n, e, ep), s) for n, s in names.flat_groups[gi]]
+                for (n, s), (ln, _) in zip(members, names.flat_groups[gi], strict=True):
+                    base = c.params.get(ln)
+                    if n not in c.params:
+                        c.params[n] = Param(n, s or (), base.dtype if base else "")
+                files = {r // ep: rf for r, rf in ctx.optim.items() if r % ep == e}
+                zero12.attach(ctx, files, {gi: members}, pcs, coords=Coords(ep=e))
+                self._missing_ranks(e, ep, pc, files, gi)
+        common.attach_moments(ctx, ctx.optim)
+        self._expert_files()
+        if any(p.frozen and not p.fragments for p in c.params.values()):
+            common.attach_whole_frozen(ctx, names)
+        c.topology = Topology(dp=self.ws, ep=max(eps, default=1), files=c.files)
+        self._reorder()
+        common.finish(ctx, names)
+
+    # ------------------------------------------------------------------ groups and names
+    def _expert_groups(self, pcs: list[int]) -> dict[int, tuple[int, int]]:
+        """flat group -> (ep size, partition count) of the optimizer's `moe` param groups."""
+        groups = get(self.ctx.ref_osd, "base_optimizer_state", "param_groups")
+        out = {}
+        for gi, g in enumerate(groups if isinstance(groups, list) else []):
+            if not isinstance(g, dict) or g.get("moe") is not True:
+                continue
+            m = _EP_NAME.match(str(g.get("name")))
+            pc = pcs[gi] if gi < len(pcs) else 0
+            ep = int(m[1]) if m else (self.ws // pc if pc else 0)
+            if ep < 1 or (pc and ep * pc != self.ws):
+                self.ctx.find("topology-mismatch", f"expert group {gi}: ep size {ep} × its "
+                              f"partition count {pc} is not the world size {self.ws}",
+                              "the optimizer files come from different runs; restore them",
+                              group=gi)
+                continue
+            out[gi] = (ep, pc)
+        return out
+
+    def global_of(self, name: str, ep_rank: int, ep: int) -> str:
+        layer = self.layer_of(name)
+        if layer is None or layer >= len(self.num_experts):
+            return name
+        return global_name(name, ep_rank, self.num_experts[layer] // ep)
+
+    def layer_of(self, name: str) -> int | None:
+        head = name.split(EXPERTS, 1)[0] if EXPERTS in name else None
+        return self.layers.index(head) if head in self.layers else None
+
+    # ------------------------------------------------------------------ files
+    def _sort_files(self, eps: set[int]) -> None:
+        ep = max(eps, default=1)
+        for rf in self.c.files:
+            if rf.kind == "optim":
+                rf.coords = Coords(dp=rf.rank, ep=rf.rank % ep)
+                if rf.rank >= self.ws or (rf.mp_rank or 0) > 0:
+                    self.ctx.find("stale-rank-file", f"{rf.name} does not belong to this "
+                                  f"checkpoint (world size {self.ws})", "a file from another "
+                                  "run; move it out of the tag dir", file=rf.name, rank=rf.rank)
+            elif rf.kind == "expert":
+                layer, expert = rf.coords.layer or 0, rf.coords.expert
+                n = self.num_experts[layer] if layer < len(self.num_experts) else 0
+                rf.coords = Coords(ep=expert // max(n // ep, 1) if n else 0, layer=layer,
+                                   expert=expert)
+                if expert >= n or (rf.mp_rank or 0) > 0:
+                    self.ctx.find("stale-rank-file", f"{rf.name} does not belong to this "
+                                  f"checkpoint: MoE layer {layer} has {n} experts",
+                                  "a file from a run with another topology; move it out of the "
+                                  "tag dir", file=rf.name)
+                else:
+                    self.expert_files[(layer, expert)] = rf
+
+    def _missing_ranks(self, e: int, ep: int, pc: int, files: dict, gi: int) -> None:
+        for d in range(pc):
+            if d not in files:
+                r = d * ep + e
+                self.ctx.find("missing-optimizer-file", f"rank {r}'s optimizer file is missing: "
+                              f"partition {d} of ep rank {e}'s experts (group {gi}) is lost",
+                              "copy it from the run; `zinspect merge --salvage` writes the other "
+                              "params", rank=r, group=gi,
+                              file=f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+
+    def _expert_files(self) -> None:
+        """Every expert of every MoE layer has its file (its 16-bit weights: the params'
+        dtype, and the only copy of a frozen expert param)."""
+        c, ctx = self.c, self.ctx
+        per_expert: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for name in c.params:
+            layer = self.layer_of(name)
+            m = _LOCAL.search(name)
+            if layer is not None and m:
+                per_expert[(layer, int(m[1]))].append(name)
+        for layer, n in enumerate(self.num_experts):
+            for e in range(n):
+                file = f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
+                rf = self.expert_files.get((layer, e))
+                if rf is None:
+                    where = self.layers[layer] if layer < len(self.layers) else "?"
+                    ctx.find("missing-expert-file", f"{file} is missing: the 16-bit weights of "
+                             f"expert {e} of MoE layer {layer} ({where})",
+                             "copy it from the run", file=file)
+                    continue
+                tf = ctx.torch_file(rf)
+                held = tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
+                for name, t in held.items():
+                    p = c.params.get(name) if isinstance(t, TensorRef) else None
+                    if p is None:
+                        ctx.find("stale-rank-file", f"{rf.name} holds {name}, which is not "
+                                 f"expert {e} of this checkpoint", "a file from another run; "
+                                 "restore the one saved with the others", file=rf.name)
+                        break
+                    p.dtype = t.dtype
+                    if p.frozen:
+                        at = located(tf, rf.name, 0, t)
+                        p.fragments.append(at.fragment(None, 0, 0, min(t.numel, p.numel),
+                                                       source="module"))
+                for name in per_expert.get((layer, e), []):
+                    if name not in held:
+                        ctx.find("missing-expert-file", f"{rf.name} lacks {name}",
+                                 "restore the expert file saved with the others",
+                                 file=rf.name, param=name)
+
+    def _reorder(self) -> None:
+        """Module order: each MoE layer's experts by global id where its first expert was."""
+        c = self.c
+        out, done = {}, set()
+        for name, p in list(c.params.items()):
+            layer = self.layer_of(name)
+            if layer is None:
+                out[name] = p
+            elif layer not in done:
+                done.add(layer)
+                experts = [q for q in c.params.values() if self.layer_of(q.name) == layer]
+                for q in sorted(experts, key=lambda q: int(_LOCAL.search(q.name)[1])):
+                    out[q.name] = q
+        c.params = out
+
+
+def _moe_layers(names: list[str]) -> list[str]:
+    """MoE layer prefixes (`layers.0.moe`) in module order: the gate of each is in `module`."""
+    out: list[str] = []
+    for n in names:
+        for marker in (".deepspeed_moe.gate.", EXPERTS):
+            if marker in n:
+                head = n.split(marker, 1)[0]
+                if head not in out:
+                    out.append(head)
+    return out
+
+
+def _partition_counts(ctx: LoadContext) -> list[int]:
+    pc = get(ctx.ref_osd, "partition_count")
+    return [x if type(x) is int else 0 for x in pc] if isinstance(pc, list) else []
+
+
+def describe(ctx: LoadContext) -> None:
+    _MoE(ctx).describe()
+
+
+LAYOUT = Layout("moe", recognise, describe)

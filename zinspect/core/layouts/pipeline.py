@@ -1,0 +1,278 @@
+"""Pipeline-parallel checkpoints (DeepSpeed's PipelineModule: pp stages × dp, ZeRO 0 or 1).
+
+Files (parallel-layouts.md §2):
+  * `layer_XX[-model_TT]-model_states.pt`: the state_dict of global layer XX (16-bit weights,
+    buffers), written once (dp rank 0). Parameterless layers get none, so indices have gaps; a
+    tied layer (TiedLayerSpec) has one file, at the stage that builds it first.
+  * `mp_rank_SS_model_states.pt`, one per stage: `module` is None; `param_shapes` (ZeRO-1)
+    names the stage's flat groups with PipelineModule's names — the layer's keys under its
+    global index (`3.up.weight`) or under its tie key (`tied_modules.embed.weight`).
+  * `[bf16_]zero_pp_rank_D_mp_rank_SS_optim_states.pt` per (dp rank, stage): the ZeRO-1 (or
+    BF16_Optimizer) partitions of that stage's params. A tied param's fp32 master is in every
+    stage that uses it; the lowest stage's copy is the param's, the others are kept in
+    `Param.copies` for the merge to compare.
+  * ZeRO-0 fp32: no optimizer files; the layer files' fp32 weights are the masters and no file
+    names the params (`param_shapes` is None), so they are named `L.key`.
+DeepSpeed refuses ZeRO-2/3 with pipelines, so there is nothing else to read.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from zinspect.core.layouts import common, zero12
+from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.pickled import as_group_list, get, located, shape
+from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
+from zinspect.core.torchzip import TensorRef
+
+TIED = "tied_modules."
+
+
+def recognise(ctx: LoadContext) -> bool:
+    dims = get(ctx.model_state, "checkpoint_parallel_dimensions", "pp_degree")
+    return "layer" in ctx.kinds or (type(dims) is int and dims > 1)
+
+
+class _Pipeline:
+    """The describe step: files by coordinate, names, geometry per stage, validation."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        self.ctx, self.c = ctx, ctx.ckpt
+        ms = ctx.model_state or {}
+        dims = get(ms, "checkpoint_parallel_dimensions") or {}
+        self.stage_files = {f.mp_rank: f for f in self.c.files_of("model") if f.rank is None}
+        self.pp = _int(dims.get("pp_degree")) or max(len(self.stage_files), 1)
+        self.tp = _int(dims.get("tp_degree")) or 1
+        self.dp = _int(ms.get("dp_world_size")) or 1
+        self.layers: dict[int, RankFile] = {}
+        self.optim: dict[int, dict[int, RankFile]] = defaultdict(dict)  # stage -> dp -> file
+        self.names: dict[str, tuple[int, str]] = {}  # param name -> (layer, key)
+
+    # ------------------------------------------------------------------ files
+    def sort_files(self) -> None:
+        """Coordinates from the names; files of another topology located."""
+        ctx = self.ctx
+        for rf in self.c.files:
+            if rf.kind == "layer":
+                rf.coords = Coords(tp=rf.mp_rank or 0, layer=rf.coords.layer)
+                if (rf.mp_rank or 0) >= self.tp:
+                    self._stale(rf, f"its tensor-parallel rank {rf.mp_rank} is beyond this "
+                                f"pipeline's {self.tp}")
+                else:
+                    self.layers[rf.coords.layer] = rf
+            elif rf.kind == "model" and rf.rank is None:
+                rf.coords = Coords(pp=rf.mp_rank)
+                if rf.mp_rank >= self.pp * self.tp:
+                    self._stale(rf, f"stage {rf.mp_rank} is beyond this pipeline's {self.pp}")
+            elif rf.kind == "optim":
+                rf.coords = Coords(dp=rf.rank, pp=rf.mp_rank)
+                if rf.mp_rank >= self.pp * self.tp or rf.rank >= self.dp:
+                    self._stale(rf, f"(dp {rf.rank}, stage {rf.mp_rank}) is outside this "
+                                f"checkpoint's {self.dp} × {self.pp}")
+                elif ctx.torch_file(rf) is not None:
+                    self.optim[rf.mp_rank][rf.rank] = rf
+        for s in range(self.pp):
+            if s not in self.stage_files:
+                ctx.find("missing-stage-file", f"stage {s}'s mp_rank_{s:02d}_model_states.pt "
+                         "is missing: its param names and buffers are unknown",
+                         "copy it from the run (every stage writes one)",
+                         file=f"mp_rank_{s:02d}_model_states.pt")
+        self.c.topology = Topology(dp=self.dp, tp=self.tp, pp=self.pp, files=self.c.files)
+
+    def _stale(self, rf: RankFile, why: str) -> None:
+        self.ctx.find("stale-rank-file", f"{rf.name} does not belong to this checkpoint: {why}",
+                      "a file from a run with another topology; move it out of the tag dir",
+                      file=rf.name, rank=rf.rank)
+
+    def stage_state(self, s: int) -> dict:
+        tf = self.ctx.torch_file(self.stage_files.get(s))
+        return tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
+
+    # ------------------------------------------------------------------ names
+    def flat_groups(self, s: int) -> list[list[tuple[str, tuple | None]]]:
+        """Stage s's flat groups: `param_shapes`, else the optimizer's `param_slice_mappings`
+        (a ZeRO-0 BF16_Optimizer saves no param_shapes), else none (ZeRO-0 fp32)."""
+        shapes = as_group_list(self.stage_state(s).get("param_shapes"))
+        if shapes:
+            return [[(str(n), shape(v)) for n, v in g.items()] for g in shapes]
+        placed: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)
+        for d, rf in sorted(self.optim.get(s, {}).items()):
+            maps = get(self.ctx.torch_file(rf).obj, "optimizer_state_dict", "param_slice_mappings")
+            parts = get(self.ctx.torch_file(rf).obj, "optimizer_state_dict",
+                        "single_partition_of_fp32_groups")
+            for gi, m in enumerate(maps if isinstance(maps, list) else []):
+                size = parts[gi].numel if isinstance(parts, list) and gi < len(parts) and \
+                    isinstance(parts[gi], TensorRef) else 0
+                for name, addr in (m.items() if isinstance(m, dict) else ()):
+                    start = getattr(addr, "get", lambda k: None)("start")
+                    if type(start) is int:
+                        placed[gi].setdefault(str(name), (d * size + start, d))
+        return [[(n, None) for n, _ in sorted(placed[gi].items(), key=lambda kv: kv[1])]
+                for gi in sorted(placed)]
+
+    def name_layers(self, known: set[str]) -> None:
+        """Each layer file key's param name: `L.key`, or `tied_modules.K.key` when the stages
+        name the layer's params under a tie key instead."""
+        ctx = self.ctx
+        tied = [n for n in known if n.startswith(TIED)]
+        for layer, rf in sorted(self.layers.items()):
+            keys = [k for k, t in _entries(ctx, rf) if isinstance(t, TensorRef)]
+            if any(f"{layer}.{k}" in known for k in keys) or not tied:
+                prefix = f"{layer}."
+            else:
+                prefixes = {n[:-len(k)] for k in keys for n in tied if n.endswith("." + k)}
+                prefix = prefixes.pop() if len(prefixes) == 1 else f"{layer}."
+            for k in keys:
+                self.names.setdefault(prefix + k, (layer, k))
+
+    # ------------------------------------------------------------------ describe
+    def describe(self) -> None:
+        ctx, c = self.ctx, self.c
+        self.sort_files()
+        if self.tp > 1:
+            ctx.find("unsupported-layout", f"a pipeline with tensor parallelism (pp {self.pp} × "
+                     f"tp {self.tp}): zinspect can show it but not merge it yet",
+                     "for now use DeepSpeed's ds_to_universal.py for this layout")
+        groups = {s: self.flat_groups(s) for s in range(self.pp)}
+        buffer_names = [b for s in range(self.pp) for b in self.stage_state(s).get("buffer_names")
+                        or [] if isinstance(b, str)]
+        trainable = {n for gs in groups.values() for g in gs for n, _ in g}
+        self.name_layers(trainable | set(buffer_names))
+        ms = ctx.model_state or {}
+        c.ds_version = c.ds_version or ms.get("ds_version")
+        c.ds_config = c.ds_config if c.ds_config is not None else ms.get("ds_config")
+        zero = get(c.ds_config, "zero_optimization", "stage")
+        c.stage = zero if type(zero) is int else (1 if self.optim else 0)
+        c.world_size = self.dp * self.pp * self.tp
+        self._params(groups, trainable, set(buffer_names))
+        for s in range(self.pp):
+            self._stage_geometry(s, groups[s])
+        self._buffers(buffer_names)
+        self._missing_layers(trainable)
+        if not self.optim:
+            self._zero0_masters()
+        common.finish(ctx, common.Names({}, [], [], {}))
+
+    def _params(self, groups: dict, trainable: set[str], buffers: set[str]) -> None:
+        """Every param once, in layer order: the layer files' (frozen when no stage's flat
+        groups hold it), then any the flat groups name that no layer file holds."""
+        c, ctx = self.c, self.ctx
+        for name, (layer, key) in self.names.items():
+            if name in buffers:
+                continue
+            t = dict(_entries(ctx, self.layers[layer])).get(key)
+            c.params[name] = Param(name, t.shape, t.dtype, frozen=bool(self.optim or trainable)
+                                   and name not in trainable)
+        for s in range(self.pp):
+            for g in groups[s]:
+                for name, shp in g:
+                    p = c.params.get(name)
+                    if p is None:
+                        c.params[name] = Param(name, shp or (), "")
+                    elif shp is not None and p.shape != shp:
+                        ctx.find("shape-mismatch", f"{name}: stage {s}'s param_shapes says "
+                                 f"{shp}, its layer file holds {p.shape}",
+                                 common.REPLACE_MODEL_STATES, param=name,
+                                 file=self.layers[self.names[name][0]].name)
+        for name, p in c.params.items():  # ZeRO-1 frozen params: the 16-bit layer weights
+            if p.frozen:
+                self._layer_fragment(name, "module")
+
+    def _layer_fragment(self, name: str, source: str) -> None:
+        layer, key = self.names[name]
+        rf = self.layers[layer]
+        tf = self.ctx.torch_file(rf)
+        t = dict(_entries(self.ctx, rf)).get(key)
+        p = self.c.params[name]
+        at = located(tf, rf.name, 0, t)
+        p.fragments.append(at.fragment(None, 0, 0, min(t.numel, p.numel), source=source))
+
+    def _stage_geometry(self, s: int, flat: list) -> None:
+        """Stage s's ZeRO-1 / BF16_Optimizer partitions over its dp ranks. Params already
+        placed by a lower stage (tied) get this stage's fragments as a copy."""
+        files = self.optim.get(s)
+        if not files or not flat:
+            if self.optim:
+                self._missing_optim(s, files or {})
+            return
+        c = self.c
+        flat = [[(n, shp or c.params[n].shape) for n, shp in g] for g in flat]
+        placed = {n: c.params[n] for g in flat for n, _ in g if c.params[n].fragments}
+        saved = {n: (p.fragments, p.group, p.sub_group) for n, p in placed.items()}
+        for p in placed.values():
+            p.fragments = []
+        first = next(iter(files.values()))
+        bf16 = "zero_stage" not in (get(self.ctx.torch_file(first).obj, "optimizer_state_dict")
+                                    or {})
+        pc = get(self.ctx.torch_file(first).obj, "optimizer_state_dict", "partition_count")
+        counts = [x if type(x) is int else 0 for x in pc] if isinstance(pc, list) else self.dp
+        zero12.attach(self.ctx, files, flat, counts, keep_padding=bf16, coords=Coords(pp=s))
+        common.attach_moments(self.ctx, files)
+        for n, p in placed.items():
+            p.copies[s] = list(p.fragments)
+            p.fragments, p.group, p.sub_group = saved[n]
+        self._missing_optim(s, files)
+
+    def _missing_optim(self, s: int, files: dict[int, RankFile]) -> None:
+        present = {rf.rank: rf for rf in self.c.files_of("optim") if rf.mp_rank == s}
+        prefix = next((rf.prefix for rf in present.values()), "")
+        for d in range(self.dp):
+            if d not in present:
+                name = f"{prefix}zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt"
+                self.ctx.find("missing-optimizer-file", f"{name} is missing: stage {s}'s "
+                              f"fp32 partition of dp rank {d} is lost",
+                              "copy it from the run; `zinspect merge --salvage` writes the "
+                              "other params", file=name, rank=d)
+
+    def _zero0_masters(self) -> None:
+        """ZeRO-0 fp32: the layer files' weights are the fp32 masters."""
+        for name, p in self.c.params.items():
+            if name in self.names and not p.fragments:
+                self._layer_fragment(name, "master" if p.dtype == "float32" else "module")
+
+    def _buffers(self, buffer_names: list[str]) -> None:
+        for name in buffer_names:
+            where = self.names.get(name)
+            rf = self.layers.get(where[0]) if where else None
+            t = dict(_entries(self.ctx, rf)).get(where[1]) if rf else None
+            if not isinstance(t, TensorRef):
+                self.c.buffers[name] = Buffer(name, (), "", intact=False)
+                continue
+            at = located(self.ctx.torch_file(rf), rf.name, 0, t)
+            self.c.buffers[name] = Buffer(name, t.shape, t.dtype, rf.name, at.base,
+                                          at.whole >= t.numel)
+
+    def _missing_layers(self, trainable: set[str]) -> None:
+        """A layer whose params a stage's optimizer holds must have its file (its frozen
+        params and buffers are only there); index gaps elsewhere are parameterless layers."""
+        missing: dict[int, list[str]] = defaultdict(list)
+        for name in trainable:
+            head = name.split(".", 1)[0]
+            if name not in self.names and head.isdigit():
+                missing[int(head)].append(name)
+        for layer, names in sorted(missing.items()):
+            file = f"layer_{layer:02d}-model_states.pt" if not any(
+                f.mp_rank for f in self.layers.values()) else \
+                f"layer_{layer:02d}-model_00-model_states.pt"
+            self.ctx.find("missing-layer-file", f"{file} is missing: the optimizer holds "
+                          f"{len(names)} param(s) of layer {layer} ({', '.join(sorted(names)[:3])}"
+                          f"{', ...' if len(names) > 3 else ''}), whose frozen params and "
+                          "buffers were only in that file", "copy it from the run", file=file)
+
+
+def _entries(ctx: LoadContext, rf: RankFile | None) -> list[tuple[str, object]]:
+    tf = ctx.torch_file(rf)
+    obj = tf.obj if tf is not None else None
+    return [(str(k), v) for k, v in obj.items()] if isinstance(obj, dict) else []
+
+
+def _int(value) -> int | None:
+    return value if type(value) is int and value > 0 else None
+
+
+def describe(ctx: LoadContext) -> None:
+    _Pipeline(ctx).describe()
+
+
+LAYOUT = Layout("pipeline", recognise, describe)
