@@ -132,7 +132,7 @@ def test_sgd_is_named_with_its_state_keys():
     inner, _ = torch_state(torch_load(rank0_optimizer_file(ckpt).path)["optimizer_state_dict"])
     assert opt.groups == hyper(inner["param_groups"]) and opt.groups[0]["momentum"] == 0.9
     assert "state momentum_buffer" in summary_line(opt)
-    stats = optimizer_stats(ckpt, opt)  # the masters only
+    stats = optimizer_stats(ckpt, opt).params  # the masters only
     assert stats and all(s.exp_avg is None and s.update is None and s.master.l2 > 0 for s in stats)
 
 
@@ -208,7 +208,9 @@ def close(a: float, b: float) -> bool:
 def test_param_stats_equal_torch(name):
     ckpt = open_checkpoint(FIXTURES / name)
     opt = read_optimizer(ckpt)
-    stats = optimizer_stats(ckpt, opt)
+    result = optimizer_stats(ckpt, opt)
+    stats = result.params
+    assert not result.left_out
     want = expected(ckpt, opt)
     reference = torch.load(FIXTURES / name / "reference_fp32.pt", weights_only=True)
     assert [s.name for s in stats] == list(want)
@@ -235,7 +237,7 @@ def test_windows_cut_a_param_and_keep_elements_aligned(monkeypatch):
     ckpt = open_checkpoint(FIXTURES / "s3_w4_bf16")
     opt = read_optimizer(ckpt)
     want = expected(ckpt, opt)
-    for s in optimizer_stats(ckpt, opt):
+    for s in optimizer_stats(ckpt, opt).params:
         x, m, v = want[s.name]
         u = m.abs() / (v.sqrt() + 1e-8)
         assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item()), s.name
@@ -270,3 +272,24 @@ def test_info_json_and_human_carry_the_optimizer(name):
         assert any(x.startswith("loss scale") and "256, dynamic" in x for x in human.splitlines())
     else:
         assert got["loss_scaler"] is None and "loss scale" not in human
+
+
+def test_a_missing_rank_leaves_its_params_out_with_the_reason(tmp_path):
+    """Rank 1's optimizer file is gone: the params it held a part of are left out (named, with
+    why); the others are still computed, equal to torch's."""
+    from conftest import copy_fixture
+
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    ckpt = open_checkpoint(tag)
+    opt = read_optimizer(ckpt)
+    result = optimizer_stats(ckpt, opt)
+    trainable = [n for n, p in ckpt.params.items() if not p.frozen and not p.tied_to]
+    short = {n for n in trainable if sum(f.numel for f in ckpt.params[n].fragments)
+             < ckpt.params[n].numel}
+    assert short and set(result.left_out) == short
+    assert len(result.params) + len(short) == len(trainable)
+    assert result.left_out["head.weight"] == "its fp32 master covers 31 of 915 elements"
+    reference = torch.load(FIXTURES / "s2_w2_fp32_plain" / "reference_fp32.pt", weights_only=True)
+    assert result.params and all(close(s.master.l2, reference[s.name].double().norm().item())
+                                 for s in result.params)

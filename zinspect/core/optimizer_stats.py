@@ -3,16 +3,17 @@ streamed with bounded memory and cancellable (the app's optimizer view, `optimiz
 
 The update size |m| / (sqrt(v) + eps) is Adam's step per element before the learning rate and
 bias correction: a param whose update is out of line with the others' is where a diverging
-run blew up. The bytes are the merge's (plan_merge masters, sources.moment_tensors moments),
-read by its stream engine; the sums are stats.TensorStats'.
+run blew up. The bytes are located by the core (`Checkpoint.state_fragments`) and read by the
+merge's stream engine; the sums are stats.TensorStats'.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.optimizer import ADAM_KEYS, OptimizerState
 from zinspect.core.plan import OutputTensor, Piece
@@ -39,57 +40,50 @@ class ParamOptimStats:
         parts = [s for s in (self.master, self.exp_avg, self.sqrt_exp_avg_sq) if s is not None]
         return sum(s.nan + s.inf for s in parts)
 
-    def to_json(self) -> dict:
-        def part(s):
-            return None if s is None else {"l2": s.l2, "max_abs": _nan_none(s.max_abs),
-                                           "mean": _nan_none(s.mean), "nan": s.nan, "inf": s.inf}
-        return {"name": self.name, "numel": self.numel, "group": self.group,
-                "master": part(self.master), "exp_avg": part(self.exp_avg),
-                "sqrt_exp_avg_sq": part(self.sqrt_exp_avg_sq), "update": part(self.update)}
 
-
-def _nan_none(v: float) -> float | None:
-    return None if math.isnan(v) else v
+@dataclass
+class OptimizerStats:
+    params: list[ParamOptimStats] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)  # param -> why its values are not read
+    masters_only: dict[str, str] = field(default_factory=dict)  # param -> why no moments
 
 
 def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
                     progress: Callable[[int, int, str], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> list[ParamOptimStats]:
+                    should_stop: Callable[[], bool] | None = None) -> OptimizerStats:
     """Per trainable param (model order): L2 and max |x| of its fp32 master, exp_avg and
     sqrt(exp_avg_sq), and mean / max of |m| / (sqrt(v) + eps) with its group's eps.
 
-    The bytes come from the merge's stream engine as windows of WINDOW elements, master then
-    m then v of one window, so the update is computed element by element with bounded memory.
-    Raises NotMergeable / UnreadableFile (located) when the values cannot be read, and
-    MergeCancelled when `should_stop()` turns true."""
-    from zinspect.core.plan import plan_merge
-    from zinspect.core.sources import moment_tensors
+    Each param's elements are located by `Checkpoint.state_fragments` (any layout the core
+    describes; a replicated tensor-parallel param counted once) and streamed by the merge's
+    engine in windows of WINDOW elements, master then m then v of one window, so the update
+    is computed element by element with bounded memory. These are order-free sums, so the
+    fragments need not be laid out as the full tensor. A param whose master is not all in the
+    files is left out, one whose moments are not gets its master's numbers; both with the
+    reason. Raises MergeCancelled when `should_stop()` turns true."""
     from zinspect.core.stats import Scratch, TensorSplitter, TensorStats
     from zinspect.core.stream import ProgressMeter, copy_tensors
 
-    trainable = {n for n, p in ckpt.params.items() if not p.frozen and p.tied_to is None}
-    masters = [t for t in plan_merge(ckpt).tensors if t.name in trainable and t.tied_to is None]
-    moments: dict[str, dict[str, OutputTensor]] = {}
-    if opt.adam:
-        for t in moment_tensors(ckpt):
-            name, key = t.name.rsplit(":", 1)
-            moments.setdefault(name, {})[key] = t
-    results, windows, owners = [], [], []  # owners[i]: (result index, part) of windows[i]
-    for t in masters:
-        p = ckpt.params[t.name]
-        m = moments.get(t.name, {})
-        adam = all(k in m for k in ADAM_KEYS)
-        r = ParamOptimStats(t.name, t.numel, p.group, TensorStats(t.name, "float32", t.shape))
-        if adam:
-            r.exp_avg, r.sqrt_exp_avg_sq, r.update = (
-                TensorStats(t.name, "float32", t.shape) for _ in range(3))
-        for start in range(0, t.numel, WINDOW):
-            stop = min(t.numel, start + WINDOW)
-            parts = [t, m["exp_avg"], m["exp_avg_sq"]] if adam else [t]
-            for i, part in enumerate(parts):
-                windows.append(_window(part, start, stop))
-                owners.append((len(results), i, len(parts)))
-        results.append(r)
+    out = OptimizerStats()
+    windows, owners = [], []  # owners[i]: (result index, part, parts) of windows[i]
+    for name, p in ckpt.params.items():
+        if p.frozen or p.tied_to is not None:
+            continue
+        try:
+            parts, why = _state_tensors(ckpt, name, opt.adam)
+        except _LeftOut as e:
+            out.left_out[name] = str(e)
+            continue
+        if why:
+            out.masters_only[name] = why
+        n = parts[0].numel
+        r = ParamOptimStats(name, n, p.group, *(TensorStats(name, "float32", (n,)) for _ in
+                                                  range(len(parts) + (len(parts) == 3))))
+        for start in range(0, n, WINDOW):
+            for i, t in enumerate(parts):
+                windows.append(_window(t, start, min(n, start + WINDOW)))
+                owners.append((len(out.params), i, len(parts)))
+        out.params.append(r)
 
     scratch = Scratch()
     held = [bytearray(), bytearray(), bytearray()]  # one window's master, m and v bytes
@@ -103,7 +97,7 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
             return
         got[0] = 0
         if part == nparts - 1:
-            r = results[r_index]
+            r = out.params[r_index]
             _fold(r, held[:nparts], opt.eps(r.group), scratch)
             for buf in held:
                 buf.clear()
@@ -113,7 +107,67 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
         copy_tensors(windows, TensorSplitter(windows, on_data), meter, should_stop)
     except MergeCancelled as e:
         raise MergeCancelled("optimizer statistics cancelled", "nothing was changed") from e
-    return results
+    return out
+
+
+class _LeftOut(Exception):
+    """A param whose values cannot be read (the message says why)."""
+
+
+def _state_tensors(ckpt: Checkpoint, name: str, adam: bool) -> tuple[list[OutputTensor], str]:
+    """([master] or [master, exp_avg, exp_avg_sq] of a param as flat fp32 tensors whose
+    elements correspond one to one, why the moments are not there). Raises _LeftOut when the
+    master does not cover the param."""
+    p = ckpt.params[name]
+    masters = _one_replica(p, ckpt.state_fragments(name, "fp32"))
+    want = _numel(p)
+    got = sum(f.numel for f in masters)
+    if not masters or got != want:
+        raise _LeftOut(f"its fp32 master covers {got:,} of {want:,} elements")
+    master = _tensor(ckpt, name, "fp32", masters)
+    if not adam:
+        return [master], ""
+    moments = []
+    for state in ADAM_KEYS:
+        frags = _one_replica(p, ckpt.state_fragments(name, state))
+        if [(f.shard, f.start, f.numel) for f in frags] != \
+                [(f.shard, f.start, f.numel) for f in masters]:
+            return [master], (f"its {state} is not located in the files" if not frags else
+                              f"its {state} is missing on some rank")
+        try:
+            moments.append(_tensor(ckpt, name, state, frags))
+        except _LeftOut as e:
+            return [master], str(e)
+    return [master, *moments], ""
+
+
+def _numel(p) -> int:
+    """Elements a param's fragments hold: its own, or its tensor-parallel shards' (a
+    replicated param once)."""
+    if not p.shards or all(s.replicated for s in p.shards.values()):
+        return p.numel
+    return sum(math.prod(s.shape) for s in p.shards.values() if not s.replicated)
+
+
+def _one_replica(p, frags: list) -> list:
+    """Nonempty fragments in order; of a replicated tensor-parallel param, one tp rank's."""
+    frags = [f for f in frags if f.numel]
+    if p.shards and all(s.replicated for s in p.shards.values()):
+        first = min((f.shard for f in frags if f.shard is not None), default=None)
+        frags = [f for f in frags if f.shard == first]
+    return sorted(frags, key=lambda f: (f.shard or 0, f.start))
+
+
+def _tensor(ckpt: Checkpoint, name: str, state: str, frags: list) -> OutputTensor:
+    dtypes = {f.dtype for f in frags}
+    if len(dtypes) != 1 or not dtypes <= {"float32", "bfloat16", "float16"}:
+        raise _LeftOut(f"its {state} is {'/'.join(sorted(dtypes))}, not one float dtype")
+    bad = next((f for f in frags if not f.intact or f.offset is None), None)
+    if bad is not None:
+        raise _LeftOut(f"its {state} is not all in {shown(bad.file)} (missing or truncated)")
+    n = sum(f.numel for f in frags)
+    return OutputTensor(name, (n,), "float32", dtypes.pop(),
+                        [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags])
 
 
 def _window(t: OutputTensor, start: int, stop: int) -> OutputTensor:

@@ -72,7 +72,7 @@ def moment_tensors(ckpt) -> list[OutputTensor]:
     group offsets."""
     from zinspect.core.torchzip import read_torch_file
 
-    if ckpt.layout not in ("zero", "bf16_optimizer"):  # BF16_Optimizer: ZeRO-1 partitions
+    if ckpt.layout != "zero":
         raise UsageError(f"{ckpt.path}: Adam moments are read from plain ZeRO checkpoints only "
                          f"(this one is {ckpt.layout})", "leave out --moments")
     states: dict[str, tuple] = {}
