@@ -33,6 +33,14 @@ CODES: dict[str, tuple[str, str]] = {
     "bf16-optimizer": (INFO, "the BF16_Optimizer layout (zero_to_fp32.py refuses it)"),
     "round-robin": (INFO, "round_robin_gradients reorders the flat groups (handled)"),
     "topology-mismatch": (ERROR, "the file names and the pickles disagree on the parallel sizes"),
+    # tensor parallel (layouts/tensor_parallel.py, tp_rules.py)
+    "missing-tp-rank": (ERROR, "a tensor-parallel rank's model states are missing"),
+    "tp-param-missing": (ERROR, "a param some tp ranks hold and others do not"),
+    "tp-split-unknown": (ERROR, "how a param's tp shards join cannot be known (never guessed)"),
+    "tp-shard-shape": (ERROR, "a tp rank's shard has a shape its split rule does not allow"),
+    "tp-coverage": (ERROR, "the tp shards do not place every element of the full tensor once"),
+    "tp-split-mismatch": (WARNING, "the affine map and the split patterns disagree (map used)"),
+    "tp-info-mismatch": (WARNING, "the tp ranks' universal_checkpoint_info differ"),
     # pipeline, MoE and ZeRO-0 (layouts/pipeline.py, moe.py, zero0.py)
     "missing-stage-file": (ERROR, "a pipeline stage's mp_rank_SS model-states file is missing"),
     "missing-layer-file": (ERROR, "a pipeline layer file is missing where the optimizer holds params"),

@@ -27,6 +27,7 @@ from zinspect.core.layouts.base import Layout, LoadContext
 REGISTRY: tuple[str, ...] = (
     "unsupported:UNIVERSAL",
     "pipeline",  # before any tensor-parallel layout: a pipeline has one mp_rank file per stage
+    "tensor_parallel",
     "unsupported:TENSOR_PARALLEL",
     "moe",
     "unsupported:NVME_OFFLOAD",

@@ -58,7 +58,9 @@ def tp_degree(ctx: LoadContext) -> int | None:
 
 
 def recognise(ctx: LoadContext) -> bool:
-    if ctx.kinds & {"layer", "expert", "expert_optim"}:
+    """Several tp ranks' files (ZeRO-1/2/3: ZeRO-0 TP keeps its masters in the model states,
+    which this layout does not read), no pipeline layer or expert files."""
+    if ctx.kinds & {"layer", "expert", "expert_optim"} or not ctx.optim_files:
         return False
     return len(ctx.mp_ranks) > 1 or (tp_degree(ctx) or 1) > 1
 
