@@ -118,7 +118,8 @@ PARALLEL_FIXTURES = {
                                             "--stage", "2", "--dtype", "bf16", "--tied"]),
     "z0_fp32": (VARIANTS, ["--stage", "0", "--dtype", "fp32"]),
     "z0_bf16": (VARIANTS, ["--stage", "0", "--dtype", "bf16"]),
-    # no z0_fp16: DeepSpeed allows fp16 on CPU only with AVX512-FP16/AMX ("Type fp16 is not supported")
+    # fp16 on CPU needs AVX512-FP16/AMX ("Type fp16 is not supported" elsewhere)
+    "z0_fp16": (VARIANTS, ["--stage", "0", "--dtype", "fp16"]),
     # --compare-plain: the manifest's checks.layout_vs_plain diffs the files against a plain run
     "offload_s3_w2": (VARIANTS, ["--stage", "3", "--world-size", "2", "--offload", "both",
                                  "--compare-plain"]),
