@@ -340,7 +340,21 @@ def test_a_missing_optimizer_file_of_tp_rank_1_is_located(tmp_path, name):
     lost = f"{prefix}zero_pp_rank_1_mp_rank_01_optim_states.pt"
     got = damaged(tmp_path, name, lambda tag: (tag / lost).unlink())
     assert ("missing-optimizer-file", lost, 3, None) in got
-    assert {code for code, *_ in got} <= {"missing-optimizer-file", "param-coverage"}
+    coverage = [(rank, param) for code, _, rank, param in got if code == "param-coverage"]
+    assert coverage and {rank for rank, _ in coverage} == {3}  # dp rank 1 of tp rank 1
+    assert {code for code, *_ in got} == {"missing-optimizer-file", "param-coverage"}
+
+
+def test_a_truncated_optimizer_file_of_tp_rank_1_is_located(tmp_path):
+    name = "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+
+    def cut(tag):
+        data = (tag / name).read_bytes()
+        (tag / name).write_bytes(data[: len(data) // 2])
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", cut)
+    assert {code for code, *_ in got} == {"truncated-file", "param-truncated"}
+    assert all(file == name for _, file, _, _ in got)
+    assert {rank for code, _, rank, _ in got if code == "param-truncated"} == {1}  # dp 0, tp 1
 
 
 def test_files_of_another_topology_are_stale(tmp_path):
