@@ -60,6 +60,10 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         Binding("c", "compare", "Compare", show=False, id="compare",
                 tooltip="diff against another checkpoint, a merged output or a state dict, "
                         "param by param; escape cancels"),
+        Binding("p", "optimizer", "Optimizer", show=False, id="optimizer",
+                tooltip="the optimizer: step, hyper-parameters, loss scale; per param the norms "
+                        "of master, exp_avg, sqrt(exp_avg_sq) and Adam's update size, read in a "
+                        "worker; escape cancels"),
     ]
 
     def __init__(self, path: str, tag: str | None = None, tags: list[str] | None = None) -> None:
@@ -280,6 +284,12 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
         self.push_screen(MergeScreen(self.view))
 
+
+    def action_optimizer(self) -> None:
+        if self.view is not None:
+            from zinspect.tui.screens.optimizer import OptimizerScreen
+
+            self.push_screen(OptimizerScreen(self.view.ckpt))
 
     # -- diff -----------------------------------------------------------------------------
     def action_compare(self) -> None:

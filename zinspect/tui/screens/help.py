@@ -37,6 +37,7 @@ def sections() -> list[tuple[str, list[type]]]:
     from zinspect.tui.screens.diff import DiffScreen
     from zinspect.tui.screens.main import MainScreen
     from zinspect.tui.screens.merge import MergeScreen
+    from zinspect.tui.screens.optimizer import OptimizerScreen
     from zinspect.tui.screens.param_detail import ParamDetailScreen
     from zinspect.tui.screens.stats import StatisticsScreen
     from zinspect.tui.widgets.param_tree import ParamTree
@@ -50,6 +51,7 @@ def sections() -> list[tuple[str, list[type]]]:
         ("Deep check", [DeepCheckScreen]),
         ("Statistics", [StatisticsScreen]),
         ("Compare", [DiffScreen]),
+        ("Optimizer", [OptimizerScreen]),
         ("Findings", []),
     ]
 

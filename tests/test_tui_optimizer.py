@@ -1,0 +1,182 @@
+"""The optimizer view (`p`): driven with a Pilot on real fixtures (the numbers equal torch's
+computations from torch.load of the optimizer files; sorting; enter; escape cancels; a failure
+is shown in place) and once in a real terminal."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import FIXTURES
+from test_optimizer import close, expected
+from test_tui_app import SIZE, settle
+
+from zinspect.core import open_checkpoint
+from zinspect.core.optimizer import read_optimizer
+from zinspect.errors import MergeCancelled, UnreadableFile
+from zinspect.tui.app import ZinspectApp
+from zinspect.tui.screens.optimizer import COLS, OptimizerScreen, OptimizerTable
+
+torch = pytest.importorskip("torch")
+
+
+def column(title: str) -> int:
+    return next(i for i, c in enumerate(COLS) if c.column.label == title)
+
+
+def label_text(screen, selector: str) -> str:
+    from textual.widgets import Label
+
+    return str(screen.query_one(selector, Label).content)
+
+
+async def open_view(app, pilot) -> OptimizerScreen:
+    await settle(app, pilot)
+    await pilot.press("p")
+    await settle(app, pilot)
+    assert isinstance(app.screen, OptimizerScreen)
+    return app.screen
+
+
+@pytest.mark.parametrize("name", ["s2_w4_fp16", "s1_w2_bf16_bf16opt", "s3_w2_fp32"])
+async def test_view_numbers_equal_torch_and_sort_outliers_first(name):
+    ckpt = open_checkpoint(FIXTURES / name)
+    opt = read_optimizer(ckpt)
+    want = expected(ckpt, opt)
+    app = ZinspectApp(str(FIXTURES / name))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_view(app, pilot)
+        head = label_text(screen, "#optim-summary")
+        assert head.startswith("AdamW (") and "step 2" in head
+        assert "group 2: lr 0.005, betas (0.9, 0.95), eps 1e-08, weight_decay 0" in head
+        assert ("loss scale 256, dynamic" in head) == (name == "s2_w4_fp16")
+        table = screen.query_one(OptimizerTable)
+        assert table.row_count == len(want) and "no NaN or Inf" in label_text(screen, "#optim-facts")
+        for row in table.rows:
+            x, m, v = want[row.name]
+            u = m.abs() / (v.sqrt() + 1e-8)
+            assert close(row.master.l2, x.norm().item()) and close(row.exp_avg.l2, m.norm().item())
+            assert close(row.sqrt_exp_avg_sq.l2, v.sqrt().norm().item())
+            assert close(row.update.mean, u.mean().item()) and close(row.update.max, u.max().item())
+            assert close(row.master.max_abs, x.abs().max().item())
+        # drawn as the numbers say, largest update first
+        top = max(want, key=lambda n: (m := want[n][1]).abs().div(want[n][2].sqrt() + 1e-8).max())
+        cells = table.row_cells(0)
+        assert cells[0] == top and float(cells[column("upd max")]) == pytest.approx(
+            table.rows[0].update.max, rel=1e-3)
+        maxima = [r.update.max for r in table.rows]
+        assert maxima == sorted(maxima, reverse=True)
+        assert screen.sub_title == "sorted by upd max ↓"
+        await pilot.click("#optim-table", offset=(2, 0))  # the name header: by name
+        await pilot.pause()
+        assert [r.name for r in table.rows] == sorted(want)
+        await pilot.press("o")  # the next column: numel, largest first
+        await pilot.pause()
+        numels = [r.numel for r in table.rows]
+        assert numels == sorted(numels, reverse=True) and screen.sub_title == "sorted by numel ↓"
+        await pilot.press("enter")  # that param's detail, escape comes back
+        await pilot.pause()
+        from zinspect.tui.screens.param_detail import ParamDetailScreen
+
+        assert isinstance(app.screen, ParamDetailScreen) and app.screen.param_name == table.rows[0].name
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen is screen
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, OptimizerScreen)
+
+
+async def test_sgd_is_named_and_its_masters_shown():
+    app = ZinspectApp(str(FIXTURES / "optim" / "sgd_s2_w2_fp32"))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_view(app, pilot)
+        head = label_text(screen, "#optim-summary")
+        assert head.startswith("SGD (momentum) (ZeRO-1/2)")
+        assert "keeps no Adam moments (momentum_buffer): the masters' norms only" in head
+        table = screen.query_one(OptimizerTable)
+        assert table.row_count == 25 and screen.sub_title == "sorted by L2 master ↓"
+        assert table.row_cells(0)[column("upd max")] == "-"
+
+
+async def test_escape_cancels_the_reading(monkeypatch):
+    from zinspect.core import optimizer_stats as module
+
+    def slow(ckpt, opt, progress=None, should_stop=None):
+        for step in range(2000):
+            progress(step, 2000, "x")
+            if should_stop():
+                raise MergeCancelled("optimizer statistics cancelled", "nothing was changed")
+            time.sleep(0.005)
+        raise AssertionError("never cancelled")
+
+    monkeypatch.setattr(module, "optimizer_stats", slow)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_fp32_plain"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("p")
+        await pilot.pause(0.3)
+        assert isinstance(app.screen, OptimizerScreen)
+        assert "AdamW" in label_text(app.screen, "#optim-summary")  # the head came first
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert not isinstance(app.screen, OptimizerScreen)
+
+
+async def test_a_failure_is_shown_in_place_under_the_head(monkeypatch):
+    from textual.widgets import Static
+
+    from test_tui_app import text_of
+    from zinspect.core import optimizer_stats as module
+
+    def broken(ckpt, opt, progress=None, should_stop=None):
+        raise UnreadableFile("zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot read",
+                             "restore it from a copy")
+
+    monkeypatch.setattr(module, "optimizer_stats", broken)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_fp32_plain"))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_view(app, pilot)
+        shown = text_of(screen.query_one("#optim-error", Static))
+        assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: cannot read" in shown
+        assert "restore it from a copy" in shown and "AdamW" in label_text(screen, "#optim-summary")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, OptimizerScreen)
+
+
+async def test_key_in_help_and_palette():
+    from zinspect.tui.commands import ActionCommands
+    from zinspect.tui.screens.help import HelpScreen
+
+    app = ZinspectApp(str(FIXTURES / "s2_w2_fp32_plain"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert any(b.id == "optimizer" and b.key == "p" for b, _ in ActionCommands(app.screen).actions())
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        from textual.widgets import Static
+
+        from test_tui_app import text_of
+
+        help_text = text_of(app.screen.query_one(Static))
+        assert "Optimizer" in help_text and "Adam's update size" in help_text
+
+
+def test_the_view_in_a_real_terminal(tmp_path):
+    """open -> p -> the head and the table drawn -> escape -> q quits."""
+    from test_tui_pty_flows import ESCAPE, PtyApp
+
+    app = PtyApp([str(FIXTURES / "s2_w4_fp16")], cwd=tmp_path)
+    try:
+        app.wait_for("Overview", "Findings (", "zero_pp_rank_1")
+        app.press("p")
+        screen = app.wait_for("upd max", "loss scale 256, dynamic", "sorted by upd max")
+        assert "AdamW (ZeRO-1/2), step 2" in screen
+        app.press(ESCAPE)
+        app.wait_gone("upd max")
+        app.wait_footer("Validate")
+        assert app.quit() == 0
+    finally:
+        app.close()

@@ -1,0 +1,254 @@
+"""`p`: the optimizer view. At the top what the optimizer is, its step, each param group's
+hyper-parameters and the fp16 loss scale; below, per trainable param, the L2 norms of its fp32
+master, exp_avg and sqrt(exp_avg_sq), Adam's update size |m| / (sqrt(v) + eps) (mean and max)
+and max |x|, read on demand in a thread worker (progress; escape cancels), sorted so the params
+whose update blew up come first. Enter opens a param's detail."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.style import Style
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.events import Click
+from textual.screen import Screen
+from textual.widgets import Header, Label, Static
+from textual.worker import get_current_worker
+
+from zinspect.core.fmt import shown
+from zinspect.core.model import Checkpoint
+from zinspect.core.optimizer import OptimizerState, read_optimizer, scaler_line, summary_line
+from zinspect.core.optimizer_stats import OptimizerStats, ParamOptimStats
+from zinspect.core.stream import Progress, ShouldStop
+from zinspect.tui.errors import Problem, WorkerOutcomes
+from zinspect.tui.footer import KeyFooter
+from zinspect.tui.widgets.virtual_table import Column, VirtualTable
+from zinspect.tui.widgets.work_progress import WorkProgressPanel
+
+#: groups listed at the top; a MoE run has a few, a forged file thousands
+SHOWN_GROUPS = 6
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "name")
+OUTLIER = Style(color="yellow", bold=True)
+NONFINITE = Style(color="red", bold=True)
+
+
+def _l2(s) -> float:
+    return math.nan if s is None else s.l2
+
+
+def _max(s) -> float:
+    return math.nan if s is None else s.max
+
+
+def _mean(s) -> float:
+    return math.nan if s is None else s.mean
+
+
+@dataclass(frozen=True)
+class Col:
+    column: Column
+    value: Callable[[ParamOptimStats], object]  # what is shown and sorted by
+
+
+COLS = [
+    Col(Column("name", 24, flex=True), lambda r: r.name),
+    Col(Column("numel", 9, True), lambda r: r.numel),
+    Col(Column("group", 5, True), lambda r: -1 if r.group is None else r.group),
+    Col(Column("L2 master", 9, True), lambda r: r.master.l2),
+    Col(Column("L2 m", 9, True), lambda r: _l2(r.exp_avg)),
+    Col(Column("L2 √v", 9, True), lambda r: _l2(r.sqrt_exp_avg_sq)),
+    Col(Column("upd mean", 9, True), lambda r: _mean(r.update)),
+    Col(Column("upd max", 9, True), lambda r: _max(r.update)),
+    Col(Column("max|x|", 9, True), lambda r: r.master.max_abs),
+    Col(Column("NaN/Inf", 7, True), lambda r: r.nonfinite),
+]
+NAME, UPDATE_MAX, MASTER_L2, NONFINITE_COL = 0, 7, 3, 9
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return shown(value, 200)
+
+
+def _sort_key(value: object):
+    return -math.inf if isinstance(value, float) and math.isnan(value) else value
+
+
+class OptimizerTable(VirtualTable):
+    """One row per param; a header click (or o) sorts, largest first for numbers."""
+
+    def __init__(self, rows: list[ParamOptimStats], sort: int, **kwargs) -> None:
+        super().__init__([c.column for c in COLS], len(rows), **kwargs)
+        self.rows = rows
+        updates = [r.update.max for r in rows if r.update is not None and r.update.finite]
+        #: an update max this far above the median is marked: the params that blew up
+        self.outlier = 10 * statistics.median(updates) if updates else math.inf
+        self.sort_column, self.reverse = sort, sort != NAME
+        self.sort_rows()
+
+    def sort_rows(self) -> None:
+        value = COLS[self.sort_column].value
+        self.rows.sort(key=lambda r: _sort_key(value(r)), reverse=self.reverse)
+        self.refresh()
+
+    def sort_by(self, column: int) -> None:
+        self.reverse = not self.reverse if column == self.sort_column else column != NAME
+        self.sort_column = column
+        self.sort_rows()
+        self.cursor = 0
+
+    def row_cells(self, index: int) -> list[str]:
+        r = self.rows[index]
+        return [_cell(c.value(r)) if not (i == 2 and r.group is None) else "-"
+                for i, c in enumerate(COLS)]
+
+    def cell_style(self, index: int, column: int) -> Style | None:
+        r = self.rows[index]
+        if column == NONFINITE_COL and r.nonfinite:
+            return NONFINITE
+        if column == UPDATE_MAX and r.update is not None and r.update.max > self.outlier:
+            return OUTLIER
+        return None
+
+    def on_click(self, event: Click) -> None:
+        if event.y != 0:
+            super().on_click(event)
+            return
+        x = event.x + self.scroll_offset.x
+        for i, width in enumerate(self._widths()):
+            if x < width + 1:
+                self.sort_by(i)
+                self.screen.show_sorting()  # type: ignore[attr-defined]
+                return
+            x -= width + 1
+
+
+def group_lines(opt: OptimizerState) -> list[str]:
+    """`group 0: lr 0.01, betas (0.9, 0.95), eps 1e-08, weight_decay 0.01` per param group."""
+    lines = []
+    for i, g in enumerate(opt.groups[:SHOWN_GROUPS]):
+        parts = [f"{k} {_hyper(g[k])}" for k in HYPER_KEYS if k in g]
+        lines.append(shown(f"group {i}: " + ", ".join(parts), 200))
+    if len(opt.groups) > SHOWN_GROUPS:
+        lines.append(f"… {len(opt.groups) - SHOWN_GROUPS} more groups (zinspect info --json)")
+    return lines
+
+
+def _hyper(v) -> str:
+    if isinstance(v, list):
+        return "(" + ", ".join(_hyper(x) for x in v) + ")"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+class OptimizerScreen(WorkerOutcomes, Screen):
+    BINDINGS = [Binding("escape", "back", "Back / cancel", id="optim-back",
+                        tooltip="cancel while reading; then back to the checkpoint"),
+                Binding("o", "sort_next", "Sort", id="optim-sort",
+                        tooltip="sort by the next column (or click a column's header); "
+                                "numbers largest first")]
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        super().__init__()
+        self.ckpt = ckpt
+        self.result: OptimizerStats | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header(icon="◆")
+        with Vertical(id="optim-head"):
+            yield Label("Reading the optimizer state …", id="optim-summary")
+        with Vertical(id="optim-running", classes="dialog") as box:
+            box.border_title = "Optimizer"
+            yield Label("Reading each trainable param's fp32 master, exp_avg and exp_avg_sq: "
+                        "norms and Adam's update size |m|/(√v+ε)")
+            yield WorkProgressPanel("escape: cancel")
+        yield KeyFooter()
+
+    def on_mount(self) -> None:
+        self.title = "Optimizer"
+        self.run_optimizer(*self.query_one(WorkProgressPanel).start())
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="optimizer",
+          description="reading the optimizer state")
+    def run_optimizer(self, progress: Progress,
+                      stop_requested: ShouldStop) -> tuple[OptimizerState, OptimizerStats]:
+        from zinspect.core.optimizer_stats import optimizer_stats
+
+        worker = get_current_worker()
+        opt = read_optimizer(self.ckpt)
+        self.app.call_from_thread(self.show_head, opt)
+        return opt, optimizer_stats(self.ckpt, opt, progress=progress,
+                                    should_stop=lambda: stop_requested() or worker.is_cancelled)
+
+    def show_head(self, opt: OptimizerState) -> None:
+        """What the optimizer is, its groups and loss scale: shown before the values come."""
+        lines = [summary_line(opt)] + group_lines(opt)
+        scale = scaler_line(opt)
+        if scale is not None:
+            lines.append(f"loss scale {scale}")
+        if not opt.adam and opt.state_keys:
+            lines.append(shown(f"{opt.name} keeps no Adam moments "
+                               f"({', '.join(opt.state_keys[:6])}): the masters' norms only", 300))
+        self.query_one("#optim-summary", Label).update(Text("\n".join(lines)))
+
+    async def worker_succeeded(self, group: str, result: tuple[OptimizerState, OptimizerStats]) -> None:
+        self.result = result[1]
+        await self.query_one("#optim-running").remove()
+        params = self.result.params
+        adam = any(r.update is not None for r in params)
+        table = OptimizerTable(params, UPDATE_MAX if adam else MASTER_L2, id="optim-table")
+        bad = sum(r.nonfinite for r in params)
+        facts = [f"{len(params)} params", f"{bad:,} NaN/Inf values" if bad else "no NaN or Inf"]
+        for what, names in (("left out", self.result.left_out),
+                            ("without moments", self.result.masters_only)):
+            if names:
+                first = next(iter(names))
+                facts.append(f"{len(names)} {what} ({shown(first, 60)}: {names[first]}"
+                             + (", …)" if len(names) > 1 else ")"))
+        await self.mount(Vertical(Label(Text("; ".join(facts)), id="optim-facts"), table,
+                                  id="optim-results"), before=self.query_one(KeyFooter))
+        self.show_sorting()
+        table.focus()
+
+    def worker_failed(self, group: str, problem: Problem) -> bool:
+        if problem.severity != "error":  # cancelled: back, the notification says so
+            self.dismiss()
+            return False
+        running = self.query("#optim-running")
+        if running:
+            running.first().remove_children()
+            running.first().mount(Static(problem.text(), id="optim-error"))
+        return True
+
+    def show_sorting(self) -> None:
+        table = self.query_one(OptimizerTable)
+        self.sub_title = f"sorted by {COLS[table.sort_column].column.label}" + (
+            " ↓" if table.reverse else " ↑")
+
+    def action_sort_next(self) -> None:
+        tables = self.query(OptimizerTable)
+        if tables:
+            table = tables.first()
+            table.sort_by((table.sort_column + 1) % len(COLS))
+            self.show_sorting()
+
+    @on(VirtualTable.RowChosen)
+    def open_param(self, event: VirtualTable.RowChosen) -> None:
+        from zinspect.tui.screens.param_detail import ParamDetailScreen
+
+        self.app.push_screen(ParamDetailScreen(self.query_one(OptimizerTable).rows[event.index].name))
+
+    def action_back(self) -> None:
+        if self.result is None and self.query("#optim-running WorkProgressPanel"):
+            self.query_one(WorkProgressPanel).cancel()
+        else:
+            self.dismiss()
