@@ -2,14 +2,31 @@
 files with torch.load alone (independent of zinspect): what a resumed engine must hold."""
 import glob
 import os
+import pickle
+import types
 
 import torch
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
+class _Record:
+    """Stands in for a DeepSpeed class (loss scaler, fragment_address): only tensors matter."""
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.startswith("deepspeed"):
+            return int if name == "ZeroStageEnum" else _Record
+        return super().find_class(module, name)
+
+
+#: torch.load's pickle_module: DeepSpeed classes without DeepSpeed installed
+STUB_PICKLE = types.SimpleNamespace(__name__="stub_pickle", Unpickler=_Unpickler, load=pickle.load)
+
+
 def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed classes inside
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=STUB_PICKLE)
 
 
 def expected_states(tag_dir: str) -> dict:

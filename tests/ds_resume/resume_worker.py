@@ -76,6 +76,17 @@ def run_rank(rank, args, port):
                                                     want[state].float().reshape(-1))
             if not ok:
                 result["mismatches"].append(f"{name}:{state}")
+    # frozen params live in the model states (16-bit), not in the optimizer: the fixture's
+    # reference holds them upcast to fp32
+    ref = torch.load(os.path.join(os.path.dirname(args.manifest), "reference_fp32.pt"),
+                     weights_only=True)
+    result["frozen_restored"], result["frozen_differ"] = [], []
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            same = torch.equal(p.detach().float().cpu(), ref[name])
+        result["frozen_restored" if same else "frozen_differ"].append(name)
     gen_ids = torch.Generator().manual_seed(7 + rank)
     vocab, batch = m["vocab"], manifest.get("batch", 2)
     ids = torch.randint(0, vocab, (batch, manifest.get("seq", 8)), generator=gen_ids)

@@ -331,7 +331,9 @@ class _Zero3:
 
     def _model(self, r: int) -> OutFile:
         src, ckpt, n = self.src, self.ckpt, self.n
-        rf = src.model[0]
+        # each rank saves its own buffers (BatchNorm statistics differ per rank): rank r keeps
+        # the old rank r's, a new rank takes rank 0's (what zero_to_fp32 merges)
+        rf = src.model[r] if r in src.model else src.model[0]
         out = OutFile(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
         obj = dict(src.tf(rf.name).obj)
         obj["dp_world_size"] = n

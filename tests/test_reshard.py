@@ -1,0 +1,257 @@
+"""`zinspect reshard`: a ZeRO checkpoint rewritten for another data-parallel world size.
+
+- every state moved, nothing changed: the fp32 masters (merged: bit-exact with the fixture's
+  reference_fp32.pt) and Adam's moments (rebuilt from the files by torch alone) equal the source's;
+- the layout is DeepSpeed's own: resharding to N gives the same partition sizes, paddings, slice
+  mappings, param_shapes and sub-groups as the committed fixture DeepSpeed saved at N, and
+  resharding to the same N gives back the source files' every tensor and value;
+- refusals (other layouts, damaged input, an output that would clobber something);
+- real DeepSpeed 0.19.8 engines at the new world size load the output with plain
+  `engine.load_checkpoint()` and train a step (needs ZINSPECT_DS_PYTHON: tests/ds_resume/).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, copy_fixture, manifest, run_zinspect, tag_dir
+
+from zinspect.core import open_checkpoint
+from zinspect.core.reshard import reshard
+from zinspect.core.torchzip import Opaque, TensorRef, read_torch_file
+from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).parent / "ds_resume"))
+from expected import expected_states  # noqa: E402
+
+PLAIN = ["s1_w2_bf16_bf16opt", "s1_w2_fp32", "s1_w4_bf16", "s2_w1_fp32", "s2_w2_bf16",
+         "s2_w2_fp32_plain", "s2_w3_fp32_rr", "s2_w4_fp16", "s3_w2_fp32", "s3_w3_fp16_sub",
+         "s3_w4_bf16", "s3_w5_bf16_small"]
+DS_PYTHON = os.environ.get("ZINSPECT_DS_PYTHON")
+RESUME = Path(__file__).parent / "ds_resume" / "resume_worker.py"
+
+
+def _resharded(tmp_path: Path, name: str, n: int) -> Path:
+    out = tmp_path / f"{name}_ws{n}"
+    reshard(open_checkpoint(FIXTURES / name), out, n)
+    return out
+
+
+@pytest.mark.parametrize("name", PLAIN)
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_state_moves_unchanged(tmp_path, name, n):
+    import zinspect
+
+    src = open_checkpoint(FIXTURES / name)
+    n = n if n != src.world_size else n + 1
+    out = _resharded(tmp_path, name, n)
+    got = open_checkpoint(out)
+    assert (got.world_size, got.stage, got.layout) == (n, src.stage, src.layout)
+    assert not got.errors, [f.message for f in got.errors]
+    assert (out / "latest").read_text() == src.tag
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt", weights_only=True)
+    merged = zinspect.get_fp32_state_dict(out)
+    assert merged.keys() == ref.keys()
+    for key, t in ref.items():
+        assert merged[key].dtype == t.dtype and torch.equal(merged[key], t), key
+    if not manifest(name)["ds_config"]["zero_optimization"].get("round_robin_gradients"):
+        want, have = expected_states(str(tag_dir(name))), expected_states(str(out / src.tag))
+        assert want.keys() == have.keys() and want
+        for pname, states in want.items():
+            for state, t in states.items():
+                assert torch.equal(have[pname][state], t), (pname, state)
+
+
+def _skeleton(path: Path, values: bool):
+    """A file's pickle with each tensor as (dtype, shape[, sha1 of its bytes]) and each
+    DeepSpeed record as (class, state)."""
+    tf = read_torch_file(path)
+
+    def walk(x):
+        if isinstance(x, TensorRef):
+            if not values:
+                return ("tensor", x.shape)
+            with open(path, "rb") as f:
+                f.seek(tf.tensor_offset(x))
+                return ("tensor", x.dtype, x.shape, hashlib.sha1(f.read(x.nbytes)).hexdigest())
+        if isinstance(x, Opaque):
+            return (x.qualname, walk(x.args), walk(x.state))
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(tf.obj)
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_same_world_size_gives_back_the_source(tmp_path, name):
+    """Every tensor byte and every pickled value of every file, DeepSpeed's records included,
+    as the source holds them (ZeRO-3's fp32 and frozen partitions by shape: DeepSpeed leaves their padding
+    uninitialized; their values are compared in test_every_state_moves_unchanged)."""
+    src = open_checkpoint(FIXTURES / name)
+    out = _resharded(tmp_path, name, src.world_size) / src.tag
+    wanted = sorted(p.name for p in tag_dir(name).iterdir())
+    assert sorted(p.name for p in out.iterdir()) == wanted
+    for file in wanted:
+        want, have = _skeleton(tag_dir(name) / file, True), _skeleton(out / file, True)
+        osd = want.get("optimizer_state_dict") or {}
+        if "fp32_flat_groups" in osd:  # ZeRO-3 leaves its padding uninitialized: we zero it
+            shapes = _skeleton(out / file, False)["optimizer_state_dict"]["fp32_flat_groups"]
+            osd["fp32_flat_groups"] = have["optimizer_state_dict"]["fp32_flat_groups"] = shapes
+        if src.stage == 3 and want.get("frozen_param_fragments"):  # the same for frozen params
+            want["frozen_param_fragments"] = have["frozen_param_fragments"] = \
+                _skeleton(out / file, False)["frozen_param_fragments"]
+        assert have == want, file
+
+
+#: (source, N, the fixture DeepSpeed itself saved at N with the same model and groups)
+TWINS = [("s1_w2_fp32", 4, "s1_w4_bf16"), ("s1_w4_bf16", 2, "s1_w2_fp32"),
+         ("s2_w2_bf16", 4, "s2_w4_fp16"), ("s2_w4_fp16", 1, "s2_w1_fp32"),
+         ("s3_w2_fp32", 4, "s3_w4_bf16"), ("s3_w4_bf16", 2, "s3_w2_fp32")]
+LAYOUT_KEYS = ("single_partition_of_fp32_groups", "group_paddings", "partition_count",
+               "param_slice_mappings", "fp32_flat_groups", "zero_stage")
+
+
+@pytest.mark.parametrize("name,n,twin", TWINS)
+def test_layout_is_what_deepspeed_saves_at_n(tmp_path, name, n, twin):
+    out = _resharded(tmp_path, name, n) / manifest(name)["tag"]
+    theirs = tag_dir(twin)
+    assert sorted(p.name.removeprefix("bf16_") for p in out.iterdir()) == \
+        sorted(p.name.removeprefix("bf16_") for p in theirs.iterdir())
+    for ours in out.iterdir():
+        twin_file = next(p for p in theirs.iterdir()
+                         if p.name.removeprefix("bf16_") == ours.name.removeprefix("bf16_"))
+        a, b = _skeleton(ours, False), _skeleton(twin_file, False)
+        if "model_states" in ours.name:
+            for key in ("param_shapes", "dp_world_size", "frozen_param_shapes"):
+                assert a[key] == b[key], key
+            assert (a.get("frozen_param_fragments") or {}).keys() == \
+                (b.get("frozen_param_fragments") or {}).keys()
+            for k, v in (b.get("frozen_param_fragments") or {}).items():
+                assert a["frozen_param_fragments"][k] == v, k
+            continue
+        osd_a, osd_b = a["optimizer_state_dict"], b["optimizer_state_dict"]
+        for key in LAYOUT_KEYS:
+            assert osd_a.get(key) == osd_b.get(key), (ours.name, key)
+        inner = "optimizer_state_dict" if "fp32_flat_groups" in osd_b else "base_optimizer_state"
+        assert osd_a[inner]["state"] == osd_b[inner]["state"], ours.name
+        assert [g["params"] for g in osd_a[inner]["param_groups"]] == \
+            [g["params"] for g in osd_b[inner]["param_groups"]]
+
+
+def test_sub_groups_follow_the_new_world_size(tmp_path):
+    """sub_group_size counts per-rank elements: 3 -> 1 rank makes each sub-group hold fewer
+    params, as DeepSpeed's _create_fp16_sub_groups does."""
+    src = open_checkpoint(FIXTURES / "s3_w3_fp16_sub")
+    got = open_checkpoint(_resharded(tmp_path, "s3_w3_fp16_sub", 1))
+    assert [g.params for g in got.groups] != [g.params for g in src.groups]
+    assert sum(len(g.params) for g in got.groups) == sum(len(g.params) for g in src.groups)
+    assert len(got.groups) > len(src.groups)
+
+
+@pytest.mark.parametrize("layout_fixture", ["parallel/z0_fp32", "parallel/pp2_dp2_s1_fp32",
+                                            "parallel/tp2_dp2_s2_toy",
+                                            "parallel/moe_ep2_w4_s2_fp32"])
+def test_other_layouts_are_refused_by_name(tmp_path, layout_fixture):
+    r = run_zinspect("reshard", FIXTURES / layout_fixture, tmp_path / "out", "--world-size", "3")
+    assert r.returncode == 1, r.stderr
+    assert "cannot be resharded" in r.stderr and "hint:" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_input_is_refused_and_nothing_written(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w2_bf16")
+    victim = tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:-3000])
+    with pytest.raises(NotMergeable):
+        reshard(open_checkpoint(tag), tmp_path / "out", 3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_flipped_byte_fails_its_crc_and_nothing_is_written(tmp_path):
+    tag = copy_fixture(tmp_path, "s2_w2_bf16")
+    victim = tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    tf = read_torch_file(victim)
+    ref = tf.obj["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["exp_avg"]
+    data = bytearray(victim.read_bytes())
+    data[tf.tensor_offset(ref) + 40] ^= 0x10
+    victim.write_bytes(bytes(data))
+    with pytest.raises(NotMergeable, match="CRC"):
+        reshard(open_checkpoint(tag), tmp_path / "out", 3)
+    assert not (tmp_path / "out" / "latest").exists()
+    assert not any((tmp_path / "out").rglob("*.pt"))
+
+
+def test_output_places_that_would_clobber_are_refused(tmp_path):
+    ckpt = open_checkpoint(FIXTURES / "s2_w2_bf16")
+    with pytest.raises(OutputError):
+        reshard(ckpt, FIXTURES / "s2_w2_bf16", 3)  # the checkpoint's own root
+    out = tmp_path / "out"
+    reshard(ckpt, out, 3)
+    with pytest.raises(OutputError, match="latest"):
+        reshard(ckpt, out, 4)
+    reshard(ckpt, out, 4, force=True)
+    assert open_checkpoint(out).world_size == 4
+    with pytest.raises(UsageError):
+        reshard(ckpt, tmp_path / "zero", 0)
+
+
+def test_cancel_leaves_nothing(tmp_path):
+    with pytest.raises(MergeCancelled):
+        reshard(open_checkpoint(FIXTURES / "s3_w2_fp32"), tmp_path / "out", 3,
+                should_stop=lambda: True)
+    assert not (tmp_path / "out" / "latest").exists()
+    assert not any((tmp_path / "out").rglob("*"))
+
+
+def test_cli_json_and_exit_codes(tmp_path):
+    r = run_zinspect("reshard", FIXTURES / "s3_w2_fp32", tmp_path / "o", "--world-size", "3",
+                     "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["world_size"] == 3 and res["source_world_size"] == 2 and not res["unverified_records"]
+    assert res["verified_records"] > 0
+    assert len(res["files"]) == 6
+    r = run_zinspect("reshard", FIXTURES / "s3_w2_fp32", tmp_path / "o", "--world-size", "3")
+    assert r.returncode == 2 and "--force" in r.stderr
+
+
+# ------------------------------------------------------------------ real DeepSpeed resumes
+def ds_resume(tmp_path: Path, name: str, ckpt_dir: Path, n: int, universal: bool = False) -> dict:
+    """Start n real DeepSpeed engines on `ckpt_dir`; the worker's JSON result."""
+    result = tmp_path / "result.json"
+    cmd = [DS_PYTHON, str(RESUME), "--ckpt", str(ckpt_dir), "--source", str(tag_dir(name)),
+           "--manifest", str(FIXTURES / name / "manifest.json"), "--world-size", str(n),
+           "--result", str(result)] + (["--universal"] if universal else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0 and result.exists(), p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(result.read_text())
+
+
+needs_deepspeed = pytest.mark.skipif(
+    not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8 "
+                          "(.ci/run makes .dsvenv) to resume in real DeepSpeed engines")
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name,n", [("s2_w2_bf16", 3), ("s3_w3_fp16_sub", 2),
+                                    ("s1_w2_bf16_bf16opt", 1)])
+def test_deepspeed_resumes_at_the_new_world_size(tmp_path, name, n):
+    out = _resharded(tmp_path, name, n)
+    res = ds_resume(tmp_path, name, out, n)
+    assert res["loaded"] and res["global_steps"] == manifest(name)["global_steps"]
+    assert res["compared"] == 3 * len([p for p in manifest(name)["params"].values()
+                                       if not p["frozen"]]) - 3 * len(manifest(name)["tied"])
+    assert res["mismatches"] == [] and res["missing"] == []
+    assert res["frozen_differ"] == [] and res["frozen_restored"] == manifest(name)["frozen"]
+    assert res["loss_finite"] and res["steps_after"] == res["global_steps"] + 1
