@@ -29,9 +29,11 @@ class GroupOrder:
     problem: str = ""
 
 
-def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]]) -> GroupOrder:
+def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]],
+                      required: int = 0) -> GroupOrder:
     """Assign each group entry (by shape) to a distinct param so that each group keeps module
-    order; the params left over are the frozen ones. Exactly one assignment or a problem."""
+    order; the params left over are the frozen ones (never one of the first `required`).
+    Exactly one assignment or a problem."""
     n, k = len(params), len(groups)
     lengths = tuple(len(g) for g in groups)
     skips = n - sum(lengths)
@@ -42,7 +44,7 @@ def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]]
     for i, (_, shape) in enumerate(params):
         nxt: dict[tuple, tuple[int, object]] = {}
         for ptrs, (ways, link) in frontier.items():
-            if i - sum(ptrs) < skips:  # params[i] is frozen
+            if i >= required and i - sum(ptrs) < skips:  # params[i] is frozen
                 _add(nxt, ptrs, ways, (link, i, None))
             for g in range(k):
                 if ptrs[g] < lengths[g] and tuple(groups[g][ptrs[g]]) == tuple(shape):

@@ -81,7 +81,7 @@ class _MoE:
                         c.params[n] = Param(n, s or (), base.dtype if base else "")
                 files = {r // ep: rf for r, rf in ctx.optim.items() if r % ep == e}
                 zero12.attach(ctx, files, {gi: members}, pcs, coords=Coords(ep=e))
-                self._missing_ranks(e, ep, pc, files, gi)
+        self._missing_ranks()
         common.attach_moments(ctx, ctx.optim)
         self._expert_files()
         if any(p.frozen and not p.fragments for p in c.params.values()):
@@ -143,15 +143,16 @@ class _MoE:
                 else:
                     self.expert_files[(layer, expert)] = rf
 
-    def _missing_ranks(self, e: int, ep: int, pc: int, files: dict, gi: int) -> None:
-        for d in range(pc):
-            if d not in files:
-                r = d * ep + e
-                self.ctx.find("missing-optimizer-file", f"rank {r}'s optimizer file is missing: "
-                              f"partition {d} of ep rank {e}'s experts (group {gi}) is lost",
-                              "copy it from the run; `zinspect merge --salvage` writes the other "
-                              "params", rank=r, group=gi,
-                              file=f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    def _missing_ranks(self) -> None:
+        """Each rank's file holds a partition of the dense groups and of its ep rank's experts."""
+        prefix = next((rf.prefix for rf in self.ctx.optim.values()), "")
+        for r in range(self.ws):
+            if r not in self.ctx.optim:
+                name = f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                self.ctx.find("missing-optimizer-file", f"{name} is missing: rank {r}'s "
+                              "partitions of the dense params and of its ep rank's experts are "
+                              "lost", "copy it from the run; `zinspect merge --salvage` writes "
+                              "the other params", rank=r, file=name)
 
     def _expert_files(self) -> None:
         """Every expert of every MoE layer has its file (its 16-bit weights: the params'

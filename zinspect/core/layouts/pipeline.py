@@ -23,6 +23,7 @@ from collections import defaultdict
 from zinspect.core.layouts import common, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, shape
+from zinspect.core.layouts.pipeline_zero0 import match_stages, optimizer_group_shapes
 from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
 
@@ -61,10 +62,8 @@ class _Pipeline:
                                 f"pipeline's {self.tp}")
                 else:
                     self.layers[rf.coords.layer] = rf
-            elif rf.kind == "model" and rf.rank is None:
+            elif rf.kind == "model" and rf.rank is None:  # beyond pp: topology.cross_check
                 rf.coords = Coords(pp=rf.mp_rank)
-                if rf.mp_rank >= self.pp * self.tp:
-                    self._stale(rf, f"stage {rf.mp_rank} is beyond this pipeline's {self.pp}")
             elif rf.kind == "optim":
                 rf.coords = Coords(dp=rf.rank, pp=rf.mp_rank)
                 if rf.mp_rank >= self.pp * self.tp or rf.rank >= self.dp:
@@ -151,19 +150,27 @@ class _Pipeline:
         self._buffers(buffer_names)
         self._missing_layers(trainable)
         if not self.optim:
+            if not trainable:
+                self._zero0_stages(buffer_names)
             self._zero0_masters()
         common.finish(ctx, common.Names({}, [], [], {}))
 
     def _params(self, groups: dict, trainable: set[str], buffers: set[str]) -> None:
         """Every param once, in layer order: the layer files' (frozen when no stage's flat
-        groups hold it), then any the flat groups name that no layer file holds."""
+        groups hold it), then any the flat groups name that no layer file holds. With a stage
+        file missing, a layer no present stage names may be that stage's: its params are
+        neither frozen nor located (a merge leaves them out), never guessed frozen."""
         c, ctx = self.c, self.ctx
+        sure = all(self.stage_state(s) for s in range(self.pp))
+        named = {self.names[n][0] for n in buffers if n in self.names} | {
+            self.names[n][0] for s in range(self.pp) if self.stage_state(s)
+            for g in groups[s] for n, _ in g if n in self.names}
         for name, (layer, key) in self.names.items():
             if name in buffers:
                 continue
             t = dict(_entries(ctx, self.layers[layer])).get(key)
             c.params[name] = Param(name, t.shape, t.dtype, frozen=bool(self.optim or trainable)
-                                   and name not in trainable)
+                                   and name not in trainable and (sure or layer in named))
         for s in range(self.pp):
             for g in groups[s]:
                 for name, shp in g:
@@ -229,7 +236,39 @@ class _Pipeline:
         """ZeRO-0 fp32: the layer files' weights are the fp32 masters."""
         for name, p in self.c.params.items():
             if name in self.names and not p.fragments:
-                self._layer_fragment(name, "master" if p.dtype == "float32" else "module")
+                self._layer_fragment(name, "master" if p.dtype == "float32" and not p.frozen
+                                     else "module")
+
+    def _zero0_stages(self, buffer_names: list[str]) -> None:
+        """A ZeRO-0 fp32 pipeline names no params: the stages' optimizer shapes tell which
+        were frozen and which layer was tied (pipeline_zero0.py); the tie's key is in no file."""
+        c, ctx = self.c, self.ctx
+        layers: dict[int, list] = defaultdict(list)
+        for name, (layer, _) in self.names.items():
+            if name in c.params:
+                layers[layer].append((name, c.params[name].shape))
+        anchors = {self.names[b][0]: s for s in range(self.pp) for b in
+                   self.stage_state(s).get("buffer_names") or [] if b in self.names}
+        found = match_stages(dict(layers), [optimizer_group_shapes(
+            self.stage_state(s).get("optimizer")) for s in range(self.pp)], anchors)
+        if found is None or found.frozen is None:
+            ctx.find("pipeline-stages-unknown", "this ZeRO-0 pipeline names no params and its "
+                     "stages' optimizer states fit its layer files in more than one way: which "
+                     "params were frozen is unknown (all are shown as trainable)",
+                     "the fp32 values written are the layer files' either way")
+        for name in found.frozen if found and found.frozen else ():
+            c.params[name].frozen = True
+        if found is None:
+            return
+        for layer, stages in sorted(found.tied.items()):
+            names = [n for n, _ in layers[layer]]
+            ctx.find("pipeline-tied-unnamed", f"layer {layer} is tied (its params are also "
+                     f"used by stage(s) {', '.join(map(str, stages))}): PipelineModule names them "
+                     f"tied_modules.<key>.*, but a ZeRO-0 checkpoint records no key, so they "
+                     f"are named {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}",
+                     "rename them when loading into the PipelineModule (e.g. tied_modules.embed."
+                     "weight); the values are right", file=self.layers[layer].name,
+                     param=names[0] if names else None)
 
     def _buffers(self, buffer_names: list[str]) -> None:
         for name in buffer_names:

@@ -1,0 +1,192 @@
+"""The pipeline layout (zinspect/core/layouts/pipeline.py) on the real PipelineModule fixtures in
+tests/fixtures/parallel/pp*: names as DeepSpeed's own, tied params once with their other stages'
+fp32 copies, layer files, buffers, the merge bit for bit, and damaged copies with exact findings."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, run_zinspect
+
+import zinspect
+from zinspect.core import open_checkpoint
+from zinspect.core.merge import plan_merge
+from zinspect.errors import NotMergeable
+
+PARALLEL = FIXTURES / "parallel"
+PIPELINES = sorted(p.parent.name for p in PARALLEL.glob("pp*/manifest.json"))
+#: a ZeRO-0 fp32 pipeline records no param names: the tied layer's tie key is in no file
+UNNAMED = {"pp3_dp1_s0_fp32": {"1.weight": "tied_modules.embed.weight"}}
+
+
+def manifest(name: str) -> dict:
+    return json.loads((PARALLEL / name / "manifest.json").read_text())
+
+
+@functools.cache
+def reference(name: str) -> dict:
+    return torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+
+
+def copy(tmp_path: Path, name: str) -> Path:
+    """A private copy (latest + tag dir); returns its tag dir."""
+    root = tmp_path / name
+    root.mkdir()
+    shutil.copy2(PARALLEL / name / "latest", root / "latest")
+    shutil.copytree(PARALLEL / name / manifest(name)["tag"], root / manifest(name)["tag"])
+    return root / manifest(name)["tag"]
+
+
+def codes(ckpt) -> list[tuple[str, str | None]]:
+    return sorted((f.code, f.file) for f in ckpt.findings)
+
+
+def read(ckpt, fragment) -> torch.Tensor:
+    with open(ckpt.path / fragment.file, "rb") as f:
+        f.seek(fragment.offset)
+        data = bytearray(f.read(fragment.nbytes))
+    return torch.frombuffer(data, dtype=getattr(torch, fragment.dtype))
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_names_shapes_and_topology_are_deepspeeds(name):
+    m, c = manifest(name), open_checkpoint(PARALLEL / name)
+    assert (c.layout, c.stage, c.world_size) == ("pipeline", m["stage"], m["world_size"])
+    assert (c.topology.pp, c.topology.dp, c.topology.tp, c.topology.ep) == (m["pp"], m["dp"], 1, 1)
+    rename = UNNAMED.get(name, {})
+    assert {rename.get(n, n): p.shape for n, p in c.params.items()} == \
+        {n: tuple(p["shape"]) for n, p in m["params"].items()}
+    assert {n: b.shape for n, b in c.buffers.items()} == {n: tuple(s) for n, s in m["buffers"].items()}
+    assert all(p.tied_to is None for p in c.params.values())  # a tied param is there once
+    for f in c.files:  # every layer file is one, at its layer
+        assert f.kind != "other"
+        if f.kind == "layer":
+            assert f.name == f"layer_{f.coords.layer:02d}" + \
+                ("-model_00" if m["topology"] == "pipe-model-data" else "") + "-model_states.pt"
+
+
+@pytest.mark.parametrize("name", [n for n in PIPELINES if n not in UNNAMED])
+def test_frozen_params_are_the_manifests(name):
+    """ZeRO-1 and BF16_Optimizer stages name their trainable params; a layer param no stage
+    holds is frozen, and its 16-bit layer weight is its value."""
+    m, c = manifest(name), open_checkpoint(PARALLEL / name)
+    assert {n for n, p in c.params.items() if p.frozen} == set(m["frozen"])
+    for n in m["frozen"]:
+        (f,) = c.params[n].fragments
+        assert (f.source, f.file) == ("module", m["params"][n]["layer_files"][0]["file"])
+
+
+@pytest.mark.parametrize("name", [n for n in PIPELINES if manifest(n)["stage"] == 1 or
+                                  manifest(n)["dtype"] != "fp32"])
+def test_tied_param_has_each_later_stages_copy(name):
+    """The tied embedding's fp32 master is in every stage that uses it: the lowest stage's copy
+    is the param's fragments, the others are Param.copies, and all equal the reference."""
+    m, c = manifest(name), open_checkpoint(PARALLEL / name)
+    (tied,) = m["tied"]
+    p = c.params[tied]
+    stages = m["tied"][tied]["stages"]
+    assert {f.file.split("mp_rank_")[1][:2] for f in p.fragments} == {f"{stages[0]:02d}"}
+    assert sorted(p.copies) == stages[1:]
+    ref = reference(name)[tied].flatten()
+    for fragments in [p.fragments, *p.copies.values()]:
+        assert sum(f.numel for f in fragments) == p.numel
+        for f in fragments:
+            assert torch.equal(read(c, f), ref[f.start:f.start + f.numel])
+
+
+def test_zero0_fp32_pipeline_names_its_tied_layer_by_index_and_says_so():
+    c = open_checkpoint(PARALLEL / "pp3_dp1_s0_fp32")
+    found = {f.code: f for f in c.findings}
+    assert sorted(found) == ["pipeline-stages-unknown", "pipeline-tied-unnamed"]
+    assert (found["pipeline-tied-unnamed"].param, found["pipeline-tied-unnamed"].file) == \
+        ("1.weight", "layer_01-model_states.pt")
+    assert "stage(s) 2" in found["pipeline-tied-unnamed"].message
+    assert not any(p.frozen for p in c.params.values())  # 3.norm.bias vs 3.norm.weight: unknown
+    assert all(f.source == "master" and f.dtype == "float32" for p in c.params.values()
+               for f in p.fragments)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_merge_is_the_reference_bit_for_bit(name):
+    state, ref = zinspect.get_fp32_state_dict(PARALLEL / name), reference(name)
+    rename = UNNAMED.get(name, {})
+    state = {rename.get(n, n): t for n, t in state.items()}
+    assert set(state) == set(ref)
+    for n, t in ref.items():
+        assert state[n].dtype == t.dtype and torch.equal(state[n], t), n
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_validate_exits_0(name):
+    r = run_zinspect("validate", PARALLEL / name)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ damaged copies
+STAGE1_DP1 = "zero_pp_rank_1_mp_rank_01_optim_states.pt"
+
+
+def test_missing_stage_optimizer_file(tmp_path):
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    intact = open_checkpoint(tag.parent)
+    (tag / STAGE1_DP1).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-optimizer-file", STAGE1_DP1)]
+    assert c.findings[0].rank == 1
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
+    # --salvage drops exactly the params with elements in that file
+    lost = {n for n, p in intact.params.items() if any(f.file == STAGE1_DP1 for f in p.fragments)}
+    assert lost and "tied_modules.embed.weight" not in lost  # its stage-0 copy is whole
+    plan = plan_merge(c, salvage=True)
+    assert set(plan.dropped) == lost
+    with pytest.warns(RuntimeWarning, match=f"left out {len(lost)} tensor"):
+        state = zinspect.get_fp32_state_dict(tag.parent, salvage=True)
+    ref = reference("pp2_dp2_s1_fp32")
+    assert set(state) == set(ref) - lost
+    assert all(torch.equal(state[n], ref[n]) for n in state)
+
+
+def test_missing_layer_file(tmp_path):
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    (tag / "layer_05-model_states.pt").unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-layer-file", "layer_05-model_states.pt")]
+    assert "layer 5" in c.findings[0].message
+    assert not c.buffers["5.pos_scale"].intact  # the buffer was only in that file
+    plan = plan_merge(c, salvage=True)
+    assert set(plan.dropped) == {"5.pos_scale"}  # the fp32 masters are in the optimizer files
+
+
+def test_missing_stage_model_states(tmp_path):
+    """Stage 1's names come back from its optimizer's param_slice_mappings; its buffer names
+    were only in mp_rank_01, so its buffers are not guessed: they are left out."""
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    (tag / "mp_rank_01_model_states.pt").unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-stage-file", "mp_rank_01_model_states.pt")]
+    plan = plan_merge(c, salvage=True)
+    assert set(plan.dropped) == {"5.pos_scale", "6.pos_scale"}
+    assert not any(p.frozen for n, p in c.params.items() if n.startswith(("5.", "6.", "7.")))
+
+
+@pytest.mark.parametrize("stale, source", [
+    ("zero_pp_rank_0_mp_rank_02_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"),
+    ("zero_pp_rank_2_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    ("mp_rank_02_model_states.pt", "mp_rank_01_model_states.pt"),
+    ("layer_05-model_01-model_states.pt", "layer_05-model_states.pt"),
+])
+def test_stale_file_of_another_topology(tmp_path, stale, source):
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    shutil.copy(tag / source, tag / stale)
+    c = open_checkpoint(tag.parent)
+    # a stage file's pickle says its mp_world_size: the core's topology check names it
+    assert codes(c) == [("topology-mismatch" if stale.startswith("mp_rank") else "stale-rank-file",
+                         stale)]
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
