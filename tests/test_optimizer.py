@@ -123,6 +123,23 @@ def test_parallel_layouts_have_their_hyper_parameters(name):
         assert any(g.get("moe") for g in opt.groups)
 
 
+UNIVERSAL = sorted(p.parent.parent for p in FIXTURES.glob("**/*_universal/zero/optimizer_state.pt"))
+
+
+@pytest.mark.parametrize("tag", UNIVERSAL, ids=lambda p: p.parent.name)
+def test_universal_checkpoints_give_groups_step_and_state_keys(tag):
+    """ds_to_universal's output: hyper-parameters from zero/optimizer_state.pt, the per-param
+    states from a param folder's file names, the step from its step.pt."""
+    opt = read_optimizer(open_checkpoint(tag))
+    saved = torch_load(tag / "zero" / "optimizer_state.pt")
+    assert opt.wrapper == "universal" and opt.source == "zero/optimizer_state.pt"
+    assert opt.groups == hyper(saved["param_groups"])
+    assert {"exp_avg", "exp_avg_sq"} <= set(opt.state_keys) and opt.adam
+    steps = sorted((tag / "zero").glob("*/step.pt"))
+    if steps:
+        assert opt.step == torch.load(steps[0], weights_only=True).item()
+
+
 def test_sgd_is_named_with_its_state_keys():
     """A real ZeRO-2 run with torch SGD (momentum): no Adam moments; it is named, not failed."""
     ckpt = open_checkpoint(SGD)

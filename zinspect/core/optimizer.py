@@ -13,6 +13,8 @@ groups, so the lowest rank's file says it for all.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,42 +86,68 @@ def read_optimizer(ckpt: Checkpoint) -> OptimizerState:
     """The optimizer of `ckpt`, from the lowest rank's optimizer file (one pickle, no tensor
     bytes but a few scalars). Never raises for what a checkpoint holds: what cannot be read
     is an OptimizerState named "unknown" whose `note` says why."""
-    source = _source(ckpt)
-    if source is None:
-        return OptimizerState(None, "none", "unknown", note=NO_STATE)
-    path, key = source
-    rel = _relative(ckpt, path)
-    try:
-        tf = read_torch_file(path)
-    except UnreadableFile as e:
-        return OptimizerState(rel, "unknown", "unknown", note=f"cannot read it: {e.message}")
-    obj = tf.obj.get(key) if isinstance(tf.obj, dict) and key else tf.obj
-    if obj is None and key == "optimizer":  # ZeRO-1/2/3 model states without their optim files
-        return OptimizerState(None, "none", "unknown", note=NO_STATE)
-    out = _describe(tf, obj, rel)
-    if out.loss_scaler is not None and out.loss_scaler.dynamic or key == "optimizer":
-        _engine_counts(ckpt, out, tf if key == "optimizer" else None)
-    return out
+    for path, key in _sources(ckpt):
+        rel = _relative(ckpt, path)
+        try:
+            tf = read_torch_file(path)
+        except UnreadableFile as e:
+            return OptimizerState(rel, "unknown", "unknown", note=f"cannot read it: {e.message}")
+        obj = tf.obj.get(key) if isinstance(tf.obj, dict) and key else tf.obj
+        if obj is None and key == "optimizer":  # model states of a ZeRO or universal run
+            continue
+        out = _describe(tf, obj, rel)
+        if path.name == "optimizer_state.pt" and key is None:  # a universal checkpoint
+            out.wrapper = "universal"
+            if not out.state_keys:
+                _universal_states(path.parent, out)
+        if out.loss_scaler is not None and out.loss_scaler.dynamic or key == "optimizer":
+            _engine_counts(ckpt, out, tf if key == "optimizer" else None)
+        return out
+    return OptimizerState(None, "none", "unknown", note=NO_STATE)
 
 
-def _source(ckpt: Checkpoint) -> tuple[Path, str | None] | None:
-    """(file, key of the optimizer's dict in its pickle): a ZeRO optimizer file, else an
-    expert-parallel one, else model states that hold a plain optimizer (ZeRO-0), else a
-    universal checkpoint's optimizer_state.pt."""
+def _sources(ckpt: Checkpoint) -> Iterator[tuple[Path, str | None]]:
+    """(file, key of the optimizer's dict in its pickle), best first: the lowest rank's ZeRO
+    optimizer file, else an expert-parallel one, else model states that hold a plain optimizer
+    (ZeRO-0), else a universal checkpoint's zero/optimizer_state.pt."""
     def order(f: RankFile):
         return (f.mp_rank or 0, f.rank or 0, f.name)
 
     for kind, key in (("optim", "optimizer_state_dict"), ("expert_optim", None)):
         files = sorted((f for f in ckpt.files_of(kind) if f.readable), key=order)
         if files:
-            return files[0].path, key
+            yield files[0].path, key
+            return
     models = sorted((f for f in ckpt.files_of("model") if f.readable and not f.shallow), key=order)
     if models and ckpt.stage in (0, None):
-        return models[0].path, "optimizer"
+        yield models[0].path, "optimizer"
     universal = ckpt.path / "zero" / "optimizer_state.pt"
     if universal.is_file():
-        return universal, None
-    return None
+        yield universal, None
+
+
+def _universal_states(zero: Path, out: OptimizerState) -> None:
+    """A universal checkpoint (ds_to_universal: optimizer_state.pt is the rank-0 dict without
+    its sharded states) keeps each param's states as zero/<name>/<state>.pt: the first param
+    folder's names are the state keys, its step.pt the step."""
+    try:
+        first = next((e for e in sorted(os.scandir(zero), key=lambda e: e.name)
+                      if e.is_dir()), None)
+        names = sorted(e.name[:-3] for e in os.scandir(first.path)
+                       if e.name.endswith(".pt")) if first else []
+    except OSError:
+        return
+    out.state_keys = [n for n in names if n != "fp32"][:MAX_STATES]
+    out.name = optimizer_name(out.state_keys, out.groups)
+    if out.state_keys:
+        out.note = ""
+    if "step" in names and out.step is None:
+        try:
+            tf = read_torch_file(Path(first.path) / "step.pt")
+        except UnreadableFile:
+            return
+        step = tf.read_scalar(tf.obj) if isinstance(tf.obj, TensorRef) else None
+        out.step = int(step) if isinstance(step, float) and step.is_integer() else step
 
 
 def _relative(ckpt: Checkpoint, path: Path) -> str:
@@ -144,8 +172,6 @@ def _describe(tf: TorchFile, osd, rel: str) -> OptimizerState:
         wrapper = "BF16_Optimizer"
     elif wrapper == "ZeRO-3" and "zero_stage" not in osd:
         wrapper = "FP16_Optimizer"  # ZeRO-0 fp16/bf16: DeepSpeed's FP16_(Unfused)Optimizer
-    elif wrapper == "torch" and "param_groups" in osd and "state" not in osd:
-        wrapper = "universal"  # ds_to_universal: the inner dict, its sharded states removed
     state, groups, step = _state_and_groups(tf, osd, inner)
     keys: list[str] = []
     for entry in state[:MAX_STATES]:
