@@ -614,3 +614,22 @@ def zip_record_past_eof(tmp: Path) -> Path:
     for at in (20, 24):
         _patch_central(p, "data/" + flat, "<I", at, 1 << 20)
     return root
+
+
+# ------------------------------------------------------------------ topology (issue 9)
+def topology_mp_world_size(tmp: Path) -> Path:
+    """The model states say mp_world_size 2 while their checkpoint_parallel_dimensions say
+    pp 1 x tp 1 (and only mp_rank_00 files exist)."""
+    return append_to_pickle(tmp, _key("mp_world_size") + _int_op(2))
+
+
+def topology_tp_rank_beyond(tmp: Path) -> Path:
+    """A tp2 checkpoint whose mp_rank_01 model states say pp 1 x tp 1, mp_world_size 1: the
+    file's name (mp_rank 1) and its pickle disagree, and with the checkpoint's pp 1 x tp 2."""
+    root = copy_root(tmp, "parallel/tp2_dp2_s2_toy", "topology_tp_rank_beyond")
+    p = root / TAG / "mp_rank_01_model_states.pt"
+    raw = pickle_of(p)
+    dims = b"}(" + _key("pp_degree") + _int_op(1) + _key("tp_degree") + _int_op(1) + b"u"
+    rewrite_pickle(p, raw[:-1] + _key("checkpoint_parallel_dimensions") + dims + b"s" +
+                   _key("mp_world_size") + _int_op(1) + b"s.")
+    return root

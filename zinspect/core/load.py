@@ -17,7 +17,7 @@ from pathlib import Path
 from zinspect.core import codes, layouts
 from zinspect.core.features import features_of
 from zinspect.core.discover import NamedFile, classify, file_kind, locate
-from zinspect.core.layouts import common
+from zinspect.core.layouts import common, topology
 from zinspect.core.model import Checkpoint, RankFile, Storage
 from zinspect.core.torchzip import (
     PickleMemo,
@@ -77,9 +77,11 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
     ckpt.topology.files = ckpt.files
     ctx = layouts.LoadContext(ckpt, torch_files, _parse_later)
     common.read_headers(ctx)
+    topology.settle(ctx)
     layout = layouts.pick(ctx)
     ckpt.layout = layout.name
     layout.describe(ctx)
+    topology.cross_check(ctx)
     ckpt.features = features_of(ckpt.ds_config)
     if tag is None and loc.root is not None and \
             Path(path).expanduser().resolve() != loc.tag_dir.resolve() and \

@@ -64,6 +64,12 @@ class Topology:
     ep: int = 1
     files: list[RankFile] = field(default_factory=list, repr=False)
 
+    AXES = ("dp", "tp", "pp", "ep")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {axis: getattr(self, axis) for axis in self.AXES}
+
     def files_at(self, dp: int | None = None, tp: int | None = None, pp: int | None = None,
                  ep: int | None = None, kind: str | None = None) -> list[RankFile]:
         """The files whose coordinates match every axis given (and `kind`, when given)."""
@@ -122,6 +128,8 @@ class RankFile:
     partition_count: list[int] = field(default_factory=list)
     ds_version: str | None = None
     dp_world_size: int | None = None  # model-states files: what the engine recorded
+    mp_world_size: int | None = None  # model-states files: tp * pp as the engine recorded it
+    parallel_dims: tuple[int, int] | None = None  # model states: (pp, tp) degrees recorded
     step: float | int | None = None  # optimizer files: the optimizer's step count
     unknown_globals: list[str] = field(default_factory=list)
     recovered: bool = False  # zip central directory missing; read by walking local headers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from zinspect.core.layouts.topology import grid_findings
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, Param
 
 _REPLACE = "replace it with the file saved by the same run as the others"
@@ -43,9 +44,6 @@ class _Checks:
                      "the save never happened or the files were moved; check the path")
             return
         self.files()
-        if c.layout == "tensor_parallel":  # its own checks per tp rank's shards
-            from zinspect.core.layouts import tensor_parallel
-            self.out.extend(tensor_parallel.validate(c))
         if c.layout not in ("zero", "bf16_optimizer"):
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
                 self.add(ERROR, "unknown-layout", "the optimizer files hold neither fp32 "
@@ -116,19 +114,8 @@ class _Checks:
                          "'_' before optim_states; DeepSpeed's converter skips it", file=f.name)
 
     def _rank_set(self, what: str, files, ws: int) -> None:
-        have = {f.rank for f in files}
-        for r in range(ws):
-            if r not in have:
-                self.add(ERROR, f"missing-{what}-file",
-                         f"the {what} file of rank {r} is missing ({len(have & set(range(ws)))} of "
-                         f"{ws} ranks present)",
-                         f"copy rank {r}'s {what} file from the training run; without it the "
-                         "params it holds cannot be rebuilt", rank=r)
-        for f in files:
-            if f.rank is not None and f.rank >= ws:
-                self.add(ERROR, "stale-rank-file",
-                         f"{f.name} is rank {f.rank}, beyond the world size {ws}",
-                         _STALE, file=f.name, rank=f.rank)
+        self.out.extend(grid_findings(files, {"dp": ws}, what, f"missing-{what}-file",
+                                      "stale-rank-file", _STALE))
 
     # -------------------------------------------------------------- cross-rank consistency
     def consistency(self) -> None:

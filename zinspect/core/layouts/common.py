@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from zinspect.core.layouts import topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
 from zinspect.core.model import MOMENTS, Buffer, Finding, Param, RankFile
@@ -31,12 +32,14 @@ def read_headers(ctx: LoadContext) -> None:
     for rf in ctx.optim_files:
         _read_optim_header(ctx, rf)
     ctx.model_files = [f for f in c.files_of("model") if f.mp_rank in (0, None)]
-    for rf in ctx.model_files:
+    for rf in c.files_of("model"):
         obj = ctx.torch_file(rf).obj if ctx.torch_file(rf) else None
         if isinstance(obj, dict):
-            rf.ds_version = text(obj.get("ds_version"))
-            dp = obj.get("dp_world_size")
-            rf.dp_world_size = dp if isinstance(dp, int) else None
+            topology.declare(rf, obj)
+            if rf.mp_rank in (0, None):
+                rf.ds_version = text(obj.get("ds_version"))
+                dp = obj.get("dp_world_size")
+                rf.dp_world_size = dp if isinstance(dp, int) else None
     _pick_model_state(ctx)
     stages = Counter(f.stage for f in ctx.optim_files if f.stage is not None)
     if stages:

@@ -45,11 +45,13 @@ def describe_flat(ctx: LoadContext, keep_padding: bool) -> None:
     common.finish(ctx, names)
 
 
-def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[Members],
+def attach(ctx: LoadContext, files: dict[int, RankFile],
+           flat_groups: Sequence[Members] | dict[int, Members],
            partition_count: int | Sequence[int], *, keep_padding: bool = False,
            shard: int | None = None, coords: Coords | None = None) -> list[ParamGroup]:
     """Attach the fp32 fragments of `flat_groups` (index i = `single_partition_of_fp32_groups[i]`
-    of each file) held by `files` ({dp rank: optimizer file}) to `ctx.ckpt.params`, and add
+    of each file; a dict {i: members} attaches only those groups) held by `files` ({dp rank:
+    optimizer file}) to `ctx.ckpt.params`, and add
     one ParamGroup per flat group to `ctx.ckpt.groups` (returned).
 
     `partition_count`: the ranks each group is cut over (one int, or one per group: MoE expert
@@ -59,7 +61,8 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
     c = ctx.ckpt
     group_of = common.param_groups_of(ctx, files)
     out = []
-    for gi, members in enumerate(flat_groups):
+    for gi, members in (flat_groups.items() if isinstance(flat_groups, dict)
+                        else enumerate(flat_groups)):
         ws = partition_count if isinstance(partition_count, int) else \
             (partition_count[gi] if gi < len(partition_count) else 0)
         g = ParamGroup(gi, group_of.get(gi, gi), [n for n, _ in members],
