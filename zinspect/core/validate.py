@@ -44,6 +44,9 @@ class _Checks:
                      "the save never happened or the files were moved; check the path")
             return
         self.files()
+        if c.layout == "tensor_parallel":  # its own checks per tp rank's shards
+            from zinspect.core.layouts import tensor_parallel
+            self.out.extend(tensor_parallel.validate(c))
         if c.layout not in ("zero", "bf16_optimizer"):
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
                 self.add(ERROR, "unknown-layout", "the optimizer files hold neither fp32 "
