@@ -41,6 +41,7 @@ CODES: dict[str, tuple[str, str]] = {
     "tp-coverage": (ERROR, "the tp shards do not place every element of the full tensor once"),
     "tp-split-mismatch": (WARNING, "the affine map and the split patterns disagree (map used)"),
     "tp-info-mismatch": (WARNING, "the tp ranks' universal_checkpoint_info differ"),
+    "tp-replica-drift": (WARNING, "a replicated param differs between tp ranks (merge: lowest written)"),
     # pipeline, MoE and ZeRO-0 (layouts/pipeline.py, moe.py, zero0.py)
     "missing-stage-file": (ERROR, "a pipeline stage's mp_rank_SS model-states file is missing"),
     "missing-layer-file": (ERROR, "a pipeline layer file is missing where the optimizer holds params"),

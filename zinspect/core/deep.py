@@ -33,7 +33,8 @@ from __future__ import annotations
 import os
 
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile
-from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, SourceFiles
+from zinspect.core.readfiles import SourceFiles
+from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
     LOCAL_HEADER,

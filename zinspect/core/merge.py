@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zinspect.core import hf
+from zinspect.core import codes, hf
 from zinspect.core.dtypes import NARROW, output_dtype
-from zinspect.core.model import WARNING, Checkpoint
+from zinspect.core.model import WARNING, Checkpoint, Finding
 from zinspect.core.outdir import OutputDir
 from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
@@ -41,13 +41,23 @@ class MergeResult:
     format_dtype: str = "float32"
     overflow: dict[str, int] = field(default_factory=dict)  # 16-bit output: name -> finite->inf
     notes: list[str] = field(default_factory=list)  # what hf.prepare did (files copied...)
+    #: replicated tensor-parallel params whose tp ranks' copies differ: name -> {tp: max |a-b|}
+    drift: dict[str, dict[int, float]] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
-        """NaN/Inf written, one line per param (a warning: --strict refuses instead)."""
+        """NaN/Inf written, overflows, replicas that drifted, one line per param (warnings:
+        --strict refuses instead)."""
         return [nonfinite_warning(name, nan, inf) for name, (nan, inf) in self.nonfinite.items()] + [
             f"{name}: {n:,} finite values overflowed to +-inf in {self.format_dtype}"
-            for name, n in self.overflow.items()]
+            for name, n in self.overflow.items()] + [
+            drift_warning(name, ranks) for name, ranks in self.drift.items()]
+
+    @property
+    def findings(self) -> list[Finding]:
+        """What the stream found that validation could not: replicas that drifted."""
+        return [codes.finding("tp-replica-drift", drift_warning(name, ranks), DRIFT_HINT,
+                              param=name) for name, ranks in self.drift.items()]
 
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "format": self.format,
@@ -57,7 +67,9 @@ class MergeResult:
                 "verified_records": self.verified, "unverified_records": self.unverified,
                 "nonfinite": {n: {"nan": a, "inf": b} for n, (a, b) in self.nonfinite.items()},
                 "warnings": self.warnings, "dtype": self.format_dtype, "overflow": self.overflow,
-                "notes": self.notes}
+                "notes": self.notes,
+                "drift": {n: {str(t): d for t, d in r.items()} for n, r in self.drift.items()},
+                "findings": [f.to_json() for f in self.findings]}
 
 
 def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection | None = None,
@@ -148,6 +160,10 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                 raise NotMergeable("; ".join(nonfinite_warning(n, a, b) for n, (a, b) in
                                              list(verification.nonfinite.items())[:5])
                                    + "; nothing was written (--strict)", NONFINITE_HINT)
+            if strict and verification.drift:
+                raise NotMergeable("; ".join(drift_warning(n, r) for n, r in
+                                             list(verification.drift.items())[:5])
+                                   + "; nothing was written (--strict)", DRIFT_HINT)
             final = out.commit()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -163,11 +179,22 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                        [f"{c.file}: {c.record}" for c in verification.unverified],
                        dict(verification.nonfinite),
                        next((t.dtype for t in plan.tensors if t.dtype in NARROW), "float32"),
-                       dict(meter.overflow), list(output.notes))
+                       dict(meter.overflow), list(output.notes), dict(verification.drift))
 
 
 NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "
                   "earlier checkpoint, or --exclude the params")
+
+
+DRIFT_HINT = ("the tp ranks' copies of a replicated param should be identical: the run's tp "
+              "ranks diverged (non-deterministic kernels?) or a rank file is from another save; "
+              "the lowest tp rank's copy was written")
+
+
+def drift_warning(name: str, ranks: dict[int, float]) -> str:
+    worst = max(ranks.values())
+    return (f"{name}: replicated on every tp rank, but tp rank(s) {', '.join(map(str, sorted(ranks)))}"
+            f" differ from the copy written by up to {worst:.6g}")
 
 
 def nonfinite_warning(name: str, nan: int, inf: int) -> str:

@@ -35,6 +35,26 @@ class Piece:
     nbytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class Weave:
+    """`rows` output rows made of several sources' rows (a tensor-parallel split on dim 1): the
+    tensor's next `npieces` pieces hold, back to back, each part's bytes in `parts` order; part
+    j gives every output row `take` bytes, its rows `stride` bytes apart in what was read
+    ((rows - 1) * stride + take bytes). Output row = the parts' runs side by side."""
+
+    npieces: int
+    rows: int
+    parts: tuple[tuple[int, int], ...]  # (stride, take) bytes per part, in output order
+
+    @property
+    def read_nbytes(self) -> int:
+        return sum((self.rows - 1) * stride + take for stride, take in self.parts)
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.rows * sum(take for _, take in self.parts)
+
+
 @dataclass
 class OutputTensor:
     name: str
@@ -43,6 +63,13 @@ class OutputTensor:
     src_dtype: str  # what the pieces hold
     pieces: list[Piece]
     tied_to: str | None = None
+    #: (index of its first piece, Weave): pieces read as blocks and interleaved into rows;
+    #: pieces outside every weave are copied as they are
+    weaves: tuple[tuple[int, Weave], ...] = ()
+    #: replicated tensor-parallel params: the other tp ranks' copies (same element order,
+    #: `replica` = their tp rank), read after the tensor and compared with it, never written
+    mirrors: list[OutputTensor] = field(default_factory=list)
+    replica: int | None = None
 
     @property
     def numel(self) -> int:
@@ -55,6 +82,10 @@ class OutputTensor:
     @property
     def src_nbytes(self) -> int:
         return sum(p.nbytes for p in self.pieces)
+
+    def streamed(self) -> list[OutputTensor]:
+        """What a stream reads for it, in order: itself, then its mirrors."""
+        return [self, *self.mirrors] if self.mirrors else [self]
 
 
 @dataclass
@@ -69,7 +100,7 @@ class MergePlan:
 
     @property
     def read_bytes(self) -> int:
-        return sum(t.src_nbytes for t in self.tensors)
+        return sum(m.src_nbytes for t in self.tensors for m in t.streamed())
 
 
 def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
@@ -167,30 +198,33 @@ def _distrusted_params(ckpt: Checkpoint, blocking: list[Finding]) -> dict[str, s
 
 
 def _param_problem(p: Param) -> str | None:
+    from zinspect.core import shardplan
+
     if p.numel == 0:
         return None
     if not p.fragments:
         return "no rank file holds it"
-    pos = 0
-    for f in sorted((f for f in p.fragments if f.numel), key=lambda f: f.start):
-        if f.start != pos:
-            return f"elements {pos:,}..{f.start:,} are missing" if f.start > pos else \
-                f"elements {f.start:,}..{pos:,} are held twice"
-        if not f.intact or f.offset is None:
-            return f"rank {f.rank}'s bytes are not all in {f.file} (truncated?)"
-        pos += f.numel
-    if pos != p.numel:
-        return f"elements {pos:,}..{p.numel:,} are missing"
-    return None
+    if p.shards:
+        return shardplan.problem(p)
+    return shardplan.range_problem(sorted((f for f in p.fragments if f.numel),
+                                          key=lambda f: f.start), p.numel)
 
 
 def _param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
                   dtype: str = "float32") -> OutputTensor:
+    from zinspect.core import shardplan
+
     frags = sorted((f for f in p.fragments if f.numel), key=lambda f: f.start)
     src = frags[0].dtype if frags else "float32"
     out = _out_dtype("float32" if src in UPCAST else src, dtype)
-    pieces = [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags]
-    return OutputTensor(name, p.shape, out, src, pieces, tied_to)
+    if not p.shards:
+        pieces = [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags]
+        return OutputTensor(name, p.shape, out, src, pieces, tied_to)
+    pieces, weaves, mirrors = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file))
+    # an alias re-reads its owner's bytes: the replicas are compared once, for the owner
+    return OutputTensor(name, p.shape, out, src, pieces, tied_to, weaves,
+                        [] if tied_to else [OutputTensor(name, p.shape, src, src, m, replica=t)
+                                            for t, m in mirrors.items()])
 
 
 def _out_dtype(natural: str, dtype: str) -> str:

@@ -1,13 +1,13 @@
 """Execute a merge plan: read exactly the planned bytes and hand them, in output order, to a sink.
 
 Reader threads `preadv` batches of pieces into a fixed ring of reused buffers (memory is bounded by
-`depth * chunk`, whatever the model size) while the calling thread converts and writes the
-previous batches. preadv and write release the GIL, so reading and writing overlap.
+`depth * chunk` (3x with a dtype conversion or a weave), whatever the model size), check them,
+interleave tensor-parallel rows and convert the dtype, while the calling thread writes the
+previous batches. preadv, crc32, numpy's casts and write release the GIL, so they overlap.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import threading
@@ -18,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from zinspect.core.dtypes import NARROW, narrow
-from zinspect.core.plan import OutputTensor
-from zinspect.core.verify import FLOAT_DTYPES, Segment, Verification, count_nonfinite
+from zinspect.core.plan import OutputTensor, Weave
+from zinspect.core.readfiles import SourceFiles
+from zinspect.core.verify import FLOAT_DTYPES, Segment, Verification, count_nonfinite, plain_segments
+from zinspect.core.weave import max_abs_diff, weave
 from zinspect.errors import MergeCancelled, UnreadableFile
 
 CHUNK = 2 << 20  # source bytes per batch (2 MiB beat 1 and 4 MiB here: less to zero-fill, as fast)
@@ -30,124 +32,167 @@ Progress = Callable[[int, int, str], None]
 ShouldStop = Callable[[], bool]
 
 
-class SourceFiles:
-    """Open file descriptors of the rank files, one per path, for positional reads; shared by
-    the reader threads (opening is locked: two threads opening one path would leak an fd)."""
-
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is not None:
-            return fd
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = self._fds[path] = _open_read(path)
-                except OSError as e:
-                    raise UnreadableFile(f"{path}: cannot open ({e.strerror})",
-                                         "check that the file still exists and is readable") from e
-        return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> SourceFiles:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _open_read(path: str) -> int:
-    """os.open, and on "too many open files" raise the soft limit to the hard one and retry:
-    512 ranks with frozen params are 1024 rank files, the common soft limit is 1024."""
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError as e:
-        if e.errno != errno.EMFILE or not _raise_open_file_limit():
-            raise
-        return os.open(path, os.O_RDONLY)
-
-
-def _raise_open_file_limit() -> bool:
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return False
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft >= hard:
-        return False
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (OSError, ValueError):  # an unlimited hard limit is more than the kernel allows
-        return False
-    return True
-
-
 @dataclass
 class _Batch:
     segments: list[tuple[Segment, str | None]]  # (bytes, tensor whose NaN/Inf they count)
     conversion: tuple[str, str]  # (source dtype, output dtype)
     nbytes: int
     last_name: str
+    weave: Weave | None = None  # interleave what was read into rows (a dim-1 tp split)
+    counted: str | None = None  # a woven batch's NaN/Inf are counted on its rows, for this
+    #: a replica's batch: the written copy's bytes at the same places, compared, never written
+    compare: list[Segment] | None = None
+    replica: int | None = None
 
 
-def _batches(tensors: Iterable[OutputTensor], chunk: int,
-             verification: Verification | None = None) -> Iterator[_Batch]:
-    """Batches of at most `chunk` output-bound bytes; bytes read only for a CRC (gaps between
-    pieces) ride along with the batch of the piece after them."""
-    segs: list[tuple[Segment, str | None]] = []
-    size, conv, name = 0, None, ""
-    for t in tensors:
+class _Batcher:
+    """Cuts the segments of tensors, in output order, into batches of at most `chunk`
+    output-bound bytes; bytes read only for a CRC (gaps between pieces) ride along with the
+    batch of the piece after them. A weave block is one batch; a replica's bytes are batches
+    of their own, with the written copy's bytes to compare them with."""
+
+    def __init__(self, chunk: int, verification: Verification | None) -> None:
+        self.chunk, self.verification = chunk, verification
+        self.segs: list[tuple[Segment, str | None]] = []
+        self.size, self.conv, self.name = 0, None, ""
+
+    def flush(self) -> Iterator[_Batch]:
+        if self.segs:
+            yield _Batch(self.segs, self.conv, self.size, self.name)
+            self.segs, self.size = [], 0
+
+    def batches(self, tensors: Iterable[OutputTensor]) -> Iterator[_Batch]:
+        for t in tensors:
+            for m in t.streamed():
+                segs = self.verification.segments_of(m) if self.verification is not None \
+                    else plain_segments(m)
+                if m.replica is not None:
+                    yield from self.flush()
+                    yield from self._replica(m, t, segs)
+                else:
+                    yield from self._tensor(m, segs)
+        yield from self.flush()
+
+    def _tensor(self, t: OutputTensor, segs: list[Segment]) -> Iterator[_Batch]:
         tconv = (t.src_dtype, t.dtype)
         # a narrowing batch holds one tensor, so that overflows to inf are counted per tensor
-        alone = t.dtype in NARROW and t.src_dtype != t.dtype and name != t.name
+        alone = t.dtype in NARROW and t.src_dtype != t.dtype and self.name != t.name
         # tied aliases re-read their owner's bytes: NaN/Inf are counted under the owner
-        counted = t.name if verification is not None and t.tied_to is None and \
+        counted = t.name if self.verification is not None and t.tied_to is None and \
             t.src_dtype in FLOAT_DTYPES else None
-        pieces = verification.segments_of(t) if verification is not None else \
-            [Segment(p.path, p.offset, p.nbytes, None) for p in t.pieces]
-        for p in pieces:
+        weaves = dict(t.weaves)
+        i = 0
+        while i < len(segs):
+            w = weaves.get(segs[i].piece)
+            if w is not None:
+                first = segs[i].piece
+                j = i
+                while j < len(segs) and segs[j].piece < first + w.npieces:
+                    j += 1
+                yield from self.flush()
+                block = segs[i:j]
+                yield _Batch([(s, None) for s in block], tconv, sum(s.nbytes for s in block
+                                                                    if s.sink),
+                             t.name, w, counted)
+                self.conv, self.name, alone = tconv, t.name, False
+                i = j
+                continue
+            yield from self._add(segs[i], counted, tconv, t.name, alone)
+            alone = alone and not segs[i].sink
+            i += 1
+        self.name = t.name
+
+    def _add(self, p: Segment, counted: str | None, tconv, name: str,
+             alone: bool) -> Iterator[_Batch]:
+        if not p.sink:
+            self.segs.append((p, None))
+            self.conv = self.conv or tconv
+            return
+        off, left, chunk = p.offset, p.nbytes, self.chunk
+        while left:
+            if self.segs and (self.conv != tconv or alone or self.size + min(left, chunk) > chunk):
+                yield from self.flush()
+            self.conv, self.name, alone = tconv, name, False
+            n = min(left, chunk - self.size)
+            self.segs.append((Segment(p.path, off, n, p.check, piece=p.piece), counted))
+            self.size += n
+            off += n
+            left -= n
+
+    def _replica(self, m: OutputTensor, owner: OutputTensor,
+                 segs: list[Segment]) -> Iterator[_Batch]:
+        pos = 0  # byte of the tensor the replica's next byte is
+        batch: list[tuple[Segment, str | None]] = []
+        size, chunk = 0, self.chunk
+
+        def cut() -> _Batch:
+            return _Batch(batch, (m.src_dtype, m.src_dtype), size, owner.name,
+                          compare=_byte_range(owner, pos - size, size), replica=m.replica)
+
+        for p in segs:
             if not p.sink:
-                segs.append((p, None))
-                conv = conv or tconv
+                batch.append((p, None))
                 continue
             off, left = p.offset, p.nbytes
             while left:
-                if segs and (conv != tconv or alone or size + min(left, chunk) > chunk):
-                    yield _Batch(segs, conv, size, name)
-                    segs, size = [], 0
-                conv, name, alone = tconv, t.name, False
+                if size == chunk:
+                    yield cut()
+                    batch, size = [], 0
                 n = min(left, chunk - size)
-                segs.append((Segment(p.path, off, n, p.check), counted))
-                size += n
-                off += n
-                left -= n
-        name = t.name
-    if segs:
-        yield _Batch(segs, conv, size, name)
+                batch.append((Segment(p.path, off, n, p.check, piece=p.piece), None))
+                size, pos, off, left = size + n, pos + n, off + n, left - n
+        if batch:
+            yield cut()
 
 
-_discard = threading.local()  # per reader thread: where bytes read only for a CRC go
+def _byte_range(t: OutputTensor, start: int, n: int) -> list[Segment]:
+    """Segments of bytes [start, start + n) of a tensor of plain pieces."""
+    out, pos = [], 0
+    for p in t.pieces:
+        lo, hi = max(start, pos), min(start + n, pos + p.nbytes)
+        if lo < hi:
+            out.append(Segment(p.path, p.offset + lo - pos, hi - lo, None))
+        pos += p.nbytes
+    return out
 
 
-def _read_batch(files: SourceFiles, batch: _Batch, buf: bytearray,
-                verification: Verification | None = None) -> int:
-    """Read the batch into `buf` (output-bound bytes, back to back; returns how many), feeding
-    the CRC of each record and counting NaN/Inf as the bytes arrive: here, in the reader
-    threads, where zlib.crc32 and preadv run without the GIL."""
-    view = memoryview(buf)
+_local = threading.local()  # per reader thread: scratch for bytes read only for a CRC, weaves
+
+
+def _scratch(attr: str, size: int) -> bytearray:
+    buf = getattr(_local, attr, None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(size)
+        setattr(_local, attr, buf)
+    return buf
+
+
+class _Slot:
+    """One buffer of the ring: what is read, and (allocated when first needed) where it is
+    woven or converted to."""
+
+    def __init__(self, chunk: int) -> None:
+        self.buf = bytearray(chunk)
+        self._alt = bytearray()
+
+    def alt(self, size: int) -> bytearray:
+        if len(self._alt) < size:
+            self._alt = bytearray(size)
+        return self._alt
+
+
+def _read_batch(files: SourceFiles, batch: _Batch, slot: _Slot,
+                verification: Verification | None = None) -> tuple[memoryview, int]:
+    """Read the batch (output-bound bytes back to back), feeding the CRC of each record and
+    counting NaN/Inf as the bytes arrive, then weave it and convert it to the output dtype:
+    all here, in the reader threads, where preadv, zlib.crc32 and numpy run without the GIL.
+    Returns (the output bytes, finite values that overflowed to inf when narrowing)."""
+    view = memoryview(slot.buf)
     pos = 0
     try:
         for seg, counted in batch.segments:
             if not seg.sink:
-                _read_for_check(files, seg, len(buf), verification)
+                _read_for_check(files, seg, len(slot.buf), verification)
                 continue
             _pread_all(files.fd(seg.path), view[pos:pos + seg.nbytes], seg.path, seg.offset)
             data = view[pos:pos + seg.nbytes]
@@ -155,15 +200,44 @@ def _read_batch(files: SourceFiles, batch: _Batch, buf: bytearray,
                 seg.check.feed(seg.offset, data, verification.abort)
                 _verdict(seg, verification)
             if counted is not None:
-                nan, inf = count_nonfinite(data, batch.conversion[0])
-                if nan or inf:
-                    verification.add_nonfinite(counted, nan, inf)
+                _count(verification, counted, data, batch.conversion[0])
             pos += seg.nbytes
+        data = view[:pos]
+        if batch.compare is not None:
+            _compare(files, batch, data, verification)
+            return data[:0], 0
+        src, dst = batch.conversion
+        if batch.weave is not None:
+            out = _scratch("woven", pos) if src != dst else slot.alt(pos)
+            data = memoryview(out)[:weave(data, batch.weave, out)]
+            if batch.counted is not None:
+                _count(verification, batch.counted, data, src)
+        if src == dst:
+            return data, 0
+        return _convert(batch.conversion, data, slot.alt(2 * len(data)))
     except BaseException:
         if verification is not None:  # readers waiting for these bytes must not wait forever
             verification.abort.set()
         raise
-    return pos
+
+
+def _count(verification: Verification, name: str, data: memoryview, dtype: str) -> None:
+    nan, inf = count_nonfinite(data, dtype)
+    if nan or inf:
+        verification.add_nonfinite(name, nan, inf)
+
+
+def _compare(files: SourceFiles, batch: _Batch, data: memoryview,
+             verification: Verification | None) -> None:
+    """A replica's bytes against the written copy's (read again: the page cache has them)."""
+    ref = memoryview(_scratch("reference", len(data)))
+    pos = 0
+    for seg in batch.compare:
+        _pread_all(files.fd(seg.path), ref[pos:pos + seg.nbytes], seg.path, seg.offset)
+        pos += seg.nbytes
+    if data != ref[:pos] and verification is not None:
+        verification.add_drift(batch.last_name, batch.replica,
+                               max_abs_diff(data, ref[:pos], batch.conversion[0]))
 
 
 def _pread_all(fd: int, view: memoryview, path: str, offset: int) -> None:
@@ -178,10 +252,7 @@ def _pread_all(fd: int, view: memoryview, path: str, offset: int) -> None:
 
 def _read_for_check(files: SourceFiles, seg: Segment, step: int,
                     verification: Verification) -> None:
-    buf = getattr(_discard, "buf", None)
-    if buf is None or len(buf) < step:
-        buf = _discard.buf = bytearray(step)
-    view = memoryview(buf)
+    view = memoryview(_scratch("discard", step))
     done = 0
     while done < seg.nbytes:
         n = min(step, seg.nbytes - done)
@@ -203,8 +274,6 @@ def _convert(conversion: tuple[str, str], data: memoryview,
     """(converted bytes, finite values that overflowed to inf). 16-bit floats to fp32 without
     torch: bf16 is the high half of an fp32; fp16 via struct. To 16 bits: `dtypes.narrow`."""
     src, dst = conversion
-    if src == dst:
-        return data, 0
     if dst in NARROW:
         return narrow(src, dst, data, scratch)
     n = len(data) // 2
@@ -247,33 +316,33 @@ class ProgressMeter:
 def copy_tensors(tensors: list[OutputTensor], sink: Callable[[memoryview], None],
                  meter: ProgressMeter, should_stop: ShouldStop | None = None,
                  chunk: int = CHUNK, depth: int = DEPTH, readers: int = READERS) -> None:
-    """Stream the bytes of `tensors`, converted to their output dtype, into `sink`, in order."""
-    scratch = bytearray(2 * chunk) if any(t.src_dtype != t.dtype for t in tensors) else bytearray()
+    """Stream the bytes of `tensors`, converted to their output dtype, into `sink`, in order.
+    The reader threads read, check, weave and convert; this thread only writes."""
     verification = meter.verification
-    batches = _batches(tensors, chunk, verification)
+    batches = _Batcher(chunk, verification).batches(tensors)
     with SourceFiles() as files, ThreadPoolExecutor(readers, "zinspect-read") as pool:
         inflight: deque = deque()
 
-        def submit(buf: bytearray) -> None:
+        def submit(slot: _Slot) -> None:
             batch = next(batches, None)
             if batch is not None:
-                inflight.append((batch, pool.submit(_read_batch, files, batch, buf,
-                                                        verification), buf))
+                inflight.append((batch, pool.submit(_read_batch, files, batch, slot,
+                                                        verification), slot))
 
         for _ in range(depth):
-            submit(bytearray(chunk))
+            submit(_Slot(chunk))
         try:
             while inflight:
-                batch, future, buf = inflight.popleft()
-                n = future.result()
-                out, inf = _convert(batch.conversion, memoryview(buf)[:n], scratch)
+                batch, future, slot = inflight.popleft()
+                out, inf = future.result()
                 if inf:
                     meter.overflow[batch.last_name] = meter.overflow.get(batch.last_name, 0) + inf
-                sink(out)
+                if len(out):
+                    sink(out)
                 meter.add(len(out), batch.last_name)
                 if should_stop is not None and should_stop():
                     raise MergeCancelled("merge cancelled; nothing was written")
-                submit(buf)
+                submit(slot)
         except BaseException:
             if verification is not None:
                 verification.abort.set()

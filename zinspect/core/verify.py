@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from zinspect.core.readfiles import open_regular
 from zinspect.core.torchzip import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
 from zinspect.errors import NotMergeable
 
@@ -156,6 +157,7 @@ class Segment:
     nbytes: int
     check: RecordCheck | None
     sink: bool = True
+    piece: int = 0  # index of the tensor's piece it reads (or rides with, for a gap)
 
 
 @dataclass(frozen=True)
@@ -181,9 +183,12 @@ class Verification:
         self.cond = threading.Condition()
         self.pins: dict[str, Pin] = {}
         self.nonfinite: dict[str, tuple[int, int]] = {}  # tensor -> (NaN, Inf)
+        #: replicated tensor-parallel params whose tp ranks' copies differ: name -> {tp: max |a-b|}
+        self.drift: dict[str, dict[int, float]] = {}
         self.checks: list[RecordCheck] = []
         self.unverified: list[RecordCheck] = []
         self._lock = threading.Lock()
+        tensors = [m for t in tensors for m in t.streamed()]  # replicas are read too
         records = self._records({p.path for t in tensors for p in t.pieces}, shown)
         self.segments: dict[int, list[Segment]] = {}
         self._plan(tensors, records)
@@ -193,7 +198,7 @@ class Verification:
         out = {}
         for path in sorted(paths):
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_regular(path)
             except OSError:
                 continue  # the stream reports it, located
             try:
@@ -266,22 +271,27 @@ class Verification:
             segs = []
             for pi, (p, c) in enumerate(zip(t.pieces, row, strict=True)):
                 if c is None or id(c) not in whole:
-                    segs.append(Segment(p.path, p.offset, p.nbytes, None))
+                    segs.append(Segment(p.path, p.offset, p.nbytes, None, piece=pi))
                     continue
                 at = cursor.get(id(c), c.start)
                 if p.offset > at:
-                    segs.append(Segment(p.path, at, p.offset - at, c, sink=False))
-                segs.append(Segment(p.path, p.offset, p.nbytes, c))
+                    segs.append(Segment(p.path, at, p.offset - at, c, sink=False, piece=pi))
+                segs.append(Segment(p.path, p.offset, p.nbytes, c, piece=pi))
                 cursor[id(c)] = p.offset + p.nbytes
                 if last[id(c)] == (ti, pi) and cursor[id(c)] < c.end:
                     segs.append(Segment(p.path, cursor[id(c)], c.end - cursor[id(c)], c,
-                                        sink=False))
+                                        sink=False, piece=pi))
             self.segments[id(t)] = segs
 
     def segments_of(self, t) -> list[Segment]:
         segs = self.segments.get(id(t))
-        return segs if segs is not None else [Segment(p.path, p.offset, p.nbytes, None)
-                                              for p in t.pieces]
+        return segs if segs is not None else plain_segments(t)
+
+    def add_drift(self, name: str, tp: int, diff: float) -> None:
+        """A replica (tp rank `tp`) of `name` differs from the copy written, by up to `diff`."""
+        with self._lock:
+            ranks = self.drift.setdefault(name, {})
+            ranks[tp] = max(ranks.get(tp, 0.0), diff)
 
     def add_nonfinite(self, name: str, nan: int, inf: int) -> None:
         with self._lock:
@@ -317,6 +327,11 @@ class Verification:
                                "modification time differ from when it was opened); nothing "
                                "was written", "wait until nothing writes to the checkpoint "
                                "and merge again")
+
+
+def plain_segments(t) -> list[Segment]:
+    """A tensor's pieces as segments checked against nothing."""
+    return [Segment(p.path, p.offset, p.nbytes, None, piece=i) for i, p in enumerate(t.pieces)]
 
 
 def plan_without(plan, failures: list[RecordCheck]):

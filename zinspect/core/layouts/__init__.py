@@ -55,6 +55,6 @@ def pick(ctx: LoadContext) -> Layout:
 
 
 #: the layouts a merge can be planned for
-MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "moe", "zero0")
+MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "moe", "zero0", "tensor_parallel")
 
 __all__ = ["MERGEABLE", "REGISTRY", "Layout", "LoadContext", "layouts", "pick"]

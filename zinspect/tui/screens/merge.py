@@ -107,12 +107,13 @@ class MergeScreen(ModalScreen[None]):
                             if peft.summary(self.view.ckpt) is not None:
                                 yield Checkbox("adapter only", id="merge-peft")
                         with Vertical():
-                            yield Label("Max shard size (empty: one file)")
-                            yield Input(placeholder="e.g. 5GB", id="merge-shard")
-                            yield Checkbox("overwrite an existing output", id="merge-force")
-                            if self.view.ckpt.errors:
-                                yield Checkbox("salvage: skip params that cannot be rebuilt",
-                                               id="merge-salvage")
+                            yield Label("Max shard size")
+                            yield Input(placeholder="one file (e.g. 5GB)", id="merge-shard")
+                    # full width: a third of the dialog cut these labels, at 160 columns too
+                    yield Checkbox("overwrite an existing output", id="merge-force")
+                    if self.view.ckpt.errors:
+                        yield Checkbox("salvage: skip params that cannot be rebuilt",
+                                       id="merge-salvage")
                     yield Static(self.plan_text(), id="merge-plan")
                     yield Static(id="merge-form-error")
                     with Horizontal(classes="buttons"):
@@ -294,7 +295,7 @@ class MergeScreen(ModalScreen[None]):
         if result.dropped:
             text.append(f"salvage left out {len(result.dropped)}: ", style="yellow")
             text.append(", ".join(list(result.dropped)[:5]))
-        if result.warnings:  # NaN/Inf written: the weights exist but are unusable
-            text.append(f"\nwarning: NaN/Inf in {len(result.warnings)} param(s): ", style="yellow")
+        if result.warnings:  # NaN/Inf written, replicas that drifted: said, not refused
+            text.append(f"\n{len(result.warnings)} warning(s): ", style="yellow")
             text.append("; ".join(fmt.shown(w, 120) for w in result.warnings[:5]))
         return text
