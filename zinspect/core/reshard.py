@@ -66,24 +66,25 @@ class ReshardResult:
                 "notes": self.notes}
 
 
-def check_reshardable(ckpt: Checkpoint, world_size: int) -> None:
-    """Refuse (NotMergeable, naming why) what cannot be resharded correctly."""
+def check_reshardable(ckpt: Checkpoint, world_size: int, what: str = "resharded") -> None:
+    """Refuse (NotMergeable, naming why) what cannot be `what` (resharded, converted) correctly."""
     where = shown(str(ckpt.path))
     if world_size < 1:
         raise UsageError(f"--world-size must be at least 1 (got {world_size})", "e.g. --world-size 4")
     if ckpt.layout not in RESHARDABLE:
-        raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be resharded (only plain "
-                           "ZeRO-1/2/3 and BF16_Optimizer data-parallel checkpoints can)",
-                           REFUSED.get(ckpt.layout, "reshard a plain ZeRO checkpoint"))
+        raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be {what} (only plain "
+                           "ZeRO-1/2/3 and BF16_Optimizer data-parallel checkpoints can, so far)",
+                           REFUSED.get(ckpt.layout, "give a plain ZeRO checkpoint")
+                           if what == "resharded" else "give a plain ZeRO checkpoint")
     if ckpt.errors:
         first = ckpt.errors[0]
         raise NotMergeable(f"{where}: validation found {len(ckpt.errors)} error(s), the first: "
                            f"{first.message}", "run `zinspect validate` for details; a "
-                           "damaged checkpoint cannot be resharded")
+                           f"damaged checkpoint cannot be {what}")
     odd = set(ckpt.features or ()) & {"nvme", "mics"}
     if odd:
-        raise NotMergeable(f"{where}: resharding a run with {', '.join(sorted(odd))} is not "
-                           "supported", "reshard a plain ZeRO checkpoint")
+        raise NotMergeable(f"{where}: a run with {', '.join(sorted(odd))} cannot be {what}",
+                           "give a plain ZeRO checkpoint")
 
 
 def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,

@@ -36,7 +36,7 @@ FRAGMENT_ADDRESS = "deepspeed.utils.tensor_fragment.fragment_address"
 
 def plan_files(ckpt: Checkpoint, world_size: int) -> tuple[list[OutFile], list[str]]:
     """The files of `ckpt` at `world_size`, and notes on what was kept as it was."""
-    src = _Sources(ckpt)
+    src = Sources(ckpt)
     if ckpt.stage == 3:
         return _Zero3(src, world_size).files(), src.notes
     return _Zero12(src, world_size).files(), src.notes
@@ -47,7 +47,7 @@ def _refuse(ckpt: Checkpoint, what: str, hint: str = "") -> NotMergeable:
                         hint or "reshard a plain ZeRO checkpoint saved by DeepSpeed")
 
 
-class _Sources:
+class Sources:
     """The source files' pickles (read once each) and where each param's states lie."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
@@ -194,7 +194,7 @@ def _address(numel: int, start: int) -> Opaque:
 
 
 class _Zero12:
-    def __init__(self, src: _Sources, n: int) -> None:
+    def __init__(self, src: Sources, n: int) -> None:
         self.src, self.n, self.ckpt = src, n, src.ckpt
         self.bf16_optimizer = self.ckpt.layout == "bf16_optimizer"
         osd = src.osd(0)
@@ -288,7 +288,7 @@ class _Zero12:
 
 
 class _Zero3:
-    def __init__(self, src: _Sources, n: int) -> None:
+    def __init__(self, src: Sources, n: int) -> None:
         self.src, self.n, self.ckpt = src, n, src.ckpt
         osd = src.osd(0)
         if "ds_zero_partition_groups" in osd:

@@ -279,22 +279,23 @@ def serialization_id(name: str) -> bytes:
 @dataclass
 class OutFile:
     """One torch.save file to write: the object `obj` pickled, and each of its storages filled
-    from `ops` in order: a `Piece` (bytes of a source file, read verified) or an int (that
-    many zero bytes: padding)."""
+    from `ops` in order: a `Piece` (bytes of a source file, read verified; of `src_dtype`
+    elements, converted to the storage's dtype: bf16/fp16 upcast to fp32) or an int (that many
+    zero bytes of output: padding). `name` may hold directories ("zero/w/fp32.pt")."""
 
     name: str
     obj: object = None
-    records: list = field(default_factory=list)  # [(NewStorage, [Piece | int, ...])]
+    records: list = field(default_factory=list)  # [(NewStorage, [Piece | int, ...], src_dtype)]
 
-    def tensor(self, dtype: str, shape: tuple[int, ...], ops: list) -> NewTensor:
+    def tensor(self, dtype: str, shape: tuple[int, ...], ops: list,
+               src_dtype: str | None = None) -> NewTensor:
         """A new contiguous tensor of its own storage, filled by `ops`."""
-        st = NewStorage(str(len(self.records)), dtype, math.prod(shape))
-        self.records.append((st, ops))
+        st = self.storage(dtype, math.prod(shape), ops, src_dtype)
         return NewTensor(st, Size(shape))
 
-    def storage(self, dtype: str, numel: int, ops: list) -> NewStorage:
+    def storage(self, dtype: str, numel: int, ops: list, src_dtype: str | None = None) -> NewStorage:
         st = NewStorage(str(len(self.records)), dtype, numel)
-        self.records.append((st, ops))
+        self.records.append((st, ops, src_dtype or dtype))
         return st
 
 
@@ -320,20 +321,20 @@ def stream_tensors(files: list[OutFile]) -> list[OutputTensor]:
     (what zinspect.core.stream reads and zinspect.core.verify checks)."""
     out = []
     for f in files:
-        for st, ops in f.records:
+        for st, ops, src in f.records:
             run: list[Piece] = []
             for op in [*ops, 0]:
                 if isinstance(op, Piece):
                     run.append(op)
                 elif run:
-                    n = sum(p.nbytes for p in run) // DTYPE_SIZES[st.dtype]
-                    out.append(OutputTensor(f"{f.name}:{st.key}", (n,), st.dtype, st.dtype, run))
+                    n = sum(p.nbytes for p in run) // DTYPE_SIZES[src]
+                    out.append(OutputTensor(f"{f.name}:{st.key}", (n,), st.dtype, src, run))
                     run = []
     return out
 
 
 def output_bytes(files: list[OutFile]) -> int:
-    return sum(st.nbytes for f in files for st, _ in f.records)
+    return sum(rec[0].nbytes for f in files for rec in f.records)
 
 
 class FilesSink:
@@ -351,15 +352,15 @@ class FilesSink:
     def _walk(self, files, open_fd, done):
         for f in files:
             fd = open_fd(f.name)
-            self.zip = z = ZipWriter(fd, f.name.removesuffix(".pt"))
+            self.zip = z = ZipWriter(fd, os.path.basename(f.name).removesuffix(".pt"))
             z.add("data.pkl", dumps(f.obj))
             for name, data in HEAD_RECORDS:
                 z.add(name, data)
-            for st, ops in f.records:
+            for st, ops, src in f.records:
                 z.begin(f"data/{st.key}")
                 for op in ops:
                     if isinstance(op, Piece):
-                        yield op.nbytes
+                        yield op.nbytes * DTYPE_SIZES[st.dtype] // DTYPE_SIZES[src]
                     else:
                         for i in range(0, op, len(self.ZEROS)):
                             z.feed(memoryview(self.ZEROS)[:min(len(self.ZEROS), op - i)])

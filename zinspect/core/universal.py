@@ -1,0 +1,223 @@
+"""Write a DeepSpeed universal checkpoint (format 0.4, what `ds_to_universal.py` writes) straight
+from a ZeRO checkpoint: streamed once, verified, no temporary files per fragment.
+
+    OUT/latest_universal                  names <tag>_universal
+    OUT/<tag>_universal/zero/<param>/fp32.pt, exp_avg.pt, exp_avg_sq.pt
+                                          {'cat_dim': 0, 'param': the full tensor, fp32}
+                                  /step.pt the optimizer step (a 0-d tensor)
+    OUT/<tag>_universal/zero/optimizer_state.pt
+                                          the optimizer's global state (loss scaler, param_groups...)
+    OUT/<tag>_universal/*model_states.pt  the model-states files, as the source holds them
+
+Frozen params, buffers and tied aliases get a `fp32.pt` ({'param': ...}) as ds_to_universal
+writes them, but DeepSpeed's universal load never reads them: it restores only the trainable
+params' masters and moments (HELP_NOTE). ZeRO-3 sources get the same per-param files as ZeRO-1/2
+(DeepSpeed's own converter writes bare flat tensors there; its ZeRO-3 loader reads both) and an
+optimizer_state.pt without rank 0's partitions (dead weight in DeepSpeed's).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zinspect.core.fmt import shown
+from zinspect.core.model import Checkpoint
+from zinspect.core.outdir import OutputDir, temp_name
+from zinspect.core.plan import Piece
+from zinspect.core.reshard import check_reshardable
+from zinspect.core.reshard_zero import MOMENTS, STEP, Sources
+from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
+from zinspect.core.torchsave import FilesSink, OutFile, add_piece, output_bytes, stream_tensors
+from zinspect.core.verify import Verification
+from zinspect.errors import MergeCancelled, NotMergeable, OutputError
+
+LATEST = "latest_universal"
+STAGING = ".zinspect-staging"
+HELP_NOTE = ("DeepSpeed's universal load restores only the trainable params' fp32 masters, "
+             "Adam moments and step: frozen params and buffers (BatchNorm statistics, ...) keep "
+             "the values the new model was built with. Load those from the model weights "
+             "yourself (e.g. `zinspect merge PATH OUT` and model.load_state_dict(strict=False)).")
+
+
+@dataclass
+class UniversalResult:
+    out_dir: Path
+    tag: str
+    files: list[Path]
+    bytes: int
+    seconds: float
+    verified: int = 0
+    unverified: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"out_dir": str(self.out_dir), "format": "universal", "tag": self.tag,
+                "files": len(self.files), "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "verified_records": self.verified, "unverified_records": self.unverified,
+                "notes": self.notes}
+
+
+def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
+    """Every file of the universal tree (names relative to <tag>_universal)."""
+    src = Sources(ckpt)
+    osd0 = src.osd(0)
+    inner = osd0.get("optimizer_state_dict") if ckpt.stage == 3 else osd0.get("base_optimizer_state")
+    if not isinstance(inner, dict) or not isinstance(inner.get("state"), dict):
+        raise NotMergeable(f"{shown(str(ckpt.path))}: no optimizer state in "
+                           f"{shown(src.optim[0].name)}", "an elastic checkpoint cannot be converted")
+    src.check_states(inner["state"])
+    files = []
+    # the model-states files first: their records are read whole (CRC-checked) before the
+    # buffers and frozen fragments in them are read again in part
+    for rf in sorted(src.model.values(), key=lambda f: f.name):
+        out = OutFile(rf.name)
+        out.obj = src.copy(out, rf.name, src.tf(rf.name).obj, {})
+        files.append(out)
+    files.append(_optimizer_state(src, osd0, inner))
+    for name, p in ckpt.params.items():
+        _check_name(ckpt, name)
+        owner = ckpt.params[p.tied_to] if p.tied_to else p
+        if p.frozen:
+            files.append(_tensor_file(src, f"zero/{name}/fp32.pt", name, p.shape, "frozen", None))
+            continue
+        files.append(_tensor_file(src, f"zero/{name}/fp32.pt", owner.name, p.shape, "fp32",
+                                  None if p.tied_to else 0))
+        if p.tied_to:
+            continue
+        for state in MOMENTS:
+            files.append(_tensor_file(src, f"zero/{name}/{state}.pt", name, p.shape, state, 0))
+        step = (inner["state"].get(p.sub_group) or {}).get(STEP)
+        if step is not None:
+            out = OutFile(f"zero/{name}/step.pt")
+            out.obj = src.copy(out, src.optim[0].name, step, {})
+            files.append(out)
+    for name, b in ckpt.buffers.items():
+        _check_name(ckpt, name)
+        if b.file is None or b.offset is None or not b.intact:
+            raise NotMergeable(f"{shown(str(ckpt.path))}: buffer {shown(name, 80)} is not in the "
+                               "files", "run `zinspect validate` for details")
+        out = OutFile(f"zero/{name}/fp32.pt")
+        wide = "float32" if b.dtype in ("bfloat16", "float16") else b.dtype
+        ops: list = []
+        add_piece(ops, Piece(src.path(b.file), b.offset, b.numel * _size(b.dtype)))
+        out.obj = {"param": out.tensor(wide, b.shape, ops, b.dtype)}
+        files.append(out)
+    return files
+
+
+def _size(dtype: str) -> int:
+    from zinspect.core.torchzip import DTYPE_SIZES
+
+    return DTYPE_SIZES[dtype]
+
+
+def _check_name(ckpt: Checkpoint, name: str) -> None:
+    """A name becomes a directory: never one that leaves zero/ or hides."""
+    if not name or "/" in name or "\0" in name or name in (".", "..") or \
+            len(name.encode()) > 250:
+        raise NotMergeable(f"{shown(str(ckpt.path))}: {shown(name, 80)!r} cannot be a directory "
+                           "name of a universal checkpoint", "rename the param in the model")
+
+
+def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, cat_dim) -> OutFile:
+    """{'cat_dim': 0, 'param': the full fp32 tensor of `state`} (frozen, aliases: no cat_dim)."""
+    out = OutFile(rel)
+    frags = src.fragments(name, state)
+    numel = src.ckpt.params[name].numel
+    ops: list = []
+    src.add_range(ops, frags, 0, numel, name)
+    src_dtype = frags[0].dtype if frags else "float32"
+    t = out.tensor("float32", tuple(shape), ops, src_dtype)
+    out.obj = {"param": t} if cat_dim is None else {"cat_dim": cat_dim, "param": t}
+    return out
+
+
+def _optimizer_state(src: Sources, osd0: dict, inner: dict) -> OutFile:
+    """zero/optimizer_state.pt: rank 0's global state without its partitions, and the
+    param_groups (lr, betas, eps, weight decay) the loaders copy into the new optimizer."""
+    out = OutFile("zero/optimizer_state.pt")
+    big = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings",
+           "fp32_flat_groups", "optimizer_state_dict")
+    obj = {k: v for k, v in osd0.items() if k not in big}
+    if src.ckpt.stage == 3:  # its loader reads state[0]['step'] and param_groups from here
+        steps = {k: {STEP: s[STEP]} for k, s in inner["state"].items()
+                 if isinstance(s, dict) and STEP in s}
+        obj["optimizer_state_dict"] = {"state": steps, "param_groups": inner.get("param_groups")}
+    obj["param_groups"] = inner.get("param_groups")
+    out.obj = src.copy(out, src.optim[0].name, obj, {})
+    return out
+
+
+def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool = False,
+                    progress: Progress | None = None, should_stop: ShouldStop | None = None,
+                    notice: Callable[[str], None] | None = None,
+                    ready: Callable[[], None] | None = None) -> UniversalResult:
+    """Write `ckpt` as a universal checkpoint into OUT_DIR (see the module doc). The tree is
+    built in a hidden staging dir and renamed into place when complete, `latest_universal`
+    last; a failure or cancel leaves nothing behind."""
+    check_reshardable(ckpt, 1, "converted")
+    started = time.monotonic()
+    files = plan_universal(ckpt)
+    tag = f"{ckpt.tag}_universal"
+    tensors = stream_tensors(files)
+    meter = ProgressMeter(sum(t.src_nbytes for t in tensors), progress)
+    verification = meter.verification = Verification(tensors, shown=os.path.basename)
+    out_dir = Path(out_dir).expanduser()
+    inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
+    forbidden = [ckpt.path] + ([ckpt.root] if ckpt.root else [])
+    staging: Path | None = None
+    try:
+        with OutputDir(out_dir, [LATEST], inputs=inputs, forbidden_dirs=forbidden,
+                       nbytes=output_bytes(files), force=force, notice=notice) as out:
+            for old in out_dir.glob(f".*{STAGING}-*"):  # a killed run's (--force got here)
+                shutil.rmtree(old, ignore_errors=True)
+            staging = out_dir / f".{tag}{STAGING}-{temp_name('x')[-8:]}"
+            staging.mkdir()
+            if ready is not None:
+                ready()
+            written: list[Path] = []
+
+            def open_fd(name: str) -> int:
+                path = staging / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                written.append(out_dir / tag / name)
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+            def done(name: str, fd: int) -> None:
+                os.fsync(fd)
+                os.close(fd)
+
+            sink = FilesSink(files, open_fd, done)
+            copy_tensors(tensors, sink, meter, should_stop)
+            sink.finish()
+            if should_stop is not None and should_stop():
+                raise MergeCancelled("conversion cancelled; nothing was written")
+            verification.check_unchanged()
+            final = out_dir / tag
+            if final.exists():  # only with --force (OutputDir refused a non-empty OUT_DIR)
+                shutil.rmtree(final)
+            staging.rename(final)
+            staging = None
+            out.write_text(LATEST, tag)
+            out.commit()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"{out_dir}: the disk is full; nothing was written",
+                              "free some space or write to another disk") from e
+        raise OutputError(f"{out_dir}: writing failed ({e.strerror or e}); nothing was written",
+                          "check the output directory") from e
+    except KeyboardInterrupt as e:
+        raise MergeCancelled("conversion interrupted; nothing was written") from e
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    notes = [HELP_NOTE]
+    return UniversalResult(out_dir, tag, written + [out_dir / LATEST], output_bytes(files),
+                           time.monotonic() - started, len(verification.checks),
+                           [f"{c.file}: {c.record}" for c in verification.unverified], notes)
