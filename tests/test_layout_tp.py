@@ -135,7 +135,8 @@ def test_vocabulary_larger_than_its_shards_is_a_shape_error():
 
 def test_two_sub_params_are_joined_half_by_half():
     shards = {0: torch.arange(0, 8).reshape(4, 2), 1: torch.arange(8, 16).reshape(4, 2)}
-    geo = R.geometry_from_rule(R.rule_for("0.mlp.dense_h_to_4h.weight", MEGATRON), {t: (4, 2) for t in shards})
+    rule = R.rule_for("0.mlp.dense_h_to_4h.weight", MEGATRON)
+    geo = R.geometry_from_rule(rule, {t: (4, 2) for t in shards})
     halves = [torch.chunk(s, 2, dim=0) for s in shards.values()]
     want = torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
     assert torch.equal(assemble(geo, shards), want.float())
@@ -147,7 +148,8 @@ def test_row_parallel_concatenates_on_dim_1():
     assert torch.equal(assemble(geo, shards), torch.cat(list(shards.values()), dim=1).float())
 
 
-UNEVEN = {"parameter_with_sub_params": [{"patterns": [r"^qkv$"], "shape": [[8, 2, 2], -1], "partition_dim": 0}],
+UNEVEN = {"parameter_with_sub_params": [{"patterns": [r"^qkv$"], "shape": [[8, 2, 2], -1],
+                                        "partition_dim": 0}],
           "sub_param_shard_widths": {r"^qkv$": [[4, 4], [1, 1], [1, 1]]}}
 
 
@@ -155,7 +157,8 @@ def test_sub_params_by_widths_follow_deepspeeds_regrouping():
     shards = {0: torch.arange(0, 12).reshape(6, 2), 1: torch.arange(12, 24).reshape(6, 2)}
     geo = R.geometry_from_rule(R.rule_for("qkv", UNEVEN), {0: (6, 2), 1: (6, 2)})
     views = list(shards.values())
-    want = torch.cat([views[0][0:4], views[1][0:4], views[0][4:5], views[1][4:5], views[0][5:6], views[1][5:6]])
+    want = torch.cat([views[0][0:4], views[1][0:4], views[0][4:5], views[1][4:5],
+                      views[0][5:6], views[1][5:6]])
     assert geo.shape == (12, 2)
     assert torch.equal(assemble(geo, shards), want.float())
 
@@ -200,7 +203,8 @@ def entry(pieces_by_rank, logical=(4, 2), shard=(2, 2)):
 
 
 def piece(source, dest, shape=(2, 2), strides=(2, 1), dest_strides=(2, 1), **extra):
-    return {"shape": list(shape), "source": [source, list(strides)], "dest": [dest, list(dest_strides)], **extra}
+    return {"shape": list(shape), "source": [source, list(strides)], "dest": [dest, list(dest_strides)],
+            **extra}
 
 
 def test_affine_map_unreadable_pieces_are_named():
@@ -359,8 +363,9 @@ def test_a_truncated_optimizer_file_of_tp_rank_1_is_located(tmp_path):
 
 def test_files_of_another_topology_are_stale(tmp_path):
     def damage(tag):
-        shutil.copy(tag / "zero_pp_rank_1_mp_rank_01_optim_states.pt", tag / "zero_pp_rank_1_mp_rank_02_optim_states.pt")
-        shutil.copy(tag / "zero_pp_rank_1_mp_rank_01_optim_states.pt", tag / "zero_pp_rank_2_mp_rank_01_optim_states.pt")
+        source = tag / "zero_pp_rank_1_mp_rank_01_optim_states.pt"
+        shutil.copy(source, tag / "zero_pp_rank_1_mp_rank_02_optim_states.pt")
+        shutil.copy(source, tag / "zero_pp_rank_2_mp_rank_01_optim_states.pt")
     got = damaged(tmp_path, "tp2_dp2_s2_toy", damage)
     assert got == [("stale-rank-file", "zero_pp_rank_1_mp_rank_02_optim_states.pt", 4, None),
                    ("stale-rank-file", "zero_pp_rank_2_mp_rank_01_optim_states.pt", 5, None)]
@@ -369,13 +374,15 @@ def test_files_of_another_topology_are_stale(tmp_path):
 def test_a_shard_shape_that_breaks_its_rule_is_located(tmp_path):
     norm = "model.layers.0.input_layernorm.weight"
     got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: edit_model_states(
-        tag / "mp_rank_01_model_states.pt", lambda s: s["param_shapes"][1].__setitem__(norm, torch.Size([4, 4]))))
+        tag / "mp_rank_01_model_states.pt",
+        lambda s: s["param_shapes"][1].__setitem__(norm, torch.Size([4, 4]))))
     assert got == [("tp-shard-shape", None, None, norm)]
 
 
 def test_shards_that_do_not_tile_are_located(tmp_path):
     def overlap(state):
-        state["universal_checkpoint_info"]["affine_map"]["params"][Q_PROJ]["ranks"][1]["pieces"][0]["source"][0] = 0
+        pieces = state["universal_checkpoint_info"]["affine_map"]["params"][Q_PROJ]["ranks"][1]["pieces"]
+        pieces[0]["source"][0] = 0
     got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(overlap))
     q = "model.layers.0.self_attn.q_proj.weight"
     assert got == [("tp-coverage", None, None, q), ("tp-split-mismatch", None, None, q)]
@@ -383,9 +390,11 @@ def test_shards_that_do_not_tile_are_located(tmp_path):
 
 def test_a_split_that_cannot_be_known_is_named_not_guessed(tmp_path):
     def unknowable(state):
-        del state["universal_checkpoint_info"]["affine_map"], state["universal_checkpoint_info"]["sub_param_shard_widths"]
+        info = state["universal_checkpoint_info"]
+        del info["affine_map"], info["sub_param_shard_widths"]
     got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(unknowable))
-    assert got == [("tp-split-unknown", None, None, f"model.layers.{i}.mlp.gate_up_proj.weight") for i in (0, 1)]
+    assert got == [("tp-split-unknown", None, None, f"model.layers.{i}.mlp.gate_up_proj.weight")
+                   for i in (0, 1)]
 
 
 def test_the_affine_map_wins_over_patterns_it_contradicts(tmp_path):
@@ -403,3 +412,79 @@ def test_tp_ranks_that_describe_their_splits_differently_are_reported(tmp_path):
         tag / "mp_rank_01_model_states.pt",
         lambda s: s["universal_checkpoint_info"]["tp_replicated_parameter_patterns"].append("^nothing$")))
     assert got == [("tp-info-mismatch", "mp_rank_01_model_states.pt", 1, None)]
+
+
+# -- the CLI end to end: validate, merge bit-exact, the Llama loads ---------------------------
+
+
+@pytest.mark.parametrize("name", TP)
+def test_validate_exits_0(name):
+    from conftest import run_zinspect
+
+    r = run_zinspect("validate", PARALLEL / name)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def merged(tmp_path, name: str, *args: str) -> dict:
+    from conftest import run_zinspect
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    r = run_zinspect("merge", PARALLEL / name, out, *args)
+    assert r.returncode == 0, r.stderr
+    if "pt" in args:
+        return torch.load(out / "pytorch_model.bin", weights_only=True)
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("name", TP)
+def test_merge_is_the_reference_bit_for_bit(tmp_path, name):
+    got = merged(tmp_path, name)
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    assert sorted(got) == sorted(reference)
+    for k, v in reference.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_merge_as_pt_is_the_reference_bit_for_bit(tmp_path):
+    got = merged(tmp_path, "tp2_dp2_s2_toy", "--format", "pt")
+    reference = torch.load(PARALLEL / "tp2_dp2_s2_toy" / "reference_fp32.pt", weights_only=True)
+    assert sorted(got) == sorted(reference)
+    assert all(torch.equal(got[k], v) for k, v in reference.items())
+
+
+def test_merged_llama_loads_strict_with_its_tied_head(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    name = "tp2_dp2_s2_llama_bf16_tied"
+    m = manifest(name)["model"]
+    config = transformers.LlamaConfig(
+        vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["intermediate"],
+        num_hidden_layers=m["layers"], num_attention_heads=m["hidden"] // m["head_dim"],
+        num_key_value_heads=max(2, m["hidden"] // m["head_dim"] // 2), max_position_embeddings=64,
+        tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    state = merged(tmp_path, name, "--no-hf-files")
+    model.load_state_dict(state, strict=True)
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    assert torch.equal(model.lm_head.weight, reference["model.embed_tokens.weight"])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_salvage_without_tp_rank_1_writes_only_the_replicas(tmp_path):
+    """tp rank 1's model states lost: its split params cannot be placed, but every replicated
+    param is whole on tp rank 0; --salvage writes exactly those, bit for bit."""
+    from conftest import run_zinspect
+    from safetensors.torch import load_file
+
+    name = "tp2_dp2_s2_toy"
+    root = tmp_path / name
+    shutil.copytree(PARALLEL / name, root)
+    (root / "global_step2" / "mp_rank_01_model_states.pt").unlink()
+    assert run_zinspect("merge", root, tmp_path / "refused").returncode == 1
+    r = run_zinspect("merge", "--salvage", root, tmp_path / "out")
+    assert r.returncode == 1, r.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    replicas = {n for n, p in manifest(name)["params"].items() if p["kind"] == "replicated"}
+    assert set(got) - set(manifest(name)["buffers"]) == replicas
+    assert all(torch.equal(got[k], reference[k]) for k in got)

@@ -23,14 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 
-from zinspect.core import codes, coverage, partition
 from zinspect.core.layouts import common, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, numel, shape
-from zinspect.core.model import Box, Checkpoint, Coords, Finding, Fragments, Param, RankFile, Shard, Topology
+from zinspect.core.layouts.tp_checks import REPLACE, global_rank, validate
+from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, Topology
 from zinspect.core.torchzip import TensorRef
 
-REPLACE = "restore the tp rank's files from the run (every tp rank saves its own shards)"
 
 
 @dataclass
@@ -124,14 +123,14 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
             axis = f"tp rank {t} of tp {tp}" if t >= tp else f"dp rank {rf.rank} of dp {dp}"
             ctx.find("stale-rank-file", f"{rf.name} is at {axis}: this checkpoint has tp {tp} x "
                      f"dp {dp}", "it belongs to a run of another topology; move it out of the "
-                     "tag dir", file=rf.name, rank=_global(rf, tp))
+                     "tag dir", file=rf.name, rank=global_rank(rf, tp))
             continue
         s = slices[t]
         if rf.kind == "optim":
             if rf.rank in s.optim:
                 ctx.find("duplicate-rank", f"tp rank {t}, dp rank {rf.rank} has two optimizer "
                          f"files: {s.optim[rf.rank].name} and {rf.name}", "remove the one that "
-                         "does not belong to this run", file=rf.name, rank=_global(rf, tp))
+                         "does not belong to this run", file=rf.name, rank=global_rank(rf, tp))
                 continue
             s.optim[rf.rank] = rf
             if t and ctx.torch_file(rf) is not None:
@@ -151,10 +150,6 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
                          for g in as_group_list(get(s.state, "param_shapes"))]
         _report_missing(ctx, s, tp, dp)
     return slices
-
-
-def _global(rf: RankFile, tp: int) -> int | None:
-    return None if rf.rank is None else rf.rank * tp + rf.coords.tp
 
 
 def _report_missing(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
@@ -223,7 +218,8 @@ def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tupl
             ctx.find("tp-param-missing", f"{p.name} is held by tp ranks {held} but not by {lost}",
                      "the tp ranks' model states name different params: they come from "
                      "different runs; " + REPLACE, param=p.name)
-        return False
+            return False
+        return bool(held) and _readable_replicas(p, info, shards)
     try:
         geo = _geometry(ctx, p, info, shards)
     except tp_rules.SplitUnknown as e:
@@ -243,6 +239,23 @@ def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tupl
     p.shape = geo.shape
     p.shards = {t: Shard(t, shards[t], [(Box(a, n), Box(b, n)) for a, b, n in geo.pieces[t]],
                          geo.replicated) for t in range(tp)}
+    return True
+
+
+def _readable_replicas(p: Param, info: dict | None, shards: dict[int, tuple]) -> bool:
+    """A replicated param whose other tp ranks' model states are lost is still whole on the
+    readable ones (what --salvage can write); a split one is not placed."""
+    try:
+        rule = tp_rules.rule_for(p.name, info) if isinstance(info, dict) else None
+    except tp_rules.SplitUnknown:
+        return False
+    if rule is None or rule.kind not in (tp_rules.REPLICATED, tp_rules.AVERAGE) or \
+            rule.vocab_size is not None or len(set(shards.values())) != 1:
+        return False
+    whole = next(iter(shards.values()))
+    box = Box((0,) * len(whole), whole)
+    p.shape = whole
+    p.shards = {t: Shard(t, whole, [(box, box)], replicated=True) for t in shards}
     return True
 
 
@@ -341,68 +354,5 @@ def _attach_frozen(ctx: LoadContext, slices: list[Slice], dp: int) -> None:
                     None, 0, 0, n, source=source, shard=s.tp))
 
 
-# -- validation -------------------------------------------------------------------------------
-
-
-def validate(c: Checkpoint) -> list[Finding]:
-    """Each tp rank's shard of each param held once by its fragments, whole in its file; the tp
-    ranks' optimizer files saved at one step and stage. (Which files are missing or stale, and
-    how the shards tile the full tensors, were found when the checkpoint was opened.)"""
-    out: list[Finding] = []
-    steps = Counter(f.step for f in c.files_of("optim") if f.step is not None)
-    stages = Counter(f.stage for f in c.files_of("optim") if f.stage is not None)
-    for f in c.files_of("optim"):
-        where = dict(file=f.name, rank=_global(f, c.topology.tp))
-        if len(steps) > 1 and f.step is not None and f.step != steps.most_common(1)[0][0]:
-            out.append(codes.finding("step-mismatch", f"{f.name} was saved at optimizer step "
-                                     f"{f.step}, the other tp/dp ranks at {steps.most_common(1)[0][0]}",
-                                     "a stale file of another save: " + REPLACE, **where))
-        if len(stages) > 1 and f.stage is not None and f.stage != stages.most_common(1)[0][0]:
-            out.append(codes.finding("stage-mismatch", f"{f.name} is a ZeRO-{f.stage} file, the others "
-                                     f"ZeRO-{stages.most_common(1)[0][0]}", REPLACE, **where))
-    for p in c.owners():
-        for t, shard in sorted(p.shards.items()):
-            out.extend(_shard_coverage(c, p, t, numel(shard.shape)))
-    return out
-
-
-def _shard_coverage(c: Checkpoint, p: Param, t: int, n: int) -> list[Finding]:
-    held = [f for f in p.fragments if f.shard == t]
-    cov = coverage.cover(n, held)
-    out = []
-    tp = c.topology.tp
-    if cov.overlaps:
-        a, b = cov.overlaps[0]
-        out.append(codes.finding("param-overlap", f"{p.name}: elements {a:,}..{b:,} of tp rank {t}'s "
-                                 "shard are held twice", REPLACE, param=p.name))
-    if cov.gaps:
-        ranks = sorted({r * tp + t for r in _dp_ranks_in(c, p, t, cov.gaps)})
-        out.append(codes.finding("param-coverage", f"{p.name}: {cov.missing:,} of the {n:,} elements "
-                                 f"of tp rank {t}'s shard are held by no file"
-                                 + (f" (rank {', '.join(map(str, ranks))})" if ranks else ""),
-                                 REPLACE, param=p.name, rank=ranks[0] if len(ranks) == 1 else None))
-    bad = [f for f in held if not f.intact and f.numel]
-    if bad:
-        out.append(codes.finding("param-truncated", f"{p.name}: the bytes of tp rank {t}'s shard are "
-                                 f"not all in {bad[0].file}", "that file is truncated; copy it again",
-                                 param=p.name, file=bad[0].file, rank=bad[0].rank * tp + t))
-    return out
-
-
-def _dp_ranks_in(c: Checkpoint, p: Param, t: int, gaps: list[tuple[int, int]]) -> set[int]:
-    """The dp ranks whose share of tp rank t's shard falls in the gaps (ZeRO-3: ceil(n/dp)
-    elements each; ZeRO-1/2: the flat group's partitions)."""
-    dp, n = c.topology.dp, numel(p.shards[t].shape)
-    if c.stage == 3:
-        part = partition.zero3_share(n, dp)
-        return {r for a, b in gaps for r in partition.ranks_of(a, b, part, dp)}
-    g = next((g for g in c.groups if g.index == p.sub_group and g.coords == Coords(tp=t)), None)
-    if g is None or p.name not in g.params:
-        return set()
-    part = partition.zero12_partition(g.numel, dp)
-    start = sum(numel(c.params[m].shards[t].shape) if c.params.get(m) and t in c.params[m].shards
-                else 0 for m in g.params[:g.params.index(p.name)])
-    return {r for a, b in gaps for r in partition.ranks_of(start + a, start + b, part, dp)}
-
-
 LAYOUT = Layout("tensor_parallel", recognise, describe)
+__all__ = ["LAYOUT", "describe", "recognise", "validate"]
