@@ -6,7 +6,8 @@ so each rank's optimizer state holds `momentum_buffer` instead of exp_avg / exp_
     /work/dsvenv/bin/python tests/tools/make_optim_fixtures.py tests/fixtures/optim
 
 writes tests/fixtures/optim/sgd_s2_w2_fp32 (ZeRO-2, 2 ranks). The patch (after deepspeed is
-imported: it subclasses AdamW) sits at the top level of this script: the rank processes (spawned) import it again as __mp_main__ and get it too.
+imported: it subclasses AdamW) sits at the top level of this script: the rank processes
+(spawned) import it again as __mp_main__ and get it too.
 DeepSpeed's zero_to_fp32.py / zero_to_torch.py copies are deleted (we do not commit them).
 """
 
@@ -21,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402, F401  (first: its classes derive from the real AdamW)
-import torch  # noqa: E402
-
 import make_ds_checkpoints  # noqa: E402
+import torch  # noqa: E402
 
 
 def _sgd(groups, betas=None, **kwargs):
