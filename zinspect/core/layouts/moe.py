@@ -50,6 +50,7 @@ class _MoE:
     def __init__(self, ctx: LoadContext) -> None:
         self.ctx, self.c = ctx, ctx.ckpt
         self.ws = self.c.world_size or len(ctx.optim)
+        self.ranks = {r: rf for r, rf in ctx.optim.items() if r < self.ws}  # beyond: stale
         num = get(ctx.model_state, "num_experts")
         self.num_experts = [n for n in num if type(n) is int and n > 0] \
             if isinstance(num, list) else []
@@ -69,7 +70,7 @@ class _MoE:
         pcs = _partition_counts(ctx)
         expert_groups = self._expert_groups(pcs)
         dense = {gi: m for gi, m in enumerate(names.flat_groups) if gi not in expert_groups}
-        zero12.attach(ctx, ctx.optim, dense, pcs or self.ws)
+        zero12.attach(ctx, self.ranks, dense, pcs or self.ws)
         eps = {ep for ep, _ in expert_groups.values()}
         self._sort_files(eps)
         for gi, (ep, pc) in sorted(expert_groups.items()):
@@ -79,10 +80,10 @@ class _MoE:
                     base = c.params.get(ln)
                     if n not in c.params:
                         c.params[n] = Param(n, s or (), base.dtype if base else "")
-                files = {r // ep: rf for r, rf in ctx.optim.items() if r % ep == e}
+                files = {r // ep: rf for r, rf in self.ranks.items() if r % ep == e}
                 zero12.attach(ctx, files, {gi: members}, pcs, coords=Coords(ep=e))
         self._missing_ranks()
-        common.attach_moments(ctx, ctx.optim)
+        common.attach_moments(ctx, self.ranks)
         self._expert_files()
         if any(p.frozen and not p.fragments for p in c.params.values()):
             common.attach_whole_frozen(ctx, names)
@@ -176,13 +177,16 @@ class _MoE:
                     continue
                 tf = ctx.torch_file(rf)
                 held = tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
+                foreign = next((n for n, t in held.items() if not isinstance(t, TensorRef) or
+                                n not in c.params or n not in per_expert[(layer, e)]), None)
+                if foreign is not None:
+                    ctx.find("stale-rank-file", f"{rf.name} holds {foreign}, which is not a "
+                             f"param of expert {e} of MoE layer {layer}", "a file from another "
+                             "run or renamed; restore the one saved with the others",
+                             file=rf.name)
+                    continue
                 for name, t in held.items():
-                    p = c.params.get(name) if isinstance(t, TensorRef) else None
-                    if p is None:
-                        ctx.find("stale-rank-file", f"{rf.name} holds {name}, which is not "
-                                 f"expert {e} of this checkpoint", "a file from another run; "
-                                 "restore the one saved with the others", file=rf.name)
-                        break
+                    p = c.params[name]
                     p.dtype = t.dtype
                     if p.frozen:
                         at = located(tf, rf.name, 0, t)

@@ -39,10 +39,15 @@ def describe(ctx: LoadContext) -> None:
     masters = opt.get("fp32_groups")
     groups = masters if isinstance(masters, list) else _torch_groups(opt)
     owners = [(p.name, p.shape) for p in c.params.values() if not p.tied_to]
-    shapes = [[t.shape if isinstance(t, TensorRef) else t for t in g] for g in groups]
+    shapes = [[t.shape if isinstance(t, TensorRef) else t for t in g]
+              for g in groups if isinstance(g, list)]
+    listed = [len(get(g, "params", default=[]) or []) for g in
+              get(opt, "optimizer_state_dict", "param_groups", default=[]) or []]
+    problem = "" if not isinstance(masters, list) or listed == [len(g) for g in shapes] \
+        else "counts"
     order = match_group_order(owners, shapes)
-    if order.problem:
-        ctx.find("zero0-order-unknown", _ORDER_PROBLEM[order.problem] + f" ({len(owners)} "
+    if problem or order.problem:
+        ctx.find("zero0-order-unknown", _ORDER_PROBLEM[problem or order.problem] + f" ({len(owners)} "
                  f"params, optimizer groups of {', '.join(str(len(g)) for g in groups)})",
                  "ZeRO-0 saves the optimizer state by position only; without a unique match "
                  "the masters cannot be named. Load the checkpoint with DeepSpeed and the "
@@ -76,6 +81,7 @@ _ORDER_PROBLEM = {
     "ambiguous": "the optimizer's groups fit the module's params in more than one way "
                  "(params of equal shapes in different groups)",
     "too-complex": "the optimizer's groups could not be matched to the module's params",
+    "counts": "fp32_groups and the optimizer's param_groups list different numbers of params",
 }
 
 

@@ -1,0 +1,157 @@
+"""The native-MoE layout (zinspect/core/layouts/moe.py) on the real expert-parallel fixtures in
+tests/fixtures/parallel/moe*: every expert of every MoE layer under its global id, expert groups
+partitioned over their expert-data-parallel ranks, the merge bit for bit, and damaged copies
+(a missing expert file, a missing rank, files of another topology) with exact findings."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXTURES, run_zinspect
+
+import zinspect
+from zinspect.core import open_checkpoint
+from zinspect.core.layouts.moe import global_name
+from zinspect.core.merge import plan_merge
+from zinspect.errors import NotMergeable
+
+PARALLEL = FIXTURES / "parallel"
+MOE = sorted(p.parent.name for p in PARALLEL.glob("moe*/manifest.json"))
+
+
+def manifest(name: str) -> dict:
+    return json.loads((PARALLEL / name / "manifest.json").read_text())
+
+
+@functools.cache
+def reference(name: str) -> dict:
+    return torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+
+
+def copy(tmp_path: Path, name: str) -> Path:
+    root = tmp_path / name
+    root.mkdir()
+    shutil.copy2(PARALLEL / name / "latest", root / "latest")
+    shutil.copytree(PARALLEL / name / manifest(name)["tag"], root / manifest(name)["tag"])
+    return root / manifest(name)["tag"]
+
+
+def codes(ckpt) -> list[tuple[str, str | None]]:
+    return sorted((f.code, f.file) for f in ckpt.findings)
+
+
+def test_global_name():
+    name = "layers.1.moe.deepspeed_moe.experts.deepspeed_experts.1.fc2.bias"
+    assert global_name(name, 1, 2) == name.replace("experts.1.", "experts.3.")
+    assert global_name(name, 0, 2) == name
+    assert global_name("layers.1.norm.weight", 1, 2) == "layers.1.norm.weight"
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_every_expert_under_its_global_id(name):
+    m, c = manifest(name), open_checkpoint(PARALLEL / name)
+    assert (c.layout, c.stage, c.world_size, c.findings) == ("moe", m["stage"], m["world_size"], [])
+    assert (c.topology.dp, c.topology.ep, c.topology.pp, c.topology.tp) == \
+        (m["world_size"], m["ep_size"], 1, 1)
+    assert {n: p.shape for n, p in c.params.items()} == \
+        {n: tuple(p["shape"]) for n, p in m["params"].items()}
+    assert not any(p.frozen or p.tied_to for p in c.params.values())
+    # each expert's fp32 master lies in the optimizer files of the ranks of its ep rank
+    for e in m["experts"].values():
+        ranks = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in e["held_by_ranks"]}
+        for p in e["params"]:
+            fragments = c.params[p["name"]].fragments
+            assert {f.file for f in fragments} <= ranks, p["name"]
+            assert sum(f.numel for f in fragments) == c.params[p["name"]].numel
+    # expert groups: one per ep rank and flat group, cut over the expert-data-parallel ranks
+    expert_groups = [g for g in c.groups if g.coords is not None and g.coords.ep is not None and
+                     any("deepspeed_experts" in n for n in g.params)]
+    assert len(expert_groups) == 2 * m["ep_size"]
+    assert all(len(g.partition_numel) == m["expert_dp_size"] for g in expert_groups)
+    expert_files = {f.name: f.coords for f in c.files if f.kind == "expert"}
+    assert len(expert_files) == m["moe_layers"] * m["num_experts"]
+    for e in m["experts"].values():
+        coords = expert_files[Path(e["file"]).name]
+        assert (coords.layer, coords.expert, coords.ep) == \
+            (e["moe_layer_id"], e["global_expert_id"], e["ep_rank"])
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_merge_is_the_reference_bit_for_bit(name):
+    state, ref = zinspect.get_fp32_state_dict(PARALLEL / name), reference(name)
+    assert set(state) == set(ref)
+    for n, t in ref.items():
+        assert state[n].dtype == t.dtype and torch.equal(state[n], t), n
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_validate_exits_0(name):
+    r = run_zinspect("validate", PARALLEL / name)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ damaged copies
+EXPERT = "layer_1_expert_3_mp_rank_00_model_states.pt"
+
+
+def test_missing_expert_file_is_located(tmp_path):
+    """Expert 3's fp32 masters are still in the optimizer files, so --salvage writes them all;
+    the missing file is an error (DeepSpeed could not resume), never passed over."""
+    tag = copy(tmp_path, "moe_ep2_w4_s2_fp32")
+    (tag / EXPERT).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-expert-file", EXPERT)]
+    assert "expert 3 of MoE layer 1 (layers.1.moe)" in c.findings[0].message
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
+    assert plan_merge(c, salvage=True).dropped == {}
+
+
+def test_missing_rank_drops_exactly_its_params(tmp_path):
+    """Rank 3 is ep rank 1's second expert-data-parallel rank: its file holds the tail of the
+    dense groups and half of experts 2 and 3's partitions."""
+    tag = copy(tmp_path, "moe_ep2_w4_s2_fp32")
+    intact = open_checkpoint(tag.parent)
+    lost_file = "zero_pp_rank_3_mp_rank_00_optim_states.pt"
+    (tag / lost_file).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-optimizer-file", lost_file)]
+    assert c.findings[0].rank == 3
+    lost = {n for n, p in intact.params.items() if any(f.file == lost_file for f in p.fragments)}
+    assert any("deepspeed_experts.3." in n for n in lost) and "head.weight" in lost
+    assert not any("deepspeed_experts.1." in n for n in lost)  # ep rank 0's experts are whole
+    assert set(plan_merge(c, salvage=True).dropped) == lost
+    with pytest.warns(RuntimeWarning):
+        state = zinspect.get_fp32_state_dict(tag.parent, salvage=True)
+    ref = reference("moe_ep2_w4_s2_fp32")
+    assert set(state) == set(ref) - lost
+    assert all(torch.equal(state[n], ref[n]) for n in state)
+
+
+@pytest.mark.parametrize("stale, source", [
+    ("layer_1_expert_5_mp_rank_00_model_states.pt", EXPERT),  # 4 experts per layer
+    ("layer_2_expert_0_mp_rank_00_model_states.pt", EXPERT),  # 2 MoE layers
+    ("zero_pp_rank_4_mp_rank_00_optim_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt"),
+])
+def test_stale_file_of_another_topology(tmp_path, stale, source):
+    tag = copy(tmp_path, "moe_ep2_w4_s2_fp32")
+    shutil.copy(tag / source, tag / stale)
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("stale-rank-file", stale)]
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
+
+
+def test_expert_file_of_another_expert(tmp_path):
+    """A file under expert 2's name holding expert 3's tensors (renamed by hand) is found."""
+    tag = copy(tmp_path, "moe_ep2_w4_s2_fp32")
+    wrong = "layer_1_expert_2_mp_rank_00_model_states.pt"
+    shutil.copy(tag / EXPERT, tag / wrong)
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("stale-rank-file", wrong)]
+    assert "deepspeed_experts.3.fc1.weight, which is not a param of expert 2" in c.findings[0].message
