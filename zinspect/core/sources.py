@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zinspect.core.fmt import shown
+from zinspect.core.model import MOMENTS
 from zinspect.core.plan import OutputTensor, Piece
 from zinspect.core.torchzip import DTYPE_SIZES, TensorRef
 from zinspect.core.writers import SAFETENSORS_DTYPES
@@ -61,53 +62,29 @@ def checkpoint_tensors(path: Path, tag: str | None = None,
     return tensors + moment_tensors(ckpt) if moments else tensors
 
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
 def moment_tensors(ckpt) -> list[OutputTensor]:
-    """Adam's moments of every trainable param in a plain ZeRO 1/2/3 checkpoint. Each rank's
-    optimizer state holds, per flat group, exp_avg/exp_avg_sq tensors shaped like its fp32
-    partition (`state[group][key]`, under base_optimizer_state for ZeRO 1/2, under
-    optimizer_state_dict for ZeRO 3), so a param's moment pieces sit at its fp32 fragments'
-    group offsets."""
-    from zinspect.core.torchzip import read_torch_file
-
+    """Adam's moments of every trainable param in a plain ZeRO 1/2/3 checkpoint, where the core
+    locates them (`Checkpoint.state_fragments`: the fp32 masters' ranges in each rank's moment
+    tensor of the same flat group)."""
     if ckpt.layout != "zero":
         raise UsageError(f"{ckpt.path}: Adam moments are read from plain ZeRO checkpoints only "
                          f"(this one is {ckpt.layout})", "leave out --moments")
-    states: dict[str, tuple] = {}
-
-    def state_of(file: str):
-        if file not in states:
-            tf = read_torch_file(ckpt.path / file)
-            osd = tf.obj.get("optimizer_state_dict") if isinstance(tf.obj, dict) else None
-            inner = osd.get("base_optimizer_state") or osd.get("optimizer_state_dict") \
-                if isinstance(osd, dict) else None
-            state = inner.get("state") if isinstance(inner, dict) else None
-            if not isinstance(state, dict):
-                raise UnreadableFile(f"{shown(file)}: no optimizer state (exp_avg) in it",
-                                     "the optimizer is not Adam, or leave out --moments")
-            states[file] = (tf, state)
-        return states[file]
-
     out = []
     for key in MOMENTS:
         for name, p in ckpt.params.items():
-            frags = sorted((f for f in p.fragments if f.numel and f.source == "master"),
-                           key=lambda f: f.start)
-            if p.tied_to or not frags:
+            masters = [f for f in ckpt.state_fragments(name, "fp32") if f.numel]
+            if p.tied_to or not masters:
                 continue
-            t = OutputTensor(f"{name}:{key}", p.shape, "float32", "float32", [])
-            for f in frags:
-                tf, state = state_of(f.file)
-                ref = (state.get(f.group) or {}).get(key) if isinstance(state.get(f.group), dict) else None
-                offset = tf.tensor_offset(ref) if isinstance(ref, TensorRef) else None
-                if offset is None or ref.dtype != "float32" or f.group_offset + f.numel > ref.numel:
-                    raise UnreadableFile(f"{shown(f.file)}: no {key} of group {f.group} for "
-                                         f"{shown(name, 80)}", "leave out --moments")
-                t.pieces.append(Piece(str(ckpt.path / f.file), offset + 4 * f.group_offset,
-                                      4 * f.numel))
-            out.append(t)
+            frags = sorted((f for f in ckpt.state_fragments(name, key) if f.numel),
+                           key=lambda f: f.start)
+            bad = next((f for f in masters if not any(m.start == f.start for m in frags)), None) \
+                or next((f for f in frags if not f.intact or f.dtype != "float32"), None)
+            if bad is not None:
+                raise UnreadableFile(f"{shown(bad.file)}: no {key} of group {bad.group} for "
+                                     f"{shown(name, 80)}", "leave out --moments")
+            out.append(OutputTensor(f"{name}:{key}", p.shape, "float32", "float32",
+                                    [Piece(str(ckpt.path / f.file), f.offset, f.nbytes)
+                                     for f in frags]))
     return out
 
 
