@@ -182,3 +182,28 @@ def test_the_view_in_a_real_terminal(tmp_path):
         assert app.quit() == 0
     finally:
         app.close()
+
+
+async def test_a_blown_up_param_comes_first_and_is_marked(tmp_path):
+    """A diverging run in miniature: one param's exp_avg_sq collapsed to ~0 on disk (its bytes
+    rewritten in a copy), so its Adam update is huge. It is the first row, marked."""
+    import struct
+
+    from conftest import copy_fixture
+
+    from zinspect.tui.screens.optimizer import OUTLIER
+
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    ckpt = open_checkpoint(tag)
+    victim = "encoder.blocks.1.mlp.up.bias"
+    for f in ckpt.state_fragments(victim, "exp_avg_sq"):
+        with open(tag / f.file, "r+b") as out:
+            out.seek(f.offset)
+            out.write(struct.pack(f"<{f.numel}f", *[1e-30] * f.numel))
+    app = ZinspectApp(str(tag))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_view(app, pilot)
+        table = screen.query_one(OptimizerTable)
+        assert table.rows[0].name == victim and table.rows[0].update.max > 1e4
+        assert table.cell_style(0, column("upd max")) == OUTLIER
+        assert all(table.cell_style(i, column("upd max")) is None for i in range(1, table.row_count))
