@@ -5,8 +5,9 @@ that run over every fixture (conftest.fixture_names) skip them until their layou
 
 Two kinds of tests. The first sections hold what stays true whatever zinspect learns: each fixture
 is what its manifest says, and zinspect opens it in both path forms without a crash, never
-inventing a name. The section marked TODAY pins what zinspect says about them before issue 10
-(layouts "recognised, not merged", some of them misnamed); issue 10 flips those assertions.
+inventing a name. The section marked TODAY said what zinspect read before issue 10 (layouts
+"recognised, not merged", some of them misnamed); issue 10 flipped those assertions into the
+"implemented" tests that follow it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +22,17 @@ from conftest import FIXTURES, TESTS, run_zinspect
 
 import zinspect
 from zinspect.core import open_checkpoint
-from zinspect.core.merge import plan_merge
-from zinspect.errors import NotMergeable
 
 PARALLEL = FIXTURES / "parallel"
 NAMES = sorted(p.parent.name for p in PARALLEL.glob("*/manifest.json"))
 PIPELINES = [n for n in NAMES if n.startswith("pp")]
 TENSOR_PARALLEL = [n for n in NAMES if n.startswith("tp")]
 MOE = [n for n in NAMES if n.startswith("moe")]
+VARIANTS = [n for n in NAMES if n.startswith(("z0_", "offload_", "hpz_"))]  # ZeRO-0/offload/hpZ
+#: the one name zinspect cannot know: a ZeRO-0 fp32 pipeline records no param names, and its tied
+#: layer's tie key (tied_modules.KEY) is in no file; it is named by its layer index, with a warning
+#: (and which of two equal-shaped params was frozen cannot be told: an info)
+UNNAMED = {"pp3_dp1_s0_fp32": {"1.weight": "tied_modules.embed.weight"}}
 
 
 def manifest(name: str) -> dict:
@@ -106,7 +109,7 @@ def test_reference_holds_the_manifests_names_and_shapes(name):
 def test_info_reads_it_and_invents_no_name(name, form):
     m, j = manifest(name), info(name, form)
     assert j["tag"] == m["tag"]
-    names = [p["name"] for p in j["params"]]
+    names = [UNNAMED.get(name, {}).get(p["name"], p["name"]) for p in j["params"]]
     assert len(names) == len(set(names))
     assert set(names) <= set(m["params"])
     assert {b["name"] for b in j["buffers"]} <= set(m.get("buffers") or {})
@@ -118,10 +121,10 @@ def test_info_reads_it_and_invents_no_name(name, form):
 @pytest.mark.parametrize("name", NAMES)
 def test_open_checkpoint_reads_it(name):
     ckpt = open_checkpoint(PARALLEL / name)
-    assert set(ckpt.params) <= set(manifest(name)["params"])
+    assert {UNNAMED.get(name, {}).get(n, n) for n in ckpt.params} <= set(manifest(name)["params"])
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in PIPELINES])
+@pytest.mark.parametrize("name", NAMES)
 def test_stage_is_the_manifests(name):
     assert open_checkpoint(PARALLEL / name).stage == manifest(name)["stage"]
 
@@ -137,76 +140,18 @@ def test_offload_and_hpz_merge_bit_exact(name):
         assert state[n].dtype == t.dtype and torch.equal(state[n], t), n
 
 
-# ------------------------------------------------------------------ TODAY (issue 10 flips these)
-# What zinspect says before the parallel layouts are implemented: the layout name, the stage it
-# reads and which params it can see. Each line of TODAY is a known shortcoming, not a goal.
+# ------------------------------------------------------------------ TODAY (issue 10 flipped these)
+# Before issue 10 zinspect named these layouts without merging them (pipelines were even called
+# tensor_parallel, `layer_XX-model_states.pt` were extra files, only stage 0's params, ep rank 0's
+# experts and tp rank 0's shard shapes were seen, offload/hpZ were not said). Every parallel
+# fixture's layout is now implemented: the tests below say what zinspect reads instead.
 
-#: name -> (layout reported, stage reported)
-TODAY = {
-    # pipelines are called tensor_parallel: several mp_rank_SS files (one per stage) come first
-    "pp2_dp2_s1_fp32": ("tensor_parallel", 1),
-    "pp2_dp2_s1_bf16_pmd": ("tensor_parallel", 1),
-    "pp2_dp1_s0_bf16": ("tensor_parallel", 1),  # ZeRO-0, read as 1 from its bf16_zero_pp_rank files
-    "pp3_dp1_s0_fp32": ("tensor_parallel", None),  # ZeRO-0, no stage read at all
-    "moe_ep2_w4_s2_fp32": ("moe", 2),
-    "moe_ep2_w4_s1_top2_res": ("moe", 1),
-    "z0_fp32": ("zero0", 0),
-    "z0_bf16": ("zero0", 0),
-    # offload and hpZ merge already; nothing says they are offload / hpZ runs
-    "offload_s3_w2": ("zero", 3),
-    "hpz_s3_w4": ("zero", 3),
-}
+#: fixtures whose layout issue 10 implemented
+IMPLEMENTED = set(TENSOR_PARALLEL) | set(PIPELINES) | set(MOE) | set(VARIANTS)
 
 
-#: fixtures whose layout issue 10 implemented: their tests follow TODAY
-IMPLEMENTED = set(TENSOR_PARALLEL)
-
-
-def test_today_covers_every_fixture():
-    assert sorted(TODAY) == sorted(set(NAMES) - IMPLEMENTED)
-
-
-@pytest.mark.parametrize("name", sorted(TODAY))
-def test_today_layout_and_stage(name):
-    layout, stage = TODAY[name]
-    j = info(name, "root")
-    assert (j["layout"], j["stage"]) == (layout, stage)
-    codes = {f["code"] for f in j["findings"]}
-    if layout == "zero":
-        assert j["findings"] == []
-    else:
-        assert "unsupported-layout" in codes
-        with pytest.raises(NotMergeable, match="cannot merge"):
-            plan_merge(open_checkpoint(PARALLEL / name))
-
-
-@pytest.mark.parametrize("name", PIPELINES)
-def test_today_pipeline_shows_only_stage_0s_params(name):
-    """mp_rank_00's param_shapes are stage 0's trainable ZeRO-1 groups; ZeRO-0 pipelines have none."""
-    m = manifest(name)
-    stage0 = {n for n, p in m["params"].items() if 0 in p["stages"] and not p["frozen"]}
-    if m["stage"] == 0:
-        stage0 = set()
-    assert {p["name"] for p in info(name, "root")["params"]} == stage0
-
-
-@pytest.mark.parametrize("name", [n for n in PIPELINES if manifest(n)["topology"] == "pipe-data"])
-def test_today_layer_files_without_model_rank_are_extra_files(name):
-    """`layer_XX-model_states.pt` (the pipe-data topology) is not matched as a layer file; only
-    `layer_XX-model_TT-model_states.pt` is."""
-    j = info(name, "root")
-    layer_files = {Path(f).name for f in manifest(name)["files"] if Path(f).name.startswith("layer_")}
-    assert layer_files
-    assert {f["name"] for f in j["files"] if f["kind"] == "other"} == layer_files
-    assert {f["file"] for f in j["findings"] if f["code"] == "extra-file"} == layer_files
-
-
-@pytest.mark.parametrize("name", MOE)
-def test_today_moe_shows_only_ep_rank_0s_experts(name):
-    m = manifest(name)
-    unseen = {p["name"] for e in m["experts"].values() if e["ep_rank"] != 0 for p in e["params"]}
-    assert unseen
-    assert {p["name"] for p in info(name, "root")["params"]} == set(m["params"]) - unseen
+def test_every_fixture_is_implemented():
+    assert IMPLEMENTED == set(NAMES)
 
 
 # ------------------------------------------------------------------ implemented by issue 10
@@ -222,3 +167,42 @@ def test_tensor_parallel_shows_full_shapes(name, form):
     shown = {p["name"]: p["shape"] for p in j["params"]}
     assert shown == {n: p["shape"] for n, p in m["params"].items()}
     assert any(p["shard_shape"] != p["shape"] for p in m["params"].values())
+
+
+LAYOUT = {**{n: "pipeline" for n in PIPELINES}, **{n: "moe" for n in MOE},
+          **{n: "zero0" if n.startswith("z0_") else "zero" for n in VARIANTS}}
+
+
+@pytest.mark.parametrize("form", ["root", "tag"])
+@pytest.mark.parametrize("name", PIPELINES + MOE + VARIANTS)
+def test_pipeline_moe_zero0_offload_hpz_info_is_the_manifest(name, form):
+    """Was: pipelines called tensor_parallel (stage 0's params; layer_XX-model_states.pt extra
+    files), MoE showing ep rank 0's experts, ZeRO-0 unmerged, offload/hpZ unsaid. Now every
+    param under DeepSpeed's name with its shape, frozen flag and tie; buffers; the topology
+    and the features (tests/test_layout_{pipeline,moe,zero0}.py check the rest)."""
+    m, j = manifest(name), info(name, form)
+    assert (j["layout"], j["stage"], j["world_size"]) == (LAYOUT[name], m["stage"], m["world_size"])
+    rename = UNNAMED.get(name, {})
+    frozen = {n for n, p in m["params"].items() if p.get("frozen")} if name not in UNNAMED else set()
+    aliases = {a: o for a, o in (m.get("tied") or {}).items() if isinstance(o, str)}
+    assert {rename.get(p["name"], p["name"]): (p["shape"], p["frozen"], p["tied_to"])
+            for p in j["params"]} == \
+        {n: (p["shape"], n in frozen, aliases.get(n)) for n, p in m["params"].items()}
+    assert {b["name"]: b["shape"] for b in j["buffers"]} == (m.get("buffers") or {})
+    assert sorted(f["code"] for f in j["findings"]) == \
+        (["pipeline-stages-unknown", "pipeline-tied-unnamed"] if name in UNNAMED else [])
+    assert j["topology"] == {"dp": m.get("dp", m["world_size"]), "tp": 1, "pp": m.get("pp", 1),
+                             "ep": m.get("ep_size", 1)}
+    assert j["features"] == {"offload_s3_w2": ["offload"], "hpz_s3_w4": ["hpz"]}.get(name, [])
+
+
+@pytest.mark.parametrize("name", PIPELINES + MOE + VARIANTS)
+def test_pipeline_moe_zero0_merge_bit_exact_and_validate_exits_0(name):
+    state, ref = zinspect.get_fp32_state_dict(PARALLEL / name), reference(name)
+    rename = UNNAMED.get(name, {})
+    state = {rename.get(n, n): t for n, t in state.items()}
+    assert set(state) == set(ref)
+    for n, t in ref.items():
+        assert state[n].dtype == t.dtype and torch.equal(state[n], t), n
+    r = run_zinspect("validate", PARALLEL / name)
+    assert r.returncode == 0, r.stdout + r.stderr
