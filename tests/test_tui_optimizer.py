@@ -15,13 +15,9 @@ from zinspect.core import open_checkpoint
 from zinspect.core.optimizer import read_optimizer
 from zinspect.errors import MergeCancelled, UnreadableFile
 from zinspect.tui.app import ZinspectApp
-from zinspect.tui.screens.optimizer import COLS, OptimizerScreen, OptimizerTable
+from zinspect.tui.screens.optimizer import COLS, OptimizerScreen, OptimizerTable, column
 
 torch = pytest.importorskip("torch")
-
-
-def column(title: str) -> int:
-    return next(i for i, c in enumerate(COLS) if c.column.label == title)
 
 
 def label_text(screen, selector: str) -> str:
@@ -47,7 +43,7 @@ async def test_view_numbers_equal_torch_and_sort_outliers_first(name):
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_view(app, pilot)
         head = label_text(screen, "#optim-summary")
-        assert head.startswith("AdamW (") and "step 2" in head
+        assert head.startswith("AdamW (") and ", step 2" in head.splitlines()[0]
         assert "group 2: lr 0.005, betas (0.9, 0.95), eps 1e-08, weight_decay 0" in head
         assert ("loss scale 256, dynamic" in head) == (name == "s2_w4_fp16")
         table = screen.query_one(OptimizerTable)
@@ -73,10 +69,12 @@ async def test_view_numbers_equal_torch_and_sort_outliers_first(name):
         await pilot.click("#optim-table", offset=(2, 0))  # the name header: by name
         await pilot.pause()
         assert [r.name for r in table.rows] == sorted(want)
-        await pilot.press("o")  # the next column: numel, largest first
-        await pilot.pause()
-        numels = [r.numel for r in table.rows]
-        assert numels == sorted(numels, reverse=True) and screen.sub_title == "sorted by numel ↓"
+        for step in range(1, 4):  # o: the next columns, numbers largest first
+            await pilot.press("o")
+            await pilot.pause()
+            values = [COLS[step].value(r) for r in table.rows]
+            assert values == sorted(values, reverse=True)
+            assert screen.sub_title == f"sorted by {COLS[step].column.label} ↓"
         await pilot.press("enter")  # that param's detail, escape comes back
         await pilot.pause()
         from zinspect.tui.screens.param_detail import ParamDetailScreen

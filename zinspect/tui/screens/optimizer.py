@@ -57,19 +57,26 @@ class Col:
     value: Callable[[ParamOptimStats], object]  # what is shown and sorted by
 
 
-COLS = [
-    Col(Column("name", 24, flex=True), lambda r: r.name),
-    Col(Column("numel", 9, True), lambda r: r.numel),
-    Col(Column("group", 5, True), lambda r: -1 if r.group is None else r.group),
+COLS = [  # the update first: at 80 columns the table shows the name and five numbers
+    Col(Column("name", 20, flex=True), lambda r: r.name),
+    Col(Column("upd max", 9, True), lambda r: _max(r.update)),
+    Col(Column("upd mean", 9, True), lambda r: _mean(r.update)),
     Col(Column("L2 master", 9, True), lambda r: r.master.l2),
     Col(Column("L2 m", 9, True), lambda r: _l2(r.exp_avg)),
     Col(Column("L2 √v", 9, True), lambda r: _l2(r.sqrt_exp_avg_sq)),
-    Col(Column("upd mean", 9, True), lambda r: _mean(r.update)),
-    Col(Column("upd max", 9, True), lambda r: _max(r.update)),
     Col(Column("max|x|", 9, True), lambda r: r.master.max_abs),
     Col(Column("NaN/Inf", 7, True), lambda r: r.nonfinite),
+    Col(Column("numel", 9, True), lambda r: r.numel),
+    Col(Column("group", 5, True), lambda r: -1 if r.group is None else r.group),
 ]
-NAME, UPDATE_MAX, MASTER_L2, NONFINITE_COL = 0, 7, 3, 9
+
+
+def column(label: str) -> int:
+    return next(i for i, c in enumerate(COLS) if c.column.label == label)
+
+
+NAME, UPDATE_MAX, MASTER_L2 = column("name"), column("upd max"), column("L2 master")
+NONFINITE_COL, GROUP = column("NaN/Inf"), column("group")
 
 
 def _cell(value: object) -> str:
@@ -109,7 +116,7 @@ class OptimizerTable(VirtualTable):
 
     def row_cells(self, index: int) -> list[str]:
         r = self.rows[index]
-        return [_cell(c.value(r)) if not (i == 2 and r.group is None) else "-"
+        return [_cell(c.value(r)) if not (i == GROUP and r.group is None) else "-"
                 for i, c in enumerate(COLS)]
 
     def cell_style(self, index: int, column: int) -> Style | None:
@@ -131,6 +138,16 @@ class OptimizerTable(VirtualTable):
                 self.screen.show_sorting()  # type: ignore[attr-defined]
                 return
             x -= width + 1
+
+
+def head_line(opt: OptimizerState) -> str:
+    """`AdamW (ZeRO-3), step 2, clip_grad 1`: the groups follow on their own lines."""
+    if not opt.groups:
+        return summary_line(opt)
+    facts = [f"{opt.name} ({opt.wrapper})"]
+    facts += [f"step {_hyper(opt.step)}"] if opt.step is not None else []
+    facts += [f"clip_grad {_hyper(opt.clip_grad)}"] if opt.clip_grad is not None else []
+    return shown(", ".join(facts), 200)
 
 
 def group_lines(opt: OptimizerState) -> list[str]:
@@ -191,7 +208,7 @@ class OptimizerScreen(WorkerOutcomes, Screen):
 
     def show_head(self, opt: OptimizerState) -> None:
         """What the optimizer is, its groups and loss scale: shown before the values come."""
-        lines = [summary_line(opt)] + group_lines(opt)
+        lines = [head_line(opt)] + group_lines(opt)
         scale = scaler_line(opt)
         if scale is not None:
             lines.append(f"loss scale {scale}")
