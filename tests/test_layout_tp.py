@@ -397,6 +397,12 @@ def test_a_split_that_cannot_be_known_is_named_not_guessed(tmp_path):
                    for i in (0, 1)]
 
 
+def test_no_split_description_at_all_is_one_finding(tmp_path):
+    got = damaged(tmp_path, "tp2_dp2_s2_toy",
+                  both_tp_ranks(lambda state: state.pop("universal_checkpoint_info")))
+    assert got == [("tp-split-unknown", "mp_rank_00_model_states.pt", None, None)]
+
+
 def test_the_affine_map_wins_over_patterns_it_contradicts(tmp_path):
     """A row param listed as column too: the patterns join it on dim 0, the map on dim 1; the map
     is used (as DeepSpeed's converter does) and the disagreement is a warning."""

@@ -77,8 +77,16 @@ def describe(ctx: LoadContext) -> None:
     infos = _split_info(ctx, slices)
     shards = _shard_shapes(ctx, slices)
     unread = {s.tp for s in slices if s.state is None}
-    unplaced = [p for p in c.owners()
-                if not _place(ctx, p, infos, shards.get(p.name, {}), tp, unread)]
+    if infos is None and not unread:  # one cause, one finding (not one per param)
+        ctx.find("tp-split-unknown", f"the model states carry no universal_checkpoint_info: how "
+                 f"the tp shards of {len(c.owners())} params join cannot be known",
+                 "zinspect does not guess splits; DeepSpeed's converter needs it too (Megatron-"
+                 "DeepSpeed and AutoTP write it). Nothing can be merged", file=slices[0].model.name
+                 if slices[0].model else None)
+        unplaced = c.owners()
+    else:
+        unplaced = [p for p in c.owners()
+                    if not _place(ctx, p, infos, shards.get(p.name, {}), tp, unread)]
     for p in c.params.values():  # a tied alias has its owner's full shape
         owner = c.params.get(p.tied_to) if p.tied_to else None
         if owner is not None:
