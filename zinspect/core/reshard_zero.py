@@ -72,34 +72,20 @@ class Sources:
         return self.tf(self.optim[rank].name).obj["optimizer_state_dict"]
 
     def fragments(self, name: str, state: str) -> list[Fragment]:
-        """The param's fragments of `state`, sorted, each with its bytes located."""
+        """The param's fragments of `state` ("frozen": its 16-bit values), sorted, each with
+        its bytes located (Checkpoint.state_fragments)."""
         ckpt = self.ckpt
-        p = ckpt.params[name]
         if state == "frozen":
-            frags = [f for f in p.fragments if f.source in ("frozen", "module")]
+            frags = [f for f in ckpt.params[name].fragments if f.source in ("frozen", "module")]
         else:
             frags = ckpt.state_fragments(name, state)
-            if not frags and state != "fp32":
-                frags = [self._moment(f, state) for f in ckpt.state_fragments(name, "fp32")]
         frags = sorted((f for f in frags if f.numel), key=lambda f: f.start)
+        if not frags and ckpt.params[name].numel:
+            raise _refuse(ckpt, f"{shown(name, 80)}: the files hold no {state} for it",
+                          "only Adam/AdamW optimizer states (exp_avg, exp_avg_sq) are resharded")
         if any(f.offset is None or not f.intact for f in frags):
             raise _refuse(ckpt, f"{shown(name, 80)}: its {state} bytes are not all in the files")
         return frags
-
-    def _moment(self, f: Fragment, state: str) -> Fragment:
-        """Where the fp32 fragment `f`'s moment lies: the same element offset of the moment
-        tensor of the same rank file and group."""
-        tf = self.tf(f.file)
-        osd = tf.obj["optimizer_state_dict"]
-        inner = osd.get("optimizer_state_dict") if self.ckpt.stage == 3 else \
-            osd.get("base_optimizer_state")
-        ref = _get(inner, "state", f.group, state)
-        base = tf.tensor_offset(ref) if isinstance(ref, TensorRef) else None
-        if base is None or f.group_offset + f.numel > ref.numel:
-            raise _refuse(self.ckpt, f"{shown(f.file)} holds no {state} for group {f.group}",
-                          "the optimizer is not Adam: only Adam/AdamW states are resharded")
-        return Fragment(f.rank, f.file, f.group, f.start, f.numel,
-                        base + f.group_offset * ref.itemsize, ref.dtype, 0, state, f.group_offset)
 
     def add_range(self, ops: list, frags: list[Fragment], lo: int, hi: int, name: str) -> None:
         """Append the bytes of elements [lo, hi) of a param, from its `frags`."""
