@@ -72,7 +72,8 @@ async def test_every_fixture_opens_on_every_tab(fixture):
         for tab in "234":
             await pilot.press(tab)
         tree = app.screen.query_one(ParamTree)
-        assert sum(n.data.count for n in tree.root.children) == len(ckpt.params)
+        # params and buffers: both are written, so both are shown (issue 14.6)
+        assert sum(n.data.count for n in tree.root.children) == len(ckpt.params) + len(ckpt.buffers)
         ranks = app.screen.query_one("#rank-table", DataTable)
         assert ranks.row_count == ckpt.world_size
         findings = app.screen.query_one("#findings-table", FindingTable)
@@ -99,7 +100,8 @@ async def test_filter_as_you_type_then_escape_back_to_tree():
         assert table.display and table.names == [
             "encoder.blocks.0.mlp.up.weight", "encoder.blocks.0.mlp.up.bias",
             "encoder.blocks.1.mlp.up.weight", "encoder.blocks.1.mlp.up.bias"]
-        assert "4 of 27 match" in text_of(app.screen.query_one("#output-summary", Static))
+        # of the 27 params and 4 buffers the table lists
+        assert "4 of 31 match" in text_of(app.screen.query_one("#output-summary", Static))
         await pilot.press("backspace", "backspace", "backspace")  # "mlp" alone
         assert len(table.names) == 8
         await pilot.press("escape")
@@ -113,9 +115,9 @@ async def test_sort_by_size_and_name_in_table():
         await settle(app, pilot)
         await pilot.press("2", "t")
         table = app.screen.query_one(ParamTable)
-        assert table.names == list(app.view.ckpt.params)
+        assert table.names == [*app.view.ckpt.params, *app.view.ckpt.buffers]  # then buffers
         await pilot.press("o")  # name
-        assert table.names == sorted(app.view.ckpt.params)
+        assert table.names == sorted([*app.view.ckpt.params, *app.view.ckpt.buffers])
         await pilot.press("o")  # size
         sizes = [app.view.sizes[n][1] for n in table.names]
         assert sizes == sorted(sizes, reverse=True)
@@ -495,6 +497,7 @@ def test_name_sort_is_natural_like_the_tree():
     first, *_ = ckpt.params
     p = ckpt.params[first]
     ckpt.params = {"blocks.10.w": p, "blocks.2.w": p, "blocks.1.w": p}
+    ckpt.buffers = {}
     assert Inspection(ckpt).param_names("name") == ["blocks.1.w", "blocks.2.w", "blocks.10.w"]
 
 

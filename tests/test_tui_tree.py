@@ -67,7 +67,8 @@ def test_inspection_filters_by_every_word():
     view = Inspection(open_checkpoint(SAMPLE))
     assert view.param_names("model", "BLOCKS.1 Down") == [
         "encoder.blocks.1.mlp.down.weight", "encoder.blocks.1.mlp.down.bias"]
-    assert view.param_names("name")[:2] == ["bn.bias", "bn.weight"]
+    # buffers are listed too (issue 14.6), in natural order with the params
+    assert view.param_names("name")[:3] == ["bn.bias", "bn.num_batches_tracked", "bn.running_mean"]
 
 
 def test_update_findings_reflags_in_place():

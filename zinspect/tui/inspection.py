@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zinspect.core.fmt import shown
-from zinspect.core.model import Checkpoint, Param
+from zinspect.core.model import Buffer, Checkpoint, Param
 from zinspect.core.selection import Selection
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.core.tree import ModuleNode, _natural, build_tree, count_below
@@ -46,12 +46,17 @@ class Inspection:
     def __init__(self, ckpt: Checkpoint, selection: Selection | None = None) -> None:
         self.ckpt = ckpt
         self.selection = selection or Selection()
+        #: (numel, output bytes) of every name the merge writes: params, then buffers (they are
+        #: written too, so they are shown and can be excluded like params)
         self.sizes = {name: (p.numel, p.numel * OUTPUT_ITEMSIZE) for name, p in ckpt.params.items()}
+        self.sizes.update((name, (b.numel, b.numel * DTYPE_SIZES.get(b.dtype, 4)))
+                          for name, b in ckpt.buffers.items() if name not in ckpt.params)
+        self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
         self.tree: ModuleNode = build_tree(self.sizes)
         self.flagged: set[str] = set()
         self.flagged_below: dict[str, int] = {}
         self.update_findings()
-        self._sorted: dict[str, list[str]] = {"model": list(ckpt.params)}
+        self._sorted: dict[str, list[str]] = {"model": list(self.sizes)}
         self.excluded: set[str] = set()
         self.excluded_below: dict[str, int] = {}
         self.output: OutputSummary
@@ -68,7 +73,7 @@ class Inspection:
     def update_exclusion(self) -> None:
         """Recompute what is excluded after the selection changed."""
         self.excluded = self.selection.excluded(self.ckpt)
-        self.excluded_below = count_below(n for n in self.excluded if n in self.ckpt.params)
+        self.excluded_below = count_below(n for n in self.excluded if n in self.sizes)
         self.output = self._summarize()
 
     def toggle(self, names: list[str]) -> bool:
@@ -81,7 +86,8 @@ class Inspection:
         else:
             sel.exclude.difference_update(names)
             chosen = set(names)
-            if sel.exclude_frozen and any(self.ckpt.params[n].frozen for n in chosen):
+            params = self.ckpt.params
+            if sel.exclude_frozen and any(n in params and params[n].frozen for n in chosen):
                 # keep the other frozen params out, as explicit names
                 sel.exclude_frozen = False
                 sel.exclude.update(n for n, p in self.ckpt.params.items()
@@ -99,6 +105,12 @@ class Inspection:
         self.selection = selection
         self.update_exclusion()
 
+    def is_buffer(self, name: str) -> bool:
+        return name not in self.ckpt.params and name in self.ckpt.buffers
+
+    def buffers_in(self, node: ModuleNode) -> int:
+        return self.buffers_below.get(node.path, 0)
+
     def excluded_in(self, node: ModuleNode) -> int:
         return self.excluded_below.get(node.path, 0)
 
@@ -108,7 +120,8 @@ class Inspection:
     def _summarize(self) -> OutputSummary:
         ckpt = self.ckpt
         params = nbytes = excluded_nbytes = 0
-        for name, (_, size) in self.sizes.items():
+        for name in ckpt.params:
+            size = self.sizes[name][1]
             if name in self.excluded:
                 excluded_nbytes += size
             else:
@@ -126,8 +139,8 @@ class Inspection:
 
     # -- the flat parameter list -----------------------------------------------------------
     def param_names(self, sort: str = "model", contains: str = "") -> list[str]:
-        """Parameter names in `sort` order ("model", "name", "size", "numel"), keeping those
-        that contain every space-separated word of `contains` (case-insensitive)."""
+        """Parameter (and buffer) names in `sort` order ("model", "name", "size", "numel"),
+        keeping those that contain every space-separated word of `contains` (case-insensitive)."""
         names = self._sorted.get(sort)
         if names is None:
             names = self._sorted[sort] = self._sort(sort)
@@ -137,7 +150,7 @@ class Inspection:
         return [n for n in names if all(w in n.lower() for w in words)]
 
     def _sort(self, key: str) -> list[str]:
-        names = list(self.ckpt.params)
+        names = list(self.sizes)
         if key == "name":
             # natural, like the tree: blocks.2 before blocks.10
             return sorted(names, key=lambda n: [_natural(part) for part in n.split(".")])
@@ -157,6 +170,11 @@ class Inspection:
     def param(self, name: str) -> Param:
         return self.ckpt.params[name]
 
+    def entry(self, name: str) -> Param | Buffer:
+        """The param or, for a buffer's name, the buffer (both have a shape and a dtype)."""
+        p = self.ckpt.params.get(name)
+        return p if p is not None else self.ckpt.buffers[name]
+
     def slow_fragments(self, name: str) -> bool:
         """A ZeRO-3 frozen param's fragments live in every rank's model states, which the load
         leaves unparsed until the first such param is asked for: seconds at 512 ranks."""
@@ -164,8 +182,10 @@ class Inspection:
         return self.ckpt.stage == 3 and p.frozen and p.tied_to is None
 
     def marks(self, name: str) -> str:
-        """One-letter marks: x excluded, F frozen, T tied, ! has findings."""
-        p = self.ckpt.params[name]
+        """One-letter marks: x excluded, F frozen (B a buffer), T tied, ! has findings."""
+        p = self.ckpt.params.get(name)
+        if p is None:
+            return ("x" if name in self.excluded else " ") + "B  "
         return "".join((
             "x" if name in self.excluded else " ",
             "F" if p.frozen else " ",

@@ -8,6 +8,8 @@ a Text/Content built by hand) before it is shown.
 
 from __future__ import annotations
 
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.text import Text
 
 from zinspect.core.fmt import SHOWN_CHARS, shown
@@ -17,3 +19,31 @@ def literal(value: object, limit: int = SHOWN_CHARS, style: str = "") -> Text:
     """`value` with control characters escaped and shortened to `limit` (fmt.shown), as a Text
     that no widget parses for markup."""
     return Text(shown(value, limit), style=style)
+
+
+def middle(text: str, width: int) -> str:
+    """`text` in `width` cells, giving up its middle: paths and dotted names differ at their
+    ends (`…/global_step2`, `….norm.weight` vs `….norm.bias`), which an end cut would hide."""
+    if len(text) <= width:
+        return text
+    if width < 2:
+        return "…"[:width]
+    head = (width - 1) * 2 // 5
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+class Squeezed:
+    """One line of (escaped) text in a Rich table cell or grid: as wide as it is when there is
+    room, else cut in the middle (`middle`) to the width the table gives it, never wrapped."""
+
+    def __init__(self, value: object, limit: int = SHOWN_CHARS, style: str = "",
+                 least: int = 12) -> None:
+        self.text = shown(value, limit)
+        self.style = style
+        self.least = least
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(self.least, len(self.text)), len(self.text))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield Text(middle(self.text, options.max_width), style=self.style, no_wrap=True)

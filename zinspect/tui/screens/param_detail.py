@@ -19,7 +19,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Header, Label, Static
 
 from zinspect.core import fmt
-from zinspect.core.model import Fragment, Param, short_dtype
+from zinspect.core.model import Buffer, Fragment, Param, short_dtype
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import Inspection
@@ -61,6 +61,11 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         return self.view.ckpt.params.get(self.param_name)
 
     @property
+    def buffer(self) -> Buffer | None:
+        """A buffer's name (running stats, a step counter): written as saved, no fragments."""
+        return None if self.param is not None else self.view.ckpt.buffers.get(self.param_name)
+
+    @property
     def owner(self) -> Param | None:
         """The param whose saved values this one shares, when it is tied and the owner exists."""
         p = self.param
@@ -95,6 +100,9 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         """Fill the screen from the app's current view (again after `v` re-read the checkpoint).
         Fragments that need the ranks' files read come from a thread; the rest at once."""
         self.refresh_bindings()
+        buffer = self.buffer
+        for part in ("#coverage-title", "#coverage", "#fragments-title", "#fragment-table"):
+            self.query_one(part).display = buffer is None  # a buffer is one record, as saved
         owner, holder = self.owner, self.holder
         self.aliases = [n for n, q in self.view.ckpt.params.items() if q.tied_to == self.param_name]
         whose = Text("Coverage of its elements by rank")
@@ -147,6 +155,8 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
     def facts(self) -> Table | Text:
         view, name, fragments = self.view, self.param_name, self.fragments
         p = self.param
+        if p is None and self.buffer is not None:
+            return self.buffer_facts(self.buffer)
         if p is None:
             return Text.assemble(literal(name, 120),
                                  " is not in the checkpoint as re-read from disk", style="yellow")
@@ -164,10 +174,33 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         grid.add_row("merge", Text("excluded", style="red") if excluded else
                      Text(f"included, {fmt.size(view.sizes[name][1])} of fp32", style="green"))
         grid.add_row("coverage", self.coverage_text())
-        for f in view.ckpt.findings_for(name):
+        self.add_findings(grid)
+        return grid
+
+    def add_findings(self, grid: Table) -> None:
+        for f in self.view.ckpt.findings_for(self.param_name):
             grid.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]),
                          Text.assemble(literal(f.message, 600),
                                        ("\nhint: " + fmt.shown(f.hint, 600)) if f.hint else ""))
+
+    def buffer_facts(self, b: Buffer) -> Table:
+        view, name = self.view, self.param_name
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="dim", min_width=12)
+        grid.add_column()
+        grid.add_row("buffer", literal(name, 400, style="bold"))
+        grid.add_row("shape", Text(f"{tuple(b.shape)} · {fmt.count(b.numel)} elements"))
+        grid.add_row("dtype", Text(f"{short_dtype(b.dtype)}, written as saved"))
+        grid.add_row("kind", Text("buffer: module state, not trained by the optimizer (saved "
+                                  "once, in the model states)"))
+        where = Text.assemble(literal(b.file or "?", 120), f" at byte {fmt.count(b.offset)}"
+                              if b.offset is not None else "")
+        if not b.intact:
+            where.append("  NOT ALL IN THE FILE", style="bold red")
+        grid.add_row("saved in", where)
+        grid.add_row("merge", Text("excluded", style="red") if name in view.excluded else
+                     Text(f"included, {fmt.size(view.sizes[name][1])}", style="green"))
+        self.add_findings(grid)
         return grid
 
     def kind_text(self, p: Param) -> Text:

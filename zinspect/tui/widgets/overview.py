@@ -11,9 +11,11 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from zinspect.core import fmt, peft
-from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, short_dtype
+from zinspect.core.fmt import shown
+from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile, short_dtype
 from zinspect.report import totals
 from zinspect.tui.inspection import Inspection, display_path
+from zinspect.tui.text import Squeezed
 
 LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer"}
 SEVERITY_STYLES = {ERROR: "bold red", WARNING: "yellow", INFO: "blue"}
@@ -38,7 +40,7 @@ def checkpoint_facts(ckpt: Checkpoint) -> Table:
         tag.append(f"   (also: {', '.join(others[:8])}{' …' if len(others) > 8 else ''})",
                    style="dim")
     return _facts("Checkpoint", [
-        ("path", display_path(ckpt.path)),
+        ("path", Squeezed(display_path(ckpt.path), 400)),
         ("tag", tag),
         ("layout", f"ZeRO stage {'?' if ckpt.stage is None else ckpt.stage} · "
                    f"{LAYOUT_NAMES.get(ckpt.layout, ckpt.layout)}"),
@@ -81,11 +83,16 @@ def findings_facts(ckpt: Checkpoint) -> Table:
     return _facts("Validation", [("findings", line), ("", verdict)])
 
 
+#: below this many columns the facts stack (one above the other)
+WIDE = 100
+
 #: the Overview lists at most this many files (those with problems first); the Ranks tab has all
 MAX_FILES_SHOWN = 32
 
 
 def files_table(ckpt: Checkpoint) -> Table:
+    """Every file with a status that says what the findings say about it (an unsafe pickle is
+    not "ok" because it parsed), and a row for each file a finding says is missing."""
     table = Table(title="Files", title_justify="left", title_style="bold", expand=False,
                   show_edge=False, header_style="bold dim", box=box.SIMPLE_HEAD)
     table.add_column("rank", justify="right")
@@ -93,18 +100,55 @@ def files_table(ckpt: Checkpoint) -> Table:
     table.add_column("file")
     table.add_column("size", justify="right")
     table.add_column("status")
-    files = sorted(ckpt.files, key=lambda f: (not (f.error or f.recovered), f.rank is None,
-                                              f.rank or 0, f.kind, f.name))
-    for f in files[:MAX_FILES_SHOWN]:
-        status = (Text(f.error, style="red") if f.error
-                  else Text("recovered", style="yellow") if f.recovered else Text("ok", style="green"))
-        table.add_row("" if f.rank is None else str(f.rank), f.kind, f.name, fmt.size(f.size),
-                      status)
-    if len(files) > MAX_FILES_SHOWN:
-        table.caption = (f"… and {len(files) - MAX_FILES_SHOWN} more files, all readable "
+    rows = [(file_status(ckpt, f), f) for f in ckpt.files]
+    rows += [(Text(f"missing: {f.code}", style="bold red"), f) for f in missing_files(ckpt)]
+    rows.sort(key=lambda r: (r[0].plain == "ok", r[1].rank is None, r[1].rank or 0, _kind(r[1]),
+                             getattr(r[1], "name", "")))
+    for status, f in rows[:MAX_FILES_SHOWN]:
+        rank = "" if f.rank is None else str(f.rank)
+        if isinstance(f, Finding):  # a missing file: the finding names its rank and kind
+            table.add_row(rank, _kind(f), Text("—", style="dim"), "—", status)
+        else:
+            table.add_row(rank, f.kind, Squeezed(f.name, 200), fmt.size(f.size), status)
+    if len(rows) > MAX_FILES_SHOWN:
+        table.caption = (f"… and {len(rows) - MAX_FILES_SHOWN} more files, all ok "
                          "(the Ranks tab lists every rank)")
         table.caption_justify = "left"
     return table
+
+
+def file_status(ckpt: Checkpoint, f: RankFile) -> Text:
+    """Why the file could not be read, else the worst finding naming it (+N more), else ok."""
+    if f.error:
+        return Text(shown(f.error, 80), style="red")
+    found = sorted((x for x in ckpt.findings if x.file == f.name and x.severity != INFO),
+                   key=lambda x: x.severity != ERROR)
+    if found:
+        codes = list(dict.fromkeys(x.code for x in found))
+        more = f" +{len(codes) - 2}" if len(codes) > 2 else ""
+        return Text(f"{found[0].severity}: {', '.join(codes[:2])}{more}",
+                    style=SEVERITY_STYLES[found[0].severity])
+    if f.recovered:
+        return Text("recovered", style="yellow")
+    return Text("ok", style="green")
+
+
+def missing_files(ckpt: Checkpoint) -> list[Finding]:
+    """Findings that say a rank's file is missing (`missing-optim-file`, ...): a row each."""
+    present = {f.name for f in ckpt.files}
+    return [x for x in ckpt.findings if x.code.startswith("missing-") and x.code.endswith("-file")
+            and x.file not in present]
+
+
+#: the kind a `missing-KIND-file` finding names, as RankFile.kind says it
+MISSING_KINDS = {"optimizer": "optim", "optim": "optim", "model-states": "model"}
+
+
+def _kind(f: RankFile | Finding) -> str:
+    if isinstance(f, Finding):
+        kind = f.code.removeprefix("missing-").removesuffix("-file")
+        return MISSING_KINDS.get(kind, kind)
+    return f.kind
 
 
 class Overview(VerticalScroll):
@@ -113,6 +157,7 @@ class Overview(VerticalScroll):
     def __init__(self, view: Inspection, **kwargs) -> None:
         super().__init__(**kwargs)
         self.view = view
+        self.narrow = False
 
     def compose(self) -> ComposeResult:
         yield Static(id="overview-body")
@@ -120,9 +165,19 @@ class Overview(VerticalScroll):
     def on_mount(self) -> None:
         self.refresh_facts()
 
+    def on_resize(self) -> None:
+        if self.narrow != (self.size.width < WIDE):
+            self.refresh_facts()
+
     def refresh_facts(self) -> None:
+        """Facts side by side, or one above the other below WIDE columns (at 80 the path and
+        the counts would each get a third of the screen)."""
         ckpt = self.view.ckpt
-        top = Table.grid(padding=(0, 4))
-        top.add_row(checkpoint_facts(ckpt), Group(size_facts(self.view), Text(),
-                                                  findings_facts(ckpt)))
+        self.narrow = self.size.width < WIDE
+        parts = (checkpoint_facts(ckpt), Group(size_facts(self.view), Text(), findings_facts(ckpt)))
+        if self.narrow:
+            top = Group(parts[0], Text(), parts[1])
+        else:
+            top = Table.grid(padding=(0, 4))
+            top.add_row(*parts)
         self.query_one("#overview-body", Static).update(Group(top, Text(), files_table(ckpt)))

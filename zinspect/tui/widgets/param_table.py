@@ -11,46 +11,69 @@ from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
-PARAM_COLUMNS = [
-    Column("xFT!", 4),
-    Column("name", 24, flex=True),
-    Column("shape", 14),
-    Column("dtype", 5),
-    Column("numel", 12, right=True),
-    Column("size", 10, right=True),
-    Column("group", 5, right=True),
-]
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+def param_columns(view: Inspection) -> list[Column]:
+    """Columns as wide as the widest value this checkpoint has (from its distinct shapes and
+    sizes: cheap at 300k names), so that the name gets the rest; at 80 columns the group,
+    dtype and size columns make way before a name is cut (then in its middle)."""
+    entries = [*view.ckpt.params.values(), *view.ckpt.buffers.values()]
+    shapes = {e.shape for e in entries}
+    numels = {numel for numel, _ in view.sizes.values()}
+    nbytes = {size for _, size in view.sizes.values()}
+    groups = {p.group for p in view.ckpt.params.values()}
+
+    def widest(label: str, texts) -> int:
+        return max([len(label), *map(len, texts)])
+
+    return [
+        Column("xFT!", 4),
+        Column("name", 16, flex=True),
+        Column("shape", min(20, widest("shape", map(shape_text, shapes)))),
+        Column("dtype", widest("dtype", {short_dtype(e.dtype) for e in entries}), drop=2),
+        Column("numel", widest("numel", map(fmt.count, numels)), right=True),
+        Column("size", widest("size", map(fmt.size, nbytes)), right=True, drop=3),
+        Column("group", widest("group", (str(g) for g in groups if g is not None)), right=True,
+               drop=1),
+    ]
 
 
 class ParamTable(VirtualTable):
-    """One row per parameter name in `names`; marks: x excluded, F frozen, T tied, ! findings."""
+    """One row per parameter (or buffer) name in `names`; marks: x excluded, F frozen,
+    B buffer, T tied, ! findings. `group` is the optimizer's param group (not the ZeRO-3
+    sub-group: the detail screen shows both)."""
 
     BINDINGS = [
         Binding("space", "toggle_exclude", "Exclude", id="exclude",
-                tooltip="Exclude the param from the merge, or include it again"),
+                tooltip="Exclude the param (or buffer) from the merge, or include it again"),
     ]
 
     def __init__(self, view: Inspection, **kwargs) -> None:
-        super().__init__(PARAM_COLUMNS, **kwargs)
+        super().__init__(param_columns(view), **kwargs)
         self.view = view
         self.names: list[str] = []
 
     def set_names(self, names: list[str]) -> None:
         self.names = names
+        self.flex_wants = max(map(len, names), default=0)
         self.set_row_count(len(names))
 
     def row_cells(self, index: int) -> list[str]:
         name = self.names[index]
-        p = self.view.param(name)
+        e = self.view.entry(name)
         numel, nbytes = self.view.sizes[name]
+        group = getattr(e, "group", None)
         return [
             self.view.marks(name),
             name,
-            "×".join(map(str, p.shape)) or "scalar",
-            short_dtype(p.dtype),
+            shape_text(e.shape),
+            short_dtype(e.dtype),
             fmt.count(numel),
             fmt.size(nbytes),
-            "" if p.sub_group is None else str(p.sub_group),
+            "" if group is None else str(group),
         ]
 
     def row_style(self, index: int) -> Style:

@@ -11,26 +11,32 @@ from zinspect.core import fmt
 from zinspect.core.tree import ModuleNode, ordered_children
 from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
+from zinspect.tui.text import literal
 
 
 def node_label(node: ModuleNode, view: Inspection) -> Text:
     """`name  shape · numel · size  marks` for a param, `name  N params · numel · size` above."""
     excluded = view.excluded_in(node)
-    label = Text(node.name, style="strike dim" if excluded == node.count else "")
+    label = literal(node.name, 200, style="strike dim" if excluded == node.count else "")
     if node.is_param:
-        p = view.param(node.path)
-        shape = "×".join(map(str, p.shape)) or "scalar"
+        e = view.entry(node.path)
+        shape = "×".join(map(str, e.shape)) or "scalar"
         label.append(f"  {shape} · {fmt.short_count(node.numel)} · {fmt.size(node.nbytes)}",
                      style="dim")
-        if p.frozen:
+        if view.is_buffer(node.path):
+            label.append(" buffer", style="blue")
+        if getattr(e, "frozen", False):
             label.append(" frozen", style="cyan")
-        if p.tied_to:
-            label.append(f" tied→{p.tied_to}", style="magenta")
+        if getattr(e, "tied_to", None):
+            label.append_text(Text.assemble(" tied→", literal(e.tied_to, 120), style="magenta"))
         if excluded:
             label.append(" excluded", style="red")
     else:
-        noun = "param" if node.count == 1 else "params"
-        label.append(f"  {fmt.count(node.count)} {noun} · {fmt.short_count(node.numel)} · "
+        buffers = view.buffers_in(node)
+        params = node.count - buffers
+        noun = "param" if params == 1 else "params"
+        also = f" + {buffers} buffer{'s' * (buffers != 1)}" if buffers else ""
+        label.append(f"  {fmt.count(params)} {noun}{also} · {fmt.short_count(node.numel)} · "
                      f"{fmt.size(node.nbytes)}", style="dim")
         if excluded:
             label.append(f" {excluded}/{node.count} excluded", style="red")
@@ -89,10 +95,32 @@ class ParamTree(Tree[ModuleNode]):
         self.post_message(ExclusionToggled(list(data.params()), what))
 
     def set_sort(self, sort: str) -> None:
-        """Re-order the tree; expanded modules are rebuilt collapsed."""
+        """Re-order the tree, keeping which modules are open and the cursor's place (a sort
+        chosen in the table must not close what the user opened in the tree)."""
+        opened = self.expanded_paths()
+        at = self.cursor_node.data.path if self.cursor_node and self.cursor_node.data else None
         self.sort = sort
         self.root.remove_children()
         self.populate(self.root)
+        stack = list(self.root.children)
+        while stack:
+            node = stack.pop()
+            if node.data is not None and node.data.path in opened:
+                self.populate(node)
+                node.expand()
+                stack.extend(node.children)
+        if at is not None:
+            self.reveal(at)
+
+    def expanded_paths(self) -> set[str]:
+        """The modules open now (only nodes already built can be)."""
+        out, stack = set(), list(self.root.children)
+        while stack:
+            node = stack.pop()
+            if node.is_expanded and node.data is not None:
+                out.add(node.data.path)
+                stack.extend(node.children)
+        return out
 
     def refresh_labels(self) -> None:
         """Re-draw the marks of every node added so far (after the selection changed)."""

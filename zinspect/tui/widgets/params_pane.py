@@ -31,6 +31,7 @@ class ParamsPane(Vertical):
         self.view = view
         self.sort = "model"
         self.table_chosen = False  # the user picked the table with `t` (not just a filter)
+        self._entered_at: str | None = None  # the table's row when `t` showed it
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter: words the name contains", id="param-filter")
@@ -84,11 +85,23 @@ class ParamsPane(Vertical):
         self.current_view().focus()
 
     def action_toggle_view(self) -> None:
+        """Tree <-> table at the same param: the row under the cursor in one is the other's."""
+        tree, table = self.query_one(ParamTree), self.query_one(ParamTable)
         self.table_chosen = self.query_one(ContentSwitcher).current == "param-tree"
-        if not self.table_chosen:
+        if self.table_chosen:
+            node = tree.cursor_node
+            at = node.data.path if node is not None and node.data is not None else None
+            self._show_rows()
+            if at in table.names:
+                table.cursor = table.names.index(at)
+            self._entered_at = table.names[table.cursor] if table.names else None
+        else:
+            at = table.names[table.cursor] if table.names else None
             self.query_one(Input).value = ""
             self.query_one(Input).display = False
-        self._show_rows()
+            self._show_rows()
+            if at is not None and at != self._entered_at:  # moved in the table: follow it
+                tree.reveal(at)
         self.current_view().focus()
 
     def action_cycle_sort(self) -> None:
@@ -121,9 +134,11 @@ class ParamsPane(Vertical):
     def _update_status(self) -> None:
         s = self.view.output
         shown = self.query_one(ParamTable).row_count
-        total = len(self.view.ckpt.params)
+        total = len(self.view.sizes)  # params and buffers: the rows the table can show
+        params = len(self.view.ckpt.params)
         rows = (f"{fmt.count(shown)} of {fmt.count(total)} match" if self.filter_text
-                else f"{fmt.count(total)} params")
+                else f"{fmt.count(params)} params" + (f" + {fmt.count(total - params)} buffers"
+                                                       if total > params else ""))
         frozen = " · frozen excluded" if self.view.selection.exclude_frozen else ""
         self.query_one("#output-summary", Static).update(
             f"{rows} · sort: {self.sort}  │  output: {fmt.count(s.params)} params + "

@@ -14,6 +14,8 @@ from textual.reactive import reactive
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from zinspect.tui.text import middle
+
 
 @dataclass
 class Column:
@@ -21,10 +23,13 @@ class Column:
     width: int  # of a flex column: the least it gets
     right: bool = False  # right-aligned (numbers)
     flex: bool = False  # widened to the width the other columns leave (one per table)
+    #: left out, lowest first, when the flex column would be narrower than its contents need
+    #: (0: always shown)
+    drop: int = 0
 
     def fit(self, text: str, width: int) -> str:
-        if len(text) > width:
-            return text[: width - 1] + "…"
+        if len(text) > width:  # the flex column holds names: their ends tell them apart
+            return middle(text, width) if self.flex else text[: width - 1] + "…"
         return text.rjust(width) if self.right else text.ljust(width)
 
 
@@ -74,6 +79,9 @@ class VirtualTable(ScrollView, can_focus=True):
         super().__init__(**kwargs)
         self.columns = columns
         self.row_count = row_count
+        #: how wide the flex column's contents are (its text is cut in the middle below that,
+        #: and droppable columns make room first); the subclass sets it with its rows
+        self.flex_wants = 0
         self._resize()
 
     # -- to override ----------------------------------------------------------------------
@@ -96,7 +104,8 @@ class VirtualTable(ScrollView, can_focus=True):
         self.refresh()
 
     def _resize(self) -> None:
-        width = sum(c.width + 1 for c in self.columns)
+        """Scrolls sideways only when the columns that are always shown do not fit."""
+        width = sum(c.width + 1 for c in self.columns if not c.drop)
         self.virtual_size = Size(width, self.row_count + 1)
 
     # -- drawing --------------------------------------------------------------------------
@@ -115,17 +124,33 @@ class VirtualTable(ScrollView, can_focus=True):
         strip = self._strip(self.row_cells(index), style, x + width, index)
         return strip.crop(x, x + width)
 
-    def _widths(self) -> list[int]:
-        """Column widths as drawn: a flex column takes the room left beside the scrollbar, so
-        the table never scrolls sideways unless its columns' least widths do not fit."""
-        spare = max(0, self.scrollable_content_region.width - self.virtual_size.width)
-        return [c.width + spare if c.flex else c.width for c in self.columns]
+    def _widths(self) -> list[int | None]:
+        """Column widths as drawn (None: left out). A flex column takes the room left beside
+        the scrollbar; when that is less than its contents want, droppable columns give way
+        (lowest `drop` first), so names get the width before sizes and dtypes do."""
+        room = self.scrollable_content_region.width
+        widths: list[int | None] = [c.width for c in self.columns]
+        flex = next((i for i, c in enumerate(self.columns) if c.flex), None)
+
+        def spare() -> int:
+            return room - sum(w + 1 for w in widths if w is not None)
+
+        if flex is not None:
+            for i in sorted((i for i, c in enumerate(self.columns) if c.drop),
+                            key=lambda i: self.columns[i].drop):
+                if widths[flex] + spare() >= self.flex_wants:
+                    break
+                widths[i] = None
+            widths[flex] += max(0, spare())
+        return widths
 
     def _strip(self, cells: list[str], style: Style, width: int, index: int | None = None) -> Strip:
         """Cells fitted to their columns, one space apart, padded to `width`."""
         segments = []
         widths = self._widths()
         for i, (column, text) in enumerate(zip(self.columns, cells, strict=False)):
+            if widths[i] is None:
+                continue
             extra = None if index is None else self.cell_style(index, i)
             segments.append(Segment(column.fit(text, widths[i]) + " ",
                                     style + extra if extra else style))

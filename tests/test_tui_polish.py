@@ -1,0 +1,188 @@
+"""The app at 80 and 160 columns and what it shows of every file and name (issue 14 leftovers):
+names get the table's width (cut in their middle), paths are cut in the middle, the merge
+form's checkboxes are whole, every Files status says what the findings say, buffers are listed
+and excludable, the group column is the optimizer's param group, and the tree keeps what is
+open across `t` and a sort chosen in the table. Real fixtures and damaged copies of them."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import suppress
+from pathlib import Path
+
+from damage import malicious_pickle
+from textual.widget import Widget
+from textual.worker import WorkerFailed
+
+from zinspect.tui.app import ZinspectApp
+from zinspect.tui.screens.param_detail import ParamDetailScreen
+from zinspect.tui.text import middle
+from zinspect.tui.widgets.param_table import ParamTable
+from zinspect.tui.widgets.param_tree import ParamTree
+
+TESTS = Path(__file__).parent
+FIXTURES = TESTS / "fixtures"
+SAMPLE = TESTS.parent / "zinspect" / "sample"
+
+
+async def settle(app: ZinspectApp, pilot) -> None:
+    with suppress(WorkerFailed):
+        await app.workers.wait_for_complete()
+    await pilot.pause()
+    await pilot.pause()
+
+
+def drawn(widget: Widget) -> list[str]:
+    """The lines of `widget` as drawn on its screen (borders included)."""
+    r = widget.region
+    strips = widget.screen._compositor.render_strips()
+    return [strip.crop(r.x, r.right).text for strip in strips[r.y:r.bottom]]
+
+
+def test_middle_keeps_both_ends():
+    name = "model.layers.31.self_attn.q_proj.weight"
+    assert middle(name, 100) == name
+    cut = middle(name, 20)
+    assert len(cut) == 20 and cut.startswith("model.") and cut.endswith("proj.weight")
+    assert "…" in cut
+
+
+async def test_names_get_the_width_before_numbers_at_80_columns():
+    """At 80 columns every name of the sample is whole (the table used to keep 24 columns
+    for it, `encoder.blocks.0.attn.p…`, while numel/size/group kept theirs)."""
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2", "t")
+        table = app.screen.query_one(ParamTable)
+        lines = drawn(table)
+        for i, name in enumerate(table.names[:len(lines) - 1]):
+            assert f" {name} " in lines[i + 1], (name, lines[i + 1])
+        assert "numel" in lines[0]
+
+
+async def test_a_narrow_table_cuts_names_in_the_middle():
+    """At 46 columns names must be cut: their ends (.weight / .bias) stay, the middle goes."""
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=(46, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2", "t")
+        table = app.screen.query_one(ParamTable)
+        lines = drawn(table)
+        assert "group" not in lines[0] and "dtype" not in lines[0]  # made way for names
+        rows = [line for line in lines[1:] if line.strip()[:1].isalpha()]
+        long = [(i, n) for i, n in enumerate(table.names[:len(rows)]) if n not in rows[i]]
+        assert long  # some are cut ...
+        for i, name in long:  # ... keeping their ends
+            assert "…" in rows[i] and f".{name.rsplit('.', 1)[-1]} " in rows[i], rows[i]
+        assert table.virtual_size.width <= table.scrollable_content_region.width  # no h-scroll
+
+
+async def test_the_overview_path_is_cut_in_its_middle_at_80_columns(tmp_path):
+    deep = tmp_path / "a_directory_with_a_rather_long_name" / "and_another_one_below_it"
+    shutil.copytree(SAMPLE, deep / "sample")
+    app = ZinspectApp(str(deep / "sample"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        body = app.screen.query_one("#overview-body")
+        path_line = next(line for line in drawn(body) if line.strip().startswith("path"))
+        assert "…" in path_line and path_line.rstrip().endswith("sample/global_step2")
+        assert path_line.split()[1].startswith(str(tmp_path)[:8])
+
+
+async def test_the_merge_forms_checkboxes_are_whole_at_160_and_80_columns(tmp_path):
+    shutil.copytree(FIXTURES / "s2_w2_bf16", tmp_path / "ckpt")
+    next((tmp_path / "ckpt" / "global_step2").glob("*rank_1_*optim*")).unlink()
+    for size in ((160, 48), (80, 24)):
+        app = ZinspectApp(str(tmp_path / "ckpt"))
+        async with app.run_test(size=size) as pilot:
+            await settle(app, pilot)
+            await pilot.press("m")
+            await pilot.pause()
+            for box, label in (("#merge-salvage", "salvage: skip params that cannot be rebuilt"),
+                               ("#merge-force", "overwrite an existing output")):
+                assert label in "".join(drawn(app.screen.query_one(box))), (size, box)
+
+
+async def test_files_list_a_missing_file_and_an_unsafe_pickle_is_not_ok(tmp_path):
+    root = malicious_pickle(tmp_path, tmp_path / "marker")
+    next((root / "global_step2").glob("*rank_3_*optim*")).unlink()
+    app = ZinspectApp(str(root))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        lines = drawn(app.screen.query_one("#overview-body"))
+        model = next(line for line in lines if " mp_rank_00_model_states.pt" in line)
+        assert "unsafe-pickle" in model and "error" in model and " ok" not in model
+        missing = [line for line in lines if "missing: missing-optim" in line]
+        assert len(missing) == 1 and missing[0].split()[:2] == ["3", "optim"]
+    assert not (tmp_path / "marker").exists()
+
+
+async def test_buffers_are_listed_opened_and_excluded_like_params():
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        buffers = list(app.view.ckpt.buffers)
+        assert "bn.running_mean" in buffers
+        await pilot.press("2")
+        tree = app.screen.query_one(ParamTree)
+        assert "3 buffers" in str(next(n for n in tree.root.children if n.data.path == "bn").label)
+        await pilot.press("t")
+        table = app.screen.query_one(ParamTable)
+        assert set(buffers) <= set(table.names)
+        table.cursor = table.names.index("bn.running_mean")
+        before = app.view.output
+        await pilot.press("space")
+        assert "bn.running_mean" in app.view.excluded
+        assert app.view.output.buffers == before.buffers - 1
+        assert app.view.output.nbytes == before.nbytes - 15 * 4
+        assert app.view.marks("bn.running_mean") == "xB  "
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ParamDetailScreen)
+        facts = "".join(drawn(app.screen.query_one("#param-facts")))
+        assert "buffer" in facts and "excluded" in facts
+        assert not app.screen.query_one("#fragment-table").display
+        await pilot.press("escape", "t")
+        await pilot.pause()
+        assert tree.cursor_node.data.path == "bn.running_mean"
+        await pilot.press("shift+left")  # up to the bn module: space excludes its params and buffers
+        assert tree.cursor_node.data.path == "bn"
+        await pilot.press("space")
+        assert {"bn.weight", "bn.running_mean", "bn.num_batches_tracked"} <= app.view.excluded
+
+
+async def test_the_group_column_is_the_optimizers_param_group_not_the_zero3_sub_group():
+    app = ZinspectApp(str(FIXTURES / "s3_w3_fp16_sub"))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        params = app.view.ckpt.params
+        assert any(p.sub_group != p.group for p in params.values())  # sub-groups split groups
+        await pilot.press("2", "t")
+        table = app.screen.query_one(ParamTable)
+        for i, name in enumerate(table.names):
+            p = params.get(name)
+            assert table.row_cells(i)[-1] == ("" if p is None or p.group is None else str(p.group))
+
+
+async def test_t_and_a_sort_chosen_in_the_table_keep_the_trees_open_modules():
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        await pilot.pause()
+        tree = app.screen.query_one(ParamTree)
+        assert tree.cursor_node.data.path == "embed"
+        await pilot.press("down", "enter", "down", "down", "enter")  # encoder, encoder.blocks
+        await pilot.pause()
+        opened = tree.expanded_paths()
+        assert opened == {"encoder", "encoder.blocks"}
+        await pilot.press("t", "o", "o", "t")  # the table, sorted by name then size, the tree
+        assert tree.expanded_paths() == opened
+        # the table's row is where the tree comes back to
+        await pilot.press("t")
+        table = app.screen.query_one(ParamTable)
+        table.cursor = table.names.index("encoder.blocks.1.mlp.down.bias")
+        await pilot.press("t")
+        await pilot.pause()
+        assert tree.cursor_node.data.path == "encoder.blocks.1.mlp.down.bias"
