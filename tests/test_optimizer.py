@@ -195,14 +195,17 @@ def test_a_truncated_optimizer_file_is_unknown_not_a_crash(tmp_path):
 # -- per-param statistics against torch ---------------------------------------------------
 def expected(ckpt, opt):
     """name -> (master, m, v) as float64 torch tensors, cut from torch.load of each rank's
-    optimizer file at the param's fragments."""
+    optimizer file at the param's fragments (of tensor-parallel shards, each shard's in turn;
+    of a replicated param, tp rank 0's)."""
     loaded, out = {}, {}
     for name, p in ckpt.params.items():
         if p.frozen or p.tied_to:
             continue
         parts = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
-        for f in sorted((f for f in p.fragments if f.numel and f.source == "master"),
-                        key=lambda f: f.start):
+        frags = [f for f in p.fragments if f.numel and f.source == "master"]
+        if p.shards and all(s.replicated for s in p.shards.values()):  # every tp rank: one copy
+            frags = [f for f in frags if f.shard == min(p.shards)]
+        for f in sorted(frags, key=lambda f: (f.shard or 0, f.start)):
             if f.file not in loaded:
                 loaded[f.file] = torch_load(ckpt.path / f.file)["optimizer_state_dict"]
             osd = loaded[f.file]
@@ -310,3 +313,39 @@ def test_a_missing_rank_leaves_its_params_out_with_the_reason(tmp_path):
     reference = torch.load(FIXTURES / "s2_w2_fp32_plain" / "reference_fp32.pt", weights_only=True)
     assert result.params and all(close(s.master.l2, reference[s.name].double().norm().item())
                                  for s in result.params)
+
+
+@pytest.mark.parametrize("name", ["hpz_s3_w4", "offload_s3_w2", "moe_ep2_w4_s1_top2_res",
+                                  "moe_ep2_w4_s2_fp32", "pp2_dp1_s0_bf16", "pp2_dp2_s1_bf16_pmd",
+                                  "pp2_dp2_s1_fp32", "tp2_dp2_s1_toy", "tp2_dp2_s2_llama_bf16_tied",
+                                  "tp2_dp2_s2_toy", "tp2_dp2_s3_toy"])
+def test_parallel_layouts_param_stats_equal_torch(name):
+    """Pipeline stages, tensor-parallel shards (a replicated param once), expert groups: every
+    trainable param's numbers equal torch's from its optimizer files, and its master's L2 is
+    the reference's."""
+    ckpt = open_checkpoint(PARALLEL / name)
+    opt = read_optimizer(ckpt)
+    result = optimizer_stats(ckpt, opt)
+    assert not result.left_out and not result.masters_only
+    want = expected(ckpt, opt)
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    assert [s.name for s in result.params] == list(want)
+    for s in result.params:
+        x, m, v = want[s.name]
+        u = m.abs() / (v.sqrt() + opt.eps(s.group))
+        assert close(s.master.l2, reference[s.name].double().norm().item()), s.name
+        assert close(s.master.l2, x.norm().item()) and close(s.exp_avg.l2, m.norm().item())
+        assert close(s.sqrt_exp_avg_sq.l2, v.sqrt().norm().item()), s.name
+        assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item())
+
+
+@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16"])
+def test_zero0_masters_without_located_moments(name):
+    """ZeRO-0's moments (in the model states' torch optimizer) are not located by the core:
+    the masters' numbers, and each param says why it has no update."""
+    ckpt = open_checkpoint(PARALLEL / name)
+    result = optimizer_stats(ckpt, read_optimizer(ckpt))
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    assert result.params and set(result.masters_only) == {s.name for s in result.params}
+    for s in result.params:
+        assert s.update is None and close(s.master.l2, reference[s.name].double().norm().item())

@@ -132,7 +132,8 @@ def _state_tensors(ckpt: Checkpoint, name: str, adam: bool) -> tuple[list[Output
         frags = _one_replica(p, ckpt.state_fragments(name, state))
         if [(f.shard, f.start, f.numel) for f in frags] != \
                 [(f.shard, f.start, f.numel) for f in masters]:
-            return [master], (f"its {state} is not located in the files" if not frags else
+            return [master], (f"its {state} is not located (not described for this layout)"
+                              if not frags else
                               f"its {state} is missing on some rank")
         try:
             moments.append(_tensor(ckpt, name, state, frags))
