@@ -494,3 +494,31 @@ def test_salvage_without_tp_rank_1_writes_only_the_replicas(tmp_path):
     replicas = {n for n, p in manifest(name)["params"].items() if p["kind"] == "replicated"}
     assert set(got) - set(manifest(name)["buffers"]) == replicas
     assert all(torch.equal(got[k], reference[k]) for k in got)
+
+
+def test_replicas_that_drifted_are_reported_with_the_max_difference(tmp_path):
+    """tp rank 1's fp32 master of a replicated norm is 0.25 off at one element (its zip CRC
+    updated: the bytes are as saved, as after BLOOM-style averaging): the merge writes tp rank
+    0's copy and says which param drifted, on which tp rank, by how much."""
+    import struct
+
+    from conftest import run_zinspect
+    from damage import record_holding, set_crc
+    from safetensors.torch import load_file
+
+    name, norm = "tp2_dp2_s2_toy", "model.norm.weight"
+    root = tmp_path / name
+    shutil.copytree(PARALLEL / name, root)
+    frag = next(f for f in tp_checkpoint(root).params[norm].fragments if f.shard == 1)
+    path = root / "global_step2" / frag.file
+    with open(path, "r+b") as fh:
+        fh.seek(frag.offset + 12)
+        value = struct.unpack("<f", fh.read(4))[0]
+        fh.seek(frag.offset + 12)
+        fh.write(struct.pack("<f", value + 0.25))
+    set_crc(path, record_holding(path, frag.offset)[0].split("/", 1)[1])
+    r = run_zinspect("merge", root, tmp_path / "out")
+    assert f"{norm}: replicated on every tp rank, but tp rank(s) 1 differ" in r.stderr
+    assert "0.25" in r.stderr
+    reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[norm], reference[norm])
