@@ -32,9 +32,8 @@ def run_rank(rank, args, port):
     import torch
     torch.set_num_threads(1)
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     import make_ds_checkpoints as gen
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)

@@ -25,7 +25,7 @@ from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.outdir import OutputDir, temp_name
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
-from zinspect.core.torchsave import FilesSink, OutFile, output_bytes, stream_tensors
+from zinspect.core.torchsave import FilesSink, output_bytes, stream_tensors
 from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
