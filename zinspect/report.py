@@ -174,6 +174,11 @@ def human_info(ckpt) -> None:
     summary.add_row("ZeRO stage", str(ckpt.stage) if ckpt.stage is not None else "?")
     summary.add_row("world size", str(ckpt.world_size) if ckpt.world_size else "?")
     summary.add_row("layout", _safe(ckpt.layout))
+    axes = {a: n for a, n in ckpt.topology.sizes.items() if n > 1}
+    if len(axes) > 1 or set(axes) - {"dp"}:
+        summary.add_row("parallel", " × ".join(f"{a} {n}" for a, n in axes.items()))
+    if ckpt.features:
+        summary.add_row("features", ", ".join(ckpt.features))
     summary.add_row("dtype", f"{short_dtype(ckpt.dtype)} training, "
                              f"{short_dtype(ckpt.master_dtype)} masters")
     summary.add_row("DeepSpeed", _safe(ckpt.ds_version or "?"))
