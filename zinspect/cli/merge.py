@@ -31,6 +31,7 @@ examples:
   zinspect merge ./checkpoints ./merged --exclude 'lora_*' --exclude-frozen
   zinspect merge ./checkpoints ./merged --selection picked.json    (saved from the app)
   zinspect merge ./broken ./rescued --salvage                      (drop what cannot be rebuilt)
+  zinspect merge ./checkpoints ./merged --state all                (+ Adam exp_avg, exp_avg_sq)
 
 formats (--format):
 {formats}
@@ -84,6 +85,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-hf-files", dest="hf_files", action="store_false",
                    help="do not copy config.json, generation_config.json and tokenizer files "
                         "from the checkpoint root into OUT_DIR")
+    p.add_argument("--state", choices=("weights", "all"), default="weights",
+                   help="all: also write the optimizer's Adam moments beside the weights "
+                        "(exp_avg.safetensors, exp_avg_sq.safetensors: the weights' names, fp32; "
+                        "optimizer_state.json: step and hyper-parameters) (default: weights)")
     p.add_argument("--json", action="store_true", help="print a JSON summary of the result")
 
 
@@ -94,6 +99,8 @@ def run(args) -> int:
     from zinspect.core.dtypes import output_dtype
     from zinspect.core.merge import merge, parse_size, plan_merge
     from zinspect.core.selection import Selection
+    from zinspect.core.states import plan_states
+    from zinspect.errors import UsageError
 
     # torch (pt output, fp16 upcasts) warns at import when numpy is absent; it needs none here
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -112,6 +119,11 @@ def run(args) -> int:
     sel.check_matches(ckpt)
     plan = plan_merge(ckpt, sel, salvage=args.salvage, dtype=output_dtype(args.dtype))
     output = hf.prepare(ckpt, plan, peft=args.peft, copy_files=args.hf_files)
+    if args.state == "all":
+        if args.peft:
+            raise UsageError("--state all writes the whole model's optimizer state, not an "
+                             "adapter's", "leave out --peft or --state all")
+        output.states = plan_states(ckpt, output.plan, salvage=args.salvage)
     plan = output.plan
     with Stop() as stop, Bar("merging", plan.total_bytes) as bar:
         try:
@@ -119,7 +131,7 @@ def run(args) -> int:
                            force=args.force, salvage=args.salvage, strict=args.strict,
                            progress=bar.update,
                            should_stop=stop, plan=plan, output=output, dtype=args.dtype,
-                           ready=lambda: _announce(ckpt, plan, args, shard, output.notes),
+                           ready=lambda: _announce(ckpt, plan, args, shard, output),
                            notice=lambda text: print(f"zinspect: {text}", file=sys.stderr))
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the merge's checks
             raise cancelled("the merge") from None
@@ -138,7 +150,7 @@ def shard_size(text: str, parse_size) -> int | None:
     return parse_size(text)
 
 
-def _announce(ckpt, plan, args, shard, notes=()) -> None:
+def _announce(ckpt, plan, args, shard, output) -> None:
     from zinspect.core import fmt
 
     names = [t.name for t in plan.tensors]
@@ -149,7 +161,13 @@ def _announce(ckpt, plan, args, shard, notes=()) -> None:
           f"({fmt.size(plan.total_bytes)}) to {fmt.shown(args.out_dir)} as {args.fmt} "
           f"{args.dtype}"
           + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
-    for note in notes:
+    if output.states is not None:
+        print(f"  and the optimizer's {' and '.join(output.states.tensors)} of "
+              f"{fmt.count(len(next(iter(output.states.tensors.values()), [])))} params "
+              f"({fmt.size(output.states.total_bytes)}, fp32)", file=err)
+        for name, why in list(output.states.dropped.items())[:20]:
+            print(f"    --salvage drops {fmt.shown(name)}: {fmt.shown(why, 300)}", file=err)
+    for note in output.notes:
         print(f"  {fmt.shown(note, 400)}", file=err)
     if plan.excluded:
         print(f"  excluded by the selection: {len(plan.excluded)} "

@@ -18,6 +18,7 @@ from pathlib import Path
 from zinspect.core import peft as peft_mod
 from zinspect.core.model import Checkpoint
 from zinspect.core.plan import MergePlan
+from zinspect.core.states import StatePlan
 from zinspect.core.writers import Shard, plan_shards, writer
 from zinspect.errors import UsageError
 
@@ -41,6 +42,7 @@ class Output:
     copies: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     peft: bool = False
+    states: StatePlan | None = None  # --state all: the optimizer moments written beside
 
 
 def prepare(ckpt: Checkpoint, plan: MergePlan, *, peft: bool = False,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zinspect.core import codes, hf
+from zinspect.core import states as states_mod
 from zinspect.core.dtypes import NARROW, output_dtype
 from zinspect.core.model import WARNING, Checkpoint, Finding
 from zinspect.core.outdir import OutputDir
@@ -18,7 +19,7 @@ from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.verify import Verification, plan_without
-from zinspect.core.writers import index_json, writer
+from zinspect.core.writers import index_json, plan_shards, writer
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 __all__ = ["MergePlan", "MergeResult", "merge", "parse_size", "plan_merge"]
@@ -43,6 +44,7 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)  # what hf.prepare did (files copied...)
     #: replicated tensor-parallel params whose tp ranks' copies differ: name -> {tp: max |a-b|}
     drift: dict[str, dict[int, float]] = field(default_factory=dict)
+    states: list[str] = field(default_factory=list)  # optimizer states written (--state all)
 
     @property
     def warnings(self) -> list[str]:
@@ -69,7 +71,7 @@ class MergeResult:
                 "warnings": self.warnings, "dtype": self.format_dtype, "overflow": self.overflow,
                 "notes": self.notes,
                 "drift": {n: {str(t): d for t, d in r.items()} for n, r in self.drift.items()},
-                "findings": [f.to_json() for f in self.findings]}
+                "findings": [f.to_json() for f in self.findings], "states": self.states}
 
 
 def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection | None = None,
@@ -78,7 +80,8 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
           should_stop: ShouldStop | None = None, plan: MergePlan | None = None,
           notice: Callable[[str], None] | None = None,
           ready: Callable[[], None] | None = None, strict: bool = False, dtype: str = "fp32",
-          peft: bool = False, hf_files: bool = True, output: hf.Output | None = None) -> MergeResult:
+          peft: bool = False, hf_files: bool = True, output: hf.Output | None = None,
+          state: str = "weights") -> MergeResult:
     """Write the consolidated fp32 state dict of `ckpt` into `out_dir`.
 
     `progress(done_bytes, total_bytes, current_name)` is called about 20 times a second;
@@ -94,7 +97,8 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     find every bad record, the output is thrown away and the merge restarts without their
     params (so the common, intact case reads once). `strict` refuses validation warnings
     and NaN/Inf. `dtype` (fp32, bf16, fp16) is the float output; `hf.prepare` shapes the output
-    (`peft`: the adapter alone; `hf_files`: copy config/tokenizer files), or pass its `output`."""
+    (`peft`: the adapter alone; `hf_files`: copy config/tokenizer files), or pass its `output`.
+    `state` "all" writes the Adam moments beside the weights (`zinspect.core.states`)."""
     if isinstance(max_shard_size, str):
         max_shard_size = parse_size(max_shard_size)
     started = time.monotonic()
@@ -106,6 +110,13 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
     if output is None:
         plan = plan or plan_merge(ckpt, selection, salvage=salvage, dtype=dtype)
         output = hf.prepare(ckpt, plan, peft=peft, copy_files=hf_files)
+    if state not in states_mod.CHOICES:
+        raise UsageError(f"unknown --state {state!r}", f"use one of: {', '.join(states_mod.CHOICES)}")
+    if state == "all" and output.states is None:
+        if output.peft:
+            raise UsageError("--state all writes the whole model's optimizer state, not an "
+                             "adapter's", "leave out --peft or --state all")
+        output.states = states_mod.plan_states(ckpt, output.plan, salvage)
     plan = output.plan
     if strict:
         refuse_warnings(ckpt, plan)
@@ -116,6 +127,8 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
                             progress, should_stop, notice, ready, started)
         except _Restart as e:
             output.plan, ready = plan_without(output.plan, e.failures), None  # announced once
+            if output.states is not None:  # a bad moment record drops its params' weights too
+                output.states = output.states.without(set(output.plan.dropped))
 
 
 class _Restart(Exception):  # noqa: N818 (control flow, never seen outside merge)
@@ -127,28 +140,39 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
              should_stop, notice, ready, started) -> MergeResult:
     plan = output.plan
     w = writer(fmt)
-    shards = hf.shards_of(output, fmt, max_shard_size)
-    names = [s.name for s in shards] + ([w.index_name()] if len(shards) > 1 else [])
-    names += list(output.copies)
+    files = {None: hf.shards_of(output, fmt, max_shard_size)}  # stem -> shards (None: weights)
+    if output.states is not None:
+        files.update({s: plan_shards(ts, fmt, max_shard_size, stem=s)
+                      for s, ts in output.states.tensors.items()})
+    names = []
+    for stem, shards in files.items():
+        names += [s.name for s in shards] + ([w.index_name(stem)] if len(shards) > 1 else [])
+    names += list(output.copies) + ([states_mod.STATE_JSON] if output.states is not None else [])
     inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
-    meter = ProgressMeter(plan.total_bytes, progress)
-    verification = meter.verification = Verification(plan.tensors, salvage=salvage,
+    streamed = [t for shards in files.values() for s in shards for t in s.tensors]
+    total = sum(t.nbytes for t in streamed)
+    meter = ProgressMeter(total, progress)
+    verification = meter.verification = Verification(streamed, salvage=salvage,
                                                      shown=_shown_in(ckpt))
     try:
-        with OutputDir(out_dir, names, inputs=inputs, nbytes=plan.total_bytes, force=force,
+        with OutputDir(out_dir, names, inputs=inputs, nbytes=total, force=force,
                        forbidden_dirs=[ckpt.path] + ([ckpt.root] if ckpt.root else []),
                        notice=notice) as out:
             if ready is not None:
                 ready()
-            for shard in shards:
-                fd = out.create(shard.name)
-                try:
-                    w.write(fd, shard, meter, should_stop)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            if len(shards) > 1:
-                out.write_text(w.index_name(), index_json(shards))
+            for stem, shards in files.items():
+                for shard in shards:
+                    fd = out.create(shard.name)
+                    try:
+                        w.write(fd, shard, meter, should_stop)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                if len(shards) > 1:
+                    out.write_text(w.index_name(stem), index_json(shards))
+            if output.states is not None:
+                out.write_text(states_mod.STATE_JSON, states_mod.state_json(
+                    ckpt, output.states, {s: [sh.name for sh in files[s]] for s in output.states.tensors}))
             hf.copy_into(out, output.copies)
             if should_stop is not None and should_stop():
                 raise MergeCancelled("merge cancelled; nothing was written")
@@ -173,13 +197,15 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                           "written", "check the output directory") from e
     except KeyboardInterrupt as e:
         raise MergeCancelled("merge interrupted; nothing was written") from e
-    return MergeResult(out_dir, final, len(plan.tensors), plan.total_bytes,
-                       time.monotonic() - started, fmt, dict(plan.dropped), sorted(plan.excluded),
+    dropped = {**plan.dropped, **(output.states.dropped if output.states else {})}
+    return MergeResult(out_dir, final, len(streamed), total,
+                       time.monotonic() - started, fmt, dropped, sorted(plan.excluded),
                        len(verification.checks),
                        [f"{c.file}: {c.record}" for c in verification.unverified],
                        dict(verification.nonfinite),
                        next((t.dtype for t in plan.tensors if t.dtype in NARROW), "float32"),
-                       dict(meter.overflow), list(output.notes), dict(verification.drift))
+                       dict(meter.overflow), list(output.notes), dict(verification.drift),
+                       list(output.states.tensors) if output.states else [])
 
 
 NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from zinspect.core import layouts
 from zinspect.core.fmt import shown
-from zinspect.core.model import ERROR, Checkpoint, Finding, Param
+from zinspect.core.model import ERROR, Checkpoint, Finding, Fragment, Param
 from zinspect.core.selection import Selection
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import NotMergeable, UsageError
@@ -129,11 +130,11 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
             continue
         owner = ckpt.params.get(p.tied_to) if p.tied_to else p
         problem = (f"tied to missing {p.tied_to}" if owner is None else
-                   _param_problem(owner) or distrusted.get(name) or distrusted.get(owner.name))
+                   param_problem(owner) or distrusted.get(name) or distrusted.get(owner.name))
         if problem:
             plan.dropped[name] = problem
             continue
-        plan.tensors.append(_param_tensor(ckpt, name, owner, p.tied_to, dtype))
+        plan.tensors.append(param_tensor(ckpt, name, owner, p.tied_to, dtype))
     for name, b in ckpt.buffers.items():
         if name in excluded:
             continue
@@ -197,30 +198,38 @@ def _distrusted_params(ckpt: Checkpoint, blocking: list[Finding]) -> dict[str, s
     return out
 
 
-def _param_problem(p: Param) -> str | None:
+def param_problem(p: Param, fragments: Sequence[Fragment] | None = None) -> str | None:
+    """Why `p` cannot be rebuilt from its fragments (or from `fragments`, those of another
+    optimizer state); None when it can."""
     from zinspect.core import shardplan
 
+    fragments = p.fragments if fragments is None else fragments
     if p.numel == 0:
         return None
-    if not p.fragments:
+    if not fragments:
         return "no rank file holds it"
     if p.shards:
-        return shardplan.problem(p)
-    return shardplan.range_problem(sorted((f for f in p.fragments if f.numel),
+        return shardplan.problem(p, fragments)
+    return shardplan.range_problem(sorted((f for f in fragments if f.numel),
                                           key=lambda f: f.start), p.numel)
 
 
-def _param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
-                  dtype: str = "float32") -> OutputTensor:
+def param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
+                 dtype: str = "float32", fragments: Sequence[Fragment] | None = None
+                 ) -> OutputTensor:
+    """The output tensor `name` of `p` (a problem-free param), from its fragments or from
+    `fragments` (another optimizer state's)."""
     from zinspect.core import shardplan
 
-    frags = sorted((f for f in p.fragments if f.numel), key=lambda f: f.start)
+    fragments = p.fragments if fragments is None else fragments
+    frags = sorted((f for f in fragments if f.numel), key=lambda f: f.start)
     src = frags[0].dtype if frags else "float32"
     out = _out_dtype("float32" if src in UPCAST else src, dtype)
     if not p.shards:
         pieces = [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags]
         return OutputTensor(name, p.shape, out, src, pieces, tied_to)
-    pieces, weaves, mirrors = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file))
+    pieces, weaves, mirrors = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file),
+                                                    fragments)
     # an alias re-reads its owner's bytes: the replicas are compared once, for the owner
     return OutputTensor(name, p.shape, out, src, pieces, tied_to, weaves,
                         [] if tied_to else [OutputTensor(name, p.shape, src, src, m, replica=t)

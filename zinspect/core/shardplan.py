@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from zinspect.core.model import Fragment, Param
 from zinspect.core.plan import Piece, Weave
@@ -32,10 +32,11 @@ from zinspect.core.torchzip import DTYPE_SIZES
 WEAVE_BYTES = 1 << 20
 
 
-def shard_fragments(p: Param) -> dict[int, list[Fragment]]:
-    """tp rank -> its shard's fragments, by start."""
+def shard_fragments(p: Param, fragments: Iterable[Fragment] | None = None
+                    ) -> dict[int, list[Fragment]]:
+    """tp rank -> its shard's fragments (of `fragments`, default the param's), by start."""
     out: dict[int, list[Fragment]] = {t: [] for t in p.shards}
-    for f in p.fragments:
+    for f in p.fragments if fragments is None else fragments:
         if f.numel:
             out.setdefault(f.shard, []).append(f)
     for frags in out.values():
@@ -58,9 +59,10 @@ def range_problem(frags: list[Fragment], numel: int) -> str | None:
     return None
 
 
-def problem(p: Param) -> str | None:
-    """Why the sharded param `p` cannot be streamed (None: it can)."""
-    held = shard_fragments(p)
+def problem(p: Param, fragments: Iterable[Fragment] | None = None) -> str | None:
+    """Why the sharded param `p` (or its `fragments` of another optimizer state) cannot be
+    streamed (None: it can)."""
+    held = shard_fragments(p, fragments)
     if set(held) - set(p.shards):
         return "some of its fragments belong to no tp shard"
     if len({f.dtype for frags in held.values() for f in frags}) > 1:
@@ -117,10 +119,11 @@ def _split(p: Param) -> tuple[int, str | None]:
     return dim, None
 
 
-def plan_pieces(p: Param, path_of: Callable[[str], str]
+def plan_pieces(p: Param, path_of: Callable[[str], str], fragments: Iterable[Fragment] | None = None
                 ) -> tuple[list[Piece], tuple[tuple[int, Weave], ...], dict[int, list[Piece]]]:
-    """(pieces in output order, weaves, {tp rank: mirror pieces}) of a param `problem` passed."""
-    held = shard_fragments(p)
+    """(pieces in output order, weaves, {tp rank: mirror pieces}) of a param `problem` passed
+    (its `fragments` of another optimizer state, when given)."""
+    held = shard_fragments(p, fragments)
     isz = DTYPE_SIZES[next(f.dtype for frags in held.values() for f in frags)] if \
         any(held.values()) else 4
     reader = _Reader(held, path_of, isz)

@@ -1,0 +1,121 @@
+"""`merge --state all` (issue 11): the Adam moments written beside the weights, checked against
+torch.load of the optimizer files, sliced and concatenated here by DeepSpeed's own rules (not
+with zinspect's fragments):
+
+* ZeRO-1/2: a param group's flat moments are the ranks' equal partitions back to back; its
+  params sit in it in `param_shapes` order, one after the other;
+* ZeRO-3: per sub-group, every param is split into ceil(numel / world) elements per rank, laid
+  back to back in each rank's partition in `param_shapes` order.
+
+The same slicing of the fp32 masters must give reference_fp32.pt, which checks the slicing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import FIXTURES, run_zinspect
+from safetensors.torch import load_file
+from test_optimizer import torch_load
+
+from zinspect.core import open_checkpoint
+from zinspect.core.merge import merge
+from zinspect.errors import UsageError
+
+STAGED = ["s1_w2_fp32", "s2_w2_bf16", "s2_w4_fp16", "s3_w2_fp32", "s3_w3_fp16_sub"]
+
+
+def by_hand(name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{"fp32" | "exp_avg" | "exp_avg_sq": {param: tensor}} from torch.load of the files."""
+    tag = next(p for p in (FIXTURES / name).iterdir() if p.is_dir())
+    optim = sorted(tag.glob("*optim_states.pt"), key=lambda p: int(p.name.split("_rank_")[1].split("_")[0]))
+    osds = [torch_load(p)["optimizer_state_dict"] for p in optim]
+    world = len(osds)
+    model = torch_load(next(tag.glob("*mp_rank_00_model_states.pt")))
+    stage3 = "fp32_flat_groups" in osds[0]
+    out: dict[str, dict] = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for g, shapes in enumerate(model["param_shapes"]):
+        parts = {}
+        for key in out:
+            if stage3:
+                parts[key] = [o["fp32_flat_groups"][g] if key == "fp32" else
+                              o["optimizer_state_dict"]["state"][g][key] for o in osds]
+            else:
+                parts[key] = [o["single_partition_of_fp32_groups"][g] if key == "fp32" else
+                              o["base_optimizer_state"]["state"][g][key] for o in osds]
+        off = 0
+        for pname, shape in shapes.items():
+            numel = math.prod(shape)
+            for key, ranks in parts.items():
+                if stage3:
+                    share = math.ceil(numel / world)
+                    flat = torch.cat([r.flatten()[off:off + share] for r in ranks])[:numel]
+                else:
+                    flat = torch.cat([r.flatten() for r in ranks])[off:off + numel]
+                out[key][pname] = flat.reshape(shape)
+            off += math.ceil(numel / world) if stage3 else numel
+    return out
+
+
+@pytest.mark.parametrize("name", STAGED)
+def test_every_moment_equals_the_optimizer_files(tmp_path, name):
+    hand = by_hand(name)
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt")
+    assert all(torch.equal(t, ref[n]) for n, t in hand["fp32"].items())  # the slicing is right
+    result = merge(open_checkpoint(FIXTURES / name), tmp_path / "out", hf_files=False, state="all")
+    assert result.states == ["exp_avg", "exp_avg_sq"] and result.unverified == []
+    for key in ("exp_avg", "exp_avg_sq"):
+        got = load_file(tmp_path / "out" / f"{key}.safetensors")
+        assert set(got) == set(hand[key]), key
+        for pname, want in hand[key].items():
+            assert got[pname].dtype == torch.float32
+            assert torch.equal(got[pname], want.float()), (key, pname)
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(hand["fp32"]) <= set(weights)
+
+
+def test_state_json_holds_step_and_hyper_parameters(tmp_path):
+    name = "s3_w2_fp32"
+    merge(open_checkpoint(FIXTURES / name), tmp_path / "out", hf_files=False, state="all",
+          max_shard_size="8KB")
+    meta = json.loads((tmp_path / "out" / "optimizer_state.json").read_text())
+    tag = next(p for p in (FIXTURES / name).iterdir() if p.is_dir())
+    osd = torch_load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+    groups = osd["optimizer_state_dict"]["param_groups"]
+    assert meta["step"] == int(osd["optimizer_state_dict"]["state"][0]["step"])
+    assert [g["lr"] for g in meta["param_groups"]] == [g["lr"] for g in groups]
+    assert [g["betas"] for g in meta["param_groups"]] == [list(g["betas"]) for g in groups]
+    assert [g["eps"] for g in meta["param_groups"]] == [g["eps"] for g in groups]
+    ckpt = open_checkpoint(FIXTURES / name)
+    assert sorted(n for g in meta["param_groups"] for n in g["params"]) == \
+        sorted(n for n, p in ckpt.params.items() if not p.frozen and not p.tied_to)
+    # sharded like the weights, each moment with its own index
+    for key in ("exp_avg", "exp_avg_sq"):
+        index = json.loads((tmp_path / "out" / f"{key}.safetensors.index.json").read_text())
+        assert sorted(set(index["weight_map"].values())) == meta["states"][key]
+        assert len(meta["states"][key]) > 1
+
+
+def test_cli_state_all_and_json(tmp_path):
+    out = tmp_path / "out"
+    r = run_zinspect("merge", FIXTURES / "s2_w2_bf16", out, "--state", "all", "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["states"] == ["exp_avg", "exp_avg_sq"]
+    assert {"model.safetensors", "exp_avg.safetensors", "exp_avg_sq.safetensors",
+            "optimizer_state.json"} <= set(j["files"])
+    assert "exp_avg and exp_avg_sq" in r.stderr
+
+
+def test_state_all_refuses_without_moments_and_with_peft(tmp_path):
+    sgd = open_checkpoint(FIXTURES / "optim" / "sgd_s2_w2_fp32")
+    with pytest.raises(UsageError, match="exp_avg"):
+        merge(sgd, tmp_path / "a", hf_files=False, state="all")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(UsageError, match="--peft"):
+        merge(open_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16"), tmp_path / "b",
+              peft=True, state="all")
+    assert not (tmp_path / "b").exists()
