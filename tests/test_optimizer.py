@@ -349,3 +349,28 @@ def test_zero0_masters_without_located_moments(name):
     assert result.params and set(result.masters_only) == {s.name for s in result.params}
     for s in result.params:
         assert s.update is None and close(s.master.l2, reference[s.name].double().norm().item())
+
+
+def test_odd_values_stay_bounded_and_json_safe(tmp_path):
+    """A torch.save'd optimizer file with an inf clip_grad, a NaN eps, betas nested deep and a
+    tensor lr: JSON without inf/nan, nesting cut, the step and the lr read as numbers."""
+    from zinspect.core.model import Checkpoint, RankFile
+
+    deep = [0.9]
+    for _ in range(10):
+        deep = [deep, deep]
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {
+        "zero_stage": 2, "clip_grad": float("inf"),
+        "base_optimizer_state": {
+            "state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3),
+                          "exp_avg_sq": torch.zeros(3)}},
+            "param_groups": [{"lr": torch.tensor(0.5), "betas": deep, "eps": float("nan"),
+                              "params": [0]}]}}}, tmp_path / name)
+    ckpt = Checkpoint(tmp_path, "t", files=[RankFile(tmp_path / name, "optim", 0, 0, format="zip")])
+    opt = read_optimizer(ckpt)
+    assert opt.step == 7 and opt.name == "Adam" and opt.groups[0]["lr"] == 0.5
+    assert opt.groups[0]["eps"] == "nan" and opt.eps(0) == 1e-8  # not a number: the default
+    assert opt.groups[0]["betas"][0] == ["<nested>", "<nested>"]
+    out = json.dumps(opt.to_json(), allow_nan=False)
+    assert '"clip_grad": "inf"' in out

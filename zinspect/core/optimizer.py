@@ -26,7 +26,8 @@ from zinspect.errors import UnreadableFile
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 #: param-group keys that are not hyper-parameters (torch's list of param indices)
 NOT_HYPER = {"params"}
-MAX_GROUPS = 1024  # a forged pickle's million groups are not printed
+MAX_GROUPS = 256  # a forged pickle's million groups are not printed
+MAX_KEYS = 32  # hyper-parameters per group
 MAX_STATES = 64  # per-param state entries looked at for their keys
 DEFAULT_EPS = 1e-8
 NO_STATE = "no optimizer state in this checkpoint's files (no readable *_optim_states.pt)"
@@ -47,7 +48,7 @@ class LossScaler:
     hysteresis: int | None = None
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: _finite(v) for k, v in self.__dict__.items()}
 
 
 @dataclass
@@ -75,7 +76,7 @@ class OptimizerState:
             else DEFAULT_EPS
 
     def to_json(self) -> dict:
-        out = dict(self.__dict__)
+        out = {k: _finite(v) for k, v in self.__dict__.items()}
         out["loss_scaler"] = self.loss_scaler.to_json() if self.loss_scaler else None
         out["adam"] = self.adam
         return out
@@ -197,7 +198,7 @@ def _state_and_groups(tf: TorchFile, osd: dict, inner) -> tuple[list[dict], list
         raw_groups = inner.get("param_groups") or osd.get("param_groups") or []
     else:
         state, raw_groups = [], osd.get("param_groups") or []
-    groups = [{str(k): _value(tf, v) for k, v in list(g.items())[:64] if k not in NOT_HYPER}
+    groups = [{str(k): _value(tf, v) for k, v in list(g.items())[:MAX_KEYS] if k not in NOT_HYPER}
               for g in (raw_groups if isinstance(raw_groups, list) else [])[:MAX_GROUPS]
               if isinstance(g, dict)]
     step = next((s for s in (_value(tf, e.get("step")) for e in state) if s is not None), None)
@@ -268,20 +269,26 @@ def _engine_counts(ckpt: Checkpoint, out: OptimizerState, tf: TorchFile | None) 
         out.global_steps = _int(tf.obj.get("global_steps"))
 
 
-def _value(tf: TorchFile, v):
-    """A hyper-parameter as JSON can hold it: numbers, strings, lists; a one-element tensor
-    (a `step`, a tensor lr) its value; anything else a short description."""
+def _value(tf: TorchFile, v, depth: int = 0):
+    """A hyper-parameter as JSON can hold it: numbers, strings, short lists (betas); a
+    one-element tensor (a `step`, a tensor lr) its value; anything else a short description.
+    Bounded: a forged pickle's list of lists that share themselves is not walked out."""
     if v is None or isinstance(v, (bool, int, str)):
         return v[:1000] if isinstance(v, str) else v
     if isinstance(v, float):
         return v if math.isfinite(v) else str(v)
     if isinstance(v, (tuple, list)):
-        return [_value(tf, x) for x in v[:16]]
+        return [_value(tf, x, depth + 1) for x in v[:16]] if depth < 2 else "<nested>"
     if isinstance(v, TensorRef):
-        return tf.read_scalar(v) if v.numel == 1 else f"tensor{list(v.shape)}"
+        return tf.read_scalar(v) if v.numel == 1 and depth == 0 else f"tensor{list(v.shape)}"
     if isinstance(v, DType):
         return v.name
     return f"<{getattr(v, 'qualname', type(v).__name__)}>"
+
+
+def _finite(v):
+    """JSON has no inf / nan: such a value is written as its name ("inf")."""
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _number(v) -> float | None:
