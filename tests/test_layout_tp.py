@@ -522,3 +522,19 @@ def test_replicas_that_drifted_are_reported_with_the_max_difference(tmp_path):
     assert "0.25" in r.stderr
     reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[norm], reference[norm])
+
+
+def test_a_tp_rank_saved_at_another_topology_is_located(tmp_path):
+    def tp4(state):
+        state["mp_world_size"] = 4
+        state["checkpoint_parallel_dimensions"]["tp_degree"] = 4
+    got = damaged(tmp_path, "tp2_dp2_s2_toy",
+                  lambda tag: edit_model_states(tag / "mp_rank_01_model_states.pt", tp4))
+    assert got == [("topology-mismatch", "mp_rank_01_model_states.pt", None, None)]
+
+
+def test_an_optimizer_file_of_another_stage_is_located(tmp_path):
+    lost = "zero_pp_rank_1_mp_rank_01_optim_states.pt"
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: shutil.copy(
+        PARALLEL / "tp2_dp2_s1_toy" / "global_step2" / lost, tag / lost))
+    assert got == [("stage-mismatch", lost, 3, None)]

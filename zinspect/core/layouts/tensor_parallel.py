@@ -157,7 +157,18 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         s.flat_groups = [[(str(n), shape(v)) for n, v in g.items()]
                          for g in as_group_list(get(s.state, "param_shapes"))]
         _report_missing(ctx, s, tp, dp)
+        _check_sizes(ctx, s, tp, dp)
     return slices
+
+
+def _check_sizes(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
+    """Each optimizer file of a tp rank is partitioned over this checkpoint's dp ranks (the
+    model states' declared sizes are checked by topology.cross_check)."""
+    for d, rf in sorted(s.optim.items()):
+        if rf.partition_count and rf.partition_count[0] != dp:
+            ctx.find("world-size-mismatch", f"{rf.name} is partitioned over {rf.partition_count[0]} "
+                     f"dp ranks; this checkpoint has dp {dp}", "it comes from a run of another "
+                     "world size; " + REPLACE, file=rf.name, rank=d * tp + s.tp)
 
 
 def _report_missing(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
