@@ -139,3 +139,82 @@ def test_count_nonfinite_takes_views_and_bytes():
     assert count_nonfinite(raw, "float32") == count_nonfinite(memoryview(raw), "float32") == (1, 1)
     t = torch.tensor([1.0, float("nan"), float("inf")], dtype=torch.bfloat16)
     assert count_nonfinite(t.view(torch.uint8).numpy().tobytes(), "bfloat16") == (1, 1)
+
+
+def _reversed_plan(root):
+    """The merge plan of `root` with its tensors in reverse order: every fp32 record is then
+    read out of order (as ZeRO-2 round robin's are)."""
+    from dataclasses import replace
+
+    from zinspect.core.plan import plan_merge
+
+    plan = plan_merge(open_checkpoint(root))
+    return replace(plan, tensors=plan.tensors[::-1])
+
+
+def test_records_read_out_of_order_are_checked_by_a_second_read(tmp_path):
+    from zinspect.core.verify import Verification
+
+    v = Verification(_reversed_plan(tag_dir("s3_w2_fp32")).tensors)
+    assert not v.unverified and v.checks
+    result = merge(open_checkpoint(tag_dir("s3_w2_fp32")), tmp_path / "out", hf_files=False,
+                   plan=_reversed_plan(tag_dir("s3_w2_fp32")))
+    assert result.unverified == [] and result.verified == len(v.checks)
+    assert_matches_reference(read_output(result.files), reference("s3_w2_fp32"))
+
+
+def test_a_flipped_record_read_out_of_order_still_refuses(tmp_path):
+    root, file, record = _flipped(tmp_path)
+    with pytest.raises(NotMergeable, match="CRC32") as e:
+        merge(open_checkpoint(root), tmp_path / "out", plan=_reversed_plan(root))
+    assert file in e.value.message and record[0] in e.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_records_over_the_recheck_size_are_named_unverified(tmp_path, monkeypatch):
+    """Params left out leave large gaps: a record up to RECHECK_BYTES is read whole for its
+    CRC, a bigger one is named (here the bound is lowered to below the fixture's records)."""
+    from zinspect.core import verify
+    from zinspect.core.selection import Selection
+
+    monkeypatch.setattr(verify, "GAP_BYTES", 0)
+    sel = Selection(exclude_globs=["encoder.blocks.*"])
+    ckpt = open_checkpoint(tag_dir("s3_w2_fp32"))
+    result = merge(ckpt, tmp_path / "a", hf_files=False, selection=sel)
+    assert result.unverified == [] and result.verified
+    monkeypatch.setattr(verify, "RECHECK_BYTES", 0)
+    result = merge(ckpt, tmp_path / "b", hf_files=False, selection=sel)
+    assert result.unverified and all(": " in r for r in result.unverified)
+
+
+def test_a_rank_file_swapped_for_a_fifo_never_blocks_the_merge(tmp_path):
+    """Between opening the checkpoint and the merge's reads, a rank file becomes a FIFO: the
+    merge must refuse at once naming it (O_NONBLOCK + fstat), never wait for a writer."""
+    import os
+    import threading
+
+    from zinspect.errors import UnreadableFile
+
+    root = D.copy_root(tmp_path, "s3_w2_fp32")
+    ckpt = open_checkpoint(root)
+    victim = root / D.TAG / D.optim_name(1)
+    victim.unlink()
+    os.mkfifo(victim)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(_try_merge(ckpt, tmp_path / "out")),
+                              daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():  # unblock it before failing: open the FIFO for writing
+        os.close(os.open(victim, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the merge blocked on a FIFO")
+    assert isinstance(outcome[0], UnreadableFile), outcome
+    assert D.optim_name(1) in outcome[0].message and "FIFO" in outcome[0].message
+    assert not (tmp_path / "out").exists()
+
+
+def _try_merge(ckpt, out):
+    try:
+        return merge(ckpt, out, hf_files=False)
+    except Exception as e:  # noqa: BLE001 (the test looks at it)
+        return e

@@ -11,8 +11,9 @@ the deep check (`validate --deep`).
 
 `Verification` plans, for a merge's tensors in output order, which bytes feed which record:
 the planned pieces, plus the small gaps between them (ZeRO-3 padding, a partition's tail) read
-for the CRC only, so that every record the merge touches is checked whole. A record with large
-gaps (params left out by the selection) is not read whole: it is named as unverified.
+for the CRC only, so that every record the merge touches is checked whole. A record read out of
+order or with large gaps (params left out by the selection) is read once more, in order, for
+its CRC when it is small (RECHECK_BYTES); a bigger one is named as unverified.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from zinspect.errors import NotMergeable
 #: a record whose unplanned bytes are at most 1/GAP_SHARE of it, or GAP_BYTES, is read whole
 #: (the gaps only for the CRC): ZeRO-3 padding and partition tails, not left-out params
 GAP_SHARE, GAP_BYTES = 8, 1 << 20
+#: a record read out of order (ZeRO-2 round robin) or with larger gaps (params left out) is
+#: still checked when it is at most this big: by one in-order read of it for the CRC alone
+#: (the merge's own reads of it then come from the page cache); bigger ones are named
+RECHECK_BYTES = 16 << 20
 
 # ------------------------------------------------------------------ NaN / Inf by exponent bits
 
@@ -254,22 +259,28 @@ class Verification:
                 if not c.params or c.params[-1] != t.name:
                     c.params.append(t.name)
             located.append(row)
-        whole = set()
+        whole, reread = set(), set()
         for _, checks in records.values():
             for c in checks:
                 if id(c) not in cursor:
                     continue  # not read at all (Adam moments...)
                 gap = gaps[id(c)] + c.end - cursor[id(c)]
-                if id(c) in broken or gap > max(c.size // GAP_SHARE, GAP_BYTES):
-                    self.unverified.append(c)
-                else:
+                if id(c) not in broken and gap <= max(c.size // GAP_SHARE, GAP_BYTES):
                     whole.add(id(c))
-                    self.checks.append(c)
+                elif c.size <= RECHECK_BYTES:
+                    reread.add(id(c))
+                else:
+                    self.unverified.append(c)
+                    continue
+                self.checks.append(c)
         # pass 2: the segments, with the gaps read for the CRC only
         cursor.clear()
         for ti, (t, row) in enumerate(zip(tensors, located, strict=True)):
             segs = []
             for pi, (p, c) in enumerate(zip(t.pieces, row, strict=True)):
+                if c is not None and id(c) in reread and id(c) not in cursor:
+                    cursor[id(c)] = c.end  # the whole record, in order, before its first piece
+                    segs.append(Segment(p.path, c.start, c.size, c, sink=False, piece=pi))
                 if c is None or id(c) not in whole:
                     segs.append(Segment(p.path, p.offset, p.nbytes, None, piece=pi))
                     continue
