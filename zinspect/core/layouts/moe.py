@@ -34,8 +34,9 @@ _EP_NAME = re.compile(r"^ep_size_(\d+)$")
 
 
 def recognise(ctx: LoadContext) -> bool:
-    return bool(ctx.kinds & {"expert", "expert_optim"}) or \
-        isinstance(get(ctx.model_state, "num_experts"), list) and bool(ctx.optim)
+    """The engine records `num_experts` in an MoE run's model states (a stray expert file beside
+    a plain ZeRO checkpoint does not make it one)."""
+    return isinstance(get(ctx.model_state, "num_experts"), list)
 
 
 def global_name(name: str, ep_rank: int, num_local: int) -> str:

@@ -31,8 +31,13 @@ TIED = "tied_modules."
 
 
 def recognise(ctx: LoadContext) -> bool:
+    """pp > 1 recorded, or layer files beside model states without a module (PipelineEngine
+    saves the module in the layer files; a stray layer file in a plain ZeRO checkpoint is not
+    a pipeline)."""
     dims = get(ctx.model_state, "checkpoint_parallel_dimensions", "pp_degree")
-    return "layer" in ctx.kinds or (type(dims) is int and dims > 1)
+    return (type(dims) is int and dims > 1) or \
+        ("layer" in ctx.kinds and ctx.model_state is not None and
+         ctx.model_state.get("module") is None)
 
 
 class _Pipeline:
