@@ -278,8 +278,9 @@ def human_validate(ckpt, verbose: bool = False) -> None:
     con = console()
     con.print(f"[bold]{_safe(ckpt.path)}[/]  (tag {_safe(ckpt.tag)}, ZeRO-{ckpt.stage}, "
               f"world size {ckpt.world_size})")
+    folded = 0 if verbose else sum(1 for f in ckpt.findings if f.cause)
     for sev in ("error", "warning", "info"):
-        items = [f for f in ckpt.findings if f.severity == sev]
+        items = [f for f in ckpt.findings if f.severity == sev and (verbose or not f.cause)]
         if not items:
             continue
         con.print()
@@ -300,6 +301,9 @@ def human_validate(ckpt, verbose: bool = False) -> None:
             if len(listed) < len(group):
                 con.print(f"  [dim]... and {len(group) - len(listed)} more {_safe(code)} "
                           f"(--verbose or --json lists them all)[/]")
+    if folded:
+        con.print(f"  [dim]{folded} knock-on finding(s) of the files above are folded under "
+                  "them (--verbose or --json lists them)[/]")
     con.print()
     if ckpt.errors:
         con.print(f"[bold red]not mergeable as is[/]: {_counts_text(ckpt.counts())}")

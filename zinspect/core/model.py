@@ -298,6 +298,8 @@ class Finding:
     rank: int | None = None
     group: int | None = None
     param: str | None = None
+    #: a knock-on of another finding ("code: where" of its root cause; see core/rootcause.py)
+    cause: str | None = None
 
     def where(self) -> str:
         parts = []
@@ -312,8 +314,11 @@ class Finding:
         return ", ".join(parts)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in
-                ("severity", "code", "message", "hint", "file", "rank", "group", "param")}
+        out = {k: getattr(self, k) for k in
+               ("severity", "code", "message", "hint", "file", "rank", "group", "param")}
+        if self.cause is not None:
+            out["cause"] = self.cause
+        return out
 
 
 @dataclass

@@ -36,3 +36,25 @@ def ranks_of(start: int, stop: int, part: int, ws: int) -> range:
     if not part or stop <= start:
         return range(0)
     return range(start // part, min((stop - 1) // part, ws - 1) + 1)
+
+
+def zero3_group_numel(numels: list[int], ws: int) -> int:
+    """The elements of each rank's partition of a ZeRO-3 sub-group of params of `numels`."""
+    return sum(zero3_share(n, ws) for n in numels)
+
+
+def zero3_share_off(members: list[tuple[str, int]], ws: int, off: int) -> str | None:
+    """Every rank's ZeRO-3 partition is `off` elements shorter (negative: longer) than the
+    declared shapes of `members` [(name, numel)] need: the param whose share accounts for it
+    with the smallest change of its element count, when exactly one does (else None)."""
+    cost = {}
+    for name, n in members:
+        target = zero3_share(n, ws) - off  # the share it would need
+        if target < 0:
+            continue
+        lo, hi = (ws * (target - 1) + 1, ws * target) if target else (0, 0)
+        cost[name] = lo - n if n < lo else n - hi if n > hi else 0
+    ranked = sorted(cost.values())
+    if not ranked or (len(ranked) > 1 and ranked[0] == ranked[1]):
+        return None
+    return next(name for name, c in cost.items() if c == ranked[0])

@@ -1,17 +1,21 @@
 """Consistency checks over the metadata model. Each finding names where and what to do.
 
-Codes are stable (tests and `--json` users rely on them); severities:
-error = a merge would be wrong or incomplete; warning = it works but something is off;
-info = worth knowing (what DeepSpeed's converter would have done differently, for instance).
+Codes, their severities and meanings are registered in `zinspect.core.codes`. A knock-on of
+a lost file (a param's elements held by an unreadable or missing rank file) is folded under that
+file's finding (`rootcause`): one root cause, one finding in the human output.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+from zinspect.core import codes, partition, rootcause
+from zinspect.core.coverage import cover
 from zinspect.core.layouts.topology import grid_findings
-from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, Param
+from zinspect.core.model import Checkpoint, Finding, Param
 
+#: the layouts whose files are one data-parallel set: the rank, group and param checks below
+PLAIN_ZERO = ("zero", "bf16_optimizer")
 _REPLACE = "replace it with the file saved by the same run as the others"
 _STALE = "move it out of the tag dir: it is a leftover of an older run"
 #: modules whose globals in a pickle mean code execution on torch.load(weights_only=False)
@@ -26,6 +30,7 @@ def validate(ckpt: Checkpoint) -> list[Finding]:
     checks = _Checks(ckpt)
     checks.run()
     ckpt.findings.extend(checks.out)
+    rootcause.fold(ckpt, checks.ranks_of)
     return ckpt.findings
 
 
@@ -33,23 +38,29 @@ class _Checks:
     def __init__(self, ckpt: Checkpoint) -> None:
         self.c = ckpt
         self.out: list[Finding] = []
+        #: id(param-coverage / param-truncated finding) -> the ranks whose files would hold it
+        self.ranks_of: dict[int, list[int]] = {}
+        #: ZeRO-3 group -> its param_shapes partition-size finding (its params' gaps follow)
+        self.shapes_off: dict[int, Finding] = {}
 
-    def add(self, severity, code, message, hint="", **where) -> None:
-        self.out.append(Finding(severity, code, message, hint, **where))
+    def add(self, code, message, hint="", **where) -> Finding:
+        found = codes.finding(code, message, hint, **where)
+        self.out.append(found)
+        return found
 
     def run(self) -> None:
         c = self.c
         if not c.files:
-            self.add(ERROR, "empty-tag-dir", f"the tag dir {c.path} holds no files",
+            self.add("empty-tag-dir", f"the tag dir {c.path} holds no files",
                      "the save never happened or the files were moved; check the path")
             return
         self.files()
         if c.layout == "tensor_parallel":  # its own checks per tp rank's shards
             from zinspect.core.layouts import tensor_parallel
             self.out.extend(tensor_parallel.validate(c))
-        if c.layout not in ("zero", "bf16_optimizer"):
+        if c.layout not in PLAIN_ZERO:
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
-                self.add(ERROR, "unknown-layout", "the optimizer files hold neither fp32 "
+                self.add("unknown-layout", "the optimizer files hold neither fp32 "
                          "partitions nor a zero_stage", "these are not ZeRO optimizer files")
             return
         self.ranks()
@@ -62,31 +73,31 @@ class _Checks:
     def files(self) -> None:
         for f in self.c.files:
             if f.kind == "other":
-                self.add(INFO, "extra-file", f"{f.name} is not a checkpoint file; it is ignored",
+                self.add("extra-file", f"{f.name} is not a checkpoint file; it is ignored",
                          file=f.name)
                 continue
             missing = [(s.key, s.nbytes, s.present) for s in f.storages if s.present < s.nbytes]
             if missing:
                 have = sum(p for _, _, p in missing)
                 want = sum(n for _, n, _ in missing)
-                self.add(ERROR, "truncated-file",
+                self.add("truncated-file",
                          f"{f.name} is truncated: {len(missing)} tensor record(s) hold "
                          f"{have:,} of {want:,} bytes (file is {f.size:,} bytes)",
                          "the save was interrupted or the copy is incomplete; copy the file again",
                          file=f.name, rank=f.rank)
             elif f.recovered:
-                self.add(WARNING, "no-zip-directory", f"{f.name} has lost its zip directory "
+                self.add("no-zip-directory", f"{f.name} has lost its zip directory "
                          "but every tensor record is present", "copy the file again",
                          file=f.name, rank=f.rank)
             if f.format == "legacy":
-                self.add(INFO, "legacy-format", f"{f.name} uses torch's legacy (non-zip) format; "
+                self.add("legacy-format", f"{f.name} uses torch's legacy (non-zip) format; "
                          "DeepSpeed's converter cannot mmap it, zinspect reads it", file=f.name)
             unsafe = unsafe_pickle_finding(f.name, f.rank, f.unknown_globals)
             if unsafe:
                 self.out.append(unsafe)
             other = [g for g in f.unknown_globals if not _is_unsafe(g)]
             if other:
-                self.add(INFO, "unknown-classes", f"{f.name} pickles classes zinspect does not "
+                self.add("unknown-classes", f"{f.name} pickles classes zinspect does not "
                          f"know ({', '.join(other[:5])}); they were recorded, "
                          "never imported or run", file=f.name, rank=f.rank)
 
@@ -96,7 +107,7 @@ class _Checks:
         ws = c.world_size
         optim = [f for f in c.files_of("optim") if f.mp_rank in (0, None)]
         if ws is None:
-            self.add(ERROR, "world-size-unknown", "no readable optimizer file says the world size",
+            self.add("world-size-unknown", "no readable optimizer file says the world size",
                      "every optimizer file is unreadable; restore them")
             return
         self._rank_set("optimizer", optim, ws)
@@ -108,12 +119,12 @@ class _Checks:
             main = prefixes.most_common(1)[0][0]
             for f in optim:
                 if f.prefix != main:
-                    self.add(ERROR, "mixed-prefix", f"{f.name} has prefix {f.prefix or 'none'!r}, "
+                    self.add("mixed-prefix", f"{f.name} has prefix {f.prefix or 'none'!r}, "
                              f"the other optimizer files {main or 'none'!r}: two runs are mixed",
                              _STALE, file=f.name, rank=f.rank)
         for f in optim:
             if not f.name.endswith("_optim_states.pt"):
-                self.add(WARNING, "legacy-file-name", f"{f.name} uses the pre-0.10 name without "
+                self.add("legacy-file-name", f"{f.name} uses the pre-0.10 name without "
                          "'_' before optim_states; DeepSpeed's converter skips it", file=f.name)
 
     def _rank_set(self, what: str, files, ws: int) -> None:
@@ -126,11 +137,11 @@ class _Checks:
         optim = [f for f in c.files_of("optim") if f.readable and f.mp_rank in (0, None)]
         for f in optim:
             if f.stage is not None and f.stage != c.stage:
-                self.add(ERROR, "stage-mismatch", f"{f.name} is a ZeRO-{f.stage} file, the others "
+                self.add("stage-mismatch", f"{f.name} is a ZeRO-{f.stage} file, the others "
                          f"ZeRO-{c.stage}: two runs are mixed in one tag dir", _STALE,
                          file=f.name, rank=f.rank)
             elif f.partition_count and max(f.partition_count) != c.world_size:
-                self.add(ERROR, "world-size-mismatch", f"{f.name} was saved with world size "
+                self.add("world-size-mismatch", f"{f.name} was saved with world size "
                          f"{max(f.partition_count)}, the others with {c.world_size}",
                          _REPLACE, file=f.name, rank=f.rank)
         steps = Counter(f.step for f in optim if f.step is not None)
@@ -138,7 +149,7 @@ class _Checks:
             main = steps.most_common(1)[0][0]
             for f in optim:
                 if f.step is not None and f.step != main:
-                    self.add(ERROR, "step-mismatch", f"{f.name} holds the optimizer at step "
+                    self.add("step-mismatch", f"{f.name} holds the optimizer at step "
                              f"{f.step:g}, the other ranks at step {main:g}: it was saved at "
                              "another time, and its weights are not this checkpoint's",
                              "a stale file from an earlier or later save of this run; restore the "
@@ -148,46 +159,67 @@ class _Checks:
             main = versions.most_common(1)[0][0]
             for f in optim:
                 if f.ds_version and f.ds_version != main:
-                    self.add(WARNING, "ds-version-mismatch", f"{f.name} was saved by DeepSpeed "
+                    self.add("ds-version-mismatch", f"{f.name} was saved by DeepSpeed "
                              f"{f.ds_version}, the others by {main}", _REPLACE,
                              file=f.name, rank=f.rank)
         dp = _dp_world_size(c)
         if dp is not None and c.world_size is not None and dp != c.world_size:
-            self.add(ERROR, "world-size-mismatch", f"the model states say dp_world_size={dp}, "
+            self.add("world-size-mismatch", f"the model states say dp_world_size={dp}, "
                      f"the optimizer files partition_count={c.world_size}",
                      "the model-states and optimizer files come from different runs")
 
     # -------------------------------------------------------------- numel coverage
     def groups(self) -> None:
+        """Each rank's partition of each flat group has exactly the elements its params need
+        (`partition-size`, once per rank and group; ranks >= ws are stale files, reported once by
+        stale-rank-file). When every rank is off alike at ZeRO-3, the cause is param_shapes, not a
+        rank file: one finding, naming the param whose share is off when one fits."""
         c = self.c
         ws = c.world_size or 0
         for g in c.groups:
             if not g.partition_numel:
                 continue
             if c.stage == 3:
-                want = _zero3_rank_numel(c, g, ws)
-                for r, n in sorted(g.partition_numel.items()):
-                    if n != want and r < ws:
-                        self.add(ERROR, "partition-size", f"group {g.index}: rank {r} holds {n:,} "
-                                 f"elements, its params need exactly {want:,}", _REPLACE,
-                                 rank=r, group=g.index, file=_file_of(c, r))
+                self._zero3_group(g, ws)
                 continue
-            # ranks >= ws are stale files, reported once by stale-rank-file
             real = {r: n - (g.padding.get(r, 0) if c.layout == "bf16_optimizer" else 0)
                     for r, n in g.partition_numel.items() if r < ws}
             held = sum(real.values())
             if len(real) == ws and held != g.numel:
-                self.add(ERROR, "group-coverage", f"group {g.index}: the ranks hold {held:,} "
+                self.add("group-coverage", f"group {g.index}: the ranks hold {held:,} "
                          f"elements, its {len(g.params)} params need exactly {g.numel:,}",
                          "a rank file comes from another run or the param shapes do not match "
                          "the optimizer files", group=g.index)
-            part = _zero12_partition(g.numel, ws)
             for r, n in sorted(real.items()):
-                expect = max(0, min(part, g.numel - r * part))
+                expect = partition.zero12_real(g.numel, ws, r)
                 if n != expect:
-                    self.add(ERROR, "partition-size", f"group {g.index}: rank {r} holds {n:,} real "
+                    self.add("partition-size", f"group {g.index}: rank {r} holds {n:,} real "
                              f"elements, expected {expect:,} for {g.numel:,} elements over "
                              f"{ws} ranks", _REPLACE, rank=r, group=g.index, file=_file_of(c, r))
+
+    def _zero3_group(self, g, ws: int) -> None:
+        c = self.c
+        numels = [c.params[n].numel for n in g.params if n in c.params]
+        want = partition.zero3_group_numel(numels, ws)
+        held = {r: n for r, n in sorted(g.partition_numel.items()) if r < ws}
+        off = {r: n for r, n in held.items() if n != want}
+        if len(held) == ws > 1 and len(off) == ws and len(set(off.values())) == 1:
+            n = next(iter(off.values()))
+            name = partition.zero3_share_off(
+                [(m, c.params[m].numel) for m in g.params if m in c.params], ws, want - n)
+            model = self.c.files_of("model")
+            self.shapes_off[g.index] = self.add("partition-size", f"group {g.index}: every rank holds {n:,} elements, its "
+                     f"params need exactly {want:,} by param_shapes" +
+                     (f": {name}'s declared shape {_shape_of(c, name)} is off (the only param "
+                      "whose share can account for it by the fewest elements)" if name else ""),
+                     "the model-states file's param_shapes do not match the optimizer files: "
+                     "restore the model states saved with them", group=g.index, param=name,
+                     file=model[0].name if len(model) == 1 else _model_file_of(c, 0))
+            return
+        for r, n in off.items():
+            self.add("partition-size", f"group {g.index}: rank {r} holds {n:,} elements, its "
+                     f"params need exactly {want:,}", _REPLACE, rank=r, group=g.index,
+                     file=_file_of(c, r))
 
     def params(self) -> None:
         c = self.c
@@ -199,7 +231,7 @@ class _Checks:
                 continue  # covered by construction; spares building millions of fragments
             if p.tied_to:
                 if p.tied_to not in c.params:
-                    self.add(ERROR, "tied-source-missing", f"{p.name} is tied to {p.tied_to}, "
+                    self.add("tied-source-missing", f"{p.name} is tied to {p.tied_to}, "
                              "which the checkpoint does not hold", "the alias cannot be written; "
                              "exclude it or restore the rank-0 model states", param=p.name)
                 continue
@@ -207,16 +239,19 @@ class _Checks:
                 continue
             if not p.fragments:
                 if p.frozen:
-                    self.add(ERROR, "frozen-missing", f"frozen param {p.name} has no saved values "
+                    self.add("frozen-missing", f"frozen param {p.name} has no saved values "
                              "(saved with exclude_frozen_parameters?)",
                              "exclude frozen params from the merge (--exclude-frozen)", param=p.name)
                 else:
-                    self.add(ERROR, "param-coverage", f"{p.name}: no rank holds any of its "
-                             f"{p.numel:,} elements", "restore the missing rank files", param=p.name)
+                    ranks = _ranks_for(c, p, [(0, p.numel)])
+                    found = self.add("param-coverage", f"{p.name}: no rank holds any of its "
+                                     f"{p.numel:,} elements", "restore the missing rank files",
+                                     param=p.name)
+                    self._knock_on(p, found, ranks)
                 continue
             self._coverage(p)
             if p.frozen and p.fragments[0].source == "module":
-                self.add(INFO, "frozen-from-module", f"frozen param {p.name} is saved only in the "
+                self.add("frozen-from-module", f"frozen param {p.name} is saved only in the "
                          "16-bit module weights (ZeRO-1); zinspect recovers it, DeepSpeed's "
                          "converter drops it", param=p.name)
 
@@ -227,11 +262,11 @@ class _Checks:
         ws = c.world_size or 0
         if c.stage != 3 or not ws:
             return set()
-        damaged = {f.rank for f in c.files_of("optim") if not f.readable or f.recovered or
-                   any(s.present < s.nbytes for s in f.storages)}
+        damaged = {f.rank for f in c.files_of("optim") if not _whole(f)}
         whole = set()
         for g in c.groups:
-            want = _zero3_rank_numel(c, g, ws)
+            want = partition.zero3_group_numel(
+                [c.params[n].numel for n in g.params if n in c.params], ws)
             if set(g.partition_numel) == set(range(ws)) and not damaged & set(g.partition_numel) \
                     and all(n == want for n in g.partition_numel.values()):
                 whole.add(g.index)
@@ -243,52 +278,52 @@ class _Checks:
         c = self.c
         files = {f.rank: f for f in c.files_of("model") if f.rank is not None}
         return c.stage == 3 and bool(c.world_size) and \
-            all(r in files and files[r].readable and not files[r].recovered and
-                all(s.present >= s.nbytes for s in files[r].storages)
-                for r in range(c.world_size))
+            all(r in files and _whole(files[r]) for r in range(c.world_size))
 
     def _coverage(self, p: Param) -> None:
         c = self.c
-        spans = sorted((f.start, f.start + f.numel) for f in p.fragments if f.numel)
-        pos, gaps = 0, []
-        for lo, hi in spans:
-            if lo > pos:
-                gaps.append((pos, lo))
-            elif lo < pos:
-                self.add(ERROR, "param-overlap", f"{p.name}: elements {lo:,}..{pos:,} are held "
-                         "twice", _REPLACE, param=p.name)
-            pos = max(pos, hi)
-        if pos < p.numel:
-            gaps.append((pos, p.numel))
-        if gaps:
-            missing = sum(b - a for a, b in gaps)
-            ranks = _ranks_for(c, p, gaps)
-            self.add(ERROR, "param-coverage", f"{p.name}: {missing:,} of {p.numel:,} elements are "
-                     f"held by no rank file (rank {', '.join(map(str, ranks))})"
-                     if ranks else f"{p.name}: {missing:,} of {p.numel:,} elements are missing",
-                     "restore the missing rank files", param=p.name,
-                     rank=ranks[0] if len(ranks) == 1 else None)
+        cov = cover(p.numel, p.fragments)
+        for lo, hi in cov.overlaps:
+            self.add("param-overlap", f"{p.name}: elements {lo:,}..{hi:,} are held twice",
+                     _REPLACE, param=p.name)
+        if cov.gaps:
+            ranks = _ranks_for(c, p, cov.gaps)
+            found = self.add("param-coverage", f"{p.name}: {cov.missing:,} of {p.numel:,} "
+                             f"elements are held by no rank file (rank {', '.join(map(str, ranks))})"
+                             if ranks else f"{p.name}: {cov.missing:,} of {p.numel:,} elements "
+                             "are missing", "restore the missing rank files", param=p.name,
+                             rank=ranks[0] if len(ranks) == 1 else None)
+            self._knock_on(p, found, ranks)
         bad = [f for f in p.fragments if not f.intact and f.numel]
         if bad:
-            self.add(ERROR, "param-truncated", f"{p.name}: the bytes of rank "
-                     f"{', '.join(str(f.rank) for f in bad)} are not all in {bad[0].file}",
-                     "that file is truncated; copy it again", param=p.name, file=bad[0].file,
-                     rank=bad[0].rank)
+            found = self.add("param-truncated", f"{p.name}: the bytes of rank "
+                             f"{', '.join(str(f.rank) for f in bad)} are not all in {bad[0].file}",
+                             "that file is truncated; copy it again", param=p.name,
+                             file=bad[0].file, rank=bad[0].rank)
+            self.ranks_of[id(found)] = sorted({f.rank for f in bad})
+
+    def _knock_on(self, p: Param, found: Finding, ranks: list[int]) -> None:
+        """Note what a param's gap may be a knock-on of (see rootcause): its ranks' lost files,
+        or its group's param_shapes that do not add up."""
+        self.ranks_of[id(found)] = ranks
+        root = self.shapes_off.get(p.sub_group) if not p.frozen else None
+        if root is not None:
+            found.cause = f"{root.code}: {root.where()}"
 
     def dtypes(self) -> None:
         c = self.c
         if c.master_dtype and c.master_dtype != "float32":
-            self.add(WARNING, "master-not-fp32", f"the optimizer masters are {c.master_dtype}, "
+            self.add("master-not-fp32", f"the optimizer masters are {c.master_dtype}, "
                      "not fp32 (bf16/fp16 master weights were enabled)",
                      "the merge writes them upcast to fp32; no more precision exists")
         ints = [b.name for b in c.buffers.values() if b.dtype.startswith(("int", "uint", "bool"))]
         if ints:
-            self.add(INFO, "int-buffers", f"{len(ints)} integer buffer(s) ({', '.join(ints[:3])}"
+            self.add("int-buffers", f"{len(ints)} integer buffer(s) ({', '.join(ints[:3])}"
                      f"{'...' if len(ints) > 3 else ''}) keep their dtype; DeepSpeed's converter "
                      "casts them to float")
         zo = c.ds_config.get("zero_optimization") if isinstance(c.ds_config, dict) else None
         if isinstance(zo, dict) and zo.get("round_robin_gradients"):
-            self.add(INFO, "round-robin", "round_robin_gradients is on: flat groups follow the "
+            self.add("round-robin", "round_robin_gradients is on: flat groups follow the "
                      "round-robin order of param_shapes (handled)")
 
 
@@ -304,7 +339,7 @@ def unsafe_pickle_finding(name: str, rank: int | None, globals_: list[str]) -> F
     unsafe = [g for g in globals_ if _is_unsafe(g)]
     if not unsafe:
         return None
-    return Finding(ERROR, "unsafe-pickle", f"{name} names {', '.join(unsafe[:5])} in its pickle: "
+    return codes.finding("unsafe-pickle", f"{name} names {', '.join(unsafe[:5])} in its pickle: "
                    "torch.load(weights_only=False), as DeepSpeed and zero_to_fp32.py load it, "
                    "would run that code; zinspect did not",
                    "do not load this file with torch or DeepSpeed: it was tampered with or is "
@@ -320,14 +355,17 @@ def _file_of(c: Checkpoint, rank: int) -> str | None:
     return next((f.name for f in c.files_of("optim") if f.rank == rank), None)
 
 
-def _zero3_rank_numel(c: Checkpoint, g, ws: int) -> int:
-    """ZeRO-3: each param of a sub-group puts ceil(numel / ws) elements in every rank's part."""
-    return sum(-(-c.params[n].numel // ws) for n in g.params if n in c.params)
+def _model_file_of(c: Checkpoint, rank: int) -> str | None:
+    return next((f.name for f in c.files_of("model") if f.rank == rank), None)
 
 
-def _zero12_partition(numel: int, ws: int) -> int:
-    """ZeRO-1/2: a flat group is padded to a multiple of 2*ws and cut into ws equal parts."""
-    return -(-numel // (2 * ws)) * 2 if ws else 0
+def _shape_of(c: Checkpoint, name: str) -> str:
+    return "(" + ", ".join(map(str, c.params[name].shape)) + ")"
+
+
+def _whole(f) -> bool:
+    """Readable, with its zip directory and every tensor record all there."""
+    return f.readable and not f.recovered and all(s.present >= s.nbytes for s in f.storages)
 
 
 def _ranks_for(c: Checkpoint, p: Param, gaps: list[tuple[int, int]]) -> list[int]:
@@ -336,15 +374,14 @@ def _ranks_for(c: Checkpoint, p: Param, gaps: list[tuple[int, int]]) -> list[int
     if not ws:
         return []
     if c.stage == 3:
-        part = -(-p.numel // ws)
-        return sorted({r for a, b in gaps for r in range(a // part, (b - 1) // part + 1)})
+        share = partition.zero3_share(p.numel, ws)
+        return sorted({r for a, b in gaps for r in partition.ranks_of(a, b, share, ws)})
     g = next((g for g in c.groups if g.index == p.sub_group), None)
     if g is None:
         return []
-    part = _zero12_partition(g.numel, ws)
+    part = partition.zero12_partition(g.numel, ws)
     start = _offset_in_group(c, g, p.name)
-    return sorted({r for a, b in gaps for r in range((start + a) // part,
-                                                      (start + b - 1) // part + 1) if r < ws})
+    return sorted({r for a, b in gaps for r in partition.ranks_of(start + a, start + b, part, ws)})
 
 
 def _offset_in_group(c: Checkpoint, g, name: str) -> int:

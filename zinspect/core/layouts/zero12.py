@@ -70,7 +70,7 @@ def attach(ctx: LoadContext, files: dict[int, RankFile],
         c.groups.append(g)
         out.append(g)
         parts = _partitions(ctx, files, g)
-        P = _partition_size(ctx, g, parts, keep_padding)
+        P = _partition_size(parts, keep_padding)
         if P is None:
             continue
         real = {r: (t.numel - pad if keep_padding else t.numel) for r, (t, pad) in parts.items()}
@@ -119,21 +119,11 @@ def _partitions(ctx: LoadContext, files: dict[int, RankFile],
     return parts
 
 
-def _partition_size(ctx: LoadContext, g: ParamGroup, parts: dict[int, tuple[TensorAt, int]],
-                    keep_padding: bool) -> int | None:
+def _partition_size(parts: dict[int, tuple[TensorAt, int]], keep_padding: bool) -> int | None:
     """P, the partition size most ranks agree on (stripped layout: saved + padding;
-    BF16_Optimizer: saved); a rank that disagrees is a `partition-size` error."""
-    sizes = {r: t.numel if keep_padding else t.numel + pad for r, (t, pad) in parts.items()}
-    if not sizes:
-        return None
-    P = Counter(sizes.values()).most_common(1)[0][0]
-    for r, n in sizes.items():
-        if n != P:
-            ctx.find("partition-size", f"group {g.index}: rank {r} holds a partition of {n} "
-                     f"elements, the other ranks {P}", "this rank file comes from another run "
-                     "or world size; replace it with the one saved with the others",
-                     file=parts[r][0].file, rank=r, group=g.index)
-    return P
+    BF16_Optimizer: saved). A rank that disagrees is validate's `partition-size`."""
+    sizes = [t.numel if keep_padding else t.numel + pad for t, pad in parts.values()]
+    return Counter(sizes).most_common(1)[0][0] if sizes else None
 
 
 def check_slice_mappings(ctx: LoadContext, g: ParamGroup, files: dict[int, RankFile]) -> None:
