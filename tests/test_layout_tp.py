@@ -436,7 +436,7 @@ def merged(tmp_path, name: str, *args: str) -> dict:
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    r = run_zinspect("merge", PARALLEL / name, out, *args)
+    r = run_zinspect("merge", PARALLEL / name, out, *args)  # name: a fixture, or a path
     assert r.returncode == 0, r.stderr
     if "pt" in args:
         return torch.load(out / "pytorch_model.bin", weights_only=True)
@@ -538,3 +538,21 @@ def test_an_optimizer_file_of_another_stage_is_located(tmp_path):
     got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: shutil.copy(
         PARALLEL / "tp2_dp2_s1_toy" / "global_step2" / lost, tag / lost))
     assert got == [("stage-mismatch", lost, 3, None)]
+
+
+def test_frozen_tp_shards_merge_from_their_saved_values(tmp_path):
+    """A real AutoTP ZeRO-2 run with a frozen column, row and replicated param (DeepSpeed's own
+    ds_to_universal.py fails on it): each tp rank's frozen shard is read from its model states
+    and the merge equals the reference bit for bit."""
+    root = FIXTURES / "tp_extra" / "tp2_dp2_s2_toy_frozen"
+    m = json.loads((root / "manifest.json").read_text())
+    c = tp_checkpoint(root)
+    assert c.findings == [] and c.layout == "tensor_parallel"
+    for name in m["frozen"]:
+        p = c.params[name]
+        assert p.frozen and list(p.shape) == m["params"][name]["shape"]
+        assert sorted((f.shard, f.source) for f in p.fragments) == [(0, "frozen"), (1, "frozen")]
+    got = merged(tmp_path, root)
+    reference = torch.load(root / "reference_fp32.pt", weights_only=True)
+    assert sorted(got) == sorted(reference)
+    assert all(torch.equal(got[k], v) for k, v in reference.items())
