@@ -283,3 +283,45 @@ def test_too_many_open_files_raises_the_soft_limit(monkeypatch):
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- the writer registry (issue 9) ------------------------------------------------------------
+def test_every_registered_writer_is_a_format_choice_and_in_help():
+    from zinspect.core.writers import WRITERS
+
+    r = run_zinspect("merge", "--help")
+    assert r.returncode == 0
+    assert "{" + ",".join(WRITERS) + "}" in r.stdout.replace("\n", "").replace(" ", "")
+    for w in WRITERS.values():
+        assert f"  {w.name}" in r.stdout, w.name
+    assert set(WRITERS) >= {"safetensors", "pt", "universal"}
+
+
+def test_a_dtype_the_writer_cannot_write_is_refused_before_anything(tmp_path):
+    with pytest.raises(UsageError, match="universal writes fp32 only"):
+        merge(open_checkpoint(FIXTURES / "s2_w2_bf16"), tmp_path / "o", fmt="universal",
+              dtype="bf16")
+    assert not (tmp_path / "o").exists()
+
+
+def test_format_universal_writes_the_tree_and_says_what_it_leaves_out(tmp_path):
+    out = tmp_path / "u"
+    r = run_zinspect("merge", FIXTURES / "s2_w2_bf16", out, "--format", "universal", "--json")
+    assert r.returncode == 0, r.stderr
+    tag = (out / "latest_universal").read_text().strip()
+    ref = reference("s2_w2_bf16")
+    ckpt = open_checkpoint(FIXTURES / "s2_w2_bf16")
+    trainable = [n for n, p in ckpt.params.items() if not p.frozen and not p.tied_to]
+    for name in trainable:
+        got = torch.load(out / tag / "zero" / name / "fp32.pt", weights_only=False)["param"]
+        assert same_bits(got, ref[name]), name
+    assert "frozen params and buffers" in r.stderr  # the universal load's blind spot, said
+    assert json.loads(r.stdout)["format"] == "universal"
+
+
+@pytest.mark.parametrize("args", [["--exclude", "encoder.cube"], ["--salvage"]])
+def test_format_universal_refuses_what_it_cannot_honour(tmp_path, args):
+    out = tmp_path / "u"
+    r = run_zinspect("merge", FIXTURES / "s2_w2_bf16", out, "--format", "universal", *args)
+    assert r.returncode == 2 and args[0] in r.stderr, r.stderr
+    assert not out.exists()

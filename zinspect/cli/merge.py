@@ -110,6 +110,7 @@ def run(args) -> int:
     shard = shard_size(args.max_shard_size, parse_size)
     # a dtype it cannot write or a missing dependency, said before opening the checkpoint
     writer(args.fmt).check(output_dtype(args.dtype))
+    tree = writer(args.fmt).tree is not None  # universal: writes the moments and every param
     sel = Selection.load(args.selection) if args.selection else Selection()
     sel.exclude_globs = list(sel.exclude_globs) + list(args.exclude)
     sel.exclude_frozen = sel.exclude_frozen or args.exclude_frozen
@@ -119,7 +120,7 @@ def run(args) -> int:
     sel.check_matches(ckpt)
     plan = plan_merge(ckpt, sel, salvage=args.salvage, dtype=output_dtype(args.dtype))
     output = hf.prepare(ckpt, plan, peft=args.peft, copy_files=args.hf_files)
-    if args.state == "all":
+    if args.state == "all" and not tree:
         if args.peft:
             raise UsageError("--state all writes the whole model's optimizer state, not an "
                              "adapter's", "leave out --peft or --state all")
@@ -139,6 +140,9 @@ def run(args) -> int:
     if args.json:
         print_json(result.to_json())
     _report_merge(result, dropped)
+    if tree:  # what the output format does not carry (the announce said the merge's notes)
+        for note in result.notes:
+            print(f"zinspect: note: {note}", file=sys.stderr)
     _report_verification(result, plan)
     return 1 if dropped else 0
 
@@ -152,6 +156,7 @@ def shard_size(text: str, parse_size) -> int | None:
 
 def _announce(ckpt, plan, args, shard, output) -> None:
     from zinspect.core import fmt
+    from zinspect.core.writers import writer
 
     names = [t.name for t in plan.tensors]
     buffers = sum(1 for n in names if n in ckpt.buffers)
@@ -160,14 +165,15 @@ def _announce(ckpt, plan, args, shard, output) -> None:
     print(f"zinspect: writing {fmt.count(params)} params and {buffers} buffers "
           f"({fmt.size(plan.total_bytes)}) to {fmt.shown(args.out_dir)} as {args.fmt} "
           f"{args.dtype}"
-          + (f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
+          + (" with the optimizer state" if writer(args.fmt).tree else
+             f", shards of at most {args.max_shard_size}" if shard else ", one file"), file=err)
     if output.states is not None:
         print(f"  and the optimizer's {' and '.join(output.states.tensors)} of "
               f"{fmt.count(len(next(iter(output.states.tensors.values()), [])))} params "
               f"({fmt.size(output.states.total_bytes)}, fp32)", file=err)
         for name, why in list(output.states.dropped.items())[:20]:
             print(f"    --salvage drops {fmt.shown(name)}: {fmt.shown(why, 300)}", file=err)
-    for note in output.notes:
+    for note in () if writer(args.fmt).tree else output.notes:  # a tree's come with its result
         print(f"  {fmt.shown(note, 400)}", file=err)
     if plan.excluded:
         print(f"  excluded by the selection: {len(plan.excluded)} "

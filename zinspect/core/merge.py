@@ -19,7 +19,7 @@ from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.verify import Verification, plan_without
-from zinspect.core.writers import index_json, plan_shards, writer
+from zinspect.core.writers import WRITERS, index_json, plan_shards, writer
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 __all__ = ["MergePlan", "MergeResult", "merge", "parse_size", "plan_merge"]
@@ -106,7 +106,12 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
         dtype = output_dtype(dtype)
     except ValueError as e:
         raise UsageError(str(e), "e.g. --dtype bf16") from e
-    writer(fmt).check(dtype)  # before anything is written
+    w = writer(fmt)
+    w.check(dtype)  # before anything is written
+    if w.tree is not None:
+        return _write_tree(w, ckpt, out_dir, selection=selection, salvage=salvage, peft=peft,
+                           state=state, strict=strict, force=force, progress=progress,
+                           should_stop=should_stop, notice=notice, ready=ready)
     if output is None:
         plan = plan or plan_merge(ckpt, selection, salvage=salvage, dtype=dtype)
         output = hf.prepare(ckpt, plan, peft=peft, copy_files=hf_files)
@@ -129,6 +134,27 @@ def merge(ckpt: Checkpoint, out_dir: str | os.PathLike, *, selection: Selection 
             output.plan, ready = plan_without(output.plan, e.failures), None  # announced once
             if output.states is not None:  # a bad moment record drops its params' weights too
                 output.states = output.states.without(set(output.plan.dropped))
+
+
+def _write_tree(w, ckpt: Checkpoint, out_dir, *, selection, salvage, peft, state, strict,
+                **callbacks) -> MergeResult:
+    """A tree writer (`--format universal`): it writes every param itself; what it cannot
+    honour is refused, not ignored."""
+    asked = [opt for opt, on in (("--exclude / a selection", bool(selection and (
+        selection.exclude_globs or selection.exclude_frozen or selection.excluded(ckpt)))),
+        ("--salvage", salvage), ("--peft", peft)) if on]
+    if asked:
+        raise UsageError(f"--format {w.name} writes every param: {', '.join(asked)} cannot apply",
+                         f"leave out {', '.join(asked)}, or use --format {next(iter(WRITERS))}")
+    if state not in states_mod.CHOICES:
+        raise UsageError(f"unknown --state {state!r}", f"use one of: {', '.join(states_mod.CHOICES)}")
+    plan = plan_merge(ckpt)  # the same validation refusals as every merge
+    if strict:
+        refuse_warnings(ckpt, plan)
+    r = w.tree(ckpt, Path(out_dir).expanduser(), **callbacks)
+    return MergeResult(r.out_dir, r.files, len(r.files), r.bytes, r.seconds, w.name,
+                       verified=r.verified, unverified=list(r.unverified), notes=list(r.notes),
+                       states=["fp32", *states_mod.MOMENTS])
 
 
 class _Restart(Exception):  # noqa: N818 (control flow, never seen outside merge)

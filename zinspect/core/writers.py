@@ -136,10 +136,13 @@ class Writer:
     for a one-file output, `shard` (with `i` and `n`) and `index` for a sharded one. `dtypes`
     are the output dtypes it can write (the plan's names: float32, bfloat16, float16).
 
-    A shard writer has `write(fd, shard, meter, should_stop)`. A tree writer (`tree`) writes a
-    directory tree itself: `tree(ckpt, output, out_dir, meter, should_stop)` with `out_dir` an
-    OutputDir and `output` the hf.Output; its `names(ckpt, output)` lists the top-level entries
-    it will create, for the OutputDir's checks."""
+    A shard writer has `write(fd, shard, meter, should_stop)`: the merge plans, verifies and
+    commits, the writer only lays bytes out. A tree writer (`tree`) makes a whole directory
+    tree from the checkpoint itself, with the merge's guarantees (OutputDir, verified stream,
+    nothing left on failure): `tree(ckpt, out_dir, *, force, progress, should_stop, notice,
+    ready)` returns a result with `files`, `bytes`, `seconds`, `verified`, `unverified` and
+    `notes` (each said to the user); it writes every param, so a selection, --salvage, --peft
+    and --max-shard-size do not apply to it."""
 
     name: str
     description: str
@@ -151,7 +154,6 @@ class Writer:
     dtypes: tuple[str, ...] = tuple(OUTPUT_DTYPES.values())
     write: Callable | None = None
     tree: Callable | None = None
-    names: Callable | None = None
     label: str = ""  # the app's radio button (default: the name)
 
     def single_name(self, stem: str | None = None) -> str:
@@ -190,6 +192,18 @@ register(Writer("pt", "torch.save files (pytorch_model.bin); needs torch, holds 
                 stem="pytorch_model", single="{stem}.bin", shard="{stem}-{i:05d}-of-{n:05d}.bin",
                 index="{stem}.bin.index.json", needs_torch=True, write=write_torch,
                 label="pt (torch.save)"))
+
+
+def _write_universal(ckpt, out_dir, **callbacks):
+    from zinspect.core.universal import write_universal  # 0.1 s of imports: only when asked
+
+    return write_universal(ckpt, out_dir, **callbacks)
+
+
+register(Writer("universal", "a DeepSpeed universal checkpoint (latest_universal + zero/<param>/"
+                "{fp32,exp_avg,exp_avg_sq}.pt) for load_universal at any world size; every "
+                "param, fp32; DeepSpeed's universal load does not restore frozen params and "
+                "buffers", dtypes=("float32",), tree=_write_universal))
 
 
 def writer(name: str) -> Writer:

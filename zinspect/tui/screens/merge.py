@@ -295,6 +295,8 @@ class MergeScreen(ModalScreen[None]):
         if result.dropped:
             text.append(f"salvage left out {len(result.dropped)}: ", style="yellow")
             text.append(", ".join(list(result.dropped)[:5]))
+        for note in result.notes[:3]:  # files copied, what a universal load leaves out
+            text.append(f"\n{fmt.shown(note, 300)}", style="dim")
         if result.warnings:  # NaN/Inf written, replicas that drifted: said, not refused
             text.append(f"\n{len(result.warnings)} warning(s): ", style="yellow")
             text.append("; ".join(fmt.shown(w, 120) for w in result.warnings[:5]))
