@@ -354,8 +354,13 @@ def _attach_frozen(ctx: LoadContext, slices: list[Slice], dp: int) -> None:
     if not any(p.frozen and not p.tied_to for p in c.params.values()):
         return
     for s in slices:
-        if c.stage == 3:
-            _chained(c, partial(zero3.attach_frozen, ctx, s.models, dp, shard=s.tp))
+        if c.stage == 3:  # each dp rank's model states hold ceil(n/dp) of the shard's n
+            source = zero3.FrozenFragments(ctx, s.models, dp, s.tp)
+            for p in c.params.values():
+                if p.frozen and not p.tied_to and s.tp in p.shards:
+                    shard = Fragments(make=partial(source.fragments, p.name,
+                                                   numel(p.shards[s.tp].shape)))
+                    p.fragments = Fragments(make=partial(_joined, p.fragments, shard))
             continue
         tf = ctx.torch_file(s.model)
         if tf is None:
