@@ -142,3 +142,45 @@ def test_deepspeed_loads_it_at_another_world_size(tmp_path, name, n):
     # DeepSpeed's universal load skips the module state: frozen params keep their new values
     assert res["frozen_restored"] == [] and res["frozen_differ"] == manifest(name)["frozen"]
     assert res["loss_finite"] and res["steps_after"] == res["global_steps"] + 1
+
+
+# ------------------------------------------------------------------ universal checkpoints as input
+@pytest.mark.parametrize("made_by", ["deepspeed", "zinspect"])
+@pytest.mark.parametrize("name", CONVERTED)
+def test_a_universal_checkpoint_is_read_validated_and_merged(tmp_path, name, made_by):
+    import zinspect
+
+    path = UNIVERSAL / name
+    if made_by == "zinspect":
+        path = tmp_path / "uni"
+        write_universal(open_checkpoint(FIXTURES / name), path)
+    ckpt = open_checkpoint(path)
+    assert ckpt.layout == "universal" and ckpt.stage == manifest(name)["stage"]
+    assert not ckpt.errors, [f.message for f in ckpt.errors]
+    assert ckpt.states == ["fp32", "exp_avg", "exp_avg_sq"]
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt", weights_only=True)
+    merged = zinspect.get_fp32_state_dict(path)
+    assert merged.keys() == ref.keys()
+    for key, t in ref.items():
+        assert merged[key].dtype == t.dtype and torch.equal(merged[key], t), key
+    want = expected_states(str(FIXTURES / name / manifest(name)["tag"]))
+    for pname, states in want.items():
+        for state in ("exp_avg", "exp_avg_sq"):
+            (frag,) = ckpt.state_fragments(pname, state)
+            with open(ckpt.path / frag.file, "rb") as f:
+                f.seek(frag.offset)
+                got = torch.frombuffer(bytearray(f.read(frag.nbytes)), dtype=torch.float32)
+            assert torch.equal(got, states[state]), (pname, state)
+
+
+def test_a_universal_param_file_missing_is_named(tmp_path):
+    import shutil
+
+    shutil.copytree(UNIVERSAL / "s2_w2_bf16", tmp_path / "u")
+    (tmp_path / "u" / "global_step2_universal" / "zero" / "embed.weight" / "fp32.pt").unlink()
+    ckpt = open_checkpoint(tmp_path / "u")
+    assert [(f.code, f.param) for f in ckpt.errors] == [("universal-state-missing", "embed.weight")]
+    with pytest.raises(NotMergeable):
+        from zinspect.core.plan import plan_merge
+
+        plan_merge(ckpt)

@@ -33,6 +33,7 @@ CODES: dict[str, tuple[str, str]] = {
     "bf16-optimizer": (INFO, "the BF16_Optimizer layout (zero_to_fp32.py refuses it)"),
     "round-robin": (INFO, "round_robin_gradients reorders the flat groups (handled)"),
     "topology-mismatch": (ERROR, "the file names and the pickles disagree on the parallel sizes"),
+    "universal-state-missing": (ERROR, "a universal checkpoint lacks a param's fp32.pt (or it does not fit)"),
     # tensor parallel (layouts/tensor_parallel.py, tp_rules.py)
     "missing-tp-rank": (ERROR, "a tensor-parallel rank's model states are missing"),
     "tp-param-missing": (ERROR, "a param some tp ranks hold and others do not"),

@@ -45,8 +45,8 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
                              "check the directory's permissions") from e
     named = [classify(p) for p in entries]
     # only regular files are opened: a FIFO would block forever, a device never ends
-    special = {n.path: file_kind(n.path) for n in named if n.kind != "other"}
-    wanted = [n for n in named if n.kind != "other" and special[n.path] is None]
+    special = {n.path: file_kind(n.path) for n in named if n.kind not in ("other", "universal")}
+    wanted = [n for n in named if n.kind not in ("other", "universal") and special[n.path] is None]
     # ZeRO-3 model states of ranks > 0 hold only their frozen-param fragments (and copies of
     # what rank 0 says): at 512 ranks unpickling them all is most of the time to open. They are
     # checked whole here and unpickled when a frozen param's fragments are first needed.

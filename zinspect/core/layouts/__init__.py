@@ -25,7 +25,7 @@ from zinspect.core.layouts.base import Layout, LoadContext
 
 #: asked in this order; the first layout that recognises the files describes them
 REGISTRY: tuple[str, ...] = (
-    "unsupported:UNIVERSAL",
+    "universal",
     "pipeline",  # before any tensor-parallel layout: a pipeline has one mp_rank file per stage
     "tensor_parallel",
     "unsupported:TENSOR_PARALLEL",
@@ -55,6 +55,6 @@ def pick(ctx: LoadContext) -> Layout:
 
 
 #: the layouts a merge can be planned for
-MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "moe", "zero0", "tensor_parallel")
+MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "moe", "zero0", "tensor_parallel", "universal")
 
 __all__ = ["MERGEABLE", "REGISTRY", "Layout", "LoadContext", "layouts", "pick"]
