@@ -40,6 +40,8 @@ REFUSED = {
     "tensor_parallel": "a tensor-parallel run keeps its tp degree; write a universal checkpoint "
                        "(`zinspect merge PATH OUT --format universal`)",
     "moe": "expert-parallel groups are partitioned over their own ranks; not supported yet",
+    "universal": "a universal checkpoint loads at any data-parallel size as it is, with "
+                 "\"checkpoint\": {\"load_universal\": true}",
 }
 
 
