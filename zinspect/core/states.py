@@ -17,7 +17,8 @@ The moments are planned from `Checkpoint.state_fragments` (the masters' element 
 moment tensors of the same rank and group), so every layout that describes its masters gets
 its moments too, tensor-parallel shards included; they are streamed, CRC-verified and counted
 for NaN/Inf exactly as the weights. They are written as fp32 (their saved dtype; 16-bit moments
-would be upcast exactly): `--dtype` is for the weights. Frozen params have no moments; tied aliases are written once, under their owner.
+would be upcast exactly): `--dtype` is for the weights. Frozen params have no moments; tied
+aliases are written once, under their owner.
 """
 
 from __future__ import annotations
