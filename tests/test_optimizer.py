@@ -129,8 +129,10 @@ UNIVERSAL = sorted(p.parent.parent for p in FIXTURES.glob("**/*_universal/zero/o
 @pytest.mark.parametrize("tag", UNIVERSAL, ids=lambda p: p.parent.name)
 def test_universal_checkpoints_give_groups_step_and_state_keys(tag):
     """ds_to_universal's output: hyper-parameters from zero/optimizer_state.pt, the per-param
-    states from a param folder's file names, the step from its step.pt."""
-    opt = read_optimizer(open_checkpoint(tag))
+    states from a param folder's file names, the step from its step.pt; the view's numbers
+    from each param's fp32 / exp_avg / exp_avg_sq files."""
+    ckpt = open_checkpoint(tag)
+    opt = read_optimizer(ckpt)
     saved = torch_load(tag / "zero" / "optimizer_state.pt")
     assert opt.wrapper == "universal" and opt.source == "zero/optimizer_state.pt"
     assert opt.groups == hyper(saved["param_groups"])
@@ -138,6 +140,18 @@ def test_universal_checkpoints_give_groups_step_and_state_keys(tag):
     steps = sorted((tag / "zero").glob("*/step.pt"))
     if steps:
         assert opt.step == torch.load(steps[0], weights_only=True).item()
+    result = optimizer_stats(ckpt, opt)  # each param's numbers: torch's of its <state>.pt files
+    assert result.params and not result.left_out and not result.masters_only
+
+    def state(name, key):
+        saved = torch.load(tag / "zero" / name / f"{key}.pt", weights_only=False)
+        return (saved["param"] if isinstance(saved, dict) else saved).double().flatten()
+
+    for s in result.params:
+        x, m, v = (state(s.name, key) for key in ("fp32", "exp_avg", "exp_avg_sq"))
+        u = m.abs() / (v.sqrt() + opt.eps(s.group))
+        assert close(s.master.l2, x.norm().item()) and close(s.exp_avg.l2, m.norm().item())
+        assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item())
 
 
 def test_sgd_is_named_with_its_state_keys():
