@@ -29,7 +29,7 @@ from zinspect.tui.screens.param_detail import ParamDetailScreen
 from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
-from zinspect.tui.widgets.ranks_pane import RanksPane
+from zinspect.tui.widgets.ranks_pane import RankGrid, RanksPane
 
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
@@ -74,7 +74,7 @@ async def test_every_fixture_opens_on_every_tab(fixture):
         tree = app.screen.query_one(ParamTree)
         # params and buffers: both are written, so both are shown (issue 14.6)
         assert sum(n.data.count for n in tree.root.children) == len(ckpt.params) + len(ckpt.buffers)
-        ranks = app.screen.query_one("#rank-table", DataTable)
+        ranks = app.screen.query_one("#rank-table", RankGrid)  # one row per cell of the grid
         assert ranks.row_count == ckpt.world_size
         findings = app.screen.query_one("#findings-table", FindingTable)
         assert findings.row_count == len(ckpt.findings)
@@ -336,8 +336,8 @@ async def test_findings_on_a_damaged_copy_jump_to_rank_and_param(tmp_path):
         assert table.has_focus
         await pilot.press("enter")
         assert app.screen.query_one("#tabs").active == "tab-ranks"
-        ranks = app.screen.query_one(RanksPane).query_one("#rank-table", DataTable)
-        assert ranks.cursor_row == 1
+        ranks = app.screen.query_one(RanksPane).query_one("#rank-table", RankGrid)
+        assert ranks.cursor == 1
         await pilot.press("4", "down")
         assert "hint: restore the missing rank files" in text_of(
             app.screen.query_one("#finding-detail", Static))
@@ -546,8 +546,8 @@ async def test_a_rank_missing_its_optimizer_file_is_not_ok_in_ranks(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press("3")
-        ranks = app.screen.query_one(RanksPane).query_one("#rank-table", DataTable)
-        status = [str(ranks.get_row_at(i)[-1]) for i in range(ranks.row_count)]
+        ranks = app.screen.query_one(RanksPane).query_one("#rank-table", RankGrid)
+        status = [ranks.row_cells(i)[-1] for i in range(ranks.row_count)]
         assert status[0] == "ok"
         assert status[1].startswith("error: missing-optimizer-file"), status
 

@@ -7,6 +7,8 @@ what the merge writes under both names; `o` opens the owner.
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 from rich.table import Table
@@ -19,7 +21,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Header, Label, Static
 
 from zinspect.core import fmt
-from zinspect.core.model import Buffer, Fragment, Param, short_dtype
+from zinspect.core.model import Buffer, Checkpoint, Fragment, Param, short_dtype
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import Inspection
@@ -30,6 +32,64 @@ from zinspect.tui.widgets.coverage_bar import CoverageBar
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 
 READING = "reading the ranks' model states…"
+DIM_WORDS = {0: "rows", 1: "columns"}
+
+
+def placement(ckpt: Checkpoint, p: Param, fragments: list[Fragment] | None) -> list[tuple[str, Text]]:
+    """Where a param lives in a parallel run: its tensor-parallel shards (which tp rank holds
+    which rows or columns), the pipeline stage(s) and expert-parallel rank(s) of the files that
+    hold its fragments. Nothing for a plain ZeRO run."""
+    rows: list[tuple[str, Text]] = []
+    if p.shards:
+        text = Text()
+        for tp, shard in sorted(p.shards.items()):
+            text.append("\n" if tp != min(p.shards) else "")
+            text.append(f"tp {tp}: ", style="bold")
+            text.append(shard_text(p, shard))
+        rows.append(("shards", text))
+    topo = ckpt.topology
+    if fragments and (topo.pp > 1 or topo.ep > 1):
+        files = {f.name: f for f in ckpt.files}
+        coords = [files[f.file].coords for f in fragments if f.file in files]
+        text = Text()
+        for axis, word in (("pp", "pipeline stage"), ("ep", "expert-parallel rank")):
+            values = sorted({getattr(c, axis) for c in coords})
+            if getattr(topo, axis) > 1 and values:
+                text.append((" · " if text else "") + word + "s" * (len(values) > 1) + " "
+                            + ", ".join(map(str, values)))
+        experts = sorted({c.expert for c in coords if c.expert is not None})
+        if experts:
+            text.append(f" · expert{'s' * (len(experts) > 1)} {', '.join(map(str, experts))}")
+        if text:
+            rows.append(("held at", text))
+    return rows
+
+
+def shard_space(p: Param, fragments: list[Fragment]) -> tuple[int, list[Fragment]]:
+    """The elements the fragments index, and the fragments placed in them: a tp-sharded param's
+    fragments index its shards (`Fragment.shard`), laid end to end in tp order for the coverage
+    bar (a replicated param's every copy counts); else the param's own elements."""
+    if not p.shards:
+        return p.numel, fragments
+    starts, total = {}, 0
+    for tp, shard in sorted(p.shards.items()):
+        starts[tp] = total
+        total += math.prod(shard.shape)
+    return total, [replace(f, start=starts.get(f.shard, 0) + f.start) for f in fragments]
+
+
+def shard_text(p: Param, shard) -> str:
+    """`rows 8..16 of 16 (8×16)`, `columns 0..8 of 16`, or `whole (replicated)`."""
+    if shard.replicated:
+        return "the whole tensor (replicated: the merge writes tp 0's and compares the others)"
+    parts = []
+    for _, full in shard.maps:
+        cut = [(d, o, n) for d, (o, n) in enumerate(zip(full.offsets, full.sizes, strict=True))
+               if n != p.shape[d]]
+        parts.append(", ".join(f"{DIM_WORDS.get(d, f'dim {d}')} {fmt.count(o)}..{fmt.count(o + n)}"
+                               f" of {fmt.count(p.shape[d])}" for d, o, n in cut) or "all of it")
+    shape = "×".join(map(str, shard.shape))
+    return f"{'; '.join(parts)} (a {shape} shard)"
 
 
 class ParamDetailScreen(WorkerOutcomes, Screen):
@@ -139,8 +199,8 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         self.fragments = fragments
         self.refresh_facts()
         holder = self.holder
-        self.query_one("#coverage", CoverageBar).show(0 if holder is None else holder.numel,
-                                                      fragments)
+        total, laid = (0, []) if holder is None else shard_space(holder, fragments)
+        self.query_one("#coverage", CoverageBar).show(total, laid)
         table = self.query_one("#fragment-table", DataTable)
         table.clear()
         for f in fragments:
@@ -169,6 +229,8 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         grid.add_row("dtype", Text(f"{short_dtype(p.dtype)} in training · saved as {saved}"))
         grid.add_row("group", Text("—" if p.group is None else
                                    f"param group {p.group} · flat group {p.sub_group}"))
+        for key, value in placement(view.ckpt, self.holder or p, fragments):
+            grid.add_row(key, value)
         grid.add_row("kind", self.kind_text(p))
         excluded = name in view.excluded
         grid.add_row("merge", Text("excluded", style="red") if excluded else
@@ -225,8 +287,10 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         fragments, holder = self.fragments, self.holder
         if fragments is None or holder is None:
             return Text("…")
-        text = Text(f"{fmt.count(sum(f.numel for f in fragments))} of {fmt.count(holder.numel)} "
-                    f"elements in {len(fragments)} fragment(s)")
+        total, _ = shard_space(holder, [])
+        what = f"elements of its {len(holder.shards)} tp shards" if holder.shards else "elements"
+        text = Text(f"{fmt.count(sum(f.numel for f in fragments))} of {fmt.count(total)} "
+                    f"{what} in {len(fragments)} fragment(s)")
         if holder is not self.param:
             text.append(" of the owner")
         return text

@@ -17,7 +17,20 @@ from zinspect.report import totals
 from zinspect.tui.inspection import Inspection, display_path
 from zinspect.tui.text import Squeezed
 
-LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer"}
+LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer",
+                "pipeline": "pipeline parallel", "tensor_parallel": "tensor parallel",
+                "moe": "mixture of experts", "zero0": "ZeRO-0 (no partitioning)"}
+FEATURE_NAMES = {"offload": "CPU offload", "hpz": "ZeRO++ hpZ"}
+
+
+def topology_text(ckpt: Checkpoint) -> Text:
+    """pp x tp x dp x ep, the axes of size 1 dimmed: where the world size comes from."""
+    text = Text()
+    for i, axis in enumerate(("pp", "tp", "dp", "ep")):
+        n = getattr(ckpt.topology, axis)
+        text.append(" × " if i else "", style="dim")
+        text.append(f"{axis} {n}", style="" if n > 1 else "dim")
+    return text
 SEVERITY_STYLES = {ERROR: "bold red", WARNING: "yellow", INFO: "blue"}
 
 
@@ -45,6 +58,9 @@ def checkpoint_facts(ckpt: Checkpoint) -> Table:
         ("layout", f"ZeRO stage {'?' if ckpt.stage is None else ckpt.stage} · "
                    f"{LAYOUT_NAMES.get(ckpt.layout, ckpt.layout)}"),
         ("world size", str(ckpt.world_size) if ckpt.world_size is not None else "?"),
+        ("topology", topology_text(ckpt)),
+        *([("features", Text(", ".join(FEATURE_NAMES.get(f, f) for f in ckpt.features)))]
+          if ckpt.features else []),
         ("dtypes", f"training {short_dtype(ckpt.dtype)} · master {short_dtype(ckpt.master_dtype)}"),
         ("DeepSpeed", ckpt.ds_version or "?"),
         *_peft_row(ckpt),

@@ -1,84 +1,220 @@
-"""The Ranks tab: per rank its files and partitions, and a ranks × groups matrix."""
+"""The Ranks tab: a grid over the parallel axes (pp x tp x dp, ep beside dp) with, per cell, its
+files, the elements its optimizer partitions hold, how many of its slice's flat groups it holds
+a partition of (its coverage) and a status; then
+the partition elements of each cell in each flat group.
+
+Both tables draw only the rows on screen (Line API): 512 ranks, or 8 tp x 4 pp x 16 dp, stay
+fast. Cells come from the topology's sizes, so a missing rank file is a row of its own.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from rich.style import Style
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import DataTable, Label
+from textual.widgets import Label
 
 from zinspect.core import fmt
-from zinspect.core.model import Checkpoint
+from zinspect.core.model import ERROR, INFO, Checkpoint, Finding, ParamGroup, RankFile
+from zinspect.tui.widgets.overview import SEVERITY_STYLES
+from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
 #: groups shown as matrix columns; ZeRO-3 sub-groups can number thousands
 MATRIX_MAX_GROUPS = 64
+#: the files a cell is made of (layer and expert files belong to no dp rank)
+CELL_KINDS = ("optim", "model")
+SLICE_AXES = ("tp", "pp", "ep")
 
 
-def rank_status(ckpt: Checkpoint, rank: int, file_names: set[str]) -> str:
-    """"ok" only when no finding names the rank or one of its files: a missing optimizer
-    file is a finding about the rank, not a file of it that failed to read."""
-    found = [f for f in ckpt.findings if f.rank == rank or f.file in file_names]
-    if not found:
-        return "ok"
-    worst = next((f for f in found if f.severity == "error"), found[0])
-    more = f" +{len(found) - 1}" if len(found) > 1 else ""
-    return f"{worst.severity}: {worst.code}{more}"
+@dataclass
+class Cell:
+    """One rank of the grid: data-parallel rank `dp` of the (tp, pp) slice."""
+
+    pp: int
+    tp: int
+    dp: int
+    files: list[RankFile] = field(default_factory=list)
+    held: int = 0  # elements of the optimizer partitions its file holds
+    padding: int = 0
+    groups: int = 0  # flat groups it holds a partition of
+    slice_groups: int = 0  # flat groups partitioned over its slice (its dp group)
+    by_group: dict[int, tuple[int, int]] = field(default_factory=dict)  # index -> (held, pad)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def optim(self) -> RankFile | None:
+        return next((f for f in self.files if f.kind == "optim"), None)
+
+    @property
+    def ep(self) -> int | None:
+        return self.optim.coords.ep if self.optim is not None else None
+
+    #: the layout saves an optimizer file per rank (ZeRO-0 keeps the state in the model file)
+    per_rank: bool = True
+
+    def status(self) -> str:
+        """"ok" only when no finding names the cell's files or its rank: a missing optimizer
+        file is a finding about the rank, not about a file that failed to read."""
+        found = sorted((f for f in self.findings if f.severity != INFO),
+                       key=lambda f: f.severity != ERROR)
+        if not found:
+            if self.optim is None and self.per_rank:
+                return "missing"
+            return "ok" if self.files or self.dp == 0 else "ok (a replica: not saved)"
+        more = f" +{len(found) - 1}" if len(found) > 1 else ""
+        return f"{found[0].severity}: {found[0].code}{more}"
 
 
-def rank_numbers(ckpt: Checkpoint) -> list[int]:
-    ranks = {f.rank for f in ckpt.files if f.rank is not None}
-    if ckpt.world_size:
-        ranks.update(range(ckpt.world_size))
-    return sorted(ranks)
+def grid_cells(ckpt: Checkpoint) -> list[Cell]:
+    """Every coordinate of pp x tp x dp (from the topology and the files found), its files, the
+    partitions its optimizer file holds and the findings about it; in pp, tp, dp order."""
+    topo = ckpt.topology
+    optim = [f for f in ckpt.files if f.kind == "optim"]
+    dp = max([topo.dp, *(f.coords.dp + 1 for f in optim)])
+    cells = {(p, t, d): Cell(p, t, d) for p in range(topo.pp) for t in range(topo.tp)
+             for d in range(dp)}
+    for f in ckpt.files:
+        if f.kind in CELL_KINDS:
+            key = (f.coords.pp, f.coords.tp, f.coords.dp)
+            cells.setdefault(key, Cell(*key)).files.append(f)
+    for cell in cells.values():
+        cell.per_rank = bool(optim)
+    _hold(ckpt, cells)
+    by_file = {f.name: cell for cell in cells.values() for f in cell.files}
+    single = topo.tp * topo.pp == 1
+    for finding in ckpt.findings:
+        cell = by_file.get(finding.file or "")
+        if cell is not None:
+            cell.findings.append(finding)
+        elif finding.rank is not None and finding.file is None:
+            # a finding about a rank (its file is missing): the rank's cells without that file
+            for c in cells.values():
+                if c.dp == finding.rank and (single or c.optim is None):
+                    c.findings.append(finding)
+    return [cells[k] for k in sorted(cells)]
+
+
+def _hold(ckpt: Checkpoint, cells: dict[tuple[int, int, int], Cell]) -> None:
+    """What each cell's optimizer file holds: a group's partition r (of its slice's dp group,
+    for MoE the expert-data-parallel group) is the r-th optimizer file of the slice, by dp.
+    This mirrors the layouts' partition order for display only; coverage itself is core's."""
+    slice_files: dict[tuple, list[RankFile]] = defaultdict(list)
+    # ZeRO-0 keeps the optimizer state in the model states: those files hold the groups
+    kind = "optim" if any(f.kind == "optim" for f in ckpt.files) else "model"
+    optim = sorted((f for f in ckpt.files if f.kind == kind), key=lambda f: f.coords.dp)
+    cell_of = {f.name: cell for cell in cells.values() for f in cell.files}
+    for f in optim:
+        slice_files[_slice(f.coords)].append(f)
+    for g in ckpt.groups:
+        files = _group_files(g, slice_files, optim)
+        for r, numel in g.partition_numel.items():
+            if r < len(files):
+                cell = cell_of[files[r].name]
+                pad = g.padding.get(r, 0)
+                cell.held += numel
+                cell.padding += pad
+                cell.by_group[g.index] = (numel, pad)
+                cell.groups += 1
+        for f in files:
+            cell_of[f.name].slice_groups += 1
+
+
+def _slice(coords) -> tuple:
+    return tuple(getattr(coords, a) for a in SLICE_AXES)
+
+
+def _group_files(g: ParamGroup, slice_files: dict[tuple, list[RankFile]],
+                 optim: list[RankFile]) -> list[RankFile]:
+    """The optimizer files a group is partitioned over, in partition order: every file for a
+    group of the layout's one slice (a dense group of an MoE run too), else its slice's (tp
+    rank, pipeline stage, or expert-parallel rank for an expert group)."""
+    if g.coords is None:
+        return optim
+    return slice_files.get(_slice(g.coords), [])
+
+
+class RankGrid(VirtualTable):
+    """One row per cell of the grid (a rank of a slice); enter or a click does nothing more
+    than highlight: the Findings tab jumps here."""
+
+    def __init__(self, ckpt: Checkpoint, cells: list[Cell], **kwargs) -> None:
+        topo = ckpt.topology
+        self.axes = [a for a in ("pp", "tp") if getattr(topo, a) > 1] + ["dp"] + \
+            (["ep"] if topo.ep > 1 else [])
+        self.cells = cells
+        columns = [Column(a, max(2, len(str(max([getattr(c, a) or 0 for c in cells] + [0])))),
+                          right=True) for a in self.axes]
+        columns += [Column("files", 24, flex=True), Column("held", 10, right=True),
+                    Column("+pad", 5, right=True), Column("groups", 6, right=True, drop=1),
+                    Column("status", max([6, *(len(c.status()) for c in cells[:2000])]))]
+        super().__init__(columns, len(cells), **kwargs)
+        self.flex_wants = 40
+
+    def row_cells(self, index: int) -> list[str]:
+        c = self.cells[index]
+        files = " · ".join(f"{f.kind} {fmt.size(f.size)}" for f in c.files) or "—"
+        groups = f"{c.groups}/{c.slice_groups}" if c.slice_groups else ""
+        return [*(str(getattr(c, a)) if getattr(c, a) is not None else "" for a in self.axes),
+                files, fmt.count(c.held), fmt.count(c.padding) if c.padding else "", groups,
+                c.status()]
+
+    def cell_style(self, index: int, column: int) -> Style | None:
+        if column != len(self.columns) - 1:
+            return None
+        c = self.cells[index]
+        status = c.status()
+        if status == "ok":
+            return Style(color="green")
+        return Style.parse(SEVERITY_STYLES.get(status.split(":")[0], "bold red"))
+
+
+class GroupMatrix(VirtualTable):
+    """The partition elements of each cell in each flat group (+ padding)."""
+
+    def __init__(self, grid: RankGrid, groups: list[int], **kwargs) -> None:
+        columns = [*grid.columns[:len(grid.axes)],
+                   *(Column(f"group {g}", max(8, len(f"group {g}")), right=True) for g in groups)]
+        super().__init__(columns, len(grid.cells), **kwargs)
+        self.grid, self.groups = grid, groups
+
+    def row_cells(self, index: int) -> list[str]:
+        c = self.grid.cells[index]
+        out = self.grid.row_cells(index)[:len(self.grid.axes)]
+        for g in self.groups:
+            held = c.by_group.get(g)
+            out.append("—" if held is None else fmt.count(held[0]) + (f" +{held[1]}" if held[1] else ""))
+        return out
 
 
 class RanksPane(Vertical):
-    """Two tables: one row per rank, then the partition numel of each rank in each group."""
+    """The grid of ranks, then the ranks x groups matrix."""
 
     def __init__(self, ckpt: Checkpoint, **kwargs) -> None:
         super().__init__(**kwargs)
         self.ckpt = ckpt
+        self.cells = grid_cells(ckpt)
 
     def compose(self) -> ComposeResult:
-        yield Label("Ranks", classes="section-title")
-        yield DataTable(id="rank-table", cursor_type="row", zebra_stripes=True)
-        groups = len(self.ckpt.groups)
-        note = f" (first {MATRIX_MAX_GROUPS} of {groups})" if groups > MATRIX_MAX_GROUPS else ""
-        yield Label(f"Partition elements per rank × group, + padding{note}",
-                    classes="section-title")
-        yield DataTable(id="rank-matrix", cursor_type="row", zebra_stripes=True)
-
-    def on_mount(self) -> None:
-        ckpt = self.ckpt
-        ranks = rank_numbers(ckpt)
-        table = self.query_one("#rank-table", DataTable)
-        table.add_columns("rank", "files", "total", "groups", "partition numel", "padding", "status")
-        for r in ranks:
-            files = [f for f in ckpt.files if f.rank == r]
-            held = [g for g in ckpt.groups if r in g.partition_numel]
-            status = rank_status(ckpt, r, {f.name for f in files})
-            table.add_row(
-                str(r),
-                " · ".join(f"{f.kind} {fmt.size(f.size)}" for f in files) or "—",
-                fmt.size(sum(f.size for f in files)),
-                str(len(held)),
-                fmt.count(sum(g.partition_numel[r] for g in held)),
-                fmt.count(sum(g.padding.get(r, 0) for g in held)),
-                status,
-                key=str(r),
-            )
-        matrix = self.query_one("#rank-matrix", DataTable)
-        shown = ckpt.groups[:MATRIX_MAX_GROUPS]
-        matrix.add_columns("rank", *(f"group {g.index}" for g in shown))
-        for r in ranks:
-            cells = []
-            for g in shown:
-                n = g.partition_numel.get(r)
-                pad = g.padding.get(r, 0)
-                cells.append("—" if n is None else fmt.count(n) + (f" +{pad}" if pad else ""))
-            matrix.add_row(str(r), *cells, key=str(r))
+        ckpt, topo = self.ckpt, self.ckpt.topology
+        shape = " × ".join(f"{a} {getattr(topo, a)}" for a in ("pp", "tp", "dp", "ep")
+                           if getattr(topo, a) > 1 or a == "dp")
+        others = [f for f in ckpt.files if f.kind not in CELL_KINDS]
+        note = f"; {len(others)} layer/expert files in the Overview" if others else ""
+        yield Label(f"Ranks: {shape}, {len(self.cells)} cells{note}", classes="section-title")
+        grid = RankGrid(ckpt, self.cells, id="rank-table")
+        yield grid
+        indices = sorted({g.index for g in ckpt.groups})
+        note = f" (first {MATRIX_MAX_GROUPS} of {len(indices)})" if len(indices) > MATRIX_MAX_GROUPS else ""
+        yield Label(f"Partition elements per rank × group, + padding{note}", classes="section-title")
+        yield GroupMatrix(grid, indices[:MATRIX_MAX_GROUPS], id="rank-matrix")
 
     def show_rank(self, rank: int) -> None:
-        table = self.query_one("#rank-table", DataTable)
-        if str(rank) in table.rows:
-            table.move_cursor(row=table.get_row_index(str(rank)))
-        table.focus()
+        """The first cell of data-parallel rank `rank` (a finding names the dp rank)."""
+        grid = self.query_one(RankGrid)
+        index = next((i for i, c in enumerate(self.cells) if c.dp == rank), None)
+        if index is not None:
+            grid.cursor = index
+        grid.focus()
