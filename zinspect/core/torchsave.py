@@ -326,6 +326,10 @@ def stream_tensors(files: list[OutFile]) -> list[OutputTensor]:
             for op in [*ops, 0]:
                 if isinstance(op, Piece):
                     run.append(op)
+                elif run and src == st.dtype:  # bytes copied as they are: no NaN/Inf count
+                    n = sum(p.nbytes for p in run)
+                    out.append(OutputTensor(f"{f.name}:{st.key}", (n,), "uint8", "uint8", run))
+                    run = []
                 elif run:
                     n = sum(p.nbytes for p in run) // DTYPE_SIZES[src]
                     out.append(OutputTensor(f"{f.name}:{st.key}", (n,), st.dtype, src, run))
