@@ -325,3 +325,16 @@ def test_format_universal_refuses_what_it_cannot_honour(tmp_path, args):
     r = run_zinspect("merge", FIXTURES / "s2_w2_bf16", out, "--format", "universal", *args)
     assert r.returncode == 2 and args[0] in r.stderr, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_previewed_size_is_what_the_plan_writes(dtype):
+    """The app's size preview (plan.output_nbytes) follows the same dtype rule as the plan:
+    16-bit floats for params and float buffers, int buffers as they are."""
+    from zinspect.core.plan import output_nbytes
+
+    ckpt = open_checkpoint(FIXTURES / "s2_w2_bf16")
+    excluded = {"encoder.cube"}
+    plan = plan_merge(ckpt, Selection(exclude_globs=["encoder.cube"]), dtype=dtype)
+    assert output_nbytes(ckpt, excluded, dtype) == plan.total_bytes
+    assert any(b.dtype == "int64" for b in ckpt.buffers.values())

@@ -101,8 +101,10 @@ def src_env(src: Path | None) -> dict | None:
 def engine(ckpt: Path, out: Path, src: Path | None = None) -> float:
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run([sys.executable, "-c", ENGINE, str(ckpt), str(out)],
-                          capture_output=True, text=True, check=True,
+                          capture_output=True, text=True,
                           env={**os.environ, **(src_env(src) or {})})
+    if proc.returncode != 0:
+        sys.exit(f"the engine run failed on {ckpt}:\n{proc.stderr[-3000:]}")
     return float(proc.stdout)
 
 

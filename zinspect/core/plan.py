@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from zinspect.core import layouts
+from zinspect.core.coverage import first_problem
 from zinspect.core.fmt import shown
 from zinspect.core.model import ERROR, Checkpoint, Finding, Fragment, Param
 from zinspect.core.selection import Selection
@@ -210,8 +211,7 @@ def param_problem(p: Param, fragments: Sequence[Fragment] | None = None) -> str 
         return "no rank file holds it"
     if p.shards:
         return shardplan.problem(p, fragments)
-    return shardplan.range_problem(sorted((f for f in fragments if f.numel),
-                                          key=lambda f: f.start), p.numel)
+    return first_problem(p.numel, list(fragments))
 
 
 def param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
@@ -234,6 +234,15 @@ def param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
     return OutputTensor(name, p.shape, out, src, pieces, tied_to, weaves,
                         [] if tied_to else [OutputTensor(name, p.shape, src, src, m, replica=t)
                                             for t, m in mirrors.items()])
+
+
+def output_nbytes(ckpt: Checkpoint, excluded: set[str], dtype: str = "float32") -> int:
+    """The bytes a merge at `dtype` writes for the params and buffers not `excluded`, without
+    planning it (the app's preview): params are written from fp32 (masters, upcast 16-bit)."""
+    params = sum(p.numel for n, p in ckpt.params.items() if n not in excluded)
+    return params * DTYPE_SIZES[_out_dtype("float32", dtype)] + sum(
+        b.numel * DTYPE_SIZES.get(_out_dtype(b.dtype, dtype), 4)
+        for n, b in ckpt.buffers.items() if n not in excluded)
 
 
 def _out_dtype(natural: str, dtype: str) -> str:

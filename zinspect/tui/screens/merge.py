@@ -27,9 +27,8 @@ from textual.worker import Worker, WorkerState, get_current_worker
 from zinspect.core import fmt, peft
 from zinspect.core.dtypes import OUTPUT_DTYPES
 from zinspect.core.merge import MergeResult, merge, parse_size
-from zinspect.core.plan import plan_merge
+from zinspect.core.plan import output_nbytes, plan_merge
 from zinspect.core.stream import Progress, ShouldStop
-from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.core.writers import WRITERS, writer
 from zinspect.errors import MergeCancelled, NotMergeable, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
@@ -45,9 +44,6 @@ class MergeRequest:
     salvage: bool
     dtype: str = "fp32"
     peft: bool = False
-
-
-FLOATS = ("float32", "bfloat16", "float16")
 
 
 #: the app's hint for a merge validation refuses: the CLI's names `zinspect validate`/--salvage
@@ -181,11 +177,7 @@ class MergeScreen(ModalScreen[None]):
         """The preview's size: 16-bit output halves every float, buffers' ints keep theirs."""
         if dtype == "fp32":
             return self.view.output.nbytes
-        ckpt, excluded = self.view.ckpt, self.view.excluded
-        params = sum(2 * p.numel for n, p in ckpt.params.items() if n not in excluded)
-        buffers = sum(b.numel * (2 if b.dtype in FLOATS else DTYPE_SIZES.get(b.dtype, 4))
-                      for n, b in ckpt.buffers.items() if n not in excluded)
-        return params + buffers
+        return output_nbytes(self.view.ckpt, self.view.excluded, OUTPUT_DTYPES[dtype])
 
     @on(RadioSet.Changed, "#merge-dtype")
     def dtype_changed(self, event: RadioSet.Changed) -> None:
