@@ -196,15 +196,14 @@ class OptimizerScreen(WorkerOutcomes, Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="optimizer",
           description="reading the optimizer state")
-    def run_optimizer(self, progress: Progress,
-                      stop_requested: ShouldStop) -> tuple[OptimizerState, OptimizerStats]:
+    def run_optimizer(self, progress: Progress, stop_requested: ShouldStop) -> OptimizerStats:
         from zinspect.core.optimizer_stats import optimizer_stats
 
         worker = get_current_worker()
         opt = read_optimizer(self.ckpt)
         self.app.call_from_thread(self.show_head, opt)
-        return opt, optimizer_stats(self.ckpt, opt, progress=progress,
-                                    should_stop=lambda: stop_requested() or worker.is_cancelled)
+        return optimizer_stats(self.ckpt, opt, progress=progress,
+                               should_stop=lambda: stop_requested() or worker.is_cancelled)
 
     def show_head(self, opt: OptimizerState) -> None:
         """What the optimizer is, its groups and loss scale: shown before the values come."""
@@ -215,10 +214,11 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         if not opt.adam and opt.state_keys:
             lines.append(shown(f"{opt.name} keeps no Adam moments "
                                f"({', '.join(opt.state_keys[:6])}): the masters' norms only", 300))
-        self.query_one("#optim-summary", Label).update(Text("\n".join(lines)))
+        for label in self.query("#optim-summary").results(Label):  # none once dismissed
+            label.update(Text("\n".join(lines)))
 
-    async def worker_succeeded(self, group: str, result: tuple[OptimizerState, OptimizerStats]) -> None:
-        self.result = result[1]
+    async def worker_succeeded(self, group: str, result: OptimizerStats) -> None:
+        self.result = result
         await self.query_one("#optim-running").remove()
         params = self.result.params
         adam = any(r.update is not None for r in params)
