@@ -307,3 +307,18 @@ def test_lazy_fragments_read_by_two_threads_at_once():
         t.join()
     assert seen == [4, 4]  # neither thread saw a half-built (empty) list
     assert [f.rank for f in frags] == [0, 1, 2, 3]
+
+
+def test_coverage_walk_pads_a_rank_past_the_params_end():
+    """ZeRO-3 at ws 5: a 7-element param gives rank 4 no element and 2 padding; that is not a
+    missing element (the app's coverage bar showed one) and not a gap."""
+    from zinspect.core.coverage import cover, first_problem
+
+    p = open_checkpoint(FIXTURES / "s3_w5_bf16_small").params["encoder.odd.bias"]
+    cov = cover(p.numel, p.fragments)
+    assert cov.segments == [("rank", 0, 2), ("rank", 1, 2), ("rank", 2, 2), ("rank", 3, 1),
+                            ("pad", 3, 1), ("pad", 4, 2)]
+    assert cov.gaps == cov.overlaps == [] and first_problem(p.numel, list(p.fragments)) is None
+    frags = [f for f in p.fragments if f.rank != 1]
+    assert first_problem(p.numel, frags) == "elements 2..4 are missing"
+    assert first_problem(p.numel, [*p.fragments, p.fragments[0]]) == "elements 0..2 are held twice"

@@ -95,3 +95,21 @@ def test_human_output_uses_rich_but_not_torch():
         f"    assert main(['info', {str(FIXTURES / 's2_w4_fp16')!r}]) == 0\n")
     assert "rich" in mods
     assert not mods & {"torch", "textual", "numpy"}
+
+
+def test_every_core_module_imports_nothing_heavy():
+    """Each module of zinspect.core, found by walking the package (a new module is covered
+    without editing this test), imported in a fresh interpreter: no torch, textual or rich."""
+    import pkgutil
+
+    import zinspect.core
+
+    names = sorted(m.name for m in pkgutil.walk_packages(zinspect.core.__path__, "zinspect.core."))
+    assert {"zinspect.core.load", "zinspect.core.layouts.zero3", "zinspect.core.validate"} <= \
+        set(names)
+    heavy = {"torch", "textual", "rich"}
+    mods = _modules_after("\n".join(f"import {name}" for name in names))
+    assert set(names) <= mods
+    if mods & heavy:  # name the module that pulls them in
+        culprits = [n for n in names if _modules_after(f"import {n}") & heavy]
+        raise AssertionError(f"{culprits} import {sorted(mods & heavy)}")

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import os
 
-from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile
+from zinspect.core.codes import finding
+from zinspect.core.model import Checkpoint, Finding, RankFile
 from zinspect.core.readfiles import SourceFiles
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.torchzip import (
@@ -124,7 +125,7 @@ def _check_pickles(ckpt: Checkpoint, findings: list[Finding], tick) -> None:
         try:
             tf = read_torch_file(rf.path, memo)
         except UnreadableFile as e:
-            findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: its pickle cannot "
+            findings.append(finding("record-unreadable", f"{rf.name}: its pickle cannot "
                                     "be read, so it was not checked for code that torch.load "
                                     f"would run ({_why(e, str(rf.path))})", e.hint or
                                     "do not load this file with torch; copy it again",
@@ -146,7 +147,7 @@ def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple[RankFi
         if rf.format != "zip" or rf.recovered:
             why = "its zip directory is lost (truncated)" if rf.recovered else \
                 "the legacy torch format stores no checksums"
-            findings.append(Finding(INFO, "crc-unavailable", f"{rf.name}: no CRCs to check: {why}",
+            findings.append(finding("crc-unavailable", f"{rf.name}: no CRCs to check: {why}",
                                     file=rf.name, rank=rf.rank))
             continue
         try:
@@ -155,7 +156,7 @@ def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple[RankFi
         except (NoZipDirectory, OSError) as e:
             why = (e.strerror or str(e)) if isinstance(e, OSError) else \
                 "its end record or entries are missing or malformed"
-            findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: its zip directory "
+            findings.append(finding("record-unreadable", f"{rf.name}: its zip directory "
                                     f"cannot be read now ({why})", "the file changed or is "
                                     "damaged; copy it again", file=rf.name, rank=rf.rank))
     return out
@@ -169,7 +170,7 @@ def _check_crc(files: SourceFiles, view: memoryview, rf: RankFile, name: str,
         offset = local_data_offset(header_offset,
                                    bytes(_pread(files, view, path, header_offset, LOCAL_HEADER)))
         if offset is None:
-            findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} has "
+            findings.append(finding("record-unreadable", f"{rf.name}: record {name} has "
                                     "no local header where the zip directory says",
                                     "the file is damaged; copy it again", **where))
             tick(size, rf.name)
@@ -183,16 +184,16 @@ def _check_crc(files: SourceFiles, view: memoryview, rf: RankFile, name: str,
             check.feed(offset + check.cursor, data)
             tick(len(data), rf.name)
     except (OSError, UnreadableFile) as e:
-        findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} cannot "
+        findings.append(finding("record-unreadable", f"{rf.name}: record {name} cannot "
                                 f"be read ({_why(e, path)})", "check the file", **where))
         return
     if not check.done:
-        findings.append(Finding(ERROR, "record-unreadable", f"{rf.name}: record {name} holds "
+        findings.append(finding("record-unreadable", f"{rf.name}: record {name} holds "
                                 f"{check.cursor:,} of its {size:,} bytes", "the file is "
                                 "truncated; copy it again", **where))
         tick(size - check.cursor, rf.name)
     elif check.failed:
-        findings.append(Finding(ERROR, "crc-mismatch", check.problem(), CRC_HINT, **where))
+        findings.append(finding("crc-mismatch", check.problem(), CRC_HINT, **where))
 
 
 def _planned_tensors(ckpt: Checkpoint, findings: list[Finding]) -> list:
@@ -201,7 +202,7 @@ def _planned_tensors(ckpt: Checkpoint, findings: list[Finding]) -> list:
     try:
         plan = plan_merge(ckpt, salvage=True)
     except ZinspectError as e:
-        findings.append(Finding(INFO, "values-unchecked", f"NaN/Inf not counted: {e.message}",
+        findings.append(finding("values-unchecked", f"NaN/Inf not counted: {e.message}",
                                 e.hint))
         return []
     # tied aliases share their owner's bytes: count them once, under the owner's name
@@ -233,7 +234,7 @@ def _check_values(files: SourceFiles, view: memoryview, t, rank_of: dict,
             pass
         if done < piece.nbytes:
             rf = rank_of.get(piece.path)
-            findings.append(Finding(ERROR, "record-unreadable", f"{t.name}: only {done:,} of "
+            findings.append(finding("record-unreadable", f"{t.name}: only {done:,} of "
                                     f"{piece.nbytes:,} bytes could be read from "
                                     f"{os.path.basename(piece.path)}", "the file changed or is "
                                     "truncated; copy it again", file=rf.name if rf else None,
@@ -244,7 +245,7 @@ def _check_values(files: SourceFiles, view: memoryview, t, rank_of: dict,
     source = "fp32 masters" if t.src_dtype == "float32" else f"saved {t.src_dtype} values"
     for count, code, what in ((nan, "nan-values", "NaN"), (inf, "inf-values", "Inf")):
         if count:
-            findings.append(Finding(WARNING, code, f"{t.name}: {count:,} of {t.numel:,} "
+            findings.append(finding(code, f"{t.name}: {count:,} of {t.numel:,} "
                                     f"values are {what} in its {source}",
                                     "training diverged before this save (or the bytes are "
                                     "corrupt: see crc-mismatch); use an earlier checkpoint",

@@ -24,6 +24,7 @@ import bisect
 import math
 from collections.abc import Callable, Iterable
 
+from zinspect.core.coverage import first_problem
 from zinspect.core.model import Fragment, Param
 from zinspect.core.plan import Piece, Weave
 from zinspect.core.torchzip import DTYPE_SIZES
@@ -44,21 +45,6 @@ def shard_fragments(p: Param, fragments: Iterable[Fragment] | None = None
     return out
 
 
-def range_problem(frags: list[Fragment], numel: int) -> str | None:
-    """Why `frags` (by start) do not hold elements [0, numel) exactly once, all in their files."""
-    pos = 0
-    for f in frags:
-        if f.start != pos:
-            return f"elements {pos:,}..{f.start:,} are missing" if f.start > pos else \
-                f"elements {f.start:,}..{pos:,} are held twice"
-        if not f.intact or f.offset is None:
-            return f"rank {f.rank}'s bytes are not all in {f.file} (truncated?)"
-        pos += f.numel
-    if pos != numel:
-        return f"elements {pos:,}..{numel:,} are missing"
-    return None
-
-
 def problem(p: Param, fragments: Iterable[Fragment] | None = None) -> str | None:
     """Why the sharded param `p` (or its `fragments` of another optimizer state) cannot be
     streamed (None: it can)."""
@@ -68,7 +54,7 @@ def problem(p: Param, fragments: Iterable[Fragment] | None = None) -> str | None
     if len({f.dtype for frags in held.values() for f in frags}) > 1:
         return "its tp shards are saved in different dtypes"
     for t, shard in sorted(p.shards.items()):
-        why = range_problem(held[t], math.prod(shard.shape))
+        why = first_problem(math.prod(shard.shape), held[t])
         if why:
             return f"tp rank {t}'s shard: {why}"
     kinds = {s.replicated for s in p.shards.values()}

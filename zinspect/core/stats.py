@@ -14,7 +14,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from zinspect.core.model import WARNING, Finding
+from zinspect.core.codes import finding
+from zinspect.core.model import Finding
 from zinspect.core.plan import OutputTensor
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchzip import DTYPE_SIZES
@@ -196,6 +197,6 @@ def tensor_nonfinite(name: str, numel: int, nan: int, inf: int, source: str = ""
     out = []
     for count, code, what in ((nan, "nan-values", "NaN"), (inf, "inf-values", "Inf")):
         if count:
-            out.append(Finding(WARNING, code, f"{name}: {count:,} of {numel:,} values are {what}"
+            out.append(finding(code, f"{name}: {count:,} of {numel:,} values are {what}"
                                + (f" in {source}" if source else ""), NONFINITE_HINT, param=name))
     return out

@@ -5,12 +5,12 @@ saved whole, buffers, dtypes and the Adam moments' tensors (`finish`, `attach_mo
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from zinspect.core.layouts import topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
-from zinspect.core.model import MOMENTS, Buffer, Finding, Param, RankFile
+from zinspect.core.model import MOMENTS, Buffer, Param, RankFile
 from zinspect.core.torchzip import TensorRef, TorchFile
 
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
@@ -230,10 +230,9 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
         c.params[name] = p
     if untied:  # folded under the missing rank-0 file: one cause, one finding
         i, f = next((i, f) for i, f in enumerate(c.findings) if f.code == "rank0-model-missing")
-        c.findings[i] = Finding(f.severity, f.code, f"{f.message}; {len(untied)} tied "
-                                f"alias(es) cannot be linked and are left out "
-                                f"({', '.join(untied[:3])}{', ...' if len(untied) > 3 else ''})",
-                                f.hint, f.file, f.rank)
+        c.findings[i] = replace(f, message=f"{f.message}; {len(untied)} tied alias(es) cannot "
+                                f"be linked and are left out ({', '.join(untied[:3])}"
+                                f"{', ...' if len(untied) > 3 else ''})")
     if not c.params:
         ctx.find("no-params", f"{model_file.name} names no parameters: its module and "
                  "param_shapes are missing or malformed", "the model-states file is damaged or "

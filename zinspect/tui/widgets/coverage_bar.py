@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widget import Widget
 
+from zinspect.core.coverage import cover
 from zinspect.core.model import Fragment
 
 RANK_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -15,19 +16,7 @@ MISSING_STYLE = "bold white on #a00000"
 
 def coverage_segments(numel: int, fragments: list[Fragment]) -> list[tuple[str, int | None, int]]:
     """(kind, rank, elements) in element order; kind is "rank", "pad" or "missing"."""
-    out: list[tuple[str, int | None, int]] = []
-    pos = 0
-    for f in sorted(fragments, key=lambda f: (f.start, f.rank)):
-        if f.start > pos:
-            out.append(("missing", None, f.start - pos))
-        if f.numel:
-            out.append(("rank", f.rank, f.numel))
-        if f.padding:
-            out.append(("pad", f.rank, f.padding))
-        pos = max(pos, f.start + f.numel)
-    if pos < numel:
-        out.append(("missing", None, numel - pos))
-    return out
+    return cover(numel, fragments).segments
 
 
 def _widths(lengths: list[int], width: int) -> list[int]:
