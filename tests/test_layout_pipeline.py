@@ -15,6 +15,7 @@ from conftest import FIXTURES, run_zinspect
 
 import zinspect
 from zinspect.core import open_checkpoint
+from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.merge import plan_merge
 from zinspect.errors import NotMergeable
 
@@ -190,3 +191,27 @@ def test_stale_file_of_another_topology(tmp_path, stale, source):
                          stale)]
     with pytest.raises(NotMergeable):
         plan_merge(c)
+
+
+def test_missing_coords_visits_only_what_is_there():
+    assert missing_coords({(0, 0), (0, 1), (1, 1)}, (2, 2)) == (1, [(1, 0)])
+    assert missing_coords({(0,), (5,)}, (3,)) == (2, [(1,), (2,)])  # (5,) is outside
+    total, first = missing_coords({(0, 0)}, (10**9, 10**9), limit=3)
+    assert (total, first) == (10**18 - 1, [(0, 1), (0, 2), (0, 3)])
+
+
+def test_a_forged_stage_count_costs_what_the_files_cost(tmp_path):
+    """checkpoint_parallel_dimensions saying a million stages: 16 located missing stages, then
+    one finding for the rest (nothing walks the million)."""
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    for s in (0, 1):
+        path = tag / f"mp_rank_{s:02d}_model_states.pt"
+        state = torch.load(path, weights_only=False)
+        state["checkpoint_parallel_dimensions"]["pp_degree"] = 10**6
+        torch.save(state, path)
+    c = open_checkpoint(tag.parent)
+    stages = [f for f in c.findings if f.code == "missing-stage-file"]
+    assert [f.file for f in stages[:16]] == [f"mp_rank_{s:02d}_model_states.pt" for s in range(2, 18)]
+    assert len(stages) == 17 and stages[16].message.startswith(f"{10**6 - 2 - 16} more stage files")
+    optim = [f for f in c.findings if f.code == "missing-optimizer-file"]
+    assert len(optim) == 17 and optim[0].file == "zero_pp_rank_0_mp_rank_02_optim_states.pt"

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-#: frontier states explored per param before giving up (an adversarial file must not hang us)
+#: frontier states kept per param, and explored in all, before giving up (an adversarial file
+#: must not hang us; real models keep a handful per param)
 MAX_STATES = 20_000
+MAX_WORK = 2_000_000
 
 
 @dataclass
@@ -41,6 +43,7 @@ def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]]
         return GroupOrder(problem="none")
     # frontier: pointers per group -> (ways capped at 2, back link); step i consumes params[i]
     frontier: dict[tuple, tuple[int, object]] = {(0,) * k: (1, None)}
+    work = 0
     for i, (_, shape) in enumerate(params):
         nxt: dict[tuple, tuple[int, object]] = {}
         for ptrs, (ways, link) in frontier.items():
@@ -50,7 +53,8 @@ def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]]
                 if ptrs[g] < lengths[g] and tuple(groups[g][ptrs[g]]) == tuple(shape):
                     moved = ptrs[:g] + (ptrs[g] + 1,) + ptrs[g + 1:]
                     _add(nxt, moved, ways, (link, i, g))
-        if len(nxt) > MAX_STATES:
+        work += len(nxt)
+        if len(nxt) > MAX_STATES or work > MAX_WORK:
             return GroupOrder(problem="too-complex")
         frontier = nxt
     done = frontier.get(lengths)

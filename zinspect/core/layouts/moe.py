@@ -24,6 +24,7 @@ from collections import defaultdict
 
 from zinspect.core.layouts import common, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
@@ -103,7 +104,7 @@ class _MoE:
             m = _EP_NAME.match(str(g.get("name")))
             pc = pcs[gi] if gi < len(pcs) else 0
             ep = int(m[1]) if m else (self.ws // pc if pc else 0)
-            if ep < 1 or (pc and ep * pc != self.ws):
+            if ep < 1 or (pc and ep * pc != self.ws) or ep > max(len(self.ranks), 1):
                 self.ctx.find("topology-mismatch", f"expert group {gi}: ep size {ep} × its "
                               f"partition count {pc} is not the world size {self.ws}",
                               "the optimizer files come from different runs; restore them",
@@ -148,13 +149,17 @@ class _MoE:
     def _missing_ranks(self) -> None:
         """Each rank's file holds a partition of the dense groups and of its ep rank's experts."""
         prefix = next((rf.prefix for rf in self.ctx.optim.values()), "")
-        for r in range(self.ws):
-            if r not in self.ctx.optim:
-                name = f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                self.ctx.find("missing-optimizer-file", f"{name} is missing: rank {r}'s "
-                              "partitions of the dense params and of its ep rank's experts are "
-                              "lost", "copy it from the run; `zinspect merge --salvage` writes "
-                              "the other params", rank=r, file=name)
+        total, first = missing_coords({(r,) for r in self.ctx.optim}, (self.ws,))
+        for (r,) in first:
+            name = f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+            self.ctx.find("missing-optimizer-file", f"{name} is missing: rank {r}'s partitions "
+                          "of the dense params and of its ep rank's experts are lost",
+                          "copy it from the run; `zinspect merge --salvage` writes the other "
+                          "params", rank=r, file=name)
+        if total > len(first):
+            self.ctx.find("missing-optimizer-file", f"{total - len(first)} more optimizer files "
+                          f"are missing (of {self.ws} ranks)",
+                          "check the copy: most of the checkpoint is gone")
 
     def _expert_files(self) -> None:
         """Every expert of every MoE layer has its file (its 16-bit weights: the params'
@@ -167,19 +172,26 @@ class _MoE:
             if layer is not None and m:
                 per_expert[(layer, int(m[1]))].append(name)
         for layer, n in enumerate(self.num_experts):
-            for e in range(n):
+            total, first = missing_coords({(e,) for lay, e in self.expert_files if lay == layer},
+                                          (n,))
+            where = self.layers[layer] if layer < len(self.layers) else "?"
+            for (e,) in first:
                 file = f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
-                rf = self.expert_files.get((layer, e))
-                if rf is None:
-                    where = self.layers[layer] if layer < len(self.layers) else "?"
-                    ctx.find("missing-expert-file", f"{file} is missing: the 16-bit weights of "
-                             f"expert {e} of MoE layer {layer} ({where})",
-                             "copy it from the run", file=file)
+                ctx.find("missing-expert-file", f"{file} is missing: the 16-bit weights of "
+                         f"expert {e} of MoE layer {layer} ({where})", "copy it from the run",
+                         file=file)
+            if total > len(first):
+                ctx.find("missing-expert-file", f"{total - len(first)} more expert files of MoE "
+                         f"layer {layer} ({where}) are missing (of {n})",
+                         "check the copy: most of the experts are gone")
+            for (lay, e), rf in sorted(self.expert_files.items()):
+                if lay != layer:
                     continue
                 tf = ctx.torch_file(rf)
                 held = tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
-                foreign = next((n for n, t in held.items() if not isinstance(t, TensorRef) or
-                                n not in c.params or n not in per_expert[(layer, e)]), None)
+                mine = per_expert[(layer, e)]
+                foreign = next((k for k, t in held.items() if not isinstance(t, TensorRef) or
+                                k not in mine), None)
                 if foreign is not None:
                     ctx.find("stale-rank-file", f"{rf.name} holds {foreign}, which is not a "
                              f"param of expert {e} of MoE layer {layer}", "a file from another "

@@ -22,6 +22,7 @@ from collections import defaultdict
 
 from zinspect.core.layouts import common, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import as_group_list, get, located, shape
 from zinspect.core.layouts.pipeline_zero0 import match_stages, optimizer_group_shapes
 from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
@@ -46,7 +47,8 @@ class _Pipeline:
     def __init__(self, ctx: LoadContext) -> None:
         self.ctx, self.c = ctx, ctx.ckpt
         ms = ctx.model_state or {}
-        dims = get(ms, "checkpoint_parallel_dimensions") or {}
+        dims = get(ms, "checkpoint_parallel_dimensions")
+        dims = dims if isinstance(dims, dict) else {}
         self.stage_files = {f.mp_rank: f for f in self.c.files_of("model") if f.rank is None}
         self.pp = _int(dims.get("pp_degree")) or max(len(self.stage_files), 1)
         self.tp = _int(dims.get("tp_degree")) or 1
@@ -76,12 +78,17 @@ class _Pipeline:
                                 f"checkpoint's {self.dp} × {self.pp}")
                 elif ctx.torch_file(rf) is not None:
                     self.optim[rf.mp_rank][rf.rank] = rf
-        for s in range(self.pp):
-            if s not in self.stage_files:
-                ctx.find("missing-stage-file", f"stage {s}'s mp_rank_{s:02d}_model_states.pt "
-                         "is missing: its param names and buffers are unknown",
-                         "copy it from the run (every stage writes one)",
-                         file=f"mp_rank_{s:02d}_model_states.pt")
+        total, first = missing_coords({(s,) for s in self.stage_files}, (self.pp,))
+        for (s,) in first:
+            ctx.find("missing-stage-file", f"stage {s}'s mp_rank_{s:02d}_model_states.pt "
+                     "is missing: its param names and buffers are unknown",
+                     "copy it from the run (every stage writes one)",
+                     file=f"mp_rank_{s:02d}_model_states.pt")
+        if total > len(first):
+            ctx.find("missing-stage-file", f"{total - len(first)} more stage files are missing "
+                     f"(of {self.pp} stages)", "check the copy: most of the checkpoint is gone")
+        #: the stages with files (the others add nothing but their missing-file findings)
+        self.stages = sorted(s for s in {*self.stage_files, *self.optim} if s < self.pp)
         self.c.topology = Topology(dp=self.dp, tp=self.tp, pp=self.pp, files=self.c.files)
 
     def _stale(self, rf: RankFile, why: str) -> None:
@@ -138,9 +145,9 @@ class _Pipeline:
             ctx.find("unsupported-layout", f"a pipeline with tensor parallelism (pp {self.pp} × "
                      f"tp {self.tp}): zinspect can show it but not merge it yet",
                      "for now use DeepSpeed's ds_to_universal.py for this layout")
-        groups = {s: self.flat_groups(s) for s in range(self.pp)}
-        buffer_names = [b for s in range(self.pp) for b in self.stage_state(s).get("buffer_names")
-                        or [] if isinstance(b, str)]
+        groups = {s: self.flat_groups(s) for s in self.stages}
+        buffer_names = [b for s in self.stages for b in _list(self.stage_state(s), "buffer_names")
+                        if isinstance(b, str)]
         trainable = {n for gs in groups.values() for g in gs for n, _ in g}
         self.name_layers(trainable | set(buffer_names))
         ms = ctx.model_state or {}
@@ -150,8 +157,10 @@ class _Pipeline:
         c.stage = zero if type(zero) is int else (1 if self.optim else 0)
         c.world_size = self.dp * self.pp * self.tp
         self._params(groups, trainable, set(buffer_names))
-        for s in range(self.pp):
+        for s in self.stages:
             self._stage_geometry(s, groups[s])
+        if self.optim:
+            self._missing_optim()
         self._buffers(buffer_names)
         self._missing_layers(trainable)
         if not self.optim:
@@ -166,9 +175,9 @@ class _Pipeline:
         file missing, a layer no present stage names may be that stage's: its params are
         neither frozen nor located (a merge leaves them out), never guessed frozen."""
         c, ctx = self.c, self.ctx
-        sure = all(self.stage_state(s) for s in range(self.pp))
+        sure = len(self.stages) == self.pp and all(self.stage_state(s) for s in self.stages)
         named = {self.names[n][0] for n in buffers if n in self.names} | {
-            self.names[n][0] for s in range(self.pp) if self.stage_state(s)
+            self.names[n][0] for s in self.stages if self.stage_state(s)
             for g in groups[s] for n, _ in g if n in self.names}
         for name, (layer, key) in self.names.items():
             if name in buffers:
@@ -176,17 +185,19 @@ class _Pipeline:
             t = dict(_entries(ctx, self.layers[layer])).get(key)
             c.params[name] = Param(name, t.shape, t.dtype, frozen=bool(self.optim or trainable)
                                    and name not in trainable and (sure or layer in named))
-        for s in range(self.pp):
+        for s in self.stages:
             for g in groups[s]:
                 for name, shp in g:
                     p = c.params.get(name)
                     if p is None:
                         c.params[name] = Param(name, shp or (), "")
                     elif shp is not None and p.shape != shp:
+                        where = self.names.get(name)
                         ctx.find("shape-mismatch", f"{name}: stage {s}'s param_shapes says "
-                                 f"{shp}, its layer file holds {p.shape}",
-                                 common.REPLACE_MODEL_STATES, param=name,
-                                 file=self.layers[self.names[name][0]].name)
+                                 f"{shp}, {'its layer file' if where else 'another stage'} "
+                                 f"holds {p.shape}", common.REPLACE_MODEL_STATES, param=name,
+                                 file=self.layers[where[0]].name if where else
+                                 f"mp_rank_{s:02d}_model_states.pt")
         for name, p in c.params.items():  # ZeRO-1 frozen params: the 16-bit layer weights
             if p.frozen:
                 self._layer_fragment(name, "module")
@@ -205,8 +216,6 @@ class _Pipeline:
         placed by a lower stage (tied) get this stage's fragments as a copy."""
         files = self.optim.get(s)
         if not files or not flat:
-            if self.optim:
-                self._missing_optim(s, files or {})
             return
         c = self.c
         flat = [[(n, shp or c.params[n].shape) for n, shp in g] for g in flat]
@@ -224,18 +233,21 @@ class _Pipeline:
         for n, p in placed.items():
             p.copies[s] = list(p.fragments)
             p.fragments, p.group, p.sub_group = saved[n]
-        self._missing_optim(s, files)
 
-    def _missing_optim(self, s: int, files: dict[int, RankFile]) -> None:
-        present = {rf.rank: rf for rf in self.c.files_of("optim") if rf.mp_rank == s}
-        prefix = next((rf.prefix for rf in present.values()), "")
-        for d in range(self.dp):
-            if d not in present:
-                name = f"{prefix}zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt"
-                self.ctx.find("missing-optimizer-file", f"{name} is missing: stage {s}'s "
-                              f"fp32 partition of dp rank {d} is lost",
-                              "copy it from the run; `zinspect merge --salvage` writes the "
-                              "other params", file=name, rank=d)
+    def _missing_optim(self) -> None:
+        """Every (stage, dp rank) has its optimizer file."""
+        present = {(rf.mp_rank, rf.rank) for rf in self.c.files_of("optim")}
+        prefix = next((rf.prefix for rf in self.c.files_of("optim")), "")
+        total, first = missing_coords(present, (self.pp, self.dp))
+        for s, d in first:
+            name = f"{prefix}zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt"
+            self.ctx.find("missing-optimizer-file", f"{name} is missing: stage {s}'s fp32 "
+                          f"partition of dp rank {d} is lost", "copy it from the run; `zinspect "
+                          "merge --salvage` writes the other params", file=name, rank=d)
+        if total > len(first):
+            self.ctx.find("missing-optimizer-file", f"{total - len(first)} more optimizer files "
+                          f"are missing (of {self.pp} stages × {self.dp} dp ranks)",
+                          "check the copy: most of the checkpoint is gone")
 
     def _zero0_masters(self) -> None:
         """ZeRO-0 fp32: the layer files' weights are the fp32 masters."""
@@ -252,10 +264,11 @@ class _Pipeline:
         for name, (layer, _) in self.names.items():
             if name in c.params:
                 layers[layer].append((name, c.params[name].shape))
-        anchors = {self.names[b][0]: s for s in range(self.pp) for b in
-                   self.stage_state(s).get("buffer_names") or [] if b in self.names}
-        found = match_stages(dict(layers), [optimizer_group_shapes(
-            self.stage_state(s).get("optimizer")) for s in range(self.pp)], anchors)
+        anchors = {self.names[b][0]: s for s in self.stages for b in
+                   _list(self.stage_state(s), "buffer_names") if b in self.names}
+        found = None if len(self.stages) != self.pp else match_stages(dict(layers), [
+            optimizer_group_shapes(self.stage_state(s).get("optimizer")) for s in self.stages],
+            anchors)
         if found is None or found.frozen is None:
             ctx.find("pipeline-stages-unknown", "this ZeRO-0 pipeline names no params and its "
                      "stages' optimizer states fit its layer files in more than one way: which "
@@ -309,6 +322,11 @@ def _entries(ctx: LoadContext, rf: RankFile | None) -> list[tuple[str, object]]:
     tf = ctx.torch_file(rf)
     obj = tf.obj if tf is not None else None
     return [(str(k), v) for k, v in obj.items()] if isinstance(obj, dict) else []
+
+
+def _list(state: dict, key: str) -> list:
+    value = state.get(key)
+    return value if isinstance(value, list) else []
 
 
 def _int(value) -> int | None:

@@ -8,7 +8,8 @@ groups are matched against the next run of layer files — with, for a later sta
 layer's params put first (a TiedLayerSpec reused there through forward_fn, which writes no file
 on that stage). Of the fits, the one with the fewest frozen params is taken (frozen params are
 the exception; the values written are the same either way), and only when it is the only such
-fit; the frozen params are known only when the shapes fit one way (a frozen norm weight beside its trainable bias of equal shape does not).
+fit; the frozen params are known only when the shapes fit one way (a frozen norm weight beside
+its trainable bias of equal shape does not).
 """
 
 from __future__ import annotations
@@ -61,25 +62,10 @@ def match_stages(layers: dict[int, Params], stage_groups: list[list[list[tuple]]
     for s, groups in enumerate(stage_groups):
         if groups is None:
             return None
-        last = s == len(stage_groups) - 1
-        fits = []
-        for end in range(pos, len(order) + 1):
-            own = order[pos:end]
-            if (last and end < len(order)) or any(anchors.get(layer, s) != s for layer in own) \
-                    or any(anchors.get(layer) == s for layer in order[end:]):
-                continue
-            for tied in [None, *order[:pos]]:
-                params = (layers[tied] if tied is not None else []) + \
-                    [p for layer in own for p in layers[layer]]
-                # a tied layer reused here shows as at least its first param in the groups
-                fit = match_group_order(params, groups, required=1 if tied is not None else 0)
-                if fit.problem in ("", "ambiguous"):
-                    frozen = len(params) - sum(map(len, groups))
-                    fits.append((frozen, end, tied, None if fit.problem else fit.skipped))
-        fewest = [f for f in fits if f[0] == min(f[0] for f in fits)]
-        if len(fewest) != 1:
+        best = _stage_fit(layers, order, pos, groups, anchors, s, s == len(stage_groups) - 1)
+        if best is None:
             return None
-        _, end, tied, skipped = fewest[0]
+        end, tied, skipped = best
         out.stage_of.update({layer: s for layer in order[pos:end]})
         if skipped is None or out.frozen is None:
             out.frozen = None  # equal shapes: which of them was frozen cannot be told
@@ -89,3 +75,36 @@ def match_stages(layers: dict[int, Params], stage_groups: list[list[list[tuple]]
             out.tied.setdefault(tied, []).append(s)
         pos = end
     return out if pos == len(order) else None
+
+
+def _stage_fit(layers: dict[int, Params], order: list[int], pos: int, groups: list, anchors: dict,
+               s: int, last: bool) -> tuple[int, int | None, list[str] | None] | None:
+    """Stage s's (end, tied layer, frozen names or None when undecidable): of the runs of
+    layers from `pos` (with or without an earlier layer tied in front) whose params fit the
+    groups, the one with the fewest frozen params — tried fewest first, so a deep pipeline
+    costs a few matches per stage, not one per run."""
+    want = sum(map(len, groups))
+    candidates = []
+    count = 0
+    for end in range(pos, len(order) + 1):
+        if end > pos:
+            count += len(layers[order[end - 1]])
+        own = order[pos:end]
+        if (last and end < len(order)) or any(anchors.get(layer, s) != s for layer in own) \
+                or any(anchors.get(layer) == s for layer in order[end:]):
+            continue
+        for tied in [None, *order[:pos]]:
+            n = count + (len(layers[tied]) if tied is not None else 0)
+            if n >= want:
+                candidates.append((n - want, end, tied))
+    fits: list = []
+    for frozen, end, tied in sorted(candidates, key=lambda c: c[0]):
+        if fits and frozen > fits[0][0]:
+            break
+        params = (layers[tied] if tied is not None else []) + \
+            [p for layer in order[pos:end] for p in layers[layer]]
+        # a tied layer reused here shows as at least its first param in the groups
+        fit = match_group_order(params, groups, required=1 if tied is not None else 0)
+        if fit.problem in ("", "ambiguous"):
+            fits.append((frozen, end, tied, None if fit.problem else fit.skipped))
+    return fits[0][1:] if len(fits) == 1 else None
