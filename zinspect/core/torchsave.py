@@ -14,6 +14,7 @@ reads back as the same objects torch itself would have saved.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -21,6 +22,7 @@ import pickle
 import struct
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zinspect.core.plan import OutputTensor, Piece
@@ -37,6 +39,9 @@ from zinspect.core.torchzip import (
 #: dtype -> the legacy typed-storage class torch pickles for it
 STORAGE_CLASSES = {dtype: name for name, dtype in STORAGE_DTYPES.items() if name != "UntypedStorage"}
 ALIGNMENT = 64
+#: chunks from this size on have their CRC computed beside their write (both release the GIL;
+#: on 2 cores a 700 MB universal conversion took 2.6 s instead of 3.3)
+OVERLAP = 256 << 10
 #: the enum stand-ins of the unpickler -> the (module, name) they stand for
 ENUM_CLASSES = {cls: key for key, cls in _ALLOWED.items()
                 if isinstance(cls, type) and issubclass(cls, EnumInt)}
@@ -170,6 +175,11 @@ class _Pickler(pickle._Pickler):
             self.write(pickle.BUILD)
 
 
+@functools.cache
+def _crc_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, "zinspect-crc")
+
+
 def dumps(obj) -> bytes:
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(obj)
@@ -226,9 +236,14 @@ class ZipWriter:
                                 len(raw), len(extra)) + raw + extra)
 
     def feed(self, data) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+        if len(data) >= OVERLAP:  # the CRC in a helper thread while this one writes
+            crc = _crc_thread().submit(zlib.crc32, data, self._crc)
+            self._write(data)
+            self._crc = crc.result()
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+            self._write(data)
         self._size += len(data)
-        self._write(data)
 
     def end(self) -> None:
         big = self._size >= _Z64 or self._header >= _Z64
