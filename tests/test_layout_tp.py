@@ -558,3 +558,12 @@ def test_frozen_tp_shards_merge_from_their_saved_values(tmp_path, name):
     reference = torch.load(root / "reference_fp32.pt", weights_only=True)
     assert sorted(got) == sorted(reference)
     assert all(torch.equal(got[k], v) for k, v in reference.items())
+
+
+@pytest.mark.parametrize("tp", [0, 1])
+def test_two_optimizer_files_for_one_rank_are_one_finding(tmp_path, tp):
+    """A bf16_ file beside the plain one (a stale file of another run) at tp rank 0 or 1."""
+    plain = f"zero_pp_rank_1_mp_rank_{tp:02d}_optim_states.pt"
+    got = damaged(tmp_path, "tp2_dp2_s2_toy",
+                  lambda tag: shutil.copy(tag / plain, tag / ("bf16_" + plain)))
+    assert got == [("duplicate-rank", plain, 2 * 1 + tp, None)]

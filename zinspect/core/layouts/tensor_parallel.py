@@ -31,7 +31,6 @@ from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, 
 from zinspect.core.torchzip import TensorRef
 
 
-
 @dataclass
 class Slice:
     """The files of one tp rank."""
@@ -136,9 +135,10 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         s = slices[t]
         if rf.kind == "optim":
             if rf.rank in s.optim:
-                ctx.find("duplicate-rank", f"tp rank {t}, dp rank {rf.rank} has two optimizer "
-                         f"files: {s.optim[rf.rank].name} and {rf.name}", "remove the one that "
-                         "does not belong to this run", file=rf.name, rank=global_rank(rf, tp))
+                if t:  # tp rank 0's are reported by common.read_headers
+                    ctx.find("duplicate-rank", f"tp rank {t}, dp rank {rf.rank} has two optimizer "
+                             f"files: {s.optim[rf.rank].name} and {rf.name}", "remove the one that "
+                             "does not belong to this run", file=rf.name, rank=global_rank(rf, tp))
                 continue
             s.optim[rf.rank] = rf
             if t and ctx.torch_file(rf) is not None:
