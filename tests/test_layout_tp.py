@@ -566,4 +566,5 @@ def test_two_optimizer_files_for_one_rank_are_one_finding(tmp_path, tp):
     plain = f"zero_pp_rank_1_mp_rank_{tp:02d}_optim_states.pt"
     got = damaged(tmp_path, "tp2_dp2_s2_toy",
                   lambda tag: shutil.copy(tag / plain, tag / ("bf16_" + plain)))
-    assert got == [("duplicate-rank", plain, 2 * 1 + tp, None)]
+    rank = {0: 1, 1: 3}[tp]  # tp 0's is the core's finding, which names the dp rank
+    assert got == [("duplicate-rank", plain, rank, None)]
