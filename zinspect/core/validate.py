@@ -18,6 +18,9 @@ from zinspect.core.model import Checkpoint, Finding, Param
 PLAIN_ZERO = ("zero", "bf16_optimizer")
 _REPLACE = "replace it with the file saved by the same run as the others"
 _STALE = "move it out of the tag dir: it is a leftover of an older run"
+#: file kinds only one layout has: kind -> (that layout, what such a file is)
+_STRAY = {"layer": ("pipeline", "a pipeline layer file"), "expert": ("moe", "an MoE expert file"),
+          "expert_optim": ("moe", "an MoE expert optimizer file")}
 #: modules whose globals in a pickle mean code execution on torch.load(weights_only=False)
 _UNSAFE_MODULES = frozenset({
     "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil", "socket",
@@ -76,6 +79,11 @@ class _Checks:
                 self.add("extra-file", f"{f.name} is not a checkpoint file; it is ignored",
                          file=f.name)
                 continue
+            stray = _STRAY.get(f.kind)
+            if stray and self.c.layout != stray[0]:
+                self.add("stale-rank-file", f"{f.name} is {stray[1]}, but this checkpoint is "
+                         f"not a {stray[0]} run: a leftover of another run", _STALE,
+                         file=f.name, rank=f.rank)
             missing = [(s.key, s.nbytes, s.present) for s in f.storages if s.present < s.nbytes]
             if missing:
                 have = sum(p for _, _, p in missing)
