@@ -230,3 +230,25 @@ def test_count_nonfinite_matches_torch(dtype):
 
 def test_count_nonfinite_ignores_ints():
     assert count_nonfinite(b"\xff" * 64, "int64") == (0, 0)
+
+
+def test_a_rank_file_swapped_for_a_fifo_is_a_finding_not_a_hang(tmp_path):
+    """The deep check opens each zip to read its directory: a FIFO put at a rank file's name
+    after the checkpoint was opened is a located finding at once (O_NONBLOCK + fstat)."""
+    import os
+    import threading
+
+    root = D.copy_root(tmp_path, "s3_w2_fp32")
+    ckpt = open_checkpoint(root)
+    victim = root / D.TAG / D.optim_name(1)
+    victim.unlink()
+    os.mkfifo(victim)
+    found = []
+    worker = threading.Thread(target=lambda: found.extend(deep_check(ckpt)), daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():
+        os.close(os.open(victim, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the deep check blocked on a FIFO")
+    bad = [f for f in found if f.file == D.optim_name(1) and f.code == "record-unreadable"]
+    assert bad and "FIFO" in bad[0].message, [(f.code, f.message) for f in found]

@@ -34,7 +34,7 @@ import os
 
 from zinspect.core.codes import finding
 from zinspect.core.model import Checkpoint, Finding, RankFile
-from zinspect.core.readfiles import SourceFiles
+from zinspect.core.readfiles import SourceFiles, open_regular
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
@@ -151,10 +151,11 @@ def _zip_records(ckpt: Checkpoint, findings: list[Finding]) -> list[tuple[RankFi
                                     file=rf.name, rank=rf.rank))
             continue
         try:
-            with open(rf.path, "rb", buffering=0) as f:
+            with os.fdopen(open_regular(rf.path), "rb", buffering=0) as f:  # never a FIFO
                 out.append((rf, central_directory(f, os.fstat(f.fileno()).st_size)))
-        except (NoZipDirectory, OSError) as e:
-            why = (e.strerror or str(e)) if isinstance(e, OSError) else \
+        except (NoZipDirectory, OSError, UnreadableFile) as e:
+            why = (e.strerror or str(e)) if isinstance(e, OSError) else e.message \
+                if isinstance(e, UnreadableFile) else \
                 "its end record or entries are missing or malformed"
             findings.append(finding("record-unreadable", f"{rf.name}: its zip directory "
                                     f"cannot be read now ({why})", "the file changed or is "
