@@ -19,15 +19,22 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import math
+import operator
 import os
 import pickle
 import struct
 import threading
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from zinspect.core.unpickle import BoundedUnpickler, PickleBudgetExceeded, checked_set
+from zinspect.core.unpickle import (
+    BoundedUnpickler,
+    FastUnpickler,
+    PickleBudgetExceeded,
+    PickledOrderedDict,
+    checked_set,
+    prepare_for_c,
+)
 from zinspect.core.zipcheck import LOCAL_HEADER, ZipStructureError, check_records
 from zinspect.errors import UnreadableFile
 
@@ -176,30 +183,35 @@ ZeroStageEnum = type("ZeroStageEnum", (EnumInt,), {
 })
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a BUILD cannot write into a shared instance
 class DType:
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _StorageClass:
     dtype: str
 
 
 def _window(storage: StorageRef, offset, size, stride) -> tuple[int, tuple, tuple]:
     """A tensor's (offset, shape, stride), refused unless every element lies inside its
-    storage: a negative offset would read the record before, a huge shape walk forever."""
+    storage: a negative offset would read the record before, a huge shape walk forever.
+    (Once per tensor: 300k times in a large model-states file, so the checks run in C.)"""
     size, stride = tuple(size), tuple(stride)
+    dims = size + stride
     if type(offset) is not int or offset < 0 or len(size) != len(stride) or len(size) > 64 or \
-            any(type(x) is not int or x < 0 for x in size + stride):
+            not set(map(type, dims)) <= _INT or dims and min(dims) < 0:
         raise pickle.UnpicklingError(f"storage {storage.key}: a tensor with a malformed "
                                      "offset, shape or stride")
-    last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) \
-        if all(size) else offset - 1
-    if last >= storage.numel and all(size):
-        raise pickle.UnpicklingError(f"storage {storage.key}: a tensor reaches element {last:,}, "
-                                     f"past the {storage.numel:,} of its storage")
+    if 0 not in size:
+        last = offset + sum(map(operator.mul, size, stride)) - sum(stride)
+        if last >= storage.numel:
+            raise pickle.UnpicklingError(f"storage {storage.key}: a tensor reaches element "
+                                         f"{last:,}, past the {storage.numel:,} of its storage")
     return offset, size, stride
+
+
+_INT = frozenset({int})
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
@@ -230,6 +242,14 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return func(*args)  # func came through find_class: allowlisted or inert
 
 
+def _device(kind, index=None) -> str:
+    """`torch.device("cuda", 0)` as "cuda:0"; only short strings and ints are accepted (str()
+    of a pickled memo bomb would never end)."""
+    if type(kind) is not str or len(kind) > 64 or index is not None and type(index) is not int:
+        raise pickle.UnpicklingError("a malformed torch.device")
+    return kind if index is None else f"{kind}:{index}"
+
+
 def _codecs_encode(text, encoding="latin1"):
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
         raise pickle.UnpicklingError(f"unexpected _codecs.encode({encoding!r})")
@@ -252,8 +272,8 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Size"): tuple,
-    ("torch", "device"): str,
-    ("collections", "OrderedDict"): checked_set(OrderedDict),
+    ("torch", "device"): _device,
+    ("collections", "OrderedDict"): PickledOrderedDict,
     ("builtins", "set"): checked_set(set),
     ("builtins", "frozenset"): checked_set(frozenset),
     ("builtins", "slice"): slice,
@@ -277,6 +297,11 @@ KNOWN_CLASSES = frozenset({
 })
 
 
+#: the field types of a storage's persistent id (zip, legacy: with a view field)
+_PID_TYPES = {False: (str, _StorageClass, str, str, int),
+              True: (str, _StorageClass, str, str, int, type(None))}
+
+
 class _Rules:
     """What the unpicklers below allow: globals only from `_ALLOWED` (nothing is ever imported),
     unknown ones as inert `Opaque` classes, and storages as `StorageRef` descriptors."""
@@ -291,7 +316,7 @@ class _Rules:
     def find_class(self, module: str, name: str):
         pair = _compat_pickle.NAME_MAPPING.get((module, name))
         module, name = pair if pair else (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
-        hit = _ALLOWED.get((module, name))
+        hit = self.special_globals.get((module, name)) or _ALLOWED.get((module, name))
         if hit is not None:
             return hit
         qualname = f"{module}.{name}"
@@ -303,6 +328,18 @@ class _Rules:
         return cls
 
     def persistent_load(self, pid):
+        # a torch storage reference as torch writes it, checked in a few C calls (300k times in
+        # a large model-states file); anything else takes the long way, which says what is off
+        if type(pid) is tuple and tuple(map(type, pid)) == _PID_TYPES[self.legacy] and \
+                pid[0] == "storage" and len(pid[2]) <= 64 and len(pid[3]) <= 64 and \
+                0 <= pid[4] <= MAX_NUMEL and (not self.legacy or pid[5] is None):
+            ref = self.storages.get(pid[2])
+            if ref is None:
+                ref = self.storages[pid[2]] = StorageRef(pid[2], pid[1].dtype, pid[4], pid[3])
+            return ref
+        return self._storage_ref(pid)
+
+    def _storage_ref(self, pid):
         # nothing from the pickle is formatted here: a memo bomb's repr never ends
         if not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
@@ -325,12 +362,17 @@ class _Rules:
 
 
 class MetaUnpickler(_Rules, BoundedUnpickler):
-    """The restricted, bounded unpickler for every pickle, large ones too. The C unpickler
-    (about 7x faster) was used for CRC-checked pickles over 4 MB, but a forged one could make
-    it allocate gigabytes (its memo is an array sized by the largest PUT index) or crash while
-    hashing a deeply nested key, and a valid CRC is no proof against forgery."""
+    """The restricted, bounded unpickler: reads any pickle, in time and memory bounded by its
+    size, and says which budget a hostile one passed."""
 
     leaf_types = frozenset({TensorRef, StorageRef, DType, _StorageClass})
+
+
+class FastMetaUnpickler(_Rules, FastUnpickler):
+    """The same rules on the C unpickler, for pickles `prepare_for_c` proved safe for it (7x
+    faster: 1.6 s instead of 13 s for a 300k-name model-states pickle)."""
+
+    leaf_types = MetaUnpickler.leaf_types
 
 
 @dataclass
@@ -448,10 +490,20 @@ def pickle_is_intact(path: str | os.PathLike) -> bool:
 def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = False,
                  budget_bytes: int | None = None):
     """Unpickle `data` (bytes, or a stream positioned at a pickle). The parsing budgets scale
-    with `budget_bytes` (default: the length of `data`): what a pickle of that size can need."""
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    with `budget_bytes` (default: the length of `data`): what a pickle of that size can need.
+    Bytes go to the C unpickler when `prepare_for_c` proves it safe on them (the fast path
+    never reports an error: on any, the bounded reader reads the pickle again and says why)."""
     if budget_bytes is None:
         budget_bytes = len(data)
+    if isinstance(data, (bytes, bytearray)):
+        prepared = prepare_for_c(bytes(data))
+        if prepared is not None:
+            fast = FastMetaUnpickler(io.BytesIO(prepared), legacy=legacy, budget_bytes=budget_bytes)
+            try:
+                return fast.load(), fast
+            except Exception:  # noqa: BLE001 - any doubt goes to the bounded reader
+                pass
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     up = MetaUnpickler(stream, legacy=legacy, budget_bytes=budget_bytes)
     try:
         return up.load(), up

@@ -1,0 +1,232 @@
+"""The unpickler's fast path (zinspect.core.unpickle.prepare_for_c + the C unpickler): it takes
+every real fixture pickle and builds exactly what the bounded reader builds; a forged pickle is
+either declined by the scan or stopped inside the C unpickler by the same checks, and then
+`_load_pickle` gives the bounded reader's verdict, word for word. The hostile cases run in a
+subprocess under an address-space limit, so a crash or a huge allocation fails the test rather
+than the test run."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import resource
+import struct
+import subprocess
+import sys
+import textwrap
+import zipfile
+from collections import OrderedDict
+
+import pytest
+from conftest import FIXTURES, REPO
+
+from zinspect.core import torchzip
+from zinspect.core.torchzip import FastMetaUnpickler, MetaUnpickler, Opaque, StorageRef, TensorRef
+from zinspect.core.unpickle import PickledOrderedDict, _opcode_runs, prepare_for_c
+from zinspect.errors import UnreadableFile
+
+pytestmark = pytest.mark.skipif(_opcode_runs(16) is None,
+                                reason="the fast path needs Python 3.11 (possessive repeats)")
+
+
+def fixture_pickles() -> list[tuple[str, bytes]]:
+    out = []
+    for path in sorted(FIXTURES.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                name = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+                out.append((str(path.relative_to(FIXTURES)), zf.read(name)))
+        except (zipfile.BadZipFile, StopIteration):
+            continue  # legacy or damaged on purpose: read by the bounded reader only
+    return out
+
+
+PICKLES = fixture_pickles()
+
+
+def same(a, b, seen=None) -> bool:
+    """a and b are the same object graph: same types, values, order and sharing."""
+    seen = {} if seen is None else seen
+    if type(a) is not type(b) and not (isinstance(a, Opaque) and isinstance(b, Opaque)):
+        return False  # (each reader makes its own inert classes)
+    if id(a) in seen:
+        return seen[id(a)] is b
+    seen[id(a)] = b
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k], seen) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y, seen) for x, y in zip(a, b, strict=True))
+    if isinstance(a, TensorRef):
+        return (a.storage, a.offset, a.shape, a.stride, a.dtype, a.requires_grad) == \
+            (b.storage, b.offset, b.shape, b.stride, b.dtype, b.requires_grad)
+    if isinstance(a, Opaque):
+        return a.qualname == b.qualname and same(a.args, b.args, seen) and \
+            same(a.state, b.state, seen)
+    return a == b
+
+
+def both(raw: bytes):
+    fast = FastMetaUnpickler(io.BytesIO(prepare_for_c(raw)), budget_bytes=len(raw))
+    slow = MetaUnpickler(io.BytesIO(raw), budget_bytes=len(raw))
+    return (fast.load(), fast), (slow.load(), slow)
+
+
+def test_the_fixtures_hold_many_pickles():
+    assert len(PICKLES) > 300  # plain ZeRO, parallel layouts, HF/PEFT runs
+
+
+@pytest.mark.parametrize("name,raw", PICKLES, ids=[n for n, _ in PICKLES])
+def test_every_real_pickle_takes_the_fast_path_with_the_same_result(name, raw):
+    assert prepare_for_c(raw) is not None, name
+    (a, fast), (b, slow) = both(raw)
+    assert same(a, b), name
+    assert fast.storages == slow.storages and fast.unknown_globals == slow.unknown_globals
+
+
+def test_results_hold_plain_dicts_and_ordered_dicts_that_pickle_as_such():
+    """The fast path's checking dict is never in a result; OrderedDicts (one per tensor of a
+    300k-name file: too many to copy) are PickledOrderedDict and pickle as OrderedDict."""
+    raw = next(r for n, r in PICKLES if n.startswith("s3_w4_bf16/") and
+               n.endswith("zero_pp_rank_0_mp_rank_00_model_states.pt"))
+    (obj, _), _ = both(raw)
+    types, stack = set(), [obj]
+    while stack:
+        x = stack.pop()
+        types.add(type(x))
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple)):
+            stack += x
+    assert dict in types and PickledOrderedDict in types
+    assert not [t for t in types if issubclass(t, dict) and t not in (dict, PickledOrderedDict)]
+    od = obj["module"]
+    assert type(od) is PickledOrderedDict
+    mine, real = PickledOrderedDict(a=1, b=(2, "c")), OrderedDict(a=1, b=(2, "c"))
+    assert pickle.dumps(mine, 2) == pickle.dumps(real, 2)  # the C pickler
+    assert pickle._dumps(mine, 2) == pickle._dumps(real, 2)  # the one core/torchsave.py extends
+
+
+# ----------------------------------------------------------------------------- forged pickles
+BASE = next(r for n, r in PICKLES if n.startswith("s2_w4_fp16/") and "model_states" in n)
+
+
+def _key(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def _bomb(levels: int) -> bytes:
+    """A tuple of 2**levels leaves from PUT/GET alone (no DUP): t = (t, t), memoized."""
+    out = b"Nq\x000"
+    for i in range(levels):
+        out += b"h" + bytes([i]) + b"h" + bytes([i]) + b"\x86q" + bytes([i + 1]) + b"0"
+    return out[:-1]  # the last tuple stays on the stack
+
+
+def forged(entry: bytes) -> bytes:
+    """The real pickle's top dict with one more item (`entry` leaves a key and a value)."""
+    return BASE[:-1] + entry + b"s."
+
+
+#: (what, pickle, the scan takes it to the C unpickler)
+FORGED = {
+    "deep tuple key": (forged(b"N" + b"\x85" * 200_000 + b"N"), True),
+    "memo bomb key (PUT/GET)": (forged(_bomb(80) + b"N"), True),
+    "memo bomb value (PUT/GET)": (forged(_key("bomb") + _bomb(80)), True),
+    "memo bomb (DUP)": (forged(_key("bomb") + b"N" + b"2\x86" * 60), False),
+    "huge memo index": (forged(_key("memo") + b"N" + b"r\xfe\xff\xff\xff"), False),
+    "giant string": (forged(_key("s") + _key("x" * (3 << 20))), False),
+    "deep nesting": (forged(_key("deep") + b"(" * 5000 + b"N" + b"t" * 5000), True),
+    "forged dict marker": (forged(_key("m") + b"c\x00zinspect\n\x00dict\n)R"), False),
+    "SETITEMS on a list": (forged(_key("l") + b"]K\x01(K\x00K\x02u"), True),
+    "NEWOBJ of OrderedDict": (forged(_key("o") + b"ccollections\nOrderedDict\n)\x81"), True),
+    "torch.device memo bomb": (forged(_key("d") + b"ctorch\ndevice\n" + _bomb(80) + b"\x85R"),
+                               True),
+}
+
+_RUN = textwrap.dedent("""
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    from zinspect.core import torchzip, unpickle
+    from zinspect.errors import UnreadableFile
+    raw = sys.stdin.buffer.read()
+    if sys.argv[1] == "slow":
+        unpickle.prepare_for_c = lambda raw: None
+        torchzip.prepare_for_c = unpickle.prepare_for_c
+    try:
+        obj, up = torchzip._load_pickle(raw, "f.pt")
+        print("ok", sorted(up.storages), repr(obj.get("o", obj.get("l", obj.get("d")))))
+    except UnreadableFile as e:
+        print("unreadable", e.message)
+""")
+
+
+def outcome(raw: bytes, path: str) -> str:
+    r = subprocess.run([sys.executable, "-c", _RUN, path], input=raw, capture_output=True,
+                       cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    return r.stdout.decode()
+
+
+@pytest.mark.parametrize("what", list(FORGED))
+def test_a_forged_pickle_gets_the_bounded_readers_verdict(what):
+    raw, reaches_c = FORGED[what]
+    assert (prepare_for_c(raw) is not None) == reaches_c
+    assert outcome(raw, "fast") == outcome(raw, "slow")
+
+
+def test_the_c_unpickler_is_stopped_by_the_key_check():
+    """The deep key and the PUT/GET bomb key pass the scan: the checking dict refuses them
+    before the C unpickler hashes them (unchecked, one crashes and the other never ends)."""
+    for what in ("deep tuple key", "memo bomb key (PUT/GET)"):
+        code = textwrap.dedent("""
+            import io, resource, sys
+            resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+            from zinspect.core.torchzip import FastMetaUnpickler
+            from zinspect.core.unpickle import PickleBudgetExceeded, prepare_for_c
+            raw = sys.stdin.buffer.read()
+            try:
+                FastMetaUnpickler(io.BytesIO(prepare_for_c(raw)), budget_bytes=len(raw)).load()
+            except PickleBudgetExceeded as e:
+                print(e)
+        """)
+        r = subprocess.run([sys.executable, "-c", code], input=FORGED[what][0],
+                           capture_output=True, cwd=REPO, timeout=120)
+        assert r.returncode == 0, (what, r.stderr.decode()[-2000:])
+        assert "a dict key or set member" in r.stdout.decode(), what
+
+
+def test_forged_pickles_are_live():
+    """Positive control: unchecked, the C unpickler hangs hashing the PUT/GET bomb key."""
+    code = ("import pickle, sys\n"
+            "pickle.loads(b'\\x80\\x02}' + sys.stdin.buffer.read() + b's.')\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-c", code], input=_bomb(80) + b"N",
+                       capture_output=True, timeout=5)
+
+
+def test_declined_on_doubt_never_wrong(tmp_path):
+    """A pickle the fast path cannot prove safe is still read, by the bounded reader."""
+    raw = forged(_key("memo") + b"N" + b"r\xfe\xff\xff\xff")
+    assert prepare_for_c(raw) is None
+    obj, up = torchzip._load_pickle(raw, "f.pt")
+    assert isinstance(up, MetaUnpickler) and obj["memo"] is None
+    with pytest.raises(UnreadableFile, match="parsing budget: a string of"):
+        torchzip._load_pickle(FORGED["giant string"][0], "f.pt")
+    assert isinstance(obj["module"], dict)
+    assert all(isinstance(s, StorageRef) for s in up.storages.values())
+
+
+def test_the_fast_path_keeps_memory_bounded(tmp_path):
+    """The real fixture pickle parsed in a process limited to 256 MB of address space."""
+    code = textwrap.dedent("""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))
+        from zinspect.core import torchzip
+        obj, up = torchzip._load_pickle(sys.stdin.buffer.read(), "f.pt")
+        print(type(up).__name__)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], input=BASE, capture_output=True, cwd=REPO,
+                       timeout=120, preexec_fn=lambda: resource.setrlimit(
+                           resource.RLIMIT_CPU, (60, 60)))
+    assert r.stdout.decode().strip() == "FastMetaUnpickler", r.stderr.decode()[-2000:]
