@@ -85,22 +85,25 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
                 owners.append((len(out.params), i, len(parts)))
         out.params.append(r)
 
+    import numpy as np
+
     scratch = Scratch()
-    held = [bytearray(), bytearray(), bytearray()]  # one window's master, m and v bytes
-    got = [0]  # bytes of the current window so far
+    got = [0]  # elements of the current window so far
 
     def on_data(i: int, data: memoryview) -> None:
+        """Each part's elements go straight into its float64 scratch slot (0 master, 1 m, 2 v):
+        one pass over the bytes; the window is folded once its v is complete."""
         r_index, part, nparts = owners[i]
-        held[part] += data
-        got[0] += len(data)
-        if got[0] < windows[i].nbytes:
+        n = windows[i].numel
+        values = np.frombuffer(data, "<f4")
+        scratch.get(part, n)[got[0]:got[0] + len(values)] = values
+        got[0] += len(values)
+        if got[0] < n:
             return
         got[0] = 0
         if part == nparts - 1:
             r = out.params[r_index]
-            _fold(r, held[:nparts], opt.eps(r.group), scratch)
-            for buf in held:
-                buf.clear()
+            _fold(r, [scratch.get(k, n) for k in range(nparts)], opt.eps(r.group), scratch)
 
     meter = ProgressMeter(sum(w.nbytes for w in windows), progress)
     try:
@@ -185,18 +188,14 @@ def _window(t: OutputTensor, start: int, stop: int) -> OutputTensor:
     return OutputTensor(t.name, (stop - start,), t.dtype, t.src_dtype, pieces)
 
 
-def _fold(r: ParamOptimStats, held: list[bytearray], eps: float, scratch) -> None:
-    """Add one window (master bytes, and m and v bytes for Adam) to a param's statistics."""
+def _fold(r: ParamOptimStats, values: list, eps: float, scratch) -> None:
+    """Add one window (float64 master values, and m and v for Adam) to a param's sums."""
     import numpy as np
 
-    from zinspect.core.stats import as_float64
-
-    x = as_float64(held[0], "float32", scratch, 0)
-    r.master.add(x, scratch)
-    if len(held) < 3:
+    r.master.add(values[0], scratch)
+    if len(values) < 3:
         return
-    m = as_float64(held[1], "float32", scratch, 1)
-    v = as_float64(held[2], "float32", scratch, 2)
+    m, v = values[1], values[2]
     r.exp_avg.add(m, scratch)
     with np.errstate(invalid="ignore"):  # a negative v (a corrupt file) is NaN, counted
         s = np.sqrt(v, out=scratch.get(3, len(v)))
