@@ -28,13 +28,15 @@ from zinspect.errors import UsageError
 STAGED = ["s1_w2_fp32", "s2_w2_bf16", "s2_w4_fp16", "s3_w2_fp32", "s3_w3_fp16_sub"]
 
 
-def by_hand(name: str) -> dict[str, dict[str, torch.Tensor]]:
-    """{"fp32" | "exp_avg" | "exp_avg_sq": {param: tensor}} from torch.load of the files."""
+def by_hand(name: str, mp: str = "00") -> dict[str, dict[str, torch.Tensor]]:
+    """{"fp32" | "exp_avg" | "exp_avg_sq": {param: tensor}} from torch.load of the files (of
+    tensor-parallel rank `mp`: its shards)."""
     tag = next(p for p in (FIXTURES / name).iterdir() if p.is_dir())
-    optim = sorted(tag.glob("*optim_states.pt"), key=lambda p: int(p.name.split("_rank_")[1].split("_")[0]))
+    optim = sorted(tag.glob(f"*mp_rank_{mp}_optim_states.pt"),
+                   key=lambda p: int(p.name.split("_rank_")[1].split("_")[0]))
     osds = [torch_load(p)["optimizer_state_dict"] for p in optim]
     world = len(osds)
-    model = torch_load(next(tag.glob("*mp_rank_00_model_states.pt")))
+    model = torch_load(next(tag.glob(f"*mp_rank_{mp}_model_states.pt")))
     stage3 = "fp32_flat_groups" in osds[0]
     out: dict[str, dict] = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for g, shapes in enumerate(model["param_shapes"]):
@@ -119,3 +121,36 @@ def test_state_all_refuses_without_moments_and_with_peft(tmp_path):
         merge(open_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16"), tmp_path / "b",
               peft=True, state="all")
     assert not (tmp_path / "b").exists()
+
+
+def joined(kind: str, dim, shards: list[torch.Tensor], shape) -> torch.Tensor:
+    """The full tensor from tp shards, by the manifest's split kind (its `split_kinds`)."""
+    if kind == "replicated":
+        return shards[0]
+    if kind == "column-subparams":
+        halves = [s.chunk(2, 0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+    return torch.cat(shards, dim)[:shape[0]] if kind == "vocab" else torch.cat(shards, dim)
+
+
+@pytest.mark.parametrize("name", ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy"])
+def test_tensor_parallel_moments_are_the_shards_joined(tmp_path, name):
+    """Each tp rank's moments sliced by hand from its own optimizer files, joined as the
+    manifest's split kinds say (the same join of the masters gives reference_fp32.pt)."""
+    fixture = f"parallel/{name}"
+    manifest = json.loads((FIXTURES / fixture / "manifest.json").read_text())
+    per_tp = [by_hand(fixture, f"{t:02d}") for t in range(manifest["tp"])]
+    ref = torch.load(FIXTURES / fixture / "reference_fp32.pt")
+    result = merge(open_checkpoint(FIXTURES / fixture), tmp_path / "out", hf_files=False,
+                   state="all")
+    assert result.drift == {} and result.unverified == []
+    owners = [n for n, info in manifest["params"].items() if not info["tied_to"]]
+    assert set(owners) == set(per_tp[0]["exp_avg"])  # nothing frozen: every owner has moments
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        got = load_file(tmp_path / "out" / f"{'model' if key == 'fp32' else key}.safetensors")
+        for pname in owners:
+            info = manifest["params"][pname]
+            want = joined(info["kind"], info["dim"], [h[key][pname] for h in per_tp], info["shape"])
+            if key == "fp32":
+                assert torch.equal(want, ref[pname]), pname  # the join is right
+            assert torch.equal(got[pname], want), (key, pname)
