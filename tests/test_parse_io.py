@@ -17,6 +17,7 @@ from conftest import copy_fixture, tag_dir
 
 from zinspect.core import open_checkpoint, torchzip
 from zinspect.core.torchzip import TensorRef, read_torch_file
+from zinspect.errors import UnreadableFile
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                 "int64": torch.int64, "float64": torch.float64, "uint8": torch.uint8}
@@ -59,12 +60,12 @@ def count_reads(monkeypatch):
     real_open = builtins.open
     opened: list[str] = []
 
-    def counting_open(file, mode="r", buffering=-1, *args, **kwargs):
+    def counting_open(file, mode="r", buffering=-1, *args, opener=None, **kwargs):
         if mode in ("rb", "br") and not args and not kwargs and isinstance(file, (str, Path)):
             opened.append(os.fspath(file))
-            raw = _CountingRaw(file, "r")
+            raw = _CountingRaw(file, "r", opener=opener)
             return raw if buffering == 0 else io.BufferedReader(raw)
-        return real_open(file, mode, buffering, *args, **kwargs)
+        return real_open(file, mode, buffering, *args, opener=opener, **kwargs)
 
     monkeypatch.setattr(builtins, "open", counting_open)
 
@@ -299,3 +300,55 @@ def test_a_payload_before_the_damage_is_still_named(tmp_path):
     assert not marker.exists()
     codes = {f.code for f in c.errors if f.file == victim.name}
     assert {"unreadable-file", "unsafe-pickle"} <= codes, codes
+
+
+# ------------------------------------------------------------------------- the stat/open race
+_SWAP = """
+import os, sys
+from pathlib import Path
+from zinspect.core import load, open_checkpoint, torchzip
+tag = Path(sys.argv[1])
+victim = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+victim.unlink()
+os.mkfifo(victim)
+for check in (torchzip.zip_is_complete, torchzip.pickle_is_intact):
+    print(check.__name__, check(victim))
+try:
+    torchzip.read_torch_file(victim)
+except Exception as e:
+    print(type(e).__name__, e.message)
+load.file_kind = lambda path: None  # the stat saw a regular file: the FIFO came after it
+c = open_checkpoint(tag)
+print([f.message for f in c.findings if f.code == "unreadable-file" and f.file == victim.name])
+"""
+
+
+def test_a_fifo_swapped_in_after_the_stat_never_blocks(tmp_path):
+    """A rank file replaced by a FIFO between the directory's examination and the open: every
+    reader opens without blocking (O_NONBLOCK), sees what it opened (fstat) and refuses it; the
+    checkpoint opens with the file named. Without that, open() waits for a writer for ever (the
+    timeout here)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    tag = copy_fixture(tmp_path, "s2_w2_fp32_plain")
+    r = subprocess.run([sys.executable, "-c", _SWAP, str(tag)], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["zip_is_complete False", "pickle_is_intact False"]
+    assert lines[2].startswith("UnreadableFile ") and "is a FIFO (named pipe) now" in lines[2]
+    assert "is a FIFO (named pipe) now" in lines[3], lines[3]
+
+
+def test_a_link_to_a_device_is_refused_and_a_link_to_a_file_followed(tmp_path):
+    src = tag_dir("s2_w2_fp32_plain") / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    link = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    link.symlink_to(src)
+    assert read_torch_file(link).obj.keys() == read_torch_file(src).obj.keys()
+    link.unlink()
+    link.symlink_to("/dev/zero")
+    with pytest.raises(UnreadableFile, match="is a character device now"):
+        read_torch_file(link)

@@ -27,6 +27,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
+from zinspect.core.readfiles import open_regular
 from zinspect.core.unpickle import (
     BoundedUnpickler,
     FastUnpickler,
@@ -406,7 +407,7 @@ class TorchFile:
         if rec is None:
             return None
         if rec.data_offset is None and rec.header_offset is not None:
-            with open(self.path, "rb", buffering=0) as f:  # 30 bytes, not a buffer's worth
+            with open_exact(self.path)[0] as f:
                 f.seek(rec.header_offset)
                 rec.data_offset = local_data_offset(rec.header_offset, f.read(LOCAL_HEADER))
         return rec.data_offset
@@ -423,20 +424,36 @@ class TorchFile:
         if code is None or offset is None or t.numel != 1:
             return None
         try:
-            with open(self.path, "rb", buffering=0) as f:
+            with open_exact(self.path)[0] as f:
                 f.seek(offset)
                 raw = f.read(t.itemsize)
-        except OSError:
+        except (OSError, UnreadableFile):
             return None
         return struct.unpack("<" + code, raw)[0] if len(raw) == t.itemsize else None
+
+def open_exact(path: str | os.PathLike) -> tuple[io.FileIO, int]:
+    """The file at `path`, unbuffered for exact spans (no read-ahead), and its size. Only a
+    regular file (or a link to one) is opened, and never with a blocking open: a FIFO or
+    device put under the name after it was examined is refused (readfiles.open_regular)."""
+    f = open(path, "rb", buffering=0, opener=_open_regular)
+    try:
+        return f, os.fstat(f.fileno()).st_size
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open_regular(path: str, flags: int) -> int:
+    return open_regular(path)
+
 
 def read_torch_file(path: str | os.PathLike, memo: PickleMemo | None = None) -> TorchFile:
     """Parse the metadata of a torch.save file. Raises `UnreadableFile` with the cause.
     With a `memo`, a data.pkl with the same bytes as one read before is not unpickled again."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb", buffering=0) as f:  # exact spans only: no read-ahead
+        f, size = open_exact(path)
+        with f:
             head = f.read(4)
             if size == 0:
                 raise UnreadableFile(f"{path}: the file is empty (0 bytes)",
@@ -459,10 +476,10 @@ def zip_is_complete(path: str | os.PathLike) -> bool:
     """True when the file ends with a zip end record whose central directory lies inside it:
     a cheap test that a torch.save zip was not cut short, without parsing anything else."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb", buffering=0) as f:
+        f, size = open_exact(path)
+        with f:
             tail = _tail(f, size)
-    except OSError:
+    except (OSError, UnreadableFile):
         return False
     try:
         _, cd_size, cd_offset, end = _directory_span(tail)
@@ -475,14 +492,14 @@ def pickle_is_intact(path: str | os.PathLike) -> bool:
     """True when the file is a whole torch.save zip whose data.pkl passes its CRC check: what
     `read_torch_file` would accept, without unpickling (the slow part)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb", buffering=0) as f:
+        f, size = open_exact(path)
+        with f:
             entries = central_directory(f, size)
             pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
             if len(pkl) != 1 or pkl[0][2] != 0 or pkl[0][3] > MAX_PICKLE_BYTES:
                 return False
             raw = _read_record(f, pkl[0][1], pkl[0][3], size)
-    except (NoZipDirectory, OSError):
+    except (NoZipDirectory, OSError, UnreadableFile):
         return False
     return raw is not None and zlib.crc32(raw) == pkl[0][4]
 
