@@ -91,7 +91,7 @@ def attach(ctx: LoadContext, files: dict[int, RankFile],
                     p.fragments.append(parts[r][0].fragment(gi, lo - r * P, lo - start, hi - lo,
                                                             shard=shard))
             start += n
-        check_slice_mappings(ctx, g, {r: files[r] for r in parts})
+        check_slice_mappings(ctx, g, {r: files[r] for r in parts}, shard)
     return out
 
 
@@ -126,7 +126,8 @@ def _partition_size(parts: dict[int, tuple[TensorAt, int]], keep_padding: bool) 
     return Counter(sizes).most_common(1)[0][0] if sizes else None
 
 
-def check_slice_mappings(ctx: LoadContext, g: ParamGroup, files: dict[int, RankFile]) -> None:
+def check_slice_mappings(ctx: LoadContext, g: ParamGroup, files: dict[int, RankFile],
+                         shard: int | None = None) -> None:
     """Cross-check the fragments against the optimizer's own `param_slice_mappings`
     (name -> where it lies in this rank's partition). With round_robin_gradients those
     follow the original param order and disagree by design, so they are skipped."""
@@ -140,7 +141,8 @@ def check_slice_mappings(ctx: LoadContext, g: ParamGroup, files: dict[int, RankF
             continue
         for name, addr in maps[g.index].items():
             p = ctx.ckpt.params.get(name)
-            frag = next((f for f in p.fragments if f.rank == r), None) if p else None
+            frag = next((f for f in p.fragments if f.rank == r and f.shard == shard),
+                        None) if p else None
             look = getattr(addr, "get", lambda k: None)  # a dict or a pickled object
             want = (look("start"), look("numel"))
             if frag is None or want != (frag.group_offset, frag.numel):
