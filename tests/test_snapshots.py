@@ -86,3 +86,19 @@ def test_help(snap_compare, in_repo):
 def test_unreadable_path(snap_compare, in_repo):
     assert snap_compare(ZinspectApp("no/such/checkpoint"), run_before=after_loading(),
                         terminal_size=SIZE)
+
+
+def test_ranks_grid_tensor_parallel(snap_compare, in_repo):
+    """Issue 10: the grid over tp x dp with a status per cell."""
+    assert snap_compare(ZinspectApp("tests/fixtures/parallel/tp2_dp2_s2_toy"),
+                        run_before=after_loading("3"), terminal_size=SIZE)
+
+
+def test_param_detail_tp_shards(snap_compare, in_repo):
+    """Issue 10: which tp rank holds which rows of a fused (sub-param) weight."""
+    async def run_before(pilot) -> None:
+        await after_loading()(pilot)
+        pilot.app.goto_param("model.layers.0.mlp.gate_up_proj.weight")
+        await after_loading()(pilot)
+    assert snap_compare(ZinspectApp("tests/fixtures/parallel/tp2_dp2_s1_toy"),
+                        run_before=run_before, terminal_size=SIZE)

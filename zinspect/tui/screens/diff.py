@@ -56,7 +56,8 @@ def diff_rows(result: DiffResult) -> list[Row]:
 
 
 class DiffTable(VirtualTable):
-    COLUMNS = [Column("name", 30, flex=True), Column("change", 12), Column("max|a-b|", 10, True),
+    COLUMNS = [Column("name", 30, flex=True, middle=True), Column("change", 12),
+               Column("max|a-b|", 10, True),
                Column("rel L2", 9, True), Column("differ", 9, True), Column("first at", 12)]
 
     def __init__(self, rows: list[Row], names: list[str], **kwargs) -> None:

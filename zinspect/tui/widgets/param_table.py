@@ -31,7 +31,7 @@ def param_columns(view: Inspection) -> list[Column]:
 
     return [
         Column("xFT!", 4),
-        Column("name", 16, flex=True),
+        Column("name", 16, flex=True, middle=True),
         Column("shape", min(20, widest("shape", map(shape_text, shapes)))),
         Column("dtype", widest("dtype", {short_dtype(e.dtype) for e in entries}), drop=2),
         Column("numel", widest("numel", map(fmt.count, numels)), right=True),

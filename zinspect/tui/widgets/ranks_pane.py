@@ -147,8 +147,10 @@ class RankGrid(VirtualTable):
         self.cells = cells
         columns = [Column(a, max(2, len(str(max([getattr(c, a) or 0 for c in cells] + [0])))),
                           right=True) for a in self.axes]
-        columns += [Column("files", 24, flex=True), Column("held", 10, right=True),
-                    Column("+pad", 5, right=True), Column("groups", 6, right=True, drop=1),
+        held = max([4, *(len(fmt.count(c.held)) for c in cells)])
+        pad = max([4, *(len(fmt.count(c.padding)) for c in cells)])
+        columns += [Column("files", 24, flex=True), Column("held", held, right=True),
+                    Column("+pad", pad, right=True), Column("groups", 6, right=True, drop=1),
                     Column("status", max([6, *(len(c.status()) for c in cells[:2000])]))]
         super().__init__(columns, len(cells), **kwargs)
         self.flex_wants = 40
@@ -175,18 +177,23 @@ class GroupMatrix(VirtualTable):
     """The partition elements of each cell in each flat group (+ padding)."""
 
     def __init__(self, grid: RankGrid, groups: list[int], **kwargs) -> None:
-        columns = [*grid.columns[:len(grid.axes)],
-                   *(Column(f"group {g}", max(8, len(f"group {g}")), right=True) for g in groups)]
-        super().__init__(columns, len(grid.cells), **kwargs)
         self.grid, self.groups = grid, groups
+        widths = [len(f"group {g}") for g in groups]
+        for c in grid.cells:  # as wide as the widest value: 512 cells x 64 groups at most
+            widths = [max(w, len(self._cell(c, g))) for w, g in zip(widths, groups, strict=True)]
+        columns = [*grid.columns[:len(grid.axes)],
+                   *(Column(f"group {g}", w, right=True) for g, w in zip(groups, widths, strict=True))]
+        super().__init__(columns, len(grid.cells), **kwargs)
+
+    @staticmethod
+    def _cell(c: Cell, group: int) -> str:
+        held = c.by_group.get(group)
+        return "—" if held is None else fmt.count(held[0]) + (f" +{held[1]}" if held[1] else "")
 
     def row_cells(self, index: int) -> list[str]:
         c = self.grid.cells[index]
-        out = self.grid.row_cells(index)[:len(self.grid.axes)]
-        for g in self.groups:
-            held = c.by_group.get(g)
-            out.append("—" if held is None else fmt.count(held[0]) + (f" +{held[1]}" if held[1] else ""))
-        return out
+        return [*self.grid.row_cells(index)[:len(self.grid.axes)],
+                *(self._cell(c, g) for g in self.groups)]
 
 
 class RanksPane(Vertical):

@@ -26,10 +26,12 @@ class Column:
     #: left out, lowest first, when the flex column would be narrower than its contents need
     #: (0: always shown)
     drop: int = 0
+    #: cut in the middle, not at the end: dotted names and paths differ at their ends
+    middle: bool = False
 
     def fit(self, text: str, width: int) -> str:
-        if len(text) > width:  # the flex column holds names: their ends tell them apart
-            return middle(text, width) if self.flex else text[: width - 1] + "…"
+        if len(text) > width:
+            return middle(text, width) if self.middle else text[: width - 1] + "…"
         return text.rjust(width) if self.right else text.ljust(width)
 
 
