@@ -21,8 +21,10 @@ from zinspect.errors import NotMergeable
 
 PARALLEL = FIXTURES / "parallel"
 PIPELINES = sorted(p.parent.name for p in PARALLEL.glob("pp*/manifest.json"))
-#: a ZeRO-0 fp32 pipeline records no param names: the tied layer's tie key is in no file
-UNNAMED = {"pp3_dp1_s0_fp32": {"1.weight": "tied_modules.embed.weight"}}
+#: a ZeRO-0 pipeline without optimizer files records no param names: the tied layer's tie key
+#: is in no file (it is named by its layer index, with a warning)
+UNNAMED = {"pp3_dp1_s0_fp32": {"1.weight": "tied_modules.embed.weight"},
+           "pp2_dp1_s0_fp16": {"1.weight": "tied_modules.embed.weight"}}
 
 
 def manifest(name: str) -> dict:
@@ -89,7 +91,7 @@ def test_tied_param_has_each_later_stages_copy(name):
     is the param's fragments, the others are Param.copies, and all equal the reference."""
     m, c = manifest(name), open_checkpoint(PARALLEL / name)
     (tied,) = m["tied"]
-    p = c.params[tied]
+    p = c.params[{v: k for k, v in UNNAMED.get(name, {}).items()}.get(tied, tied)]
     stages = m["tied"][tied]["stages"]
     assert {f.file.split("mp_rank_")[1][:2] for f in p.fragments} == {f"{stages[0]:02d}"}
     assert sorted(p.copies) == stages[1:]
@@ -215,3 +217,39 @@ def test_a_forged_stage_count_costs_what_the_files_cost(tmp_path):
     assert len(stages) == 17 and stages[16].message.startswith(f"{10**6 - 2 - 16} more stage files")
     optim = [f for f in c.findings if f.code == "missing-optimizer-file"]
     assert len(optim) == 17 and optim[0].file == "zero_pp_rank_0_mp_rank_02_optim_states.pt"
+
+
+def test_zero0_fp16_pipeline_masters_are_each_stages_fp32_groups():
+    """FP16_UnfusedOptimizer per stage: its fp32_groups matched to the stage's params (the tied
+    layer's first on the stage that reuses it: that is the copy), never the fp16 weights."""
+    c = open_checkpoint(PARALLEL / "pp2_dp1_s0_fp16")
+    assert [f.code for f in c.findings] == ["pipeline-tied-unnamed"]
+    for name, p in c.params.items():
+        (f,) = p.fragments
+        assert (f.source, f.dtype, f.file) == \
+            ("master", "float32", f"mp_rank_0{0 if name[0] in '134' else 1}_model_states.pt"), name
+    assert sorted(c.params["1.weight"].copies) == [1]
+
+
+def _freeze_3_norm_bias(opt):
+    """Stage 0 as if 3.norm.bias were frozen: its master gone from the no-decay group."""
+    opt["fp32_groups"][1].pop(1)
+    opt["optimizer_state_dict"]["param_groups"][1]["params"].pop()
+
+
+def test_zero0_fp16_pipeline_with_undecidable_masters_is_refused(tmp_path):
+    """A frozen norm bias beside its trainable norm weight (equal shapes): which fp32 master is
+    which cannot be told, so stage 0's are not guessed; the tied param keeps stage 1's copy."""
+    tag = copy(tmp_path, "pp2_dp1_s0_fp16")
+    path = tag / "mp_rank_00_model_states.pt"
+    state = torch.load(path, weights_only=False)
+    _freeze_3_norm_bias(state["optimizer"])
+    torch.save(state, path)
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("pipeline-stages-unknown", None), ("pipeline-tied-unnamed",
+                        "layer_01-model_states.pt"), ("zero0-order-unknown", path.name)]
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
+    stage0 = {n for n in c.params if n.startswith(("3.", "4."))}
+    assert set(plan_merge(c, salvage=True).dropped) == stage0
+    assert [f.file for f in c.params["1.weight"].fragments] == ["mp_rank_01_model_states.pt"]

@@ -105,6 +105,10 @@ PARALLEL_FIXTURES = {
     # DeepSpeed cannot reload it itself (a known gap the manifest records)
     "pp2_dp1_s0_bf16": (PIPELINE, ["--pp", "2", "--dp", "1", "--stage", "0", "--dtype", "bf16"]),
     "pp3_dp1_s0_fp32": (PIPELINE, ["--pp", "3", "--dp", "1", "--stage", "0", "--blocks", "6"]),
+    # FP16_UnfusedOptimizer per stage (fp32_groups in mp_rank_SS); no frozen param: a frozen norm
+    # bias beside its norm weight makes the masters' order undecidable (tests forge that case)
+    "pp2_dp1_s0_fp16": (PIPELINE, ["--pp", "2", "--dp", "1", "--stage", "0", "--dtype", "fp16",
+                                   "--no-frozen"]),
     "moe_ep2_w4_s2_fp32": (MOE, ["--world-size", "4", "--ep-size", "2", "--num-experts", "4",
                                  "--stage", "2"]),
     "moe_ep2_w4_s1_top2_res": (MOE, ["--world-size", "4", "--ep-size", "2", "--num-experts", "4",

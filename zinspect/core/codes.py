@@ -48,6 +48,7 @@ CODES: dict[str, tuple[str, str]] = {
     "missing-layer-file": (ERROR, "a pipeline layer file is missing where the optimizer holds params"),
     "missing-expert-file": (ERROR, "an MoE expert file (or a param in it) is missing"),
     "zero0-order-unknown": (ERROR, "ZeRO-0 masters cannot be matched to param names by shape"),
+    "zero0-frozen-unknown": (INFO, "a ZeRO-0 fp32 run's frozen params cannot be told"),
     "pipeline-tied-unnamed": (WARNING, "a ZeRO-0 pipeline's tied layer, named by its index"),
     "pipeline-stages-unknown": (INFO, "a ZeRO-0 pipeline's frozen params cannot be told"),
     # ranks and runs

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zinspect.core.layouts.pickled import get
+from zinspect.core.torchzip import TensorRef
+
 #: frontier states kept per param, and explored in all, before giving up (an adversarial file
 #: must not hang us; real models keep a handful per param)
 MAX_STATES = 20_000
@@ -79,3 +82,30 @@ def _add(frontier: dict, ptrs: tuple, ways: int, link) -> None:
         frontier[ptrs] = (ways, link)
     else:  # two paths reach the same state: two different assignments
         frontier[ptrs] = (min(2, had[0] + ways), had[1])
+
+
+def saved_group_shapes(optimizer) -> list[list[tuple]] | None:
+    """The shapes of a ZeRO-0 optimizer's groups, in order: FP16_UnfusedOptimizer's
+    `fp32_groups` (16-bit training), else the torch optimizer's own state dict (each param's
+    `exp_avg`, or its first non-scalar tensor). None when a shape is not in the file."""
+    masters = get(optimizer, "fp32_groups")
+    if isinstance(masters, list):
+        if not all(isinstance(g, list) and all(isinstance(t, TensorRef) for t in g)
+                   for g in masters):
+            return None
+        return [[t.shape for t in g] for g in masters]
+    state, groups = get(optimizer, "state"), get(optimizer, "param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return None
+    out = []
+    for g in groups:
+        shapes = []
+        for idx in get(g, "params", default=[]) or []:
+            per = state.get(idx)
+            t = next((v for k, v in per.items() if isinstance(v, TensorRef) and
+                      (k == "exp_avg" or v.shape)), None) if isinstance(per, dict) else None
+            if t is None:
+                return None
+            shapes.append(t.shape)
+        out.append(shapes)
+    return out

@@ -72,7 +72,9 @@ class _MoE:
         pcs = _partition_counts(ctx)
         expert_groups = self._expert_groups(pcs)
         dense = {gi: m for gi, m in enumerate(names.flat_groups) if gi not in expert_groups}
-        zero12.attach(ctx, self.ranks, dense, pcs or self.ws)
+        # BF16_Optimizer (bf16 + fp32 grad accumulation) keeps its partitions' padding
+        keep = isinstance(ctx.ref_osd, dict) and "zero_stage" not in ctx.ref_osd
+        zero12.attach(ctx, self.ranks, dense, pcs or self.ws, keep_padding=keep)
         eps = {ep for ep, _ in expert_groups.values()}
         self._sort_files(eps)
         for gi, (ep, pc) in sorted(expert_groups.items()):
@@ -83,7 +85,8 @@ class _MoE:
                     if n not in c.params:
                         c.params[n] = Param(n, s or (), base.dtype if base else "")
                 files = {r // ep: rf for r, rf in self.ranks.items() if r % ep == e}
-                zero12.attach(ctx, files, {gi: members}, pcs, coords=Coords(ep=e))
+                zero12.attach(ctx, files, {gi: members}, pcs, keep_padding=keep,
+                              coords=Coords(ep=e))
         self._missing_ranks()
         common.attach_moments(ctx, self.ranks)
         self._expert_files()

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from zinspect.core.layouts import common, zero12
+from zinspect.core.layouts import common, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import as_group_list, get, located, shape
-from zinspect.core.layouts.pipeline_zero0 import match_stages, optimizer_group_shapes
 from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
 
@@ -164,9 +163,7 @@ class _Pipeline:
         self._buffers(buffer_names)
         self._missing_layers(trainable)
         if not self.optim:
-            if not trainable:
-                self._zero0_stages(buffer_names)
-            self._zero0_masters()
+            pipeline_zero0.describe(self)
         common.finish(ctx, common.Names({}, [], [], {}))
 
     def _params(self, groups: dict, trainable: set[str], buffers: set[str]) -> None:
@@ -200,9 +197,9 @@ class _Pipeline:
                                  f"mp_rank_{s:02d}_model_states.pt")
         for name, p in c.params.items():  # ZeRO-1 frozen params: the 16-bit layer weights
             if p.frozen:
-                self._layer_fragment(name, "module")
+                self.layer_fragment(name, "module")
 
-    def _layer_fragment(self, name: str, source: str) -> None:
+    def layer_fragment(self, name: str, source: str) -> None:
         layer, key = self.names[name]
         rf = self.layers[layer]
         tf = self.ctx.torch_file(rf)
@@ -248,45 +245,6 @@ class _Pipeline:
             self.ctx.find("missing-optimizer-file", f"{total - len(first)} more optimizer files "
                           f"are missing (of {self.pp} stages × {self.dp} dp ranks)",
                           "check the copy: most of the checkpoint is gone")
-
-    def _zero0_masters(self) -> None:
-        """ZeRO-0 fp32: the layer files' weights are the fp32 masters."""
-        for name, p in self.c.params.items():
-            if name in self.names and not p.fragments:
-                self._layer_fragment(name, "master" if p.dtype == "float32" and not p.frozen
-                                     else "module")
-
-    def _zero0_stages(self, buffer_names: list[str]) -> None:
-        """A ZeRO-0 fp32 pipeline names no params: the stages' optimizer shapes tell which
-        were frozen and which layer was tied (pipeline_zero0.py); the tie's key is in no file."""
-        c, ctx = self.c, self.ctx
-        layers: dict[int, list] = defaultdict(list)
-        for name, (layer, _) in self.names.items():
-            if name in c.params:
-                layers[layer].append((name, c.params[name].shape))
-        anchors = {self.names[b][0]: s for s in self.stages for b in
-                   _list(self.stage_state(s), "buffer_names") if b in self.names}
-        found = None if len(self.stages) != self.pp else match_stages(dict(layers), [
-            optimizer_group_shapes(self.stage_state(s).get("optimizer")) for s in self.stages],
-            anchors)
-        if found is None or found.frozen is None:
-            ctx.find("pipeline-stages-unknown", "this ZeRO-0 pipeline names no params and its "
-                     "stages' optimizer states fit its layer files in more than one way: which "
-                     "params were frozen is unknown (all are shown as trainable)",
-                     "the fp32 values written are the layer files' either way")
-        for name in found.frozen if found and found.frozen else ():
-            c.params[name].frozen = True
-        if found is None:
-            return
-        for layer, stages in sorted(found.tied.items()):
-            names = [n for n, _ in layers[layer]]
-            ctx.find("pipeline-tied-unnamed", f"layer {layer} is tied (its params are also "
-                     f"used by stage(s) {', '.join(map(str, stages))}): PipelineModule names them "
-                     f"tied_modules.<key>.*, but a ZeRO-0 checkpoint records no key, so they "
-                     f"are named {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}",
-                     "rename them when loading into the PipelineModule (e.g. tied_modules.embed."
-                     "weight); the values are right", file=self.layers[layer].name,
-                     param=names[0] if names else None)
 
     def _buffers(self, buffer_names: list[str]) -> None:
         for name in buffer_names:

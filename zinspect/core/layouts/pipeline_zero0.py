@@ -1,23 +1,28 @@
-"""Which layers a ZeRO-0 fp32 pipeline's stages hold, which params were frozen and which layers
-were tied — for a checkpoint that names none of its params.
+"""ZeRO-0 pipelines without optimizer files (fp32, or fp16 with FP16_UnfusedOptimizer): which
+layers each stage holds, which params were frozen, which layer was tied and — in 16-bit
+training — which of the stage's `fp32_groups` masters is which param. The checkpoint names none
+of its params.
 
-Such a pipeline saves no `param_shapes`: each stage's `mp_rank_SS` holds the torch optimizer's
-state by position only. PipelineModule orders a stage's params as its tied modules first, then
-its layers by index, and every optimizer group keeps that order (group_order.py). So stage s's
-groups are matched against the next run of layer files — with, for a later stage, one earlier
-layer's params put first (a TiedLayerSpec reused there through forward_fn, which writes no file
-on that stage). Of the fits, the one with the fewest frozen params is taken (frozen params are
-the exception; the values written are the same either way), and only when it is the only such
-fit; the frozen params are known only when the shapes fit one way (a frozen norm weight beside
-its trainable bias of equal shape does not).
+Such a pipeline saves no `param_shapes`: each stage's `mp_rank_SS` holds its optimizer's state
+by position only (the torch optimizer's, plus `fp32_groups` in 16-bit training). PipelineModule
+orders a stage's params as its tied modules first, then its layers by index, and every
+optimizer group keeps that order (group_order.py). So stage s's groups are matched against the
+next run of layer files — with, for a later stage, one earlier layer's params put first (a
+TiedLayerSpec reused there through forward_fn, which writes no file on that stage). Of the fits,
+the one with the fewest frozen params is taken (frozen params are the exception), and only when
+it is the only such fit. Which params were frozen — and in 16-bit training which master is which
+param — is known only when the shapes fit one way (a frozen norm weight beside its trainable
+bias of equal shape does not): then fp32 training writes the layer weights (its masters) and
+says what it cannot tell, 16-bit training is refused.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
-from zinspect.core.layouts.group_order import match_group_order
-from zinspect.core.layouts.pickled import get
+from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
+from zinspect.core.layouts.pickled import get, located
 from zinspect.core.torchzip import TensorRef
 
 Params = list[tuple[str, tuple[int, ...]]]
@@ -28,27 +33,6 @@ class StageMatch:
     stage_of: dict[int, int] = field(default_factory=dict)  # layer -> its stage
     frozen: list[str] | None = field(default_factory=list)  # None: not decidable by shapes
     tied: dict[int, list[int]] = field(default_factory=dict)  # layer -> later stages reusing it
-
-
-def optimizer_group_shapes(optimizer) -> list[list[tuple]] | None:
-    """A torch optimizer state dict's groups as their params' shapes (from each param's
-    `exp_avg`, or its first non-scalar tensor); None when a param's shape is not there."""
-    state = get(optimizer, "state")
-    groups = get(optimizer, "param_groups")
-    if not isinstance(state, dict) or not isinstance(groups, list):
-        return None
-    out = []
-    for g in groups:
-        shapes = []
-        for idx in get(g, "params", default=[]) or []:
-            per = state.get(idx)
-            t = next((v for k, v in per.items() if isinstance(v, TensorRef) and
-                      (k == "exp_avg" or v.shape)), None) if isinstance(per, dict) else None
-            if t is None:
-                return None
-            shapes.append(t.shape)
-        out.append(shapes)
-    return out
 
 
 def match_stages(layers: dict[int, Params], stage_groups: list[list[list[tuple]] | None],
@@ -108,3 +92,88 @@ def _stage_fit(layers: dict[int, Params], order: list[int], pos: int, groups: li
         if fit.problem in ("", "ambiguous"):
             fits.append((frozen, end, tied, None if fit.problem else fit.skipped))
     return fits[0][1:] if len(fits) == 1 else None
+
+
+def describe(pipe) -> None:
+    """Frozen flags, tie warnings and the fp32 masters of a `pipeline._Pipeline` whose stages
+    hold their optimizer state in `mp_rank_SS` (no optimizer files). fp32 training: the layer
+    files' weights are the masters. 16-bit: each stage's fp32_groups, matched to its params; a
+    16-bit param whose master cannot be matched gets none (the merge refuses it), never its
+    16-bit weight as if it were the master."""
+    c, ctx = pipe.c, pipe.ctx
+    layers: dict[int, Params] = defaultdict(list)
+    for name, (layer, _) in pipe.names.items():
+        if name in c.params:
+            layers[layer].append((name, c.params[name].shape))
+    opts = {s: pipe.stage_state(s).get("optimizer") for s in pipe.stages}
+    anchors = {pipe.names[b][0]: s for s in pipe.stages for b in
+               _names(pipe.stage_state(s).get("buffer_names")) if b in pipe.names}
+    found = None if len(pipe.stages) != pipe.pp else match_stages(
+        dict(layers), [saved_group_shapes(opts[s]) for s in pipe.stages], anchors)
+    sixteen = any(p.dtype != "float32" for p in c.params.values())
+    if found is None and sixteen:
+        ctx.find("zero0-order-unknown", "this ZeRO-0 pipeline names no params and its stages' "
+                 "fp32_groups fit its layer files in no single way: no fp32 master can be "
+                 "matched to its param", "load the checkpoint with DeepSpeed and the model")
+    elif found is None or found.frozen is None:
+        ctx.find("pipeline-stages-unknown", "this ZeRO-0 pipeline names no params and its "
+                 "stages' optimizer states fit its layer files in more than one way: which "
+                 "params were frozen is unknown (all are shown as trainable)",
+                 "the fp32 values written are the layer files' either way")
+    if found is not None:
+        for name in found.frozen or ():
+            c.params[name].frozen = True
+        _say_ties(pipe, layers, found)
+        if sixteen:
+            _attach_masters(pipe, layers, found, opts)
+    for name, p in c.params.items():
+        if name in pipe.names and not p.fragments and (p.frozen or p.dtype == "float32"):
+            pipe.layer_fragment(name, "master" if p.dtype == "float32" and not p.frozen
+                                else "module")
+
+
+def _attach_masters(pipe, layers: dict[int, Params], found: StageMatch, opts: dict) -> None:
+    """Stage s's fp32_groups[g][i] -> its param (a tied layer's params first on a stage that
+    reuses it: those are the param's copies)."""
+    c = pipe.c
+    reused = {s: layer for layer, stages in found.tied.items() for s in stages}
+    for s in pipe.stages:
+        own = [layer for layer in sorted(layers) if found.stage_of.get(layer) == s]
+        tied = reused.get(s)
+        params = (layers[tied] if tied is not None else []) + \
+            [p for layer in own for p in layers[layer]]
+        masters = get(opts[s], "fp32_groups")
+        fit = match_group_order(params, saved_group_shapes(opts[s]) or [],
+                                required=1 if tied is not None else 0)
+        rf = pipe.stage_files[s]
+        if fit.problem:
+            pipe.ctx.find("zero0-order-unknown", f"stage {s}'s fp32_groups fit its params in "
+                          "more than one way (params of equal shapes): its fp32 masters cannot "
+                          "be matched to their names", "load the checkpoint with DeepSpeed and "
+                          "the model", file=rf.name)
+            continue
+        tf = pipe.ctx.torch_file(rf)
+        for g, members in enumerate(fit.groups):
+            for i, name in enumerate(members):
+                t, p = masters[g][i], c.params[name]
+                fragment = located(tf, rf.name, 0, t).fragment(g, 0, 0, min(t.numel, p.numel))
+                if p.fragments:
+                    p.copies[s] = [fragment]
+                else:
+                    p.fragments, p.group, p.sub_group = [fragment], g, g
+
+
+def _say_ties(pipe, layers: dict[int, Params], found: StageMatch) -> None:
+    for layer, stages in sorted(found.tied.items()):
+        names = [n for n, _ in layers[layer]]
+        pipe.ctx.find("pipeline-tied-unnamed", f"layer {layer} is tied (its params are also "
+                      f"used by stage(s) {', '.join(map(str, stages))}): PipelineModule names "
+                      "them tied_modules.<key>.*, but a ZeRO-0 checkpoint records no key, so they "
+                      f"are named {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}",
+                      "rename them when loading into the PipelineModule (e.g. tied_modules.embed."
+                      "weight); the values are right", file=pipe.layers[layer].name,
+                      param=names[0] if names else None)
+
+
+def _names(value) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []

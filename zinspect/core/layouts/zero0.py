@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
-from zinspect.core.layouts.group_order import match_group_order
+from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import ParamGroup, Topology
 from zinspect.core.torchzip import TensorRef
@@ -36,44 +36,48 @@ def describe(ctx: LoadContext) -> None:
     c.topology = Topology(dp=c.world_size, files=c.files)
     _tie_shared_storages(ctx, names.module)
     opt = ctx.model_state.get("optimizer")
-    masters = opt.get("fp32_groups")
-    groups = masters if isinstance(masters, list) else _torch_groups(opt)
+    masters = opt.get("fp32_groups") if isinstance(opt.get("fp32_groups"), list) else None
     owners = [(p.name, p.shape) for p in c.params.values() if not p.tied_to]
-    shapes = [[t.shape if isinstance(t, TensorRef) else t for t in g]
-              for g in groups if isinstance(g, list)]
+    shapes = saved_group_shapes(opt)
+    order = match_group_order(owners, shapes or [])
     listed = [len(get(g, "params", default=[]) or []) for g in
               get(opt, "optimizer_state_dict", "param_groups", default=[]) or []]
-    problem = "" if not isinstance(masters, list) or listed == [len(g) for g in shapes] \
-        else "counts"
-    order = match_group_order(owners, shapes)
-    if problem or order.problem:
-        ctx.find("zero0-order-unknown", _ORDER_PROBLEM[problem or order.problem] + f" ({len(owners)} "
-                 f"params, optimizer groups of {', '.join(str(len(g)) for g in groups)})",
+    problem = "unreadable" if shapes is None else "counts" if masters is not None and \
+        listed != [len(g) for g in shapes] else order.problem
+    if problem and (masters is not None or problem != "unreadable"):
+        ctx.find("zero0-order-unknown", _ORDER_PROBLEM[problem] + f" ({len(owners)} params, "
+                 f"optimizer groups of {', '.join(str(len(g)) for g in shapes or [])})",
                  "ZeRO-0 saves the optimizer state by position only; without a unique match "
                  "the masters cannot be named. Load the checkpoint with DeepSpeed and the "
                  "model instead", file=ctx.model_file.name)
-        common.finish(ctx, names)
-        return
-    tf = ctx.torch_file(ctx.model_file)
-    file = ctx.model_file.name
-    for gi, members in enumerate(order.groups):
-        g = ParamGroup(gi, gi, members, sum(c.params[n].numel for n in members),
-                       {0: sum(c.params[n].numel for n in members)}, {0: 0}, "float32")
-        c.groups.append(g)
-        for i, name in enumerate(members):
-            p = c.params[name]
-            p.frozen, p.group, p.sub_group = False, gi, gi
-            t = groups[gi][i] if isinstance(masters, list) else names.module.get(name)
-            if isinstance(t, TensorRef):
-                at = located(tf, file, 0, t)
-                p.fragments = [at.fragment(gi, 0, 0, min(t.numel, p.numel))]
-    for name in order.skipped:  # frozen: the module weights
-        c.params[name].frozen = True
+    elif problem:  # fp32 training: the module weights are the masters whichever were frozen
+        ctx.find("zero0-frozen-unknown", "the optimizer state holds no param shapes: which "
+                 "params were frozen is unknown (all are written from the fp32 module "
+                 "weights, the masters)", file=ctx.model_file.name)
+        order.groups, order.skipped = [[n for n, _ in owners]], []
+    if not problem or masters is None:
+        _attach_masters(ctx, names, order.groups, masters)
+        for name in order.skipped:  # frozen: the module weights
+            c.params[name].frozen = True
     for p in c.params.values():
         if p.tied_to in c.params:
             p.frozen = c.params[p.tied_to].frozen
     common.attach_whole_frozen(ctx, names)
     common.finish(ctx, names)
+
+
+def _attach_masters(ctx: LoadContext, names, groups: list[list[str]], masters) -> None:
+    """Group g's i-th param: its master is fp32_groups[g][i], or its fp32 module weight."""
+    c, tf, file = ctx.ckpt, ctx.torch_file(ctx.model_file), ctx.model_file.name
+    for gi, members in enumerate(groups):
+        numel = sum(c.params[n].numel for n in members)
+        c.groups.append(ParamGroup(gi, gi, members, numel, {0: numel}, {0: 0}, "float32"))
+        for i, name in enumerate(members):
+            p = c.params[name]
+            p.frozen, p.group, p.sub_group = False, gi, gi
+            t = masters[gi][i] if masters is not None else names.module.get(name)
+            if isinstance(t, TensorRef):
+                p.fragments = [located(tf, file, 0, t).fragment(gi, 0, 0, min(t.numel, p.numel))]
 
 
 _ORDER_PROBLEM = {
@@ -82,23 +86,8 @@ _ORDER_PROBLEM = {
                  "(params of equal shapes in different groups)",
     "too-complex": "the optimizer's groups could not be matched to the module's params",
     "counts": "fp32_groups and the optimizer's param_groups list different numbers of params",
+    "unreadable": "the optimizer state does not say its params' shapes",
 }
-
-
-def _torch_groups(opt: dict) -> list[list]:
-    """A torch optimizer state dict's groups as the shapes of their params (from exp_avg, or
-    any tensor of the param's state)."""
-    state = opt.get("state") if isinstance(opt.get("state"), dict) else {}
-    out = []
-    for g in opt.get("param_groups") or []:
-        shapes = []
-        for idx in get(g, "params", default=[]) or []:
-            per = state.get(idx) if isinstance(state.get(idx), dict) else {}
-            t = per.get("exp_avg") or next((v for v in per.values() if isinstance(v, TensorRef)
-                                            and v.shape), None)
-            shapes.append(t.shape if isinstance(t, TensorRef) else None)
-        out.append(shapes)
-    return out
 
 
 def _tie_shared_storages(ctx: LoadContext, module: dict) -> None:
