@@ -189,7 +189,9 @@ class _NoDeepSpeed:
     load = pickle.load
 
 
-@pytest.mark.parametrize("name", ["s1_w2_fp32", "s2_w2_fp32_plain", "s3_w2_fp32", "s2_w3_fp32_rr"])
+@pytest.mark.parametrize("name", ["s1_w2_fp32", "s2_w2_fp32_plain", "s3_w2_fp32", "s2_w3_fp32_rr",
+                                  "parallel/pp2_dp2_s1_fp32", "parallel/moe_ep2_w4_s2_fp32",
+                                  "parallel/tp2_dp2_s1_toy", "parallel/tp2_dp2_s3_toy"])
 def test_moments_are_the_slices_of_the_optimizer_state(name):
     """NAME:exp_avg / :exp_avg_sq are the param's slices of each rank's flat-group moments
     (checked against torch.load of the optimizer files), exp_avg_sq is never negative."""
@@ -206,14 +208,30 @@ def test_moments_are_the_slices_of_the_optimizer_state(name):
     for t, buf in zip(tensors, sink.buffers, strict=True):
         pname, key = t.name.split(":")
         got = torch.frombuffer(bytearray(buf), dtype=torch.float32)
-        parts = []
-        for f in sorted((f for f in ckpt.params[pname].fragments if f.numel), key=lambda f: f.start):
-            if f.file not in loaded:
-                loaded[f.file] = torch.load(ckpt.path / f.file, weights_only=False,
-                                            pickle_module=_NoDeepSpeed)["optimizer_state_dict"]
-            osd = loaded[f.file]
-            state = (osd.get("base_optimizer_state") or osd["optimizer_state_dict"])["state"]
-            parts.append(state[f.group][key].flatten()[f.group_offset:f.group_offset + f.numel])
-        assert torch.equal(got, torch.cat(parts)), t.name
+        p = ckpt.params[pname]
+
+        def flat(fragments):
+            parts = []
+            for f in sorted(fragments, key=lambda f: f.start):
+                if f.file not in loaded:
+                    loaded[f.file] = torch.load(ckpt.path / f.file, weights_only=False,
+                                                pickle_module=_NoDeepSpeed)["optimizer_state_dict"]
+                osd = loaded[f.file]
+                state = (osd.get("base_optimizer_state") or osd["optimizer_state_dict"])["state"]
+                parts.append(state[f.group][key].flatten()[f.group_offset:f.group_offset + f.numel])
+            return torch.cat(parts)
+
+        frags = [f for f in p.fragments if f.numel and f.source == "master"]
+        if not p.shards:
+            want = flat(frags)
+        else:  # each tp rank's shard, placed in the full tensor by its boxes (tp 0 if replicated)
+            want = torch.zeros(p.shape)
+            for tp, shard in sorted(p.shards.items(), reverse=True):
+                held = flat([f for f in frags if f.shard == tp]).reshape(shard.shape)
+                for box, full in shard.maps:
+                    want[tuple(slice(o, o + n) for o, n in zip(full.offsets, full.sizes))] = \
+                        held[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes))]
+            want = want.flatten()
+        assert torch.equal(got, want), t.name
     sq = compute_stats([t for t in tensors if t.name.endswith(":exp_avg_sq")])
     assert all(s.min >= 0 for s in sq) and any(s.max > 0 for s in sq)

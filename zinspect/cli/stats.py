@@ -34,7 +34,7 @@ exit codes:
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--moments", action="store_true",
-                   help="also Adam's exp_avg / exp_avg_sq per param (NAME:exp_avg; plain ZeRO 1/2/3)")
+                   help="also Adam's exp_avg / exp_avg_sq per param (NAME:exp_avg; any layout)")
 
 
 def run(args) -> int:

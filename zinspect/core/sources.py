@@ -63,28 +63,29 @@ def checkpoint_tensors(path: Path, tag: str | None = None,
 
 
 def moment_tensors(ckpt) -> list[OutputTensor]:
-    """Adam's moments of every trainable param in a plain ZeRO 1/2/3 checkpoint, where the core
-    locates them (`Checkpoint.state_fragments`: the fp32 masters' ranges in each rank's moment
-    tensor of the same flat group)."""
-    if ckpt.layout != "zero":
-        raise UsageError(f"{ckpt.path}: Adam moments are read from plain ZeRO checkpoints only "
-                         f"(this one is {ckpt.layout})", "leave out --moments")
+    """Adam's moments of every trainable param, in any layout the core locates them for
+    (`Checkpoint.state_fragments`: the fp32 masters' ranges in each rank's moment tensor of the
+    same flat group; tensor-parallel shards are put together as the merge puts the masters)."""
+    from zinspect.core.plan import param_problem, param_tensor
+
+    missing = [key for key in MOMENTS if key not in ckpt.states]
+    if missing:
+        raise UsageError(f"{ckpt.path}: no {' / '.join(missing)} in its optimizer files (the "
+                         f"optimizer holds {', '.join(ckpt.states) or 'nothing zinspect reads'})",
+                         "leave out --moments")
     out = []
     for key in MOMENTS:
         for name, p in ckpt.params.items():
-            masters = [f for f in ckpt.state_fragments(name, "fp32") if f.numel]
-            if p.tied_to or not masters:
+            if p.tied_to or p.frozen or not ckpt.state_fragments(name, "fp32"):
                 continue
-            frags = sorted((f for f in ckpt.state_fragments(name, key) if f.numel),
-                           key=lambda f: f.start)
-            bad = next((f for f in masters if not any(m.start == f.start for m in frags)), None) \
-                or next((f for f in frags if not f.intact or f.dtype != "float32"), None)
-            if bad is not None:
-                raise UnreadableFile(f"{shown(bad.file)}: no {key} of group {bad.group} for "
-                                     f"{shown(name, 80)}", "leave out --moments")
-            out.append(OutputTensor(f"{name}:{key}", p.shape, "float32", "float32",
-                                    [Piece(str(ckpt.path / f.file), f.offset, f.nbytes)
-                                     for f in frags]))
+            frags = ckpt.state_fragments(name, key)
+            problem = param_problem(p, frags) or next(
+                (f"{shown(f.file)} holds it as {f.dtype}" for f in frags if f.dtype != "float32"),
+                None)
+            if problem is not None:
+                raise UnreadableFile(f"{shown(name, 80)}: its {key} cannot be read ({problem})",
+                                     "leave out --moments")
+            out.append(param_tensor(ckpt, f"{name}:{key}", p, None, fragments=frags))
     return out
 
 
