@@ -21,6 +21,7 @@ PARALLEL = FIXTURES / "parallel"
 #: do not pick them up); named by path, which PARALLEL / path leaves as it is
 EXTRA = FIXTURES / "tp_extra"
 TP4_VOCAB63 = str(EXTRA / "tp4_dp1_s1_llama_bf16_tied_vocab63")
+UNEVEN_TOY = str(EXTRA / "tp2_dp2_s1_toy_uneven")  # sub-params 13/12 per rank, dim-1 split 13/12
 TP = ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy", "tp2_dp2_s3_toy", "tp2_dp2_s2_llama_bf16_tied"]
 KIND = {"column-subparams": R.SUB_PARAMS}  # the manifests' word -> the rule's label
 
@@ -45,7 +46,7 @@ def shard_shapes(name: str) -> dict[str, dict[int, tuple]]:
     return out
 
 
-@pytest.mark.parametrize("name", TP)
+@pytest.mark.parametrize("name", TP + [TP4_VOCAB63, UNEVEN_TOY])
 def test_rules_and_affine_map_give_the_manifests_split(name):
     m = manifest(name)
     info = model_states(name, 0)["universal_checkpoint_info"]
@@ -427,7 +428,7 @@ def test_tp_ranks_that_describe_their_splits_differently_are_reported(tmp_path):
 # -- the CLI end to end: validate, merge bit-exact, the Llama loads ---------------------------
 
 
-@pytest.mark.parametrize("name", TP + [TP4_VOCAB63])
+@pytest.mark.parametrize("name", TP + [TP4_VOCAB63, UNEVEN_TOY])
 def test_validate_exits_0(name):
     """(tp 4: the optimizer's own slice mappings are checked per tp rank, not against tp 0's)"""
     from conftest import run_zinspect
@@ -448,7 +449,7 @@ def merged(tmp_path, name: str, *args: str) -> dict:
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("name", TP)
+@pytest.mark.parametrize("name", TP + [UNEVEN_TOY])
 def test_merge_is_the_reference_bit_for_bit(tmp_path, name):
     got = merged(tmp_path, name)
     reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
