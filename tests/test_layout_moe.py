@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, run_zinspect
+from conftest import FIXTURES, TESTS, run_zinspect
 
 import zinspect
 from zinspect.core import open_checkpoint
@@ -155,3 +157,32 @@ def test_expert_file_of_another_expert(tmp_path):
     c = open_checkpoint(tag.parent)
     assert codes(c) == [("stale-rank-file", wrong)]
     assert "deepspeed_experts.3.fc1.weight, which is not a param of expert 2" in c.findings[0].message
+
+
+DS_PYTHON = os.environ.get("ZINSPECT_DS_PYTHON")
+#: run by DeepSpeed's python: the generator's MoE model with every expert local (ep_size 1 names
+#: them by global id, as the merge does), loaded strictly from the merged state dict
+_STRICT_LOAD = """
+import importlib.util, json, sys, types, torch
+spec = importlib.util.spec_from_file_location("make_ds_moe", sys.argv[1])
+gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
+m = json.load(open(sys.argv[2]))
+args = types.SimpleNamespace(width=m["model"]["width"], vocab=m["model"]["vocab"],
+    num_experts=m["num_experts"], ep_size=1, top_k=m["top_k"], use_residual=m["use_residual"],
+    moe_layers=m["moe_layers"])
+model = gen.build_model(args)
+model.load_state_dict(torch.load(sys.argv[3], weights_only=True), strict=True)
+print("loaded", sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8")
+@pytest.mark.parametrize("name", MOE)
+def test_merge_loads_strictly_into_the_generators_model(tmp_path, name):
+    out = tmp_path / "merged.pt"
+    torch.save(zinspect.get_fp32_state_dict(PARALLEL / name), out)
+    r = subprocess.run([DS_PYTHON, "-c", _STRICT_LOAD, str(TESTS / "tools" / "make_ds_moe.py"),
+                        str(PARALLEL / name / "manifest.json"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(manifest(name)["model"]["num_params_unique"])
