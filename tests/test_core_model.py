@@ -322,3 +322,16 @@ def test_coverage_walk_pads_a_rank_past_the_params_end():
     frags = [f for f in p.fragments if f.rank != 1]
     assert first_problem(p.numel, frags) == "elements 2..4 are missing"
     assert first_problem(p.numel, [*p.fragments, p.fragments[0]]) == "elements 0..2 are held twice"
+
+
+def test_which_fragments_need_file_reads():
+    """One rule (the app reads them in a thread): a ZeRO-3 frozen param's fragments until the
+    ranks' model states are parsed; never a trainable param's (lazy, but from parsed files)."""
+    ckpt = open_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16")  # LoRA: a frozen base
+    frozen = [p for p in ckpt.params.values() if p.frozen and not p.tied_to]
+    trainable = next(p for p in ckpt.params.values() if not p.frozen and not p.tied_to)
+    assert len(frozen) >= 2 and all(p.fragments_need_reads for p in frozen)
+    assert not trainable.fragments_need_reads
+    assert len(frozen[0].fragments) == 2  # parses every rank's model states
+    assert not any(p.fragments_need_reads for p in frozen)
+    assert not open_checkpoint(FIXTURES / "s2_w2_bf16").params["embed.weight"].fragments_need_reads

@@ -31,10 +31,8 @@ def output_nbytes(ckpt) -> dict[str, int]:
     merge preview (it is `plan_merge(ckpt).total_bytes` summed by name). Every param name is
     written, a tied alias as a tensor of its own, at 4 bytes an element (16-bit masters and
     frozen values are upcast); every buffer keeps its dtype."""
-    from zinspect.core.torchzip import DTYPE_SIZES
-
     out = {name: p.numel * 4 for name, p in ckpt.params.items()}
-    out.update((name, b.numel * DTYPE_SIZES.get(b.dtype, 0)) for name, b in ckpt.buffers.items())
+    out.update((name, b.nbytes) for name, b in ckpt.buffers.items())
     return out
 
 
@@ -42,14 +40,12 @@ def totals(ckpt) -> dict:
     """Counts and sizes of a checkpoint, shared by `zinspect info` and the app's Overview.
     A tied alias counts once, as tied, whether or not its owner is frozen; `output_bytes` is
     what the merge writes (tied aliases and buffers included)."""
-    from zinspect.core.torchzip import DTYPE_SIZES
-
     params = list(ckpt.params.values())
     owners = ckpt.owners()
     trainable = [p for p in owners if not p.frozen]
     frozen = [p for p in owners if p.frozen]
     numel = sum(p.numel for p in owners)
-    buf_bytes = sum(b.numel * DTYPE_SIZES.get(b.dtype, 0) for b in ckpt.buffers.values())
+    buf_bytes = sum(b.nbytes for b in ckpt.buffers.values())
     return {
         "params": len(params),
         "trainable": len(trainable),

@@ -205,12 +205,19 @@ class Fragments(Sequence):
     and a 300k-name model at 64 ranks would be 19M. Opening a checkpoint builds none of them;
     the views that show one param, and the merge, build them as they go."""
 
-    __slots__ = ("_items", "_make")
+    __slots__ = ("_items", "_make", "_reads")
 
     def __init__(self, items: Iterable[Fragment] = (),
-                 make: Callable[[], list[Fragment]] | None = None) -> None:
+                 make: Callable[[], list[Fragment]] | None = None,
+                 reads: Callable[[], bool] | None = None) -> None:
         self._items = list(items)
         self._make = make
+        self._reads = reads  # whether `make` would read files now (None: never)
+
+    @property
+    def pending_reads(self) -> bool:
+        """Building them would read rank files (seconds at 512 ranks): do it off the UI thread."""
+        return self._make is not None and self._reads is not None and self._reads()
 
     def _all(self) -> list[Fragment]:
         make = self._make
@@ -221,9 +228,6 @@ class Fragments(Sequence):
                     self._items.extend(built)
                     self._make = None
         return self._items
-
-    def append(self, fragment: Fragment) -> None:
-        self._all().append(fragment)
 
     def __getitem__(self, i):
         return self._all()[i]
@@ -259,6 +263,12 @@ class Param:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def fragments_need_reads(self) -> bool:
+        """Its fragments are not built yet and building them reads rank files (ZeRO-3 frozen
+        params: every rank's model states, unparsed at open)."""
+        return isinstance(self.fragments, Fragments) and self.fragments.pending_reads
+
 
 @dataclass
 class Buffer:
@@ -272,6 +282,12 @@ class Buffer:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """What it takes in the file and in a merged output (a buffer keeps its dtype; one of
+        unknown dtype, whose record is lost, takes nothing)."""
+        return self.numel * DTYPE_SIZES.get(self.dtype, 0)
 
 
 @dataclass

@@ -49,7 +49,7 @@ class Inspection:
         #: (numel, output bytes) of every name the merge writes: params, then buffers (they are
         #: written too, so they are shown and can be excluded like params)
         self.sizes = {name: (p.numel, p.numel * OUTPUT_ITEMSIZE) for name, p in ckpt.params.items()}
-        self.sizes.update((name, (b.numel, b.numel * DTYPE_SIZES.get(b.dtype, 4)))
+        self.sizes.update((name, (b.numel, b.nbytes))
                           for name, b in ckpt.buffers.items() if name not in ckpt.params)
         self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
         self.tree: ModuleNode = build_tree(self.sizes)
@@ -129,7 +129,7 @@ class Inspection:
                 nbytes += size
         buffers = 0
         for name, b in ckpt.buffers.items():
-            size = b.numel * DTYPE_SIZES.get(b.dtype, 4)
+            size = b.nbytes
             if name in self.excluded:
                 excluded_nbytes += size
             else:
@@ -178,8 +178,7 @@ class Inspection:
     def slow_fragments(self, name: str) -> bool:
         """A ZeRO-3 frozen param's fragments live in every rank's model states, which the load
         leaves unparsed until the first such param is asked for: seconds at 512 ranks."""
-        p = self.ckpt.params[name]
-        return self.ckpt.stage == 3 and p.frozen and p.tied_to is None
+        return self.ckpt.params[name].fragments_need_reads
 
     def marks(self, name: str) -> str:
         """One-letter marks: x excluded, F frozen (B a buffer), T tied, ! has findings."""

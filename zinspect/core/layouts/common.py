@@ -285,6 +285,19 @@ def attach_whole_frozen(ctx: LoadContext, names: Names) -> None:
             p.fragments.append(at.fragment(None, 0, 0, min(t.numel, p.numel), source=source))
 
 
+def attach_frozen(ctx: LoadContext, names: Names) -> None:
+    """Frozen params' fragments wherever the stage keeps them: ZeRO-3 (lazily) in every rank's
+    model states, else whole in the one model-states file."""
+    c = ctx.ckpt
+    if c.stage == 3:
+        from zinspect.core.layouts import zero3  # it builds on this module
+
+        zero3.attach_frozen(ctx, {f.rank: f for f in ctx.model_files if f.rank is not None},
+                            c.world_size or 1)
+    elif any(p.frozen for p in c.params.values()):
+        attach_whole_frozen(ctx, names)
+
+
 def finish(ctx: LoadContext, names: Names) -> None:
     """Buffers, the dtypes, and a tied alias's group (its owner's)."""
     _buffers(ctx, names)

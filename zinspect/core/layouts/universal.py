@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from zinspect.core.layouts import common, zero3
+from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import located
 from zinspect.core.model import ParamGroup
@@ -32,7 +32,7 @@ def recognise(ctx: LoadContext) -> bool:
 def describe(ctx: LoadContext) -> None:
     c = ctx.ckpt
     zero = c.path / "zero"
-    c.stage = stage = _stage(zero)  # before the names: ZeRO-3 modules hold empty placeholders
+    c.stage = _stage(zero)  # before the names: ZeRO-3 modules hold empty placeholders
     names = common.describe_names(ctx)
     if names is None:
         return
@@ -65,11 +65,7 @@ def describe(ctx: LoadContext) -> None:
             if state in tensors and tensors[state][2].numel == t.numel:
                 mtf, mrel, mt = tensors[state]
                 c.moments[(rel, gi, state)] = located(mtf, mrel, 0, mt)
-    if stage == 3:
-        zero3.attach_frozen(ctx, {f.rank: f for f in ctx.model_files if f.rank is not None},
-                            c.world_size or 1)
-    elif any(p.frozen for p in c.params.values()):
-        common.attach_whole_frozen(ctx, names)
+    common.attach_frozen(ctx, names)
     common.finish(ctx, names)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from zinspect.core.layouts import common, zero3
+from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
 
 
@@ -16,12 +16,7 @@ def describe_names_only(ctx: LoadContext) -> None:
     names = common.describe_names(ctx)
     if names is None:
         return
-    c = ctx.ckpt
-    if c.stage == 3:
-        zero3.attach_frozen(ctx, {f.rank: f for f in ctx.model_files if f.rank is not None},
-                            c.world_size or 1)
-    elif any(p.frozen for p in c.params.values()):
-        common.attach_whole_frozen(ctx, names)
+    common.attach_frozen(ctx, names)
     common.finish(ctx, names)
 
 

@@ -35,8 +35,7 @@ def describe(ctx: LoadContext) -> None:
     ws = c.world_size or len(ctx.optim)
     attach(ctx, ctx.optim, names.flat_groups, ws)
     common.attach_moments(ctx, ctx.optim)
-    attach_frozen(ctx, {f.rank: f for f in ctx.model_files if f.rank is not None},
-                  c.world_size or 1)
+    common.attach_frozen(ctx, names)
     common.finish(ctx, names)
 
 
@@ -96,7 +95,8 @@ def attach_frozen(ctx: LoadContext, model_files: dict[int, RankFile], partition_
         return
     source = FrozenFragments(ctx, model_files, partition_count, shard)
     for p in frozen:
-        p.fragments = Fragments(make=partial(source.fragments, p.name, p.numel))
+        p.fragments = Fragments(make=partial(source.fragments, p.name, p.numel),
+                                reads=source.unread)
 
 
 class FrozenFragments:
@@ -120,6 +120,10 @@ class FrozenFragments:
             for key, tf in got.items():
                 self.parsed[shallow[key]] = tf
             self._loaded = True
+
+    def unread(self) -> bool:
+        """Some rank's model states are still to be parsed."""
+        return not self._loaded and any(f.shallow for f in self.files.values())
 
     def fragments(self, name: str, n: int) -> list[Fragment]:
         self._load()
