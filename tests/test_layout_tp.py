@@ -576,3 +576,16 @@ def test_two_optimizer_files_for_one_rank_are_one_finding(tmp_path, tp):
                   lambda tag: shutil.copy(tag / plain, tag / ("bf16_" + plain)))
     rank = {0: 1, 1: 3}[tp]  # tp 0's is the core's finding, which names the dp rank
     assert got == [("duplicate-rank", plain, rank, None)]
+
+
+def test_every_file_of_a_tp_rank_missing_is_each_located(tmp_path):
+    """ZeRO-3, tp rank 1 gone whole: still read as tp 2 (from tp rank 0's model states), and each
+    of its four files named with its global rank."""
+    def gone(tag):
+        for f in tag.glob("*mp_rank_01*"):
+            f.unlink()
+    got = damaged(tmp_path, "tp2_dp2_s3_toy", gone)
+    assert got == [("missing-optimizer-file", "zero_pp_rank_0_mp_rank_01_optim_states.pt", 1, None),
+                   ("missing-optimizer-file", "zero_pp_rank_1_mp_rank_01_optim_states.pt", 3, None),
+                   ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 1, None),
+                   ("missing-tp-rank", "zero_pp_rank_1_mp_rank_01_model_states.pt", 3, None)]
