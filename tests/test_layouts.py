@@ -66,7 +66,8 @@ def test_a_stray_layer_or_expert_file_makes_no_layout(tmp_path, make, stray):
 
 def test_zero0_checkpoint_is_described(tmp_path):
     """Was: named and refused. Now described (tests/test_layout_zero0.py has the real ones): an
-    optimizer with no groups leaves `w` frozen, written from the module."""
+    optimizer state without shapes cannot say what was frozen (an info); `w` is fp32, so its
+    module weight is its master."""
     tag = tmp_path / "ckpt" / "global_step1"
     tag.mkdir(parents=True)
     (tmp_path / "ckpt" / "latest").write_text("global_step1")
@@ -75,8 +76,9 @@ def test_zero0_checkpoint_is_described(tmp_path):
                tag / "mp_rank_00_model_states.pt")
     ckpt = open_checkpoint(tmp_path / "ckpt")
     assert ckpt.layout == "zero0" and ckpt.stage == 0
-    assert not ckpt.errors
-    assert list(ckpt.params) == ["w"] and ckpt.params["w"].frozen
+    assert [f.code for f in ckpt.findings] == ["zero0-frozen-unknown"]
+    assert list(ckpt.params) == ["w"] and not ckpt.params["w"].frozen
+    assert [f.source for f in ckpt.params["w"].fragments] == ["master"]
     assert [t.name for t in plan_merge(ckpt).tensors] == ["w"]
 
 
