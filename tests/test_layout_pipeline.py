@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, run_zinspect
+from conftest import FIXTURES, TESTS, run_zinspect
 
 import zinspect
 from zinspect.core import open_checkpoint
@@ -253,3 +255,41 @@ def test_zero0_fp16_pipeline_with_undecidable_masters_is_refused(tmp_path):
     stage0 = {n for n in c.params if n.startswith(("3.", "4."))}
     assert set(plan_merge(c, salvage=True).dropped) == stage0
     assert [f.file for f in c.params["1.weight"].fragments] == ["mp_rank_01_model_states.pt"]
+
+
+DS_PYTHON = os.environ.get("ZINSPECT_DS_PYTHON")
+#: run by DeepSpeed's python: the generator's PipelineModule with all its layers on one stage
+#: (its state_dict names are the pipeline's: `3.up.weight`, `tied_modules.embed.weight`), loaded
+#: strictly from the merged state dict
+_STRICT_LOAD = """
+import importlib.util, json, os, socket, sys, types, torch
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+import deepspeed
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+deepspeed.init_distributed(dist_backend="gloo")
+spec = importlib.util.spec_from_file_location("make_ds_pipeline", sys.argv[1])
+gen = importlib.util.module_from_spec(spec); spec.loader.exec_module(gen)
+m = json.load(open(sys.argv[2]))
+args = types.SimpleNamespace(width=m["model"]["width"], blocks=m["model"]["blocks"],
+    vocab=m["model"]["vocab"], tied=m["model"]["tied"], frozen=bool(m["frozen"]), seed=0,
+    topology="pipe-data", partition_method="parameters")
+model = gen.build_pipeline_module(args, 1, 1)
+model.load_state_dict(torch.load(sys.argv[3], weights_only=True), strict=True)
+print("loaded", sum(p.numel() for p in model.parameters()))
+"""
+
+
+@pytest.mark.skipif(not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8")
+@pytest.mark.parametrize("name", PIPELINES)
+def test_merge_loads_strictly_into_the_generators_pipeline_module(tmp_path, name):
+    out = tmp_path / "merged.pt"
+    rename = UNNAMED.get(name, {})
+    torch.save({rename.get(n, n): t for n, t in zinspect.get_fp32_state_dict(PARALLEL / name).items()},
+               out)
+    r = subprocess.run([DS_PYTHON, "-c", _STRICT_LOAD, str(TESTS / "tools" / "make_ds_pipeline.py"),
+                        str(PARALLEL / name / "manifest.json"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(manifest(name)["model"]["num_params_unique"])
