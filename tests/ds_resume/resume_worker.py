@@ -32,7 +32,6 @@ def run_rank(rank, args, port):
     import torch
     torch.set_num_threads(1)
     import deepspeed
-    import make_ds_checkpoints as gen
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
@@ -44,11 +43,19 @@ def run_rank(rank, args, port):
     if args.universal:
         cfg["checkpoint"] = {"load_universal": True}
     torch.manual_seed(manifest.get("seed", 1234) + 99)  # NOT the checkpoint's values
-    model = gen.build_model(m["width"], m["layers"], m["vocab"],
-                            frozen=bool(manifest.get("frozen")), tied=bool(manifest.get("tied")))
-    groups = gen.param_groups(model)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
-                            betas=(0.9, 0.95))
+    if manifest.get("generator") == "make_ds_variants.py":  # offload / hpZ fixtures
+        import make_ds_variants as gen
+
+        model = gen.build_model(m["width"], m["blocks"], m["vocab"])
+        opt = torch.optim.AdamW(gen.param_groups(model), lr=1e-2, betas=(0.9, 0.95))
+    else:
+        import make_ds_checkpoints as gen
+
+        model = gen.build_model(m["width"], m["layers"], m["vocab"],
+                                frozen=bool(manifest.get("frozen")), tied=bool(manifest.get("tied")))
+        groups = gen.param_groups(model)
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups],
+                                betas=(0.9, 0.95))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     path, _ = engine.load_checkpoint(args.ckpt)
     from expected import expected_states
