@@ -125,6 +125,21 @@ def test_megatron_gpt_names_take_the_same_rules():
     assert (vocab.label, vocab.vocab_size) == ("vocab", 50)
 
 
+def test_exact_name_patterns_and_regular_expressions_both_match():
+    """AutoTP's `^escaped.name$` patterns are looked up by name, the others matched as regular
+    expressions; a name both kinds match is ambiguous all the same."""
+    info = {"tp_replicated_parameter_patterns": [r"^model\.norm\.weight$", r"^x\d$", r"^a.b$"],
+            "parameter_with_row_parallelism_patterns": [r"\d+.dense.weight", r"^3\.dense\.weight$"]}
+    assert R.rule_for("model.norm.weight", info).pattern == r"^model\.norm\.weight$"
+    assert R.rule_for("modelXnorm.weight", info).kind == R.COLUMN  # the dots are escaped
+    assert R.rule_for("x7", info).kind == R.REPLICATED and R.rule_for("aZb", info).kind == R.REPLICATED
+    assert R.rule_for("4.dense.weight", info).kind == R.ROW
+    with pytest.raises(R.SplitUnknown, match="matches 2 of the row-parallel patterns"):
+        R.rule_for("3.dense.weight", info)
+    with pytest.raises(R.SplitUnknown, match="not a regular expression"):
+        R.rule_for("y", {"tp_replicated_parameter_patterns": ["(unclosed"]})
+
+
 def test_vocabulary_padding_is_trimmed():
     """64 padded rows over 2 ranks, 50 real: rank 1 keeps 18 of its 32 rows."""
     geo = R.geometry_from_rule(R.rule_for("1.word_embeddings.weight", MEGATRON), {0: (32, 8), 1: (32, 8)})

@@ -24,6 +24,7 @@ dicts: no files, no model, no torch.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -73,8 +74,38 @@ class Geometry:
     replicated: bool = False  # every tp rank holds the whole tensor
 
 
+#: a pattern that names one param exactly (AutoTP writes `^model\.layers\.0\.mlp\.up_proj\.weight$`)
+_LITERAL = re.compile(r"\^((?:[^\\.*+?()\[\]{}|^$]|\\[^A-Za-z0-9])*)\$")
+
+
+@functools.lru_cache(maxsize=1024)
+def _matcher(patterns: tuple) -> tuple[dict[str, list[str]], list[tuple[str, re.Pattern]]]:
+    """A pattern list compiled once: exact names in a dict, the other patterns compiled. AutoTP
+    lists every param of a 70B model by name (~700 patterns per list): matched one by one with
+    re.match they overflow re's cache and every param recompiles them all (a minute)."""
+    literal: dict[str, list[str]] = {}
+    other = []
+    for p in patterns:
+        if not isinstance(p, str):
+            continue
+        m = _LITERAL.fullmatch(p)
+        if m:
+            literal.setdefault(re.sub(r"\\(.)", r"\1", m[1]), []).append(p)
+        else:
+            try:
+                other.append((p, re.compile(p)))
+            except re.error as e:
+                raise SplitUnknown(f"a split pattern is not a regular expression ({p!r}: {e})") from None
+    return literal, other
+
+
+def _hits(patterns, name: str) -> list[str]:
+    literal, other = _matcher(tuple(patterns or ()))
+    return literal.get(name, []) + [p for p, rx in other if rx.match(name)]
+
+
 def _match(patterns, name: str, what: str) -> str | None:
-    hits = [p for p in patterns or () if isinstance(p, str) and re.match(p, name)]
+    hits = _hits(patterns, name)
     if len(hits) > 1:
         raise SplitUnknown(f"it matches {len(hits)} of the {what} patterns ({', '.join(hits)})")
     return hits[0] if hits else None
@@ -262,7 +293,7 @@ def _trim_rows(geo: Geometry, keep: int) -> Geometry:
 def affine_entry(name: str, affine: dict | None) -> dict | None:
     """The affine map's entry for `name` (its keys are patterns), or None."""
     params = (affine or {}).get("params") or {}
-    hits = [p for p in params if isinstance(p, str) and re.match(p, name)]
+    hits = _hits(params, name)
     if len(hits) > 1:
         raise SplitUnknown(f"it matches {len(hits)} affine-map patterns ({', '.join(hits)})")
     return params[hits[0]] if hits else None
