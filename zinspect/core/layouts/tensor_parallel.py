@@ -85,7 +85,7 @@ def describe(ctx: LoadContext) -> None:
         unplaced = c.owners()
     else:
         unplaced = [p for p in c.owners()
-                    if not _place(ctx, p, infos, shards.get(p.name, {}), tp, unread)]
+                    if not place(ctx, p, infos, shards.get(p.name, {}), tp, unread)]
     for p in c.params.values():  # a tied alias has its owner's full shape
         owner = c.params.get(p.tied_to) if p.tied_to else None
         if owner is not None:
@@ -226,10 +226,12 @@ def _shard_shapes(ctx: LoadContext, slices: list[Slice]) -> dict[str, dict[int, 
     return out
 
 
-def _place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple], tp: int,
+def place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple], tp: int,
            unread: set[int]) -> bool:
-    """Set p's full shape and its shards (True); a split that cannot be known is named, never
-    guessed (False)."""
+    """Set p's full shape and its shards (True) from `shards` ({tp rank: shard shape} as each tp
+    rank's model states give it) and `info` (universal_checkpoint_info); a split that cannot be
+    known is named, never guessed (False). `unread`: tp ranks whose model states are lost
+    (reported elsewhere). Reusable by any layout with tp slices (a pipeline's stages with TP)."""
     held = sorted(shards)
     if held != list(range(tp)):
         lost = sorted(set(range(tp)) - set(held))
