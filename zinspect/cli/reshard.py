@@ -76,6 +76,8 @@ def run(args) -> int:
           f"{result.world_size} ranks to {fmt.shown(str(result.out_dir / result.tag))} and "
           f"{fmt.shown(str(result.out_dir / 'latest'))} in {fmt.duration(result.seconds)}; "
           f"{result.verified} source records CRC-checked", file=err)
+    for note in result.notes:
+        print(f"  note: {fmt.shown(note, 400)}", file=err)
     for rec in result.unverified:
         print(f"  not read whole (not CRC-checked): {fmt.shown(rec, 200)}", file=err)
     return 0

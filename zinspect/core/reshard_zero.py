@@ -101,14 +101,15 @@ class Sources:
             raise _refuse(self.ckpt, f"{shown(name, 80)}: elements {lo}..{hi} are not all held "
                           "by the rank files", "run `zinspect validate` for details")
 
-    def copy(self, out: OutFile, file: str, obj, stores: dict):
+    def copy(self, out: OutFile, file: str, obj):
         """`obj` of source `file` with every tensor copied into `out` (whole storages, shared
         ones once: a tie stays a tie)."""
         tf = self.tf(file)
+        stores: dict = {}
 
         def walk(x):
             if isinstance(x, TensorRef):
-                st = stores.get((file, x.storage.key))
+                st = stores.get(x.storage.key)
                 if st is None:
                     rec = tf.records.get(x.storage.key)
                     off = tf.data_offset(x.storage.key)
@@ -117,8 +118,7 @@ class Sources:
                                       "missing or truncated")
                     ops: list = []
                     add_piece(ops, Piece(self.path(file), off, x.storage.nbytes))
-                    st = stores[(file, x.storage.key)] = out.storage(x.dtype, x.storage.numel,
-                                                                     ops)
+                    st = stores[x.storage.key] = out.storage(x.dtype, x.storage.numel, ops)
                 return NewTensor(st, Size(x.shape), x.offset, tuple(x.stride))
             if isinstance(x, dict):
                 return type(x)((k, walk(v)) for k, v in x.items())
@@ -133,7 +133,7 @@ class Sources:
     def step(self, out: OutFile, state: dict):
         """A copy of the `step` of a param state (a 0-d tensor in torch >= 1.12, else a number)."""
         step = state.get(STEP)
-        return self.copy(out, self.optim[0].name, step, {}) if isinstance(step, TensorRef) else step
+        return self.copy(out, self.optim[0].name, step) if isinstance(step, TensorRef) else step
 
     def check_states(self, states: dict) -> None:
         for g, st in states.items():
@@ -211,7 +211,7 @@ class _Zero12:
                                            for name, _ in flat) for _, flat in self.orders]
         if isinstance(obj.get("frozen_param_shapes"), dict):
             obj["frozen_param_shapes"] = src.sizes(obj["frozen_param_shapes"])
-        out.obj = src.copy(out, model.name, obj, {})
+        out.obj = src.copy(out, model.name, obj)
         return [out] + [self._optim(r) for r in range(self.n)]
 
     def _optim(self, r: int) -> OutFile:
@@ -257,7 +257,7 @@ class _Zero12:
         osd["param_slice_mappings"] = mappings
         outer = dict(src.tf(rf0.name).obj)
         outer["optimizer_state_dict"] = osd
-        out.obj = src.copy(out, rf0.name, outer, {})
+        out.obj = src.copy(out, rf0.name, outer)
         return out
 
     @staticmethod
@@ -320,6 +320,9 @@ class _Zero3:
         # each rank saves its own buffers (BatchNorm statistics differ per rank): rank r keeps
         # the old rank r's, a new rank takes rank 0's (what zero_to_fp32 merges)
         rf = src.model[r] if r in src.model else src.model[0]
+        if r not in src.model and r == src.old and ckpt.buffers:
+            src.notes.append(f"ranks {src.old}..{n - 1} start from rank 0's buffers (each "
+                             "ZeRO-3 rank saves its own, e.g. BatchNorm statistics)")
         out = OutFile(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
         obj = dict(src.tf(rf.name).obj)
         obj["dp_world_size"] = n
@@ -340,7 +343,7 @@ class _Zero3:
                 add_zeros(ops, (share - held) * ref.itemsize)
                 new[name] = out.tensor(ref.dtype, (share,), ops)
             obj["frozen_param_fragments"] = new
-        out.obj = src.copy(out, rf.name, obj, {})
+        out.obj = src.copy(out, rf.name, obj)
         return out
 
     def _optim(self, r: int) -> OutFile:
@@ -374,6 +377,6 @@ class _Zero3:
         osd["partition_count"] = n
         outer = dict(src.tf(rf0.name).obj)
         outer["optimizer_state_dict"] = osd
-        out.obj = src.copy(out, rf0.name, outer, {})
+        out.obj = src.copy(out, rf0.name, outer)
         return out
 

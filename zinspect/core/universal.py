@@ -77,7 +77,7 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
     # buffers and frozen fragments in them are read again in part
     for rf in sorted(src.model.values(), key=lambda f: f.name):
         out = OutFile(rf.name)
-        out.obj = src.copy(out, rf.name, src.tf(rf.name).obj, {})
+        out.obj = src.copy(out, rf.name, src.tf(rf.name).obj)
         files.append(out)
     files.append(_optimizer_state(src, osd0, inner))
     for name, p in ckpt.params.items():
@@ -95,7 +95,7 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         step = (inner["state"].get(p.sub_group) or {}).get(STEP)
         if step is not None:
             out = OutFile(f"zero/{name}/step.pt")
-            out.obj = src.copy(out, src.optim[0].name, step, {})
+            out.obj = src.copy(out, src.optim[0].name, step)
             files.append(out)
     for name, b in ckpt.buffers.items():
         _check_name(ckpt, name)
@@ -165,7 +165,7 @@ def _optimizer_state(src: Sources, osd0: dict, inner: dict) -> OutFile:
                  if isinstance(s, dict) and STEP in s}
         obj["optimizer_state_dict"] = {"state": steps, "param_groups": inner.get("param_groups")}
     obj["param_groups"] = inner.get("param_groups")
-    out.obj = src.copy(out, src.optim[0].name, obj, {})
+    out.obj = src.copy(out, src.optim[0].name, obj)
     return out
 
 
