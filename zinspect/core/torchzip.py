@@ -376,7 +376,7 @@ class FastMetaUnpickler(_Rules, FastUnpickler):
     leaf_types = MetaUnpickler.leaf_types
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """Where a storage's bytes are: `data_offset` in the file and `size` bytes, of which
     `present` are actually inside the file (less when the file is truncated)."""
@@ -578,21 +578,25 @@ def _parse_central_directory(f, size: int) -> list[tuple[str, int, int, int, int
         raise NoZipDirectory
     f.seek(cd_offset)
     cd = f.read(cd_size)
-    out, pos = [], 0
-    while pos + 46 <= len(cd):
-        if cd[pos:pos + 4] != b"PK\x01\x02":
+    out, pos, last = [], 0, len(cd) - 46
+    unpack, append = _CENTRAL.unpack_from, out.append
+    while pos <= last:  # one entry per loop: 300k in a ZeRO-3 model-states file, so kept tight
+        sig, comp, crc, csize, usize, nlen, xlen, clen, offset = unpack(cd, pos)
+        if sig != b"PK\x01\x02":
             raise NoZipDirectory
-        comp, crc, csize, usize, nlen, xlen, clen, offset = \
-            struct.unpack_from("<10xH4xIIIHHH8xI", cd, pos)
-        name = cd[pos + 46:pos + 46 + nlen].decode("utf-8", "replace")
+        pos += 46
+        name = cd[pos:pos + nlen].decode("utf-8", "replace")
         if 0xFFFFFFFF in (csize, usize, offset):
-            usize, offset = _zip64_extra(cd[pos + 46 + nlen:pos + 46 + nlen + xlen],
-                                         usize, csize, offset)
-        out.append((name, offset, comp, usize, crc))
-        pos += 46 + nlen + xlen + clen
+            usize, offset = _zip64_extra(cd[pos + nlen:pos + nlen + xlen], usize, csize, offset)
+        append((name, offset, comp, usize, crc))
+        pos += nlen + xlen + clen
     if len(out) != count:
         raise NoZipDirectory
     return out
+
+
+#: a central-directory entry: signature, method, crc, sizes, name/extra/comment lengths, offset
+_CENTRAL = struct.Struct("<4s6xH4xIIIHHH8xI")
 
 
 def _directory_span(tail: bytes) -> tuple[int, int, int, int]:
@@ -642,15 +646,16 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
         raise UnreadableFile(f"{path}: its zip structure is forged or damaged: {e}",
                              _CORRUPT) from e
     records: dict[str, Record] = {}
+    data_prefix = prefix + "data/"
+    cut = len(data_prefix)
     for rec_name, offset, rec_comp, rec_size, crc in entries:
-        if rec_name.startswith(prefix + "data/"):
+        if rec_name.startswith(data_prefix):
             if rec_comp != 0:
                 raise UnreadableFile(f"{path}: record {rec_name[-120:]!r} is compressed",
                                      "re-save the checkpoint with torch.save")
             start = starts[rec_name]
             present = 0 if start is None else max(0, min(rec_size, size - start))
-            records[rec_name[len(prefix) + 5:]] = Record(rec_size, present, data_offset=start,
-                                                         header_offset=offset, crc=crc)
+            records[rec_name[cut:]] = Record(rec_size, present, start, offset, crc)
     if comp != 0 or pkl_size > MAX_PICKLE_BYTES:
         raise UnreadableFile(f"{path}: data.pkl is {'compressed' if comp else 'too large'}",
                              _CORRUPT)
