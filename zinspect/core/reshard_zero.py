@@ -20,14 +20,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from zinspect.core.fmt import shown
-from zinspect.core.model import Checkpoint, Fragment
+from zinspect.core.model import MOMENTS, Checkpoint, Fragment
 from zinspect.core.partition import zero3_held, zero3_share, zero12_partition, zero12_real
 from zinspect.core.plan import Piece
 from zinspect.core.torchsave import NewTensor, OutFile, Size, add_piece, add_zeros
 from zinspect.core.torchzip import DTYPE_SIZES, Opaque, TensorRef, TorchFile, read_torch_file
 from zinspect.errors import NotMergeable
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 STEP = "step"
 #: DeepSpeed's default zero_optimization.sub_group_size
 DEFAULT_SUB_GROUP = 1_000_000_000
