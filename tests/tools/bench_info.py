@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Benchmark `zinspect info --json` against a plain `torch.load` of the same files.
+"""Benchmark `zinspect info --json` and `zinspect validate` against a plain `torch.load` of the
+same files.
 
-Not a test: it prints a markdown table of wall time (best of N, and median), bytes read and
-peak RSS, for each checkpoint given, warm (page cache filled by a first unmeasured run) and,
-with --cold, cold (`sync; echo 3 > /proc/sys/vm/drop_caches` before every run; needs root).
+Not a test: it prints a markdown table of wall time (best of N, and median), CPU time (user +
+sys of the best run: on a shared machine the fairer number), bytes read and peak RSS, for each
+checkpoint given, warm (page cache filled by a first unmeasured run) and, with --cold, cold
+(`sync; echo 3 > /proc/sys/vm/drop_caches` before every run; needs root).
 
     python tests/tools/bench_info.py /work/bench/s3_w4_large [--runs 5] [--cold]
         [--torch-python /path/to/python]   # an interpreter with torch (and ideally DeepSpeed)
+        [--before /tmp/zinspect-before]    # the source tree of an older zinspect, side by side
 
 Every command runs in a child process. Its bytes read come from the child's own
 /proc/self/io, written at exit by a tiny wrapper (`read_bytes`: what came from the block
@@ -81,7 +84,7 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def run_once(argv: list[str], cold: bool) -> dict:
+def run_once(argv: list[str], cold: bool, cwd: Path = REPO) -> dict:
     """Run a wrapped python child; its wall time, /proc/self/io at exit and peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         io_file = Path(tmp) / "io"
@@ -91,23 +94,23 @@ def run_once(argv: list[str], cold: bool) -> dict:
         env = {**os.environ, "ZBENCH_IO": str(io_file)}
         with open(out_file, "wb") as out:
             start = time.perf_counter()
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=env, cwd=REPO)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=env, cwd=cwd)
             _, status, usage = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         err = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
-        if proc.returncode != 0:
+        if proc.returncode not in (0, 1):  # 1: validate found something
             raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{err}")
         io = dict(line.split(": ") for line in io_file.read_text().splitlines())
         return {"wall": wall, "read_bytes": int(io["read_bytes"]), "rchar": int(io["rchar"]),
-                "rss": usage.ru_maxrss * 1024}
+                "rss": usage.ru_maxrss * 1024, "cpu": usage.ru_utime + usage.ru_stime}
 
 
-def measure(argv: list[str], runs: int, cold: bool) -> dict:
+def measure(argv: list[str], runs: int, cold: bool, cwd: Path = REPO) -> dict:
     if not cold:
-        run_once(argv, cold=False)  # fill the page cache
-    samples = [run_once(argv, cold) for _ in range(runs)]
+        run_once(argv, cold=False, cwd=cwd)  # fill the page cache
+    samples = [run_once(argv, cold, cwd) for _ in range(runs)]
     best = min(samples, key=lambda s: s["wall"])
     return {**best, "median": statistics.median(s["wall"] for s in samples),
             "rss": max(s["rss"] for s in samples)}
@@ -143,6 +146,8 @@ def main() -> int:
     ap.add_argument("--torch-python", default=sys.executable,
                     help="interpreter for the torch.load baseline (default: this one)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch.load baseline")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="source tree of an older zinspect: its rows are measured beside these")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
@@ -155,29 +160,33 @@ def main() -> int:
         files = sorted(tag_dir.glob("*.pt"))
         total = sum(f.stat().st_size for f in files)
         label = f"{path.name or path} ({human(total)}, {len(files)} files)"
-        jobs = [("python startup (`zinspect --version`)", zinspect_argv(args.python,
-                                                                       "--version")),
-                ("`zinspect info --json`", zinspect_argv(args.python, "info", "--json",
-                                                         str(path)))]
+        jobs = []
+        for tree, suffix in [(REPO, "")] + ([(args.before, " (before)")] if args.before else []):
+            jobs += [(f"python startup (`zinspect --version`){suffix}",
+                      zinspect_argv(args.python, "--version"), tree),
+                     (f"`zinspect info --json`{suffix}",
+                      zinspect_argv(args.python, "info", "--json", str(path.resolve())), tree),
+                     (f"`zinspect validate`{suffix}",
+                      zinspect_argv(args.python, "validate", str(path.resolve())), tree)]
         if not args.no_torch:
             jobs.append(("torch startup (`import torch`)",
-                         [args.torch_python, "-c", WRAPPER + "import torch"]))
-            jobs.append(("`torch.load` of every file", torch_argv(args.torch_python, files)))
+                         [args.torch_python, "-c", WRAPPER + "import torch"], REPO))
+            jobs.append(("`torch.load` of every file", torch_argv(args.torch_python, files), REPO))
         for cold in modes:
-            for what, argv in jobs:
+            for what, argv, tree in jobs:
                 print(f"... {path} {what} {'cold' if cold else 'warm'}", file=sys.stderr)
-                r = measure(argv, args.runs, cold)
+                r = measure(argv, args.runs, cold, tree)
                 rows.append((label, what, "cold" if cold else "warm", r, total))
 
     print(f"\nbest of {args.runs} runs (median in brackets). read_bytes: from disk (cold runs); "
           "rchar: all read() bytes. Beyond startup: minus the matching startup row (same "
           "interpreter, checkpoint and cache state), as % of the checkpoint's bytes.\n")
-    print("| checkpoint | command | cache | wall time | read_bytes | rchar "
+    print("| checkpoint | command | cache | wall time | CPU time | read_bytes | rchar "
           "| read_bytes beyond startup | rchar beyond startup | peak RSS |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     base = {}
     for label, what, cache, r, total in rows:
-        family = "torch" if "torch" in what else "zinspect"
+        family = "torch" if "torch" in what else "before" if "(before)" in what else "zinspect"
         if "startup" in what:
             base[label, cache, family] = r
         b = base.get((label, cache, family))
@@ -187,6 +196,7 @@ def main() -> int:
                  f"| {human(r['rchar'] - b['rchar'])} "
                  f"({100 * (r['rchar'] - b['rchar']) / total:.2f} %) ")
         print(f"| {label} | {what} | {cache} | {r['wall']:.3f} s ({r['median']:.3f}) "
+              f"| {r['cpu']:.3f} s "
               f"| {human(r['read_bytes'])} | {human(r['rchar'])} {extra}| {human(r['rss'])} |")
     return 0
 
