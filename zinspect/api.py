@@ -71,9 +71,12 @@ def load_into(model, path: str | os.PathLike, tag: str | None = None, strict: bo
 def merge(path: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None = None, *,
           fmt: str = "safetensors", max_shard_size: int | str | None = None,
           exclude: Iterable[str] = (), exclude_frozen: bool = False, force: bool = False,
-          salvage: bool = False, progress=None, should_stop=None) -> MergeResult:
-    """Stream the consolidated fp32 weights of the checkpoint at `path` into `out_dir`."""
+          salvage: bool = False, progress=None, should_stop=None, dtype: str = "fp32",
+          state: str = "weights") -> MergeResult:
+    """Stream the consolidated weights of the checkpoint at `path` into `out_dir` (`fmt`: a
+    name of zinspect.core.writers.WRITERS; `dtype`: fp32, bf16 or fp16; `state="all"`: the Adam
+    moments beside them)."""
     return _merge(open_checkpoint(path, tag), out_dir,
                   selection=_selection(exclude, exclude_frozen), fmt=fmt,
                   max_shard_size=max_shard_size, force=force, salvage=salvage,
-                  progress=progress, should_stop=should_stop)
+                  progress=progress, should_stop=should_stop, dtype=dtype, state=state)
