@@ -28,10 +28,10 @@ JUNK = b"\xa5" * 13  # bytes between fragments: an off-by-one read shows in the 
 
 
 def build(tmp_path, params: dict[str, tuple[np.ndarray, dict[int, tuple[np.ndarray, list]]]],
-          cuts: int = 3, replicated: tuple[str, ...] = ()) -> Checkpoint:
+          cuts: int = 3, replicated: tuple[str, ...] = (), dtype: str = "float32") -> Checkpoint:
     """A tensor-parallel checkpoint of `params`: name -> (full tensor, {tp: (shard tensor,
     [(shard box, full box)...])}); each shard's flat elements are cut into `cuts` fragments held
-    by different 'dp rank' files."""
+    by different 'dp rank' files, saved as `dtype` (float32, or bfloat16 as frozen params are)."""
     tag = tmp_path / "global_step1"
     tag.mkdir(exist_ok=True)
     files: dict[str, bytearray] = {}
@@ -42,14 +42,17 @@ def build(tmp_path, params: dict[str, tuple[np.ndarray, dict[int, tuple[np.ndarr
             p.shards[t] = Shard(t, tuple(data.shape), [(Box(*a), Box(*b)) for a, b in maps],
                                 replicated=name in replicated)
             flat = data.astype(np.float32).reshape(-1)
+            raw = flat.tobytes() if dtype == "float32" else \
+                torch.from_numpy(flat).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+            size = 4 if dtype == "float32" else 2
             bounds = sorted({0, flat.size, *(flat.size * (k + 1) // cuts + k for k in range(cuts - 1))})
             for dp, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
                 lo, hi = min(lo, flat.size), min(hi, flat.size)
                 file = f"rank{dp}_tp{t}.bin"
                 buf = files.setdefault(file, bytearray())
                 buf += JUNK
-                p.fragments.append(Fragment(dp, file, 0, lo, hi - lo, len(buf), "float32", shard=t))
-                buf += flat[lo:hi].tobytes()
+                p.fragments.append(Fragment(dp, file, 0, lo, hi - lo, len(buf), dtype, shard=t))
+                buf += raw[lo * size:hi * size]
         ckpt.params[name] = p
     for file, data in files.items():
         (tag / file).write_bytes(bytes(data))
@@ -160,6 +163,16 @@ def test_woven_rows_narrowed_to_bf16_equal_torch(tmp_path):
     assert got["w"].dtype == torch.bfloat16
     assert torch.equal(got["w"].view(torch.int16),
                        torch.from_numpy(full).to(torch.bfloat16).view(torch.int16))
+
+
+def test_woven_16bit_shards_are_upcast_exactly(tmp_path):
+    """Frozen params are saved 16-bit: woven first, then upcast to fp32 in the reader."""
+    full = np.random.default_rng(4).standard_normal((50, 6)).astype(np.float32)
+    ckpt = build(tmp_path, {"w": (full, dim1_split(full, 2))}, dtype="bfloat16")
+    t = plan_merge(ckpt).tensors[0]
+    assert t.weaves and (t.src_dtype, t.dtype) == ("bfloat16", "float32")
+    got, _ = merged(ckpt, tmp_path)
+    assert torch.equal(got["w"], torch.from_numpy(full).to(torch.bfloat16).float())
 
 
 def replicated_ckpt(tmp_path, drift: float) -> tuple[Checkpoint, np.ndarray]:
