@@ -44,7 +44,7 @@ def test_unsupported_layouts_are_named_and_refused(tmp_path, make, layout):
     assert ckpt.layout == layout
     assert "unsupported-layout" in codes(ckpt)
     assert ckpt.params, "what can be read is still shown"
-    with pytest.raises(NotMergeable, match="cannot merge"):
+    with pytest.raises(NotMergeable, match="cannot merge|not merge it yet"):
         plan_merge(ckpt)
 
 

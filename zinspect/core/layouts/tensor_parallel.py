@@ -57,11 +57,14 @@ def tp_degree(ctx: LoadContext) -> int | None:
 
 
 def recognise(ctx: LoadContext) -> bool:
-    """Several tp ranks' files (ZeRO-1/2/3: ZeRO-0 TP keeps its masters in the model states,
-    which this layout does not read), no pipeline layer or expert files."""
+    """The model states declare tp > 1 (else, when they declare nothing, several mp ranks are
+    named); ZeRO-1/2/3 (ZeRO-0 TP keeps its masters in the model states, which this layout does
+    not read); no pipeline layer or expert files. Files named mp_rank_01 beside model states that
+    declare tp 1 are not a TP checkpoint (the placeholder names them)."""
     if ctx.kinds & {"layer", "expert", "expert_optim"} or not ctx.optim_files:
         return False
-    return len(ctx.mp_ranks) > 1 or (tp_degree(ctx) or 1) > 1
+    tp = tp_degree(ctx)
+    return tp > 1 if tp is not None else len(ctx.mp_ranks) > 1
 
 
 def describe(ctx: LoadContext) -> None:
