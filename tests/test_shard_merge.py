@@ -236,3 +236,43 @@ def test_real_tp2_replicas_are_read_verified_and_equal(tmp_path):
     assert result.drift == {} and result.unverified == []
     tp1 = {f.name for f in ckpt.files if f.coords.tp == 1 and f.kind == "optim"}
     assert tp1 and result.verified >= 2 * len(tp1)
+
+
+def test_real_tp2_replica_drift_end_to_end(tmp_path):
+    """The real ZeRO-1 tp2 fixture with one element of tp rank 1's copy of a replicated param
+    changed (its record's CRC updated: a drifted run, not a corrupt file): `merge --json` exits
+    0 with a tp-replica-drift warning naming the param, rank 1 and the difference, writes tp 0's
+    copy (= the reference); `--strict` refuses and writes nothing."""
+    import json
+    import struct
+
+    import damage as D
+    from conftest import run_zinspect
+
+    name = "parallel/tp2_dp2_s1_toy"
+    root = D.copy_root(tmp_path, name, "drift")
+    ckpt = open_checkpoint(root)
+    param = next(n for n, p in ckpt.params.items() if p.shards and p.shards[0].replicated)
+    frag = next(f for f in ckpt.params[param].fragments if f.shard == 1 and f.numel)
+    path = ckpt.path / frag.file
+    with open(path, "r+b") as f:
+        f.seek(frag.offset)
+        old = struct.unpack("<f", f.read(4))[0]
+        f.seek(frag.offset)
+        f.write(struct.pack("<f", old + 0.5))
+    D.set_crc(path, D.record_holding(path, frag.offset)[0].split("/", 1)[1])
+    want = float(np.float32(np.float32(old) + np.float32(0.5)) - np.float32(old))
+
+    r = run_zinspect("merge", root, tmp_path / "out", "--json", "--no-hf-files")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["drift"] == {param: {"1": pytest.approx(want, rel=1e-6)}}
+    assert [(f["code"], f["param"]) for f in j["findings"]] == [("tp-replica-drift", param)]
+    assert param in r.stderr and "tp rank(s) 1" in r.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt")
+    assert torch.equal(got[param], ref[param])
+
+    r = run_zinspect("merge", root, tmp_path / "strict", "--strict", "--no-hf-files")
+    assert r.returncode == 1 and param in r.stderr and "--strict" in r.stderr, r.stderr
+    assert not (tmp_path / "strict").exists()
