@@ -357,16 +357,17 @@ def prepare_for_c(raw: bytes) -> bytes | None:
     if runs is None:
         return None
     pieces, start, pos, end = [], 0, 0, len(raw)
+    view = memoryview(raw)  # pieces without copies: the join is the one copy
     while True:
         pos = runs.match(raw, pos).end()
         if pos >= end:
             return None
         op = raw[pos]
         if op == _STOP:
-            pieces.append(raw[start:pos + 1])
+            pieces.append(view[start:pos + 1])
             return b"".join(pieces)
         if op == _EMPTY_DICT:
-            pieces += (raw[start:pos], _DICT_CALL)
+            pieces += (view[start:pos], _DICT_CALL)
             pos = start = pos + 1
             continue
         width = _LENGTH_PREFIXED.get(op)
