@@ -68,7 +68,7 @@ async def test_a_missing_tp_rank_file_is_its_cell_and_only_its_cell(tmp_path):
         assert status.pop((1, 1)) != "ok"
         assert set(status.values()) == {"ok"}, status
         await pilot.press("1")
-        await pilot.pause()
+        await settle(app, pilot)
         files = [line for line in drawn(app.screen.query_one("#overview-body")) if "missing:" in line]
         assert len(files) == 1 and files[0].split()[1] == "optim", files
 

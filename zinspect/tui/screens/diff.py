@@ -56,13 +56,15 @@ def diff_rows(result: DiffResult) -> list[Row]:
 
 
 class DiffTable(VirtualTable):
-    COLUMNS = [Column("name", 30, flex=True, middle=True), Column("change", 12),
-               Column("max|a-b|", 10, True),
-               Column("rel L2", 9, True), Column("differ", 9, True), Column("first at", 12)]
+    #: at 80 columns the counts and positions make way before a name is cut (in its middle)
+    COLUMNS = [Column("name", 16, flex=True, middle=True), Column("change", 12),
+               Column("max|a-b|", 10, True), Column("rel L2", 9, True, drop=3),
+               Column("differ", 9, True, drop=1), Column("first at", 12, drop=2)]
 
     def __init__(self, rows: list[Row], names: list[str], **kwargs) -> None:
         super().__init__(self.COLUMNS, len(rows), **kwargs)
         self.rows, self.names = rows, names
+        self.flex_wants = max((len(r[0]) for r in rows), default=0)
 
     def row_cells(self, index: int) -> list[str]:
         return list(self.rows[index])

@@ -104,7 +104,7 @@ class MergeScreen(ModalScreen[None]):
                                 yield Checkbox("adapter only", id="merge-peft")
                         with Vertical():
                             yield Label("Max shard size")
-                            yield Input(placeholder="one file (e.g. 5GB)", id="merge-shard")
+                            yield Input(placeholder="empty: one file", id="merge-shard")
                     # full width: a third of the dialog cut these labels, at 160 columns too
                     yield Checkbox("overwrite an existing output", id="merge-force")
                     if self.view.ckpt.errors:

@@ -111,7 +111,12 @@ def files_table(ckpt: Checkpoint) -> Table:
     not "ok" because it parsed), and a row for each file a finding says is missing."""
     table = Table(title="Files", title_justify="left", title_style="bold", expand=False,
                   show_edge=False, header_style="bold dim", box=box.SIMPLE_HEAD)
+    axes = [a for a in ("pp", "tp", "ep") if getattr(ckpt.topology, a) > 1]
+    parallel = bool(axes) or any(f.coords.layer is not None or f.coords.expert is not None
+                                 for f in ckpt.files)
     table.add_column("rank", justify="right")
+    if parallel:
+        table.add_column("at")  # where the file sits on the other axes
     table.add_column("kind")
     table.add_column("file")
     table.add_column("size", justify="right")
@@ -122,15 +127,26 @@ def files_table(ckpt: Checkpoint) -> Table:
                              getattr(r[1], "name", "")))
     for status, f in rows[:MAX_FILES_SHOWN]:
         rank = "" if f.rank is None else str(f.rank)
+        at = [] if not parallel else [""] if isinstance(f, Finding) else [coords_text(f, axes)]
         if isinstance(f, Finding):  # a missing file: the finding names its rank and kind
-            table.add_row(rank, _kind(f), Text("—", style="dim"), "—", status)
+            name = Squeezed(f.file, 200, style="red") if f.file else Text("—", style="dim")
+            table.add_row(rank, *at, _kind(f), name, "—", status)
         else:
-            table.add_row(rank, f.kind, Squeezed(f.name, 200), fmt.size(f.size), status)
+            table.add_row(rank, *at, f.kind, Squeezed(f.name, 200), fmt.size(f.size), status)
     if len(rows) > MAX_FILES_SHOWN:
         table.caption = (f"… and {len(rows) - MAX_FILES_SHOWN} more files, all ok "
                          "(the Ranks tab lists every rank)")
         table.caption_justify = "left"
     return table
+
+
+def coords_text(f: RankFile, axes: list[str]) -> str:
+    """`pp 1 tp 0`, `layer 3`, `ep 1 expert 2`: a file's place beyond its dp rank (a layer
+    file's name does not say its stage)."""
+    parts = [f"{a} {getattr(f.coords, a)}" for a in axes if not (a == "pp" and f.kind == "layer")]
+    parts += [f"{k} {v}" for k, v in (("layer", f.coords.layer), ("expert", f.coords.expert))
+              if v is not None]
+    return " ".join(parts)
 
 
 def file_status(ckpt: Checkpoint, f: RankFile) -> Text:
@@ -181,15 +197,19 @@ class Overview(VerticalScroll):
     def on_mount(self) -> None:
         self.refresh_facts()
 
+    def _is_narrow(self) -> bool:
+        # before the first layout the widget has no size yet: the terminal's width decides
+        return (self.size.width or self.app.size.width) < WIDE
+
     def on_resize(self) -> None:
-        if self.narrow != (self.size.width < WIDE):
+        if self.narrow != self._is_narrow():
             self.refresh_facts()
 
     def refresh_facts(self) -> None:
         """Facts side by side, or one above the other below WIDE columns (at 80 the path and
         the counts would each get a third of the screen)."""
         ckpt = self.view.ckpt
-        self.narrow = self.size.width < WIDE
+        self.narrow = self._is_narrow()
         parts = (checkpoint_facts(ckpt), Group(size_facts(self.view), Text(), findings_facts(ckpt)))
         if self.narrow:
             top = Group(parts[0], Text(), parts[1])
