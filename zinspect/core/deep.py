@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 
 from zinspect.core.codes import finding
+from zinspect.core.filechecks import unsafe_pickle_finding
 from zinspect.core.model import Checkpoint, Finding, RankFile
 from zinspect.core.readfiles import SourceFiles, open_regular
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
@@ -45,7 +46,6 @@ from zinspect.core.torchzip import (
     local_data_offset,
     read_torch_file,
 )
-from zinspect.core.validate import unsafe_pickle_finding
 from zinspect.core.verify import CRC_HINT, FLOAT_DTYPES, RecordCheck, count_nonfinite
 from zinspect.errors import MergeCancelled, UnreadableFile, ZinspectError
 

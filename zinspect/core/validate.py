@@ -11,21 +11,13 @@ from collections import Counter
 
 from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
+from zinspect.core.filechecks import STALE_HINT, file_findings
 from zinspect.core.layouts.topology import grid_findings
 from zinspect.core.model import Checkpoint, Finding, Param
 
 #: the layouts whose files are one data-parallel set: the rank, group and param checks below
 PLAIN_ZERO = ("zero", "bf16_optimizer")
 _REPLACE = "replace it with the file saved by the same run as the others"
-_STALE = "move it out of the tag dir: it is a leftover of an older run"
-#: file kinds only one layout has: kind -> (that layout, what such a file is)
-_STRAY = {"layer": ("pipeline", "a pipeline layer file"), "expert": ("moe", "an MoE expert file"),
-          "expert_optim": ("moe", "an MoE expert optimizer file")}
-#: modules whose globals in a pickle mean code execution on torch.load(weights_only=False)
-_UNSAFE_MODULES = frozenset({
-    "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil", "socket",
-    "importlib", "runpy", "pty", "code", "ctypes", "pickle", "marshal", "webbrowser", "commands",
-})
 
 
 def validate(ckpt: Checkpoint) -> list[Finding]:
@@ -45,6 +37,7 @@ class _Checks:
         self.ranks_of: dict[int, list[int]] = {}
         #: ZeRO-3 group -> its param_shapes partition-size finding (its params' gaps follow)
         self.shapes_off: dict[int, Finding] = {}
+        self._want: dict[int, int] = {}
 
     def add(self, code, message, hint="", **where) -> Finding:
         found = codes.finding(code, message, hint, **where)
@@ -57,7 +50,7 @@ class _Checks:
             self.add("empty-tag-dir", f"the tag dir {c.path} holds no files",
                      "the save never happened or the files were moved; check the path")
             return
-        self.files()
+        self.out.extend(file_findings(c))
         if c.layout == "tensor_parallel":  # its own checks per tp rank's shards
             from zinspect.core.layouts import tensor_parallel
             self.out.extend(tensor_parallel.validate(c))
@@ -71,43 +64,6 @@ class _Checks:
         self.groups()
         self.params()
         self.dtypes()
-
-    # -------------------------------------------------------------- files
-    def files(self) -> None:
-        for f in self.c.files:
-            if f.kind == "other":
-                self.add("extra-file", f"{f.name} is not a checkpoint file; it is ignored",
-                         file=f.name)
-                continue
-            stray = _STRAY.get(f.kind)
-            if stray and self.c.layout != stray[0]:
-                self.add("stale-rank-file", f"{f.name} is {stray[1]}, but this checkpoint is "
-                         f"not a {stray[0]} run: a leftover of another run", _STALE,
-                         file=f.name, rank=f.rank)
-            missing = [(s.key, s.nbytes, s.present) for s in f.storages if s.present < s.nbytes]
-            if missing:
-                have = sum(p for _, _, p in missing)
-                want = sum(n for _, n, _ in missing)
-                self.add("truncated-file",
-                         f"{f.name} is truncated: {len(missing)} tensor record(s) hold "
-                         f"{have:,} of {want:,} bytes (file is {f.size:,} bytes)",
-                         "the save was interrupted or the copy is incomplete; copy the file again",
-                         file=f.name, rank=f.rank)
-            elif f.recovered:
-                self.add("no-zip-directory", f"{f.name} has lost its zip directory "
-                         "but every tensor record is present", "copy the file again",
-                         file=f.name, rank=f.rank)
-            if f.format == "legacy":
-                self.add("legacy-format", f"{f.name} uses torch's legacy (non-zip) format; "
-                         "DeepSpeed's converter cannot mmap it, zinspect reads it", file=f.name)
-            unsafe = unsafe_pickle_finding(f.name, f.rank, f.unknown_globals)
-            if unsafe:
-                self.out.append(unsafe)
-            other = [g for g in f.unknown_globals if not _is_unsafe(g)]
-            if other:
-                self.add("unknown-classes", f"{f.name} pickles classes zinspect does not "
-                         f"know ({', '.join(other[:5])}); they were recorded, "
-                         "never imported or run", file=f.name, rank=f.rank)
 
     # -------------------------------------------------------------- rank sets
     def ranks(self) -> None:
@@ -129,7 +85,7 @@ class _Checks:
                 if f.prefix != main:
                     self.add("mixed-prefix", f"{f.name} has prefix {f.prefix or 'none'!r}, "
                              f"the other optimizer files {main or 'none'!r}: two runs are mixed",
-                             _STALE, file=f.name, rank=f.rank)
+                             STALE_HINT, file=f.name, rank=f.rank)
         for f in optim:
             if not f.name.endswith("_optim_states.pt"):
                 self.add("legacy-file-name", f"{f.name} uses the pre-0.10 name without "
@@ -137,7 +93,7 @@ class _Checks:
 
     def _rank_set(self, what: str, files, ws: int) -> None:
         self.out.extend(grid_findings(files, {"dp": ws}, what, f"missing-{what}-file",
-                                      "stale-rank-file", _STALE))
+                                      "stale-rank-file", STALE_HINT))
 
     # -------------------------------------------------------------- cross-rank consistency
     def consistency(self) -> None:
@@ -146,7 +102,7 @@ class _Checks:
         for f in optim:
             if f.stage is not None and f.stage != c.stage:
                 self.add("stage-mismatch", f"{f.name} is a ZeRO-{f.stage} file, the others "
-                         f"ZeRO-{c.stage}: two runs are mixed in one tag dir", _STALE,
+                         f"ZeRO-{c.stage}: two runs are mixed in one tag dir", STALE_HINT,
                          file=f.name, rank=f.rank)
             elif f.partition_count and max(f.partition_count) != c.world_size:
                 self.add("world-size-mismatch", f"{f.name} was saved with world size "
@@ -207,8 +163,7 @@ class _Checks:
 
     def _zero3_group(self, g, ws: int) -> None:
         c = self.c
-        numels = [c.params[n].numel for n in g.params if n in c.params]
-        want = partition.zero3_group_numel(numels, ws)
+        want = self._zero3_want(g, ws)
         held = {r: n for r, n in sorted(g.partition_numel.items()) if r < ws}
         off = {r: n for r, n in held.items() if n != want}
         if len(held) == ws > 1 and len(off) == ws and len(set(off.values())) == 1:
@@ -216,13 +171,14 @@ class _Checks:
             name = partition.zero3_share_off(
                 [(m, c.params[m].numel) for m in g.params if m in c.params], ws, want - n)
             model = self.c.files_of("model")
-            self.shapes_off[g.index] = self.add("partition-size", f"group {g.index}: every rank holds {n:,} elements, its "
-                     f"params need exactly {want:,} by param_shapes" +
-                     (f": {name}'s declared shape {_shape_of(c, name)} is off (the only param "
-                      "whose share can account for it by the fewest elements)" if name else ""),
-                     "the model-states file's param_shapes do not match the optimizer files: "
-                     "restore the model states saved with them", group=g.index, param=name,
-                     file=model[0].name if len(model) == 1 else _model_file_of(c, 0))
+            self.shapes_off[g.index] = self.add(
+                "partition-size", f"group {g.index}: every rank holds {n:,} elements, its "
+                f"params need exactly {want:,} by param_shapes" +
+                (f": {name}'s declared shape {_shape_of(c, name)} is off (the only param "
+                 "whose share can account for it by the fewest elements)" if name else ""),
+                "the model-states file's param_shapes do not match the optimizer files: "
+                "restore the model states saved with them", group=g.index, param=name,
+                file=model[0].name if len(model) == 1 else _model_file_of(c, 0))
             return
         for r, n in off.items():
             self.add("partition-size", f"group {g.index}: rank {r} holds {n:,} elements, its "
@@ -273,12 +229,20 @@ class _Checks:
         damaged = {f.rank for f in c.files_of("optim") if not _whole(f)}
         whole = set()
         for g in c.groups:
-            want = partition.zero3_group_numel(
-                [c.params[n].numel for n in g.params if n in c.params], ws)
+            want = self._zero3_want(g, ws)
             if set(g.partition_numel) == set(range(ws)) and not damaged & set(g.partition_numel) \
                     and all(n == want for n in g.partition_numel.values()):
                 whole.add(g.index)
         return whole
+
+    def _zero3_want(self, g, ws: int) -> int:
+        """The elements each rank's partition of ZeRO-3 sub-group g needs (asked twice: the
+        sum over a 300k-param model is not free)."""
+        if g.index not in self._want:
+            c = self.c
+            self._want[g.index] = partition.zero3_group_numel(
+                [c.params[n].numel for n in g.params if n in c.params], ws)
+        return self._want[g.index]
 
     def _whole_zero3_model_states(self) -> bool:
         """Every rank's ZeRO-3 model states present and whole: the frozen-param fragments they
@@ -340,23 +304,6 @@ def _dp_world_size(c: Checkpoint) -> int | None:
         if f.readable and f.dp_world_size is not None:
             return f.dp_world_size
     return None
-
-
-def unsafe_pickle_finding(name: str, rank: int | None, globals_: list[str]) -> Finding | None:
-    """The error for a rank file whose pickle names code that torch.load would run."""
-    unsafe = [g for g in globals_ if _is_unsafe(g)]
-    if not unsafe:
-        return None
-    return codes.finding("unsafe-pickle", f"{name} names {', '.join(unsafe[:5])} in its pickle: "
-                   "torch.load(weights_only=False), as DeepSpeed and zero_to_fp32.py load it, "
-                   "would run that code; zinspect did not",
-                   "do not load this file with torch or DeepSpeed: it was tampered with or is "
-                   "not a checkpoint; get the checkpoint again from a source you trust",
-                   file=name, rank=rank)
-
-
-def _is_unsafe(qualname: str) -> bool:
-    return qualname.split(".", 1)[0] in _UNSAFE_MODULES
 
 
 def _file_of(c: Checkpoint, rank: int) -> str | None:
