@@ -604,3 +604,20 @@ def test_every_file_of_a_tp_rank_missing_is_each_located(tmp_path):
                    ("missing-optimizer-file", "zero_pp_rank_1_mp_rank_01_optim_states.pt", 3, None),
                    ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 1, None),
                    ("missing-tp-rank", "zero_pp_rank_1_mp_rank_01_model_states.pt", 3, None)]
+
+
+def test_forged_split_descriptions_are_named_not_crashed_on():
+    with pytest.raises(R.SplitUnknown, match="is a str, not a list"):
+        R.rule_for("w", {"tp_replicated_parameter_patterns": "^w$"})
+    assert R.rule_for("w", {"tp_replicated_parameter_patterns": [["^w$"], 3]}).kind == R.COLUMN
+    many = entry({0: [piece(0, 0)] * (R.MAX_PIECES + 1), 1: [piece(4, 0)]})
+    with pytest.raises(R.SplitUnknown, match="beyond what a real one holds"):
+        R.geometry_from_affine(many, 1)
+
+
+def test_a_forged_tp_size_is_one_finding(tmp_path):
+    def huge(state):
+        state["mp_world_size"] = 10**6
+        state["checkpoint_parallel_dimensions"]["tp_degree"] = 10**6
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(huge))
+    assert got == [("topology-mismatch", "mp_rank_00_model_states.pt", None, None)]

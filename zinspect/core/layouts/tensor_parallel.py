@@ -74,6 +74,12 @@ def describe(ctx: LoadContext) -> None:
         return
     tp = tp_degree(ctx) or (max(ctx.mp_ranks) + 1 if ctx.mp_ranks else 1)
     dp = _dp_size(ctx)
+    if tp > tp_rules.MAX_RANKS:  # forged: one finding, not one per missing rank
+        ctx.find("topology-mismatch", f"the model states declare tp {tp}: beyond any real run",
+                 "the model-states file is damaged or forged; restore it from the run",
+                 file=ctx.model_file.name if ctx.model_file else None)
+        common.finish(ctx, names)
+        return
     c.topology = Topology(dp=dp, tp=tp, files=list(c.files))
     slices = _slices(ctx, tp, dp)
     infos = _split_info(ctx, slices)

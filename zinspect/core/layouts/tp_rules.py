@@ -33,6 +33,10 @@ Shape = tuple[int, ...]
 #: (offsets in the shard, offsets in the full tensor, sizes): one N-D box of a shard
 Piece = tuple[Shape, Shape, Shape]
 
+#: bounds on a forged affine-map entry (real ones: a few pieces per tp rank); the checks over
+#: pieces are quadratic
+MAX_DIMS, MAX_RANKS, MAX_PIECES = 64, 4096, 8192
+
 REPLICATED, AVERAGE, TWO_SUB_PARAMS, SUB_PARAMS, ROW, COLUMN = (
     "replicated", "average", "two_sub_params", "sub_params", "row", "column")
 
@@ -86,8 +90,6 @@ def _matcher(patterns: tuple) -> tuple[dict[str, list[str]], list[tuple[str, re.
     literal: dict[str, list[str]] = {}
     other = []
     for p in patterns:
-        if not isinstance(p, str):
-            continue
         m = _LITERAL.fullmatch(p)
         if m:
             literal.setdefault(re.sub(r"\\(.)", r"\1", m[1]), []).append(p)
@@ -100,7 +102,9 @@ def _matcher(patterns: tuple) -> tuple[dict[str, list[str]], list[tuple[str, re.
 
 
 def _hits(patterns, name: str) -> list[str]:
-    literal, other = _matcher(tuple(patterns or ()))
+    if patterns is not None and not isinstance(patterns, (list, tuple, dict)):
+        raise SplitUnknown(f"a split pattern list is a {type(patterns).__name__}, not a list")
+    literal, other = _matcher(tuple(p for p in patterns or () if isinstance(p, str)))
     return literal.get(name, []) + [p for p, rx in other if rx.match(name)]
 
 
@@ -149,6 +153,8 @@ def _sub_params_rule(name: str, info: dict, vocab: int | None) -> Rule | None:
         sizes = shape[dim]
         widths = (info.get("sub_param_shard_widths") or {}).get(pattern)
         if isinstance(sizes, (list, tuple)):
+            if len(sizes) > MAX_PIECES:
+                raise SplitUnknown(f"its sub-param spec ({pattern}) lists {len(sizes)} sub-params")
             if widths is None:
                 raise SplitUnknown(f"its sub-params ({pattern}) have no sub_param_shard_widths")
             try:
@@ -160,7 +166,7 @@ def _sub_params_rule(name: str, info: dict, vocab: int | None) -> Rule | None:
                 raise SplitUnknown(f"sub_param_shard_widths {widths} of {pattern} do not add up to "
                                    f"the sub-param sizes {sizes}")
             return Rule(SUB_PARAMS, dim, pattern, sizes, widths, vocab)
-        if isinstance(sizes, int) and sizes > 0:  # before version 0.4: a count of equal sub-params
+        if isinstance(sizes, int) and 0 < sizes <= MAX_PIECES:  # before 0.4: equal sub-params
             return Rule(SUB_PARAMS, dim, pattern, sub_count=sizes, vocab_size=vocab)
         raise SplitUnknown(f"its sub-param spec ({pattern}) gives {sizes!r} sub-params")
     return None
@@ -329,6 +335,11 @@ def geometry_from_affine(entry: dict, version) -> Geometry:
     try:
         shape = tuple(int(n) for n in entry["logical_shape"])
         ranks = {int(t): r for t, r in entry["ranks"].items()}
+        if len(shape) > MAX_DIMS or len(ranks) > MAX_RANKS or \
+                sum(len(r["pieces"]) for r in ranks.values()) > MAX_PIECES:
+            raise SplitUnknown(f"its affine-map entry has {len(shape)} dims, {len(ranks)} ranks and "
+                               f"{sum(len(r['pieces']) for r in ranks.values())} pieces: beyond "
+                               f"what a real one holds ({MAX_DIMS}, {MAX_RANKS}, {MAX_PIECES})")
         pieces: dict[int, list[Piece]] = {}
         holders: set[int] = set()
         for t, r in sorted(ranks.items()):
