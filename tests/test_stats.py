@@ -87,7 +87,7 @@ async def test_app_statistics_screen_table_and_layers():
     from textual.widgets import DataTable, Sparkline
 
     from zinspect.tui.app import ZinspectApp
-    from zinspect.tui.screens.stats import StatisticsScreen
+    from zinspect.tui.screens.stats import L2_COLUMN, StatisticsScreen
 
     name = "s3_w2_fp32"
     ref = torch.load(FIXTURES / name / "reference_fp32.pt")
@@ -99,7 +99,8 @@ async def test_app_statistics_screen_table_and_layers():
         assert isinstance(app.screen, StatisticsScreen)
         table = app.screen.query_one("#stats-table", DataTable)
         rows = [table.get_row_at(i) for i in range(table.row_count)]
-        l2 = [float(r[6]) for r in rows]
+        l2 = [float(r[L2_COLUMN]) for r in rows]  # right after the name (80 columns show it)
+        assert L2_COLUMN == 1
         assert l2 == sorted(l2, reverse=True)  # L2, largest first
         top = max((n for n in ref if ref[n].is_floating_point()), key=lambda n: ref[n].double().norm())
         assert str(rows[0][0]) == top  # names are shown as literal Text

@@ -31,13 +31,19 @@ from zinspect.core.stats import compute_stats
 from zinspect.core.stream import ProgressMeter, copy_tensors
 
 
+CPU: dict[str, float] = {}  # the CPU seconds (all threads) of the last best() run
+
+
 def best(fn, runs: int) -> float:
+    """Best wall time of `runs`; CPU["last"] is that run's CPU time, less noisy than wall time
+    on a loaded machine."""
     times = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, CPU["last"] = min(times)
+    return wall
 
 
 def floor(*tensor_lists) -> None:
@@ -80,16 +86,18 @@ def bench(ckpt: Path, out: Path, runs: int, before=None) -> None:
     ts = best(lambda: compute_stats(a), runs)
     r1 = rss_mib()
     td = best(lambda: diff_tensors(a, b), runs)
+    cpu_d = CPU["last"]
     r2 = rss_mib()
     mib = 1 << 20
     print(f"{ckpt.name}: {na / mib:,.0f} MiB read for stats, {(na + nb) / mib:,.0f} MiB for diff")
     print(f"  stats  {ts:6.2f} s  floor {f1:6.2f} s  ({ts / f1:4.1f}x, {na / mib / ts:,.0f} MiB/s)"
           f"  peak RSS {r1:,.0f} MiB")
     print(f"  diff   {td:6.2f} s  floor {f2:6.2f} s  ({td / f2:4.1f}x, {(na + nb) / mib / td:,.0f}"
-          f" MiB/s)  peak RSS {r2:,.0f} MiB")
+          f" MiB/s)  peak RSS {r2:,.0f} MiB  CPU {cpu_d:.2f} s")
     if before is not None:
         tb = best(lambda: before(a, b), runs)
-        print(f"  before {tb:6.2f} s  floor {f2:6.2f} s  ({tb / f2:4.1f}x)  peak RSS {rss_mib():,.0f} MiB")
+        print(f"  before {tb:6.2f} s  floor {f2:6.2f} s  ({tb / f2:4.1f}x)  peak RSS {rss_mib():,.0f} MiB"
+              f"  CPU {CPU['last']:.2f} s")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,22 @@ from zinspect.tui.footer import KeyFooter
 from zinspect.tui.text import literal
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
-#: (column title, sort key of a TensorStats)
+#: (column title, sort key of a TensorStats, its cell); the outlier columns (L2, max|x|, NaN,
+#: Inf) right after the name: at 80 columns they are what shows
 COLUMNS = [
-    ("name", lambda s: s.name), ("numel", lambda s: s.numel), ("min", lambda s: _key(s.min)),
-    ("max", lambda s: _key(s.max)), ("mean", lambda s: _key(s.mean)), ("std", lambda s: _key(s.std)),
-    ("L2", lambda s: s.l2), ("max|x|", lambda s: _key(s.max_abs)),
-    ("zeros", lambda s: s.zero_fraction), ("NaN", lambda s: s.nan), ("Inf", lambda s: s.inf),
+    ("name", lambda s: s.name, lambda s: literal(s.name, 60)),
+    ("L2", lambda s: s.l2, lambda s: _num(s.l2)),
+    ("max|x|", lambda s: _key(s.max_abs), lambda s: _num(s.max_abs)),
+    ("NaN", lambda s: s.nan, lambda s: f"{s.nan:,}"),
+    ("Inf", lambda s: s.inf, lambda s: f"{s.inf:,}"),
+    ("numel", lambda s: s.numel, lambda s: f"{s.numel:,}"),
+    ("min", lambda s: _key(s.min), lambda s: _num(s.min)),
+    ("max", lambda s: _key(s.max), lambda s: _num(s.max)),
+    ("mean", lambda s: _key(s.mean), lambda s: _num(s.mean)),
+    ("std", lambda s: _key(s.std), lambda s: _num(s.std)),
+    ("zeros", lambda s: s.zero_fraction, lambda s: f"{s.zero_fraction:.1%}"),
 ]
+L2_COLUMN = 1
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -63,7 +72,7 @@ class StatisticsScreen(WorkerOutcomes, Screen):
         super().__init__()
         self.ckpt = ckpt
         self.stats: list[TensorStats] | None = None
-        self.sort_column, self.reverse = 6, True  # L2, largest first
+        self.sort_column, self.reverse = L2_COLUMN, True  # largest first
 
     DEFAULT_CSS = """
     #stats-results { height: 1fr; padding: 0 1; }
@@ -121,7 +130,7 @@ class StatisticsScreen(WorkerOutcomes, Screen):
                             Sparkline(norms, summary_function=max, id="stats-layers"))
         table = DataTable(id="stats-table", cursor_type="row", zebra_stripes=True)
         await box.mount(table)
-        for title, _ in COLUMNS:
+        for title, _, _ in COLUMNS:
             table.add_column(title, key=title)
         self.fill_table()
         table.focus()
@@ -131,9 +140,7 @@ class StatisticsScreen(WorkerOutcomes, Screen):
         table.clear()
         rows = sorted(self.stats or [], key=COLUMNS[self.sort_column][1], reverse=self.reverse)
         for s in rows:
-            table.add_row(literal(s.name, 60), f"{s.numel:,}", _num(s.min), _num(s.max), _num(s.mean),
-                          _num(s.std), _num(s.l2), _num(s.max_abs), f"{s.zero_fraction:.1%}",
-                          f"{s.nan:,}", f"{s.inf:,}", key=s.name)
+            table.add_row(*(cell(s) for _, _, cell in COLUMNS), key=s.name)
         self.sub_title = f"sorted by {COLUMNS[self.sort_column][0]}" + (" ↓" if self.reverse else " ↑")
 
     @on(DataTable.HeaderSelected)
