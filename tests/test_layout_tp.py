@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import FIXTURES
 
+from zinspect.core.layouts import tp_affine as A
 from zinspect.core.layouts import tp_rules as R
 from zinspect.core.torchzip import read_torch_file
 
@@ -63,9 +64,9 @@ def test_rules_and_affine_map_give_the_manifests_split(name):
         from_rule = R.geometry_from_rule(rule, shards[pname])
         assert from_rule.shape == tuple(want["shape"]), pname
         assert from_rule.replicated == (want["kind"] == "replicated")
-        entry = R.affine_entry(pname, info["affine_map"])
-        assert entry is not None and R.affine_shard_shapes(entry) == shards[pname]
-        from_map = R.geometry_from_affine(entry, info["affine_map"]["version"])
+        entry = A.affine_entry(pname, info["affine_map"])
+        assert entry is not None and A.affine_shard_shapes(entry) == shards[pname]
+        from_map = A.geometry_from_affine(entry, info["affine_map"]["version"])
         assert R.same_geometry(from_rule, from_map), pname
         assert R.tiling_problem(from_rule, shards[pname]) is None
 
@@ -229,22 +230,22 @@ def piece(source, dest, shape=(2, 2), strides=(2, 1), dest_strides=(2, 1), **ext
 
 def test_affine_map_unreadable_pieces_are_named():
     with pytest.raises(R.SplitUnknown, match="scaled by 0.5"):
-        R.geometry_from_affine(entry({0: [piece(0, 0, scale=0.5)], 1: [piece(4, 0)]}), 1)
+        A.geometry_from_affine(entry({0: [piece(0, 0, scale=0.5)], 1: [piece(4, 0)]}), 1)
     with pytest.raises(R.SplitUnknown, match="not the row-major strides"):
-        R.geometry_from_affine(entry({0: [piece(0, 0, strides=(1, 4))], 1: [piece(4, 0)]}), 1)
+        A.geometry_from_affine(entry({0: [piece(0, 0, strides=(1, 4))], 1: [piece(4, 0)]}), 1)
     with pytest.raises(R.SplitUnknown, match="version 2"):
-        R.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(4, 0)]}), 2)
+        A.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(4, 0)]}), 2)
     with pytest.raises(R.SplitUnknown, match="runs past"):
-        R.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(6, 0)]}), 1)
+        A.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(6, 0)]}), 1)
     with pytest.raises(R.SplitUnknown, match="malformed"):
-        R.geometry_from_affine({"logical_shape": [4, 2]}, 1)
+        A.geometry_from_affine({"logical_shape": [4, 2]}, 1)
 
 
 def test_affine_map_that_disagrees_with_the_rule_is_told_apart():
     rule = R.geometry_from_rule(R.Rule(R.COLUMN, 0), {0: (2, 2), 1: (2, 2)})
-    same = R.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(4, 0)]}), 1)
-    swapped = R.geometry_from_affine(entry({0: [piece(4, 0)], 1: [piece(0, 0)]}), 1)
-    split_in_two = R.geometry_from_affine(entry({0: [piece(0, 0, shape=(1, 2)), piece(2, 2, shape=(1, 2))],
+    same = A.geometry_from_affine(entry({0: [piece(0, 0)], 1: [piece(4, 0)]}), 1)
+    swapped = A.geometry_from_affine(entry({0: [piece(4, 0)], 1: [piece(0, 0)]}), 1)
+    split_in_two = A.geometry_from_affine(entry({0: [piece(0, 0, shape=(1, 2)), piece(2, 2, shape=(1, 2))],
                                                  1: [piece(4, 0)]}), 1)
     assert R.same_geometry(rule, same) and R.same_geometry(rule, split_in_two)
     assert not R.same_geometry(rule, swapped)
@@ -612,7 +613,7 @@ def test_forged_split_descriptions_are_named_not_crashed_on():
     assert R.rule_for("w", {"tp_replicated_parameter_patterns": [["^w$"], 3]}).kind == R.COLUMN
     many = entry({0: [piece(0, 0)] * (R.MAX_PIECES + 1), 1: [piece(4, 0)]})
     with pytest.raises(R.SplitUnknown, match="beyond what a real one holds"):
-        R.geometry_from_affine(many, 1)
+        A.geometry_from_affine(many, 1)
 
 
 def test_a_forged_tp_size_is_one_finding(tmp_path):

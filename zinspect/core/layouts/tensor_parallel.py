@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 
-from zinspect.core.layouts import common, tp_rules, zero3, zero12
+from zinspect.core.layouts import common, tp_affine, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, numel, shape
 from zinspect.core.layouts.tp_checks import REPLACE, global_rank, validate
@@ -300,14 +300,14 @@ def _geometry(ctx: LoadContext, p: Param, info: dict | None,
     except (tp_rules.SplitUnknown, tp_rules.ShardShapeError) as e:
         rule, rule_error = None, e
     affine = info.get("affine_map") if isinstance(info.get("affine_map"), dict) else None
-    entry = tp_rules.affine_entry(p.name, affine)
+    entry = tp_affine.affine_entry(p.name, affine)
     if entry is None:
         if rule_error:
             raise rule_error
         return rule
     try:
-        mapped = tp_rules.geometry_from_affine(entry, affine.get("version"))
-        recorded = tp_rules.affine_shard_shapes(entry)
+        mapped = tp_affine.geometry_from_affine(entry, affine.get("version"))
+        recorded = tp_affine.affine_shard_shapes(entry)
     except tp_rules.SplitUnknown as e:
         if rule_error:
             raise rule_error from None

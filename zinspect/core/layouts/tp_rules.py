@@ -16,10 +16,11 @@ Two descriptions come with a DeepSpeed TP checkpoint, in every model-states file
   piece in the full tensor, `dest` in the rank's shard.
 
 Both become a `Geometry`: the full shape and, per tp rank, pieces (shard offsets, full offsets,
-sizes). Where both exist they must agree. A split that cannot be known (patterns that collide,
-sub-params without widths, a scaled or strided piece) raises `SplitUnknown`, never a guess; shard
-shapes that contradict their rule raise `ShardShapeError`. Pure functions over the unpickled
-dicts: no files, no model, no torch.
+sizes): the patterns' here, the affine map's in tp_affine.py; where both exist they must agree
+(`same_geometry`). A split that cannot be known (patterns that collide, sub-params without
+widths, a scaled or strided piece) raises `SplitUnknown`, never a guess; shard shapes that
+contradict their rule raise `ShardShapeError`. Pure functions over the unpickled dicts: no
+files, no model, no torch.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def _matcher(patterns: tuple) -> tuple[dict[str, list[str]], list[tuple[str, re.
     return literal, other
 
 
-def _hits(patterns, name: str) -> list[str]:
+def hits(patterns, name: str) -> list[str]:
+    """The patterns of a list (or a dict's keys) that match `name`."""
     if patterns is not None and not isinstance(patterns, (list, tuple, dict)):
         raise SplitUnknown(f"a split pattern list is a {type(patterns).__name__}, not a list")
     literal, other = _matcher(tuple(p for p in patterns or () if isinstance(p, str)))
@@ -109,10 +111,10 @@ def _hits(patterns, name: str) -> list[str]:
 
 
 def _match(patterns, name: str, what: str) -> str | None:
-    hits = _hits(patterns, name)
-    if len(hits) > 1:
-        raise SplitUnknown(f"it matches {len(hits)} of the {what} patterns ({', '.join(hits)})")
-    return hits[0] if hits else None
+    found = hits(patterns, name)
+    if len(found) > 1:
+        raise SplitUnknown(f"it matches {len(found)} of the {what} patterns ({', '.join(found)})")
+    return found[0] if found else None
 
 
 def rule_for(name: str, info: dict) -> Rule:
@@ -291,80 +293,6 @@ def _trim_rows(geo: Geometry, keep: int) -> Geometry:
             if rows > 0:
                 pieces[t].append((shard_at, full_at, _at(sizes, 0, rows)))
     return Geometry(_at(geo.shape, 0, keep), pieces, geo.replicated)
-
-
-# -- geometry from the affine map --------------------------------------------------------------
-
-
-def affine_entry(name: str, affine: dict | None) -> dict | None:
-    """The affine map's entry for `name` (its keys are patterns), or None."""
-    params = (affine or {}).get("params") or {}
-    hits = _hits(params, name)
-    if len(hits) > 1:
-        raise SplitUnknown(f"it matches {len(hits)} affine-map patterns ({', '.join(hits)})")
-    return params[hits[0]] if hits else None
-
-
-def row_major(shape: Shape) -> Shape:
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= n
-    return tuple(reversed(out))
-
-
-def _box_at(offset, strides, sizes: Shape, within: Shape, where: str) -> Shape:
-    """The N-D offsets of a strided view of `within` (row-major) that is a box, else SplitUnknown."""
-    want = row_major(within)
-    if len(strides) != len(within) or any(s != w for s, w, n in zip(strides, want, sizes) if n > 1):
-        raise SplitUnknown(f"its {where} strides {list(strides)} are not the row-major strides "
-                           f"{list(want)} of {list(within)}: not a box zinspect can copy")
-    offs, left = [], int(offset)
-    for w in want:
-        offs.append(left // w)
-        left %= w
-    if any(o + n > m for o, n, m in zip(offs, sizes, within)):
-        raise SplitUnknown(f"its {where} piece of {list(sizes)} at offset {offset} runs past {list(within)}")
-    return tuple(offs)
-
-
-def geometry_from_affine(entry: dict, version) -> Geometry:
-    """The geometry an affine-map entry describes (its shard shapes included, per rank)."""
-    if version not in (None, 1):
-        raise SplitUnknown(f"its affine map is version {version!r}; zinspect reads version 1")
-    try:
-        shape = tuple(int(n) for n in entry["logical_shape"])
-        ranks = {int(t): r for t, r in entry["ranks"].items()}
-        if len(shape) > MAX_DIMS or len(ranks) > MAX_RANKS or \
-                sum(len(r["pieces"]) for r in ranks.values()) > MAX_PIECES:
-            raise SplitUnknown(f"its affine-map entry has {len(shape)} dims, {len(ranks)} ranks and "
-                               f"{sum(len(r['pieces']) for r in ranks.values())} pieces: beyond "
-                               f"what a real one holds ({MAX_DIMS}, {MAX_RANKS}, {MAX_PIECES})")
-        pieces: dict[int, list[Piece]] = {}
-        holders: set[int] = set()
-        for t, r in sorted(ranks.items()):
-            shard = tuple(int(n) for n in r["shard_shape"])
-            pieces[t] = []
-            for p in r["pieces"]:
-                if float(p.get("scale", 1.0)) != 1.0:
-                    raise SplitUnknown(f"tp rank {t} holds it scaled by {p['scale']} (shard = full * scale)")
-                sizes = tuple(int(n) for n in p["shape"])
-                full_at = _box_at(p["source"][0], p["source"][1], sizes, shape, "source")
-                shard_at = _box_at(p["dest"][0], p["dest"][1], sizes, shard, "dest")
-                pieces[t].append((shard_at, full_at, sizes))
-                holders.add(len(p.get("locations") or (t,)))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        if isinstance(e, SplitUnknown):
-            raise
-        raise SplitUnknown(f"its affine-map entry is malformed ({type(e).__name__}: {e})") from None
-    replicated = holders == {len(ranks)} and len(ranks) > 1
-    if not replicated and holders - {1}:
-        raise SplitUnknown("its affine map replicates some pieces and splits others")
-    return Geometry(shape, pieces, replicated)
-
-
-def affine_shard_shapes(entry: dict) -> dict[int, Shape]:
-    return {int(t): tuple(int(n) for n in r["shard_shape"]) for t, r in entry["ranks"].items()}
 
 
 # -- checks ------------------------------------------------------------------------------------
