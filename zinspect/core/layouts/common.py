@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from zinspect.core.layouts import topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
-from zinspect.core.model import MOMENTS, Buffer, Param, RankFile
+from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile
 from zinspect.core.torchzip import TensorRef, TorchFile
 
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
@@ -139,6 +139,18 @@ def _pick_model_state(ctx: LoadContext) -> None:
                      "restore zero_pp_rank_0_mp_rank_00_model_states.pt",
                      file=rf.name, rank=rf.rank)
         return
+
+
+def join_group(ctx: LoadContext, name: str, shape: tuple[int, ...] | None,
+               g: ParamGroup) -> Param | None:
+    """Param `name`, a member of flat group `g`, gets its optimizer group and flat group, and
+    its shape from param_shapes when the model states gave none (None: no such param)."""
+    p = ctx.ckpt.params.get(name)
+    if p is not None:
+        p.group, p.sub_group = g.param_group, g.index
+        if not p.shape and shape:
+            p.shape = shape
+    return p
 
 
 def param_groups_of(ctx: LoadContext, files: dict[int, RankFile]) -> dict[int, int]:

@@ -77,11 +77,7 @@ def attach(ctx: LoadContext, files: dict[int, RankFile],
         start = 0
         for name, shape in members:
             n = numel(shape)
-            p = c.params.get(name)
-            if p is not None:
-                p.group, p.sub_group = g.param_group, gi
-                if not p.shape and shape:
-                    p.shape = shape
+            p = common.join_group(ctx, name, shape, g)
             for r in partition.ranks_of(start, start + n, P, ws):
                 if r not in parts or p is None:
                     continue

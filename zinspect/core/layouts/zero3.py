@@ -74,14 +74,10 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
                 for r in range(n // P, ws):  # only the last ranks hold padding
                     if r in parts:
                         g.padding[r] += P - partition.zero3_held(n, ws, r)
-            p = c.params.get(name)
-            if p is not None:
-                p.group, p.sub_group = g.param_group, gi
-                if not p.shape and shape:
-                    p.shape = shape
-                if P:
-                    p.fragments = Fragments(make=partial(fragments_of, parts, gi, o, n, P,
-                                                         "master", shard))
+            p = common.join_group(ctx, name, shape, g)
+            if p is not None and P:
+                p.fragments = Fragments(make=partial(fragments_of, parts, gi, o, n, P, "master",
+                                                     shard))
             o += P
     return out
 
