@@ -21,7 +21,11 @@ DESCRIPTION = "Merge the ZeRO partitions into full fp32 weights."
 _EPILOG = """\
 Rebuilds the full fp32 weights (params, tied aliases, buffers) from the ZeRO partitions and
 writes them to OUT_DIR, as safetensors shards with an index (or torch .pt files). Only the
-bytes the output needs are read (the fp32 partitions, not the optimizer moments). Shards are
+bytes the output needs are read (the fp32 partitions; the Adam moments only with --state all,
+which writes them beside the weights as exp_avg/exp_avg_sq.safetensors). Tensor-parallel shards
+are joined by their split (row-parallel rows interleaved in bounded blocks); replicated params
+are written from tp rank 0 and the other ranks' copies compared (a difference is a warning,
+an error with --strict). Shards are
 written under temporary names and renamed into place at the end, so a failed or cancelled
 merge leaves nothing behind.
 
