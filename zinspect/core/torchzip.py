@@ -26,6 +26,7 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from zinspect.core.readfiles import open_regular
 from zinspect.core.unpickle import (
@@ -92,9 +93,10 @@ class PickleMemo:
                 self._seen[raw] = parsed
 
 
-@dataclass(frozen=True, slots=True)
-class StorageRef:
-    """One storage record of the file: `numel` elements of `dtype` under record `key`."""
+class StorageRef(NamedTuple):
+    """One storage record of the file: `numel` elements of `dtype` under record `key`. (A
+    named tuple: made once per storage, 300k times in a large model-states file, where a
+    frozen dataclass's __init__ costs 3x more.)"""
 
     key: str
     dtype: str
@@ -298,6 +300,7 @@ KNOWN_CLASSES = frozenset({
 })
 
 
+_new_storage = tuple.__new__
 #: the field types of a storage's persistent id (zip, legacy: with a view field)
 _PID_TYPES = {False: (str, _StorageClass, str, str, int),
               True: (str, _StorageClass, str, str, int, type(None))}
@@ -336,7 +339,8 @@ class _Rules:
                 0 <= pid[4] <= MAX_NUMEL and (not self.legacy or pid[5] is None):
             ref = self.storages.get(pid[2])
             if ref is None:
-                ref = self.storages[pid[2]] = StorageRef(pid[2], pid[1].dtype, pid[4], pid[3])
+                ref = self.storages[pid[2]] = _new_storage(StorageRef, (pid[2], pid[1].dtype,
+                                                                        pid[4], pid[3]))
             return ref
         return self._storage_ref(pid)
 
