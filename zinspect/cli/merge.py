@@ -25,9 +25,8 @@ bytes the output needs are read (the fp32 partitions; the Adam moments only with
 which writes them beside the weights as exp_avg/exp_avg_sq.safetensors). Tensor-parallel shards
 are joined by their split (row-parallel rows interleaved in bounded blocks); replicated params
 are written from tp rank 0 and the other ranks' copies compared (a difference is a warning,
-an error with --strict). Shards are
-written under temporary names and renamed into place at the end, so a failed or cancelled
-merge leaves nothing behind.
+an error with --strict). Files are written under temporary names and renamed into place at
+the end, so a failed or cancelled merge leaves nothing behind.
 
 examples:
   zinspect merge ./checkpoints ./merged
