@@ -23,7 +23,7 @@ from collections import defaultdict
 from zinspect.core.layouts import common, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_coords
-from zinspect.core.layouts.pickled import as_group_list, get, located, shape
+from zinspect.core.layouts.pickled import as_group_list, get, located, shape, text
 from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
 
@@ -66,7 +66,7 @@ class _Pipeline:
                 if (rf.mp_rank or 0) >= self.tp:
                     self._stale(rf, f"its tensor-parallel rank {rf.mp_rank} is beyond this "
                                 f"pipeline's {self.tp}")
-                else:
+                elif not rf.mp_rank:  # tp > 1 is refused whole (describe); tp rank 0 named
                     self.layers[rf.coords.layer] = rf
             elif rf.kind == "model" and rf.rank is None:  # beyond pp: topology.cross_check
                 rf.coords = Coords(pp=rf.mp_rank)
@@ -150,7 +150,7 @@ class _Pipeline:
         trainable = {n for gs in groups.values() for g in gs for n, _ in g}
         self.name_layers(trainable | set(buffer_names))
         ms = ctx.model_state or {}
-        c.ds_version = c.ds_version or ms.get("ds_version")
+        c.ds_version = c.ds_version or text(ms.get("ds_version"))
         c.ds_config = c.ds_config if c.ds_config is not None else ms.get("ds_config")
         zero = get(c.ds_config, "zero_optimization", "stage")
         c.stage = zero if type(zero) is int else (1 if self.optim else 0)
