@@ -21,7 +21,7 @@ from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tenso
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled, UsageError
 
-WINDOW = 16 << 20  # bytes per side compared at a time
+WINDOW = 8 << 20  # bytes per side compared at a time
 
 
 @dataclass
