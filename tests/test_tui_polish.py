@@ -196,3 +196,24 @@ async def test_t_and_a_sort_chosen_in_the_table_keep_the_trees_open_modules():
         await pilot.press("t")
         await pilot.pause()
         assert tree.cursor_node.data.path == "encoder.blocks.1.mlp.down.bias"
+
+
+async def test_compare_says_nan_and_inf_as_stats_and_the_deep_check_do(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from zinspect.tui.screens.diff import DiffScreen
+
+    ckpt = FIXTURES / "s2_w2_fp32_plain"
+    sd = {k: v.clone() for k, v in torch.load(ckpt / "reference_fp32.pt").items()}
+    sd["encoder.cube"][0, 0, 0] = float("nan")
+    save_file(sd, tmp_path / "nan.safetensors")
+    app = ZinspectApp(str(ckpt))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        app.compare_with(str(tmp_path / "nan.safetensors"))
+        await settle(app, pilot)
+        assert isinstance(app.screen, DiffScreen)
+        summary = str(app.screen.query_one("#diff-summary").content)
+        assert "DIFFERENT" in summary and "NaN/Inf in 1 param(s)" in summary
+        assert [f.code for f in app.screen.result.findings()] == ["nan-values"]

@@ -129,6 +129,9 @@ class DiffScreen(WorkerOutcomes, Screen):
                        f"{len(result.only_a)} only here, {len(result.only_b)} only in the other: ")
         summary.append("EQUAL" if result.equal else "DIFFERENT",
                        style="bold green" if result.equal else "bold yellow")
+        nonfinite = {f.param for f in result.findings()}
+        if nonfinite:  # as stats and the deep check say it (nan-values / inf-values)
+            summary.append(f" · NaN/Inf in {len(nonfinite)} param(s)", style="yellow")
         names = [*result.only_a, *result.only_b, *(p.name for p in result.params)]
         table = DiffTable(diff_rows(result), names, id="diff-table")
         await self.mount(Vertical(Label(summary, id="diff-summary"), table, id="diff-results"),
