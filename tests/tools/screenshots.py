@@ -23,7 +23,6 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 import threading
 from pathlib import Path
