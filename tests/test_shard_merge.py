@@ -276,3 +276,24 @@ def test_real_tp2_replica_drift_end_to_end(tmp_path):
     r = run_zinspect("merge", root, tmp_path / "strict", "--strict", "--no-hf-files")
     assert r.returncode == 1 and param in r.stderr and "--strict" in r.stderr, r.stderr
     assert not (tmp_path / "strict").exists()
+
+
+def test_overlapping_boxes_with_the_right_total_are_refused(tmp_path):
+    full = np.arange(16, dtype=np.float32).reshape(4, 4)
+    shards = {0: (full[:2].copy(), [(box((0, 0), (2, 4)), box((0, 0), (2, 4)))]),
+              1: (full[1:3].copy(), [(box((0, 0), (2, 4)), box((1, 0), (2, 4)))])}
+    ckpt = build(tmp_path, {"w": (full, shards)})
+    assert "overlap" in shardplan.problem(ckpt.params["w"])
+    with pytest.raises(NotMergeable, match="w"):
+        plan_merge(ckpt)
+
+
+def test_a_forged_map_of_many_boxes_is_refused_within_a_bound():
+    """1,100 one-element boxes in column 0 make 1,100 bands; 1,099 tall boxes span them all:
+    1.2M (box, band) pairs, over the budget: refused, not walked."""
+    n = 1100
+    maps = [(Box((r, 0), (1, 1)), Box((r, 0), (1, 1))) for r in range(n)]
+    maps += [(Box((0, c), (n, 1)), Box((0, c), (n, 1))) for c in range(1, n)]
+    p = Param("w", (n, n), "float32", fragments=[Fragment(0, "f", 0, 0, n * n, 0, "float32", shard=0)],
+              shards={0: Shard(0, (n, n), maps)})
+    assert "too many" in shardplan.problem(p)

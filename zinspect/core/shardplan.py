@@ -31,6 +31,8 @@ from zinspect.core.torchzip import DTYPE_SIZES
 
 #: read bytes of one weave block (a few rows of every shard); at most the stream's CHUNK
 WEAVE_BYTES = 1 << 20
+#: (box, band of rows) pairs checked for a param's tiling: bounds the work a forged map costs
+MAX_BAND_ENTRIES = 1 << 20
 
 
 def shard_fragments(p: Param, fragments: Iterable[Fragment] | None = None
@@ -63,7 +65,7 @@ def problem(p: Param, fragments: Iterable[Fragment] | None = None) -> str | None
         return f"tp ranks {bad} hold a replica of another shape" if bad else None
     if len(kinds) > 1:
         return "some tp ranks hold replicas and others shards"
-    return _tiling_problem(p) or _split(p)[1]
+    return _tiling_problem(p)
 
 
 def _maps(p: Param) -> list[tuple[int, tuple[int, ...], tuple, tuple]]:
@@ -73,6 +75,9 @@ def _maps(p: Param) -> list[tuple[int, tuple[int, ...], tuple, tuple]]:
 
 
 def _tiling_problem(p: Param) -> str | None:
+    """Why the boxes do not place every element of the full tensor exactly once (or cannot be
+    streamed). In O(boxes x bands): each band of rows must be covered by its boxes' column
+    runs side by side, from the first column to the last."""
     shape, maps = tuple(p.shape), _maps(p)
     for t, sshape, (so, ss), (fo, fs) in maps:
         if not len(so) == len(ss) == len(fo) == len(fs) == len(shape) == len(sshape) or ss != fs:
@@ -82,11 +87,38 @@ def _tiling_problem(p: Param) -> str | None:
             return f"tp rank {t}: a box reaches outside its tensor"
     if sum(math.prod(fs) for *_, (_, fs) in maps) != math.prod(shape):
         return "its boxes do not add up to the full tensor"
-    boxes = [(fo, fs) for *_, (fo, fs) in maps if math.prod(fs)]
-    for i, (ao, asz) in enumerate(boxes):
-        for bo, bsz in boxes[i + 1:]:
-            if all(a < b + m and b < a + n for a, n, b, m in zip(ao, asz, bo, bsz, strict=True)):
-                return f"two boxes overlap at full offsets {list(ao)} and {list(bo)}"
+    dim, why = _split(p)
+    if why:
+        return why
+    if dim == 0:  # one "row": the flat tensor, each box a run of it
+        inner = math.prod(shape[1:])
+        runs = [(0, 1, fo[0] * inner, (fo[0] + fs[0]) * inner) for *_, (fo, fs) in maps]
+        rows, width = 1, math.prod(shape)
+    else:
+        per_row, inner = math.prod(shape[1:dim]), math.prod(shape[dim + 1:])
+        runs = [(fo[0] * per_row, (fo[0] + fs[0]) * per_row, fo[dim] * inner,
+                 (fo[dim] + fs[dim]) * inner) for *_, (fo, fs) in maps]
+        rows, width = math.prod(shape[:dim]), math.prod(shape[dim:])
+    runs = [r for r in runs if r[0] < r[1] and r[2] < r[3]]
+    cuts = sorted({0, rows} | {r[0] for r in runs} | {r[1] for r in runs})
+    at = {c: i for i, c in enumerate(cuts)}
+    bands: list[list[tuple[int, int]]] = [[] for _ in cuts[1:]]
+    budget = MAX_BAND_ENTRIES
+    for r0, r1, c0, c1 in runs:
+        budget -= at[r1] - at[r0]
+        if budget < 0:
+            return f"its {len(runs):,} boxes are too many to plan"
+        for i in range(at[r0], at[r1]):
+            bands[i].append((c0, c1))
+    for row, band in zip(cuts, bands):
+        pos = 0
+        for c0, c1 in sorted(band):
+            if c0 != pos:
+                what = "overlap" if c0 < pos else "leave a gap"
+                return f"its boxes {what} at row {row:,}, column {min(c0, pos):,} (rows as split)"
+            pos = c1
+        if pos != width:
+            return f"its boxes leave a gap at row {row:,}, column {pos:,} (rows as split)"
     return None
 
 
