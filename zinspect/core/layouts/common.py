@@ -265,6 +265,10 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
 
 def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict]) -> None:
     """Every trainable param once, with a valid shape: otherwise its group cannot add up."""
+    names = [n for members in flat_groups for n, _ in members]
+    if len(set(names)) == len(names) and \
+            not any(s is None for members in flat_groups for _, s in members):
+        return  # the usual case, checked in bulk (300k names)
     seen: dict[str, int] = {}
     file = ctx.model_file.name
     for gi, (members, raw) in enumerate(zip(flat_groups, shapes, strict=True)):

@@ -25,6 +25,13 @@ def numel(shape: tuple[int, ...] | None) -> int:
 def shape(value) -> tuple[int, ...] | None:
     """A shape from the pickle, or None unless it has at most 64 non-negative int dims and
     at most MAX_NUMEL elements (a dim of 10**18 balanced by a negative one sums to little)."""
+    if type(value) is tuple and len(value) <= 2:  # most params: the same rule, 3x faster
+        if len(value) == 1 and type(value[0]) is int and 0 <= value[0] <= MAX_NUMEL:
+            return value
+        if len(value) == 2 and type(value[0]) is int and type(value[1]) is int and \
+                0 <= value[0] <= MAX_NUMEL and 0 <= value[1] <= MAX_NUMEL and \
+                value[0] * value[1] <= MAX_NUMEL:
+            return value
     if isinstance(value, (tuple, list)) and len(value) <= 64 and \
             all(type(s) is int and 0 <= s <= MAX_NUMEL for s in value) and \
             math.prod(value) <= MAX_NUMEL:
