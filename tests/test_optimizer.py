@@ -150,8 +150,8 @@ def test_universal_checkpoints_give_groups_step_and_state_keys(tag):
     for s in result.params:
         x, m, v = (state(s.name, key) for key in ("fp32", "exp_avg", "exp_avg_sq"))
         u = m.abs() / (v.sqrt() + opt.eps(s.group))
-        assert close(s.master.l2, x.norm().item()) and close(s.exp_avg.l2, m.norm().item())
-        assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item())
+        assert close(s.master_l2, x.norm().item()) and close(s.exp_avg_l2, m.norm().item())
+        assert close(s.update_max, u.max().item()) and close(s.update_mean, u.mean().item())
 
 
 def test_sgd_is_named_with_its_state_keys():
@@ -164,7 +164,7 @@ def test_sgd_is_named_with_its_state_keys():
     assert opt.groups == hyper(inner["param_groups"]) and opt.groups[0]["momentum"] == 0.9
     assert "state momentum_buffer" in summary_line(opt)
     stats = optimizer_stats(ckpt, opt).params  # the masters only
-    assert stats and all(s.exp_avg is None and s.update is None and s.master.l2 > 0 for s in stats)
+    assert stats and all(s.exp_avg_l2 is None and s.update_max is None and s.master_l2 > 0 for s in stats)
 
 
 @pytest.mark.parametrize(("keys", "groups", "name"), [
@@ -253,29 +253,35 @@ def test_param_stats_equal_torch(name):
         assert torch.equal(x.float(), reference[s.name].flatten())  # the masters are the true ones
         eps = opt.groups[ckpt.params[s.name].group]["eps"]
         u = m.abs() / (v.sqrt() + eps)
-        assert close(s.master.l2, x.norm().item()), s.name
-        assert close(s.master.max_abs, x.abs().max().item())
-        assert close(s.exp_avg.l2, m.norm().item())
-        assert close(s.sqrt_exp_avg_sq.l2, v.sqrt().norm().item())
-        assert close(s.update.mean, u.mean().item()), s.name
-        assert close(s.update.max, u.max().item())
+        assert close(s.master_l2, x.norm().item()), s.name
+        assert close(s.master_max_abs, x.abs().max().item())
+        assert close(s.exp_avg_l2, m.norm().item())
+        assert close(s.sqrt_exp_avg_sq_l2, v.sqrt().norm().item())
+        assert close(s.update_mean, u.mean().item()), s.name
+        assert close(s.update_max, u.max().item())
         assert s.nonfinite == 0 and s.numel == x.numel()
 
 
 def test_windows_cut_a_param_and_keep_elements_aligned(monkeypatch):
-    """With windows of 7 elements every param spans several (and rank boundaries cut them):
-    the update is still m[i] against v[i] of the same element."""
+    """With windows of 7 elements every param spans several (and rank boundaries cut them),
+    in batches of 3 params: the update is still m[i] against v[i] of the same element, and
+    the progress ends at its total."""
     from zinspect.core import optimizer_stats as module
 
     monkeypatch.setattr(module, "WINDOW", 7)
+    monkeypatch.setattr(module, "BATCH_PARAMS", 3)  # and several passes of the stream
     ckpt = open_checkpoint(FIXTURES / "s3_w4_bf16")
     opt = read_optimizer(ckpt)
     want = expected(ckpt, opt)
-    for s in optimizer_stats(ckpt, opt).params:
+    calls = []
+    result = optimizer_stats(ckpt, opt, progress=lambda done, total, name: calls.append(done))
+    assert [s.name for s in result.params] == list(want)
+    assert calls[-1] == sum(s.numel for s in result.params) * 12
+    for s in result.params:
         x, m, v = want[s.name]
         u = m.abs() / (v.sqrt() + 1e-8)
-        assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item()), s.name
-        assert close(s.master.l2, x.norm().item())
+        assert close(s.update_max, u.max().item()) and close(s.update_mean, u.mean().item()), s.name
+        assert close(s.master_l2, x.norm().item())
     assert WINDOW > 7
 
 
@@ -326,7 +332,7 @@ def test_a_missing_rank_leaves_its_params_out_with_the_reason(tmp_path):
     assert len(result.params) + len(short) == len(trainable)
     assert result.left_out["head.weight"] == "its fp32 master covers 31 of 915 elements"
     reference = torch.load(FIXTURES / "s2_w2_fp32_plain" / "reference_fp32.pt", weights_only=True)
-    assert result.params and all(close(s.master.l2, reference[s.name].double().norm().item())
+    assert result.params and all(close(s.master_l2, reference[s.name].double().norm().item())
                                  for s in result.params)
 
 
@@ -348,10 +354,10 @@ def test_parallel_layouts_param_stats_equal_torch(name):
     for s in result.params:
         x, m, v = want[s.name]
         u = m.abs() / (v.sqrt() + opt.eps(s.group))
-        assert close(s.master.l2, reference[s.name].double().norm().item()), s.name
-        assert close(s.master.l2, x.norm().item()) and close(s.exp_avg.l2, m.norm().item())
-        assert close(s.sqrt_exp_avg_sq.l2, v.sqrt().norm().item()), s.name
-        assert close(s.update.max, u.max().item()) and close(s.update.mean, u.mean().item())
+        assert close(s.master_l2, reference[s.name].double().norm().item()), s.name
+        assert close(s.master_l2, x.norm().item()) and close(s.exp_avg_l2, m.norm().item())
+        assert close(s.sqrt_exp_avg_sq_l2, v.sqrt().norm().item()), s.name
+        assert close(s.update_max, u.max().item()) and close(s.update_mean, u.mean().item())
 
 
 @pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16"])
@@ -363,7 +369,7 @@ def test_zero0_masters_without_located_moments(name):
     reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
     assert result.params and set(result.masters_only) == {s.name for s in result.params}
     for s in result.params:
-        assert s.update is None and close(s.master.l2, reference[s.name].double().norm().item())
+        assert s.update_max is None and close(s.master_l2, reference[s.name].double().norm().item())
 
 
 def test_odd_values_stay_bounded_and_json_safe(tmp_path):

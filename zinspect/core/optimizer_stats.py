@@ -21,24 +21,27 @@ from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled
 
 WINDOW = 1 << 18  # elements of each of master / exp_avg / exp_avg_sq held at once
+#: params streamed per pass: their byte ranges (and their running sums) are all that is held,
+#: so 300k params x 8 ranks never become millions of pieces at once
+BATCH_PARAMS = 2048
+BATCH_BYTES = 512 << 20
 
 
-@dataclass
+@dataclass(slots=True)
 class ParamOptimStats:
-    """A trainable param's fp32 master, Adam moments and update size (None: not saved)."""
+    """A trainable param's numbers (the moments' None: not read). Kept per param for the
+    whole table, so a few floats, not the running sums."""
 
     name: str
     numel: int
     group: int | None
-    master: object  # stats.TensorStats of the master values
-    exp_avg: object | None = None  # of m
-    sqrt_exp_avg_sq: object | None = None  # of sqrt(v)
-    update: object | None = None  # of |m| / (sqrt(v) + eps)
-
-    @property
-    def nonfinite(self) -> int:
-        parts = [s for s in (self.master, self.exp_avg, self.sqrt_exp_avg_sq) if s is not None]
-        return sum(s.nan + s.inf for s in parts)
+    master_l2: float
+    master_max_abs: float
+    exp_avg_l2: float | None = None
+    sqrt_exp_avg_sq_l2: float | None = None  # sqrt(sum v)
+    update_mean: float | None = None  # of |m| / (sqrt(v) + eps), over its finite values
+    update_max: float | None = None
+    nonfinite: int = 0  # NaN / Inf among the master, m and v values
 
 
 @dataclass
@@ -51,49 +54,70 @@ class OptimizerStats:
 def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
                     progress: Callable[[int, int, str], None] | None = None,
                     should_stop: Callable[[], bool] | None = None) -> OptimizerStats:
-    """Per trainable param (model order): L2 and max |x| of its fp32 master, exp_avg and
-    sqrt(exp_avg_sq), and mean / max of |m| / (sqrt(v) + eps) with its group's eps.
+    """Per trainable param (model order): L2 and max |x| of its fp32 master, L2 of exp_avg
+    and sqrt(exp_avg_sq), and mean / max of |m| / (sqrt(v) + eps) with its group's eps.
 
     Each param's elements are located by `Checkpoint.state_fragments` (any layout the core
     describes; a replicated tensor-parallel param counted once) and streamed by the merge's
     engine in windows of WINDOW elements, master then m then v of one window, so the update
-    is computed element by element with bounded memory. These are order-free sums, so the
-    fragments need not be laid out as the full tensor. A param whose master is not all in the
-    files is left out, one whose moments are not gets its master's numbers; both with the
-    reason. Raises MergeCancelled when `should_stop()` turns true."""
-    from zinspect.core.stats import Scratch, TensorSplitter, TensorStats
-    from zinspect.core.stream import ProgressMeter, copy_tensors
+    is computed element by element with bounded memory; params go by batches of BATCH_PARAMS.
+    These are order-free sums, so the fragments need not be laid out as the full tensor. A
+    param whose master is not all in the files is left out, one whose moments are not gets its
+    master's numbers; both with the reason. Raises MergeCancelled when `should_stop()` turns
+    true."""
+    from zinspect.core.stream import ProgressMeter
 
     out = OptimizerStats()
-    windows, owners = [], []  # owners[i]: (result index, part, parts) of windows[i]
-    for name, p in ckpt.params.items():
-        if p.frozen or p.tied_to is not None:
-            continue
-        try:
-            parts, why = _state_tensors(ckpt, name, opt.adam)
-        except _LeftOut as e:
-            out.left_out[name] = str(e)
-            continue
-        if why:
-            out.masters_only[name] = why
+    names = [n for n, p in ckpt.params.items() if not p.frozen and p.tied_to is None]
+    per_element = 12 if opt.adam else 4
+    meter = ProgressMeter(sum(ckpt.params[n].numel for n in names) * per_element, progress)
+    batch: list[tuple[str, list[OutputTensor]]] = []
+    size = 0
+    try:
+        for name in names:
+            try:
+                parts, why = _state_tensors(ckpt, name, opt.adam)
+            except _LeftOut as e:
+                out.left_out[name] = str(e)
+                continue
+            if why:
+                out.masters_only[name] = why
+            batch.append((name, parts))
+            size += sum(t.nbytes for t in parts)
+            if len(batch) >= BATCH_PARAMS or size >= BATCH_BYTES:
+                out.params += _stream(ckpt, opt, batch, meter, should_stop)
+                batch, size = [], 0
+        out.params += _stream(ckpt, opt, batch, meter, should_stop)
+    except MergeCancelled as e:
+        raise MergeCancelled("optimizer statistics cancelled", "nothing was changed") from e
+    if progress is not None:
+        progress(meter.total, meter.total, "")  # params left out or without moments: done
+    return out
+
+
+def _stream(ckpt: Checkpoint, opt: OptimizerState, batch: list, meter,
+            should_stop) -> list[ParamOptimStats]:
+    """The numbers of a batch of (param, its state tensors), in one pass of the stream."""
+    import numpy as np
+
+    from zinspect.core.stats import Scratch, TensorSplitter, TensorStats
+    from zinspect.core.stream import copy_tensors
+
+    sums, windows, owners = [], [], []  # owners[i]: (param index, part, parts) of windows[i]
+    for name, parts in batch:
         n = parts[0].numel
-        r = ParamOptimStats(name, n, p.group, *(TensorStats(name, "float32", (n,)) for _ in
-                                                  range(len(parts) + (len(parts) == 3))))
+        sums.append([TensorStats(name, "float32", (n,)) for _ in range(len(parts) + (len(parts) == 3))])
         for start in range(0, n, WINDOW):
             for i, t in enumerate(parts):
                 windows.append(_window(t, start, min(n, start + WINDOW)))
-                owners.append((len(out.params), i, len(parts)))
-        out.params.append(r)
-
-    import numpy as np
-
+                owners.append((len(sums) - 1, i, len(parts)))
     scratch = Scratch()
     got = [0]  # elements of the current window so far
 
     def on_data(i: int, data: memoryview) -> None:
         """Each part's elements go straight into its float64 scratch slot (0 master, 1 m, 2 v):
         one pass over the bytes; the window is folded once its v is complete."""
-        r_index, part, nparts = owners[i]
+        index, part, nparts = owners[i]
         n = windows[i].numel
         values = np.frombuffer(data, "<f4")
         scratch.get(part, n)[got[0]:got[0] + len(values)] = values
@@ -102,15 +126,22 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
             return
         got[0] = 0
         if part == nparts - 1:
-            r = out.params[r_index]
-            _fold(r, [scratch.get(k, n) for k in range(nparts)], opt.eps(r.group), scratch)
+            group = ckpt.params[batch[index][0]].group
+            _fold(sums[index], [scratch.get(k, n) for k in range(nparts)], opt.eps(group), scratch)
 
-    meter = ProgressMeter(sum(w.nbytes for w in windows), progress)
-    try:
+    if windows:
         copy_tensors(windows, TensorSplitter(windows, on_data), meter, should_stop)
-    except MergeCancelled as e:
-        raise MergeCancelled("optimizer statistics cancelled", "nothing was changed") from e
-    return out
+    return [_numbers(ckpt, name, parts[0].numel, s) for (name, parts), s in zip(batch, sums, strict=True)]
+
+
+def _numbers(ckpt: Checkpoint, name: str, numel: int, sums: list) -> ParamOptimStats:
+    r = ParamOptimStats(name, numel, ckpt.params[name].group, sums[0].l2, sums[0].max_abs,
+                        nonfinite=sum(s.nan + s.inf for s in sums[:3]))
+    if len(sums) == 4:
+        m, root, update = sums[1:]
+        r.exp_avg_l2, r.sqrt_exp_avg_sq_l2 = m.l2, root.l2
+        r.update_mean, r.update_max = update.mean, update.max
+    return r
 
 
 class _LeftOut(Exception):
@@ -188,19 +219,20 @@ def _window(t: OutputTensor, start: int, stop: int) -> OutputTensor:
     return OutputTensor(t.name, (stop - start,), t.dtype, t.src_dtype, pieces)
 
 
-def _fold(r: ParamOptimStats, values: list, eps: float, scratch) -> None:
-    """Add one window (float64 master values, and m and v for Adam) to a param's sums."""
+def _fold(sums: list, values: list, eps: float, scratch) -> None:
+    """Add one window (float64 master values, and m and v for Adam) to a param's sums:
+    master, m, sqrt(v), update."""
     import numpy as np
 
-    r.master.add(values[0], scratch)
+    sums[0].add(values[0], scratch)
     if len(values) < 3:
         return
     m, v = values[1], values[2]
-    r.exp_avg.add(m, scratch)
+    sums[1].add(m, scratch)
     with np.errstate(invalid="ignore"):  # a negative v (a corrupt file) is NaN, counted
         s = np.sqrt(v, out=scratch.get(3, len(v)))
-    r.sqrt_exp_avg_sq.add(s, scratch)
+    sums[2].add(s, scratch)
     u = np.abs(m, out=scratch.get(4, len(m)))
     with np.errstate(invalid="ignore", divide="ignore"):
         u /= np.add(s, eps, out=scratch.get(5, len(s)))
-    r.update.add(u, scratch)
+    sums[3].add(u, scratch)

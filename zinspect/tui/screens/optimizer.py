@@ -39,16 +39,9 @@ OUTLIER = Style(color="yellow", bold=True)
 NONFINITE = Style(color="red", bold=True)
 
 
-def _l2(s) -> float:
-    return math.nan if s is None else s.l2
-
-
-def _max(s) -> float:
-    return math.nan if s is None else s.max
-
-
-def _mean(s) -> float:
-    return math.nan if s is None else s.mean
+def _number(v: float | None) -> float:
+    """A number to show and sort by; a moment that was not read is NaN (drawn "-")."""
+    return math.nan if v is None else v
 
 
 @dataclass(frozen=True)
@@ -59,12 +52,12 @@ class Col:
 
 COLS = [  # the update first: at 80 columns the table shows the name and five numbers
     Col(Column("name", 20, flex=True), lambda r: r.name),
-    Col(Column("upd max", 9, True), lambda r: _max(r.update)),
-    Col(Column("upd mean", 9, True), lambda r: _mean(r.update)),
-    Col(Column("L2 master", 9, True), lambda r: r.master.l2),
-    Col(Column("L2 m", 9, True), lambda r: _l2(r.exp_avg)),
-    Col(Column("L2 √v", 9, True), lambda r: _l2(r.sqrt_exp_avg_sq)),
-    Col(Column("max|x|", 9, True), lambda r: r.master.max_abs),
+    Col(Column("upd max", 9, True), lambda r: _number(r.update_max)),
+    Col(Column("upd mean", 9, True), lambda r: _number(r.update_mean)),
+    Col(Column("L2 master", 9, True), lambda r: r.master_l2),
+    Col(Column("L2 m", 9, True), lambda r: _number(r.exp_avg_l2)),
+    Col(Column("L2 √v", 9, True), lambda r: _number(r.sqrt_exp_avg_sq_l2)),
+    Col(Column("max|x|", 9, True), lambda r: r.master_max_abs),
     Col(Column("NaN/Inf", 7, True), lambda r: r.nonfinite),
     Col(Column("numel", 9, True), lambda r: r.numel),
     Col(Column("group", 5, True), lambda r: -1 if r.group is None else r.group),
@@ -97,7 +90,8 @@ class OptimizerTable(VirtualTable):
     def __init__(self, rows: list[ParamOptimStats], sort: int, **kwargs) -> None:
         super().__init__([c.column for c in COLS], len(rows), **kwargs)
         self.rows = rows
-        updates = [r.update.max for r in rows if r.update is not None and r.update.finite]
+        updates = [r.update_max for r in rows if r.update_max is not None
+                   and math.isfinite(r.update_max)]
         #: an update max this far above the median is marked: the params that blew up
         self.outlier = 10 * statistics.median(updates) if updates else math.inf
         self.sort_column, self.reverse = sort, sort != NAME
@@ -123,7 +117,7 @@ class OptimizerTable(VirtualTable):
         r = self.rows[index]
         if column == NONFINITE_COL and r.nonfinite:
             return NONFINITE
-        if column == UPDATE_MAX and r.update is not None and r.update.max > self.outlier:
+        if column == UPDATE_MAX and r.update_max is not None and r.update_max > self.outlier:
             return OUTLIER
         return None
 
@@ -221,7 +215,7 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         self.result = result
         await self.query_one("#optim-running").remove()
         params = self.result.params
-        adam = any(r.update is not None for r in params)
+        adam = any(r.update_max is not None for r in params)
         table = OptimizerTable(params, UPDATE_MAX if adam else MASTER_L2, id="optim-table")
         bad = sum(r.nonfinite for r in params)
         facts = [f"{len(params)} params", f"{bad:,} NaN/Inf values" if bad else "no NaN or Inf"]
