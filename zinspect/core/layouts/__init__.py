@@ -6,14 +6,20 @@ A layout module defines `LAYOUT = Layout(name, recognise, describe)`:
     `common.read_headers` has filled it: optimizer files by rank, stage, world size, the
     model states, the reference optimizer_state_dict);
   * `describe(ctx) -> None` fills `ctx.ckpt` (params, groups, fragments, topology, findings
-    through `ctx.find(code, ...)`). The shared steps are in `common` (names/ties/frozen from
-    the model states: `describe_names`; buffers/dtypes: `finish`; moments: `attach_moments`);
-    the ZeRO geometry per slice is `zero12.attach` / `zero3.attach` (+ `zero3.attach_frozen`).
+    through `ctx.find(code, ...)`). The shared steps are in `common` (names/ties/frozen flags
+    from the model states: `describe_names`; frozen values by stage: `attach_frozen`;
+    buffers/dtypes: `finish`; Adam moments: `attach_moments`); the ZeRO geometry per slice is
+    `zero12.attach` / `zero3.attach` (+ `zero3.attach_frozen`); `topology` has the per-axis
+    file check (`grid_findings`). `topology.settle` has set `ctx.ckpt.topology` and the files'
+    coordinates from the names and pickles before `describe`: a layout that knows better
+    overrides them; `topology.cross_check` runs after it.
 
 How to add a layout: write `layouts/<name>.py` with its LAYOUT, add its module name to
 `REGISTRY` (one line; before the layouts it must win over, and if it replaces a placeholder of
-`unsupported.py`, in that placeholder's place), and add its fixtures and tests. Nothing else.
-An entry is a module name (its LAYOUT) or "module:ATTRIBUTE" for another Layout object.
+`unsupported.py`, in that placeholder's place), register any new finding code in
+`core/codes.py` (one line each), and add its fixtures and tests. Add it to `MERGEABLE` when
+the merge plan can write it. An entry is a module name (its LAYOUT) or "module:ATTRIBUTE" for
+another Layout object.
 """
 
 from __future__ import annotations
