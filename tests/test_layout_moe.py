@@ -58,14 +58,17 @@ def test_global_name():
 def test_every_expert_under_its_global_id(name):
     m, c = manifest(name), open_checkpoint(PARALLEL / name)
     assert (c.layout, c.stage, c.world_size, c.findings) == ("moe", m["stage"], m["world_size"], [])
+    assert c.master_dtype == "float32"
     assert (c.topology.dp, c.topology.ep, c.topology.pp, c.topology.tp) == \
         (m["world_size"], m["ep_size"], 1, 1)
     assert {n: p.shape for n, p in c.params.items()} == \
         {n: tuple(p["shape"]) for n, p in m["params"].items()}
     assert not any(p.frozen or p.tied_to for p in c.params.values())
-    # each expert's fp32 master lies in the optimizer files of the ranks of its ep rank
+    # each expert's fp32 master lies in the optimizer files of the ranks of its ep rank (ZeRO-0:
+    # in its expert file, whose fp32 weights are the masters)
     for e in m["experts"].values():
-        ranks = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in e["held_by_ranks"]}
+        ranks = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in e["held_by_ranks"]} \
+            if m["stage"] else {Path(e["file"]).name}
         for p in e["params"]:
             fragments = c.params[p["name"]].fragments
             assert {f.file for f in fragments} <= ranks, p["name"]
@@ -73,7 +76,7 @@ def test_every_expert_under_its_global_id(name):
     # expert groups: one per ep rank and flat group, cut over the expert-data-parallel ranks
     expert_groups = [g for g in c.groups if g.coords is not None and g.coords.ep is not None and
                      any("deepspeed_experts" in n for n in g.params)]
-    assert len(expert_groups) == 2 * m["ep_size"]
+    assert len(expert_groups) == (2 * m["ep_size"] if m["stage"] else 0)
     assert all(len(g.partition_numel) == m["expert_dp_size"] for g in expert_groups)
     expert_files = {f.name: f.coords for f in c.files if f.kind == "expert"}
     assert len(expert_files) == m["moe_layers"] * m["num_experts"]
@@ -186,3 +189,41 @@ def test_merge_loads_strictly_into_the_generators_model(tmp_path, name):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == str(manifest(name)["model"]["num_params_unique"])
+
+
+# ------------------------------------------------------------------ ZeRO-0
+Z0 = "moe_ep2_w4_s0_fp32"
+
+
+def test_zero0_moe_masters_are_the_fp32_weights():
+    c = open_checkpoint(PARALLEL / Z0)
+    assert {f.kind for f in c.files} == {"model", "expert", "expert_optim"}
+    assert {(f.name, f.coords.ep) for f in c.files if f.kind == "expert_optim"} == \
+        {("expp_rank_0_mp_rank_00_optim_states.pt", 0), ("expp_rank_1_mp_rank_00_optim_states.pt", 1)}
+    for name, p in c.params.items():
+        (f,) = p.fragments
+        assert (f.source, f.dtype) == ("master", "float32"), name
+        assert f.file == ("mp_rank_00_model_states.pt" if "deepspeed_experts" not in name else
+                          f"layer_{name.split('.')[1]}_expert_{name.split('.')[6]}_mp_rank_00"
+                          "_model_states.pt"), name
+
+
+def test_zero0_moe_missing_expert_file_names_its_params(tmp_path):
+    """Expert 3's weights were only in its file: its params are named (after expert 2's) and
+    left out by --salvage, never silently absent."""
+    tag = copy(tmp_path, Z0)
+    (tag / EXPERT).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-expert-file", EXPERT)]
+    lost = {n for n in reference(Z0) if "layers.1.moe.deepspeed_moe.experts.deepspeed_experts.3." in n}
+    assert len(lost) == 4 and lost <= set(c.params)
+    assert set(plan_merge(c, salvage=True).dropped) == lost
+
+
+def test_zero0_moe_missing_expert_optimizer_file(tmp_path):
+    tag = copy(tmp_path, Z0)
+    name = "expp_rank_1_mp_rank_00_optim_states.pt"
+    (tag / name).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-optimizer-file", name)]
+    assert plan_merge(c, salvage=True).dropped == {}  # the fp32 weights are all there

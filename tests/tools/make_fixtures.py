@@ -113,6 +113,9 @@ PARALLEL_FIXTURES = {
                                  "--stage", "2"]),
     "moe_ep2_w4_s1_top2_res": (MOE, ["--world-size", "4", "--ep-size", "2", "--num-experts", "4",
                                      "--stage", "1", "--top-k", "2", "--use-residual"]),
+    # ZeRO-0: no partitions; expp_rank_X_mp_rank_00_optim_states.pt per ep rank
+    "moe_ep2_w4_s0_fp32": (MOE, ["--world-size", "4", "--ep-size", "2", "--num-experts", "4",
+                                 "--stage", "0"]),
     "tp2_dp2_s1_toy": (AUTOTP, ["--model", "toy", "--world-size", "4", "--tp", "2", "--stage", "1"]),
     # (--vocab-parallel-head fails in training: the column-split head's logits are not gathered)
     "tp2_dp2_s2_toy": (AUTOTP, ["--model", "toy", "--world-size", "4", "--tp", "2", "--stage", "2"]),

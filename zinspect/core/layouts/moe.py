@@ -14,7 +14,7 @@ Files (parallel-layouts.md §4):
 So an expert group is one ZeRO-1/2 slice per ep rank (members renamed to global ids) over that
 ep rank's ranks. Every expert of every MoE layer must have its file and its partitions: a
 missing one is located, never dropped. DeepSpeed refuses native MoE with ZeRO-3; ZeRO-0 MoE
-(`expp_rank_*` optimizer files) is named, not merged.
+(`expp_rank_*` optimizer files) is moe_zero0.py's.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from zinspect.core.layouts import common, zero12
+from zinspect.core.layouts import common, moe_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import get, located
@@ -61,14 +61,17 @@ class _MoE:
 
     def describe(self) -> None:
         ctx, c = self.ctx, self.c
-        if not ctx.optim:
-            ctx.find("unsupported-layout", "a ZeRO-0 mixture-of-experts checkpoint (expp_rank_* "
-                     "optimizer files): zinspect can show it but not merge it yet",
-                     "for now load it with DeepSpeed itself")
         names = common.describe_names(ctx)
         if names is None:
             return
         self.layers = _moe_layers(list(names.module) + [n for g in names.flat_groups for n, _ in g])
+        if not ctx.optim:
+            moe_zero0.describe(self, names)
+            self._reorder()
+            common.finish(ctx, names)
+            c.master_dtype = c.master_dtype or ("float32" if c.params and all(
+                f.dtype == "float32" for p in c.params.values() for f in p.fragments) else None)
+            return
         pcs = _partition_counts(ctx)
         expert_groups = self._expert_groups(pcs)
         dense = {gi: m for gi, m in enumerate(names.flat_groups) if gi not in expert_groups}
@@ -125,6 +128,25 @@ class _MoE:
     def layer_of(self, name: str) -> int | None:
         head = name.split(EXPERTS, 1)[0] if EXPERTS in name else None
         return self.layers.index(head) if head in self.layers else None
+
+    @staticmethod
+    def expert_of(name: str) -> int:
+        """The expert id in an expert param's name (global or local, as the name has it)."""
+        return int(_LOCAL.search(name)[1])
+
+    def num_local(self, name: str, ep: int) -> int:
+        layer = self.layer_of(name)
+        return self.num_experts[layer] // ep if layer is not None and \
+            layer < len(self.num_experts) else 0
+
+    def local_name(self, name: str, ep: int) -> str:
+        """A global expert param name as its ep rank names it locally."""
+        return self.with_expert(name, self.expert_of(name) % max(self.num_local(name, ep), 1))
+
+    @staticmethod
+    def with_expert(name: str, expert: int) -> str:
+        m = _LOCAL.search(name)
+        return f"{name[:m.start(1)]}{expert}{name[m.end(1):]}"
 
     # ------------------------------------------------------------------ files
     def _sort_files(self, eps: set[int]) -> None:

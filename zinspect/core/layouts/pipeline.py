@@ -165,6 +165,9 @@ class _Pipeline:
         if not self.optim:
             pipeline_zero0.describe(self)
         common.finish(ctx, common.Names({}, [], [], {}))
+        if not c.master_dtype and any(f.source == "master" for p in c.params.values()
+                                      for f in p.fragments):
+            c.master_dtype = "float32"  # ZeRO-0 fp32: the layer weights, no flat groups
 
     def _params(self, groups: dict, trainable: set[str], buffers: set[str]) -> None:
         """Every param once, in layer order: the layer files' (frozen when no stage's flat

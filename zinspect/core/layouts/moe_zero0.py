@@ -1,0 +1,118 @@
+"""Native MoE with ZeRO-0: no ZeRO partitions at all. `mp_rank_00` holds the dense module and
+rank 0's torch optimizer state; each expert's weights are in its `layer_L_expert_E` file (global
+ids); `expp_rank_X_mp_rank_00_optim_states.pt` holds ep rank X's whole optimizer state.
+
+In fp32 training the module and expert-file weights are the fp32 masters. Which params were
+frozen is read from rank 0's optimizer groups by shape order (group_order.py): its dense groups
+against the dense params, its `moe` groups against ep rank 0's local experts (whose global ids
+are their local ids). 16-bit ZeRO-0 MoE keeps its masters per ep rank in the expp files'
+fp32_groups: named, not merged.
+"""
+
+from __future__ import annotations
+
+import re
+
+from zinspect.core.layouts import common
+from zinspect.core.layouts.gaps import missing_coords
+from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
+from zinspect.core.layouts.pickled import get, located
+from zinspect.core.model import Coords, Param, Topology
+from zinspect.core.torchzip import TensorRef
+
+
+def describe(moe, names: common.Names) -> None:
+    """`moe`: a moe._MoE whose checkpoint has no ZeRO optimizer files."""
+    ctx, c = moe.ctx, moe.c
+    c.stage = 0
+    ws = get(ctx.model_state, "dp_world_size")
+    moe.ws = ws if type(ws) is int and ws > 0 else 1
+    expp = {rf.rank: rf for rf in c.files if rf.kind == "expert_optim" and rf.rank is not None}
+    ep = _ep_size(ctx, moe.ws) or max(len(expp), 1)
+    for x, rf in expp.items():
+        rf.coords = Coords(ep=x)
+        if x >= ep or rf.mp_rank:
+            ctx.find("stale-rank-file", f"{rf.name} does not belong to this checkpoint (ep size "
+                     f"{ep})", "a file from another run; move it out of the tag dir", file=rf.name)
+    for x in sorted(set(range(min(ep, len(expp) + 16))) - set(expp)):
+        name = f"expp_rank_{x}_mp_rank_00_optim_states.pt"
+        ctx.find("missing-optimizer-file", f"{name} is missing: ep rank {x}'s expert optimizer "
+                 "state is lost (the fp32 weights are in the expert files)",
+                 "copy it from the run", file=name)
+    moe._sort_files({ep})
+    c.topology = Topology(dp=moe.ws, ep=ep, files=c.files)
+    if any(p.dtype not in ("float32", "") for p in c.params.values()):
+        ctx.find("unsupported-layout", "a 16-bit ZeRO-0 mixture-of-experts checkpoint (masters "
+                 "in the expp_rank_* files): zinspect can show it but not merge it yet",
+                 "for now load it with DeepSpeed itself")
+    for (layer, e), rf in sorted(moe.expert_files.items()):
+        tf = ctx.torch_file(rf)
+        held = tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
+        for name, t in held.items():
+            if isinstance(t, TensorRef) and isinstance(name, str) and \
+                    moe.layer_of(name) == layer and name not in c.params:
+                c.params[name] = Param(name, t.shape, t.dtype)
+    _name_missing_experts(moe)
+    _frozen(moe, names, ep)
+    moe._expert_files()  # checks them; frozen expert params get their weights there
+    for p in c.params.values():  # fp32: the weights are the masters
+        if not p.frozen and not p.fragments and p.dtype == "float32":
+            rf = moe.expert_files.get((moe.layer_of(p.name), moe.expert_of(p.name))) \
+                if moe.layer_of(p.name) is not None else ctx.model_file
+            tf = ctx.torch_file(rf)
+            t = (tf.obj if rf is not ctx.model_file else names.module).get(p.name) if tf else None
+            if isinstance(t, TensorRef):
+                p.fragments = [located(tf, rf.name, 0, t).fragment(None, 0, 0, p.numel)]
+    common.attach_whole_frozen(ctx, names)
+
+
+def _name_missing_experts(moe) -> None:
+    """A missing expert file's params, named after a present expert of the same layer: they have
+    no values (a merge lists them as left out), rather than vanishing from the checkpoint."""
+    c = moe.c
+    for layer, n in enumerate(moe.num_experts):
+        present = sorted(e for lay, e in moe.expert_files if lay == layer)
+        if not present:
+            continue
+        template = [(name, p) for name, p in c.params.items() if moe.layer_of(name) == layer
+                    and moe.expert_of(name) == present[0]]
+        _, missing = missing_coords({(e,) for e in present}, (n,))
+        for (e,) in missing:
+            for name, p in template:
+                other = moe.with_expert(name, e)
+                c.params.setdefault(other, Param(other, p.shape, p.dtype))
+
+
+def _ep_size(ctx, ws: int) -> int | None:
+    groups = get(ctx.model_state, "optimizer", "param_groups")
+    for g in groups if isinstance(groups, list) else []:
+        m = re.match(r"^ep_size_(\d+)$", str(get(g, "name")))
+        if get(g, "moe") is True and m and 0 < int(m[1]) <= ws:
+            return int(m[1])
+    return None
+
+
+def _frozen(moe, names: common.Names, ep: int) -> None:
+    """Frozen flags from rank 0's optimizer groups; all trainable (with an info) when the
+    shapes do not decide."""
+    c, ctx = moe.c, moe.ctx
+    opt = get(ctx.model_state, "optimizer")
+    shapes = saved_group_shapes(opt)
+    flags = [get(g, "moe") is True for g in get(opt, "param_groups", default=[]) or []]
+    dense = [(n, p.shape) for n, p in c.params.items() if moe.layer_of(n) is None and not p.tied_to]
+    local = [(n, p.shape) for n, p in c.params.items() if moe.layer_of(n) is not None and
+             moe.expert_of(n) < moe.num_local(n, ep)]
+    fits = None if shapes is None or len(flags) != len(shapes) else (
+        match_group_order(dense, [s for s, f in zip(shapes, flags, strict=True) if not f]),
+        match_group_order(local, [s for s, f in zip(shapes, flags, strict=True) if f]))
+    for p in c.params.values():
+        p.frozen = False
+    if fits is None or any(f.problem for f in fits):
+        ctx.find("zero0-frozen-unknown", "which params were frozen is unknown: rank 0's "
+                 "optimizer groups do not fit the params by shape in a single way (all are "
+                 "written from the fp32 weights, the masters)", file=ctx.model_file.name)
+        return
+    skipped = set(fits[0].skipped) | set(fits[1].skipped)
+    for n, p in c.params.items():
+        local_name = n if moe.layer_of(n) is None else moe.local_name(n, ep)
+        p.frozen = local_name in skipped
