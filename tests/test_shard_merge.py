@@ -297,3 +297,15 @@ def test_a_forged_map_of_many_boxes_is_refused_within_a_bound():
     p = Param("w", (n, n), "float32", fragments=[Fragment(0, "f", 0, 0, n * n, 0, "float32", shard=0)],
               shards={0: Shard(0, (n, n), maps)})
     assert "too many" in shardplan.problem(p)
+
+
+def test_a_stream_with_a_smaller_chunk_than_a_weave_block_stays_exact(tmp_path):
+    from zinspect.core.stream import BufferSink, ProgressMeter, copy_tensors
+
+    full = np.random.default_rng(5).standard_normal((3000, 8)).astype(np.float32)
+    ckpt = build(tmp_path, {"w": (full, dim1_split(full, 2))})
+    tensors = plan_merge(ckpt).tensors
+    assert max(w.read_nbytes for t in tensors for _, w in t.weaves) > 4096
+    sink = BufferSink(tensors)
+    copy_tensors(tensors, sink, ProgressMeter(0, None), chunk=4096)
+    assert bytes(sink.buffers[0]) == full.tobytes()

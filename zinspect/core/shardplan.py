@@ -8,7 +8,7 @@ streamed in the full tensor's order without ever holding it:
   padding rows left out, sub-params such as fused QKV: several maps per shard) makes each box a
   run of whole rows: contiguous in the shard and in the output, so plain pieces;
 * a split on a later dim (row-parallel weights, dim 1) makes every output row the side-by-side
-  runs of several shards. The rows are planned in blocks of about WEAVE_BYTES: per block and
+  runs of several shards. The rows are planned in blocks of at most WEAVE_BYTES: per block and
   shard, one contiguous source range (that shard's matching rows), and a `Weave` that the
   stream's reader threads use to interleave the block into output rows in a bounded buffer;
 * a replicated param is written from the lowest tp rank's copy; the others are its `mirrors`,
@@ -29,8 +29,9 @@ from zinspect.core.model import Fragment, Param
 from zinspect.core.plan import Piece, Weave
 from zinspect.core.torchzip import DTYPE_SIZES
 
-#: read bytes of one weave block (a few rows of every shard); at most the stream's CHUNK
-WEAVE_BYTES = 1 << 20
+#: read bytes of one weave block (a few rows of every shard), the stream's CHUNK: the plan holds
+#: one piece per shard per block (a 70B tp8 model's row-parallel weights: ~350k pieces)
+WEAVE_BYTES = 2 << 20
 #: (box, band of rows) pairs checked for a param's tiling: bounds the work a forged map costs
 MAX_BAND_ENTRIES = 1 << 20
 

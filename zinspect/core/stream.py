@@ -187,6 +187,8 @@ def _read_batch(files: SourceFiles, batch: _Batch, slot: _Slot,
     counting NaN/Inf as the bytes arrive, then weave it and convert it to the output dtype:
     all here, in the reader threads, where preadv, zlib.crc32 and numpy run without the GIL.
     Returns (the output bytes, finite values that overflowed to inf when narrowing)."""
+    if batch.nbytes > len(slot.buf):  # a weave block planned for a larger chunk
+        slot.buf = bytearray(batch.nbytes)
     view = memoryview(slot.buf)
     pos = 0
     try:
