@@ -154,3 +154,36 @@ def test_tensor_parallel_moments_are_the_shards_joined(tmp_path, name):
             if key == "fp32":
                 assert torch.equal(want, ref[pname]), pname  # the join is right
             assert torch.equal(got[pname], want), (key, pname)
+
+
+def test_moments_are_crc_verified_a_flipped_moment_refuses_or_is_salvaged(tmp_path):
+    """Bytes flipped in rank 1's exp_avg record: the weights-only merge never reads it (exit 0),
+    --state all refuses naming the record, --state all --salvage leaves out exactly the params
+    of that record (weights and moments) and says so."""
+    import damage as D
+
+    root = D.copy_root(tmp_path, "s3_w2_fp32", "flipped_moment")
+    ckpt = open_checkpoint(root)
+    frag = ckpt.state_fragments("encoder.cube", "exp_avg")
+    frag = next(f for f in frag if f.rank == 1)
+    D.flip(ckpt.path / frag.file, frag.offset, 4)
+    record = D.record_holding(ckpt.path / frag.file, frag.offset)[0]
+    held = {n for n in ckpt.params if any(
+        f.file == frag.file and f.offset is not None and
+        D.record_holding(ckpt.path / f.file, f.offset)[0] == record
+        for f in ckpt.state_fragments(n, "exp_avg"))}
+    assert "encoder.cube" in held
+
+    assert run_zinspect("merge", root, tmp_path / "w").returncode == 0
+    r = run_zinspect("merge", root, tmp_path / "a", "--state", "all")
+    assert r.returncode == 1 and "CRC32" in r.stderr and record in r.stderr, r.stderr
+    assert not (tmp_path / "a").exists()
+
+    r = run_zinspect("merge", root, tmp_path / "s", "--state", "all", "--salvage", "--json",
+                     "--no-hf-files")
+    assert r.returncode == 1, r.stderr
+    j = json.loads(r.stdout)
+    assert set(j["dropped"]) == held
+    for key in ("model", "exp_avg", "exp_avg_sq"):
+        names = set(load_file(tmp_path / "s" / f"{key}.safetensors"))
+        assert not names & held and names, key
