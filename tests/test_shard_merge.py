@@ -309,3 +309,20 @@ def test_a_stream_with_a_smaller_chunk_than_a_weave_block_stays_exact(tmp_path):
     sink = BufferSink(tensors)
     copy_tensors(tensors, sink, ProgressMeter(0, None), chunk=4096)
     assert bytes(sink.buffers[0]) == full.tobytes()
+
+
+@pytest.mark.parametrize("name", ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy", "tp2_dp2_s3_toy",
+                                  "tp2_dp2_s2_llama_bf16_tied"])
+def test_real_tp2_merges_to_bf16_equal_torch(tmp_path, name):
+    """Every real tp2 fixture merged to bf16: the woven, vocab-trimmed and replicated params
+    equal torch's .to(bfloat16) of the reference bit for bit."""
+    ref = torch.load(FIXTURES / "parallel" / name / "reference_fp32.pt")
+    result = merge(open_checkpoint(FIXTURES / "parallel" / name), tmp_path / "out",
+                   hf_files=False, dtype="bf16")
+    assert result.unverified == [] and result.drift == {}
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(ref)
+    for n, t in ref.items():
+        want = t.to(torch.bfloat16) if t.is_floating_point() else t
+        assert got[n].dtype == want.dtype and torch.equal(got[n].view(-1).view(torch.uint8),
+                                                          want.view(-1).view(torch.uint8)), n
