@@ -134,3 +134,16 @@ def test_a_match_that_is_not_unique_is_refused(tmp_path, change, words):
     assert words in c.findings[0].message
     with pytest.raises(NotMergeable):
         plan_merge(c)
+
+
+def test_a_zero_optimizer_file_beside_zero0_is_a_leftover(tmp_path):
+    """Was: read as a ZeRO-1 checkpoint missing rank 1. ZeRO-0 keeps its optimizer in the model
+    states; a zero_pp_rank optimizer file beside it is another run's."""
+    root = tmp_path / "z0_fp32"
+    shutil.copytree(PARALLEL / "z0_fp32", root)
+    stray = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shutil.copy(FIXTURES / "s1_w2_fp32" / "global_step2" / stray, root / "global_step2" / stray)
+    c = open_checkpoint(root)
+    assert (c.layout, [(f.code, f.file) for f in c.errors]) == ("zero0", [("stale-rank-file", stray)])
+    assert [t.name for t in plan_merge(c, salvage=True).tensors] == \
+        [t.name for t in plan_merge(open_checkpoint(PARALLEL / "z0_fp32")).tensors]

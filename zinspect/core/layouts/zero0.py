@@ -21,8 +21,9 @@ from zinspect.core.torchzip import TensorRef
 
 
 def recognise(ctx: LoadContext) -> bool:
-    return not ctx.optim_files and ctx.model_state is not None and \
-        isinstance(ctx.model_state.get("optimizer"), dict)
+    """The model states hold the optimizer (ZeRO-1/2/3 save None there: their state is in the
+    optimizer files, so any such file here is a leftover of another run)."""
+    return ctx.model_state is not None and isinstance(ctx.model_state.get("optimizer"), dict)
 
 
 def describe(ctx: LoadContext) -> None:
@@ -34,6 +35,10 @@ def describe(ctx: LoadContext) -> None:
     ws = get(ctx.model_state, "dp_world_size")
     c.world_size = ws if type(ws) is int and ws > 0 else 1
     c.topology = Topology(dp=c.world_size, files=c.files)
+    for rf in c.files_of("optim"):
+        ctx.find("stale-rank-file", f"{rf.name} is a ZeRO optimizer file, but this is a ZeRO-0 "
+                 "checkpoint (its optimizer state is in the model states): a leftover of another "
+                 "run", "move it out of the tag dir", file=rf.name, rank=rf.rank)
     _tie_shared_storages(ctx, names.module)
     opt = ctx.model_state.get("optimizer")
     masters = opt.get("fp32_groups") if isinstance(opt.get("fp32_groups"), list) else None
