@@ -6,11 +6,10 @@ BF16_Optimizer on the real fixtures."""
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 from conftest import FIXTURES
+from torchload import torch_load
 
 from zinspect.core import open_checkpoint
 from zinspect.core.coverage import cover
@@ -18,19 +17,6 @@ from zinspect.core.coverage import cover
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NAMES = ["s1_w2_fp32", "s1_w4_bf16", "s2_w1_fp32", "s2_w3_fp32_rr", "s2_w4_fp16", "s3_w2_fp32",
          "s3_w3_fp16_sub", "s3_w4_bf16", "s1_w2_bf16_bf16opt"]
-
-
-class _NoDeepSpeed:
-    """torch.load's pickle module without deepspeed installed: its classes become stubs."""
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("deepspeed"):
-                return type(name, (), {"__init__": lambda self, *a, **k: None,
-                                       "__setstate__": lambda self, state: None})
-            return super().find_class(module, name)
-
-    load = pickle.load
 
 
 def _read(ckpt, f) -> torch.Tensor:
@@ -50,8 +36,7 @@ def test_states_are_located_element_by_element(name):
 
     def state_of(file):
         if file not in states:
-            osd = torch.load(ckpt.path / file, weights_only=False, map_location="cpu",
-                             pickle_module=_NoDeepSpeed)["optimizer_state_dict"]
+            osd = torch_load(ckpt.path / file)["optimizer_state_dict"]
             states[file] = (osd.get("base_optimizer_state") or osd["optimizer_state_dict"])["state"]
         return states[file]
 

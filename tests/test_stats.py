@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import FIXTURES, tag_dir
+from torchload import torch_load
 
 from zinspect.cli import main
 from zinspect.core.sources import open_source
@@ -175,21 +176,6 @@ def test_app_statistics_in_a_real_terminal():
         os.close(main_fd)
 
 
-class _NoDeepSpeed:
-    """torch.load's pickle module without deepspeed installed: its classes become stubs."""
-
-    import pickle
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("deepspeed"):
-                return type(name, (), {"__init__": lambda self, *a, **k: None,
-                                       "__setstate__": lambda self, state: None})
-            return super().find_class(module, name)
-
-    load = pickle.load
-
-
 @pytest.mark.parametrize("name", ["s1_w2_fp32", "s2_w2_fp32_plain", "s3_w2_fp32", "s2_w3_fp32_rr",
                                   "parallel/pp2_dp2_s1_fp32", "parallel/moe_ep2_w4_s2_fp32",
                                   "parallel/tp2_dp2_s1_toy", "parallel/tp2_dp2_s3_toy"])
@@ -215,8 +201,7 @@ def test_moments_are_the_slices_of_the_optimizer_state(name):
             parts = []
             for f in sorted(fragments, key=lambda f: f.start):
                 if f.file not in loaded:
-                    loaded[f.file] = torch.load(ckpt.path / f.file, weights_only=False,
-                                                pickle_module=_NoDeepSpeed)["optimizer_state_dict"]
+                    loaded[f.file] = torch_load(ckpt.path / f.file)["optimizer_state_dict"]
                 osd = loaded[f.file]
                 state = (osd.get("base_optimizer_state") or osd["optimizer_state_dict"])["state"]
                 parts.append(state[f.group][key].flatten()[f.group_offset:f.group_offset + f.numel])
