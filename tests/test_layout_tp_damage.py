@@ -178,3 +178,10 @@ def test_a_forged_tp_size_is_one_finding(tmp_path):
         state["checkpoint_parallel_dimensions"]["tp_degree"] = 10**6
     got = damaged(tmp_path, "tp2_dp2_s2_toy", both_tp_ranks(huge))
     assert got == [("topology-mismatch", "mp_rank_00_model_states.pt", None, None)]
+
+
+def test_a_zero3_model_states_file_in_a_zero2_checkpoint_is_stale(tmp_path):
+    stray = "zero_pp_rank_1_mp_rank_01_model_states.pt"
+    got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: shutil.copy(
+        PARALLEL / "tp2_dp2_s3_toy" / "global_step2" / stray, tag / stray))
+    assert got == [("stale-rank-file", stray, 3, None)]

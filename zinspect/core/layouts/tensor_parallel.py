@@ -154,6 +154,10 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
                 common._read_optim_header(ctx, rf)  # noqa: SLF001 (core's header reader)
         elif rf.rank is None or c.stage == 3:
             s.models[rf.rank or 0] = rf
+        else:
+            ctx.find("stale-rank-file", f"{rf.name} is a ZeRO-3 model-states file; this checkpoint "
+                     f"is ZeRO-{c.stage}", "it belongs to another run; move it out of the tag dir",
+                     file=rf.name, rank=global_rank(rf, tp))
     for s in slices:
         s.model = next((s.models[r] for r in sorted(s.models) if ctx.torch_file(s.models[r])), None)
         if s.model is None and s.models:  # ZeRO-3 without dp rank 0's: read the next one
