@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
-from zinspect.core.torchzip import TensorRef
 
 Params = list[tuple[str, tuple[int, ...]]]
 
