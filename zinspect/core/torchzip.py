@@ -300,7 +300,6 @@ KNOWN_CLASSES = frozenset({
 })
 
 
-_new_storage = tuple.__new__
 #: the field types of a storage's persistent id (zip, legacy: with a view field)
 _PID_TYPES = {False: (str, _StorageClass, str, str, int),
               True: (str, _StorageClass, str, str, int, type(None))}
@@ -331,16 +330,16 @@ class _Rules:
             cls = self._opaque[qualname] = type(name, (Opaque,), {"qualname": qualname})
         return cls
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid, _types=_PID_TYPES, _new=tuple.__new__, _ref=StorageRef):
         # a torch storage reference as torch writes it, checked in a few C calls (300k times in
-        # a large model-states file); anything else takes the long way, which says what is off
-        if type(pid) is tuple and tuple(map(type, pid)) == _PID_TYPES[self.legacy] and \
+        # a large model-states file; the unpickler passes only `pid`, the defaults save global
+        # lookups); anything else takes the long way, which says what is off
+        if type(pid) is tuple and tuple(map(type, pid)) == _types[self.legacy] and \
                 pid[0] == "storage" and len(pid[2]) <= 64 and len(pid[3]) <= 64 and \
                 0 <= pid[4] <= MAX_NUMEL and (not self.legacy or pid[5] is None):
             ref = self.storages.get(pid[2])
             if ref is None:
-                ref = self.storages[pid[2]] = _new_storage(StorageRef, (pid[2], pid[1].dtype,
-                                                                        pid[4], pid[3]))
+                ref = self.storages[pid[2]] = _new(_ref, (pid[2], pid[1].dtype, pid[4], pid[3]))
             return ref
         return self._storage_ref(pid)
 

@@ -293,10 +293,10 @@ class PickledDict(dict):
 
     __slots__ = ()
 
-    def __setitem__(self, key, value) -> None:
-        if type(key) not in _ATOMS:
+    def __setitem__(self, key, value, _atoms=_ATOMS, _set=dict.__setitem__) -> None:
+        if type(key) not in _atoms:  # (the defaults: no global lookups, 600k calls at 300k names)
             _hashable(key)
-        dict.__setitem__(self, key, value)
+        _set(self, key, value)
 
 
 class PickledOrderedDict(OrderedDict):
@@ -307,10 +307,10 @@ class PickledOrderedDict(OrderedDict):
     def __reduce__(self):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
 
-    def __setitem__(self, key, value) -> None:
-        if type(key) not in _ATOMS:
+    def __setitem__(self, key, value, _atoms=_ATOMS, _set=OrderedDict.__setitem__) -> None:
+        if type(key) not in _atoms:
             _hashable(key)
-        OrderedDict.__setitem__(self, key, value)
+        _set(self, key, value)
 
 
 #: what each EMPTY_DICT becomes: GLOBAL (a name no scanned pickle may hold), EMPTY_TUPLE, REDUCE
