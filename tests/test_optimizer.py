@@ -169,7 +169,7 @@ def test_sgd_is_named_with_its_state_keys():
 
 @pytest.mark.parametrize(("keys", "groups", "name"), [
     (["step", "exp_avg", "exp_avg_sq"], [{"decoupled_weight_decay": False}], "Adam"),
-    (["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], [{}], "Adam"),
+    (["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], [{"amsgrad": True}], "Adam/AdamW"),
     (["momentum_buffer"], [{"ns_steps": 5, "momentum": 0.95}], "Muon"),
     (["momentum_buffer"], [{"use_muon": True}], "Muon"),
     (["exp_avg", "exp_avg_sq", "momentum_buffer"], [{"use_muon": True}, {"use_muon": False}],
@@ -390,7 +390,7 @@ def test_odd_values_stay_bounded_and_json_safe(tmp_path):
                               "params": [0]}]}}}, tmp_path / name)
     ckpt = Checkpoint(tmp_path, "t", files=[RankFile(tmp_path / name, "optim", 0, 0, format="zip")])
     opt = read_optimizer(ckpt)
-    assert opt.step == 7 and opt.name == "Adam" and opt.groups[0]["lr"] == 0.5
+    assert opt.step == 7 and opt.name == "Adam/AdamW" and opt.groups[0]["lr"] == 0.5
     assert opt.groups[0]["eps"] == "nan" and opt.eps(0) == 1e-8  # not a number: the default
     assert opt.groups[0]["betas"][0] == ["<nested>", "<nested>"]
     out = json.dumps(opt.to_json(), allow_nan=False)

@@ -217,8 +217,9 @@ def optimizer_name(keys: list[str], groups: list[dict]) -> str:
     if {"exp_avg", "exp_avg_sq"} <= k:
         if "use_muon" in g:
             return "Muon with AdamW"
+        # torch's Adam and AdamW say which they are; DeepSpeed's FusedAdam / CPUAdam do not
         decoupled = {grp.get("decoupled_weight_decay") for grp in groups}
-        return "AdamW" if True in decoupled else "Adam"
+        return "AdamW" if True in decoupled else "Adam" if False in decoupled else "Adam/AdamW"
     if "momentum_buffer" in k:
         return "Muon" if g & {"ns_steps", "ns_coefficients", "use_muon"} else "SGD (momentum)"
     if {"exp_avg_sq_row", "exp_avg_sq_col"} & k:
