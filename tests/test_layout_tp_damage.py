@@ -185,3 +185,10 @@ def test_a_zero3_model_states_file_in_a_zero2_checkpoint_is_stale(tmp_path):
     got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: shutil.copy(
         PARALLEL / "tp2_dp2_s3_toy" / "global_step2" / stray, tag / stray))
     assert got == [("stale-rank-file", stray, 3, None)]
+
+
+def test_a_zero12_model_states_file_in_a_zero3_checkpoint_is_stale(tmp_path):
+    stray = "mp_rank_01_model_states.pt"
+    got = damaged(tmp_path, "tp2_dp2_s3_toy", lambda tag: shutil.copy(
+        PARALLEL / "tp2_dp2_s2_toy" / "global_step2" / stray, tag / stray))
+    assert got == [("stale-rank-file", stray, None, None)]

@@ -152,12 +152,12 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
             s.optim[rf.rank] = rf
             if t and ctx.torch_file(rf) is not None:
                 common._read_optim_header(ctx, rf)  # noqa: SLF001 (core's header reader)
-        elif rf.rank is None or c.stage == 3:
+        elif (rf.rank is None) == (c.stage != 3):  # ZeRO-3: one per dp rank, else one per tp rank
             s.models[rf.rank or 0] = rf
         else:
-            ctx.find("stale-rank-file", f"{rf.name} is a ZeRO-3 model-states file; this checkpoint "
-                     f"is ZeRO-{c.stage}", "it belongs to another run; move it out of the tag dir",
-                     file=rf.name, rank=global_rank(rf, tp))
+            ctx.find("stale-rank-file", f"{rf.name} is a ZeRO-{'3' if rf.rank is not None else '1/2'} "
+                     f"model-states file; this checkpoint is ZeRO-{c.stage}", "it belongs to another "
+                     "run; move it out of the tag dir", file=rf.name, rank=global_rank(rf, tp))
     for s in slices:
         s.model = next((s.models[r] for r in sorted(s.models) if ctx.torch_file(s.models[r])), None)
         if s.model is None and s.models:  # ZeRO-3 without dp rank 0's: read the next one
