@@ -256,3 +256,53 @@ def test_deepspeed_resumes_at_the_new_world_size(tmp_path, name, n):
     assert res["mismatches"] == [] and res["missing"] == []
     assert res["frozen_differ"] == [] and res["frozen_restored"] == frozen
     assert res["loss_finite"] and res["steps_after"] == res["global_steps"] + 1
+
+
+@pytest.mark.parametrize("zip64_from", [0xFFFFFFFF, 64])
+def test_torchsave_files_read_back_in_torch_zipfile_and_zinspect(tmp_path, monkeypatch, zip64_from):
+    """The writer's zip (64-byte aligned records, CRCs, zip64 fields where sizes or offsets
+    need them: forced here from 64 bytes on) is what zipfile, torch.load and torchzip read."""
+    import struct
+    import zipfile
+
+    from zinspect.core import torchsave
+    from zinspect.core.torchzip import ZeroStageEnum
+
+    monkeypatch.setattr(torchsave, "ZIP64_FROM", zip64_from)
+    src = tmp_path / "src.bin"
+    src.write_bytes(struct.pack("<8f", *range(8)) + bytes(range(200)))
+    out = torchsave.OutFile("file.pt")
+    ops: list = []
+    torchsave.add_piece(ops, torchsave.Piece(str(src), 0, 16))
+    torchsave.add_piece(ops, torchsave.Piece(str(src), 16, 16))  # merged with the first
+    torchsave.add_zeros(ops, 8)
+    assert len(ops) == 2
+    t = out.tensor("float32", (2, 5), ops)
+    out.obj = {"t": t, "view": torchsave.NewTensor(t.storage, torchsave.Size((3,)), 2),
+               "stage": ZeroStageEnum(2), "shape": torchsave.Size((4, 5))}
+    files = [out]
+    sink = torchsave.FilesSink(files, lambda name: os.open(tmp_path / name, os.O_WRONLY |
+                                                           os.O_CREAT, 0o644),
+                               lambda name, fd: os.close(fd))
+    for tensor in torchsave.stream_tensors(files):
+        for piece in tensor.pieces:
+            with open(piece.path, "rb") as f:
+                f.seek(piece.offset)
+                sink(memoryview(f.read(piece.nbytes)))
+    sink.finish()
+    path = tmp_path / "file.pt"
+    with zipfile.ZipFile(path) as z:  # every CRC checked
+        assert z.testzip() is None
+        assert [i.filename for i in z.infolist()][:2] == ["file/data.pkl", "file/.format_version"]
+    tf = read_torch_file(path)
+    assert tf.tensor_offset(tf.obj["t"]) % 64 == 0
+    assert tf.obj["stage"] == 2 and tf.obj["shape"] == (4, 5)
+    got = torch.load(path, weights_only=False, pickle_module=_stub_pickle())
+    assert torch.equal(got["t"], torch.tensor([[0., 1, 2, 3, 4], [5, 6, 7, 0, 0]]))
+    assert torch.equal(got["view"], torch.tensor([2., 3, 4])) and got["shape"] == torch.Size([4, 5])
+
+
+def _stub_pickle():
+    from expected import STUB_PICKLE
+
+    return STUB_PICKLE

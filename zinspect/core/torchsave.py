@@ -45,7 +45,9 @@ OVERLAP = 256 << 10
 #: the enum stand-ins of the unpickler -> the (module, name) they stand for
 ENUM_CLASSES = {cls: key for key, cls in _ALLOWED.items()
                 if isinstance(cls, type) and issubclass(cls, EnumInt)}
-_Z64 = 0xFFFFFFFF
+_MARK = 0xFFFFFFFF  # a 32-bit zip field whose value is in the zip64 extra
+#: sizes and offsets from this on go to zip64 fields (a test lowers it)
+ZIP64_FROM = 0xFFFFFFFF
 
 
 class Global:
@@ -246,7 +248,7 @@ class ZipWriter:
         self._size += len(data)
 
     def end(self) -> None:
-        big = self._size >= _Z64 or self._header >= _Z64
+        big = self._size >= ZIP64_FROM or self._header >= ZIP64_FROM
         fmt = "<4sIQQ" if big else "<4sIII"
         self._write(struct.pack(fmt, b"PK\x07\x08", self._crc, self._size, self._size))
         self.entries.append((self._name, self._header, self._size, self._crc))
@@ -261,20 +263,19 @@ class ZipWriter:
         start = self.pos
         out = bytearray()
         for name, header, size, crc in self.entries:
-            z64 = [v for v in (size, size, header) if v >= _Z64]
-            big = bool(z64)
-            extra = struct.pack(f"<HH{len(z64)}Q", 1, 8 * len(z64), *z64) if big else b""
-            small = [_Z64 if v >= _Z64 else v for v in (size, size, header)]
+            z64 = [v for v in (size, size, header) if v >= ZIP64_FROM]
+            extra = struct.pack(f"<HH{len(z64)}Q", 1, 8 * len(z64), *z64) if z64 else b""
+            small = [_MARK if v >= ZIP64_FROM else v for v in (size, size, header)]
             out += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 45, 45, 0x08, 0, 0, 0x21, crc,
                                small[0], small[1], len(name), len(extra), 0, 0, 0, 0,
                                small[2]) + name + extra
         self._write(out)
         end, count, cd_size = self.pos, len(self.entries), len(out)
-        if count >= 0xFFFF or start >= _Z64 or cd_size >= _Z64:
+        if count >= 0xFFFF or start >= ZIP64_FROM or cd_size >= ZIP64_FROM:
             self._write(struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count,
                                     cd_size, start))
             self._write(struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1))
-            self._write(struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, _Z64, _Z64, 0))
+            self._write(struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, _MARK, _MARK, 0))
         else:
             self._write(struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, count, count, cd_size,
                                     start, 0))
