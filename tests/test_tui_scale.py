@@ -16,6 +16,7 @@ from zinspect.tui.screens.param_detail import ParamDetailScreen
 from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
+from zinspect.tui.widgets.ranks_pane import RankGrid
 
 LAYERS, EXPERTS = 1600, 64
 
@@ -105,3 +106,6 @@ async def test_100k_findings_list_and_jump(monkeypatch):
         assert app.screen.param_name == names[-1]
         await pilot.press("escape", "4", "home", "enter")
         assert app.screen.query_one("#tabs").active == "tab-ranks"
+        grid = app.screen.query_one("#rank-table", RankGrid)  # 100,001 findings on one cell
+        assert grid.row_count == 8 and grid.cursor == 7
+        assert grid.row_cells(7)[-1] == "error: missing-optimizer-file +100000"
