@@ -192,3 +192,17 @@ def test_a_zero12_model_states_file_in_a_zero3_checkpoint_is_stale(tmp_path):
     got = damaged(tmp_path, "tp2_dp2_s3_toy", lambda tag: shutil.copy(
         PARALLEL / "tp2_dp2_s2_toy" / "global_step2" / stray, tag / stray))
     assert got == [("stale-rank-file", stray, None, None)]
+
+
+def test_a_param_one_tp_rank_does_not_name_is_located(tmp_path):
+    """tp rank 1's model states from a model whose q_proj is called otherwise."""
+    q = "model.layers.0.self_attn.q_proj.weight"
+
+    def rename(state):
+        group = state["param_shapes"][0]
+        state["param_shapes"][0] = type(group)((k if k != q else q + "_renamed", v) for k, v in group.items())
+    got = damaged(tmp_path, "tp2_dp2_s2_toy",
+                  lambda tag: edit_model_states(tag / "mp_rank_01_model_states.pt", rename))
+    # the optimizer still names q_proj where the renamed param_shapes put another name
+    assert got == [("slice-mapping-mismatch", "zero_pp_rank_0_mp_rank_01_optim_states.pt", 0, q),
+                   ("tp-param-missing", None, None, q)]
