@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -293,3 +294,37 @@ def test_merge_loads_strictly_into_the_generators_pipeline_module(tmp_path, name
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == str(manifest(name)["model"]["num_params_unique"])
+
+
+@pytest.mark.parametrize("key, value, code", [("global_steps", 3, "step-mismatch"),
+                                              ("dp_world_size", 4, "world-size-mismatch")])
+def test_a_stage_file_of_another_save_is_located(tmp_path, key, value, code):
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    path = tag / "mp_rank_01_model_states.pt"
+    state = torch.load(path, weights_only=False)
+    state[key] = value
+    torch.save(state, path)
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [(code, path.name)]
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
+
+
+def test_an_optimizer_file_of_another_step_is_located(tmp_path):
+    """Stage 1's dp-1 optimizer file with Adam's step 3 (as if saved one step later; the step
+    record rewritten in place): the other stages' files are read for their step too."""
+    from damage import zip_entry
+
+    from zinspect.core.torchzip import read_torch_file
+
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    path = tag / STAGE1_DP1
+    osd = read_torch_file(path).obj["optimizer_state_dict"]
+    step = osd["base_optimizer_state"]["state"][0]["step"]
+    offset, size = zip_entry(path, f"data/{step.storage.key}")
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<f", 3.0))
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("step-mismatch", STAGE1_DP1)]
+    assert "optimizer step 3, the other files at 2" in c.findings[0].message

@@ -18,7 +18,7 @@ DeepSpeed refuses ZeRO-2/3 with pipelines, so there is nothing else to read.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from zinspect.core.layouts import common, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
@@ -160,6 +160,7 @@ class _Pipeline:
             self._stage_geometry(s, groups[s])
         if self.optim:
             self._missing_optim()
+        self._one_save()
         self._buffers(buffer_names)
         self._missing_layers(trainable)
         if not self.optim:
@@ -234,6 +235,24 @@ class _Pipeline:
             p.copies[s] = list(p.fragments)
             p.fragments, p.group, p.sub_group = saved[n]
 
+    def _one_save(self) -> None:
+        """Every stage's files come from one save: the stage files' dp world size and global
+        step, and the optimizer files' Adam step, agree; an outlier is located."""
+        ctx = self.ctx
+        stages = [(rf, self.stage_state(s)) for s, rf in sorted(self.stage_files.items())
+                  if s < self.pp and self.stage_state(s)]
+        for rf, state in stages:
+            if _int(state.get("dp_world_size")) not in (None, self.dp):
+                ctx.find("world-size-mismatch", f"{rf.name} was saved with {state.get('dp_world_size')}"
+                         f" data-parallel ranks, the other stages with {self.dp}", _OTHER_SAVE,
+                         file=rf.name)
+        _outliers(ctx, [(rf, state.get("global_steps")) for rf, state in stages], "global step")
+        optim = [rf for per in self.optim.values() for rf in per.values()]
+        for rf in optim:
+            if rf.step is None:
+                common._read_optim_header(ctx, rf)  # only mp_rank 0's are read before
+        _outliers(ctx, [(rf, rf.step) for rf in optim], "optimizer step")
+
     def _missing_optim(self) -> None:
         """Every (stage, dp rank) has its optimizer file."""
         present = {(rf.mp_rank, rf.rank) for rf in self.c.files_of("optim")}
@@ -283,6 +302,21 @@ def _entries(ctx: LoadContext, rf: RankFile | None) -> list[tuple[str, object]]:
     tf = ctx.torch_file(rf)
     obj = tf.obj if tf is not None else None
     return [(str(k), v) for k, v in obj.items()] if isinstance(obj, dict) else []
+
+
+_OTHER_SAVE = "it comes from another save; restore the file saved with the others"
+
+
+def _outliers(ctx: LoadContext, facts: list[tuple[RankFile, object]], what: str) -> None:
+    """`step-mismatch` for each file whose `what` is not the one most files have."""
+    values = Counter(v for _, v in facts if isinstance(v, (int, float)))
+    if len(values) < 2:
+        return
+    usual = values.most_common(1)[0][0]
+    for rf, v in facts:
+        if isinstance(v, (int, float)) and v != usual:
+            ctx.find("step-mismatch", f"{rf.name} was saved at {what} {v:g}, the other files at "
+                     f"{usual:g}", _OTHER_SAVE, file=rf.name, rank=rf.rank)
 
 
 def _list(state: dict, key: str) -> list:
