@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -227,3 +228,23 @@ def test_zero0_moe_missing_expert_optimizer_file(tmp_path):
     c = open_checkpoint(tag.parent)
     assert codes(c) == [("missing-optimizer-file", name)]
     assert plan_merge(c, salvage=True).dropped == {}  # the fp32 weights are all there
+
+
+def test_an_optimizer_file_of_another_step_is_located(tmp_path):
+    """Rank 2's file with Adam's step 3 (its step record rewritten in place), as if saved later."""
+    from damage import zip_entry
+
+    from zinspect.core.torchzip import read_torch_file
+
+    tag = copy(tmp_path, "moe_ep2_w4_s2_fp32")
+    name = "zero_pp_rank_2_mp_rank_00_optim_states.pt"
+    step = read_torch_file(tag / name).obj["optimizer_state_dict"]["base_optimizer_state"][
+        "state"][0]["step"]
+    offset, _ = zip_entry(tag / name, f"data/{step.storage.key}")
+    with open(tag / name, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack("<f", 3.0))
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("step-mismatch", name)]
+    with pytest.raises(NotMergeable):
+        plan_merge(c)

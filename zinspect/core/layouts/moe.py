@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from zinspect.core.layouts import common, moe_zero0, zero12
+from zinspect.core.layouts import common, moe_zero0, one_save, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import get, located
@@ -91,6 +91,7 @@ class _MoE:
                 zero12.attach(ctx, files, {gi: members}, pcs, keep_padding=keep,
                               coords=Coords(ep=e))
         self._missing_ranks()
+        one_save.outliers(ctx, [(rf, rf.step) for rf in self.ranks.values()], "optimizer step")
         common.attach_moments(ctx, self.ranks)
         self._expert_files()
         if any(p.frozen and not p.fragments for p in c.params.values()):

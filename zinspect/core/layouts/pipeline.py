@@ -18,9 +18,9 @@ DeepSpeed refuses ZeRO-2/3 with pipelines, so there is nothing else to read.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 
-from zinspect.core.layouts import common, pipeline_zero0, zero12
+from zinspect.core.layouts import common, one_save, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import as_group_list, get, located, shape, text
@@ -242,16 +242,18 @@ class _Pipeline:
         stages = [(rf, self.stage_state(s)) for s, rf in sorted(self.stage_files.items())
                   if s < self.pp and self.stage_state(s)]
         for rf, state in stages:
-            if _int(state.get("dp_world_size")) not in (None, self.dp):
-                ctx.find("world-size-mismatch", f"{rf.name} was saved with {state.get('dp_world_size')}"
-                         f" data-parallel ranks, the other stages with {self.dp}", _OTHER_SAVE,
+            dp = _int(state.get("dp_world_size"))
+            if dp not in (None, self.dp):
+                ctx.find("world-size-mismatch", f"{rf.name} was saved with {dp} data-parallel "
+                         f"ranks, the other stages with {self.dp}", one_save.OTHER_SAVE,
                          file=rf.name)
-        _outliers(ctx, [(rf, state.get("global_steps")) for rf, state in stages], "global step")
+        one_save.outliers(ctx, [(rf, state.get("global_steps")) for rf, state in stages],
+                          "global step")
         optim = [rf for per in self.optim.values() for rf in per.values()]
         for rf in optim:
             if rf.step is None:
                 common._read_optim_header(ctx, rf)  # only mp_rank 0's are read before
-        _outliers(ctx, [(rf, rf.step) for rf in optim], "optimizer step")
+        one_save.outliers(ctx, [(rf, rf.step) for rf in optim], "optimizer step")
 
     def _missing_optim(self) -> None:
         """Every (stage, dp rank) has its optimizer file."""
@@ -302,21 +304,6 @@ def _entries(ctx: LoadContext, rf: RankFile | None) -> list[tuple[str, object]]:
     tf = ctx.torch_file(rf)
     obj = tf.obj if tf is not None else None
     return [(str(k), v) for k, v in obj.items()] if isinstance(obj, dict) else []
-
-
-_OTHER_SAVE = "it comes from another save; restore the file saved with the others"
-
-
-def _outliers(ctx: LoadContext, facts: list[tuple[RankFile, object]], what: str) -> None:
-    """`step-mismatch` for each file whose `what` is not the one most files have."""
-    values = Counter(v for _, v in facts if isinstance(v, (int, float)))
-    if len(values) < 2:
-        return
-    usual = values.most_common(1)[0][0]
-    for rf, v in facts:
-        if isinstance(v, (int, float)) and v != usual:
-            ctx.find("step-mismatch", f"{rf.name} was saved at {what} {v:g}, the other files at "
-                     f"{usual:g}", _OTHER_SAVE, file=rf.name, rank=rf.rank)
 
 
 def _list(state: dict, key: str) -> list:
