@@ -13,6 +13,7 @@ from zinspect.core.layouts.pickled import as_group_list, get, located, param_gro
 from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile
 from zinspect.core.torchzip import TensorRef, TorchFile
 
+_ABSENT = object()
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
 
 
@@ -213,24 +214,27 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
         if n not in module:
             listed.append(n)  # module missing or stripped: the shapes lists still name them
     untied: list[str] = []
-    for name in listed:
+    stage12, frozen_shapes, params = c.stage != 3, names.frozen_shapes, c.params
+    for name in listed:  # one lookup per big dict and name: 300k names add up
         t = module.get(name)
-        dtype = t.dtype if isinstance(t, TensorRef) else None
-        shp = trainable.get(name) or names.frozen_shapes.get(name)
-        if shp is None and isinstance(t, TensorRef) and c.stage != 3:
+        ref = isinstance(t, TensorRef)
+        shp = trainable.get(name, _ABSENT)
+        in_groups = shp is not _ABSENT
+        shp = (shp if in_groups else None) or frozen_shapes.get(name)
+        if shp is None and ref and stage12:
             shp = t.shape
-        p = Param(name, shp or (), dtype or "")
-        if name in trainable and shp is not None and isinstance(t, TensorRef) and \
-                c.stage != 3 and t.shape != shp:  # stage 1/2 modules hold full weights
+        p = Param(name, shp or (), (t.dtype if ref else None) or "")
+        if in_groups and shp is not None and ref and stage12 and t.shape != shp:
+            # stage 1/2 modules hold full weights
             ctx.find("shape-mismatch", f"{name}: param_shapes says {short(shp)}, its 16-bit "
                      f"weight in the module is {short(t.shape)}", REPLACE_MODEL_STATES,
                      param=name, file=model_file.name)
-        src = shared.get(name)
-        if isinstance(src, str) and src != name and name not in trainable:
+        src = shared.get(name) if shared else None
+        if isinstance(src, str) and src != name and not in_groups:
             p.tied_to = src
-        elif name in trainable:
+        elif in_groups:
             pass
-        elif name in names.frozen_shapes or (isinstance(t, TensorRef) and c.stage != 3):
+        elif name in frozen_shapes or (ref and stage12):
             p.frozen = True  # ZeRO-1 keeps frozen params only in `module`
         elif model_file.rank not in (0, None) and not shared:
             untied.append(name)  # a tied alias: only rank 0 saves the links
@@ -239,7 +243,7 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
             ctx.find("param-unaccounted", f"{name} is in the module state but in no param "
                      "group, frozen list or tied-params map", "the model-states file is "
                      "inconsistent", param=name, file=model_file.name)
-        c.params[name] = p
+        params[name] = p
     if untied:  # folded under the missing rank-0 file: one cause, one finding
         i, f = next((i, f) for i, f in enumerate(c.findings) if f.code == "rank0-model-missing")
         c.findings[i] = replace(f, message=f"{f.message}; {len(untied)} tied alias(es) cannot "
