@@ -65,9 +65,17 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
     param whose master is not all in the files is left out, one whose moments are not gets its
     master's numbers; both with the reason. Raises MergeCancelled when `should_stop()` turns
     true."""
+    from zinspect.core import gc_paused
+
+    with gc_paused():  # millions of fragments and pieces, no cycles: the collector only slows
+        return _optimizer_stats(ckpt, opt, progress, should_stop)
+
+
+def _optimizer_stats(ckpt: Checkpoint, opt: OptimizerState, progress, should_stop) -> OptimizerStats:
     from zinspect.core.stream import ProgressMeter
 
     out = OptimizerStats()
+    paths: dict[str, str] = {}  # rank file name -> its path, made once
     names = [n for n, p in ckpt.params.items() if not p.frozen and p.tied_to is None]
     per_element = 12 if opt.adam else 4
     meter = ProgressMeter(sum(ckpt.params[n].numel for n in names) * per_element, progress)
@@ -76,7 +84,7 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
     try:
         for name in names:
             try:
-                parts, why = _state_tensors(ckpt, name, opt.adam)
+                parts, why = _state_tensors(ckpt, name, opt.adam, paths)
             except _LeftOut as e:
                 out.left_out[name] = str(e)
                 continue
@@ -148,7 +156,8 @@ class _LeftOut(Exception):
     """A param whose values cannot be read (the message says why)."""
 
 
-def _state_tensors(ckpt: Checkpoint, name: str, adam: bool) -> tuple[list[OutputTensor], str]:
+def _state_tensors(ckpt: Checkpoint, name: str, adam: bool,
+                   paths: dict[str, str]) -> tuple[list[OutputTensor], str]:
     """([master] or [master, exp_avg, exp_avg_sq] of a param as flat fp32 tensors whose
     elements correspond one to one, why the moments are not there). Raises _LeftOut when the
     master does not cover the param."""
@@ -158,7 +167,7 @@ def _state_tensors(ckpt: Checkpoint, name: str, adam: bool) -> tuple[list[Output
     got = sum(f.numel for f in masters)
     if not masters or got != want:
         raise _LeftOut(f"its fp32 master covers {got:,} of {want:,} elements")
-    master = _tensor(ckpt, name, "fp32", masters)
+    master = _tensor(ckpt, name, "fp32", masters, paths)
     if not adam:
         return [master], ""
     moments = []
@@ -170,7 +179,7 @@ def _state_tensors(ckpt: Checkpoint, name: str, adam: bool) -> tuple[list[Output
                               if not frags else
                               f"its {state} is missing on some rank")
         try:
-            moments.append(_tensor(ckpt, name, state, frags))
+            moments.append(_tensor(ckpt, name, state, frags, paths))
         except _LeftOut as e:
             return [master], str(e)
     return [master, *moments], ""
@@ -193,7 +202,8 @@ def _one_replica(p, frags: list) -> list:
     return sorted(frags, key=lambda f: (f.shard or 0, f.start))
 
 
-def _tensor(ckpt: Checkpoint, name: str, state: str, frags: list) -> OutputTensor:
+def _tensor(ckpt: Checkpoint, name: str, state: str, frags: list,
+            paths: dict[str, str]) -> OutputTensor:
     dtypes = {f.dtype for f in frags}
     if len(dtypes) != 1 or not dtypes <= {"float32", "bfloat16", "float16"}:
         raise _LeftOut(f"its {state} is {'/'.join(sorted(dtypes))}, not one float dtype")
@@ -202,7 +212,14 @@ def _tensor(ckpt: Checkpoint, name: str, state: str, frags: list) -> OutputTenso
         raise _LeftOut(f"its {state} is not all in {shown(bad.file)} (missing or truncated)")
     n = sum(f.numel for f in frags)
     return OutputTensor(name, (n,), "float32", dtypes.pop(),
-                        [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags])
+                        [Piece(_path(ckpt, f.file, paths), f.offset, f.nbytes) for f in frags])
+
+
+def _path(ckpt: Checkpoint, file: str, paths: dict[str, str]) -> str:
+    path = paths.get(file)
+    if path is None:
+        path = paths[file] = str(ckpt.path / file)
+    return path
 
 
 def _window(t: OutputTensor, start: int, stop: int) -> OutputTensor:
