@@ -26,6 +26,7 @@ PARALLEL = FIXTURES / "parallel"
 EXTRA = FIXTURES / "tp_extra"
 TP4_VOCAB63 = str(EXTRA / "tp4_dp1_s1_llama_bf16_tied_vocab63")
 UNEVEN_TOY = str(EXTRA / "tp2_dp2_s1_toy_uneven")  # sub-params 13/12 per rank, dim-1 split 13/12
+DP1_TOY = str(EXTRA / "tp2_dp1_s1_toy")  # world size = tp: one optimizer file per tp rank
 TP = ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy", "tp2_dp2_s3_toy", "tp2_dp2_s2_llama_bf16_tied"]
 KIND = {"column-subparams": R.SUB_PARAMS}  # the manifests' word -> the rule's label
 
@@ -323,7 +324,7 @@ def test_shards_and_fragments_rebuild_the_reference(name):
 # -- the CLI end to end: validate, merge bit-exact, the Llama loads ---------------------------
 
 
-@pytest.mark.parametrize("name", TP + [TP4_VOCAB63, UNEVEN_TOY])
+@pytest.mark.parametrize("name", TP + [TP4_VOCAB63, UNEVEN_TOY, DP1_TOY])
 def test_validate_exits_0(name):
     """(tp 4: the optimizer's own slice mappings are checked per tp rank, not against tp 0's)"""
     from conftest import run_zinspect
@@ -344,7 +345,7 @@ def merged(tmp_path, name: str, *args: str) -> dict:
     return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-@pytest.mark.parametrize("name", TP + [UNEVEN_TOY])
+@pytest.mark.parametrize("name", TP + [UNEVEN_TOY, DP1_TOY])
 def test_merge_is_the_reference_bit_for_bit(tmp_path, name):
     got = merged(tmp_path, name)
     reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from test_layout_tp import PARALLEL, manifest, tp_checkpoint
+from test_layout_tp import EXTRA, PARALLEL, manifest, tp_checkpoint
 
 
 def damaged(tmp_path, name: str, damage) -> list:
@@ -206,3 +206,13 @@ def test_a_param_one_tp_rank_does_not_name_is_located(tmp_path):
     # the optimizer still names q_proj where the renamed param_shapes put another name
     assert got == [("slice-mapping-mismatch", "zero_pp_rank_0_mp_rank_01_optim_states.pt", 0, q),
                    ("tp-param-missing", None, None, q)]
+
+
+def test_an_optimizer_file_of_another_world_size_is_located(tmp_path):
+    """tp rank 1's dp-0 optimizer file swapped for the one of a tp 2 x dp 1 run (3 steps)."""
+    swapped = "zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    other = EXTRA / "tp2_dp1_s1_toy" / "global_step3" / swapped
+    got = damaged(tmp_path, "tp2_dp2_s1_toy", lambda tag: shutil.copy(other, tag / swapped))
+    assert ("world-size-mismatch", swapped, 1, None) in got
+    assert ("step-mismatch", swapped, 1, None) in got
+    assert {code for code, *_ in got} == {"world-size-mismatch", "step-mismatch", "slice-mapping-mismatch"}
