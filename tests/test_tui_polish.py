@@ -10,6 +10,7 @@ import shutil
 from contextlib import suppress
 from pathlib import Path
 
+import pytest
 from damage import malicious_pickle
 from textual.widget import Widget
 from textual.worker import WorkerFailed
@@ -217,3 +218,36 @@ async def test_compare_says_nan_and_inf_as_stats_and_the_deep_check_do(tmp_path)
         summary = str(app.screen.query_one("#diff-summary").content)
         assert "DIFFERENT" in summary and "NaN/Inf in 1 param(s)" in summary
         assert [f.code for f in app.screen.result.findings()] == ["nan-values"]
+
+
+async def test_statistics_become_columns_of_the_parameter_table():
+    """Issue 13: once `a` computed them, L2 / max|x| / NaN-Inf are columns of the table (equal
+    to torch's on the reference); a reload drops them."""
+    import torch
+
+    from zinspect.tui.screens.stats import StatisticsScreen
+
+    name = "s3_w2_fp32"
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt")
+    app = ZinspectApp(str(FIXTURES / name))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2", "t")
+        table = app.screen.query_one(ParamTable)
+        assert "L2" not in [c.label for c in table.columns]
+        await pilot.press("a")
+        await settle(app, pilot)
+        assert isinstance(app.screen, StatisticsScreen)
+        await pilot.press("escape")
+        await pilot.pause()
+        labels = [c.label for c in table.columns]
+        assert labels[-3:] == ["L2", "max|x|", "NaN/Inf"]
+        assert "L2" in drawn(table)[0]
+        for i, pname in enumerate(table.names):
+            if pname in ref and ref[pname].is_floating_point():
+                l2 = float(table.row_cells(i)[labels.index("L2")])
+                assert l2 == pytest.approx(ref[pname].double().norm().item(), rel=1e-3), pname
+        await pilot.press("v")
+        await settle(app, pilot)
+        table = app.screen.query_one(ParamTable)
+        assert "L2" not in [c.label for c in table.columns]

@@ -12,6 +12,7 @@ from pathlib import Path
 from zinspect.core.fmt import shown
 from zinspect.core.model import Buffer, Checkpoint, Param
 from zinspect.core.selection import Selection
+from zinspect.core.stats import TensorStats
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.core.tree import ModuleNode, _natural, build_tree, count_below
 
@@ -53,6 +54,9 @@ class Inspection:
                           for name, b in ckpt.buffers.items() if name not in ckpt.params)
         self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
         self.tree: ModuleNode = build_tree(self.sizes)
+        #: per-param statistics, once the Statistics screen computed them (the table shows
+        #: them as columns; a reload drops them: the values may have changed)
+        self.stats: dict[str, TensorStats] = {}
         self.flagged: set[str] = set()
         self.flagged_below: dict[str, int] = {}
         self.update_findings()

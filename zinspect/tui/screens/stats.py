@@ -104,6 +104,13 @@ class StatisticsScreen(WorkerOutcomes, Screen):
 
     async def worker_succeeded(self, group: str, result: list[TensorStats]) -> None:
         self.stats = result
+        view = getattr(self.app, "view", None)
+        if view is not None and view.ckpt is self.ckpt:  # the parameter table shows them too
+            from zinspect.tui.widgets.param_table import ParamTable
+
+            view.stats = {s.name: s for s in result}
+            for table in self.app.screen_stack[0].query(ParamTable):
+                table.show_stats()
         await self.show_results()
 
     def worker_failed(self, group: str, problem: Problem) -> bool:

@@ -41,6 +41,22 @@ def param_columns(view: Inspection) -> list[Column]:
     ]
 
 
+def stat_columns(view: Inspection) -> list[Column]:
+    """L2, max|x| and NaN/Inf, after the Statistics screen computed them (they make way at 80
+    columns after group, dtype and size)."""
+    if not view.stats:
+        return []
+    cells = [stat_cells(s) for s in view.stats.values()]
+    return [Column(label, max([len(label), *(len(c[i]) for c in cells)]), right=True, drop=4 + i)
+            for i, label in enumerate(("L2", "max|x|", "NaN/Inf"))]
+
+
+def stat_cells(s) -> list[str]:
+    def num(v: float) -> str:
+        return "-" if v != v else f"{v:.4g}"
+    return [num(s.l2), num(s.max_abs), f"{s.nan}/{s.inf}" if s.nan or s.inf else ""]
+
+
 class ParamTable(VirtualTable):
     """One row per parameter (or buffer) name in `names`; marks: x excluded, F frozen,
     B buffer, T tied, ! findings. `group` is the optimizer's param group (not the ZeRO-3
@@ -52,9 +68,15 @@ class ParamTable(VirtualTable):
     ]
 
     def __init__(self, view: Inspection, **kwargs) -> None:
-        super().__init__(param_columns(view), **kwargs)
+        super().__init__(param_columns(view) + stat_columns(view), **kwargs)
         self.view = view
         self.names: list[str] = []
+
+    def show_stats(self) -> None:
+        """Add the statistics columns (or drop them after a reload)."""
+        self.columns = param_columns(self.view) + stat_columns(self.view)
+        self._resize()
+        self.refresh()
 
     def set_names(self, names: list[str]) -> None:
         self.names = names
@@ -66,7 +88,7 @@ class ParamTable(VirtualTable):
         e = self.view.entry(name)
         numel, nbytes = self.view.sizes[name]
         group = getattr(e, "group", None)
-        return [
+        cells = [
             self.view.marks(name),
             name,
             shape_text(e.shape),
@@ -75,6 +97,10 @@ class ParamTable(VirtualTable):
             fmt.size(nbytes),
             "" if group is None else str(group),
         ]
+        if self.view.stats:  # a tied alias has its owner's values
+            s = self.view.stats.get(name) or self.view.stats.get(getattr(e, "tied_to", None) or "")
+            cells += stat_cells(s) if s is not None else ["", "", ""]
+        return cells
 
     def row_style(self, index: int) -> Style:
         return Style(dim=True, strike=True) if self.names[index] in self.view.excluded else Style()
