@@ -328,3 +328,21 @@ def test_an_optimizer_file_of_another_step_is_located(tmp_path):
     c = open_checkpoint(tag.parent)
     assert codes(c) == [("step-mismatch", STAGE1_DP1)]
     assert "optimizer step 3, the other files at 2" in c.findings[0].message
+
+
+def test_a_dropped_stage_drops_exactly_its_params(tmp_path):
+    """Stage 1's model states and optimizer files gone, its layer files left: its layers' params
+    are named from those files, located nowhere, and left out by --salvage — the rest is whole."""
+    tag = copy(tmp_path, "pp2_dp2_s1_fp32")
+    gone = ["mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt", STAGE1_DP1]
+    for name in gone:
+        (tag / name).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == sorted([("missing-stage-file", gone[0]), ("missing-optimizer-file", gone[1]),
+                               ("missing-optimizer-file", gone[2])])
+    stage1 = {n for n, p in manifest("pp2_dp2_s1_fp32")["params"].items() if p["stages"] == [1]}
+    stage1 |= {"5.pos_scale", "6.pos_scale"}  # its buffer names were in mp_rank_01 only
+    plan = plan_merge(c, salvage=True)
+    assert set(plan.dropped) == stage1
+    ref = reference("pp2_dp2_s1_fp32")
+    assert {t.name for t in plan.tensors} == set(ref) - stage1

@@ -121,19 +121,25 @@ class _Pipeline:
         return [[(n, None) for n, _ in sorted(placed[gi].items(), key=lambda kv: kv[1])]
                 for gi in sorted(placed)]
 
-    def name_layers(self, known: set[str]) -> None:
+    def name_layers(self, known: dict[str, tuple | None]) -> None:
         """Each layer file key's param name: `L.key`, or `tied_modules.K.key` when the stages
-        name the layer's params under a tie key instead."""
+        name the layer's params under a tie key instead (known: name -> shape). A tie key
+        belongs to one layer file — the first whose tensors have its params' shapes — so a
+        later layer with a key of the same name (a final norm's `weight`) is never taken for
+        it."""
         ctx = self.ctx
         tied = [n for n in known if n.startswith(TIED)]
+        claimed: set[str] = set()
         for layer, rf in sorted(self.layers.items()):
-            keys = [k for k, t in _entries(ctx, rf) if isinstance(t, TensorRef)]
-            if any(f"{layer}.{k}" in known for k in keys) or not tied:
-                prefix = f"{layer}."
-            else:
-                prefixes = {n[:-len(k)] for k in keys for n in tied if n.endswith("." + k)}
-                prefix = prefixes.pop() if len(prefixes) == 1 else f"{layer}."
-            for k in keys:
+            tensors = {k: t for k, t in _entries(ctx, rf) if isinstance(t, TensorRef)}
+            prefix = f"{layer}."
+            if tied and not any(f"{layer}.{k}" in known for k in tensors):
+                fits = {n[:-len(k)] for k, t in tensors.items() for n in tied
+                        if n.endswith("." + k) and known[n] in (None, t.shape)} - claimed
+                if len(fits) == 1:
+                    prefix = fits.pop()
+                    claimed.add(prefix)
+            for k in tensors:
                 self.names.setdefault(prefix + k, (layer, k))
 
     # ------------------------------------------------------------------ describe
@@ -148,7 +154,8 @@ class _Pipeline:
         buffer_names = [b for s in self.stages for b in _list(self.stage_state(s), "buffer_names")
                         if isinstance(b, str)]
         trainable = {n for gs in groups.values() for g in gs for n, _ in g}
-        self.name_layers(trainable | set(buffer_names))
+        self.name_layers({**{n: s for gs in groups.values() for g in gs for n, s in g},
+                          **dict.fromkeys(buffer_names)})
         ms = ctx.model_state or {}
         c.ds_version = c.ds_version or text(ms.get("ds_version"))
         c.ds_config = c.ds_config if c.ds_config is not None else ms.get("ds_config")
