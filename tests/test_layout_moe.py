@@ -248,3 +248,22 @@ def test_an_optimizer_file_of_another_step_is_located(tmp_path):
     assert codes(c) == [("step-mismatch", name)]
     with pytest.raises(NotMergeable):
         plan_merge(c)
+
+
+def test_a_dropped_ep_rank_drops_exactly_its_experts_and_dense_share(tmp_path):
+    """Ep rank 1 gone whole (ranks 1 and 3's optimizer files, experts 2 and 3's files): its
+    experts are still named (global ids from ep rank 0's local names), located nowhere and left
+    out with the dense params those ranks held; nothing else is lost."""
+    tag = copy(tmp_path, "moe_ep2_w4_s2_fp32")
+    intact = open_checkpoint(tag.parent)
+    gone = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (1, 3)] + \
+        [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in (2, 3)]
+    for name in gone:
+        (tag / name).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == sorted([("missing-optimizer-file", n) for n in gone[:2]] +
+                              [("missing-expert-file", n) for n in gone[2:]])
+    lost = {n for n, p in intact.params.items() if any(f.file in gone for f in p.fragments)}
+    assert {n for n in lost if "deepspeed_experts" in n} == \
+        {n for n in intact.params if "deepspeed_experts.2." in n or "deepspeed_experts.3." in n}
+    assert set(plan_merge(c, salvage=True).dropped) == lost
