@@ -130,8 +130,9 @@ class Sources:
                     add_piece(ops, Piece(self.path(file), off, x.storage.nbytes))
                     st = stores[x.storage.key] = out.storage(x.dtype, x.storage.numel, ops)
                 return NewTensor(st, Size(x.shape), x.offset, tuple(x.stride))
-            if isinstance(x, dict):
-                return type(x)((k, walk(v)) for k, v in x.items())
+            if isinstance(x, dict):  # the unpickler's dicts may be its own subclasses
+                items = [(k, walk(v)) for k, v in x.items()]
+                return OrderedDict(items) if isinstance(x, OrderedDict) else dict(items)
             if isinstance(x, list):
                 return [walk(v) for v in x]
             if isinstance(x, tuple) and type(x) is tuple:
