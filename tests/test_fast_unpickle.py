@@ -144,6 +144,39 @@ FORGED = {
                                True),
 }
 
+def _again(call: bytes, times: int = 20_000, item: bytes = b"N") -> bytes:
+    """`{"again": L}` for a 100k-item list L, and on the way `times` calls `call` (the callable
+    is memo 1, L memo 0), each result dropped: 1 MB of pickle asking for 2e9 item copies."""
+    return _key("again") + b"]q\x00(" + item * 100_000 + b"e" + call * times
+
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode() + b"q\x010"  # memo 1, off the stack
+
+
+#: amplification through calls: each must be refused by the work budget (on both paths)
+AMPLIFIED = {
+    "set(L) again and again": forged(_again(b"h\x01h\x00\x85R0", 20_000).replace(
+        b"e", b"e" + _global("__builtin__", "set"), 1)),
+    "OrderedDict(L) again and again": forged(_again(b"h\x01h\x00\x85R0", item=b"K\x01N\x86").replace(
+        b"e", b"e" + _global("collections", "OrderedDict"), 1)),
+    "an inert class called with *L": forged(_again(b"h\x01(h\x02Nh\x00Nt" b"R0").replace(
+        b"e", b"e" + _global("torch._tensor", "_rebuild_from_type_v2") +
+        b"cos\nsystem\nq\x020", 1)),
+    "torch.Size(L) kept on the stack": forged(_key("s") + b"]q\x00(" + b"K\x01" * 100_000 +
+                                              b"ectorch\nSize\nq\x01" +
+                                              b"h\x01h\x00\x85R" * 20_000 + b"0" * 20_001),
+}
+
+
+@pytest.mark.parametrize("what", list(AMPLIFIED))
+def test_calls_cannot_amplify_the_work(what):
+    """Without the work budget each of these takes minutes (or gigabytes) from 1 MB."""
+    raw = AMPLIFIED[what]
+    fast, slow = outcome(raw, "fast"), outcome(raw, "slow")
+    assert fast == slow and fast.startswith("unreadable"), (fast, slow)
+
+
 _RUN = textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))

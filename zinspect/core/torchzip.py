@@ -34,6 +34,7 @@ from zinspect.core.unpickle import (
     FastUnpickler,
     PickleBudgetExceeded,
     PickledOrderedDict,
+    charge,
     checked_set,
     prepare_for_c,
 )
@@ -148,6 +149,7 @@ class Opaque:
     qualname = "?"
 
     def __new__(cls, *args, **kwargs):
+        charge(len(args) + len(kwargs))  # *args copied: see unpickle.charge
         obj = object.__new__(cls)
         obj.args = args
         obj.state = None
@@ -200,6 +202,8 @@ def _window(storage: StorageRef, offset, size, stride) -> tuple[int, tuple, tupl
     """A tensor's (offset, shape, stride), refused unless every element lies inside its
     storage: a negative offset would read the record before, a huge shape walk forever.
     (Once per tensor: 300k times in a large model-states file, so the checks run in C.)"""
+    if type(size) not in (tuple, list) or type(stride) not in (tuple, list) or len(size) > 64:
+        raise pickle.UnpicklingError(f"storage {storage.key}: a tensor with a malformed shape")
     size, stride = tuple(size), tuple(stride)
     dims = size + stride
     if type(offset) is not int or offset < 0 or len(size) != len(stride) or len(size) > 64 or \
@@ -242,7 +246,18 @@ def _rebuild_parameter(data, requires_grad, hooks, state=None):
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
+    if type(args) not in (tuple, list):
+        raise pickle.UnpicklingError("a tensor subclass without arguments")
+    charge(len(args))  # func(*args) copies them: see unpickle.charge
     return func(*args)  # func came through find_class: allowlisted or inert
+
+
+def _size(dims=()) -> tuple:
+    """torch.Size(dims): a tuple of at most 64 dims (a tuple() of any size, the same large list
+    passed again and again, was the pickle's to ask for)."""
+    if type(dims) not in (tuple, list) or len(dims) > 64:
+        raise pickle.UnpicklingError("a malformed torch.Size")
+    return tuple(dims)
 
 
 def _device(kind, index=None) -> str:
@@ -256,6 +271,7 @@ def _device(kind, index=None) -> str:
 def _codecs_encode(text, encoding="latin1"):
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
         raise pickle.UnpicklingError(f"unexpected _codecs.encode({encoding!r})")
+    charge(len(text))  # a copy: see unpickle.charge
     return text.encode("latin1")
 
 
@@ -264,8 +280,16 @@ def _bytearray(source=b"", encoding=None):
     if isinstance(source, str):
         return bytearray(_codecs_encode(source, encoding or "latin1"))
     if isinstance(source, (bytes, bytearray)):
+        charge(len(source))
         return bytearray(source)
     raise pickle.UnpicklingError(f"unexpected bytearray({type(source).__name__})")
+
+
+def _complex(real=0.0, imag=0.0) -> complex:
+    """complex() of numbers only (parsing a long string, again and again, is not free)."""
+    if type(real) not in (int, float, complex) or type(imag) not in (int, float, complex):
+        raise pickle.UnpicklingError("a malformed complex number")
+    return complex(real, imag)
 
 
 _ALLOWED = {
@@ -274,13 +298,13 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Size"): tuple,
+    ("torch", "Size"): _size,
     ("torch", "device"): _device,
     ("collections", "OrderedDict"): PickledOrderedDict,
     ("builtins", "set"): checked_set(set),
     ("builtins", "frozenset"): checked_set(frozenset),
     ("builtins", "slice"): slice,
-    ("builtins", "complex"): complex,
+    ("builtins", "complex"): _complex,
     ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"): ZeroStageEnum,

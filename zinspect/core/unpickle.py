@@ -190,6 +190,33 @@ def plain(obj, leaves: frozenset = _ATOMS):
     return obj if type(obj) in leaves else conv(obj)
 
 
+_work = threading.local()
+
+
+@contextlib.contextmanager
+def work_budget(units: int):
+    """While a pickle is read (in this thread): the copying work its calls may ask for."""
+    _work.left = units
+    try:
+        yield
+    finally:
+        _work.left = None
+
+
+def charge(units: int) -> None:
+    """Count `units` of work a call of the allowlist does on the pickle's behalf (copying a
+    sequence it was given). The opcodes cost time linear in the pickle, but a call can be
+    handed the same large object again and again through the memo: `set(L)` 100k times on a
+    250k-item list is 2.5e10 item copies from 1 MB. Past the budget: PickleBudgetExceeded."""
+    left = getattr(_work, "left", None)
+    if left is not None:
+        left -= units
+        _work.left = left
+        if left < 0:
+            raise PickleBudgetExceeded("the pickle's calls copy more objects than its size can "
+                                       "need (one object passed to a call again and again)")
+
+
 _gc_lock = threading.Lock()
 _gc_state = {"readers": 0, "was_enabled": False}
 
@@ -251,7 +278,7 @@ class BoundedUnpickler(pickle._Unpickler):
         self.max_nodes = NODES_PER_BYTE * budget_bytes + NODES_FLOOR
 
     def load(self):
-        with gc_paused():
+        with gc_paused(), work_budget(self.max_nodes):
             obj = super().load()
             check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
             return plain(obj, _ATOMS | self.leaf_types)
@@ -277,6 +304,7 @@ def checked_set(kind):
     def build(*args):
         if len(args) > 1:
             raise pickle.UnpicklingError(f"{kind.__name__} with {len(args)} arguments")
+        charge(len(args[0]) if args else 0)
         items = list(args[0]) if args else []  # a dict gives its keys
         for item in items:
             _hashable(item)
@@ -303,6 +331,11 @@ class PickledOrderedDict(OrderedDict):
     """`collections.OrderedDict` for a restricted unpickler's allowlist (see PickledDict); its
     constructor fills it through `__setitem__` too. It stays in the results (copying 300k
     items costs 0.2 s) and pickles as an OrderedDict."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if args:  # OrderedDict(items): a copy, charged (see `charge`)
+            charge(len(args[0]))
+        OrderedDict.__init__(self, *args, **kwargs)
 
     def __reduce__(self):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
@@ -393,7 +426,7 @@ class FastUnpickler(pickle.Unpickler):
         self.max_nodes = NODES_PER_BYTE * budget_bytes + NODES_FLOOR
 
     def load(self):
-        with gc_paused():
+        with gc_paused(), work_budget(self.max_nodes):
             obj = super().load()
             check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
             return plain(obj, _ATOMS | self.leaf_types)
