@@ -133,6 +133,11 @@ class _Pickler(pickle._Pickler):
             self._save_opaque(obj)
         elif isinstance(obj, TensorRef):
             raise pickle.PicklingError("a source tensor must be replaced by a NewTensor")
+        elif isinstance(obj, dict) and type(obj) not in (dict, OrderedDict):
+            # the unpickler's own dict subclasses: written as what they stand for, never by
+            # a zinspect class name
+            super().save(OrderedDict(obj) if isinstance(obj, OrderedDict) else dict(obj),
+                         save_persistent_id)
         else:
             super().save(obj, save_persistent_id)
 
