@@ -80,7 +80,7 @@ class _MoE:
         zero12.attach(ctx, self.ranks, dense, pcs or self.ws, keep_padding=keep)
         eps = {ep for ep, _ in expert_groups.values()}
         self._sort_files(eps)
-        for gi, (ep, pc) in sorted(expert_groups.items()):
+        for gi, (ep, _) in sorted(expert_groups.items()):
             for e in range(ep):
                 members = [(self.global_of(n, e, ep), s) for n, s in names.flat_groups[gi]]
                 for (n, s), (ln, _) in zip(members, names.flat_groups[gi], strict=True):

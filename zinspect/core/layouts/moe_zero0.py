@@ -45,7 +45,7 @@ def describe(moe, names: common.Names) -> None:
         ctx.find("unsupported-layout", "a 16-bit ZeRO-0 mixture-of-experts checkpoint (masters "
                  "in the expp_rank_* files): zinspect can show it but not merge it yet",
                  "for now load it with DeepSpeed itself")
-    for (layer, e), rf in sorted(moe.expert_files.items()):
+    for (layer, _), rf in sorted(moe.expert_files.items()):
         tf = ctx.torch_file(rf)
         held = tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
         for name, t in held.items():
