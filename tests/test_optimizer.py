@@ -93,7 +93,7 @@ def test_fp16_loss_scale_and_skipped_steps(name):
     assert scaler_line(read_optimizer(open_checkpoint(FIXTURES / "s3_w2_fp32"))) is None
 
 
-@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16"])
+@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16", "z0_fp16"])
 def test_zero0_optimizer_lives_in_the_model_states(name):
     ckpt = open_checkpoint(PARALLEL / name)
     opt = read_optimizer(ckpt)
@@ -104,8 +104,13 @@ def test_zero0_optimizer_lives_in_the_model_states(name):
     assert opt.step == inner["state"][0]["step"].item()
     assert opt.adam and opt.global_steps == saved["global_steps"]
     assert opt.wrapper == ("torch" if name == "z0_fp32" else "FP16_Optimizer")
-    if name == "z0_bf16":  # FP16_UnfusedOptimizer keeps the scaler's keys in its own dict
-        assert opt.loss_scaler.scale == saved["optimizer"]["cur_scale"]
+    if name != "z0_fp32":  # FP16_UnfusedOptimizer keeps the scaler's keys in its own dict
+        wrapper = saved["optimizer"]
+        assert opt.loss_scaler.scale == wrapper["cur_scale"]
+        assert opt.loss_scaler.dynamic is wrapper["dynamic_loss_scale"] is (name == "z0_fp16")
+        assert opt.loss_scaler.iteration == wrapper["cur_iter"]
+        assert opt.loss_scaler.last_overflow == wrapper.get("last_overflow_iter")
+        assert (opt.skipped_steps is not None) and opt.skipped_steps == saved["skipped_steps"]
 
 
 @pytest.mark.parametrize("name", ["pp2_dp2_s1_bf16_pmd", "moe_ep2_w4_s2_fp32", "tp2_dp2_s3_toy",
