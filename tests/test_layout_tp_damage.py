@@ -216,3 +216,21 @@ def test_an_optimizer_file_of_another_world_size_is_located(tmp_path):
     assert ("world-size-mismatch", swapped, 1, None) in got
     assert ("step-mismatch", swapped, 1, None) in got
     assert {code for code, *_ in got} == {"world-size-mismatch", "step-mismatch", "slice-mapping-mismatch"}
+
+
+def test_many_missing_files_of_a_tp_rank_are_one_finding():
+    """(a forged partition count would otherwise name thousands of files one by one)"""
+    from pathlib import Path
+
+    from zinspect.core.layouts import tensor_parallel as T
+    from zinspect.core.layouts import tp_checks as C
+    from zinspect.core.layouts.base import LoadContext
+    from zinspect.core.model import Checkpoint
+
+    ctx = LoadContext(Checkpoint(Path("x"), "x"), {}, lambda files: {})
+    C.missing_files(ctx, T.Slice(1), 2, list(range(3, 103)), "missing-optimizer-file",
+               "zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", "lost")
+    [f] = ctx.ckpt.findings
+    assert (f.code, f.file, f.rank) == \
+        ("missing-optimizer-file", "zero_pp_rank_3_mp_rank_01_optim_states.pt", 7)
+    assert f.message.startswith("100 files of tp rank 1 are missing")

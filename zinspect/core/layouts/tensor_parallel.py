@@ -26,9 +26,13 @@ from functools import partial
 from zinspect.core.layouts import common, tp_affine, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, numel, shape
-from zinspect.core.layouts.tp_checks import REPLACE, global_rank, validate
+from zinspect.core.layouts.tp_checks import REPLACE, check_sizes, global_rank, report_missing, validate
 from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, Topology
 from zinspect.core.torchzip import TensorRef
+
+
+#: a world size beyond any run (a forged partition count or tp degree stops here)
+MAX_WORLD = 1 << 20
 
 
 @dataclass
@@ -74,9 +78,9 @@ def describe(ctx: LoadContext) -> None:
         return
     tp = tp_degree(ctx) or (max(ctx.mp_ranks) + 1 if ctx.mp_ranks else 1)
     dp = _dp_size(ctx)
-    if tp > tp_rules.MAX_RANKS:  # forged: one finding, not one per missing rank
-        ctx.find("topology-mismatch", f"the model states declare tp {tp}: beyond any real run",
-                 "the model-states file is damaged or forged; restore it from the run",
+    if tp > tp_rules.MAX_RANKS or tp * dp > MAX_WORLD:  # forged: one finding, not one per rank
+        ctx.find("topology-mismatch", f"the files declare tp {tp} x dp {dp}: beyond any real run",
+                 "a model-states or optimizer file is damaged or forged; restore it from the run",
                  file=ctx.model_file.name if ctx.model_file else None)
         common.finish(ctx, names)
         return
@@ -169,41 +173,9 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         s.state = tf.obj if tf is not None and isinstance(tf.obj, dict) else None
         s.flat_groups = [[(str(n), shape(v)) for n, v in g.items()]
                          for g in as_group_list(get(s.state, "param_shapes"))]
-        _report_missing(ctx, s, tp, dp)
-        _check_sizes(ctx, s, tp, dp)
+        report_missing(ctx, s, tp, dp)
+        check_sizes(ctx, s, tp, dp)
     return slices
-
-
-def _check_sizes(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
-    """Each optimizer file of a tp rank is partitioned over this checkpoint's dp ranks (the
-    model states' declared sizes are checked by topology.cross_check)."""
-    for d, rf in sorted(s.optim.items()):
-        if rf.partition_count and rf.partition_count[0] != dp:
-            ctx.find("world-size-mismatch", f"{rf.name} is partitioned over {rf.partition_count[0]} "
-                     f"dp ranks; this checkpoint has dp {dp}", "it comes from a run of another "
-                     "world size; " + REPLACE, file=rf.name, rank=d * tp + s.tp)
-
-
-def _report_missing(ctx: LoadContext, s: Slice, tp: int, dp: int) -> None:
-    c = ctx.ckpt
-    wanted = range(dp) if c.stage == 3 else [0]
-    for d in wanted:
-        if d not in s.models:
-            name = f"zero_pp_rank_{d}_mp_rank_{s.tp:02d}_model_states.pt" if c.stage == 3 else \
-                f"mp_rank_{s.tp:02d}_model_states.pt"
-            lost = "its frozen-param partitions" if s.models else "its shards' shapes"
-            ctx.find("missing-tp-rank", f"{name} (dp rank {d}, tp rank {s.tp}) is missing: {lost} "
-                     "are unknown", REPLACE, file=name, rank=d * tp + s.tp)
-    if s.models and s.state is None:
-        ctx.find("missing-tp-rank", f"tp rank {s.tp}'s model states cannot be read", REPLACE,
-                 file=next(iter(s.models.values())).name, rank=s.tp)
-    prefix = next((f.prefix for f in ctx.optim_files), "")
-    for d in range(dp):
-        if d not in s.optim and ctx.optim_files:
-            name = f"{prefix}zero_pp_rank_{d}_mp_rank_{s.tp:02d}_optim_states.pt"
-            ctx.find("missing-optimizer-file", f"{name} (dp rank {d}, tp rank {s.tp}) is missing: "
-                     f"its part of tp rank {s.tp}'s shards is lost", REPLACE, file=name,
-                     rank=d * tp + s.tp)
 
 
 # -- split rules ------------------------------------------------------------------------------
