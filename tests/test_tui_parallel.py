@@ -83,10 +83,10 @@ async def test_param_detail_says_which_tp_rank_holds_which_rows_or_columns():
         await settle(app, pilot)
         expect = {
             "model.layers.0.mlp.gate_up_proj.weight": [  # two sub-params, split by rows each
-                "tp 0: rows 0..12 of 48; rows 24..36 of 48 (a 24×16 shard)",
-                "tp 1: rows 12..24 of 48; rows 36..48 of 48 (a 24×16 shard)"],
+                "tp 0: rows 0..12 of 48; rows 24..36 of 48 (24×16 shard)",
+                "tp 1: rows 12..24 of 48; rows 36..48 of 48 (24×16 shard)"],
             "model.layers.0.self_attn.o_proj.weight": [  # a row-parallel linear: columns
-                "tp 0: columns 0..8 of 16 (a 16×8 shard)", "tp 1: columns 8..16 of 16"],
+                "tp 0: columns 0..8 of 16 (16×8 shard)", "tp 1: columns 8..16 of 16"],
             "model.norm.weight": ["tp 0: the whole tensor (replicated"],
         }
         for name, lines in expect.items():

@@ -89,7 +89,7 @@ def shard_text(p: Param, shard) -> str:
         parts.append(", ".join(f"{DIM_WORDS.get(d, f'dim {d}')} {fmt.count(o)}..{fmt.count(o + n)}"
                                f" of {fmt.count(p.shape[d])}" for d, o, n in cut) or "all of it")
     shape = "×".join(map(str, shard.shape))
-    return f"{'; '.join(parts)} (a {shape} shard)"
+    return f"{'; '.join(parts)} ({shape} shard)"
 
 
 class ParamDetailScreen(WorkerOutcomes, Screen):
