@@ -35,7 +35,7 @@ def _nvme(tag):
 
 
 @pytest.mark.parametrize("make, layout", [
-    (_tensor_parallel, "tensor_parallel"), (_nvme, "nvme_offload"),
+    (_tensor_parallel, "tensor_parallel_unsupported"), (_nvme, "nvme_offload"),
 ])  # universal: described since issue 11 (tests/test_universal.py reads real ones)
 def test_unsupported_layouts_are_named_and_refused(tmp_path, make, layout):
     tag = copy_fixture(tmp_path, "s2_w2_bf16")

@@ -20,11 +20,8 @@ def describe_names_only(ctx: LoadContext) -> None:
     common.finish(ctx, names)
 
 
-def _unsupported(name: str, what: str, recognise: Callable[[LoadContext], bool],
-                 stage: int | None = None) -> Layout:
+def _unsupported(name: str, what: str, recognise: Callable[[LoadContext], bool]) -> Layout:
     def describe(ctx: LoadContext) -> None:
-        if stage is not None:
-            ctx.ckpt.stage = stage
         ctx.find("unsupported-layout", f"{what}: zinspect can show it but not merge it yet",
                  "for now use DeepSpeed's ds_to_universal.py for this layout")
         describe_names_only(ctx)
@@ -32,20 +29,14 @@ def _unsupported(name: str, what: str, recognise: Callable[[LoadContext], bool],
     return Layout(name, recognise, describe)
 
 
-UNIVERSAL = _unsupported("universal", "universal checkpoint folder (ds_to_universal.py output)",
-                         lambda ctx: "universal" in ctx.kinds)
-TENSOR_PARALLEL = _unsupported("tensor_parallel",
-                               "tensor-parallel checkpoint (several mp_rank_XX sets)",
+#: a tensor-parallel run the tensor_parallel layout does not describe (e.g. ZeRO-0 with TP: its
+#: masters live in the model states); its own name, so it can never pass for a mergeable layout
+TENSOR_PARALLEL = _unsupported("tensor_parallel_unsupported",
+                               "tensor-parallel checkpoint of a kind zinspect cannot merge yet "
+                               "(several mp_rank_XX sets)",
                                lambda ctx: len(ctx.mp_ranks) > 1)
-PIPELINE = _unsupported("pipeline", "pipeline-parallel checkpoint (layer_* files)",
-                        lambda ctx: "layer" in ctx.kinds)
-MOE = _unsupported("moe", "mixture-of-experts checkpoint (expert files)",
-                   lambda ctx: bool(ctx.kinds & {"expert", "expert_optim"}))
 NVME_OFFLOAD = _unsupported("nvme_offload",
                             "ZeRO-3 NVMe-offload checkpoint (masters in offloaded_tensors/)",
                             lambda ctx: "offload" in ctx.kinds)
-ZERO0 = _unsupported("zero0", "ZeRO-0 checkpoint (no ZeRO optimizer partitions)",
-                     lambda ctx: not ctx.optim_files and ctx.model_state is not None and
-                     ctx.model_state.get("optimizer") is not None, stage=0)
 #: the last entry of the registry: files no layout recognised
 UNKNOWN = Layout("unknown", lambda ctx: True, describe_names_only)
