@@ -85,10 +85,10 @@ def test_cli_json_and_exit_codes(capsys, tmp_path):
 # ------------------------------------------------------------------------------------ the app
 async def test_app_statistics_screen_table_and_layers():
     from test_tui_app import SIZE, settle
-    from textual.widgets import DataTable, Sparkline
+    from textual.widgets import Sparkline
 
     from zinspect.tui.app import ZinspectApp
-    from zinspect.tui.screens.stats import L2_COLUMN, StatisticsScreen
+    from zinspect.tui.screens.stats import L2_COLUMN, StatisticsScreen, StatsTable
 
     name = "s3_w2_fp32"
     ref = torch.load(FIXTURES / name / "reference_fp32.pt")
@@ -98,13 +98,13 @@ async def test_app_statistics_screen_table_and_layers():
         await pilot.press("a")
         await settle(app, pilot)
         assert isinstance(app.screen, StatisticsScreen)
-        table = app.screen.query_one("#stats-table", DataTable)
-        rows = [table.get_row_at(i) for i in range(table.row_count)]
+        table = app.screen.query_one("#stats-table", StatsTable)  # drawn a screenful at a time
+        rows = [table.row_cells(i) for i in range(table.row_count)]
         l2 = [float(r[L2_COLUMN]) for r in rows]  # right after the name (80 columns show it)
         assert L2_COLUMN == 1
         assert l2 == sorted(l2, reverse=True)  # L2, largest first
         top = max((n for n in ref if ref[n].is_floating_point()), key=lambda n: ref[n].double().norm())
-        assert str(rows[0][0]) == top  # names are shown as literal Text
+        assert rows[0][0] == top  # names escaped (fmt.shown), never markup
         # per layer: the L2 norm of every param named `.N.`, in depth order
         layers = {}
         for n, t in ref.items():
@@ -115,7 +115,7 @@ async def test_app_statistics_screen_table_and_layers():
         assert [round(v, 9) for v in spark.data] == [round(math.sqrt(layers[i]), 9) for i in (0, 1)]
         await pilot.click("#stats-table", offset=(2, 0))  # the `name` header: sort by name
         await pilot.pause()
-        names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        names = [table.row_cells(i)[0] for i in range(table.row_count)]
         assert names == sorted(names)
         await pilot.press("escape")
         await pilot.pause()

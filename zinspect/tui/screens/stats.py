@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Header, Label, Sparkline
+from textual.widgets import Header, Label, Sparkline
 from textual.worker import get_current_worker
 
 from zinspect.core.model import Checkpoint
@@ -21,13 +21,14 @@ from zinspect.core.stats import TensorStats
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
-from zinspect.tui.text import literal
+from zinspect.core.fmt import shown
+from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 #: (column title, sort key of a TensorStats, its cell); the outlier columns (L2, max|x|, NaN,
 #: Inf) right after the name: at 80 columns they are what shows
 COLUMNS = [
-    ("name", lambda s: s.name, lambda s: literal(s.name, 60)),
+    ("name", lambda s: s.name, lambda s: shown(s.name, 200)),
     ("L2", lambda s: s.l2, lambda s: _num(s.l2)),
     ("max|x|", lambda s: _key(s.max_abs), lambda s: _num(s.max_abs)),
     ("NaN", lambda s: s.nan, lambda s: f"{s.nan:,}"),
@@ -40,6 +41,8 @@ COLUMNS = [
     ("zeros", lambda s: s.zero_fraction, lambda s: f"{s.zero_fraction:.1%}"),
 ]
 L2_COLUMN = 1
+#: narrow screens: these make way (first to last) before a name is cut
+DROP = {"zeros": 1, "std": 2, "mean": 3, "min": 4, "max": 5, "numel": 6}
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -60,6 +63,29 @@ def layer_norms(stats: list[TensorStats]) -> list[tuple[int, float]]:
         if m:
             sums[int(m[1])] = sums.get(int(m[1]), 0.0) + s.sumsq
     return [(i, math.sqrt(v)) for i, v in sorted(sums.items())]
+
+
+class StatsTable(VirtualTable):
+    """One row per tensor, drawn a screenful at a time (a DataTable measuring 300k rows froze
+    the app for seconds); a click on a header sorts by that column."""
+
+    def __init__(self, stats: list[TensorStats], **kwargs) -> None:
+        widths = [max([len(title), *(len(cell(s)) for s in stats[:2000])])
+                  for title, _, cell in COLUMNS[1:]]
+        columns = [Column("name", 16, flex=True, middle=True),
+                   *(Column(title, width, right=True, drop=DROP.get(title, 0)) for (title, _, _), width
+                     in zip(COLUMNS[1:], widths, strict=True))]
+        super().__init__(columns, **kwargs)
+        self.rows: list[TensorStats] = []
+        self.flex_wants = max((len(shown(s.name, 200)) for s in stats), default=0)
+
+    def set_rows(self, rows: list[TensorStats]) -> None:
+        self.rows = rows
+        self.set_row_count(len(rows))
+
+    def row_cells(self, index: int) -> list[str]:
+        s = self.rows[index]
+        return [cell(s) for _, _, cell in COLUMNS]
 
 
 class StatisticsScreen(WorkerOutcomes, Screen):
@@ -135,24 +161,19 @@ class StatisticsScreen(WorkerOutcomes, Screen):
             await box.mount(Label(f"L2 norm per layer, layers {layers[0][0]}..{layers[-1][0]} "
                                   f"(max {note})", id="stats-layers-label"),
                             Sparkline(norms, summary_function=max, id="stats-layers"))
-        table = DataTable(id="stats-table", cursor_type="row", zebra_stripes=True)
+        table = StatsTable(stats, id="stats-table")
         await box.mount(table)
-        for title, _, _ in COLUMNS:
-            table.add_column(title, key=title)
         self.fill_table()
         table.focus()
 
     def fill_table(self) -> None:
-        table = self.query_one("#stats-table", DataTable)
-        table.clear()
         rows = sorted(self.stats or [], key=COLUMNS[self.sort_column][1], reverse=self.reverse)
-        for s in rows:
-            table.add_row(*(cell(s) for _, _, cell in COLUMNS), key=s.name)
+        self.query_one("#stats-table", StatsTable).set_rows(rows)
         self.sub_title = f"sorted by {COLUMNS[self.sort_column][0]}" + (" ↓" if self.reverse else " ↑")
 
-    @on(DataTable.HeaderSelected)
-    def sort_by_header(self, event: DataTable.HeaderSelected) -> None:
-        index = event.column_index
+    @on(VirtualTable.HeaderClicked, "#stats-table")
+    def sort_by_header(self, event: VirtualTable.HeaderClicked) -> None:
+        index = event.column
         self.reverse = not self.reverse if index == self.sort_column else index != 0
         self.sort_column = index
         self.fill_table()

@@ -77,6 +77,18 @@ class VirtualTable(ScrollView, can_focus=True):
     class RowChosen(RowHighlighted):
         """Enter or a click on a row."""
 
+    class HeaderClicked(Message):
+        """A click on a column's header (e.g. to sort by it)."""
+
+        def __init__(self, table: VirtualTable, column: int) -> None:
+            super().__init__()
+            self.table = table
+            self.column = column
+
+        @property
+        def control(self) -> VirtualTable:
+            return self.table
+
     def __init__(self, columns: list[Column], row_count: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.columns = columns
@@ -191,6 +203,15 @@ class VirtualTable(ScrollView, can_focus=True):
             self.post_message(self.RowChosen(self, self.cursor))
 
     def on_click(self, event: Click) -> None:
+        if event.y == 0:  # the header: which column's cells lie under the pointer
+            x, start = self.scroll_offset.x + event.x, 0
+            for i, width in enumerate(self._widths()):
+                if width is not None:
+                    if start <= x < start + width + 1:
+                        self.post_message(self.HeaderClicked(self, i))
+                        return
+                    start += width + 1
+            return
         index = self.scroll_offset.y + event.y - 1
         if event.y >= 1 and 0 <= index < self.row_count:
             self.cursor = index
