@@ -166,6 +166,9 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         owner, holder = self.owner, self.holder
         self.aliases = [n for n, q in self.view.ckpt.params.items() if q.tied_to == self.param_name]
         whose = Text("Coverage of its elements by rank")
+        if holder is not None and holder.shards:  # the bar lays the shards end to end
+            whose = Text(f"Coverage of its tp shards, tp 0 to {max(holder.shards)} end to end, "
+                         "by data-parallel rank")
         if owner is not None:
             whose = Text.assemble("Coverage of its owner ", literal(owner.name, 120),
                                   " by rank (the same values)")
