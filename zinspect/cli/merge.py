@@ -146,7 +146,7 @@ def run(args) -> int:
     if tree:  # what the output format does not carry (the announce said the merge's notes)
         for note in result.notes:
             print(f"zinspect: note: {note}", file=sys.stderr)
-    _report_verification(result, plan)
+    _report_verification(result, {**plan.dropped, **(output.states.dropped if output.states else {})})
     return 1 if dropped else 0
 
 
@@ -203,13 +203,13 @@ def _report_merge(result, dropped: dict) -> None:
               f"(listed above): {ellipsis([fmt.shown(n, 80) for n in dropped], 5)}", file=err)
 
 
-def _report_verification(result, plan) -> None:
+def _report_verification(result, announced: dict) -> None:
     """What the stream found: params --salvage dropped for a failed CRC (after the announce),
     NaN/Inf written (a warning naming the params), records not read whole (not CRC-checked)."""
     from zinspect.core import fmt
 
     err = sys.stderr
-    late = {n: why for n, why in result.dropped.items() if n not in plan.dropped}
+    late = {n: why for n, why in result.dropped.items() if n not in announced}
     for name, why in list(late.items())[:20]:
         print(f"zinspect: dropped {fmt.shown(name)}: {fmt.shown(why, 300)}", file=err)
     for line in result.warnings[:20]:
