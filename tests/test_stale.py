@@ -86,3 +86,16 @@ def test_salvage_leaves_out_every_param_the_stale_file_holds(stale_copy, tmp_pat
     for name, t in got.items():
         assert t.dtype == ref[name].dtype or t.dtype == torch.float32, name
         assert torch.equal(t.reshape(-1).view(torch.uint8), ref[name].reshape(-1).view(torch.uint8)), name
+
+
+def test_a_file_beyond_the_world_size_is_one_finding_not_mapping_warnings(tmp_path):
+    """The README's example: rank 2 lost, a leftover rank-7 file in the dir. The leftover is a
+    stale-rank-file (and, saved a step later, a step-mismatch); its param_slice_mappings are not
+    compared with a partition it does not have (that gave one slice-mapping-mismatch per group)."""
+    tag = copy_fixture(tmp_path, "s2_w4_fp16")
+    (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    shutil.copy(STALE / CASES["s2_w4_fp16"][0], tag / "zero_pp_rank_7_mp_rank_00_optim_states.pt")
+    ckpt = open_checkpoint(tag)
+    on_rank7 = sorted({f.code for f in ckpt.findings if f.rank == 7})
+    assert on_rank7 == ["stale-rank-file", "step-mismatch"]
+    assert not [f for f in ckpt.findings if f.code == "slice-mapping-mismatch"]
