@@ -51,6 +51,7 @@ CODES: dict[str, tuple[str, str]] = {
     "zero0-frozen-unknown": (INFO, "a ZeRO-0 fp32 run's frozen params cannot be told"),
     "pipeline-tied-unnamed": (WARNING, "a ZeRO-0 pipeline's tied layer, named by its index"),
     "pipeline-stages-unknown": (INFO, "a ZeRO-0 pipeline's frozen params cannot be told"),
+    "tied-copy-drift": (WARNING, "a tied param differs between pipeline stages (merge: lowest written)"),
     # ranks and runs
     "world-size-unknown": (ERROR, "no readable optimizer file says the world size"),
     "missing-optimizer-file": (ERROR, "a rank's optimizer file is missing"),

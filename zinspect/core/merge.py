@@ -42,9 +42,11 @@ class MergeResult:
     format_dtype: str = "float32"
     overflow: dict[str, int] = field(default_factory=dict)  # 16-bit output: name -> finite->inf
     notes: list[str] = field(default_factory=list)  # what hf.prepare did (files copied...)
-    #: replicated tensor-parallel params whose tp ranks' copies differ: name -> {tp: max |a-b|}
+    #: params whose copies differ from the one written: name -> {tp rank or stage: max |a-b|}
     drift: dict[str, dict[int, float]] = field(default_factory=dict)
     states: list[str] = field(default_factory=list)  # optimizer states written (--state all)
+    #: what each drifted param's copies are on ("tp" ranks or pipeline "stage"s; DRIFT)
+    drift_axis: dict[str, str] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
@@ -53,13 +55,14 @@ class MergeResult:
         return [nonfinite_warning(name, nan, inf) for name, (nan, inf) in self.nonfinite.items()] + [
             f"{name}: {n:,} finite values overflowed to +-inf in {self.format_dtype}"
             for name, n in self.overflow.items()] + [
-            drift_warning(name, ranks) for name, ranks in self.drift.items()]
+            drift_warning(name, ranks, self.drift_axis.get(name, "tp"))
+            for name, ranks in self.drift.items()]
 
     @property
     def findings(self) -> list[Finding]:
-        """What the stream found that validation could not: replicas that drifted."""
-        return [codes.finding("tp-replica-drift", drift_warning(name, ranks), DRIFT_HINT,
-                              param=name) for name, ranks in self.drift.items()]
+        """What the stream found that validation could not: copies that drifted."""
+        return [drift_finding(name, ranks, self.drift_axis.get(name, "tp"))
+                for name, ranks in self.drift.items()]
 
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "format": self.format,
@@ -211,9 +214,11 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                                              list(verification.nonfinite.items())[:5])
                                    + "; nothing was written (--strict)", NONFINITE_HINT)
             if strict and verification.drift:
-                raise NotMergeable("; ".join(drift_warning(n, r) for n, r in
-                                             list(verification.drift.items())[:5])
-                                   + "; nothing was written (--strict)", DRIFT_HINT)
+                axes = drift_axes(plan)
+                drifted = list(verification.drift.items())[:5]
+                raise NotMergeable("; ".join(drift_warning(n, r, axes.get(n, "tp")) for n, r in
+                                             drifted) + "; nothing was written (--strict)",
+                                   DRIFT[axes.get(drifted[0][0], "tp")][3])
             final = out.commit()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -231,7 +236,8 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                        dict(verification.nonfinite),
                        next((t.dtype for t in plan.tensors if t.dtype in NARROW), "float32"),
                        dict(meter.overflow), list(output.notes), dict(verification.drift),
-                       list(output.states.tensors) if output.states else [])
+                       list(output.states.tensors) if output.states else [],
+                       {n: a for n, a in drift_axes(plan).items() if n in verification.drift})
 
 
 NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "
@@ -243,10 +249,30 @@ DRIFT_HINT = ("the tp ranks' copies of a replicated param should be identical: t
               "the lowest tp rank's copy was written")
 
 
-def drift_warning(name: str, ranks: dict[int, float]) -> str:
-    worst = max(ranks.values())
-    return (f"{name}: replicated on every tp rank, but tp rank(s) {', '.join(map(str, sorted(ranks)))}"
-            f" differ from the copy written by up to {worst:.6g}")
+TIED_DRIFT_HINT = ("a tied param's copies on the pipeline stages should be identical: the stages "
+                   "diverged or a stage's files are from another save; the lowest stage's copy "
+                   "was written")
+
+#: a mirror's axis -> (finding code, how the param is held, what `replica` numbers, hint)
+DRIFT = {"tp": ("tp-replica-drift", "replicated on every tp rank", "tp rank(s)", DRIFT_HINT),
+         "stage": ("tied-copy-drift", "tied, with a copy on each pipeline stage using it",
+                   "pipeline stage(s)", TIED_DRIFT_HINT)}
+
+
+def drift_warning(name: str, ranks: dict[int, float], axis: str = "tp") -> str:
+    _, held, unit, _ = DRIFT[axis]
+    return (f"{name}: {held}, but {unit} {', '.join(map(str, sorted(ranks)))}"
+            f" differ from the copy written by up to {max(ranks.values()):.6g}")
+
+
+def drift_finding(name: str, ranks: dict[int, float], axis: str = "tp") -> Finding:
+    return codes.finding(DRIFT[axis][0], drift_warning(name, ranks, axis), DRIFT[axis][3],
+                         param=name)
+
+
+def drift_axes(plan: MergePlan) -> dict[str, str]:
+    """What each compared tensor's copies are on: name -> "tp" or "stage"."""
+    return {t.name: t.mirrors[0].axis for t in plan.tensors if t.mirrors}
 
 
 def nonfinite_warning(name: str, nan: int, inf: int) -> str:

@@ -68,10 +68,12 @@ class OutputTensor:
     #: (index of its first piece, Weave): pieces read as blocks and interleaved into rows;
     #: pieces outside every weave are copied as they are
     weaves: tuple[tuple[int, Weave], ...] = ()
-    #: replicated tensor-parallel params: the other tp ranks' copies (same element order,
-    #: `replica` = their tp rank), read after the tensor and compared with it, never written
+    #: other copies of the same values, read after the tensor and compared with it, never
+    #: written: a replicated tensor-parallel param's other tp ranks, a tied pipeline param's
+    #: other stages (same element order; `replica` = their tp rank or stage, `axis` says which)
     mirrors: list[OutputTensor] = field(default_factory=list)
     replica: int | None = None
+    axis: str = "tp"  # "tp" or "stage" (merge.DRIFT words each one's drift)
 
     @property
     def numel(self) -> int:
@@ -221,19 +223,29 @@ def param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
     `fragments` (another optimizer state's)."""
     from zinspect.core import shardplan
 
+    # an alias re-reads its owner's bytes, another state has its own: copies compared once
+    compared = tied_to is None and fragments is None
     fragments = p.fragments if fragments is None else fragments
     frags = sorted((f for f in fragments if f.numel), key=lambda f: f.start)
     src = frags[0].dtype if frags else "float32"
     out = _out_dtype("float32" if src in UPCAST else src, dtype)
     if not p.shards:
-        pieces = [Piece(str(ckpt.path / f.file), f.offset, f.nbytes) for f in frags]
-        return OutputTensor(name, p.shape, out, src, pieces, tied_to)
+        return OutputTensor(name, p.shape, out, src, _pieces(ckpt, frags), tied_to, mirrors=[
+            OutputTensor(name, p.shape, src, src, _pieces(ckpt, c), replica=stage, axis="stage")
+            for stage, c in sorted(p.copies.items()) if compared and
+            all(f.dtype == src for f in c) and first_problem(p.numel, list(c)) is None])
     pieces, weaves, mirrors = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file),
                                                     fragments)
     # an alias re-reads its owner's bytes: the replicas are compared once, for the owner
     return OutputTensor(name, p.shape, out, src, pieces, tied_to, weaves,
                         [] if tied_to else [OutputTensor(name, p.shape, src, src, m, replica=t)
                                             for t, m in mirrors.items()])
+
+
+def _pieces(ckpt: Checkpoint, fragments: Sequence[Fragment]) -> list[Piece]:
+    """The pieces of a flat tensor held by `fragments`, in element order."""
+    return [Piece(str(ckpt.path / f.file), f.offset, f.nbytes)
+            for f in sorted(fragments, key=lambda f: f.start) if f.numel]
 
 
 def output_nbytes(ckpt: Checkpoint, excluded: set[str], dtype: str = "float32") -> int:
