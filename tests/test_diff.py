@@ -208,3 +208,56 @@ def test_a_bf16_output_equals_its_checkpoint_within_a_tolerance(tmp_path, capsys
     assert r.equal, [p.name for p in r.params if not p.within]
     assert main(["diff", str(CKPT), str(out), "--rtol", "4e-3"]) == 0
     assert main(["diff", str(CKPT), str(out)]) == 1
+
+
+@pytest.mark.parametrize("window", [4096, None])  # several windows a tensor / one window for all
+def test_nan_and_inf_in_bytes_identical_on_both_sides_are_counted_on_both(tmp_path, monkeypatch,
+                                                                          window):
+    """B's NaN/Inf are taken from A's count where the bytes are the same (whole windows, or one
+    tensor of a window that differs elsewhere): still counted and reported on both sides."""
+    from zinspect.core import diff
+    from zinspect.core.stats import compute_stats, nonfinite_findings
+
+    if window:
+        monkeypatch.setattr(diff, "WINDOW", window)
+    g = torch.Generator().manual_seed(0)
+    sd = {"a": torch.randn(3000, generator=g), "b": torch.randn(10, 10, generator=g),
+          "c": torch.randn(50, generator=g)}
+    sd["a"][[10, 2900]] = torch.tensor([float("inf"), float("-inf")])
+    sd["a"][5] = sd["b"][0, 3] = float("nan")
+    save_file(sd, tmp_path / "a.safetensors")
+    sd["c"][7] += 1  # "b" and "c" share B's last window: it is not identical, "b" is
+    save_file(sd, tmp_path / "b.safetensors")
+    r = _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    got = {p.name: (p.nan_a, p.inf_a, p.nan_b, p.inf_b, p.identical) for p in r.params}
+    assert got == {"a": (1, 2, 1, 2, True), "b": (1, 0, 1, 0, True), "c": (0, 0, 0, 0, False)}
+    (c,) = [p for p in r.params if not p.within]
+    assert c.name == "c" and c.differing == 1 and c.first_index == 7 and c.max_abs == 1.0
+    stats = nonfinite_findings(compute_stats(open_source(tmp_path / "b.safetensors").tensors))
+    assert [f.message for f in r.findings()] == [f.message + side for name in ("a", "b")
+                                                 for side in (" in A", " in B")
+                                                 for f in stats if f.param == name]
+    # ||a||^2 is still summed over the finite values only
+    a = sd["a"].double()
+    assert next(p for p in r.params if p.name == "a").a_sq == pytest.approx(
+        a[a.isfinite()].square().sum().item(), rel=1e-12)
+
+
+def test_one_ulp_in_one_window_of_a_large_tensor_is_found_and_located(tmp_path, monkeypatch):
+    """Every other window is bit-identical (one memcmp each): the one that is not is compared
+    element by element, and the element is located in the full tensor."""
+    from zinspect.core import diff
+
+    monkeypatch.setattr(diff, "WINDOW", 1 << 20)  # 262144 fp32 values a window: 3 windows
+    w = torch.randn(768, 1024, generator=torch.Generator().manual_seed(1))
+    save_file({"w": w}, tmp_path / "a.safetensors")
+    v = w.clone()
+    v.view(torch.int32)[511, 1023] ^= 1  # the last element of the second window, lowest bit
+    save_file({"w": v}, tmp_path / "b.safetensors")
+    r = _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    (p,) = r.params
+    assert not r.equal and p.differing == 1 and p.to_json()["first_position"] == [511, 1023]
+    d = (w.double() - v.double()).abs()
+    assert p.max_abs == d.max().item() > 0
+    assert p.rel_l2 == pytest.approx((d.norm() / w.double().norm()).item(), rel=1e-9)
+    assert _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rtol=1e-6).equal
