@@ -11,6 +11,8 @@ The merged output is written once under --scratch (default /work/scratch/g/bench
 Peak RSS is the process's (ru_maxrss) after each phase. `--before FILE` also times the
 diff_tensors of another diff.py (e.g. `git show bd7f209:zinspect/core/diff.py > /tmp/d.py`:
 the diff that waited on each window's reads), after the current one, for a before/after.
+CPU times are all threads' (process_time) of the best run: steadier than wall time when the
+machine is shared.
 
     python tests/tools/bench_stats.py /work/scratch/b/s3_w4_60M /work/scratch/b/s3_w4_122M --runs 2
 """
@@ -83,6 +85,7 @@ def bench(ckpt: Path, out: Path, runs: int, before=None) -> None:
     floor(a, b)  # warm the cache
     f1 = best(lambda: floor([t for t in a if t.tied_to is None]), runs)
     f2 = best(lambda: floor(a, b), runs)
+    cpu_f2 = CPU["last"]
     ts = best(lambda: compute_stats(a), runs)
     r1 = rss_mib()
     td = best(lambda: diff_tensors(a, b), runs)
@@ -93,7 +96,7 @@ def bench(ckpt: Path, out: Path, runs: int, before=None) -> None:
     print(f"  stats  {ts:6.2f} s  floor {f1:6.2f} s  ({ts / f1:4.1f}x, {na / mib / ts:,.0f} MiB/s)"
           f"  peak RSS {r1:,.0f} MiB")
     print(f"  diff   {td:6.2f} s  floor {f2:6.2f} s  ({td / f2:4.1f}x, {(na + nb) / mib / td:,.0f}"
-          f" MiB/s)  peak RSS {r2:,.0f} MiB  CPU {cpu_d:.2f} s")
+          f" MiB/s)  peak RSS {r2:,.0f} MiB  CPU {cpu_d:.2f} s (floor's {cpu_f2:.2f} s)")
     if before is not None:
         tb = best(lambda: before(a, b), runs)
         print(f"  before {tb:6.2f} s  floor {f2:6.2f} s  ({tb / f2:4.1f}x)  peak RSS {rss_mib():,.0f} MiB"
