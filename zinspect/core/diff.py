@@ -307,28 +307,46 @@ def _compare(p: ParamDiff, dtype_a: str, dtype_b: str, ba: memoryview, bb: memor
 
     p.identical = False
     x, y = as_float64(ba, dtype_a, scratch, 0), as_float64(bb, dtype_b, scratch, 1)
+    n = len(x)
     with np.errstate(invalid="ignore", over="ignore"):
-        d = np.abs(x - y)
-        both_nan = np.isnan(x) & np.isnan(y)
-        same_values = x == y  # equal infinities too
-        if exact and dtype_a == dtype_b:  # bit-identity: -0 vs 0, NaN payloads differ too
-            w = DTYPE_SIZES[dtype_a]
-            bad = (np.frombuffer(ba, "u1").reshape(-1, w) != np.frombuffer(bb, "u1").reshape(-1, w)
-                   ).any(axis=1)
+        d = np.abs(np.subtract(x, y, out=scratch.get(2, n)), out=scratch.get(2, n))
+        sq = float(np.einsum("i,i->", d, d))
+        if math.isfinite(sq):  # every |a-b| finite: no NaN or Inf on either side here
+            p.diff_sq += sq
+            if n:
+                p.max_abs = max(p.max_abs, float(d.max()))
+            if exact and dtype_a == dtype_b:  # bit-identity: -0 vs 0 differ too
+                bad = _unequal_elements(ba, bb, dtype_a)
+            else:  # x == y means d == 0 <= the tolerance: the same test as below
+                tol = np.multiply(np.abs(y, out=scratch.get(3, n)), rtol, out=scratch.get(3, n))
+                bad = np.greater(d, np.add(tol, atol, out=tol), out=scratch.get(4, n, "?"))
         else:
-            bad = ~((d <= atol + rtol * np.abs(y)) | both_nan | same_values)
-        fin = np.where(np.isfinite(d), d, 0.0)
-        p.diff_sq += float(np.einsum("i,i->", fin, fin))
-        if (~np.isfinite(d) & ~both_nan & ~same_values).any():
-            p.max_abs = math.inf
-        elif len(fin):
-            p.max_abs = max(p.max_abs, float(fin.max()))
+            both_nan = np.isnan(x) & np.isnan(y)
+            same_values = x == y  # equal infinities too
+            if exact and dtype_a == dtype_b:  # bit-identity: NaN payloads differ too
+                bad = _unequal_elements(ba, bb, dtype_a)
+            else:
+                bad = ~((d <= atol + rtol * np.abs(y)) | both_nan | same_values)
+            fin = np.where(np.isfinite(d), d, 0.0)
+            p.diff_sq += float(np.einsum("i,i->", fin, fin))
+            if (~np.isfinite(d) & ~both_nan & ~same_values).any():
+                p.max_abs = math.inf
+            elif len(fin):
+                p.max_abs = max(p.max_abs, float(fin.max()))
     n_bad = int(np.count_nonzero(bad))
     if n_bad:
         p.within = False
         p.differing += n_bad
         if p.first_index is None:
             p.first_index = start + int(np.argmax(bad))
+
+
+def _unequal_elements(ba: memoryview, bb: memoryview, dtype: str):
+    """Per element of `dtype`: do its bytes differ? (compared as unsigned ints of its width)"""
+    import numpy as np
+
+    w = DTYPE_SIZES[dtype]
+    return np.frombuffer(ba, f"u{w}") != np.frombuffer(bb, f"u{w}")
 
 
 def _values(data: memoryview, dtype: str, scratch: Scratch, slot: int = 0):
