@@ -46,12 +46,9 @@ def test_the_other_stages_copies_are_read_and_equal(tmp_path, name):
         assert got[n].dtype == v.dtype and torch.equal(got[n], v), n
 
 
-@pytest.mark.parametrize("name", PIPELINES)
-def test_a_drifted_stage_copy_is_a_warning_and_strict_refuses(tmp_path, name):
-    """Stage 1's copy of the tied embedding is 0.5 off at one element, its zip CRC updated (a
-    drifted run, not a corrupt file): `merge --json` exits 0 with a tied-copy-drift warning
-    naming the param, stage 1 and the difference, and writes stage 0's copy (= the reference);
-    `--strict` refuses and writes nothing."""
+def drifted_copy(tmp_path, name: str) -> tuple:
+    """A copy of the fixture whose stage-1 copy of the tied embedding is 0.5 off at one element,
+    its zip CRC updated; (root, the difference as float32 arithmetic gives it)."""
     root = D.copy_root(tmp_path, name, "drift")
     ckpt = open_checkpoint(root)
     frag = next(f for f in ckpt.params[TIED].copies[1] if f.numel)
@@ -65,6 +62,16 @@ def test_a_drifted_stage_copy_is_a_warning_and_strict_refuses(tmp_path, name):
     D.set_crc(path, D.record_holding(path, at)[0].split("/", 1)[1])
     want = float(np.float32(np.float32(old) + np.float32(0.5)) - np.float32(old))
     assert open_checkpoint(root).findings == []  # only the merge's comparison can see it
+    return root, want
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_a_drifted_stage_copy_is_a_warning_and_strict_refuses(tmp_path, name):
+    """Stage 1's copy of the tied embedding is 0.5 off at one element, its zip CRC updated (a
+    drifted run, not a corrupt file): `merge --json` exits 0 with a tied-copy-drift warning
+    naming the param, stage 1 and the difference, and writes stage 0's copy (= the reference);
+    `--strict` refuses and writes nothing."""
+    root, want = drifted_copy(tmp_path, name)
 
     r = run_zinspect("merge", root, tmp_path / "out", "--json", "--no-hf-files")
     assert r.returncode == 0, r.stderr
@@ -83,3 +90,14 @@ def test_a_drifted_stage_copy_is_a_warning_and_strict_refuses(tmp_path, name):
     assert r.returncode == 1 and TIED in r.stderr and "--strict" in r.stderr, r.stderr
     assert "pipeline stage(s) 1" in r.stderr
     assert not (tmp_path / "strict").exists()
+
+
+def test_the_api_names_a_drifted_stage_copy_as_a_pipeline_stage(tmp_path):
+    """get_fp32_state_dict warns about the drift in the words of its axis (it said "tp rank")."""
+    import zinspect
+
+    root, _ = drifted_copy(tmp_path, PIPELINES[0])
+    with pytest.warns(RuntimeWarning, match=r"pipeline stage\(s\) 1 differ") as caught:
+        state = zinspect.get_fp32_state_dict(root)
+    assert not any("tp rank" in str(w.message) for w in caught)
+    assert torch.equal(state[TIED], reference(PIPELINES[0])[TIED])

@@ -350,6 +350,33 @@ async def test_findings_on_a_damaged_copy_jump_to_rank_and_param(tmp_path):
         assert table.cursor == 1 and table.has_focus
 
 
+async def test_knock_on_findings_are_folded_under_their_cause(tmp_path):
+    """Issue 14.4 in the app: a lost rank file is one finding; the params it takes down are its
+    knock-ons, listed right under it, marked and dimmed, and not counted as findings of their
+    own in the summary."""
+    app = ZinspectApp(str(damaged_copy(tmp_path)))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("4")
+        table = app.screen.query_one("#findings-table", FindingTable)
+        knock_ons = [f for f in app.view.ckpt.findings if f.cause]
+        assert knock_ons, "a missing rank file leaves params incomplete"
+        root = table.findings[0]
+        assert root.code == "missing-optimizer-file" and root.cause is None
+        under = table.findings[1:1 + len(knock_ons)]
+        assert {id(f) for f in under} == {id(f) for f in knock_ons}
+        assert table.row_cells(1)[1] == "↳ " + under[0].code
+        assert table.cell_style(1, 0).dim
+        summary = text_of(app.screen.query_one("#findings-summary", Static))
+        roots = len(app.view.ckpt.findings) - len(knock_ons)
+        assert summary.startswith(f"{roots} finding")
+        assert f"+{len(knock_ons)} knock-on" in summary
+        assert "param-coverage" not in summary.split("(+")[0]
+        await pilot.press("down")
+        assert f"knock-on of {root.code}: {root.where()}" in text_of(
+            app.screen.query_one("#finding-detail", Static))
+
+
 async def test_validate_again_rereads_from_disk(tmp_path):
     path = tmp_path / "ckpt"
     shutil.copytree(FIXTURES / "s2_w2_bf16", path)

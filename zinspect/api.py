@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterable
 
 from zinspect.core import open_checkpoint
-from zinspect.core.merge import MergeResult, drift_warning
+from zinspect.core.merge import MergeResult, drift_axes, drift_warning
 from zinspect.core.merge import merge as _merge
 from zinspect.core.plan import plan_merge
 from zinspect.core.selection import Selection
@@ -54,7 +54,9 @@ def get_fp32_state_dict(path: str | os.PathLike, tag: str | None = None, *,
                       + "; ".join(f"{n}: {why}" for n, why in list(plan.dropped.items())[:5]),
                       RuntimeWarning, stacklevel=2)
     if verification.drift:
-        warnings.warn("; ".join(drift_warning(n, r) for n, r in verification.drift.items()),
+        axes = drift_axes(plan)  # tp replicas or pipeline stage copies
+        warnings.warn("; ".join(drift_warning(n, r, axes.get(n, "tp"))
+                                for n, r in verification.drift.items()),
                       RuntimeWarning, stacklevel=2)
     if verification.nonfinite:
         warnings.warn("NaN/Inf in " + ", ".join(

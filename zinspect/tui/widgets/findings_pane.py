@@ -20,9 +20,29 @@ from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 WHERE_SAMPLE, WHERE_MAX = 1000, 48
 
 
+KNOCK_ON_MARK = "↳ "
+
+
+def folded_order(findings: list[Finding]) -> list[Finding]:
+    """Each root cause followed by its knock-ons (core/rootcause.py marks them with `cause`):
+    one root cause reads as one finding, its consequences folded under it."""
+    under: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.cause is not None:
+            under.setdefault(f.cause, []).append(f)
+    out = []
+    for f in findings:
+        if f.cause is None:
+            out.append(f)
+            out += under.pop(f"{f.code}: {f.where()}", [])
+    for rest in under.values():  # a cause that is not a finding itself: keep them all
+        out += rest
+    return out
+
+
 def finding_columns(findings: list[Finding]) -> list[Column]:
     """Columns as wide as their contents; the message gets whatever width is left."""
-    codes = {f.code for f in findings}
+    codes = {KNOCK_ON_MARK + f.code if f.cause else f.code for f in findings}
     wheres = (len(f.where()) for f in findings[:WHERE_SAMPLE])
     return [
         Column("severity", 8),
@@ -42,11 +62,15 @@ class FindingTable(VirtualTable):
 
     def row_cells(self, index: int) -> list[str]:
         f = self.findings[index]
-        return [f.severity, f.code, f.where(), f.message.replace("\n", " ")]
+        code = KNOCK_ON_MARK + f.code if f.cause else f.code
+        return [f.severity, code, f.where(), f.message.replace("\n", " ")]
 
     def cell_style(self, index: int, column: int) -> Style | None:
+        f = self.findings[index]
+        if f.cause is not None:
+            return Style(dim=True)
         if column == 0:
-            return Style.parse(SEVERITY_STYLES[self.findings[index].severity])
+            return Style.parse(SEVERITY_STYLES[f.severity])
         return None
 
     def on_virtual_table_row_chosen(self, event: VirtualTable.RowChosen) -> None:
@@ -55,12 +79,17 @@ class FindingTable(VirtualTable):
 
 
 def findings_summary(findings: list[Finding]) -> Text:
-    """How many findings of each code: with thousands of rows, what the list holds at a glance."""
-    counts = Counter((f.severity, f.code) for f in findings)
-    text = Text(f"{len(findings):,} finding{'s' if len(findings) != 1 else ''}: ", style="bold")
+    """How many findings of each code: with thousands of rows, what the list holds at a glance.
+    Knock-ons are counted apart: one root cause is one finding."""
+    roots = [f for f in findings if f.cause is None]
+    counts = Counter((f.severity, f.code) for f in roots)
+    text = Text(f"{len(roots):,} finding{'s' if len(roots) != 1 else ''}: ", style="bold")
     for i, ((severity, code), n) in enumerate(counts.items()):
         text.append(" · " if i else "")
         text.append(f"{n:,} {code}", style=SEVERITY_STYLES[severity])
+    if folded := len(findings) - len(roots):
+        text.append(f" (+{folded:,} knock-on{'s' if folded != 1 else ''}, "
+                    f"{KNOCK_ON_MARK.strip()} under their cause)", style="dim")
     return text
 
 
@@ -70,7 +99,7 @@ class FindingsPane(Vertical):
 
     def __init__(self, ckpt: Checkpoint, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.findings: list[Finding] = list(ckpt.findings)
+        self.findings: list[Finding] = folded_order(ckpt.findings)
 
     def compose(self) -> ComposeResult:
         if self.findings:
@@ -94,6 +123,8 @@ class FindingsPane(Vertical):
         text = Text()
         text.append(f"{f.severity} {f.code}: ", style=SEVERITY_STYLES[f.severity])
         text.append(f.message)
+        if f.cause:
+            text.append(f"\nknock-on of {f.cause}", style="dim")
         if f.hint:
             text.append("\nhint: ", style="bold")
             text.append(f.hint)
