@@ -261,3 +261,18 @@ def test_one_ulp_in_one_window_of_a_large_tensor_is_found_and_located(tmp_path, 
     assert p.max_abs == d.max().item() > 0
     assert p.rel_l2 == pytest.approx((d.norm() / w.double().norm()).item(), rel=1e-9)
     assert _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rtol=1e-6).equal
+
+
+def test_nan_and_inf_at_the_same_places_are_not_differences(tmp_path):
+    """A window with NaN/Inf takes the masked comparison (not the all-finite one): NaN against
+    NaN and Inf against Inf are equal, the one real change is found and measured finitely."""
+    a = torch.tensor([1.0, float("nan"), float("inf"), 2.0, float("-inf")], dtype=torch.float64)
+    b = a.clone()
+    b[3] += 1e-9
+    save_file({"w": a}, tmp_path / "a.safetensors")
+    save_file({"w": b}, tmp_path / "b.safetensors")
+    (p,) = _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors").params
+    assert (p.differing, p.first_index, p.nan_a, p.inf_a, p.nan_b, p.inf_b) == (1, 3, 1, 2, 1, 2)
+    assert p.max_abs == pytest.approx(1e-9, rel=1e-6)
+    assert _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rtol=1e-6).equal
+    assert not _diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", rtol=1e-12).equal
