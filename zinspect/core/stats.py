@@ -32,9 +32,9 @@ class Scratch:
     for x - mean on 512k values)."""
 
     def __init__(self) -> None:
-        self._bufs: dict[int, object] = {}
+        self._bufs: dict[object, object] = {}
 
-    def get(self, slot: int, n: int, dtype: str = "<f8"):
+    def get(self, slot: object, n: int, dtype: str = "<f8"):
         import numpy as np
 
         buf = self._bufs.get(slot)
@@ -48,8 +48,10 @@ def as_float64(data, dtype: str, scratch: Scratch | None = None, slot: int = 0):
     buffer `slot` when given: valid until the next call with that slot)."""
     import numpy as np
 
-    if dtype == "bfloat16":
-        src = (np.frombuffer(data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    if dtype == "bfloat16":  # the high half of an fp32
+        bits = np.frombuffer(data, "<u2")
+        wide = scratch.get(("bf16", slot), len(bits), "<u4") if scratch is not None else None
+        src = np.left_shift(bits, 16, out=wide, dtype=np.uint32).view(np.float32)
     elif dtype in NUMPY_DTYPES:
         src = np.frombuffer(data, NUMPY_DTYPES[dtype])
     else:
