@@ -372,6 +372,8 @@ async def test_knock_on_findings_are_folded_under_their_cause(tmp_path):
         assert summary.startswith(f"{roots} finding")
         assert f"+{len(knock_ons)} knock-on" in summary
         assert "param-coverage" not in summary.split("(+")[0]
+        assert app.screen.query_one("#tabs").get_tab("tab-findings").label.plain.startswith(
+            f"Findings ({roots})")
         await pilot.press("down")
         assert f"knock-on of {root.code}: {root.where()}" in text_of(
             app.screen.query_one("#finding-detail", Static))

@@ -34,7 +34,8 @@ class Inspector(Container):
 
     def compose(self) -> ComposeResult:
         view = self.view
-        findings = f"Findings ({len(view.ckpt.findings)})" + (" !" if view.ckpt.errors else "")
+        roots = sum(f.cause is None for f in view.ckpt.findings)  # knock-ons fold under them
+        findings = f"Findings ({roots})" + (" !" if view.ckpt.errors else "")
         with TabbedContent(initial=f"tab-{self.initial}", id="tabs"):
             with TabPane("Overview", id="tab-overview"):
                 yield Overview(view, id="overview")
