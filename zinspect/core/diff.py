@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 from zinspect.core.plan import OutputTensor, Piece
 from zinspect.core.model import Finding
-from zinspect.core.stats import NUMPY_DTYPES, Scratch, as_float64, tensor_nonfinite
+from zinspect.core.stats import Scratch, as_float64, tensor_nonfinite, values
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled, UsageError
@@ -289,7 +289,7 @@ def _facts(data: memoryview, dtype: str, scratch: Scratch, slot: int = 0) -> Fac
     count costs nothing unless there are some (or squares overflow float64)."""
     import numpy as np
 
-    x = _values(data, dtype, scratch, slot)
+    x = values(data, dtype, scratch, slot)
     sq = float(np.einsum("i,i->", x, x, dtype=np.float64))
     if math.isfinite(sq):
         return 0, 0, sq
@@ -347,15 +347,6 @@ def _unequal_elements(ba: memoryview, bb: memoryview, dtype: str):
 
     w = DTYPE_SIZES[dtype]
     return np.frombuffer(ba, f"u{w}") != np.frombuffer(bb, f"u{w}")
-
-
-def _values(data: memoryview, dtype: str, scratch: Scratch, slot: int = 0):
-    """The values as numpy reads them without a copy (fp32, fp64, fp16), else as float64."""
-    import numpy as np
-
-    if dtype in ("float32", "float64", "float16"):
-        return np.frombuffer(data, NUMPY_DTYPES[dtype])
-    return as_float64(data, dtype, scratch, slot)
 
 
 def _nonfinite(x, finite) -> tuple[int, int]:
