@@ -97,6 +97,11 @@ def test_nan_in_a_master_is_a_warning_naming_the_param(tmp_path):
     assert result["nonfinite"] == {"encoder.cube": {"nan": 1, "inf": 1}}
     assert any(w.startswith("encoder.cube: ") for w in result["warnings"])
     assert "warning: encoder.cube: 1 NaN and 1 Inf" in r.stderr
+    # reported as validate --deep, stats and diff report it (issue 13: the same codes)
+    numel = open_checkpoint(root).params["encoder.cube"].numel
+    assert [(f["code"], f["param"], f["message"]) for f in result["findings"]] == [
+        ("nan-values", "encoder.cube", f"encoder.cube: 1 of {numel:,} values are NaN in the output"),
+        ("inf-values", "encoder.cube", f"encoder.cube: 1 of {numel:,} values are Inf in the output")]
     assert (out / "model.safetensors").exists()
     deep = {f.code: f for f in deep_check(open_checkpoint(root))}  # the same counter
     assert set(deep) == {"nan-values", "inf-values"} and deep["nan-values"].param == "encoder.cube"

@@ -17,6 +17,7 @@ from zinspect.core.model import WARNING, Checkpoint, Finding
 from zinspect.core.outdir import OutputDir
 from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
+from zinspect.core.stats import tensor_nonfinite
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.verify import Verification, plan_without
 from zinspect.core.writers import WRITERS, index_json, plan_shards, writer
@@ -47,6 +48,8 @@ class MergeResult:
     states: list[str] = field(default_factory=list)  # optimizer states written (--state all)
     #: what each drifted param's copies are on ("tp" ranks or pipeline "stage"s; DRIFT)
     drift_axis: dict[str, str] = field(default_factory=dict)
+    #: elements of each tensor with NaN/Inf (for its findings' "n of N values")
+    nonfinite_numel: dict[str, int] = field(default_factory=dict)
 
     @property
     def warnings(self) -> list[str]:
@@ -60,9 +63,12 @@ class MergeResult:
 
     @property
     def findings(self) -> list[Finding]:
-        """What the stream found that validation could not: copies that drifted."""
-        return [drift_finding(name, ranks, self.drift_axis.get(name, "tp"))
-                for name, ranks in self.drift.items()]
+        """What the stream found that validation could not: NaN/Inf written (the codes and
+        words of validate --deep, stats and diff) and copies that drifted."""
+        return [f for name, (nan, inf) in self.nonfinite.items() for f in tensor_nonfinite(
+                    name, self.nonfinite_numel.get(name, 0), nan, inf, "the output")] + [
+            drift_finding(name, ranks, self.drift_axis.get(name, "tp"))
+            for name, ranks in self.drift.items()]
 
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "format": self.format,
@@ -237,7 +243,8 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                        next((t.dtype for t in plan.tensors if t.dtype in NARROW), "float32"),
                        dict(meter.overflow), list(output.notes), dict(verification.drift),
                        list(output.states.tensors) if output.states else [],
-                       {n: a for n, a in drift_axes(plan).items() if n in verification.drift})
+                       {n: a for n, a in drift_axes(plan).items() if n in verification.drift},
+                       {t.name: t.numel for t in plan.tensors if t.name in verification.nonfinite})
 
 
 NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "
