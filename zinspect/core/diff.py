@@ -163,7 +163,7 @@ def diff_tensors(a: list[OutputTensor], b: list[OutputTensor],
                         twin = same or (len(batch) > 1 and wa.dtype == wb.dtype
                                         and same_bytes(ba, bb, scratch))
                         # B's NaN/Inf: A's when the bytes are A's (computed once), else counted here
-                        fb = fa if twin else _facts(bb, wb.dtype, scratch, 2)
+                        fb = fa if twin else _facts(bb, wb.dtype, scratch, 5)
                         p.nan_a, p.inf_a, p.a_sq = p.nan_a + fa[0], p.inf_a + fa[1], p.a_sq + fa[2]
                         p.nan_b, p.inf_b = p.nan_b + fb[0], p.inf_b + fb[1]
                         if not twin:
