@@ -205,3 +205,19 @@ async def test_a_blown_up_param_comes_first_and_is_marked(tmp_path):
         assert table.rows[0].name == victim and table.rows[0].update_max > 1e4
         assert table.cell_style(0, column("upd max")) == OUTLIER
         assert all(table.cell_style(i, column("upd max")) is None for i in range(1, table.row_count))
+
+
+async def test_names_get_the_width_at_80_columns():
+    """Issue 14.1 for this view: at 80 columns the names were cut to 20 cells at their end
+    (`model.layers.0.self…` on every row); the later columns make way and names stay whole."""
+    app = ZinspectApp(str(FIXTURES / "parallel" / "tp2_dp2_s2_llama_bf16_tied"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_view(app, pilot)
+        table = screen.query_one(OptimizerTable)
+        longest = max(len(r.name) for r in table.rows)
+        widths = table._widths()
+        assert widths[column("name")] >= longest
+        assert widths[column("upd max")] is not None and widths[column("upd mean")] is not None
+        shown = [table.row_cells(i)[column("name")] for i in range(len(table.rows))]
+        assert all(COLS[column("name")].column.fit(n, widths[column("name")]).rstrip() == n
+                   for n in shown)

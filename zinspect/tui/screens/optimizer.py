@@ -50,17 +50,17 @@ class Col:
     value: Callable[[ParamOptimStats], object]  # what is shown and sorted by
 
 
-COLS = [  # the update first: at 80 columns the table shows the name and five numbers
-    Col(Column("name", 20, flex=True), lambda r: r.name),
+COLS = [  # the update first; on a narrow terminal the later columns make way for the names
+    Col(Column("name", 20, flex=True, middle=True), lambda r: r.name),
     Col(Column("upd max", 9, True), lambda r: _number(r.update_max)),
     Col(Column("upd mean", 9, True), lambda r: _number(r.update_mean)),
-    Col(Column("L2 master", 9, True), lambda r: r.master_l2),
-    Col(Column("L2 m", 9, True), lambda r: _number(r.exp_avg_l2)),
-    Col(Column("L2 √v", 9, True), lambda r: _number(r.sqrt_exp_avg_sq_l2)),
-    Col(Column("max|x|", 9, True), lambda r: r.master_max_abs),
-    Col(Column("NaN/Inf", 7, True), lambda r: r.nonfinite),
-    Col(Column("numel", 9, True), lambda r: r.numel),
-    Col(Column("group", 5, True), lambda r: -1 if r.group is None else r.group),
+    Col(Column("L2 master", 9, True, drop=6), lambda r: r.master_l2),
+    Col(Column("L2 m", 9, True, drop=5), lambda r: _number(r.exp_avg_l2)),
+    Col(Column("L2 √v", 9, True, drop=4), lambda r: _number(r.sqrt_exp_avg_sq_l2)),
+    Col(Column("max|x|", 9, True, drop=3), lambda r: r.master_max_abs),
+    Col(Column("NaN/Inf", 7, True, drop=7), lambda r: r.nonfinite),
+    Col(Column("numel", 9, True, drop=2), lambda r: r.numel),
+    Col(Column("group", 5, True, drop=1), lambda r: -1 if r.group is None else r.group),
 ]
 
 
@@ -90,6 +90,7 @@ class OptimizerTable(VirtualTable):
     def __init__(self, rows: list[ParamOptimStats], sort: int, **kwargs) -> None:
         super().__init__([c.column for c in COLS], len(rows), **kwargs)
         self.rows = rows
+        self.flex_wants = max((len(shown(r.name, 200)) for r in rows[:2000]), default=0)
         updates = [r.update_max for r in rows if r.update_max is not None
                    and math.isfinite(r.update_max)]
         #: an update max this far above the median is marked: the params that blew up
@@ -127,6 +128,8 @@ class OptimizerTable(VirtualTable):
             return
         x = event.x + self.scroll_offset.x
         for i, width in enumerate(self._widths()):
+            if width is None:  # left out on a narrow terminal
+                continue
             if x < width + 1:
                 self.sort_by(i)
                 self.screen.show_sorting()  # type: ignore[attr-defined]
