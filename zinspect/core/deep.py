@@ -37,16 +37,9 @@ from zinspect.core.filechecks import unsafe_pickle_finding
 from zinspect.core.model import Checkpoint, Finding, RankFile
 from zinspect.core.readfiles import SourceFiles, open_regular
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
-from zinspect.core.torchzip import (
-    DTYPE_SIZES,
-    LOCAL_HEADER,
-    NoZipDirectory,
-    PickleMemo,
-    central_directory,
-    local_data_offset,
-    read_torch_file,
-)
+from zinspect.core.torchzip import DTYPE_SIZES, PickleMemo, read_torch_file
 from zinspect.core.verify import CRC_HINT, FLOAT_DTYPES, RecordCheck, count_nonfinite
+from zinspect.core.zipcheck import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
 from zinspect.errors import MergeCancelled, UnreadableFile, ZinspectError
 
 CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize

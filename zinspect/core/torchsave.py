@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from zinspect.core.plan import OutputTensor, Piece
-from zinspect.core.torchzip import (
+from zinspect.core.torchpickle import (
     _ALLOWED,
     DTYPE_SIZES,
     STORAGE_DTYPES,

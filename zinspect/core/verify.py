@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from zinspect.core.readfiles import open_regular
-from zinspect.core.torchzip import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
+from zinspect.core.zipcheck import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
 from zinspect.errors import NotMergeable
 
 #: a record whose unplanned bytes are at most 1/GAP_SHARE of it, or GAP_BYTES, is read whole
