@@ -3,7 +3,6 @@ rename them into place only when all are complete. After an error or a cancel, n
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Callable
@@ -14,14 +13,14 @@ from zinspect.core import codes, hf
 from zinspect.core import states as states_mod
 from zinspect.core.dtypes import NARROW, output_dtype
 from zinspect.core.model import WARNING, Checkpoint, Finding
-from zinspect.core.outdir import OutputDir
+from zinspect.core.outdir import OutputDir, writing_failed
 from zinspect.core.plan import MergePlan, parse_size, plan_merge
 from zinspect.core.selection import Selection
 from zinspect.core.stats import tensor_nonfinite
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop
 from zinspect.core.verify import Verification, plan_without
 from zinspect.core.writers import WRITERS, index_json, plan_shards, writer
-from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
+from zinspect.errors import MergeCancelled, NotMergeable, UsageError
 
 __all__ = ["MergePlan", "MergeResult", "merge", "parse_size", "plan_merge"]
 
@@ -227,11 +226,7 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
                                    DRIFT[axes.get(drifted[0][0], "tp")][3])
             final = out.commit()
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"{out_dir}: the disk is full; nothing was written",
-                              "free some space or write to another disk") from e
-        raise OutputError(f"{out_dir}: writing failed ({e.strerror or e}); nothing was "
-                          "written", "check the output directory") from e
+        raise writing_failed(out_dir, e) from e
     except KeyboardInterrupt as e:
         raise MergeCancelled("merge interrupted; nothing was written") from e
     dropped = {**plan.dropped, **(output.states.dropped if output.states else {})}

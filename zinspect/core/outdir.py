@@ -357,6 +357,16 @@ class OutputDir:
         self.created = []
 
 
+def writing_failed(out_dir, e: OSError) -> OutputError:
+    """The error for an OSError while writing into OUT_DIR (merge, reshard, universal): a full
+    disk says so; either way nothing was written (the output is committed only at the end)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{out_dir}: the disk is full; nothing was written",
+                           "free some space or write to another disk")
+    return OutputError(f"{out_dir}: writing failed ({e.strerror or e}); nothing was written",
+                       "check the output directory")
+
+
 def _quiet(fn, *args, **kwargs) -> None:
     try:
         fn(*args, **kwargs)
