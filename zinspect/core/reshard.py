@@ -68,14 +68,17 @@ class ReshardResult:
                 "notes": self.notes}
 
 
-def check_reshardable(ckpt: Checkpoint, world_size: int, what: str = "resharded") -> None:
-    """Refuse (NotMergeable, naming why) what cannot be `what` (resharded, converted) correctly."""
+def check_reshardable(ckpt: Checkpoint, world_size: int, what: str = "resharded",
+                      layouts: tuple[str, ...] = RESHARDABLE) -> None:
+    """Refuse (NotMergeable, naming why) what cannot be `what` (resharded, converted) correctly
+    (`layouts`: the layouts that can)."""
     where = shown(str(ckpt.path))
     if world_size < 1:
         raise UsageError(f"--world-size must be at least 1 (got {world_size})", "e.g. --world-size 4")
-    if ckpt.layout not in RESHARDABLE:
+    if ckpt.layout not in layouts:
+        can = " and tensor-parallel (AutoTP)" if "tensor_parallel" in layouts else ""
         raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be {what} (only plain "
-                           "ZeRO-1/2/3 and BF16_Optimizer data-parallel checkpoints can, so far)",
+                           f"ZeRO-1/2/3 and BF16_Optimizer data-parallel{can} checkpoints can, so far)",
                            REFUSED.get(ckpt.layout, "give a plain ZeRO checkpoint")
                            if what == "resharded" else "give a plain ZeRO checkpoint")
     if ckpt.errors:

@@ -56,7 +56,8 @@ class Sources:
         self.notes: list[str] = []
         self._tfs: dict[str, TorchFile] = {}
         self._paths: dict[str, str] = {}  # file name -> its path (asked once per piece)
-        self.optim = {f.rank: f for f in ckpt.files_of("optim")}
+        tp = ckpt.topology.tp  # a tensor-parallel run's files keyed by global rank, dp * tp + tp rank
+        self.optim = {f.rank * tp + (f.coords.tp or 0 if tp > 1 else 0): f for f in ckpt.files_of("optim")}
         self.model = {f.rank: f for f in ckpt.files_of("model")}
         self.old = ckpt.world_size or len(self.optim)
         if sorted(self.optim) != list(range(self.old)):

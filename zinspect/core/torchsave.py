@@ -307,11 +307,17 @@ class OutFile:
     name: str
     obj: object = None
     records: list = field(default_factory=list)  # [(NewStorage, [Piece | int, ...], src_dtype)]
+    #: storage key -> (weaves, {tp rank: replica pieces}) of a record planned by shardplan
+    #: (pieces only, no zero padding): interleaved into rows / compared, as a merge does
+    woven: dict = field(default_factory=dict)
 
     def tensor(self, dtype: str, shape: tuple[int, ...], ops: list,
-               src_dtype: str | None = None) -> NewTensor:
+               src_dtype: str | None = None, weaves: tuple = (), mirrors: dict | None = None
+               ) -> NewTensor:
         """A new contiguous tensor of its own storage, filled by `ops`."""
         st = self.storage(dtype, math.prod(shape), ops, src_dtype)
+        if weaves or mirrors:
+            self.woven[st.key] = (weaves, mirrors or {})
         return NewTensor(st, Size(shape))
 
     def storage(self, dtype: str, numel: int, ops: list, src_dtype: str | None = None) -> NewStorage:
@@ -344,16 +350,19 @@ def stream_tensors(files: list[OutFile]) -> list[OutputTensor]:
     for f in files:
         for st, ops, src in f.records:
             run: list[Piece] = []
+            weaves, mirrors = f.woven.get(st.key, ((), {}))
             for op in [*ops, 0]:
                 if isinstance(op, Piece):
                     run.append(op)
-                elif run and src == st.dtype:  # bytes copied as they are: no NaN/Inf count
-                    n = sum(p.nbytes for p in run)
-                    out.append(OutputTensor(f"{f.name}:{st.key}", (n,), "uint8", "uint8", run))
-                    run = []
                 elif run:
-                    n = sum(p.nbytes for p in run) // DTYPE_SIZES[src]
-                    out.append(OutputTensor(f"{f.name}:{st.key}", (n,), st.dtype, src, run))
+                    raw = src == st.dtype  # bytes copied as they are: no NaN/Inf count
+                    dtype, src_dtype = ("uint8", "uint8") if raw else (st.dtype, src)
+                    n = sum(p.nbytes for p in run) // DTYPE_SIZES[src_dtype]
+                    name = f"{f.name}:{st.key}"
+                    numel = sum(p.nbytes for p in run) // DTYPE_SIZES[src]  # replicas: as values
+                    out.append(OutputTensor(name, (n,), dtype, src_dtype, run, weaves=weaves, mirrors=[
+                        OutputTensor(name, (numel,), src, src, m, replica=t)
+                        for t, m in sorted(mirrors.items())]))
                     run = []
     return out
 

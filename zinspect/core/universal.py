@@ -36,6 +36,8 @@ from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tenso
 from zinspect.core.torchsave import FilesSink, OutFile, add_piece, output_bytes, stream_tensors
 from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError
+#: what ds_to_universal's output was checked against for (tests/test_universal*.py)
+CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel")
 
 LATEST = "latest_universal"
 STAGING = ".zinspect-staging"
@@ -75,10 +77,11 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
     files = []
     # the model-states files first: their records are read whole (CRC-checked) before the
     # buffers and frozen fragments in them are read again in part
-    for rf in sorted(src.model.values(), key=lambda f: f.name):
+    for rf in sorted(ckpt.files_of("model"), key=lambda f: f.name):  # every tp rank's
         out = OutFile(rf.name)
         out.obj = src.copy(out, rf.name, src.tf(rf.name).obj)
         files.append(out)
+    tp_keys = _tp_keys(src) if ckpt.layout == "tensor_parallel" else None
     files.append(_optimizer_state(src, osd0, inner))
     for name, p in ckpt.params.items():
         _check_name(ckpt, name)
@@ -86,12 +89,12 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         if p.frozen:
             files.append(_tensor_file(src, f"zero/{name}/fp32.pt", name, p.shape, "frozen", None))
             continue
-        files.append(_tensor_file(src, f"zero/{name}/fp32.pt", owner.name, p.shape, "fp32",
-                                  None if p.tied_to else 0))
+        keys = None if p.tied_to else tp_keys(name) if tp_keys else {"cat_dim": 0}
+        files.append(_tensor_file(src, f"zero/{name}/fp32.pt", owner.name, p.shape, "fp32", keys))
         if p.tied_to:
             continue
         for state in MOMENTS:
-            files.append(_tensor_file(src, f"zero/{name}/{state}.pt", name, p.shape, state, 0))
+            files.append(_tensor_file(src, f"zero/{name}/{state}.pt", name, p.shape, state, keys))
         step = (inner["state"].get(p.sub_group) or {}).get(STEP)
         if step is not None:
             out = OutFile(f"zero/{name}/step.pt")
@@ -140,17 +143,71 @@ def _check_name(ckpt: Checkpoint, name: str) -> None:
                            "name of a universal checkpoint", "rename the param in the model")
 
 
-def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, cat_dim) -> OutFile:
-    """{'cat_dim': 0, 'param': the full fp32 tensor of `state`} (frozen, aliases: no cat_dim)."""
+def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, keys: dict | None) -> OutFile:
+    """{**keys, 'param': the full fp32 tensor of `state`} (keys: {'cat_dim': 0} for plain ZeRO,
+    `_tp_keys`' for a tensor-parallel param; frozen, aliases: none). A tensor-parallel param's
+    shards are joined as the merge joins them (shardplan: rows woven, replicas compared)."""
     out = OutFile(rel)
     frags = src.fragments(name, state)
-    numel = src.ckpt.params[name].numel
-    ops: list = []
-    src.add_range(ops, frags, 0, numel, name)
+    p = src.ckpt.params[name]
     src_dtype = frags[0].dtype if frags else "float32"
-    t = out.tensor("float32", tuple(shape), ops, src_dtype)
-    out.obj = {"param": t} if cat_dim is None else {"cat_dim": cat_dim, "param": t}
+    if p.shards:
+        from zinspect.core import shardplan
+        from zinspect.core.plan import param_problem
+
+        why = param_problem(p, frags)
+        if why:
+            raise NotMergeable(f"{shown(str(src.ckpt.path))}: {shown(name, 80)}: its {state} "
+                               f"cannot be joined: {why}", "run `zinspect validate` for details")
+        ops, weaves, mirrors = shardplan.plan_pieces(p, src.path, frags)
+        t = out.tensor("float32", tuple(shape), ops, src_dtype, weaves, mirrors)
+    else:
+        ops = []
+        src.add_range(ops, frags, 0, p.numel, name)
+        t = out.tensor("float32", tuple(shape), ops, src_dtype)
+    out.obj = {**(keys or {}), "param": t}
     return out
+
+def _tp_keys(src: Sources):
+    """name -> the keys ds_to_universal writes beside a tensor-parallel param's 'param' (its
+    merge_tp_slices): none where the model states' affine map places it or for a replicated
+    param, 'cat_dim' (1 row-parallel, else 0) for a split one; 'vocab_tensor': True for a
+    vocabulary param (padding rows trimmed). Kinds whose output was not checked against
+    DeepSpeed's (averaged, sub-params, 2-sub-params without an affine map) are refused."""
+    from zinspect.core.layouts import tp_affine, tp_rules
+
+    model0 = min(src.ckpt.files_of("model"), key=lambda f: f.name)
+    info = src.tf(model0.name).obj.get("universal_checkpoint_info")
+    affine = info.get("affine_map") if isinstance(info, dict) else None
+    affine = affine if isinstance(affine, dict) else None
+
+    def keys(name: str) -> dict:
+        try:
+            rule = tp_rules.rule_for(name, info)
+        except tp_rules.SplitUnknown as e:
+            raise NotMergeable(f"{shown(str(src.ckpt.path))}: {shown(name, 80)}: {e}",
+                               "use DeepSpeed's ds_to_universal.py for this one") from None
+        vocab = {"vocab_tensor": True} if rule.vocab_size is not None else {}
+        if tp_affine.affine_entry(name, affine) is not None or rule.kind == tp_rules.REPLICATED:
+            return vocab
+        if rule.kind in (tp_rules.ROW, tp_rules.COLUMN):
+            return {"cat_dim": 1 if rule.kind == tp_rules.ROW else 0, **vocab}
+        raise NotMergeable(f"{shown(str(src.ckpt.path))}: {shown(name, 80)} is a {rule.kind} "
+                           "tensor-parallel param: zinspect does not write it to a universal "
+                           "checkpoint yet", "use DeepSpeed's ds_to_universal.py for this one")
+    return keys
+
+
+def _refuse_drift(ckpt: Checkpoint, verification: Verification) -> None:
+    """A replicated tensor-parallel param whose tp ranks hold different values has no one
+    universal value (ds_to_universal asserts they are equal): refused, nothing written."""
+    for name, ranks in verification.drift.items():
+        raise NotMergeable(f"{shown(str(ckpt.path))}: {shown(name.rsplit(':', 1)[0], 120)}: a "
+                           f"replicated param differs on tp rank(s) {sorted(ranks)} from tp rank "
+                           f"0 (max |a-b| {max(ranks.values()):.3g}); nothing was written",
+                           "`zinspect merge PATH OUT` writes tp rank 0's copy and reports the "
+                           "drift; average or fix the replicas in the run")
+
 
 
 def _optimizer_state(src: Sources, osd0: dict, inner: dict) -> OutFile:
@@ -176,7 +233,7 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
     """Write `ckpt` as a universal checkpoint into OUT_DIR (see the module doc). The tree is
     built in a hidden staging dir and renamed into place when complete, `latest_universal`
     last; a failure or cancel leaves nothing behind."""
-    check_reshardable(ckpt, 1, "converted")
+    check_reshardable(ckpt, 1, "converted", CONVERTIBLE)
     started = time.monotonic()
     files = plan_universal(ckpt)
     tag = f"{ckpt.tag}_universal"
@@ -210,6 +267,7 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
             _sync_filesystem(staging)  # once for the whole tree: an fsync per file costs ~10 ms
             if should_stop is not None and should_stop():
                 raise MergeCancelled("conversion cancelled; nothing was written")
+            _refuse_drift(ckpt, verification)
             verification.check_unchanged()
             final = out_dir / tag
             if final.exists():  # only with --force (OutputDir refused a non-empty OUT_DIR)

@@ -1,0 +1,150 @@
+"""The universal writer on tensor-parallel (AutoTP) checkpoints (`merge --format universal`).
+
+Every file DeepSpeed 0.19.8's own ds_to_universal.py writes for a tp2 x dp2 checkpoint is
+written, with the same keys in the same order ({'param'} where the model states' affine map
+places the param, 'vocab_tensor': True for a vocabulary param, padding trimmed) and the same
+tensors bit for bit; the fp32 files equal the fixture's reference_fp32.pt. DeepSpeed's output
+for the tied Llama is committed (tests/fixtures/universal/tp2_dp2_s2_llama_bf16_tied, zero/ only:
+its model-states files are the fixture's own); for the toy ZeRO-1/2/3 ones the converter is run
+when ZINSPECT_DS_PYTHON is set.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+
+from zinspect.core import open_checkpoint
+from zinspect.core.universal import write_universal
+from zinspect.errors import NotMergeable
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).parent / "ds_resume"))
+from expected import STUB_PICKLE  # noqa: E402
+
+PARALLEL = FIXTURES / "parallel"
+COMMITTED = "tp2_dp2_s2_llama_bf16_tied"
+TOYS = ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy", "tp2_dp2_s3_toy"]
+DS_PYTHON = os.environ.get("ZINSPECT_DS_PYTHON")
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=STUB_PICKLE)
+
+
+def _deepspeeds(name: str, tmp: Path) -> Path:
+    """DeepSpeed's zero/ folder for fixture `name` (committed, or converted now)."""
+    if name == COMMITTED:
+        return FIXTURES / "universal" / name / "global_step2_universal" / "zero"
+    if not DS_PYTHON:
+        pytest.skip("ZINSPECT_DS_PYTHON is not set (a python with deepspeed==0.19.8)")
+    out = tmp / "ds" / "global_step2_universal"
+    subprocess.run([DS_PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                    str(PARALLEL / name / "global_step2"), "--output_folder", str(out),
+                    "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                   check=True, capture_output=True, timeout=600)
+    return out / "zero"
+
+
+def _same(a, b, where: str) -> None:
+    """Equal pickled objects: tensors bit for bit (dtype and shape too), dicts key by key in order."""
+    if torch.is_tensor(b):
+        assert torch.is_tensor(a) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(b, dict):
+        assert isinstance(a, dict) and list(a) == list(b), (where, list(a), list(b))
+        for k in b:
+            _same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("name", [COMMITTED, *TOYS])
+def test_every_file_equals_deepspeeds_and_the_reference(tmp_path, name):
+    theirs = _deepspeeds(name, tmp_path)
+    result = write_universal(open_checkpoint(PARALLEL / name), tmp_path / "uni")
+    assert not result.unverified and result.verified
+    tag = tmp_path / "uni" / result.tag
+    assert (tmp_path / "uni" / "latest_universal").read_text() == "global_step2_universal"
+    ours = tag / "zero"
+    ckpt = open_checkpoint(PARALLEL / name)
+    tied = {n for n, p in ckpt.params.items() if p.tied_to}
+    ref = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    compared = set()
+    for p in sorted(theirs.rglob("*.pt")):
+        rel = p.relative_to(theirs)
+        a, b = _load(ours / rel), _load(p)
+        if rel.name == "optimizer_state.pt":
+            assert a["param_groups"] == b["param_groups"]
+            for key in ("zero_stage", "partition_count", "group_paddings", "ds_version"):
+                assert a.get(key) == b.get(key), key
+            continue
+        if rel.parent.name in tied:  # DeepSpeed writes tp rank 0's 16-bit module shard of an
+            assert list(a) == list(b) == ["param"]  # alias; we the full master (the reference)
+            assert torch.equal(a["param"], ref[rel.parent.name])
+            continue
+        _same(a, b, str(rel))
+        compared.add(str(rel))
+    states = {r.rsplit("/", 1)[1] for r in compared}
+    assert {"fp32.pt", "exp_avg.pt", "exp_avg_sq.pt"} <= states and len(compared) >= 3 * 20
+    for key, t in ref.items():  # every param at its full shape (vocab padding trimmed)
+        got = _load(ours / key / "fp32.pt")["param"]
+        assert got.shape == t.shape and torch.equal(got, t.to(got.dtype)), key
+    # every tp rank's model-states files, as the source holds them
+    src = sorted(f.name for f in ckpt.files_of("model"))
+    assert sorted(f.name for f in tag.glob("*model_states.pt")) == src
+    for f in src:
+        _same(_load(tag / f), _load(ckpt.path / f), f)
+
+
+def test_vocab_param_is_trimmed_and_marked(tmp_path):
+    result = write_universal(open_checkpoint(PARALLEL / COMMITTED), tmp_path / "uni")
+    ours = tmp_path / "uni" / result.tag / "zero" / "model.embed_tokens.weight"
+    for state in ("fp32", "exp_avg", "exp_avg_sq"):
+        obj = _load(ours / f"{state}.pt")
+        assert list(obj) == ["vocab_tensor", "param"] and obj["vocab_tensor"] is True
+        assert tuple(obj["param"].shape) == (64, 16)
+
+
+@pytest.mark.parametrize("name", ["pp2_dp2_s1_fp32", "z0_fp32"])
+def test_other_parallel_layouts_are_still_refused(tmp_path, name):
+    if not (PARALLEL / name).exists():
+        pytest.skip(f"no fixture {name}")
+    with pytest.raises(NotMergeable, match="cannot be converted"):
+        write_universal(open_checkpoint(PARALLEL / name), tmp_path / "u")
+    assert not (tmp_path / "u").exists() or not os.listdir(tmp_path / "u")
+
+
+def test_a_drifted_replica_is_refused_and_nothing_is_written(tmp_path):
+    """tp rank 1's fp32 master of a replicated norm 0.25 off at one element (its zip CRC
+    updated: bytes as saved): no one universal value exists (ds_to_universal asserts the copies
+    are equal), so the conversion refuses, names the param and writes nothing."""
+    import shutil
+    import struct
+
+    from damage import record_holding, set_crc
+
+    name, norm = "tp2_dp2_s2_toy", "model.norm.weight"
+    root = tmp_path / name
+    shutil.copytree(PARALLEL / name, root)
+    frag = next(f for f in open_checkpoint(root).params[norm].fragments if f.shard == 1)
+    path = root / "global_step2" / frag.file
+    with open(path, "r+b") as fh:
+        fh.seek(frag.offset + 12)
+        value = struct.unpack("<f", fh.read(4))[0]
+        fh.seek(frag.offset + 12)
+        fh.write(struct.pack("<f", value + 0.25))
+    set_crc(path, record_holding(path, frag.offset)[0].split("/", 1)[1])
+    with pytest.raises(NotMergeable, match=rf"zero/{norm}/fp32.pt: a replicated param differs on "
+                       r"tp rank\(s\) \[1\] .*0\.25"):
+        write_universal(open_checkpoint(root), tmp_path / "u")
+    assert not (tmp_path / "u").exists() or not os.listdir(tmp_path / "u")
