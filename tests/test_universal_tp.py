@@ -148,3 +148,40 @@ def test_a_drifted_replica_is_refused_and_nothing_is_written(tmp_path):
                        r"tp rank\(s\) \[1\] .*0\.25"):
         write_universal(open_checkpoint(root), tmp_path / "u")
     assert not (tmp_path / "u").exists() or not os.listdir(tmp_path / "u")
+
+
+def _engine_holds(tmp: Path, ckpt: Path, name: str, world: int) -> dict:
+    """{rank: what a real engine at `world` ranks holds after loading universal `ckpt`}."""
+    result = tmp / f"held_{ckpt.name}"
+    subprocess.run([DS_PYTHON, str(Path(__file__).parent / "ds_resume" / "tp_universal_worker.py"),
+                    "--ckpt", str(ckpt), "--manifest", str(PARALLEL / name / "manifest.json"),
+                    "--world-size", str(world), "--result", str(result)],
+                   check=True, capture_output=True, timeout=600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return {r: torch.load(f"{result}.{r}.pt", weights_only=False) for r in range(world)}
+
+
+@pytest.mark.skipif(not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8")
+def test_deepspeed_loads_it_at_another_dp_size_as_it_loads_its_own(tmp_path):
+    """The tied Llama saved at tp 2 x dp 2, loaded with load_universal at tp 2 x dp 1 by real
+    engines: every rank holds the same fp32 master shards and Adam moments from zinspect's
+    universal checkpoint as from DeepSpeed's own ds_to_universal output, and the step."""
+    import shutil
+
+    name = COMMITTED
+    theirs = tmp_path / "theirs"
+    shutil.copytree(FIXTURES / "universal" / name, theirs)
+    for f in (PARALLEL / name / "global_step2").glob("*model_states.pt"):  # what DeepSpeed copies
+        shutil.copy(f, theirs / "global_step2_universal" / f.name)
+    write_universal(open_checkpoint(PARALLEL / name), tmp_path / "ours")
+    ours, want = _engine_holds(tmp_path, tmp_path / "ours", name, 2), _engine_holds(tmp_path, theirs, name, 2)
+    ref = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    compared = 0
+    for rank, got in ours.items():
+        assert (got["tp"], got["dp"], got["global_steps"]) == (rank, 0, 2)
+        for pname, states in want[rank]["held"].items():
+            for state, t in states.items():
+                assert t is not None and torch.equal(got["held"][pname][state], t), (rank, pname, state)
+                compared += 1
+            if pname in ref and ref[pname].shape == states["fp32"].shape:  # replicated: whole
+                assert torch.equal(got["held"][pname]["fp32"], ref[pname]), pname
+    assert compared == 2 * 3 * len(want[0]["held"]) and compared >= 100
