@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from zinspect.core.load import load_checkpoint
 from zinspect.core.model import Checkpoint
+from zinspect.core.unpickle import gc_paused  # the one rule: re-entrant, thread-safe
 from zinspect.core.validate import validate
 
 
@@ -22,20 +21,6 @@ def open_checkpoint(path: str | os.PathLike, tag: str | None = None,
         ckpt = load_checkpoint(path, tag, progress)
         validate(ckpt)
     return ckpt
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Opening builds up to millions of small objects that hold no reference cycles; the cyclic
-    collector would walk all of them again and again as they pile up (at 306k params it took a
-    third of the time). Reference counting still frees everything that is dropped."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 __all__ = ["Checkpoint", "gc_paused", "open_checkpoint"]

@@ -223,9 +223,15 @@ _gc_state = {"readers": 0, "was_enabled": False}
 
 @contextlib.contextmanager
 def gc_paused():
-    """The cyclic garbage collector off while pickles are read (nested and from several
-    threads): a reader builds millions of objects and no cycles, and the collector's passes
-    over them cost as much as the unpickling itself (1.9 s instead of 3.1 s here)."""
+    """The cyclic garbage collector off while pickles are read or a checkpoint is opened
+    (nested and from several threads): a reader builds millions of objects and no cycles, and
+    the collector's passes over them cost as much as the unpickling itself (1.9 s instead of
+    3.1 s here). Reference counting still frees everything that is dropped.
+
+    When the collector is turned back on, the objects built meanwhile are moved straight to
+    the oldest generation (`gc.freeze()` then `gc.unfreeze()`: two list splices) instead of
+    being walked by the first young collection (0.3-0.5 s at 297k names). They stay
+    collectable: a cycle among them is found by the next full collection, as any old object's."""
     with _gc_lock:
         if not _gc_state["readers"]:
             _gc_state["was_enabled"] = gc.isenabled()
@@ -237,6 +243,8 @@ def gc_paused():
         with _gc_lock:
             _gc_state["readers"] -= 1
             if not _gc_state["readers"] and _gc_state["was_enabled"]:
+                gc.freeze()
+                gc.unfreeze()
                 gc.enable()
 
 
