@@ -30,11 +30,18 @@ from expected import STUB_PICKLE  # noqa: E402
 PARALLEL = FIXTURES / "parallel"
 COMMITTED = "tp2_dp2_s2_llama_bf16_tied"
 TOYS = ["tp2_dp2_s1_toy", "tp2_dp2_s2_toy", "tp2_dp2_s3_toy"]
+#: tests/fixtures/tp_extra/: uneven 13/12 sub-param widths and dim-1 split; tp 4 with a 63-row
+#: vocabulary split 16/16/16/15 (+ tied head); tp 2 x dp 1
+EXTRA = ["tp2_dp2_s1_toy_uneven", "tp4_dp1_s1_llama_bf16_tied_vocab63", "tp2_dp1_s1_toy"]
 DS_PYTHON = os.environ.get("ZINSPECT_DS_PYTHON")
 
 
 def _load(path: Path):
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=STUB_PICKLE)
+
+
+def _fixture(name: str) -> Path:
+    return PARALLEL / name if name not in EXTRA else FIXTURES / "tp_extra" / name
 
 
 def _deepspeeds(name: str, tmp: Path) -> Path:
@@ -43,9 +50,10 @@ def _deepspeeds(name: str, tmp: Path) -> Path:
         return FIXTURES / "universal" / name / "global_step2_universal" / "zero"
     if not DS_PYTHON:
         pytest.skip("ZINSPECT_DS_PYTHON is not set (a python with deepspeed==0.19.8)")
-    out = tmp / "ds" / "global_step2_universal"
+    tag = (_fixture(name) / "latest").read_text().strip()
+    out = tmp / "ds" / f"{tag}_universal"
     subprocess.run([DS_PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                    str(PARALLEL / name / "global_step2"), "--output_folder", str(out),
+                    str(_fixture(name) / tag), "--output_folder", str(out),
                     "--num_extract_workers", "1", "--num_merge_workers", "1"],
                    check=True, capture_output=True, timeout=600)
     return out / "zero"
@@ -68,17 +76,17 @@ def _same(a, b, where: str) -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize("name", [COMMITTED, *TOYS])
+@pytest.mark.parametrize("name", [COMMITTED, *TOYS, *EXTRA])
 def test_every_file_equals_deepspeeds_and_the_reference(tmp_path, name):
     theirs = _deepspeeds(name, tmp_path)
-    result = write_universal(open_checkpoint(PARALLEL / name), tmp_path / "uni")
+    result = write_universal(open_checkpoint(_fixture(name)), tmp_path / "uni")
     assert not result.unverified and result.verified
     tag = tmp_path / "uni" / result.tag
-    assert (tmp_path / "uni" / "latest_universal").read_text() == "global_step2_universal"
+    assert (tmp_path / "uni" / "latest_universal").read_text() == theirs.parent.name == result.tag
     ours = tag / "zero"
-    ckpt = open_checkpoint(PARALLEL / name)
+    ckpt = open_checkpoint(_fixture(name))
     tied = {n for n, p in ckpt.params.items() if p.tied_to}
-    ref = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+    ref = torch.load(_fixture(name) / "reference_fp32.pt", weights_only=True)
     compared = set()
     for p in sorted(theirs.rglob("*.pt")):
         rel = p.relative_to(theirs)
@@ -185,3 +193,21 @@ def test_deepspeed_loads_it_at_another_dp_size_as_it_loads_its_own(tmp_path):
             if pname in ref and ref[pname].shape == states["fp32"].shape:  # replicated: whole
                 assert torch.equal(got["held"][pname]["fp32"], ref[pname]), pname
     assert compared == 2 * 3 * len(want[0]["held"]) and compared >= 100
+
+
+@pytest.mark.parametrize("name", ["tp2_dp2_s1_toy_uneven", "tp4_dp1_s1_llama_bf16_tied_vocab63"])
+def test_moments_equal_deepspeeds_without_deepspeed(tmp_path, name):
+    """Without a DeepSpeed python: the exp_avg / exp_avg_sq files equal the moments DeepSpeed's
+    ds_to_universal wrote for these checkpoints (reference_moments.pt: uneven vocabulary shards,
+    uneven sub-param widths, a 13/12 dim-1 split) and fp32 the reference, bit for bit."""
+    result = write_universal(open_checkpoint(_fixture(name)), tmp_path / "uni")
+    zero = tmp_path / "uni" / result.tag / "zero"
+    moments = torch.load(_fixture(name) / "reference_moments.pt", weights_only=True)
+    states = {**moments, "fp32": torch.load(_fixture(name) / "reference_fp32.pt", weights_only=True)}
+    compared = 0
+    for state, want in states.items():
+        for key, t in want.items():
+            if state != "fp32" or key in moments["exp_avg"]:
+                assert torch.equal(_load(zero / key / f"{state}.pt")["param"], t), (state, key)
+                compared += 1
+    assert compared == 3 * len(moments["exp_avg"]) > 0
