@@ -11,6 +11,7 @@ when ZINSPECT_DS_PYTHON is set.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,18 @@ def test_moments_equal_deepspeeds_without_deepspeed(tmp_path, name):
                 assert torch.equal(_load(zero / key / f"{state}.pt")["param"], t), (state, key)
                 compared += 1
     assert compared == 3 * len(moments["exp_avg"]) > 0
+
+
+@pytest.mark.parametrize("name", ["tp2_dp2_s2_toy_frozen", "tp2_dp2_s3_toy_frozen"])
+def test_frozen_tp_shards_are_written_whole(tmp_path, name):
+    """Frozen column, row and replicated params of real AutoTP ZeRO-2/3 runs (where
+    ds_to_universal.py itself fails: "Unused patterns"): every fp32.pt, frozen ones joined from
+    each tp rank's saved shard, equals the reference bit for bit."""
+    root = FIXTURES / "tp_extra" / name
+    result = write_universal(open_checkpoint(root), tmp_path / "uni")
+    zero = tmp_path / "uni" / result.tag / "zero"
+    ref = torch.load(root / "reference_fp32.pt", weights_only=True)
+    frozen = json.loads((root / "manifest.json").read_text())["frozen"]
+    assert frozen and set(frozen) <= set(ref)
+    for key, t in ref.items():
+        assert torch.equal(_load(zero / key / "fp32.pt")["param"], t), key
