@@ -58,8 +58,9 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
                         for t in fl]
     out = []
     for gi, members in enumerate(flat_groups):
+        numels = [numel(s) for _, s in members]
         g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), [n for n, _ in members],
-                       sum(numel(s) for _, s in members), coords=coords)
+                       sum(numels), coords=coords)
         c.groups.append(g)
         out.append(g)
         parts = {r: fl[gi] for r, fl in flats.items() if gi < len(fl) and fl[gi] is not None}
@@ -67,9 +68,8 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
             g.partition_numel[r], g.padding[r] = part.numel, 0
             g.dtype = g.dtype or part.dtype
         o = 0
-        for name, shape in members:
-            n = numel(shape)
-            P = partition.zero3_share(n, ws)
+        for (name, shape), n, P in zip(members, numels, partition.zero3_shares(numels, ws),
+                                      strict=True):
             if P:
                 for r in range(n // P, ws):  # only the last ranks hold padding
                     if r in parts:
