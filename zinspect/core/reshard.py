@@ -14,7 +14,6 @@ scaler, param_groups, ...) are written back as the source files hold them.
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
-from zinspect.core.outdir import OutputDir, temp_name
+from zinspect.core.outdir import OutputDir, temp_name, writing_failed
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchsave import FilesSink, output_bytes, stream_tensors
 from zinspect.core.verify import Verification
@@ -137,11 +136,7 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
             final = out.commit()
             _write_latest(out_dir, ckpt.tag)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"{out_dir}: the disk is full; nothing was written",
-                              "free some space or write to another disk") from e
-        raise OutputError(f"{out_dir}: writing failed ({e.strerror or e}); nothing was written",
-                          "check the output directory") from e
+        raise writing_failed(out_dir, e) from e
     except KeyboardInterrupt as e:
         raise MergeCancelled("reshard interrupted; nothing was written") from e
     return ReshardResult(out_dir, ckpt.tag, final, world_size, ckpt.world_size or 0,

@@ -18,7 +18,6 @@ optimizer_state.pt without rank 0's partitions (dead weight in DeepSpeed's).
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import time
@@ -28,17 +27,17 @@ from pathlib import Path
 
 from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
-from zinspect.core.outdir import OutputDir, temp_name
+from zinspect.core.outdir import OutputDir, temp_name, writing_failed
 from zinspect.core.plan import Piece
 from zinspect.core.reshard import check_reshardable
 from zinspect.core.reshard_zero import MOMENTS, STEP, Sources
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchsave import FilesSink, OutFile, add_piece, output_bytes, stream_tensors
 from zinspect.core.verify import Verification
-from zinspect.errors import MergeCancelled, NotMergeable, OutputError
+from zinspect.errors import MergeCancelled, NotMergeable
+
 #: what ds_to_universal's output was checked against for (tests/test_universal*.py)
 CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel")
-
 LATEST = "latest_universal"
 STAGING = ".zinspect-staging"
 HELP_NOTE = ("DeepSpeed's universal load restores only the trainable params' fp32 masters, "
@@ -81,8 +80,8 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         out = OutFile(rf.name)
         out.obj = src.copy(out, rf.name, src.tf(rf.name).obj)
         files.append(out)
-    tp_keys = _tp_keys(src) if ckpt.layout == "tensor_parallel" else None
     files.append(_optimizer_state(src, osd0, inner))
+    tp_keys = _tp_keys(src) if ckpt.layout == "tensor_parallel" else None
     for name, p in ckpt.params.items():
         _check_name(ckpt, name)
         owner = ckpt.params[p.tied_to] if p.tied_to else p
@@ -168,6 +167,7 @@ def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, keys: dic
     out.obj = {**(keys or {}), "param": t}
     return out
 
+
 def _tp_keys(src: Sources):
     """name -> the keys ds_to_universal writes beside a tensor-parallel param's 'param' (its
     merge_tp_slices): none where the model states' affine map places it or for a replicated
@@ -207,7 +207,6 @@ def _refuse_drift(ckpt: Checkpoint, verification: Verification) -> None:
                            f"0 (max |a-b| {max(ranks.values()):.3g}); nothing was written",
                            "`zinspect merge PATH OUT` writes tp rank 0's copy and reports the "
                            "drift; average or fix the replicas in the run")
-
 
 
 def _optimizer_state(src: Sources, osd0: dict, inner: dict) -> OutFile:
@@ -267,8 +266,8 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
             _sync_filesystem(staging)  # once for the whole tree: an fsync per file costs ~10 ms
             if should_stop is not None and should_stop():
                 raise MergeCancelled("conversion cancelled; nothing was written")
-            _refuse_drift(ckpt, verification)
             verification.check_unchanged()
+            _refuse_drift(ckpt, verification)
             final = out_dir / tag
             if final.exists():  # only with --force (OutputDir refused a non-empty OUT_DIR)
                 shutil.rmtree(final)
@@ -277,11 +276,7 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
             out.write_text(LATEST, tag)
             out.commit()
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"{out_dir}: the disk is full; nothing was written",
-                              "free some space or write to another disk") from e
-        raise OutputError(f"{out_dir}: writing failed ({e.strerror or e}); nothing was written",
-                          "check the output directory") from e
+        raise writing_failed(out_dir, e) from e
     except KeyboardInterrupt as e:
         raise MergeCancelled("conversion interrupted; nothing was written") from e
     finally:
