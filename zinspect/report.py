@@ -65,15 +65,16 @@ def totals(ckpt) -> dict:
 
 def info_json(ckpt) -> dict:
     from zinspect.core import gc_paused
-
-    with gc_paused():  # a dict per param (297k): no object in it is part of a cycle
-        return _info_json(ckpt)
-
-
-def _info_json(ckpt) -> dict:
     from zinspect.core.model import short_dtype
 
     short = {d: short_dtype(d) for d in {p.dtype for p in ckpt.params.values()} if d}
+    with gc_paused():  # a dict per param (297k): no object in it is part of a cycle
+        params = [{"name": p.name, "shape": list(p.shape), "numel": p.numel,
+                   "dtype": short.get(p.dtype), "frozen": p.frozen, "tied_to": p.tied_to,
+                   "group": (None if p.frozen else p.group) if p.tied_to is None
+                   else _group_of(ckpt, p),
+                   "sub_group": p.sub_group if p.tied_to is None else None}
+                  for p in ckpt.params.values()]
     return {
         "path": str(ckpt.path),
         "root": str(ckpt.root) if ckpt.root else None,
@@ -94,12 +95,7 @@ def _info_json(ckpt) -> dict:
                   for f in _sorted_files(ckpt)],
         "buffers": [{"name": b.name, "shape": list(b.shape), "dtype": short_dtype(b.dtype)
                      if b.dtype else None} for b in ckpt.buffers.values()],
-        "params": [{"name": p.name, "shape": list(p.shape), "numel": p.numel,
-                    "dtype": short.get(p.dtype), "frozen": p.frozen, "tied_to": p.tied_to,
-                    "group": (None if p.frozen else p.group) if p.tied_to is None
-                    else _group_of(ckpt, p),
-                    "sub_group": p.sub_group if p.tied_to is None else None}
-                   for p in ckpt.params.values()],
+        "params": params,
         "groups": [{"index": g.index, "param_group": g.param_group, "params": list(g.params),
                     "numel": g.numel, "dtype": short_dtype(g.dtype) if g.dtype else None,
                     "partition_numel": {str(r): n for r, n in sorted(g.partition_numel.items())},
