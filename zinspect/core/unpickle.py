@@ -187,7 +187,13 @@ def plain(obj, leaves: frozenset = _ATOMS):
                 conv(x.state)
         return out
 
-    return obj if type(obj) in leaves else conv(obj)
+    try:
+        return obj if type(obj) in leaves else conv(obj)
+    finally:
+        # fixed and conv refer to each other (a reference cycle holding `done`): cleared, the
+        # objects walked are freed by reference counting when dropped, not at the next
+        # collection pass (the parsed 297k-name model states otherwise outlived their use)
+        done.clear()
 
 
 _work = threading.local()
