@@ -81,11 +81,6 @@ class DiffScreen(WorkerOutcomes, Screen):
     BINDINGS = [Binding("escape", "back", "Back / cancel", id="diff-back",
                         tooltip="cancel while reading; then back to the checkpoint")]
 
-    DEFAULT_CSS = """
-    #diff-results { height: 1fr; padding: 0 1; }
-    #diff-summary { margin: 0 0 1 0; }
-    """
-
     def __init__(self, ckpt: Checkpoint, other: str) -> None:
         super().__init__()
         self.ckpt, self.other = ckpt, other

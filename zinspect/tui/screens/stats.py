@@ -100,12 +100,6 @@ class StatisticsScreen(WorkerOutcomes, Screen):
         self.stats: list[TensorStats] | None = None
         self.sort_column, self.reverse = L2_COLUMN, True  # largest first
 
-    DEFAULT_CSS = """
-    #stats-results { height: 1fr; padding: 0 1; }
-    #stats-layers { height: 3; margin: 0 0 1 0; }
-    #stats-table { height: 1fr; }
-    """
-
     def compose(self) -> ComposeResult:
         yield Header(icon="◆")
         with Vertical(id="stats-running", classes="dialog") as box:
