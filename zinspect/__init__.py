@@ -8,6 +8,7 @@ torch, textual nor rich:
     state = zinspect.get_fp32_state_dict("checkpoints/")     # {name: fp32 tensor} (needs torch)
     zinspect.load_into(model, "checkpoints/")
     zinspect.merge("checkpoints/", "merged/")
+    zinspect.reshard("checkpoints/", "ckpt_ws8/", world_size=8)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _LAZY = {
     "get_fp32_state_dict": "zinspect.api",
     "load_into": "zinspect.api",
     "merge": "zinspect.api",
+    "reshard": "zinspect.api",
 }
 
 __all__ = ["__version__", *_LAZY]

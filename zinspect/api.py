@@ -5,6 +5,7 @@
     sd = zinspect.get_fp32_state_dict("ckpt/")             # {name: fp32 tensor}, needs torch
     zinspect.load_into(model, "ckpt/")                     # strict load_state_dict
     zinspect.merge("ckpt/", "out/", max_shard_size="5GB")  # streamed to safetensors
+    zinspect.reshard("ckpt/", "ckpt_ws8/", world_size=8)   # the same run, for 8 ranks
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from zinspect.core.stream import ProgressMeter
 from zinspect.core.verify import Verification, plan_without
 from zinspect.core.writers import torch_tensors
 
-__all__ = ["get_fp32_state_dict", "load_into", "merge", "open_checkpoint"]
+__all__ = ["get_fp32_state_dict", "load_into", "merge", "open_checkpoint", "reshard"]
 
 
 def _selection(exclude: Iterable[str], exclude_frozen: bool) -> Selection:
@@ -82,3 +83,14 @@ def merge(path: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None =
                   selection=_selection(exclude, exclude_frozen), fmt=fmt,
                   max_shard_size=max_shard_size, force=force, salvage=salvage,
                   progress=progress, should_stop=should_stop, dtype=dtype, state=state)
+
+
+def reshard(path: str | os.PathLike, out_dir: str | os.PathLike, world_size: int,
+            tag: str | None = None, *, force: bool = False, progress=None, should_stop=None):
+    """Write the checkpoint at `path` as DeepSpeed would have saved it at `world_size`
+    data-parallel ranks (same stage; masters, Adam moments and step moved to the new
+    partitions) into `out_dir`: what `zinspect reshard` does. Returns a ReshardResult."""
+    from zinspect.core.reshard import reshard as _reshard
+
+    return _reshard(open_checkpoint(path, tag), out_dir, world_size, force=force,
+                    progress=progress, should_stop=should_stop)
