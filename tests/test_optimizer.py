@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 
 import pytest
 from conftest import FIXTURES, manifest, run_zinspect
+from torchload import torch_load
 
 from zinspect.core import open_checkpoint
 from zinspect.core.optimizer import optimizer_name, read_optimizer, scaler_line, summary_line
@@ -25,22 +25,6 @@ SGD = FIXTURES / "optim" / "sgd_s2_w2_fp32"
 PLAIN = ["s1_w2_fp32", "s3_w2_fp32", "s2_w2_bf16", "s1_w2_bf16_bf16opt", "s3_w4_bf16",
          "s2_w4_fp16", "s3_w3_fp16_sub"]
 
-
-class _DeepSpeedStubs:
-    """torch.load's pickle module without deepspeed installed: its classes become plain
-    objects that keep their pickled attributes (the loss scaler's cur_scale...)."""
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("deepspeed"):
-                return type(name, (), {"__init__": lambda self, *a, **k: None})
-            return super().find_class(module, name)
-
-    load = pickle.load
-
-
-def torch_load(path):
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_DeepSpeedStubs)
 
 
 def rank0_optimizer_file(ckpt):

@@ -278,15 +278,12 @@ def _keys_checked(fn, items):
     return load
 
 
-class BoundedUnpickler(pickle._Unpickler):
-    """`pickle._Unpickler` with the budgets of this module. Call `load()` as usual; the result
-    is checked as a tree against `budget_bytes` (the pickle's size)."""
+class _Budgeted:
+    """What both readers do around the unpickler's own load: the work budget while it runs,
+    then the tree check and the plain result (the pickle's size sets the budget)."""
 
-    dispatch = dict(pickle._Unpickler.dispatch)
     #: types of the objects a subclass builds that hold nothing from the pickle to walk
     leaf_types: frozenset = frozenset()
-    #: globals resolved before a subclass's allowlist (see FastUnpickler)
-    special_globals: dict = {}
 
     def __init__(self, file, *, budget_bytes: int, **kwargs) -> None:
         super().__init__(file, **kwargs)
@@ -297,6 +294,15 @@ class BoundedUnpickler(pickle._Unpickler):
             obj = super().load()
             check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
             return plain(obj, _ATOMS | self.leaf_types)
+
+
+class BoundedUnpickler(_Budgeted, pickle._Unpickler):
+    """`pickle._Unpickler` with the budgets of this module. Call `load()` as usual; the result
+    is checked as a tree against `budget_bytes` (the pickle's size)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    #: globals resolved before a subclass's allowlist (see FastUnpickler)
+    special_globals: dict = {}
 
 
 _d = BoundedUnpickler.dispatch
@@ -427,21 +433,10 @@ def prepare_for_c(raw: bytes) -> bytes | None:
             return None
 
 
-class FastUnpickler(pickle.Unpickler):
+class FastUnpickler(_Budgeted, pickle.Unpickler):
     """The C unpickler for pickles `prepare_for_c` prepared; same interface, tree check and
     plain result as BoundedUnpickler. A subclass's `find_class` must resolve `special_globals`
     first (the marker to PickledDict) and map collections.OrderedDict to PickledOrderedDict,
     as the bounded reader's allowlist should too (so NEWOBJ of it agrees on both paths)."""
 
-    leaf_types: frozenset = frozenset()
     special_globals = {DICT_MARKER: PickledDict}
-
-    def __init__(self, file, *, budget_bytes: int, **kwargs) -> None:
-        super().__init__(file, **kwargs)
-        self.max_nodes = NODES_PER_BYTE * budget_bytes + NODES_FLOOR
-
-    def load(self):
-        with gc_paused(), work_budget(self.max_nodes):
-            obj = super().load()
-            check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
-            return plain(obj, _ATOMS | self.leaf_types)
