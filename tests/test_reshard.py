@@ -158,13 +158,28 @@ def test_sub_groups_follow_the_new_world_size(tmp_path):
     assert len(got.groups) > len(src.groups)
 
 
-@pytest.mark.parametrize("layout_fixture", ["parallel/z0_fp32", "parallel/pp2_dp2_s1_fp32",
-                                            "parallel/tp2_dp2_s2_toy",
-                                            "parallel/moe_ep2_w4_s2_fp32"])
-def test_other_layouts_are_refused_by_name(tmp_path, layout_fixture):
-    r = run_zinspect("reshard", FIXTURES / layout_fixture, tmp_path / "out", "--world-size", "3")
+@pytest.mark.parametrize("layout_fixture,n,words", [
+    ("parallel/z0_fp32", 3, "a zero0 checkpoint cannot be resharded"),
+    ("parallel/pp2_dp1_s0_bf16", 4, "ZeRO-0 with partitioned bf16 optimizer files"),
+    ("parallel/pp3_dp1_s0_fp32", 6, "needs no reshard"),
+    ("parallel/moe_ep2_w4_s0_fp32", 2, "needs no reshard")])
+def test_what_cannot_be_resharded_is_refused_by_name(tmp_path, layout_fixture, n, words):
+    r = run_zinspect("reshard", FIXTURES / layout_fixture, tmp_path / "out", "--world-size", str(n))
     assert r.returncode == 1, r.stderr
-    assert "cannot be resharded" in r.stderr and "hint:" in r.stderr
+    assert words in r.stderr and "hint:" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout_fixture,n,words", [
+    ("parallel/tp2_dp2_s2_toy", 3, "not a multiple of tp 2 = 2"),
+    ("parallel/pp2_dp2_s1_fp32", 5, "not a multiple of pp 2 = 2"),
+    ("parallel/moe_ep2_w4_s2_fp32", 3, "not a multiple of ep 2 = 2")])
+def test_a_world_size_the_kept_degrees_do_not_divide_is_bad_usage(tmp_path, layout_fixture, n, words):
+    """--world-size counts every rank (dp x tp x pp, as DeepSpeed's world size): tp, pp and ep
+    are kept, so they must divide it."""
+    r = run_zinspect("reshard", FIXTURES / layout_fixture, tmp_path / "out", "--world-size", str(n))
+    assert r.returncode == 2, r.stderr
+    assert words in r.stderr and "--world-size counts every rank" in r.stderr
     assert not (tmp_path / "out").exists()
 
 

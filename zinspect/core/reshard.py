@@ -23,22 +23,16 @@ from pathlib import Path
 from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.outdir import OutputDir, temp_name, writing_failed
+from zinspect.core.reshard_slices import LAYOUT_NAMES, RESHARDABLE, refusal, reshape
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchsave import FilesSink, output_bytes, stream_tensors
 from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
-RESHARDABLE = ("zero", "bf16_optimizer")
 #: why a layout is refused, and what to do instead
 REFUSED = {
     "zero0": "ZeRO-0 keeps whole optimizer states, not partitions: it loads at any data-parallel "
              "size as it is",
-    "pipeline": "a pipeline keeps its pp degree; write a universal checkpoint "
-                "(`zinspect merge PATH OUT --format universal`) and load it with "
-                "\"checkpoint\": {\"load_universal\": true}",
-    "tensor_parallel": "a tensor-parallel run keeps its tp degree; write a universal checkpoint "
-                       "(`zinspect merge PATH OUT --format universal`)",
-    "moe": "expert-parallel groups are partitioned over their own ranks; not supported yet",
     "universal": "a universal checkpoint loads at any data-parallel size as it is, with "
                  "\"checkpoint\": {\"load_universal\": true}",
 }
@@ -75,11 +69,13 @@ def check_reshardable(ckpt: Checkpoint, world_size: int, what: str = "resharded"
     if world_size < 1:
         raise UsageError(f"--world-size must be at least 1 (got {world_size})", "e.g. --world-size 4")
     if ckpt.layout not in layouts:
-        can = " and tensor-parallel (AutoTP)" if "tensor_parallel" in layouts else ""
-        raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be {what} (only plain "
-                           f"ZeRO-1/2/3 and BF16_Optimizer data-parallel{can} checkpoints can, so far)",
+        can = ", ".join(LAYOUT_NAMES[x] for x in layouts if x in LAYOUT_NAMES)
+        raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be {what} (only {can} "
+                           "checkpoints can, so far)",
                            REFUSED.get(ckpt.layout, "give a plain ZeRO checkpoint")
                            if what == "resharded" else "give a plain ZeRO checkpoint")
+    if what == "resharded" and (why := refusal(ckpt)):
+        raise NotMergeable(f"{where}: {why[0]}", why[1])
     if ckpt.errors:
         first = ckpt.errors[0]
         raise NotMergeable(f"{where}: validation found {len(ckpt.errors)} error(s), the first: "
@@ -111,7 +107,8 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
     if os.path.lexists(latest) and not force:
         raise OutputError(f"{out_dir}: already holds a `latest`",
                           "pick an empty or new directory, or pass --force to replace it")
-    files, notes = plan_files(ckpt, world_size)
+    rs = reshape(ckpt, world_size)
+    files, notes = plan_files(ckpt, rs)
     tensors = stream_tensors(files)
     meter = ProgressMeter(sum(t.src_nbytes for t in tensors), progress)
     verification = meter.verification = Verification(tensors, shown=os.path.basename)

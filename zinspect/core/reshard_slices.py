@@ -1,0 +1,130 @@
+"""What a reshard keeps and what it changes, per layout: the data-parallel slices of a checkpoint.
+
+A tensor-parallel run is one ZeRO checkpoint over dp per tp rank (its shards), a pipeline one per
+stage (its layers' params), a native MoE run one whose expert groups are partitioned over the
+expert-data-parallel group (dp / ep ranks, position rank // ep) beside the dense groups over all
+dp ranks. Each slice is resharded by the plain ZeRO planner (`zinspect.core.reshard_zero`), with
+its files' mp_rank kept; the files no data-parallel size changes (a pipeline's layer files, the
+MoE expert files) are written again as they are.
+
+`--world-size N` is DeepSpeed's world size: every rank, N = dp * tp * pp (the expert-parallel
+ranks are data-parallel ranks: ep divides dp). tp, pp and ep are kept, so N must be a multiple
+of tp * pp, and of ep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from zinspect.core.fmt import shown
+from zinspect.core.model import Checkpoint, ParamGroup, RankFile
+from zinspect.errors import NotMergeable, UsageError
+
+#: the layouts that can be resharded (validate.py's plain ZeRO is the first two)
+PLAIN_ZERO = ("zero", "bf16_optimizer")
+RESHARDABLE = (*PLAIN_ZERO, "tensor_parallel", "pipeline", "moe")
+#: how a refusal names the layouts that can
+LAYOUT_NAMES = {"zero": "plain ZeRO-1/2/3", "bf16_optimizer": "BF16_Optimizer",
+                "tensor_parallel": "tensor-parallel (AutoTP, ZeRO-1/2/3)",
+                "pipeline": "pipeline (ZeRO-1)", "moe": "native MoE (ZeRO-1/2)"}
+#: the ZeRO stages whose optimizer files a reshard rewrites, per layout
+STAGES = {"tensor_parallel": (1, 2, 3), "pipeline": (1,), "moe": (1, 2)}
+
+
+def refusal(ckpt: Checkpoint) -> tuple[str, str] | None:
+    """(what, hint) when `ckpt`'s layout can be resharded but not this one of it."""
+    stages = STAGES.get(ckpt.layout)
+    if stages is None or ckpt.stage in stages:
+        return None
+    if ckpt.stage == 0 and ckpt.files_of("optim"):  # a pipeline's bf16 ZeRO-0: BF16_Optimizer files
+        return (f"a {ckpt.layout} checkpoint at ZeRO-0 with partitioned bf16 optimizer files "
+                "cannot be resharded yet (its state is also kept whole in the mp_rank files)",
+                "write a universal checkpoint, or resume at the same data-parallel size")
+    if ckpt.stage == 0:
+        return (f"a {ckpt.layout} checkpoint at ZeRO-0 keeps whole optimizer states, not "
+                "partitions: it needs no reshard", "load it at the new data-parallel size as it is")
+    return (f"a {ckpt.layout} checkpoint at ZeRO-{ckpt.stage} cannot be resharded",
+            f"DeepSpeed saves {ckpt.layout} checkpoints at ZeRO {', '.join(map(str, stages))}")
+
+
+@dataclass
+class Slice:
+    """The files of one data-parallel slice: a plain ZeRO checkpoint over dp."""
+
+    mp: int  # the mp_rank its files are named with (tp rank, pipeline stage)
+    optim: dict[int, RankFile]  # old dp rank -> optimizer file
+    models: dict[int, RankFile]  # ZeRO-3: old dp rank -> model states; else {0: the model states}
+    groups: list[tuple[ParamGroup, int | None]]  # (flat group, its ep rank when an expert group)
+    shard: int | None = None  # the tp rank whose shards its params are
+    files: frozenset[str] = frozenset()  # its files' names (fragments are looked up in them)
+
+    def groups_of(self, rank: int, ep: int) -> list[tuple[ParamGroup, int | None]]:
+        """The flat groups of data-parallel rank `rank`'s files, in their order: the dense
+        ones and the expert groups of its ep rank (rank % ep)."""
+        return [(g, e) for g, e in self.groups if e is None or e == rank % ep]
+
+
+@dataclass
+class Reshape:
+    world: int  # the new world size (every rank)
+    dp: int  # the new data-parallel size
+    old_dp: int
+    ep: int = 1
+    slices: list[Slice] = field(default_factory=list)
+    whole: list[str] = field(default_factory=list)  # files written again as they are
+
+
+def reshape(ckpt: Checkpoint, world_size: int) -> Reshape:
+    """The slices of `ckpt` and the new data-parallel size for `world_size` ranks; UsageError
+    when tp * pp or ep does not divide it."""
+    topo = ckpt.topology
+    tp, pp, ep = max(topo.tp, 1), max(topo.pp, 1), max(topo.ep, 1)
+    if ckpt.layout in PLAIN_ZERO:
+        tp = pp = ep = 1
+    if ckpt.layout == "pipeline" and tp > 1:
+        raise NotMergeable(f"{shown(str(ckpt.path))}: cannot reshard: a pipeline with tensor "
+                           f"parallelism (pp {pp} x tp {tp}) is not supported yet",
+                           "resume it at the same data-parallel size")
+    kept = tp * pp
+    if world_size % kept or world_size % (kept * ep):
+        what = " x ".join(f"{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("ep", ep)) if v > 1)
+        raise UsageError(f"--world-size {world_size} is not a multiple of {what} = {kept * ep} "
+                         f"(the {ckpt.layout} degrees a reshard keeps)",
+                         f"--world-size counts every rank, as DeepSpeed's does (dp x tp x pp): "
+                         f"e.g. --world-size {kept * ep * 2}")
+    rs = Reshape(world_size, world_size // kept, topo.dp if ckpt.layout not in PLAIN_ZERO
+                 else (ckpt.world_size or 1), ep)
+    optim, models = ckpt.files_of("optim"), ckpt.files_of("model")
+    if ckpt.layout == "tensor_parallel":
+        rs.slices = [_slice(ckpt, t, [f for f in optim if f.coords.tp == t],
+                            [f for f in models if f.coords.tp == t],
+                            [g for g in ckpt.groups if g.coords and g.coords.tp == t], shard=t)
+                     for t in range(tp)]
+    elif ckpt.layout == "pipeline":
+        rs.slices = [_slice(ckpt, s, [f for f in optim if f.coords.pp == s],
+                            [f for f in models if f.coords.pp == s],
+                            [g for g in ckpt.groups if g.coords and g.coords.pp == s])
+                     for s in range(pp)]
+        rs.whole = sorted(f.name for f in ckpt.files_of("layer"))
+    else:
+        rs.slices = [_slice(ckpt, 0, optim, models, ckpt.groups)]
+        rs.whole = sorted(f.name for f in ckpt.files_of("expert"))
+    return rs
+
+
+def _slice(ckpt: Checkpoint, mp: int, optim: list[RankFile], models: list[RankFile],
+           groups: list[ParamGroup], shard: int | None = None) -> Slice:
+    by_rank = {f.rank: f for f in optim}
+    if sorted(by_rank) != list(range(len(optim))) or not optim:
+        raise NotMergeable(f"{shown(str(ckpt.path))}: cannot reshard: the optimizer files of "
+                           f"mp_rank {mp:02d} are not data-parallel ranks 0..{len(optim) - 1}",
+                           "run `zinspect validate` for details")
+    held = {f.rank or 0: f for f in models} if ckpt.stage == 3 else \
+        {0: min(models, key=lambda f: f.name)} if models else {}
+    if not held:
+        raise NotMergeable(f"{shown(str(ckpt.path))}: cannot reshard: mp_rank {mp:02d} has no "
+                           "model-states file", "run `zinspect validate` for details")
+    moe = ckpt.layout == "moe"
+    tagged = [(g, g.coords.ep if moe and g.coords is not None else None) for g in groups]
+    files = frozenset(f.name for f in [*optim, *models])
+    return Slice(mp, by_rank, held, tagged, shard, files)

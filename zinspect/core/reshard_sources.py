@@ -1,0 +1,191 @@
+"""The source side of a reshard: the checkpoint's files read once each, where each param's
+states lie (in one data-parallel slice of the files, or in all of them), and the pickles'
+tensors re-pointed at the new files (`copy`).
+
+Each new tensor is a list of source byte ranges (`Piece`s of the fragments zinspect located)
+and zero padding (`zinspect.core.torchsave.add_zeros`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import OrderedDict
+from collections.abc import Collection
+
+from zinspect.core.fmt import shown
+from zinspect.core.model import MOMENTS, Checkpoint, Fragment
+from zinspect.core.plan import Piece
+from zinspect.core.torchsave import NewTensor, OutFile, Size, add_piece
+from zinspect.core.torchzip import DTYPE_SIZES, TensorRef, TorchFile, read_torch_file
+from zinspect.errors import NotMergeable
+
+STEP = "step"
+
+
+def refuse(ckpt: Checkpoint, what: str, hint: str = "") -> NotMergeable:
+    return NotMergeable(f"{shown(str(ckpt.path))}: cannot reshard: {what}",
+                        hint or "reshard a ZeRO checkpoint saved by DeepSpeed")
+
+
+class Sources:
+    """The source files' pickles (read once each) and where each param's states lie."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.notes: list[str] = []
+        self._tfs: dict[str, TorchFile] = {}
+        self._paths: dict[str, str] = {}  # file name -> its path (asked once per piece)
+        # the optimizer files by global rank: (stage * dp + dp rank) * tp + tp rank
+        dp, tp = ckpt.topology.dp, ckpt.topology.tp
+        self.optim = {((f.coords.pp or 0) * dp + f.rank) * tp + (f.coords.tp or 0 if tp > 1 else 0): f
+                      for f in ckpt.files_of("optim")}
+        self.model = {f.rank: f for f in ckpt.files_of("model")}
+        self.old = ckpt.world_size or len(self.optim)
+        if sorted(self.optim) != list(range(self.old)):
+            raise refuse(ckpt, f"the optimizer files are not ranks 0..{self.old - 1}")
+
+    def tf(self, name: str) -> TorchFile:
+        if name not in self._tfs:
+            self._tfs[name] = read_torch_file(self.ckpt.path / name)
+        return self._tfs[name]
+
+    def path(self, name: str) -> str:
+        path = self._paths.get(name)
+        if path is None:
+            path = self._paths[name] = str(self.ckpt.path / name)
+        return path
+
+    def osd(self, rank: int) -> dict:
+        return self.tf(self.optim[rank].name).obj["optimizer_state_dict"]
+
+    def fragments(self, name: str, state: str, files: Collection[str] | None = None) -> list[Fragment]:
+        """The param's fragments of `state` ("frozen": its 16-bit values), sorted, each with
+        its bytes located (Checkpoint.state_fragments); with `files`, only those held by them
+        (one tp rank's shard, one pipeline stage's copy of a tied param)."""
+        ckpt = self.ckpt
+        p = ckpt.params[name]
+        if state == "frozen":
+            frags = [f for f in p.fragments if f.source in ("frozen", "module")]
+        elif files is None:
+            frags = ckpt.state_fragments(name, state)
+        else:
+            frags = _slice_fragments(ckpt, name, state, files)
+        if files is not None:
+            frags = [f for f in frags if f.file in files]
+        frags = sorted((f for f in frags if f.numel), key=lambda f: f.start)
+        if not frags and p.numel:
+            raise refuse(ckpt, f"{shown(name, 80)}: the files hold no {state} for it",
+                         "only Adam/AdamW optimizer states (exp_avg, exp_avg_sq) are resharded")
+        if any(f.offset is None or not f.intact for f in frags):
+            raise refuse(ckpt, f"{shown(name, 80)}: its {state} bytes are not all in the files")
+        return frags
+
+    def add_range(self, ops: list, frags: list[Fragment], lo: int, hi: int, name: str,
+                  starts: list[int] | None = None) -> None:
+        """Append the bytes of elements [lo, hi) of a param, from its `frags` (sorted; with
+        their `starts`, found by bisection: a ZeRO-3 param has one fragment per old rank)."""
+        got = 0
+        first = max(0, bisect.bisect_right(starts, lo) - 1) if starts else 0
+        for f in itertools.islice(frags, first, None):
+            if f.start >= hi:
+                break
+            a, b = max(lo, f.start), min(hi, f.start + f.numel)
+            if a < b:
+                size = DTYPE_SIZES[f.dtype]
+                add_piece(ops, Piece(self.path(f.file), f.offset + (a - f.start) * size,
+                                     (b - a) * size))
+                got += b - a
+        if got != hi - lo:
+            raise refuse(self.ckpt, f"{shown(name, 80)}: elements {lo}..{hi} are not all held "
+                         "by the rank files", "run `zinspect validate` for details")
+
+    def copy(self, out: OutFile, file: str, obj):
+        """`obj` of source `file` with every tensor copied into `out` (whole storages, shared
+        ones once: a tie stays a tie)."""
+        tf = self.tf(file)
+        stores: dict = {}
+
+        def walk(x):
+            if isinstance(x, TensorRef):
+                st = stores.get(x.storage.key)
+                if st is None:
+                    rec = tf.records.get(x.storage.key)
+                    off = tf.data_offset(x.storage.key)
+                    if rec is None or off is None or rec.present < x.storage.nbytes:
+                        raise refuse(self.ckpt, f"{shown(file)}: record {x.storage.key} is "
+                                     "missing or truncated")
+                    ops: list = []
+                    add_piece(ops, Piece(self.path(file), off, x.storage.nbytes))
+                    st = stores[x.storage.key] = out.storage(x.dtype, x.storage.numel, ops)
+                return NewTensor(st, Size(x.shape), x.offset, tuple(x.stride))
+            if isinstance(x, dict):  # the unpickler's dicts may be its own subclasses
+                items = [(k, walk(v)) for k, v in x.items()]
+                return OrderedDict(items) if isinstance(x, OrderedDict) else dict(items)
+            if isinstance(x, list):
+                return [walk(v) for v in x]
+            if isinstance(x, tuple) and type(x) is tuple:
+                return tuple(walk(v) for v in x)
+            return x
+
+        return walk(obj)
+
+    def whole(self, name: str) -> OutFile:
+        """Source file `name` written again as it is: its pickle, every tensor (a layer or
+        expert file of a pipeline or MoE run, which no data-parallel size changes)."""
+        out = OutFile(name)
+        out.obj = self.copy(out, name, self.tf(name).obj)
+        return out
+
+    def step(self, out: OutFile, state: dict, file: str | None = None):
+        """A copy of the `step` of a param state (a 0-d tensor in torch >= 1.12, else a number)
+        read from `file` (default: rank 0's optimizer file)."""
+        step = state.get(STEP)
+        return self.copy(out, file or self.optim[0].name, step) if isinstance(step, TensorRef) else step
+
+    def check_states(self, states: dict) -> None:
+        for g, st in states.items():
+            extra = sorted(str(k) for k in (st or {}) if k not in (STEP, *MOMENTS))
+            if extra:
+                raise refuse(self.ckpt, f"group {g}'s optimizer state holds {', '.join(extra)}",
+                             "only Adam/AdamW states (exp_avg, exp_avg_sq, step) are resharded")
+
+    def sizes(self, shapes: dict) -> OrderedDict:
+        return OrderedDict((k, Size(v)) for k, v in shapes.items())
+
+
+def _slice_fragments(ckpt: Checkpoint, name: str, state: str, files: Collection[str]) -> list[Fragment]:
+    """`Checkpoint.state_fragments` over a param's fragments AND its per-stage copies (a tied
+    pipeline param has its own master and moments in every stage that uses it)."""
+    p = ckpt.params[name]
+    if p.tied_to:
+        p = ckpt.params[p.tied_to]
+    if p.frozen:
+        return []
+    seen, masters = set(), []
+    for f in itertools.chain(p.fragments, *p.copies.values()):
+        if f.source == "master" and f.file in files and (f.file, f.group, f.group_offset) not in seen:
+            seen.add((f.file, f.group, f.group_offset))
+            masters.append(f)
+    if state == "fp32":
+        return masters
+    out = []
+    for f in masters:
+        at = ckpt.moments.get((f.file, f.group, state)) if f.group is not None else None
+        if at is not None:
+            out.append(at.fragment(f.group, f.group_offset, f.start, f.numel, f.padding, state,
+                                   f.shard))
+    return out
+
+
+def get(obj, *keys):
+    for k in keys:
+        if not isinstance(obj, dict) or k not in obj:
+            return None
+        obj = obj[k]
+    return obj
+
+
+def zero_config(ckpt: Checkpoint) -> dict:
+    zo = get(ckpt.ds_config, "zero_optimization")
+    return zo if isinstance(zo, dict) else {}
