@@ -30,7 +30,7 @@ def file_findings(ckpt: Checkpoint) -> list[Finding]:
                 file=f.name)
             continue
         stray = _STRAY.get(f.kind)
-        if stray and ckpt.layout != stray[0]:
+        if stray and not ckpt.layout.startswith(stray[0]):  # pipeline_tp has layer files too
             add("stale-rank-file", f"{f.name} is {stray[1]}, but this checkpoint is "
                 f"not a {stray[0]} run: a leftover of another run", STALE_HINT,
                 file=f.name, rank=f.rank)

@@ -32,6 +32,7 @@ from zinspect.core.layouts.base import Layout, LoadContext
 #: asked in this order; the first layout that recognises the files describes them
 REGISTRY: tuple[str, ...] = (
     "universal",
+    "pipeline_tp",  # pipeline x tensor parallel (Megatron-DeepSpeed / BLOOM)
     "pipeline",  # before any tensor-parallel layout: a pipeline has one mp_rank file per stage
     "tensor_parallel",
     "unsupported:TENSOR_PARALLEL",
@@ -61,6 +62,7 @@ def pick(ctx: LoadContext) -> Layout:
 
 
 #: the layouts a merge can be planned for
-MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "moe", "zero0", "tensor_parallel", "universal")
+MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "pipeline_tp", "moe", "zero0", "tensor_parallel",
+             "universal")
 
 __all__ = ["MERGEABLE", "REGISTRY", "Layout", "LoadContext", "layouts", "pick"]

@@ -19,6 +19,8 @@ DeepSpeed refuses ZeRO-2/3 with pipelines, so there is nothing else to read.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import replace
 
 from zinspect.core.layouts import common, one_save, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
@@ -101,13 +103,18 @@ class _Pipeline:
 
     # ------------------------------------------------------------------ names
     def flat_groups(self, s: int) -> list[list[tuple[str, tuple | None]]]:
-        """Stage s's flat groups: `param_shapes`, else the optimizer's `param_slice_mappings`
-        (a ZeRO-0 BF16_Optimizer saves no param_shapes), else none (ZeRO-0 fp32)."""
-        shapes = as_group_list(self.stage_state(s).get("param_shapes"))
+        return self.slice_groups(self.stage_state(s), self.optim.get(s, {}))
+
+    def slice_groups(self, state: dict, files: dict[int, RankFile]
+                     ) -> list[list[tuple[str, tuple | None]]]:
+        """A slice's flat groups (a stage's; with TP a (stage, tp rank)'s): `param_shapes`,
+        else the optimizer's `param_slice_mappings` (a ZeRO-0 BF16_Optimizer saves no
+        param_shapes), else none (ZeRO-0 fp32)."""
+        shapes = as_group_list(state.get("param_shapes"))
         if shapes:
             return [[(str(n), shape(v)) for n, v in g.items()] for g in shapes]
         placed: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)
-        for d, rf in sorted(self.optim.get(s, {}).items()):
+        for d, rf in sorted(files.items()):
             maps = get(self.ctx.torch_file(rf).obj, "optimizer_state_dict", "param_slice_mappings")
             parts = get(self.ctx.torch_file(rf).obj, "optimizer_state_dict",
                         "single_partition_of_fp32_groups")
@@ -146,10 +153,6 @@ class _Pipeline:
     def describe(self) -> None:
         ctx, c = self.ctx, self.c
         self.sort_files()
-        if self.tp > 1:
-            ctx.find("unsupported-layout", f"a pipeline with tensor parallelism (pp {self.pp} × "
-                     f"tp {self.tp}): zinspect can show it but not merge it yet",
-                     "for now use DeepSpeed's ds_to_universal.py for this layout")
         groups = {s: self.flat_groups(s) for s in self.stages}
         buffer_names = [b for s in self.stages for b in _list(self.stage_state(s), "buffer_names")
                         if isinstance(b, str)]
@@ -163,15 +166,17 @@ class _Pipeline:
         c.stage = zero if type(zero) is int else (1 if self.optim else 0)
         c.world_size = self.dp * self.pp * self.tp
         self._params(groups, trainable, set(buffer_names))
+        self._layer_stages(groups)
         for s in self.stages:
             self._stage_geometry(s, groups[s])
+        self.place()
         if self.optim:
             self._missing_optim()
         self._one_save()
         self._buffers(buffer_names)
         self._missing_layers(trainable)
         if not self.optim:
-            pipeline_zero0.describe(self)
+            self.describe_zero0()
         common.finish(ctx, common.Names({}, [], [], {}))
         if not c.master_dtype and any(f.source == "master" for p in c.params.values()
                                       for f in p.fragments):
@@ -210,6 +215,31 @@ class _Pipeline:
             if p.frozen:
                 self.layer_fragment(name, "module")
 
+    def describe_zero0(self) -> None:
+        """No optimizer files: the masters are in the stages' model states (pipeline_zero0)."""
+        pipeline_zero0.describe(self)
+
+    def place(self) -> None:
+        """After the geometry: the params' full shapes where a slice holds only part of one
+        (pipeline_tp places the tp shards); a plain pipeline's params are whole."""
+
+    def _layer_stages(self, groups: dict) -> None:
+        """Each layer file's pp coordinate: the stage that owns the layer — the lowest whose
+        flat groups or buffers name it (a tied layer's file is written by the first stage
+        that builds it); a layer no stage names (frozen params only) is in the stage of the
+        layer before it, as PipelineModule partitions contiguously."""
+        owner: dict[int, int] = {}
+        for s in sorted(groups):
+            names = [n for g in groups[s] for n, _ in g] + \
+                [b for b in _list(self.stage_state(s), "buffer_names") if isinstance(b, str)]
+            for n in names:
+                if n in self.names:
+                    owner.setdefault(self.names[n][0], s)
+        stage = 0
+        for rf in sorted(self.c.files_of("layer"), key=lambda f: (f.coords.layer or 0, f.name)):
+            stage = owner.get(rf.coords.layer, stage)
+            rf.coords = replace(rf.coords, pp=stage)
+
     def layer_fragment(self, name: str, source: str) -> None:
         layer, key = self.names[name]
         rf = self.layers[layer]
@@ -222,25 +252,38 @@ class _Pipeline:
     def _stage_geometry(self, s: int, flat: list) -> None:
         """Stage s's ZeRO-1 / BF16_Optimizer partitions over its dp ranks. Params already
         placed by a lower stage (tied) get this stage's fragments as a copy."""
-        files = self.optim.get(s)
-        if not files or not flat:
-            return
+        with self.copies_of(s, flat):
+            self.attach_slice(self.optim.get(s), flat, Coords(pp=s))
+
+    @contextmanager
+    def copies_of(self, s: int, flat: list):
+        """Around attaching stage s: the params a lower stage placed (tied) keep their
+        fragments; what stage s attaches to them becomes `Param.copies[s]`."""
         c = self.c
-        flat = [[(n, shp or c.params[n].shape) for n, shp in g] for g in flat]
         placed = {n: c.params[n] for g in flat for n, _ in g if c.params[n].fragments}
         saved = {n: (p.fragments, p.group, p.sub_group) for n, p in placed.items()}
         for p in placed.values():
             p.fragments = []
+        yield
+        for n, p in placed.items():
+            p.copies[s] = list(p.fragments)
+            p.fragments, p.group, p.sub_group = saved[n]
+
+    def attach_slice(self, files: dict[int, RankFile] | None, flat: list, coords: Coords,
+                     shard: int | None = None) -> None:
+        """One slice's (a stage's, or a (stage, tp rank)'s) partitions over its dp ranks."""
+        if not files or not flat:
+            return
+        c = self.c
+        flat = [[(n, shp or c.params[n].shape) for n, shp in g] for g in flat]
         first = next(iter(files.values()))
         bf16 = "zero_stage" not in (get(self.ctx.torch_file(first).obj, "optimizer_state_dict")
                                     or {})
         pc = get(self.ctx.torch_file(first).obj, "optimizer_state_dict", "partition_count")
         counts = [x if type(x) is int else 0 for x in pc] if isinstance(pc, list) else self.dp
-        zero12.attach(self.ctx, files, flat, counts, keep_padding=bf16, coords=Coords(pp=s))
+        zero12.attach(self.ctx, files, flat, counts, keep_padding=bf16, shard=shard,
+                      coords=coords)
         common.attach_moments(self.ctx, files)
-        for n, p in placed.items():
-            p.copies[s] = list(p.fragments)
-            p.fragments, p.group, p.sub_group = saved[n]
 
     def _one_save(self) -> None:
         """Every stage's files come from one save: the stage files' dp world size and global
@@ -256,11 +299,15 @@ class _Pipeline:
                          file=rf.name)
         one_save.outliers(ctx, [(rf, state.get("global_steps")) for rf, state in stages],
                           "global step")
-        optim = [rf for per in self.optim.values() for rf in per.values()]
+        optim = self.optim_files()
         for rf in optim:
             if rf.step is None:
                 common._read_optim_header(ctx, rf)  # only mp_rank 0's are read before
         one_save.outliers(ctx, [(rf, rf.step) for rf in optim], "optimizer step")
+
+    def optim_files(self) -> list[RankFile]:
+        """Every optimizer file of the checkpoint's slices."""
+        return [rf for per in self.optim.values() for rf in per.values()]
 
     def _missing_optim(self) -> None:
         """Every (stage, dp rank) has its optimizer file."""
