@@ -352,16 +352,27 @@ def test_parallel_layouts_param_stats_equal_torch(name):
         assert close(s.update_max, u.max().item()) and close(s.update_mean, u.mean().item())
 
 
-@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16"])
-def test_zero0_masters_without_located_moments(name):
-    """ZeRO-0's moments (in the model states' torch optimizer) are not located by the core:
-    the masters' numbers, and each param says why it has no update."""
+@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16", "z0_fp16"])
+def test_zero0_param_stats_equal_torch(name):
+    """Was: masters only (ZeRO-0's moments not located). Now ZeRO-0's moments (the torch
+    optimizer's per-param state in the model states: group g's i-th param has
+    state[param_groups[g]['params'][i]]) give every column, equal to torch.load's."""
     ckpt = open_checkpoint(PARALLEL / name)
-    result = optimizer_stats(ckpt, read_optimizer(ckpt))
+    opt = read_optimizer(ckpt)
+    result = optimizer_stats(ckpt, opt)
+    assert not result.left_out and not result.masters_only and opt.adam
     reference = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
-    assert result.params and set(result.masters_only) == {s.name for s in result.params}
+    saved = torch_load(ckpt.path / "mp_rank_00_model_states.pt")["optimizer"]
+    inner = saved.get("optimizer_state_dict", saved)
+    state = {n: inner["state"][inner["param_groups"][g.index]["params"][i]]
+             for g in ckpt.groups for i, n in enumerate(g.params)}
+    assert [s.name for s in result.params] == [n for n in ckpt.params if n in state]
     for s in result.params:
-        assert s.update_max is None and close(s.master_l2, reference[s.name].double().norm().item())
+        m, v = (state[s.name][k].double() for k in ("exp_avg", "exp_avg_sq"))
+        u = m.abs() / (v.sqrt() + opt.eps(s.group))
+        assert close(s.master_l2, reference[s.name].double().norm().item()), s.name
+        assert close(s.exp_avg_l2, m.norm().item()) and close(s.sqrt_exp_avg_sq_l2, v.sqrt().norm().item())
+        assert close(s.update_max, u.max().item()) and close(s.update_mean, u.mean().item())
 
 
 def test_odd_values_stay_bounded_and_json_safe(tmp_path):

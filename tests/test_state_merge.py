@@ -79,6 +79,49 @@ def test_every_moment_equals_the_optimizer_files(tmp_path, name):
     assert set(hand["fp32"]) <= set(weights)
 
 
+def test_sgd_state_all_writes_momentum_buffer(tmp_path):
+    """A real ZeRO-2 SGD (momentum) run: --state all writes its momentum_buffer under its own
+    name (no Adam moments), each param's equal to the ranks' buffers cut by param_shapes (rank
+    1's buffer keeps its padding, the fp32 partition does not)."""
+    name = "optim/sgd_s2_w2_fp32"
+    tag = next(p for p in (FIXTURES / name).iterdir() if p.is_dir())
+    osds = [torch_load(tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+            for r in (0, 1)]
+    want = {}
+    for g, shapes in enumerate(torch_load(tag / "mp_rank_00_model_states.pt")["param_shapes"]):
+        flat = torch.cat([o["base_optimizer_state"]["state"][g]["momentum_buffer"]
+                          [:o["single_partition_of_fp32_groups"][g].numel()] for o in osds])
+        off = 0
+        for pname, shape in shapes.items():
+            want[pname] = flat[off:off + math.prod(shape)].reshape(shape)
+            off += math.prod(shape)
+    result = merge(open_checkpoint(FIXTURES / name), tmp_path / "out", hf_files=False, state="all")
+    assert result.states == ["momentum_buffer"] and result.unverified == []
+    got = load_file(tmp_path / "out" / "momentum_buffer.safetensors")
+    assert set(got) == set(want) and len(want) == 25
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+    assert not (tmp_path / "out" / "exp_avg.safetensors").exists()
+    meta = json.loads((tmp_path / "out" / "optimizer_state.json").read_text())
+    assert meta["optimizer"] == "SGD (momentum)" and list(meta["states"]) == ["momentum_buffer"]
+
+
+@pytest.mark.parametrize("name", ["z0_fp32", "z0_bf16", "z0_fp16"])
+def test_zero0_state_all_equals_the_torch_optimizer_state(tmp_path, name):
+    """ZeRO-0: the moments are the torch optimizer's per-param state (fp32: the model states'
+    `optimizer`; bf16/fp16: FP16_UnfusedOptimizer's optimizer_state_dict), by position."""
+    ckpt = open_checkpoint(FIXTURES / "parallel" / name)
+    saved = torch_load(ckpt.path / "mp_rank_00_model_states.pt")["optimizer"]
+    inner = saved.get("optimizer_state_dict", saved)
+    want = {n: inner["state"][inner["param_groups"][g.index]["params"][i]]
+            for g in ckpt.groups for i, n in enumerate(g.params)}
+    result = merge(ckpt, tmp_path / "out", hf_files=False, state="all")
+    assert result.states == ["exp_avg", "exp_avg_sq"] and result.unverified == []
+    for key in ("exp_avg", "exp_avg_sq"):
+        got = load_file(tmp_path / "out" / f"{key}.safetensors")
+        assert set(got) == set(want) and len(want) == 17
+        assert all(torch.equal(got[n], w[key]) for n, w in want.items()), key
+
+
 def test_state_json_holds_step_and_hyper_parameters(tmp_path):
     name = "s3_w2_fp32"
     merge(open_checkpoint(FIXTURES / name), tmp_path / "out", hf_files=False, state="all",
@@ -112,9 +155,13 @@ def test_cli_state_all_and_json(tmp_path):
     assert "exp_avg and exp_avg_sq" in r.stderr
 
 
-def test_state_all_refuses_without_moments_and_with_peft(tmp_path):
+def test_state_all_refuses_without_any_state_and_with_peft(tmp_path):
+    """Was: refused on the SGD run (no Adam moments); it now writes its momentum_buffer (see
+    test_sgd_state_all_writes_momentum_buffer). A checkpoint whose files hold no per-param
+    state at all (the SGD run's state entries dropped) still refuses, nothing written."""
     sgd = open_checkpoint(FIXTURES / "optim" / "sgd_s2_w2_fp32")
-    with pytest.raises(UsageError, match="exp_avg"):
+    sgd.moments.clear()
+    with pytest.raises(UsageError, match="no per-param optimizer state"):
         merge(sgd, tmp_path / "a", hf_files=False, state="all")
     assert not (tmp_path / "a").exists()
     with pytest.raises(UsageError, match="--peft"):

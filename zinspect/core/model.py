@@ -18,6 +18,7 @@ Everything here is metadata; no tensor bytes are ever held.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,14 @@ def short_dtype(dtype: str | None) -> str:
     return DTYPE_SHORT.get(dtype or "", dtype or "?")
 
 
-#: the optimizer states a checkpoint may hold per trainable param ("fp32": the masters)
+#: the optimizer states a checkpoint may hold per trainable param ("fp32": the masters); Adam's
+#: moments first, then whatever other per-param state the optimizer keeps under its own key
+#: (SGD/Muon momentum_buffer, Adagrad sum, ...: any name STATE_NAME allows)
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 MOMENTS = STATES[1:]
+#: a per-param state key the core records (it names output files: no path characters, and
+#: neither the masters' name nor the merged weights' file stem)
+STATE_NAME = re.compile(r"(?!(?:fp32|model)$)[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +104,7 @@ class Shard:
     replicated: bool = False
 
 
-@dataclass
+@dataclass(slots=True)  # 300k of them in a ZeRO-3 model-states file
 class Storage:
     """A tensor record inside a rank file."""
 
@@ -264,21 +270,27 @@ class Checkpoint:
     topology: Topology = field(default_factory=Topology)
     #: (file, flat group, moment) -> that moment's flat tensor, for `state_fragments`
     moments: dict[tuple[str, int, str], TensorAt] = field(default_factory=dict, repr=False)
+    #: (param, state, tp shard or None) -> that param's own state tensor, shaped like the param
+    #: (or its tp shard): ZeRO-0 keeps torch's per-param optimizer state; for `state_fragments`
+    param_states: dict[tuple[str, str, int | None], TensorAt] = field(default_factory=dict,
+                                                                      repr=False)
 
     @property
     def states(self) -> list[str]:
         """The optimizer states present: "fp32" (the masters) when there are flat groups, then
-        each Adam moment that some optimizer file holds."""
-        held = {key[2] for key in self.moments}
-        return (["fp32"] if self.groups else []) + [s for s in MOMENTS if s in held]
+        each Adam moment that some file holds, then the other per-param states by name."""
+        held = {key[2] for key in self.moments} | {key[1] for key in self.param_states}
+        return (["fp32"] if self.groups else []) + [s for s in MOMENTS if s in held] + \
+            sorted(held - set(MOMENTS))
 
     def state_fragments(self, param: str, state: str) -> list[Fragment]:
-        """A param's fragments of `state` ("fp32", "exp_avg", "exp_avg_sq"): the fp32 masters'
-        element ranges, at the same element offsets in that state's tensor of the same rank and
-        group. A tied alias answers for its owner; [] for a frozen param or a state the files
-        do not hold (a rank file without it leaves that rank's range out)."""
-        if state not in STATES:
-            raise ValueError(f"unknown optimizer state {state!r} (one of {', '.join(STATES)})")
+        """A param's fragments of `state` ("fp32", or one of `states`: "exp_avg", ...): the fp32
+        masters' element ranges, at the same element offsets in that state's tensor of the same
+        rank and group (or in the param's own state tensor, `param_states`). A tied alias
+        answers for its owner; [] for a frozen param or a state the files do not hold (a rank
+        file without it leaves that rank's range out)."""
+        if not isinstance(state, str):
+            raise ValueError(f"an optimizer state is named by a string, not {type(state).__name__}")
         p = self.params.get(param)
         if p is not None and p.tied_to:
             p = self.params.get(p.tied_to)
@@ -289,6 +301,10 @@ class Checkpoint:
             return masters
         out = []
         for f in masters:
+            own = self.param_states.get((p.name, state, f.shard)) if self.param_states else None
+            if own is not None:  # the param's own tensor: indexed by the param's elements
+                out.append(own.fragment(f.group, f.start, f.start, f.numel, 0, state, f.shard))
+                continue
             at = self.moments.get((f.file, f.group, state)) if f.group is not None else None
             if at is not None:
                 out.append(at.fragment(f.group, f.group_offset, f.start, f.numel, f.padding,

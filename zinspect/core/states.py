@@ -1,10 +1,12 @@
-"""`merge --state all`: the optimizer's Adam moments written beside the weights.
+"""`merge --state all`: the optimizer's per-param state written beside the weights.
 
-OUT gets, next to the weights (model.safetensors or its shards), one file set per moment with
-the weights' tensor names, in the weights' format, sharded by the same --max-shard-size:
+OUT gets, next to the weights (model.safetensors or its shards), one file set per state the
+checkpoint holds (`Checkpoint.states`: Adam's moments, or another optimizer's own, e.g. SGD's
+momentum_buffer), with the weights' tensor names, in the weights' format, sharded by the same
+--max-shard-size:
 
     exp_avg.safetensors      (or exp_avg-00001-of-0000N.safetensors + exp_avg.safetensors.index.json)
-    exp_avg_sq.safetensors
+    exp_avg_sq.safetensors   (SGD / Muon: momentum_buffer.safetensors; Adagrad: sum.safetensors)
     optimizer_state.json     the optimizer, its step, each param group's hyper-parameters and
                              param names, the loss scaler, and which files hold which state
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from zinspect.core.model import MOMENTS, Checkpoint
+from zinspect.core.model import MOMENTS, Checkpoint  # noqa: F401 (MOMENTS: merge's tree writer)
 from zinspect.core.plan import MergePlan, OutputTensor, param_problem, param_tensor
 from zinspect.errors import NotMergeable, UsageError
 
@@ -51,21 +53,34 @@ class StatePlan:
                          self.dropped)
 
 
+def held_states(ckpt: Checkpoint) -> list[str]:
+    """The per-param optimizer states `merge --state all` writes: every state the files hold
+    beside the masters (Adam's moments first)."""
+    return [s for s in ckpt.states if s != "fp32"]
+
+
+def unavailable(ckpt: Checkpoint) -> str | None:
+    """Why `ckpt` has no optimizer state to write (None: it has some); the app's form says it too."""
+    if not held_states(ckpt):
+        return ("the files hold no per-param optimizer state zinspect reads (exp_avg, "
+                "momentum_buffer, ...: none saved, or a layout whose state zinspect does not read)")
+    return None
+
+
 def plan_states(ckpt: Checkpoint, plan: MergePlan, salvage: bool = False) -> StatePlan:
-    """The Adam moments of every trainable param the weights' `plan` writes. Refuses
-    (UsageError) when the optimizer files hold no moments; a param whose moments cannot be
+    """The per-param optimizer states (`held_states`) of every trainable param the weights'
+    `plan` writes. Refuses (UsageError) when the files hold none; a param whose state cannot be
     rebuilt refuses (NotMergeable), or with `salvage` is listed and left out."""
-    missing = [s for s in MOMENTS if s not in ckpt.states]
-    if missing:
-        raise UsageError(f"{ckpt.path}: the optimizer files hold no {' or '.join(missing)} "
-                         "(not an Adam run, or a layout whose moments zinspect does not read)",
-                         "merge without --state all")
-    out = StatePlan({s: [] for s in MOMENTS})
+    why = unavailable(ckpt)
+    if why:
+        raise UsageError(f"{ckpt.path}: {why}", "merge without --state all")
+    held = held_states(ckpt)
+    out = StatePlan({s: [] for s in held})
     for t in plan.tensors:
         p = ckpt.params.get(t.name)
         if p is None or t.tied_to is not None or p.frozen or p.tied_to is not None:
             continue
-        for state in MOMENTS:
+        for state in held:
             frags = ckpt.state_fragments(t.name, state)
             why = param_problem(p, frags)
             if why:

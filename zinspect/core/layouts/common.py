@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from zinspect.core.layouts import topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
-from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile
+from zinspect.core.model import MOMENTS, STATE_NAME, Buffer, Param, ParamGroup, RankFile
 from zinspect.core.torchzip import TensorRef, TorchFile
 
 _ABSENT = object()
@@ -363,19 +363,27 @@ def _settle_dtypes(ctx: LoadContext) -> None:
 
 def attach_moments(ctx: LoadContext, files: dict[int, RankFile]) -> None:
     """Record where each optimizer file keeps Adam's exp_avg / exp_avg_sq of each flat group
-    (`state[group][moment]`, shaped like the group's fp32 partition), for
-    `Checkpoint.state_fragments`. Only metadata already parsed is read."""
+    (`state[group][moment]`, shaped like the group's fp32 partition), and any other per-param
+    state of the partition's size (with or without its padding) under a plain name (SGD's
+    momentum_buffer, ...), for `Checkpoint.state_fragments`. Only metadata already parsed is
+    read."""
     for rank, rf in files.items():
         tf = ctx.torch_file(rf)
-        state = get(_inner_optimizer(get(tf.obj, "optimizer_state_dict")), "state") \
-            if tf else None
+        osd = get(tf.obj, "optimizer_state_dict") if tf else None
+        state = get(_inner_optimizer(osd), "state")
         if not isinstance(state, dict):
             continue
+        flats = get(osd, "single_partition_of_fp32_groups") or get(osd, "fp32_flat_groups")
+        pads = get(osd, "group_paddings")
         for group, per in state.items():
             if type(group) is not int or not isinstance(per, dict):
                 continue
-            for moment in MOMENTS:
-                t = per.get(moment)
-                if isinstance(t, TensorRef):
+            flat = flats[group] if isinstance(flats, list) and 0 <= group < len(flats) else None
+            pad = pads[group] if isinstance(pads, list) and 0 <= group < len(pads) else 0
+            sizes = (flat.numel, flat.numel + pad) if isinstance(flat, TensorRef) else ()
+            for moment, t in per.items():
+                if isinstance(t, TensorRef) and (moment in MOMENTS or (
+                        isinstance(moment, str) and moment != "step" and
+                        STATE_NAME.fullmatch(moment) and t.numel in sizes)):
                     ctx.ckpt.moments[(rf.name, group, moment)] = located(tf, rf.name, rank, t)
 

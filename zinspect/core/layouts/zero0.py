@@ -12,11 +12,13 @@ entries that share a storage, and which master is which param is found from the 
 
 from __future__ import annotations
 
+import math
+
 from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
-from zinspect.core.model import ParamGroup, Topology
+from zinspect.core.model import STATE_NAME, Coords, ParamGroup, Topology
 from zinspect.core.torchzip import TensorRef
 
 
@@ -39,12 +41,27 @@ def describe(ctx: LoadContext) -> None:
         ctx.find("stale-rank-file", f"{rf.name} is a ZeRO optimizer file, but this is a ZeRO-0 "
                  "checkpoint (its optimizer state is in the model states): a leftover of another "
                  "run", "move it out of the tag dir", file=rf.name, rank=rf.rank)
-    _tie_shared_storages(ctx, names.module)
-    opt = ctx.model_state.get("optimizer")
+    tie_shared_storages(ctx, names.module)
+    attach(ctx, ctx.model_file, ctx.model_state,
+           {p.name: p.shape for p in c.params.values() if not p.tied_to}, names.module)
+    for p in c.params.values():
+        if p.tied_to in c.params:
+            p.frozen = c.params[p.tied_to].frozen
+    common.attach_whole_frozen(ctx, names)
+    common.finish(ctx, names)
+
+
+def attach(ctx: LoadContext, rf, state: dict, owners: dict[str, tuple], module: dict,
+           shard: int | None = None, coords: Coords | None = None) -> None:
+    """What one model-states file's `optimizer` holds for `owners` ({name: shape as this file
+    holds it}, module order): each param's group and frozen flag, its fp32 master (fp32_groups,
+    else the fp32 module weight `module[name]`) and its per-param optimizer states. A tp rank's
+    file gives its `shard` and the groups' `coords`."""
+    c = ctx.ckpt
+    opt = state.get("optimizer")
     masters = opt.get("fp32_groups") if isinstance(opt.get("fp32_groups"), list) else None
-    owners = [(p.name, p.shape) for p in c.params.values() if not p.tied_to]
     shapes = saved_group_shapes(opt)
-    order = match_group_order(owners, shapes or [])
+    order = match_group_order(list(owners.items()), shapes or [])
     listed = [len(get(g, "params", default=[]) or []) for g in
               get(opt, "optimizer_state_dict", "param_groups", default=[]) or []]
     problem = "unreadable" if shapes is None else "counts" if masters is not None and \
@@ -54,35 +71,51 @@ def describe(ctx: LoadContext) -> None:
                  f"optimizer groups of {', '.join(str(len(g)) for g in shapes or [])})",
                  "ZeRO-0 saves the optimizer state by position only; without a unique match "
                  "the masters cannot be named. Load the checkpoint with DeepSpeed and the "
-                 "model instead", file=ctx.model_file.name)
-    elif problem:  # fp32 training: the module weights are the masters whichever were frozen
+                 "model instead", file=rf.name)
+        return
+    if problem:  # fp32 training: the module weights are the masters whichever were frozen
         ctx.find("zero0-frozen-unknown", "the optimizer state holds no param shapes: which "
                  "params were frozen is unknown (all are written from the fp32 module "
-                 "weights, the masters)", file=ctx.model_file.name)
-        order.groups, order.skipped = [[n for n, _ in owners]], []
-    if not problem or masters is None:
-        _attach_masters(ctx, names, order.groups, masters)
-        for name in order.skipped:  # frozen: the module weights
-            c.params[name].frozen = True
-    for p in c.params.values():
-        if p.tied_to in c.params:
-            p.frozen = c.params[p.tied_to].frozen
-    common.attach_whole_frozen(ctx, names)
-    common.finish(ctx, names)
-
-
-def _attach_masters(ctx: LoadContext, names, groups: list[list[str]], masters) -> None:
-    """Group g's i-th param: its master is fp32_groups[g][i], or its fp32 module weight."""
-    c, tf, file = ctx.ckpt, ctx.torch_file(ctx.model_file), ctx.model_file.name
-    for gi, members in enumerate(groups):
-        numel = sum(c.params[n].numel for n in members)
-        c.groups.append(ParamGroup(gi, gi, members, numel, {0: numel}, {0: 0}, "float32"))
+                 "weights, the masters)", file=rf.name)
+        order.groups, order.skipped = [list(owners)], []
+    tf = ctx.torch_file(rf)
+    for gi, members in enumerate(order.groups):
+        numel = sum(math.prod(owners[n]) for n in members)
+        c.groups.append(ParamGroup(gi, gi, members, numel, {0: numel}, {0: 0}, "float32", coords))
         for i, name in enumerate(members):
             p = c.params[name]
             p.frozen, p.group, p.sub_group = False, gi, gi
-            t = masters[gi][i] if masters is not None else names.module.get(name)
-            if isinstance(t, TensorRef):
-                p.fragments = [located(tf, file, 0, t).fragment(gi, 0, 0, min(t.numel, p.numel))]
+            t = masters[gi][i] if masters is not None else module.get(name)
+            if isinstance(t, TensorRef) and tf is not None:
+                n = min(t.numel, math.prod(owners[name]))
+                p.fragments = [*(f for f in p.fragments if f.shard != shard),
+                               located(tf, rf.name, 0, t).fragment(gi, 0, 0, n, shard=shard)]
+    for name in order.skipped:  # frozen: the module weights
+        c.params[name].frozen = True
+    if not problem and tf is not None:
+        inner = get(opt, "optimizer_state_dict") if masters is not None else opt
+        attach_param_states(ctx, tf, rf.name, inner, order.groups,
+                            {n: math.prod(s) for n, s in owners.items()}, shard)
+
+
+def attach_param_states(ctx: LoadContext, tf, file: str, inner, groups: list[list[str]],
+                        numels: dict[str, int], shard: int | None = None) -> None:
+    """Record each param's own optimizer state tensors (a torch optimizer's `state[id]` of the
+    id at its position in `param_groups[g]['params']`: Adam's exp_avg / exp_avg_sq, SGD's
+    momentum_buffer, ...) for `Checkpoint.state_fragments`. `groups[g]`: the names at those
+    positions. Only a tensor of exactly the param's element count under a plain name is taken
+    (a scalar `step` or a factored state is not an element-wise state of the param)."""
+    state, saved = get(inner, "state"), get(inner, "param_groups")
+    if not isinstance(state, dict) or not isinstance(saved, list):
+        return
+    for gi, members in enumerate(groups):
+        ids = get(saved[gi], "params", default=[]) if gi < len(saved) else []
+        for name, idx in zip(members, ids if isinstance(ids, list) else [], strict=False):
+            per = state.get(idx) if type(idx) is int else None
+            for key, t in per.items() if isinstance(per, dict) else ():
+                if isinstance(t, TensorRef) and isinstance(key, str) and key != "step" and \
+                        STATE_NAME.fullmatch(key) and t.numel == numels[name]:
+                    ctx.ckpt.param_states[(name, key, shard)] = located(tf, file, 0, t)
 
 
 _ORDER_PROBLEM = {
@@ -95,7 +128,7 @@ _ORDER_PROBLEM = {
 }
 
 
-def _tie_shared_storages(ctx: LoadContext, module: dict) -> None:
+def tie_shared_storages(ctx: LoadContext, module: dict) -> None:
     """ZeRO-0 saves no `shared_params`: tied params are module entries viewing one storage."""
     c, first = ctx.ckpt, {}
     for name, t in module.items():
