@@ -25,16 +25,48 @@ class _Unpickler(pickle.Unpickler):
 STUB_PICKLE = types.SimpleNamespace(__name__="stub_pickle", Unpickler=_Unpickler, load=pickle.load)
 
 
+def same_pickled(a, b, where: str) -> None:
+    """Equal pickled objects (what torch.load gives with STUB_PICKLE): tensors bit for bit (dtype
+    and shape too), dicts key by key in order, stubbed DeepSpeed objects by their state."""
+    if torch.is_tensor(b):
+        assert torch.is_tensor(a) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(b, dict):
+        assert isinstance(a, dict) and list(a) == list(b), (where, list(a), list(b))
+        for k in b:
+            same_pickled(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(b, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_pickled(x, y, f"{where}[{i}]")
+    elif isinstance(b, _Record):
+        assert type(a) is type(b) and vars(a) == vars(b), where
+    else:
+        assert a == b, where
+
+
 def _load(path):
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=STUB_PICKLE)
 
 
-def expected_states(tag_dir: str) -> dict:
+def expected_pipeline_states(tag_dir: str, stages: int) -> dict:
+    """expected_states of a pipeline (ZeRO-1 or BF16_Optimizer): every stage's params, each
+    from its own stage's files (a tied param from the lowest stage holding it)."""
+    out: dict = {}
+    for s in range(stages):
+        for name, states in expected_states(tag_dir, s).items():
+            out.setdefault(name, states)
+    return out
+
+
+def expected_states(tag_dir: str, mp_rank: int | None = None) -> dict:
     """{name: {"fp32": t, "exp_avg": t, "exp_avg_sq": t}} (flat tensors) of a plain ZeRO-1/2/3
-    or BF16_Optimizer checkpoint (no round-robin order)."""
-    optim = sorted(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")),
+    or BF16_Optimizer checkpoint (no round-robin order); with `mp_rank`, of that pipeline
+    stage's files only."""
+    mp = "" if mp_rank is None else f"_mp_rank_{mp_rank:02d}"
+    optim = sorted(glob.glob(os.path.join(tag_dir, f"*zero_pp_rank_*{mp}_optim_states.pt")),
                    key=lambda p: int(os.path.basename(p).split("zero_pp_rank_")[1].split("_")[0]))
-    model = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))[0]
+    model = sorted(glob.glob(os.path.join(tag_dir, f"*{mp.lstrip('_')}*model_states.pt")))[0]
     shapes = _load(model)["param_shapes"]
     osds = [_load(p)["optimizer_state_dict"] for p in optim]
     out = {}

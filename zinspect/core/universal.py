@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zinspect.core import universal_pipeline
 from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.outdir import OutputDir, temp_name, writing_failed
@@ -37,7 +38,7 @@ from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable
 
 #: what ds_to_universal's output was checked against for (tests/test_universal*.py)
-CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel")
+CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel", "pipeline")
 LATEST = "latest_universal"
 STAGING = ".zinspect-staging"
 HELP_NOTE = ("DeepSpeed's universal load restores only the trainable params' fp32 masters, "
@@ -66,13 +67,15 @@ class UniversalResult:
 
 def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
     """Every file of the universal tree (names relative to <tag>_universal)."""
-    src = Sources(ckpt)
+    pipeline = ckpt.layout == "pipeline"
+    src = universal_pipeline.StageSources(ckpt) if pipeline else Sources(ckpt)
     osd0 = src.osd(0)
     inner = osd0.get("optimizer_state_dict") if ckpt.stage == 3 else osd0.get("base_optimizer_state")
     if not isinstance(inner, dict) or not isinstance(inner.get("state"), dict):
         raise NotMergeable(f"{shown(str(ckpt.path))}: no optimizer state in "
                            f"{shown(src.optim[0].name)}", "an elastic checkpoint cannot be converted")
-    src.check_states(inner["state"])
+    for states in src.stage_states() if pipeline else [inner["state"]]:
+        src.check_states(states)
     files = []
     # the model-states files first: their records are read whole (CRC-checked) before the
     # buffers and frozen fragments in them are read again in part
@@ -94,10 +97,11 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
             continue
         for state in MOMENTS:
             files.append(_tensor_file(src, f"zero/{name}/{state}.pt", name, p.shape, state, keys))
-        step = (inner["state"].get(p.sub_group) or {}).get(STEP)
+        step_file, step = universal_pipeline.step_of(src, p) if pipeline else \
+            (src.optim[0].name, (inner["state"].get(p.sub_group) or {}).get(STEP))
         if step is not None:
             out = OutFile(f"zero/{name}/step.pt")
-            out.obj = src.copy(out, src.optim[0].name, step)
+            out.obj = src.copy(out, step_file, step)
             files.append(out)
     for name, b in ckpt.buffers.items():
         _check_name(ckpt, name)
@@ -163,7 +167,10 @@ def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, keys: dic
     else:
         ops = []
         src.add_range(ops, frags, 0, p.numel, name)
-        t = out.tensor("float32", tuple(shape), ops, src_dtype)
+        # a tied pipeline param's copies on its other stages: compared as they stream
+        mirrors = universal_pipeline.tied_copies(src, p, state) if p.copies and state != "frozen" \
+            else None
+        t = out.tensor("float32", tuple(shape), ops, src_dtype, (), mirrors)
     out.obj = {**(keys or {}), "param": t}
     return out
 
@@ -199,14 +206,17 @@ def _tp_keys(src: Sources):
 
 
 def _refuse_drift(ckpt: Checkpoint, verification: Verification) -> None:
-    """A replicated tensor-parallel param whose tp ranks hold different values has no one
-    universal value (ds_to_universal asserts they are equal): refused, nothing written."""
+    """A replicated tensor-parallel param whose tp ranks hold different values, or a tied
+    pipeline param whose stages do, has no one universal value (ds_to_universal asserts tp
+    replicas are equal): refused, nothing written."""
+    what, axis, written = ("tied", "stage", "the lowest stage holding it") \
+        if ckpt.layout == "pipeline" else ("replicated", "tp rank", "tp rank 0")
     for name, ranks in verification.drift.items():
         raise NotMergeable(f"{shown(str(ckpt.path))}: {shown(name.rsplit(':', 1)[0], 120)}: a "
-                           f"replicated param differs on tp rank(s) {sorted(ranks)} from tp rank "
-                           f"0 (max |a-b| {max(ranks.values()):.3g}); nothing was written",
-                           "`zinspect merge PATH OUT` writes tp rank 0's copy and reports the "
-                           "drift; average or fix the replicas in the run")
+                           f"{what} param differs on {axis}(s) {sorted(ranks)} from {written} "
+                           f"(max |a-b| {max(ranks.values()):.3g}); nothing was written",
+                           f"`zinspect merge PATH OUT` writes {written}'s copy and reports "
+                           "the drift; average or fix the copies in the run")
 
 
 def _optimizer_state(src: Sources, osd0: dict, inner: dict) -> OutFile:
@@ -232,6 +242,8 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
     """Write `ckpt` as a universal checkpoint into OUT_DIR (see the module doc). The tree is
     built in a hidden staging dir and renamed into place when complete, `latest_universal`
     last; a failure or cancel leaves nothing behind."""
+    if ckpt.layout == "pipeline":
+        universal_pipeline.refuse_unloadable(ckpt)
     check_reshardable(ckpt, 1, "converted", CONVERTIBLE)
     started = time.monotonic()
     files = plan_universal(ckpt)
