@@ -14,15 +14,18 @@ of tp * pp, and of ep.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from zinspect.core.fmt import shown
+from zinspect.core.layouts.moe import EXPERTS
 from zinspect.core.model import Checkpoint, ParamGroup, RankFile
 from zinspect.errors import NotMergeable, UsageError
 
 #: the layouts that can be resharded (validate.py's plain ZeRO is the first two)
 PLAIN_ZERO = ("zero", "bf16_optimizer")
 RESHARDABLE = (*PLAIN_ZERO, "tensor_parallel", "pipeline", "moe")
+_EXPERT = re.compile(re.escape(EXPERTS) + r"(\d+)\.")
 #: how a refusal names the layouts that can
 LAYOUT_NAMES = {"zero": "plain ZeRO-1/2/3", "bf16_optimizer": "BF16_Optimizer",
                 "tensor_parallel": "tensor-parallel (AutoTP, ZeRO-1/2/3)",
@@ -57,6 +60,8 @@ class Slice:
     groups: list[tuple[ParamGroup, int | None]]  # (flat group, its ep rank when an expert group)
     shard: int | None = None  # the tp rank whose shards its params are
     files: frozenset[str] = frozenset()  # its files' names (fragments are looked up in them)
+    #: MoE: a global expert param name -> the local name its ep rank's files record it under
+    local: dict[str, str] = field(default_factory=dict)
 
     def groups_of(self, rank: int, ep: int) -> list[tuple[ParamGroup, int | None]]:
         """The flat groups of data-parallel rank `rank`'s files, in their order: the dense
@@ -108,8 +113,26 @@ def reshape(ckpt: Checkpoint, world_size: int) -> Reshape:
         rs.whole = sorted(f.name for f in ckpt.files_of("layer"))
     else:
         rs.slices = [_slice(ckpt, 0, optim, models, ckpt.groups)]
+        rs.slices[0].local = _local_expert_names(ckpt, ep)
         rs.whole = sorted(f.name for f in ckpt.files_of("expert"))
     return rs
+
+
+def _local_expert_names(ckpt: Checkpoint, ep: int) -> dict[str, str]:
+    """global expert id = ep rank * experts per ep rank + local id, per MoE layer (the experts
+    of a layer: the ids its params' names hold)."""
+    ids: dict[str, set[int]] = {}
+    for name in ckpt.params:
+        m = _EXPERT.search(name)
+        if m:
+            ids.setdefault(name[:m.start(1)], set()).add(int(m[1]))
+    out = {}
+    for name in ckpt.params:
+        m = _EXPERT.search(name)
+        if m:
+            per_rank = max(len(ids[name[:m.start(1)]]) // ep, 1)
+            out[name] = f"{name[:m.start(1)]}{int(m[1]) % per_rank}{name[m.end(1):]}"
+    return out
 
 
 def _slice(ckpt: Checkpoint, mp: int, optim: list[RankFile], models: list[RankFile],

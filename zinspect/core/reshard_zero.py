@@ -72,7 +72,8 @@ class _SlicePlan:
         return f"{prefix}zero_pp_rank_{r}_mp_rank_{self.sl.mp:02d}_optim_states.pt"
 
     def shapes(self, names) -> OrderedDict:
-        return OrderedDict((x, Size(self.shape(x))) for x in names)
+        """param_shapes: under the names the rank's module has (an MoE expert's local name)."""
+        return OrderedDict((self.sl.local.get(x, x), Size(self.shape(x))) for x in names)
 
 
 class _Zero12(_SlicePlan):
@@ -158,7 +159,7 @@ class _Zero12(_SlicePlan):
                 states[g] = new
             paddings.append(part - real)
             counts.append(count)
-            mappings.append(self._mappings(orig, lo, part))
+            mappings.append(self._mappings(orig, lo, part, self.sl.local))
         osd = dict(osd0)
         osd["base_optimizer_state"] = {**base0, "state": states}
         osd["single_partition_of_fp32_groups"] = fp32
@@ -171,14 +172,15 @@ class _Zero12(_SlicePlan):
         return out
 
     @staticmethod
-    def _mappings(orig: list, lo: int, part: int) -> OrderedDict:
+    def _mappings(orig: list, lo: int, part: int, local: dict[str, str]) -> OrderedDict:
         """DeepSpeed's `_create_param_mapping`: each param overlapping [lo, lo+part), walked in
-        the group's original order (also under round robin, as DeepSpeed does)."""
+        the group's original order (also under round robin, as DeepSpeed does), under the
+        name the rank's module has (an MoE expert's local name)."""
         out, at = OrderedDict(), 0
         for name, k in orig:
             if (lo <= at < lo + part or at < lo < at + k) and k:
                 a, b = max(at, lo), min(at + k, lo + part)
-                out[name] = address(b - a, a - lo)
+                out[local.get(name, name)] = address(b - a, a - lo)
             at += k
         return out
 
