@@ -35,6 +35,7 @@ REGISTRY: tuple[str, ...] = (
     "pipeline_tp",  # pipeline x tensor parallel (Megatron-DeepSpeed / BLOOM)
     "pipeline",  # before any tensor-parallel layout: a pipeline has one mp_rank file per stage
     "tensor_parallel",
+    "tp_zero0",  # ZeRO-0 with tensor parallelism (masters in each tp rank's model states)
     "unsupported:TENSOR_PARALLEL",
     "moe",
     "unsupported:NVME_OFFLOAD",
@@ -63,6 +64,6 @@ def pick(ctx: LoadContext) -> Layout:
 
 #: the layouts a merge can be planned for
 MERGEABLE = ("zero", "bf16_optimizer", "pipeline", "pipeline_tp", "moe", "zero0", "tensor_parallel",
-             "universal")
+             "tensor_parallel_zero0", "universal")
 
 __all__ = ["MERGEABLE", "REGISTRY", "Layout", "LoadContext", "layouts", "pick"]
