@@ -156,7 +156,9 @@ def _engine_holds(tmp: Path, ckpt: Path, name: str, world: int) -> dict:
 def test_deepspeed_loads_it_at_another_dp_size_as_it_loads_its_own(tmp_path):
     """The tied Llama saved at tp 2 x dp 2, loaded with load_universal at tp 2 x dp 1 by real
     engines: every rank holds the same fp32 master shards and Adam moments from zinspect's
-    universal checkpoint as from DeepSpeed's own ds_to_universal output, and the step."""
+    universal checkpoint as from DeepSpeed's own ds_to_universal output, and the step; then each
+    trains a step from it, with the same finite loss as from DeepSpeed's output."""
+    import math
     import shutil
 
     name = COMMITTED
@@ -169,7 +171,8 @@ def test_deepspeed_loads_it_at_another_dp_size_as_it_loads_its_own(tmp_path):
     ref = torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
     compared = 0
     for rank, got in ours.items():
-        assert (got["tp"], got["dp"], got["global_steps"]) == (rank, 0, 2)
+        assert (got["tp"], got["dp"], got["global_steps"], got["steps_after"]) == (rank, 0, 2, 3)
+        assert math.isfinite(got["loss"]) and got["loss"] == want[rank]["loss"]
         for pname, states in want[rank]["held"].items():
             for state, t in states.items():
                 assert t is not None and torch.equal(got["held"][pname][state], t), (rank, pname, state)

@@ -1,6 +1,7 @@
 """Load a universal checkpoint of an AutoTP fixture into real DeepSpeed engines (tp as saved, at
 --world-size ranks: another data-parallel size) with "checkpoint": {"load_universal": true}, and
-save what each rank's engine then holds: per param its fp32 master shard and Adam moments.
+save what each rank's engine then holds: per param its fp32 master shard and Adam moments, then
+take one training step (its loss and the steps after it are saved too).
 Run with a python that has deepspeed==0.19.8 (tests/test_universal_tp.py). The model is built
 as tests/tools/make_ds_autotp.py built it for the fixture (its manifest)."""
 
@@ -28,8 +29,16 @@ def run_rank(rank, args, port):
         for key in ("exp_avg", "exp_avg_sq"):
             t = safe_get_full_optimizer_state(p, key)
             held[name][key] = None if t is None else t.detach().float().cpu().clone()
-    torch.save({"tp": st["tp"], "dp": st["dp"], "global_steps": engine.global_steps, "held": held},
-               f"{args.result}.{rank}.pt")
+    loaded_steps = engine.global_steps
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    if args.model == "llama":
+        loss = engine(input_ids=ids, labels=ids).loss
+    else:
+        loss = torch.nn.functional.cross_entropy(engine(ids).float().reshape(-1, args.vocab), ids.reshape(-1))
+    engine.backward(loss)
+    engine.step()
+    torch.save({"tp": st["tp"], "dp": st["dp"], "global_steps": loaded_steps, "held": held,
+                "loss": float(loss.detach()), "steps_after": engine.global_steps}, f"{args.result}.{rank}.pt")
     deepspeed.comm.barrier()
     deepspeed.comm.destroy_process_group()
 
