@@ -25,7 +25,8 @@ from zinspect.core import open_checkpoint
 
 PARALLEL = FIXTURES / "parallel"
 NAMES = sorted(p.parent.name for p in PARALLEL.glob("*/manifest.json"))
-PIPELINES = [n for n in NAMES if n.startswith("pp")]
+PIPELINES = [n for n in NAMES if n.startswith("pp") and "_tp" not in n]
+PIPELINE_TP = [n for n in NAMES if n.startswith("pp") and "_tp" in n]  # pp x tp x dp (Megatron)
 TENSOR_PARALLEL = [n for n in NAMES if n.startswith("tp")]
 MOE = [n for n in NAMES if n.startswith("moe")]
 VARIANTS = [n for n in NAMES if n.startswith(("z0_", "offload_", "hpz_"))]  # ZeRO-0/offload/hpZ
@@ -68,7 +69,8 @@ def load_make_fixtures():
 
 def test_the_committed_set_is_the_generated_set():
     assert NAMES == sorted(load_make_fixtures().PARALLEL_FIXTURES)
-    assert {"pipeline", "autotp", "moe", "zero-variant"} == {manifest(n)["layout"] for n in NAMES}
+    assert {"pipeline", "pipeline_tp", "autotp", "moe", "zero-variant"} == \
+        {manifest(n)["layout"] for n in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -151,7 +153,7 @@ def test_offload_and_hpz_merge_bit_exact(name):
 # fixture's layout is now implemented: the tests below say what zinspect reads instead.
 
 #: fixtures whose layout issue 10 implemented
-IMPLEMENTED = set(TENSOR_PARALLEL) | set(PIPELINES) | set(MOE) | set(VARIANTS)
+IMPLEMENTED = set(TENSOR_PARALLEL) | set(PIPELINES) | set(PIPELINE_TP) | set(MOE) | set(VARIANTS)
 
 
 def test_every_fixture_is_implemented():
@@ -212,3 +214,18 @@ def test_pipeline_moe_zero0_merge_bit_exact_and_validate_exits_0(name):
         assert state[n].dtype == t.dtype and torch.equal(state[n], t), n
     r = run_zinspect("validate", PARALLEL / name)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("form", ["root", "tag"])
+@pytest.mark.parametrize("name", PIPELINE_TP)
+def test_pipeline_tensor_parallel_info_is_the_manifest(name, form):
+    """Was: pp x tp named and refused (unsupported-layout, tp rank 0's shard shapes). Now every
+    param under its PipelineModule name with its FULL shape, the topology pp x tp x dp, no
+    finding (tests/test_layout_pptp.py checks the merge, damage and the app)."""
+    m, j = manifest(name), info(name, form)
+    assert (j["layout"], j["stage"], j["world_size"], j["findings"]) == \
+        ("pipeline_tp", m["stage"], m["world_size"], [])
+    assert {p["name"]: (p["shape"], p["frozen"], p["tied_to"]) for p in j["params"]} == \
+        {n: (p["shape"], False, None) for n, p in m["params"].items()}
+    assert any(p["shard_shape"] != p["shape"] for p in m["params"].values())
+    assert j["topology"] == {"dp": m["dp"], "tp": m["tp"], "pp": m["pp"], "ep": 1}

@@ -9,6 +9,7 @@ a few steps with real DeepSpeed on CPU processes and save the checkpoint:
     make_ds_moe.py           native MoE, expert parallel, ZeRO 0-2
     make_ds_autotp.py        AutoTP tensor parallel, ZeRO 0-3
     make_ds_variants.py      ZeRO-0, CPU offload, ZeRO++ hpZ
+    make_ds_pptp.py          pipeline x tensor parallel (Megatron-DeepSpeed / BLOOM), ZeRO 1
 
 The layouts zinspect cannot merge yet live one level down, in tests/fixtures/parallel/, so the
 tests that run over every fixture (conftest.fixture_names globs tests/fixtures/*/manifest.json)
@@ -72,6 +73,7 @@ PIPELINE = Generator("make_ds_pipeline.py", ("--steps", "2"), " checks: ")
 MOE = Generator("make_ds_moe.py", ("--steps", "2"), " checks: ")
 AUTOTP = Generator("make_ds_autotp.py", ("--steps", "2"), " checks: ")
 VARIANTS = Generator("make_ds_variants.py", ("--steps", "2"), " checks: ")
+PPTP = Generator("make_ds_pptp.py", ("--steps", "2", "--universal"), " checks: ")
 
 #: name -> (generator, its options); plain ZeRO fixtures, in tests/fixtures/NAME
 FIXTURES = {
@@ -116,6 +118,11 @@ PARALLEL_FIXTURES = {
     # ZeRO-0: no partitions; expp_rank_X_mp_rank_00_optim_states.pt per ep rank
     "moe_ep2_w4_s0_fp32": (MOE, ["--world-size", "4", "--ep-size", "2", "--num-experts", "4",
                                  "--stage", "0"]),
+    # Megatron-DeepSpeed / BLOOM: PipeModelDataParallelTopology, vocab-parallel tied embedding,
+    # column/row-parallel and swiglu 2-sub-param layers; BF16_Optimizer / ZeRO-1 over dp 2
+    "pp2_tp2_dp1_s1_bf16": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "1", "--dtype", "bf16",
+                                   "--grad-accum-dtype", "fp32"]),
+    "pp2_tp2_dp2_s1_fp32": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "2"]),
     "tp2_dp2_s1_toy": (AUTOTP, ["--model", "toy", "--world-size", "4", "--tp", "2", "--stage", "1"]),
     # (--vocab-parallel-head fails in training: the column-split head's logits are not gathered)
     "tp2_dp2_s2_toy": (AUTOTP, ["--model", "toy", "--world-size", "4", "--tp", "2", "--stage", "2"]),
