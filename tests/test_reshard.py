@@ -280,10 +280,10 @@ def test_torchsave_files_read_back_in_torch_zipfile_and_zinspect(tmp_path, monke
     import struct
     import zipfile
 
-    from zinspect.core import torchsave
+    from zinspect.core import torchsave, zipwrite
     from zinspect.core.torchzip import ZeroStageEnum
 
-    monkeypatch.setattr(torchsave, "ZIP64_FROM", zip64_from)
+    monkeypatch.setattr(zipwrite, "ZIP64_FROM", zip64_from)
     src = tmp_path / "src.bin"
     src.write_bytes(struct.pack("<8f", *range(8)) + bytes(range(200)))
     out = torchsave.OutFile("file.pt")

@@ -10,8 +10,9 @@ make_ds_moe.py, with the manifest's arguments), built with another seed so that 
 must come from the checkpoint. Recorded per param, keyed by what the rank holds of it (its tp
 rank's shard, its stage's copy, the global expert id): the fp32 master and Adam's exp_avg /
 exp_avg_sq, each gathered whole over its (expert-)data-parallel group by DeepSpeed's own
-safe_get_full_* helpers; frozen params and buffers as fp32. Rank 0 saves
-{"held": {key: {state: tensor}}, "steps_every_rank" (global_steps after the load), "steps_after", "loss"} to OUT.pt.
+safe_get_full_* helpers; frozen params and buffers as fp32. Rank 0 saves to OUT.pt
+{"held": {key: {state: tensor}}, "steps_every_rank" (global_steps after the load),
+"steps_after", "loss", "disagree" (keys two ranks hold differently)}.
 """
 
 import argparse

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from zinspect.core.fmt import shown
 from zinspect.core.layouts.moe import EXPERTS
 from zinspect.core.model import Checkpoint, ParamGroup, RankFile
+from zinspect.core.validate import PLAIN_ZERO  # the layouts whose files are one data-parallel set
 from zinspect.errors import NotMergeable, UsageError
 
-#: the layouts that can be resharded (validate.py's plain ZeRO is the first two)
-PLAIN_ZERO = ("zero", "bf16_optimizer")
+#: the layouts that can be resharded
 RESHARDABLE = (*PLAIN_ZERO, "tensor_parallel", "pipeline", "moe")
 _EXPERT = re.compile(re.escape(EXPERTS) + r"(\d+)\.")
 #: how a refusal names the layouts that can
