@@ -88,8 +88,9 @@ def merge(path: str | os.PathLike, out_dir: str | os.PathLike, tag: str | None =
 def reshard(path: str | os.PathLike, out_dir: str | os.PathLike, world_size: int,
             tag: str | None = None, *, force: bool = False, progress=None, should_stop=None):
     """Write the checkpoint at `path` as DeepSpeed would have saved it at `world_size`
-    data-parallel ranks (same stage; masters, Adam moments and step moved to the new
-    partitions) into `out_dir`: what `zinspect reshard` does. Returns a ReshardResult."""
+    ranks (every rank, dp x tp x pp: tp, pp and ep kept; same stage; masters, Adam moments and
+    step moved to the new partitions) into `out_dir`: what `zinspect reshard` does. Returns a
+    ReshardResult."""
     from zinspect.core.reshard import reshard as _reshard
 
     return _reshard(open_checkpoint(path, tag), out_dir, world_size, force=force,

@@ -1,5 +1,7 @@
 """Reshard a ZeRO checkpoint to another data-parallel world size: the files DeepSpeed itself would
 have saved had the run used N ranks, so a stock engine at N resumes with `load_checkpoint()`.
+Tensor, pipeline and expert parallelism are kept: each tp rank's / stage's files are a ZeRO
+checkpoint over dp, resharded alike (`zinspect.core.reshard_slices`).
 
 The optimizer state of a ZeRO rank is a slice of flat groups (ZeRO-1/2, BF16_Optimizer: each
 param group flattened, padded to a multiple of 2*N and cut into N partitions; ZeRO-3: each param
@@ -91,7 +93,7 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
             force: bool = False, progress: Progress | None = None,
             should_stop: ShouldStop | None = None, notice: Callable[[str], None] | None = None,
             ready: Callable[[], None] | None = None) -> ReshardResult:
-    """Write `ckpt` resharded for `world_size` data-parallel ranks into OUT_DIR/<tag>/ and
+    """Write `ckpt` resharded for `world_size` ranks (every rank: dp x tp x pp) into OUT_DIR/<tag>/ and
     OUT_DIR/latest. Every source byte read is CRC-checked; nothing is written under a final
     name until everything was read and written; a failure or cancel leaves nothing behind."""
     from zinspect.core.reshard_zero import plan_files
