@@ -239,7 +239,24 @@ def param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
     # an alias re-reads its owner's bytes: the replicas are compared once, for the owner
     return OutputTensor(name, p.shape, out, src, pieces, tied_to, weaves,
                         [] if tied_to else [OutputTensor(name, p.shape, src, src, m, replica=t)
-                                            for t, m in mirrors.items()])
+                                            for t, m in mirrors.items()] +
+                        [OutputTensor(name, p.shape, src, src, ps, replica=stage, axis="stage")
+                         for stage, ps in (_sharded_copies(ckpt, p, src) if compared else ())])
+
+
+def _sharded_copies(ckpt: Checkpoint, p: Param, src: str) -> list[tuple[int, list[Piece]]]:
+    """A tied param's copies on other pipeline stages, when it is also split over tp ranks
+    (pipeline_tp): each stage's shards in output order, compared like an unsplit param's
+    copies; a copy that would need weaving (split after dim 0) is not compared."""
+    from zinspect.core import shardplan
+
+    out = []
+    for stage, c in sorted(p.copies.items()):
+        if all(f.dtype == src for f in c) and shardplan.problem(p, c) is None:
+            pieces, weaves, _ = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file), c)
+            if not weaves:
+                out.append((stage, pieces))
+    return out
 
 
 def _pieces(ckpt: Checkpoint, fragments: Sequence[Fragment]) -> list[Piece]:

@@ -1,0 +1,246 @@
+"""Pipeline × tensor parallel (issue 10: Megatron-DeepSpeed / BLOOM), layout `pipeline_tp`, on the
+real DeepSpeed 0.19.8 fixtures tests/fixtures/parallel/pp2_tp2_* (tests/tools/make_ds_pptp.py:
+PipeModelDataParallelTopology, vocab-parallel tied embedding reused as the head, column / row /
+swiglu 2-sub-param layers, replicated norms, universal_checkpoint_info as client state; each
+reference checked by DeepSpeed reloading it and by DeepSpeed's own ds_to_universal.py).
+The layout, the CLI end to end (validate, merge bit for bit in every format and dtype, moments),
+damaged copies with their exact findings, a drifted tied copy, and the app's Ranks grid."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import struct
+import warnings
+
+import pytest
+import torch
+from conftest import FIXTURES, run_zinspect
+from damage import record_holding, set_crc
+
+import zinspect
+from zinspect.core import open_checkpoint
+from zinspect.core.validate import validate
+from zinspect.errors import NotMergeable
+
+PARALLEL = FIXTURES / "parallel"
+PPTP = ["pp2_tp2_dp1_s1_bf16", "pp2_tp2_dp2_s1_fp32"]
+DP2 = "pp2_tp2_dp2_s1_fp32"
+TIED = "tied_modules.embed.word_embeddings.weight"
+
+
+def manifest(name: str) -> dict:
+    return json.loads((PARALLEL / name / "manifest.json").read_text())
+
+
+@functools.cache
+def reference(name: str) -> dict:
+    return torch.load(PARALLEL / name / "reference_fp32.pt", weights_only=True)
+
+
+# ------------------------------------------------------------------ the layout
+@pytest.mark.parametrize("name", PPTP)
+def test_every_param_has_its_full_shape_and_each_tp_ranks_shard(name):
+    m, c = manifest(name), open_checkpoint(PARALLEL / name)
+    assert (c.layout, c.stage, c.world_size) == ("pipeline_tp", 1, m["world_size"])
+    assert (c.topology.pp, c.topology.tp, c.topology.dp) == (m["pp"], m["tp"], m["dp"])
+    assert c.findings == []
+    assert set(c.params) == set(m["params"])
+    for n, want in m["params"].items():
+        p = c.params[n]
+        assert list(p.shape) == want["shape"], n
+        assert {str(t): list(s.shape) for t, s in p.shards.items()} == want["shard_shapes"], n
+        assert all(s.replicated for s in p.shards.values()) == (want["kind"] == "replicated"), n
+    # the vocab-parallel embedding: 64 padded rows over 2 tp ranks, the 3 padding rows trimmed
+    assert c.params[TIED].shape == (m["model"]["vocab"], m["model"]["hidden"])
+    assert sorted(c.params[TIED].copies) == [1]  # its stage-1 copy, kept for comparison
+    assert {f.shard for f in c.params[TIED].copies[1]} == {0, 1}
+
+
+@pytest.mark.parametrize("name", PPTP + ["pp2_dp2_s1_fp32", "pp2_dp2_s1_bf16_pmd"])
+def test_a_layer_file_sits_at_the_stage_that_owns_the_layer(name):
+    """Was: every layer file at stage 0 (pipeline and pipeline x tp alike)."""
+    layers = manifest(name)["layers"]
+    files = open_checkpoint(PARALLEL / name).files_of("layer")
+    assert files and {f.coords.pp for f in files} == {0, 1}
+    for f in files:
+        assert f.coords.pp == layers[str(f.coords.layer)]["stage"], f.name
+        assert f.coords.tp == (f.mp_rank or 0), f.name
+
+
+# ------------------------------------------------------------------ the CLI
+@pytest.mark.parametrize("name", PPTP)
+def test_validate_exits_0(name):
+    r = run_zinspect("validate", PARALLEL / name)
+    assert r.returncode == 0 and "0 errors, 0 warnings, 0 info" in r.stdout, r.stdout + r.stderr
+
+
+def merged(tmp_path, name, *args: str) -> dict:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    r = run_zinspect("merge", PARALLEL / name if isinstance(name, str) else name, out, *args)
+    assert r.returncode == 0, r.stderr
+    if "pt" in args:
+        return torch.load(out / "pytorch_model.bin", weights_only=True)
+    return {k: v for f in sorted(out.glob("*.safetensors")) if f.stem == "model" or
+            f.stem.startswith("model-") for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("args", [(), ("--format", "pt"), ("--dtype", "bf16"), ("--dtype", "fp16")])
+@pytest.mark.parametrize("name", PPTP)
+def test_merge_is_the_reference_bit_for_bit(tmp_path, name, args):
+    got, ref = merged(tmp_path, name, *args), reference(name)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args[-1] if args else "", torch.float32)
+    assert sorted(got) == sorted(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
+
+
+@pytest.mark.parametrize("name", PPTP)
+def test_moments_are_laid_out_like_the_masters(tmp_path, name):
+    """`--state all`: exp_avg / exp_avg_sq through the same shard plans (the masters' layout is
+    checked bit for bit above; here every moment has its param's full shape and is finite)."""
+    from safetensors.torch import load_file
+
+    r = run_zinspect("merge", PARALLEL / name, tmp_path / "out", "--state", "all")
+    assert r.returncode == 0, r.stderr
+    ref = reference(name)
+    for state in ("exp_avg", "exp_avg_sq"):
+        moments = load_file(tmp_path / "out" / f"{state}.safetensors")
+        assert {k: v.shape for k, v in moments.items()} == {k: v.shape for k, v in ref.items()}
+        assert all(torch.isfinite(v).all() for v in moments.values())
+    assert all((v >= 0).all() for v in load_file(tmp_path / "out" / "exp_avg_sq.safetensors").values())
+
+
+def test_universal_and_reshard_are_refused_by_name(tmp_path):
+    for args in (("merge", PARALLEL / DP2, tmp_path / "u", "--format", "universal"),
+                 ("reshard", PARALLEL / DP2, tmp_path / "r", "--world-size", "16")):
+        r = run_zinspect(*args)
+        assert r.returncode != 0 and "a pipeline_tp checkpoint cannot be" in r.stderr, r.stderr
+        assert not (tmp_path / "u").exists() and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ damaged copies
+def damaged(tmp_path, damage, name: str = DP2) -> list:
+    """[(code, file, rank, param)] of validate on a copy of `name` after `damage(tag dir)`."""
+    root = tmp_path / name
+    shutil.copytree(PARALLEL / name, root)
+    damage(root / manifest(name)["tag"])
+    return sorted({(f.code, f.file, f.rank, f.param) for f in validate(open_checkpoint(root))},
+                  key=str)
+
+
+def test_a_missing_tp_rank_of_one_stage_is_located(tmp_path):
+    """Stage 1's tp rank 1 gone (its model states, optimizer files and layer files)."""
+    def damage(tag):
+        for f in [*tag.glob("*mp_rank_03_*"), *tag.glob("layer_0[46]-model_01-*")]:
+            f.unlink()
+    assert damaged(tmp_path, damage) == [
+        ("missing-layer-file", "layer_04-model_01-model_states.pt", None, None),
+        ("missing-layer-file", "layer_06-model_01-model_states.pt", None, None),
+        ("missing-optimizer-file", "zero_pp_rank_0_mp_rank_03_optim_states.pt", 0, None),
+        ("missing-optimizer-file", "zero_pp_rank_1_mp_rank_03_optim_states.pt", 1, None),
+        ("missing-tp-rank", "mp_rank_03_model_states.pt", None, None)]
+
+
+def test_salvage_without_one_stages_tp_rank_writes_the_rest_exactly(tmp_path):
+    """What survives: stage 0 whole, stage 1's replicated params (tp rank 0's copy), the tied
+    embedding (stage 0's); stage 1's split params are left out, never half-written."""
+    root = tmp_path / "c"
+    shutil.copytree(PARALLEL / DP2, root)
+    tag = root / "global_step2"
+    for f in [*tag.glob("*mp_rank_03_*"), *tag.glob("layer_0[46]-model_01-*")]:
+        f.unlink()
+    with pytest.raises(NotMergeable):
+        zinspect.get_fp32_state_dict(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = zinspect.get_fp32_state_dict(root, salvage=True)
+    ref, m = reference(DP2), manifest(DP2)
+    lost = {n for n, p in m["params"].items() if 1 in p["stages"] and 0 not in p["stages"]
+            and p["kind"] != "replicated"}
+    assert lost and set(got) == set(ref) - lost
+    assert all(torch.equal(got[n], ref[n]) for n in got)
+
+
+def test_a_missing_layer_file_of_one_tp_rank_is_located(tmp_path):
+    got = damaged(tmp_path, lambda tag: (tag / "layer_04-model_01-model_states.pt").unlink())
+    assert got == [("missing-layer-file", "layer_04-model_01-model_states.pt", None, None)]
+
+
+def test_a_missing_optimizer_file_of_one_slice_is_located(tmp_path):
+    got = damaged(tmp_path, lambda tag: (tag / "zero_pp_rank_1_mp_rank_02_optim_states.pt").unlink())
+    assert got == [("missing-optimizer-file", "zero_pp_rank_1_mp_rank_02_optim_states.pt", 1, None)]
+
+
+@pytest.mark.parametrize(("source", "stale", "rank"), [
+    ("zero_pp_rank_1_mp_rank_03_optim_states.pt", "zero_pp_rank_1_mp_rank_05_optim_states.pt", 1),  # stage 2
+    ("zero_pp_rank_1_mp_rank_03_optim_states.pt", "zero_pp_rank_2_mp_rank_03_optim_states.pt", 2),  # dp 2
+    ("layer_04-model_01-model_states.pt", "layer_04-model_02-model_states.pt", None),  # tp 2
+])
+def test_a_file_of_another_topology_is_stale(tmp_path, source, stale, rank):
+    got = damaged(tmp_path, lambda tag: shutil.copy(tag / source, tag / stale))
+    assert got == [("stale-rank-file", stale, rank, None)]
+
+
+def test_a_drifted_tied_copy_is_reported_with_its_stage(tmp_path):
+    """The tied embedding is vocab-split AND on two stages: stage 1's copy of tp rank 1's shard
+    edited (CRC kept: the bytes are as saved) -> the merge writes stage 0's and warns."""
+    root = tmp_path / "c"
+    shutil.copytree(PARALLEL / DP2, root)
+    c = open_checkpoint(root)
+    f = next(f for f in c.params[TIED].copies[1] if f.shard == 1 and f.numel)
+    path = c.path / f.file
+    with open(path, "r+b") as fh:
+        fh.seek(f.offset + 12)
+        value = struct.unpack("<f", fh.read(4))[0]
+        fh.seek(f.offset + 12)
+        fh.write(struct.pack("<f", value + 0.5))
+    set_crc(path, record_holding(path, f.offset)[0].split("/", 1)[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = zinspect.get_fp32_state_dict(root)
+    assert torch.equal(got[TIED], reference(DP2)[TIED])
+    said = [str(w.message) for w in caught]
+    assert any(TIED in s and "pipeline stage(s) 1 differ" in s and "0.5" in s for s in said), said
+
+
+# ------------------------------------------------------------------ the app
+async def test_ranks_grid_is_pp_by_tp_by_dp():
+    from test_tui_polish import drawn, settle
+
+    from zinspect.tui.app import ZinspectApp
+    from zinspect.tui.widgets.ranks_pane import RankGrid
+
+    app = ZinspectApp(str(PARALLEL / DP2))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        overview = "\n".join(drawn(app.screen.query_one("#overview-body")))
+        assert "pp 2 × tp 2 × dp 2 × ep 1" in overview
+        await pilot.press("3")
+        grid = app.screen.query_one("#rank-table", RankGrid)
+        assert grid.axes == ["pp", "tp", "dp"] and grid.row_count == 8
+        assert [(c.pp, c.tp, c.dp) for c in grid.cells] == \
+            [(p, t, d) for p in range(2) for t in range(2) for d in range(2)]
+        assert all(grid.row_cells(i)[-1].startswith("ok") for i in range(8))
+        assert all(c.held and c.groups == c.slice_groups for c in grid.cells)
+
+
+async def test_a_missing_slice_file_is_its_cell_and_only_its_cell(tmp_path):
+    from test_tui_polish import settle
+
+    from zinspect.tui.app import ZinspectApp
+    from zinspect.tui.widgets.ranks_pane import RankGrid
+
+    shutil.copytree(PARALLEL / DP2, tmp_path / "c")
+    (tmp_path / "c" / "global_step2" / "zero_pp_rank_1_mp_rank_03_optim_states.pt").unlink()
+    app = ZinspectApp(str(tmp_path / "c"))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        grid = app.screen.query_one("#rank-table", RankGrid)
+        status = {(c.pp, c.tp, c.dp): grid.row_cells(i)[-1] for i, c in enumerate(grid.cells)}
+        assert status.pop((1, 1, 1)) != "ok"
+        assert set(status.values()) == {"ok"}, status
