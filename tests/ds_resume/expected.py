@@ -1,6 +1,7 @@
 """Each trainable param's full fp32 master and Adam moments, rebuilt from a ZeRO checkpoint's
 files with torch.load alone (independent of zinspect): what a resumed engine must hold."""
 import glob
+import math
 import os
 import pickle
 import types
@@ -85,19 +86,49 @@ def expected_states(tag_dir: str, mp_rank: int | None = None) -> dict:
                 off += share
         return out
     for g, group in enumerate(shapes):
-        flats = {}
-        for s in STATES:
-            pieces = []
-            for o in osds:
-                pad = o["group_paddings"][g]
-                t = o["single_partition_of_fp32_groups"][g] if s == "fp32" else \
-                    o["base_optimizer_state"]["state"][g][s]
-                real = t.numel() - pad if (s != "fp32" or "zero_stage" not in o) else t.numel()
-                pieces.append(t[:real])
-            flats[s] = torch.cat(pieces)
-        off = 0
-        for name, shape in group.items():
-            n = shape.numel()
-            out[name] = {s: flats[s][off:off + n].clone() for s in STATES}
-            off += n
+        out.update(_zero12_group(osds, g, group))
+    return out
+
+
+def expected_moe_states(tag_dir: str, ep: int) -> dict:
+    """expected_states of a native MoE run at ZeRO-1/2, experts under their GLOBAL ids (as the
+    expert files name them): an expert group (`moe: True`) is cut over its expert-data-parallel
+    ranks (rank % ep == ep rank), its members named by local id j: global = ep_rank * nl + j."""
+    import re
+
+    optim = sorted(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_optim_states.pt")),
+                   key=lambda p: int(os.path.basename(p).split("zero_pp_rank_")[1].split("_")[0]))
+    shapes = _load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))["param_shapes"]
+    osds = [_load(p)["optimizer_state_dict"] for p in optim]
+    local = re.compile(r"(deepspeed_experts\.)(\d+)\.")
+    out = {}
+    for g, group in enumerate(shapes):
+        if not osds[0]["base_optimizer_state"]["param_groups"][g].get("moe"):
+            out.update(_zero12_group(osds, g, group))
+            continue
+        nl = 1 + max(int(local.search(n).group(2)) for n in group)
+        for r in range(ep):
+            for name, states in _zero12_group(osds[r::ep], g, group).items():
+                gid = r * nl + int(local.search(name).group(2))
+                out[local.sub(lambda m, gid=gid: f"{m.group(1)}{gid}.", name, count=1)] = states
+    return out
+
+
+def _zero12_group(osds: list, g: int, group: dict) -> dict:
+    """{name: states} of flat group g of ZeRO-1/2 (or BF16_Optimizer) files `osds`, in rank order."""
+    flats = {}
+    for s in STATES:
+        pieces = []
+        for o in osds:
+            pad = o["group_paddings"][g]
+            t = o["single_partition_of_fp32_groups"][g] if s == "fp32" else \
+                o["base_optimizer_state"]["state"][g][s]
+            real = t.numel() - pad if (s != "fp32" or "zero_stage" not in o) else t.numel()
+            pieces.append(t[:real])
+        flats[s] = torch.cat(pieces)
+    out, off = {}, 0
+    for name, shape in group.items():
+        n = math.prod(shape)
+        out[name] = {s: flats[s][off:off + n].clone() for s in STATES}
+        off += n
     return out

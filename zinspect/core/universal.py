@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zinspect.core import universal_pipeline
+from zinspect.core import universal_moe, universal_pipeline
 from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.outdir import OutputDir, temp_name, writing_failed
@@ -38,7 +38,7 @@ from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable
 
 #: what ds_to_universal's output was checked against for (tests/test_universal*.py)
-CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel", "pipeline")
+CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel", "pipeline", "moe")
 LATEST = "latest_universal"
 STAGING = ".zinspect-staging"
 HELP_NOTE = ("DeepSpeed's universal load restores only the trainable params' fp32 masters, "
@@ -85,7 +85,28 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         files.append(out)
     files.append(_optimizer_state(src, osd0, inner))
     tp_keys = _tp_keys(src) if ckpt.layout == "tensor_parallel" else None
+    slots = {}
+    if ckpt.layout == "moe":  # experts stacked per local name (universal_moe)
+        universal_moe.check_ep_sizes(src)
+        slots = universal_moe.expert_slots(ckpt)
+    stacked = {p.name for params in slots.values() for p in params}
+
+    def step_file(rel: str, p) -> None:
+        where, step = universal_pipeline.step_of(src, p) if pipeline else \
+            (src.optim[0].name, (inner["state"].get(p.sub_group) or {}).get(STEP))
+        if step is not None:
+            out = OutFile(rel)
+            out.obj = src.copy(out, where, step)
+            files.append(out)
+
+    for local, params in slots.items():
+        _check_name(ckpt, local)
+        for state in ("fp32", *MOMENTS):
+            files.append(universal_moe.stacked_file(src, f"zero/{local}/{state}.pt", params, state))
+        step_file(f"zero/{local}/step.pt", params[0])
     for name, p in ckpt.params.items():
+        if name in stacked:
+            continue
         _check_name(ckpt, name)
         owner = ckpt.params[p.tied_to] if p.tied_to else p
         if p.frozen:
@@ -97,12 +118,7 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
             continue
         for state in MOMENTS:
             files.append(_tensor_file(src, f"zero/{name}/{state}.pt", name, p.shape, state, keys))
-        step_file, step = universal_pipeline.step_of(src, p) if pipeline else \
-            (src.optim[0].name, (inner["state"].get(p.sub_group) or {}).get(STEP))
-        if step is not None:
-            out = OutFile(f"zero/{name}/step.pt")
-            out.obj = src.copy(out, step_file, step)
-            files.append(out)
+        step_file(f"zero/{name}/step.pt", p)
     for name, b in ckpt.buffers.items():
         _check_name(ckpt, name)
         if b.file is None or b.offset is None or not b.intact:
@@ -244,6 +260,8 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
     last; a failure or cancel leaves nothing behind."""
     if ckpt.layout == "pipeline":
         universal_pipeline.refuse_unloadable(ckpt)
+    if ckpt.layout == "moe":
+        universal_moe.refuse_unloadable(ckpt)
     check_reshardable(ckpt, 1, "converted", CONVERTIBLE)
     started = time.monotonic()
     files = plan_universal(ckpt)
