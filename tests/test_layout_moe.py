@@ -65,20 +65,25 @@ def test_every_expert_under_its_global_id(name):
     assert {n: p.shape for n, p in c.params.items()} == \
         {n: tuple(p["shape"]) for n, p in m["params"].items()}
     assert not any(p.frozen or p.tied_to for p in c.params.values())
-    # each expert's fp32 master lies in the optimizer files of the ranks of its ep rank (ZeRO-0:
-    # in its expert file, whose fp32 weights are the masters)
+    # each expert's fp32 master lies in the optimizer files of the ranks of its ep rank (ZeRO-0
+    # fp32: in its expert file, whose fp32 weights are the masters; 16-bit: in its ep rank's
+    # fp32_groups, ep rank 0's in mp_rank_00)
     for e in m["experts"].values():
         ranks = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in e["held_by_ranks"]} \
-            if m["stage"] else {Path(e["file"]).name}
+            if m["stage"] else {Path(e["file"]).name} if m["dtype"] == "fp32" else \
+            {f"expp_rank_{e['ep_rank']}_mp_rank_00_optim_states.pt" if e["ep_rank"] else
+             "mp_rank_00_model_states.pt"}
         for p in e["params"]:
             fragments = c.params[p["name"]].fragments
             assert {f.file for f in fragments} <= ranks, p["name"]
             assert sum(f.numel for f in fragments) == c.params[p["name"]].numel
     # expert groups: one per ep rank and flat group, cut over the expert-data-parallel ranks
+    # (ZeRO-0: whole, in that ep rank's optimizer; was: no groups at ZeRO-0)
     expert_groups = [g for g in c.groups if g.coords is not None and g.coords.ep is not None and
                      any("deepspeed_experts" in n for n in g.params)]
-    assert len(expert_groups) == (2 * m["ep_size"] if m["stage"] else 0)
-    assert all(len(g.partition_numel) == m["expert_dp_size"] for g in expert_groups)
+    assert len(expert_groups) == 2 * m["ep_size"]
+    assert all(len(g.partition_numel) == (m["expert_dp_size"] if m["stage"] else 1)
+               for g in expert_groups)
     expert_files = {f.name: f.coords for f in c.files if f.kind == "expert"}
     assert len(expert_files) == m["moe_layers"] * m["num_experts"]
     for e in m["experts"].values():
@@ -267,3 +272,56 @@ def test_a_dropped_ep_rank_drops_exactly_its_experts_and_dense_share(tmp_path):
     assert {n for n in lost if "deepspeed_experts" in n} == \
         {n for n in intact.params if "deepspeed_experts.2." in n or "deepspeed_experts.3." in n}
     assert set(plan_merge(c, salvage=True).dropped) == lost
+
+
+Z0_16 = "moe_ep2_w2_s0_bf16"  # FP16_UnfusedOptimizer: masters in fp32_groups (was: refused by name)
+
+
+def _read(ckpt, f) -> torch.Tensor:
+    with open(ckpt.path / f.file, "rb") as fh:
+        fh.seek(f.offset)
+        return torch.frombuffer(bytearray(fh.read(f.nbytes)), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", [Z0, Z0_16])
+def test_zero0_moe_masters_and_moments_are_each_ep_ranks_optimizer(name):
+    """The dense params' and ep rank 0's experts' entries in mp_rank_00's optimizer, ep rank X's
+    experts' in expp_rank_X's, at the positions rank 0's groups were matched to: there the torch
+    state (exp_avg, exp_avg_sq) equals what the core locates, and at bf16 the fp32_groups entry
+    is the reference master (which checks the positions)."""
+    from torchload import torch_load
+
+    c = open_checkpoint(PARALLEL / name)
+    assert c.states == ["fp32", "exp_avg", "exp_avg_sq"] and c.findings == []
+    checked = set()
+    for g in c.groups:
+        x = g.coords.ep if g.coords is not None else 0
+        file = f"expp_rank_{x}_mp_rank_00_optim_states.pt" if x else "mp_rank_00_model_states.pt"
+        opt = torch_load(c.path / file)["optimizer"]
+        inner = opt.get("optimizer_state_dict", opt)
+        for i, pname in enumerate(g.params):
+            if "fp32_groups" in opt:
+                assert torch.equal(opt["fp32_groups"][g.index][i], reference(name)[pname]), pname
+                (f,) = c.state_fragments(pname, "fp32")
+                assert f.file == file
+            per = inner["state"][inner["param_groups"][g.index]["params"][i]]
+            for key in ("exp_avg", "exp_avg_sq"):
+                (f,) = c.state_fragments(pname, key)
+                assert f.file == file and torch.equal(_read(c, f), per[key].flatten()), (pname, key)
+            checked.add(pname)
+    assert checked == set(reference(name))
+
+
+def test_zero0_16bit_moe_missing_expert_optimizer_file_drops_its_experts(tmp_path):
+    """16-bit: ep rank 1's experts' masters are only in expp_rank_1 (the expert files hold bf16
+    copies): that file lost, exactly its experts are left out, named, never written from bf16."""
+    tag = copy(tmp_path, Z0_16)
+    name = "expp_rank_1_mp_rank_00_optim_states.pt"
+    (tag / name).unlink()
+    c = open_checkpoint(tag.parent)
+    assert codes(c) == [("missing-optimizer-file", name)]
+    with pytest.raises(NotMergeable):
+        plan_merge(c)
+    experts = manifest(Z0_16)["experts"].values()
+    lost = {p["name"] for e in experts if e["ep_rank"] == 1 for p in e["params"]}
+    assert lost and set(plan_merge(c, salvage=True).dropped) == lost

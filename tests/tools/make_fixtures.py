@@ -118,6 +118,9 @@ PARALLEL_FIXTURES = {
     # ZeRO-0: no partitions; expp_rank_X_mp_rank_00_optim_states.pt per ep rank
     "moe_ep2_w4_s0_fp32": (MOE, ["--world-size", "4", "--ep-size", "2", "--num-experts", "4",
                                  "--stage", "0"]),
+    # 16-bit: FP16_UnfusedOptimizer masters (fp32_groups) in mp_rank_00 and per ep rank in expp_rank_X
+    "moe_ep2_w2_s0_bf16": (MOE, ["--world-size", "2", "--ep-size", "2", "--num-experts", "4",
+                                 "--stage", "0", "--dtype", "bf16", "--width", "8", "--vocab", "32"]),
     # Megatron-DeepSpeed / BLOOM: PipeModelDataParallelTopology, vocab-parallel tied embedding,
     # column/row-parallel and swiglu 2-sub-param layers; BF16_Optimizer / ZeRO-1 over dp 2
     "pp2_tp2_dp1_s1_bf16": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "1", "--dtype", "bf16",

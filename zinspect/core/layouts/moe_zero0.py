@@ -2,18 +2,24 @@
 rank 0's torch optimizer state; each expert's weights are in its `layer_L_expert_E` file (global
 ids); `expp_rank_X_mp_rank_00_optim_states.pt` holds ep rank X's whole optimizer state.
 
-In fp32 training the module and expert-file weights are the fp32 masters. Which params were
-frozen is read from rank 0's optimizer groups by shape order (group_order.py): its dense groups
-against the dense params, its `moe` groups against ep rank 0's local experts (whose global ids
-are their local ids). 16-bit ZeRO-0 MoE keeps its masters per ep rank in the expp files'
-fp32_groups: named, not merged.
+Which param is which optimizer entry is found from rank 0's optimizer groups by shape order
+(group_order.py): its dense groups against the dense params, its `moe` groups against ep rank 0's
+local experts (whose global ids are their local ids). Every ep rank's groups have that order, its
+`moe` groups holding its own local experts (global id = ep rank x num_local + local). So:
+  * fp32 training: the module and expert-file weights are the fp32 masters;
+  * bf16 / fp16 training (FP16_UnfusedOptimizer): the masters are fp32_groups entries, the dense
+    ones and ep rank 0's experts' in mp_rank_00's optimizer, ep rank X's experts' in
+    expp_rank_X's (its dense entries are dp replicas of rank 0's, not read);
+and each param's torch optimizer state (exp_avg, ...) sits at the same position in the same file.
+When the shapes fit more than one way, fp32 is written from the weights (which were frozen is
+unknown, an info), 16-bit masters are not named (an error), never guessed.
 """
 
 from __future__ import annotations
 
 import re
 
-from zinspect.core.layouts import common
+from zinspect.core.layouts import common, zero0
 from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
@@ -41,10 +47,6 @@ def describe(moe, names: common.Names) -> None:
                  "copy it from the run", file=name)
     moe._sort_files({ep})
     c.topology = Topology(dp=moe.ws, ep=ep, files=c.files)
-    if any(p.dtype not in ("float32", "") for p in c.params.values()):
-        ctx.find("unsupported-layout", "a 16-bit ZeRO-0 mixture-of-experts checkpoint (masters "
-                 "in the expp_rank_* files): zinspect can show it but not merge it yet",
-                 "for now load it with DeepSpeed itself")
     for (layer, _), rf in sorted(moe.expert_files.items()):
         tf = ctx.torch_file(rf)
         held = tf.obj if tf is not None and isinstance(tf.obj, dict) else {}
@@ -53,7 +55,9 @@ def describe(moe, names: common.Names) -> None:
                     moe.layer_of(name) == layer and name not in c.params:
                 c.params[name] = Param(name, t.shape, t.dtype)
     _name_missing_experts(moe)
-    _frozen(moe, names, ep)
+    order = _frozen(moe, names, ep)
+    if order is not None:
+        _attach_ep_ranks(moe, names, ep, expp, *order)
     moe._expert_files()  # checks them; frozen expert params get their weights there
     for p in c.params.values():  # fp32: the weights are the masters
         if not p.frozen and not p.fragments and p.dtype == "float32":
@@ -83,22 +87,30 @@ def _name_missing_experts(moe) -> None:
                 c.params.setdefault(other, Param(other, p.shape, p.dtype))
 
 
+def _param_groups(opt) -> list:
+    """A ZeRO-0 optimizer's torch param_groups (16-bit: FP16_UnfusedOptimizer's inner ones)."""
+    groups = get(opt, "param_groups")
+    if groups is None:
+        groups = get(opt, "optimizer_state_dict", "param_groups")
+    return groups if isinstance(groups, list) else []
+
+
 def _ep_size(ctx, ws: int) -> int | None:
-    groups = get(ctx.model_state, "optimizer", "param_groups")
-    for g in groups if isinstance(groups, list) else []:
+    for g in _param_groups(get(ctx.model_state, "optimizer")):
         m = re.match(r"^ep_size_(\d+)$", str(get(g, "name")))
         if get(g, "moe") is True and m and 0 < int(m[1]) <= ws:
             return int(m[1])
     return None
 
 
-def _frozen(moe, names: common.Names, ep: int) -> None:
-    """Frozen flags from rank 0's optimizer groups; all trainable (with an info) when the
-    shapes do not decide."""
+def _frozen(moe, names: common.Names, ep: int) -> tuple[list[bool], list[list[str]]] | None:
+    """Frozen flags from rank 0's optimizer groups; returns (each group's `moe` flag, the names
+    at each group's positions: ep rank 0's) when the shapes fit in a single way. Else all
+    trainable: with an info at fp32 (the weights are the masters), an error at 16 bits."""
     c, ctx = moe.c, moe.ctx
     opt = get(ctx.model_state, "optimizer")
     shapes = saved_group_shapes(opt)
-    flags = [get(g, "moe") is True for g in get(opt, "param_groups", default=[]) or []]
+    flags = [get(g, "moe") is True for g in _param_groups(opt)]
     dense = [(n, p.shape) for n, p in c.params.items() if moe.layer_of(n) is None and not p.tied_to]
     local = [(n, p.shape) for n, p in c.params.items() if moe.layer_of(n) is not None and
              moe.expert_of(n) < moe.num_local(n, ep)]
@@ -108,11 +120,48 @@ def _frozen(moe, names: common.Names, ep: int) -> None:
     for p in c.params.values():
         p.frozen = False
     if fits is None or any(f.problem for f in fits):
-        ctx.find("zero0-frozen-unknown", "which params were frozen is unknown: rank 0's "
-                 "optimizer groups do not fit the params by shape in a single way (all are "
-                 "written from the fp32 weights, the masters)", file=ctx.model_file.name)
-        return
+        if any(p.dtype not in ("float32", "") for p in c.params.values()):
+            ctx.find("zero0-order-unknown", "rank 0's optimizer groups do not fit the params by "
+                     "shape in a single way: the 16-bit run's fp32 masters (fp32_groups) cannot "
+                     "be named", "ZeRO-0 saves the optimizer state by position only; load the "
+                     "checkpoint with DeepSpeed and the model instead", file=ctx.model_file.name)
+        else:
+            ctx.find("zero0-frozen-unknown", "which params were frozen is unknown: rank 0's "
+                     "optimizer groups do not fit the params by shape in a single way (all are "
+                     "written from the fp32 weights, the masters)", file=ctx.model_file.name)
+        return None
     skipped = set(fits[0].skipped) | set(fits[1].skipped)
     for n, p in c.params.items():
         local_name = n if moe.layer_of(n) is None else moe.local_name(n, ep)
         p.frozen = local_name in skipped
+    dense_groups, local_groups = iter(fits[0].groups), iter(fits[1].groups)
+    return flags, [next(local_groups) if f else next(dense_groups) for f in flags]
+
+
+def _attach_ep_rank_files(moe, ep: int, expp: dict) -> dict[int, tuple]:
+    """ep rank -> (its file, its optimizer dict): rank 0's model states for ep rank 0 (they
+    hold the dense masters too), expp_rank_X's for the others."""
+    out = {}
+    for x in range(ep):
+        rf = moe.ctx.model_file if x == 0 else expp.get(x)
+        tf = moe.ctx.torch_file(rf)
+        opt = get(tf.obj, "optimizer") if tf is not None else None
+        if isinstance(opt, dict):
+            out[x] = (rf, opt)
+    return out
+
+
+def _attach_ep_ranks(moe, names: common.Names, ep: int, expp: dict, flags: list[bool],
+                     order: list[list[str]]) -> None:
+    """Masters (16-bit: fp32_groups; fp32: the dense module weights, the experts' come from
+    their files) and per-param optimizer states: the dense groups from rank 0's file, each ep
+    rank's expert groups (renamed to global ids) from its own file."""
+    numels = {n: p.numel for n, p in moe.c.params.items()}
+    for x, (rf, opt) in _attach_ep_rank_files(moe, ep, expp).items():
+        if x == 0:
+            dense = [[] if f else g for g, f in zip(order, flags, strict=True)]
+            zero0.attach_matched(moe.ctx, rf, opt, dense, numels, names.module)
+        experts = [[moe.global_of(n, x, ep) for n in g] if f else []
+                   for g, f in zip(order, flags, strict=True)]
+        if all(n in numels for g in experts for n in g):
+            zero0.attach_matched(moe.ctx, rf, opt, experts, numels, {}, coords=Coords(ep=x))

@@ -78,24 +78,41 @@ def attach(ctx: LoadContext, rf, state: dict, owners: dict[str, tuple], module: 
                  "params were frozen is unknown (all are written from the fp32 module "
                  "weights, the masters)", file=rf.name)
         order.groups, order.skipped = [list(owners)], []
-    tf = ctx.torch_file(rf)
-    for gi, members in enumerate(order.groups):
-        numel = sum(math.prod(owners[n]) for n in members)
+    for name in order.skipped:  # frozen: the module weights
+        c.params[name].frozen = True
+    attach_matched(ctx, rf, opt, order.groups, {n: math.prod(s) for n, s in owners.items()},
+                   module, shard, coords, states=not problem)
+
+
+def attach_matched(ctx: LoadContext, rf, opt: dict, groups: list[list[str]], numels: dict[str, int],
+                   module: dict, shard: int | None = None, coords: Coords | None = None,
+                   states: bool = True) -> None:
+    """Optimizer `opt` of file `rf` (a ZeRO-0 `optimizer` dict) whose group g's i-th entry is
+    param `groups[g][i]` (a group given as [] is left alone): each param's group, its fp32
+    master (fp32_groups[g][i], else its fp32 module weight `module[name]` when this file holds
+    it) and (`states`: the positions are known) its per-param optimizer states."""
+    c, tf = ctx.ckpt, ctx.torch_file(rf)
+    masters = opt.get("fp32_groups") if isinstance(opt.get("fp32_groups"), list) else None
+    for gi, members in enumerate(groups):
+        if not members:
+            continue
+        numel = sum(numels[n] for n in members)
         c.groups.append(ParamGroup(gi, gi, members, numel, {0: numel}, {0: 0}, "float32", coords))
         for i, name in enumerate(members):
             p = c.params[name]
             p.frozen, p.group, p.sub_group = False, gi, gi
-            t = masters[gi][i] if masters is not None else module.get(name)
+            if masters is None:
+                t = module.get(name)
+            else:
+                held = masters[gi] if gi < len(masters) else None
+                t = held[i] if isinstance(held, list) and i < len(held) else None
             if isinstance(t, TensorRef) and tf is not None:
-                n = min(t.numel, math.prod(owners[name]))
+                n = min(t.numel, numels[name])
                 p.fragments = [*(f for f in p.fragments if f.shard != shard),
                                located(tf, rf.name, 0, t).fragment(gi, 0, 0, n, shard=shard)]
-    for name in order.skipped:  # frozen: the module weights
-        c.params[name].frozen = True
-    if not problem and tf is not None:
+    if tf is not None and states:
         inner = get(opt, "optimizer_state_dict") if masters is not None else opt
-        attach_param_states(ctx, tf, rf.name, inner, order.groups,
-                            {n: math.prod(s) for n, s in owners.items()}, shard)
+        attach_param_states(ctx, tf, rf.name, inner, groups, numels, shard)
 
 
 def attach_param_states(ctx: LoadContext, tf, file: str, inner, groups: list[list[str]],
