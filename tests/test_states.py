@@ -121,3 +121,28 @@ def test_zero0_moments_are_the_torch_optimizers_per_param_state(name):
                 assert torch.equal(_read(ckpt, f), per[moment].flatten()), (pname, moment)
                 checked += 1
     assert checked == 2 * sum(1 for p in ckpt.owners() if not p.frozen) > 0
+
+
+def test_zero0_fp16_pipeline_moments_are_each_stages_torch_state():
+    """A ZeRO-0 fp16 pipeline: each stage's FP16_UnfusedOptimizer (mp_rank_SS) holds its params'
+    fp32 masters (fp32_groups[g][i]) and torch state (state[param_groups[g]['params'][i]]): the
+    moments the core locates are the state at the position whose master is the param's."""
+    ckpt = open_checkpoint(FIXTURES / "parallel" / "pp2_dp1_s0_fp16")
+    assert ckpt.states == ["fp32", "exp_avg", "exp_avg_sq"]
+    opts, checked = {}, 0
+    for pname, p in ckpt.params.items():
+        if p.frozen or p.tied_to:
+            continue
+        (master,) = ckpt.state_fragments(pname, "fp32")
+        if master.file not in opts:
+            opts[master.file] = torch_load(ckpt.path / master.file)["optimizer"]
+        opt = opts[master.file]
+        got = _read(ckpt, master)
+        (i,) = [i for i, t in enumerate(opt["fp32_groups"][master.group]) if torch.equal(t.flatten(), got)]
+        idx = opt["optimizer_state_dict"]["param_groups"][master.group]["params"][i]
+        for moment in ("exp_avg", "exp_avg_sq"):
+            (f,) = ckpt.state_fragments(pname, moment)
+            want = opt["optimizer_state_dict"]["state"][idx][moment].flatten()
+            assert f.file == master.file and torch.equal(_read(ckpt, f), want), (pname, moment)
+        checked += 1
+    assert checked == 27

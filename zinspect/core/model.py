@@ -280,7 +280,7 @@ class Checkpoint:
         """The optimizer states present: "fp32" (the masters) when there are flat groups, then
         each Adam moment that some file holds, then the other per-param states by name."""
         held = {key[2] for key in self.moments} | {key[1] for key in self.param_states}
-        return (["fp32"] if self.groups else []) + [s for s in MOMENTS if s in held] + \
+        return (["fp32"] if self.groups or held else []) + [s for s in MOMENTS if s in held] + \
             sorted(held - set(MOMENTS))
 
     def state_fragments(self, param: str, state: str) -> list[Fragment]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from zinspect.core.layouts import zero0
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
 
@@ -160,6 +161,9 @@ def _attach_masters(pipe, layers: dict[int, Params], found: StageMatch, opts: di
                     p.copies[s] = [fragment]
                 else:
                     p.fragments, p.group, p.sub_group = [fragment], g, g
+        own = [[n if c.params[n].fragments[0].file == rf.name else None for n in g] for g in fit.groups]
+        zero0.attach_param_states(pipe.ctx, tf, rf.name, get(opts[s], "optimizer_state_dict"), own,
+                                  {n: c.params[n].numel for g in fit.groups for n in g})
 
 
 def _say_ties(pipe, layers: dict[int, Params], found: StageMatch) -> None:

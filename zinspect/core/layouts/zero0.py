@@ -120,15 +120,16 @@ def attach_param_states(ctx: LoadContext, tf, file: str, inner, groups: list[lis
     """Record each param's own optimizer state tensors (a torch optimizer's `state[id]` of the
     id at its position in `param_groups[g]['params']`: Adam's exp_avg / exp_avg_sq, SGD's
     momentum_buffer, ...) for `Checkpoint.state_fragments`. `groups[g]`: the names at those
-    positions. Only a tensor of exactly the param's element count under a plain name is taken
-    (a scalar `step` or a factored state is not an element-wise state of the param)."""
+    positions (None: a position left alone, e.g. a pipeline stage's copy of a tied param). Only
+    a tensor of exactly the param's element count under a plain name is taken (a scalar `step`
+    or a factored state is not an element-wise state of the param)."""
     state, saved = get(inner, "state"), get(inner, "param_groups")
     if not isinstance(state, dict) or not isinstance(saved, list):
         return
     for gi, members in enumerate(groups):
         ids = get(saved[gi], "params", default=[]) if gi < len(saved) else []
         for name, idx in zip(members, ids if isinstance(ids, list) else [], strict=False):
-            per = state.get(idx) if type(idx) is int else None
+            per = state.get(idx) if type(idx) is int and name is not None else None
             for key, t in per.items() if isinstance(per, dict) else ():
                 if isinstance(t, TensorRef) and isinstance(key, str) and key != "step" and \
                         STATE_NAME.fullmatch(key) and t.numel == numels[name]:
