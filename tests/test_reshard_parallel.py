@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, manifest
-from test_reshard import DS_PYTHON, _skeleton, needs_deepspeed
+from test_reshard import DS_PYTHON, _skeleton, assert_layout_of_deepspeed, needs_deepspeed
 
 from zinspect.core import open_checkpoint
 from zinspect.core.reshard import reshard
@@ -28,7 +28,7 @@ from zinspect.core.reshard import reshard
 torch = pytest.importorskip("torch")
 safetensors = pytest.importorskip("safetensors.torch")
 
-TOOLS = Path(__file__).parent / "tools"
+TWINS = FIXTURES / "reshard_twins"
 WORKER = Path(__file__).parent / "ds_resume" / "parallel_worker.py"
 #: (fixture, world sizes to reshard to, the new topology's (dp, tp, pp, ep) at the first)
 CASES = [("parallel/tp2_dp2_s1_toy", [2, 6], (1, 2, 1, 1)),
@@ -120,6 +120,19 @@ def test_layer_and_expert_files_are_written_again_unchanged(tmp_path):
         assert files
         for file in files:
             assert _skeleton(out / file, True) == _skeleton(FIXTURES / name / src.tag / file, True)
+
+
+@pytest.mark.parametrize("name,n,twin", [("parallel/tp2_dp2_s2_toy", 2, "tp2_dp1_s2_toy"),
+                                         ("parallel/tp2_dp2_s3_toy", 6, "tp2_dp3_s3_toy"),
+                                         ("parallel/pp2_dp2_s1_fp32", 2, "pp2_dp1_s1_fp32"),
+                                         ("parallel/moe_ep2_w4_s2_fp32", 2, "moe_ep2_w2_s2_fp32")])
+def test_layout_is_what_deepspeed_saves_at_n(tmp_path, name, n, twin):
+    """tests/fixtures/reshard_twins/: the same model trained by DeepSpeed itself at N (the
+    generators with the fixture's arguments but --world-size N, --steps 2): every file name,
+    partition size, padding, partition count, slice mapping (an MoE expert's under its local
+    name), param_shapes, ZeRO-3 sub-group and tensor shape of zinspect's output is DeepSpeed's."""
+    src = open_checkpoint(FIXTURES / name)
+    assert_layout_of_deepspeed(_resharded(tmp_path, name, n) / src.tag, TWINS / twin / src.tag)
 
 
 # ------------------------------------------------------------------ real DeepSpeed resumes
