@@ -207,6 +207,26 @@ def test_a_merge_runs_to_completion_in_the_terminal(open_app, tmp_path):
     assert app.quit() == 0
 
 
+def test_the_optimizer_state_chosen_with_keys_is_written_beside_the_weights(open_app, tmp_path):
+    """Tab to the optimizer state choice, right arrow and space pick "all", tab to Merge: the
+    moments and optimizer_state.json appear beside the weights."""
+    app = open_app()
+    app.press("m")
+    app.wait_for("Merge to fp32", "Optimizer state", "weights only")
+    app.press("\t\t\t\t")  # output dir -> format -> weights dtype -> shard size -> state
+    app.press(b"\x1b[C")  # right: the cursor on "+ Adam moments"
+    app.press(" ")
+    app.wait_for("state tensors (exp_avg, exp_avg_sq)")
+    app.press("\t\t")  # overwrite -> the Merge button
+    app.press("\r")
+    app.wait_for("Merged", "optimizer state: exp_avg, exp_avg_sq")
+    written = {p.name for p in (tmp_path / OUT).iterdir()}
+    assert {"model.safetensors", "exp_avg.safetensors", "exp_avg_sq.safetensors",
+            "optimizer_state.json"} <= written, written
+    close_dialog(app, "Merged")
+    assert app.quit() == 0
+
+
 def patient_app(tmp_path) -> PtyApp:
     app = PtyApp([str(FIXTURES / FIXTURE)], cwd=tmp_path, code=PATIENT_MERGE)
     app.wait_for("Overview", "zero_pp_rank_1")

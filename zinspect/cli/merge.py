@@ -58,6 +58,7 @@ def __getattr__(name: str) -> str:
 
 
 def add_arguments(p) -> None:
+    from zinspect.core.states import CHOICES  # the app's merge form reads them too
     from zinspect.core.writers import WRITERS
 
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create with the output")
@@ -88,7 +89,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-hf-files", dest="hf_files", action="store_false",
                    help="do not copy config.json, generation_config.json and tokenizer files "
                         "from the checkpoint root into OUT_DIR")
-    p.add_argument("--state", choices=("weights", "all"), default="weights",
+    p.add_argument("--state", choices=CHOICES, default=CHOICES[0],
                    help="all: also write the optimizer's Adam moments beside the weights "
                         "(exp_avg.safetensors, exp_avg_sq.safetensors: the weights' names, fp32; "
                         "optimizer_state.json: step and hyper-parameters) (default: weights)")

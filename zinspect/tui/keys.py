@@ -12,6 +12,17 @@ if TYPE_CHECKING:
     from textual.app import App
 
 
+#: tab and shift+tab in a form, as priority bindings: the app moves the focus as it reads the key.
+#: Textual's own (the screen's) run in the focused widget's turn, after the app has handed that
+#: widget every key that came in the same read: a fast typist's, a paste's or a script's space
+#: meant for a checkbox went into the field behind it (and replaced its selected text).
+FORM_BINDINGS = [
+    Binding("tab", "app.focus_next", "Next field", show=False, priority=True, id="next-field"),
+    Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True,
+            id="previous-field"),
+]
+
+
 def own_bindings(cls: type) -> list[Binding]:
     """The bindings `cls` itself declares (not those it inherits), as Binding objects."""
     return [b if isinstance(b, Binding) else Binding(*b) for b in cls.__dict__.get("BINDINGS", [])]

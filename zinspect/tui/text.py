@@ -12,13 +12,18 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.measure import Measurement
 from rich.text import Text
 
-from zinspect.core.fmt import SHOWN_CHARS, shown
+from zinspect.core.fmt import SHOWN_CHARS, count, shown
 
 
 def literal(value: object, limit: int = SHOWN_CHARS, style: str = "") -> Text:
     """`value` with control characters escaped and shortened to `limit` (fmt.shown), as a Text
     that no widget parses for markup."""
     return Text(shown(value, limit), style=style)
+
+
+def counted(n: int, word: str) -> str:
+    """`1 buffer`, `4 buffers`, `1,200 params`."""
+    return f"{count(n)} {word}{'s' * (n != 1)}"
 
 
 def middle(text: str, width: int) -> str:

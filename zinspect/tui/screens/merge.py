@@ -25,6 +25,7 @@ from textual.widgets import (
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from zinspect.core import fmt, peft
+from zinspect.core import states as states_mod
 from zinspect.core.dtypes import OUTPUT_DTYPES
 from zinspect.core.merge import MergeResult, merge, parse_size
 from zinspect.core.plan import output_nbytes, plan_merge
@@ -32,6 +33,8 @@ from zinspect.core.stream import Progress, ShouldStop
 from zinspect.core.writers import WRITERS, writer
 from zinspect.errors import MergeCancelled, NotMergeable, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
+from zinspect.tui.keys import FORM_BINDINGS
+from zinspect.tui.text import counted
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 
@@ -44,11 +47,22 @@ class MergeRequest:
     salvage: bool
     dtype: str = "fp32"
     peft: bool = False
+    state: str = states_mod.CHOICES[0]
 
 
 #: the app's hint for a merge validation refuses: the CLI's names `zinspect validate`/--salvage
 APP_NOT_MERGEABLE_HINT = ("the Findings tab (4) says what is wrong; exclude the params it names, "
                           "or tick salvage to write the rest and list what it left out")
+
+
+def state_label(choice: str, ckpt) -> str:
+    """How the form words a `--state` choice (zinspect.core.states.CHOICES, the CLI's too)."""
+    if choice == "weights":
+        return "weights only"
+    if choice == "all":
+        held = states_mod.held_states(ckpt)
+        return f"+ {', '.join(held)}" if held else "+ optimizer state"
+    return choice
 
 
 def error_text(title: str, error: BaseException) -> Text:
@@ -75,7 +89,7 @@ def shard_size(text: str) -> int:
 class MergeScreen(ModalScreen[None]):
     """Three faces in a ContentSwitcher: #merge-form, #merge-running, #merge-done."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel", id="cancel-merge")]
+    BINDINGS = [Binding("escape", "cancel", "Cancel", id="cancel-merge"), *FORM_BINDINGS]
 
     def __init__(self, view: Inspection) -> None:
         super().__init__()
@@ -89,27 +103,35 @@ class MergeScreen(ModalScreen[None]):
                     yield Label("Output directory")
                     yield Input(default_output_dir(self.view.ckpt), id="merge-out")
                     with Horizontal(classes="form-row"):
-                        with Vertical():
+                        with Vertical(classes="fit"):
                             yield Label("Format")
                             with RadioSet(id="merge-format"):
                                 for i, w in enumerate(WRITERS.values()):
                                     yield RadioButton(w.label or w.name, value=i == 0,
                                                       id=f"fmt-{w.name}")
-                        with Vertical():
+                        with Vertical(classes="fit"):
                             yield Label("Weights")
                             with RadioSet(id="merge-dtype"):
                                 for name in OUTPUT_DTYPES:
                                     yield RadioButton(name, value=name == "fp32", id=f"dtype-{name}")
                             if peft.summary(self.view.ckpt) is not None:
-                                yield Checkbox("adapter only", id="merge-peft")
+                                yield Checkbox("adapter only", id="merge-peft", compact=True)
                         with Vertical():
                             yield Label("Max shard size")
                             yield Input(placeholder="empty: one file", id="merge-shard")
+                    # one row each, compact: at 80x24 the options and the plan fit without a scroll
+                    with Horizontal(id="merge-state-row"):
+                        yield Label("Optimizer state")
+                        with RadioSet(id="merge-state", compact=True):
+                            for i, name in enumerate(states_mod.CHOICES):
+                                yield RadioButton(state_label(name, self.view.ckpt),
+                                                  value=i == 0, id=f"state-{name}")
+                    yield Static(id="merge-state-why", classes="dim")
                     # full width: a third of the dialog cut these labels, at 160 columns too
-                    yield Checkbox("overwrite an existing output", id="merge-force")
+                    yield Checkbox("overwrite an existing output", id="merge-force", compact=True)
                     if self.view.ckpt.errors:
                         yield Checkbox("salvage: skip params that cannot be rebuilt",
-                                       id="merge-salvage")
+                                       id="merge-salvage", compact=True)
                     yield Static(self.plan_text(), id="merge-plan")
                     yield Static(id="merge-form-error")
                     with Horizontal(classes="buttons"):
@@ -125,12 +147,17 @@ class MergeScreen(ModalScreen[None]):
                         yield Button("Back to the form", id="merge-back")
 
     def plan_text(self, dtype: str = "fp32") -> Text:
-        if self.salvage_ticked():
-            return self.salvage_text()
+        text = self.salvage_text() if self.salvage_ticked() else self.weights_text(dtype)
+        if self.form_state() != states_mod.CHOICES[0]:
+            text.append("\n")
+            text.append_text(self.states_text())
+        return text
+
+    def weights_text(self, dtype: str) -> Text:
         out = self.view.output
         text = Text()
         text.append("Writes ", style="dim")
-        text.append(f"{fmt.count(out.params)} params + {fmt.count(out.buffers)} buffers, "
+        text.append(f"{counted(out.params, 'param')} + {counted(out.buffers, 'buffer')}, "
                     f"{fmt.size(self.output_nbytes(dtype))}", style="bold")
         excluded = sorted(self.view.excluded)
         if excluded:
@@ -161,16 +188,48 @@ class MergeScreen(ModalScreen[None]):
             return error_text("Salvage cannot work around these errors", e)
         params = sum(t.name in self.view.ckpt.params for t in plan.tensors)
         text = Text("Writes ", style="dim")
-        text.append(f"{fmt.count(params)} param{'s' * (params != 1)} + "
-                    f"{fmt.count(len(plan.tensors) - params)} buffers, "
+        text.append(f"{counted(params, 'param')} + {counted(len(plan.tensors) - params, 'buffer')}, "
                     f"{fmt.size(plan.total_bytes)} as fp32", style="bold")
         dropped = list(plan.dropped)
         text.append(f"\nSalvage leaves out {fmt.count(len(dropped))}: ", style="yellow")
         text.append(", ".join(fmt.shown(n, 60) for n in dropped[:4]) + (" …" if len(dropped) > 4 else ""))
         return text
 
-    @on(Checkbox.Changed, "#merge-salvage")
-    def salvage_changed(self) -> None:
+    def states_text(self) -> Text:
+        """With the optimizer state chosen, what it adds (planned as the merge plans it)."""
+        try:
+            plan = plan_merge(self.view.ckpt, self.view.selection, salvage=self.salvage_ticked())
+            held = states_mod.plan_states(self.view.ckpt, plan, salvage=self.salvage_ticked())
+        except ZinspectError as e:
+            return error_text("The optimizer state cannot be written", e)
+        text = Text("and ", style="dim")
+        text.append(f"{counted(sum(map(len, held.tensors.values())), 'state tensor')} "
+                    f"({', '.join(held.tensors)}), {fmt.size(held.total_bytes)} as fp32",
+                    style="bold")
+        text.append(f" + {states_mod.STATE_JSON}", style="dim")
+        if held.dropped:
+            text.append(f"\nSalvage leaves out {counted(len(held.dropped), 'state tensor')}",
+                        style="yellow")
+        return text
+
+    def state_blocker(self) -> str | None:
+        """Why the optimizer state cannot be chosen with this checkpoint and form, or None."""
+        if self.form_format() in WRITERS and writer(self.form_format()).tree is not None:
+            return f"the {self.form_format()} format writes the optimizer state itself"
+        if self.query("#merge-peft") and self.query_one("#merge-peft", Checkbox).value:
+            return "adapter only: the optimizer state is the whole model's"
+        return states_mod.unavailable(self.view.ckpt)
+
+    @on(Checkbox.Changed, "#merge-salvage, #merge-peft")
+    @on(RadioSet.Changed, "#merge-format, #merge-dtype, #merge-state")
+    def form_changed(self) -> None:
+        why = self.state_blocker()
+        choices = self.query_one("#merge-state", RadioSet)
+        if why and self.form_state() != states_mod.CHOICES[0]:
+            self.query_one(f"#state-{states_mod.CHOICES[0]}", RadioButton).value = True
+        choices.disabled = why is not None
+        self.query_one("#merge-state-why", Static).update(Text(f"not available: {why}" if why else ""))
+        self.query_one("#merge-state-why").display = why is not None
         self.query_one("#merge-plan", Static).update(self.plan_text(self.form_dtype()))
 
     def output_nbytes(self, dtype: str) -> int:
@@ -179,9 +238,10 @@ class MergeScreen(ModalScreen[None]):
             return self.view.output.nbytes
         return output_nbytes(self.view.ckpt, self.view.excluded, OUTPUT_DTYPES[dtype])
 
-    @on(RadioSet.Changed, "#merge-dtype")
-    def dtype_changed(self, event: RadioSet.Changed) -> None:
-        self.query_one("#merge-plan", Static).update(self.plan_text(self.form_dtype()))
+    def form_state(self) -> str:
+        """The chosen --state (the first choice, weights, until the form is mounted)."""
+        return next((n for n in states_mod.CHOICES if self.query(f"#state-{n}")
+                     and self.query_one(f"#state-{n}", RadioButton).value), states_mod.CHOICES[0])
 
     def form_dtype(self) -> str:
         return next((n for n in OUTPUT_DTYPES if self.query_one(f"#dtype-{n}", RadioButton).value),
@@ -192,6 +252,7 @@ class MergeScreen(ModalScreen[None]):
                     next(iter(WRITERS)))
 
     def on_mount(self) -> None:
+        self.form_changed()
         self.query_one("#merge-out", Input).focus()
 
     # -- form -----------------------------------------------------------------------------
@@ -206,6 +267,7 @@ class MergeScreen(ModalScreen[None]):
             salvage=bool(salvage) and salvage.first(Checkbox).value,
             dtype=self.form_dtype(),
             peft=bool(self.query("#merge-peft")) and self.query_one("#merge-peft", Checkbox).value,
+            state=self.form_state(),
         )
 
     @on(Button.Pressed, "#merge-start")
@@ -254,7 +316,7 @@ class MergeScreen(ModalScreen[None]):
             self.view.ckpt, request.out_dir, selection=self.view.selection, fmt=request.format,
             max_shard_size=request.max_shard_size, force=request.force, salvage=request.salvage,
             progress=progress, should_stop=lambda: stop_requested() or worker.is_cancelled,
-            dtype=request.dtype, peft=request.peft,
+            dtype=request.dtype, peft=request.peft, state=request.state,
         )
 
     @on(Worker.StateChanged)
@@ -287,6 +349,9 @@ class MergeScreen(ModalScreen[None]):
         if result.dropped:
             text.append(f"salvage left out {len(result.dropped)}: ", style="yellow")
             text.append(", ".join(list(result.dropped)[:5]))
+        if result.states:
+            text.append(f"optimizer state: {', '.join(result.states)} + {states_mod.STATE_JSON}\n",
+                        style="dim")
         for note in result.notes[:3]:  # files copied, what a universal load leaves out
             text.append(f"\n{fmt.shown(note, 300)}", style="dim")
         if result.warnings:  # NaN/Inf written, replicas that drifted: said, not refused

@@ -9,6 +9,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
+from zinspect.tui.keys import FORM_BINDINGS
+
 DEFAULT_SELECTION_FILE = "zinspect-selection.json"
 
 
@@ -16,7 +18,7 @@ class PathScreen(ModalScreen[str | None]):
     """Returns the path typed, or None when cancelled."""
 
     BINDINGS = [Binding("escape", "dismiss", "Cancel", id="cancel-path",
-                        tooltip="close without doing anything")]
+                        tooltip="close without doing anything"), *FORM_BINDINGS]
 
     def __init__(self, title: str, prompt: str, verb: str, path: str, input_id: str) -> None:
         super().__init__()

@@ -16,12 +16,12 @@ from textual.screen import Screen
 from textual.widgets import Header, Label, Sparkline
 from textual.worker import get_current_worker
 
+from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.stats import TensorStats
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
-from zinspect.core.fmt import shown
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
