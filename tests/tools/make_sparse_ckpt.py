@@ -15,6 +15,16 @@ CRC 0: `validate --deep` flags them; nothing else reads them.
         --kv-hidden 64 --vocab 1000                                   # 306k param names
 
 The template's first two optimizer groups are used: weights (matrices) and no-decay (norms).
+
+With --pp and --tp, a Megatron-DeepSpeed (BLOOM-style) pipeline x tensor-parallel ZeRO-1 checkpoint
+instead, from a real one made with make_ds_pptp.py (its pickles: layer files, mp_rank_SS model
+states with universal_checkpoint_info, optimizer files): a GPT of --layers transformer layers
+(query_key_value of hidden + 2 * kv-hidden rows, swiglu dense_h_to_4h of 2 * ffn rows, a
+vocab-parallel tied embedding padded to a multiple of 128 * tp) on PipeModelDataParallelTopology
+(dp = world size / (pp * tp)); every tensor a hole:
+
+    /work/dsvenv/bin/python tests/tools/make_sparse_ckpt.py tests/fixtures/parallel/pp2_tp2_dp2_s1_fp32 \\
+        /work/bench/pptp70b --world-size 512 --pp 4 --tp 8        # 70B, tp 8 x pp 4 x dp 16
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sparse_zip import Record, write_zip  # noqa: E402
 
 MARKER = 777_001  # numel of the stand-in tensors; rewritten in the pickle to the real numel
@@ -107,7 +118,14 @@ def main(argv=None) -> None:
     ap.add_argument("--ffn", type=int, default=28672)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--experts", type=int, default=0, help="MoE experts per layer (0: dense MLP)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline stages (> 1: a pipeline x tp checkpoint)")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (with --pp)")
     a = ap.parse_args(argv)
+    if a.pp > 1:
+        import make_sparse_pptp
+
+        make_sparse_pptp.write(a)
+        return
 
     src_tag = (a.template / "latest").read_text().strip()
     src = a.template / src_tag
