@@ -53,12 +53,13 @@ def warm(path: Path) -> None:
                 pass
 
 
-def floor(ckpt: Path, scratch: Path) -> tuple[float, int, int]:
-    """Read exactly the planned bytes, then write and fsync as many bytes as the output holds."""
+def floor(ckpt: Path, scratch: Path, plan=None) -> tuple[float, int, int]:
+    """Read exactly the planned bytes (of `plan`, default the whole merge's), then write and
+    fsync as many bytes as the output holds."""
     from zinspect.core import open_checkpoint
     from zinspect.core.plan import plan_merge
 
-    plan = plan_merge(open_checkpoint(ckpt))
+    plan = plan or plan_merge(open_checkpoint(ckpt))
     buf = bytearray(8 << 20)
     view = memoryview(buf)
     fds: dict[str, int] = {}

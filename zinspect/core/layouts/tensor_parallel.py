@@ -30,7 +30,6 @@ from zinspect.core.layouts.tp_checks import REPLACE, check_sizes, global_rank, r
 from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, Topology
 from zinspect.core.torchzip import TensorRef
 
-
 #: a world size beyond any run (a forged partition count or tp degree stops here)
 MAX_WORLD = 1 << 20
 

@@ -5,8 +5,16 @@ a box of both (other strides), scaled, or beyond what a real map holds is `Split
 
 from __future__ import annotations
 
-from zinspect.core.layouts.tp_rules import MAX_DIMS, MAX_PIECES, MAX_RANKS, Geometry, Piece, Shape, \
-    SplitUnknown, hits
+from zinspect.core.layouts.tp_rules import (
+    MAX_DIMS,
+    MAX_PIECES,
+    MAX_RANKS,
+    Geometry,
+    Piece,
+    Shape,
+    SplitUnknown,
+    hits,
+)
 
 
 def affine_entry(name: str, affine: dict | None) -> dict | None:
@@ -29,14 +37,15 @@ def row_major(shape: Shape) -> Shape:
 def _box_at(offset, strides, sizes: Shape, within: Shape, where: str) -> Shape:
     """The N-D offsets of a strided view of `within` (row-major) that is a box, else SplitUnknown."""
     want = row_major(within)
-    if len(strides) != len(within) or any(s != w for s, w, n in zip(strides, want, sizes) if n > 1):
+    if len(strides) != len(within) or \
+            any(s != w for s, w, n in zip(strides, want, sizes, strict=False) if n > 1):
         raise SplitUnknown(f"its {where} strides {list(strides)} are not the row-major strides "
                            f"{list(want)} of {list(within)}: not a box zinspect can copy")
     offs, left = [], int(offset)
     for w in want:
         offs.append(left // w)
         left %= w
-    if any(o + n > m for o, n, m in zip(offs, sizes, within)):
+    if any(o + n > m for o, n, m in zip(offs, sizes, within, strict=False)):
         raise SplitUnknown(f"its {where} piece of {list(sizes)} at offset {offset} runs past {list(within)}")
     return tuple(offs)
 

@@ -164,7 +164,7 @@ def _sub_params_rule(name: str, info: dict, vocab: int | None) -> Rule | None:
             except (TypeError, ValueError):
                 raise SplitUnknown(f"sub_param_shard_widths of {pattern} is {widths!r}") from None
             sizes = tuple(int(s) for s in sizes)
-            if len(widths) != len(sizes) or any(sum(w) != s for w, s in zip(widths, sizes)):
+            if len(widths) != len(sizes) or any(sum(w) != s for w, s in zip(widths, sizes, strict=False)):
                 raise SplitUnknown(f"sub_param_shard_widths {widths} of {pattern} do not add up to "
                                    f"the sub-param sizes {sizes}")
             return Rule(SUB_PARAMS, dim, pattern, sizes, widths, vocab)
@@ -239,7 +239,7 @@ def _two_halves(shapes: list[Shape]) -> Geometry:
     zero = (0,) * len(shapes[0])
     first = sum(h[0] for h in halves)
     pieces, pos = {}, [0, first]
-    for t, (s, h) in enumerate(zip(shapes, halves)):
+    for t, (s, h) in enumerate(zip(shapes, halves, strict=False)):
         pieces[t] = []
         for k, n in enumerate(h):
             if n:
@@ -269,7 +269,7 @@ def _sub_params(rule: Rule, shapes: list[Shape]) -> Geometry:
     pieces = {t: [] for t in range(tp)}
     at_shard = [0] * tp
     base = 0
-    for size, ws in zip(sizes, widths):
+    for size, ws in zip(sizes, widths, strict=False):
         pos = base
         for t, w in enumerate(ws):
             if w:
@@ -329,7 +329,7 @@ def same_geometry(a: Geometry, b: Geometry) -> bool:
 
 
 def _overlap(a: Piece, b: Piece) -> bool:
-    return all(fa < fb + nb and fb < fa + na for fa, na, fb, nb in zip(a[1], a[2], b[1], b[2]))
+    return all(fa < fb + nb and fb < fa + na for fa, na, fb, nb in zip(a[1], a[2], b[1], b[2], strict=False))
 
 
 def tiling_problem(geo: Geometry, shards: dict[int, Shape]) -> str | None:
@@ -340,8 +340,8 @@ def tiling_problem(geo: Geometry, shards: dict[int, Shape]) -> str | None:
         shard = shards.get(t)
         for shard_at, full_at, sizes in ps:
             if shard is None or len(sizes) != len(shard) or len(sizes) != len(geo.shape) or \
-                    any(o + n > m for o, n, m in zip(shard_at, sizes, shard)) or \
-                    any(o + n > m for o, n, m in zip(full_at, sizes, geo.shape)):
+                    any(o + n > m for o, n, m in zip(shard_at, sizes, shard, strict=False)) or \
+                    any(o + n > m for o, n, m in zip(full_at, sizes, geo.shape, strict=False)):
                 return (f"tp rank {t}'s piece {list(sizes)} at {list(shard_at)} -> {list(full_at)} does "
                         f"not fit its shard {list(shard) if shard else None} or the full {list(geo.shape)}")
     groups = [ps for _, ps in sorted(geo.pieces.items())] if geo.replicated else \
