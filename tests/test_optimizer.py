@@ -155,8 +155,25 @@ def test_sgd_is_named_with_its_state_keys():
     inner, _ = torch_state(torch_load(rank0_optimizer_file(ckpt).path)["optimizer_state_dict"])
     assert opt.groups == hyper(inner["param_groups"]) and opt.groups[0]["momentum"] == 0.9
     assert "state momentum_buffer" in summary_line(opt)
-    stats = optimizer_stats(ckpt, opt).params  # the masters only
+    result = optimizer_stats(ckpt, opt)  # the masters and momentum_buffer; no Adam columns
+    assert result.state_names == ["momentum_buffer"] and not result.masters_only
+    stats = result.params
     assert stats and all(s.exp_avg_l2 is None and s.update_max is None and s.master_l2 > 0 for s in stats)
+    # was: masters only. Now the momentum buffer's L2 per param = torch.load's (each flat group's
+    # buffer cut by param_shapes; rank 1's keeps its padding beyond the fp32 partition)
+    tag = ckpt.path
+    osds = [torch_load(tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+            for r in (0, 1)]
+    want = {}
+    for g, shapes in enumerate(torch_load(tag / "mp_rank_00_model_states.pt")["param_shapes"]):
+        flat = torch.cat([o["base_optimizer_state"]["state"][g]["momentum_buffer"]
+                          [:o["single_partition_of_fp32_groups"][g].numel()] for o in osds])
+        off = 0
+        for pname, shape in shapes.items():
+            want[pname] = flat[off:off + shape.numel()].double().norm().item()
+            off += shape.numel()
+    assert {s.name: set(s.states) for s in stats} == {n: {"momentum_buffer"} for n in want}
+    assert all(close(s.states["momentum_buffer"], want[s.name]) for s in stats)
 
 
 @pytest.mark.parametrize(("keys", "groups", "name"), [

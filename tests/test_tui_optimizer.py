@@ -88,16 +88,21 @@ async def test_view_numbers_equal_torch_and_sort_outliers_first(name):
         assert not isinstance(app.screen, OptimizerScreen)
 
 
-async def test_sgd_is_named_and_its_masters_shown():
+async def test_sgd_is_named_and_its_masters_and_momentum_shown():
+    """Was: the masters' norms only. Now the 'L2 m' column holds SGD's momentum_buffer (the head
+    says so); no update columns (they are Adam's)."""
     app = ZinspectApp(str(FIXTURES / "optim" / "sgd_s2_w2_fp32"))
     async with app.run_test(size=SIZE) as pilot:
         screen = await open_view(app, pilot)
         head = label_text(screen, "#optim-summary")
         assert head.startswith("SGD (momentum) (ZeRO-1/2)")
-        assert "keeps no Adam moments (momentum_buffer): the masters' norms only" in head
+        assert "keeps no Adam moments (momentum_buffer): 'L2 m' is its momentum_buffer, no update" \
+            in head
         table = screen.query_one(OptimizerTable)
         assert table.row_count == 25 and screen.sub_title == "sorted by L2 master ↓"
         assert table.row_cells(0)[column("upd max")] == "-"
+        for i, r in enumerate(table.rows):
+            assert r.states["momentum_buffer"] > 0 and table.row_cells(i)[column("L2 m")] != "-"
 
 
 async def test_escape_cancels_the_reading(monkeypatch):

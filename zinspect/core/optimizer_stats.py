@@ -1,5 +1,6 @@
-"""Per trainable param: the size of its fp32 master, its Adam moments and Adam's update,
-streamed with bounded memory and cancellable (the app's optimizer view, `optimizer_stats`).
+"""Per trainable param: the size of its fp32 master, its Adam moments and Adam's update (another
+optimizer: the size of each per-param state it keeps, e.g. SGD's momentum_buffer), streamed with
+bounded memory and cancellable (the app's optimizer view, `optimizer_stats`).
 
 The update size |m| / (sqrt(v) + eps) is Adam's step per element before the learning rate and
 bias correction: a param whose update is out of line with the others' is where a diverging
@@ -41,7 +42,9 @@ class ParamOptimStats:
     sqrt_exp_avg_sq_l2: float | None = None  # sqrt(sum v)
     update_mean: float | None = None  # of |m| / (sqrt(v) + eps), over its finite values
     update_max: float | None = None
-    nonfinite: int = 0  # NaN / Inf among the master, m and v values
+    nonfinite: int = 0  # NaN / Inf among the master, m and v values (or the states' values)
+    #: not Adam: L2 of each per-param state the optimizer keeps (momentum_buffer, sum, ...)
+    states: dict[str, float] | None = None
 
 
 @dataclass
@@ -49,6 +52,8 @@ class OptimizerStats:
     params: list[ParamOptimStats] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)  # param -> why its values are not read
     masters_only: dict[str, str] = field(default_factory=dict)  # param -> why no moments
+    #: the per-param states read beside the masters (Adam's moments, or another optimizer's own)
+    state_names: list[str] = field(default_factory=list)
 
 
 def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
@@ -63,15 +68,17 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
     is computed element by element with bounded memory; params go by batches of BATCH_PARAMS.
     These are order-free sums, so the fragments need not be laid out as the full tensor. A
     param whose master is not all in the files is left out, one whose moments are not gets its
-    master's numbers; both with the reason. Raises MergeCancelled when `should_stop()` turns
-    true."""
+    master's numbers; both with the reason. An optimizer that is not Adam gets, beside its
+    masters, the L2 of each per-param state the files hold (`Checkpoint.states`), no update.
+    Raises MergeCancelled when `should_stop()` turns true."""
     from zinspect.core import gc_paused
     from zinspect.core.stream import ProgressMeter
 
-    out = OptimizerStats()
+    out = OptimizerStats(state_names=list(ADAM_KEYS) if opt.adam else
+                         [s for s in ckpt.states if s != "fp32"])
     paths: dict[str, str] = {}  # rank file name -> its path, made once
     names = [n for n, p in ckpt.params.items() if not p.frozen and p.tied_to is None]
-    per_element = 12 if opt.adam else 4
+    per_element = 4 * (1 + len(out.state_names))
     meter = ProgressMeter(sum(ckpt.params[n].numel for n in names) * per_element, progress)
     left = iter(names)
     # Millions of fragments, pieces and windows, none in a cycle, beside the checkpoint's own
@@ -80,7 +87,7 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
     try:
         with gc_paused():
             while batch := _next_batch(ckpt, opt, left, out, paths):
-                out.params += _stream(ckpt, opt, batch, meter, should_stop)
+                out.params += _stream(ckpt, opt, out.state_names, batch, meter, should_stop)
     except MergeCancelled as e:
         raise MergeCancelled("optimizer statistics cancelled", "nothing was changed") from e
     if progress is not None:
@@ -95,7 +102,7 @@ def _next_batch(ckpt: Checkpoint, opt: OptimizerState, names: Iterator[str],
     batch, size = [], 0
     for name in names:
         try:
-            parts, why = _state_tensors(ckpt, name, opt.adam, paths)
+            parts, why = _state_tensors(ckpt, name, out.state_names, paths)
         except _LeftOut as e:
             out.left_out[name] = str(e)
             continue
@@ -108,9 +115,10 @@ def _next_batch(ckpt: Checkpoint, opt: OptimizerState, names: Iterator[str],
     return batch
 
 
-def _stream(ckpt: Checkpoint, opt: OptimizerState, batch: list, meter,
+def _stream(ckpt: Checkpoint, opt: OptimizerState, keys: list[str], batch: list, meter,
             should_stop) -> list[ParamOptimStats]:
-    """The numbers of a batch of (param, its state tensors), in one pass of the stream."""
+    """The numbers of a batch of (param, its state tensors: master then `keys`), in one pass of
+    the stream."""
     import numpy as np
 
     from zinspect.core.stats import Scratch, TensorSplitter, TensorStats
@@ -119,7 +127,8 @@ def _stream(ckpt: Checkpoint, opt: OptimizerState, batch: list, meter,
     sums, windows, owners = [], [], []  # owners[i]: (param index, part, parts) of windows[i]
     for name, parts in batch:
         n = parts[0].numel
-        sums.append([TensorStats(name, "float32", (n,)) for _ in range(len(parts) + (len(parts) == 3))])
+        update = opt.adam and len(parts) == 3
+        sums.append([TensorStats(name, "float32", (n,)) for _ in range(len(parts) + update)])
         for start in range(0, n, WINDOW):
             for i, t in enumerate(parts):
                 windows.append(_window(t, start, min(n, start + WINDOW)))
@@ -128,8 +137,9 @@ def _stream(ckpt: Checkpoint, opt: OptimizerState, batch: list, meter,
     got = [0]  # elements of the current window so far
 
     def on_data(i: int, data: memoryview) -> None:
-        """Each part's elements go straight into its float64 scratch slot (0 master, 1 m, 2 v):
-        one pass over the bytes; the window is folded once its v is complete."""
+        """Each part's elements go straight into its float64 scratch slot (0 master, 1 m, 2 v,
+        or the states in order): one pass over the bytes; the window is folded once its last
+        part is complete."""
         index, part, nparts = owners[i]
         n = windows[i].numel
         values = np.frombuffer(data, "<f4")
@@ -140,20 +150,26 @@ def _stream(ckpt: Checkpoint, opt: OptimizerState, batch: list, meter,
         got[0] = 0
         if part == nparts - 1:
             group = ckpt.params[batch[index][0]].group
-            _fold(sums[index], [scratch.get(k, n) for k in range(nparts)], opt.eps(group), scratch)
+            _fold(sums[index], [scratch.get(k, n) for k in range(nparts)], opt.eps(group), scratch,
+                  opt.adam)
 
     if windows:
         copy_tensors(windows, TensorSplitter(windows, on_data), meter, should_stop)
-    return [_numbers(ckpt, name, parts[0].numel, s) for (name, parts), s in zip(batch, sums, strict=True)]
+    return [_numbers(ckpt, name, parts[0].numel, s, opt.adam, keys)
+            for (name, parts), s in zip(batch, sums, strict=True)]
 
 
-def _numbers(ckpt: Checkpoint, name: str, numel: int, sums: list) -> ParamOptimStats:
+def _numbers(ckpt: Checkpoint, name: str, numel: int, sums: list, adam: bool,
+             keys: list[str]) -> ParamOptimStats:
+    read = sums[:3] if adam else sums  # Adam's update is computed from them
     r = ParamOptimStats(name, numel, ckpt.params[name].group, sums[0].l2, sums[0].max_abs,
-                        nonfinite=sum(s.nan + s.inf for s in sums[:3]))
-    if len(sums) == 4:
+                        nonfinite=sum(s.nan + s.inf for s in read))
+    if adam and len(sums) == 4:
         m, root, update = sums[1:]
         r.exp_avg_l2, r.sqrt_exp_avg_sq_l2 = m.l2, root.l2
         r.update_mean, r.update_max = update.mean, update.max
+    elif not adam and len(sums) > 1:
+        r.states = {key: s.l2 for key, s in zip(keys, sums[1:], strict=True)}
     return r
 
 
@@ -161,11 +177,11 @@ class _LeftOut(Exception):
     """A param whose values cannot be read (the message says why)."""
 
 
-def _state_tensors(ckpt: Checkpoint, name: str, adam: bool,
+def _state_tensors(ckpt: Checkpoint, name: str, keys: list[str],
                    paths: dict[str, str]) -> tuple[list[OutputTensor], str]:
-    """([master] or [master, exp_avg, exp_avg_sq] of a param as flat fp32 tensors whose
-    elements correspond one to one, why the moments are not there). Raises _LeftOut when the
-    master does not cover the param."""
+    """([master] or [master, *states `keys`] of a param as flat fp32 tensors whose elements
+    correspond one to one, why the states are not there). Raises _LeftOut when the master does
+    not cover the param."""
     p = ckpt.params[name]
     masters = _one_replica(p, ckpt.state_fragments(name, "fp32"))
     want = _numel(p)
@@ -173,10 +189,8 @@ def _state_tensors(ckpt: Checkpoint, name: str, adam: bool,
     if not masters or got != want:
         raise _LeftOut(f"its fp32 master covers {got:,} of {want:,} elements")
     master = _tensor(ckpt, name, "fp32", masters, paths)
-    if not adam:
-        return [master], ""
     moments = []
-    for state in ADAM_KEYS:
+    for state in keys:
         frags = _one_replica(p, ckpt.state_fragments(name, state))
         if [(f.shard, f.start, f.numel) for f in frags] != \
                 [(f.shard, f.start, f.numel) for f in masters]:
@@ -241,14 +255,16 @@ def _window(t: OutputTensor, start: int, stop: int) -> OutputTensor:
     return OutputTensor(t.name, (stop - start,), t.dtype, t.src_dtype, pieces)
 
 
-def _fold(sums: list, values: list, eps: float, scratch) -> None:
+def _fold(sums: list, values: list, eps: float, scratch, adam: bool) -> None:
     """Add one window (float64 master values, and m and v for Adam) to a param's sums:
-    master, m, sqrt(v), update."""
+    master, m, sqrt(v), update; another optimizer's: master and each state."""
     import numpy as np
 
-    sums[0].add(values[0], scratch)
-    if len(values) < 3:
+    if not adam or len(values) < 3:
+        for total, part in zip(sums, values, strict=False):
+            total.add(part, scratch)
         return
+    sums[0].add(values[0], scratch)
     m, v = values[1], values[2]
     sums[1].add(m, scratch)
     with np.errstate(invalid="ignore"):  # a negative v (a corrupt file) is NaN, counted

@@ -55,7 +55,9 @@ COLS = [  # the update first; on a narrow terminal the later columns make way fo
     Col(Column("upd max", 9, True), lambda r: _number(r.update_max)),
     Col(Column("upd mean", 9, True), lambda r: _number(r.update_mean)),
     Col(Column("L2 master", 9, True, drop=6), lambda r: r.master_l2),
-    Col(Column("L2 m", 9, True, drop=5), lambda r: _number(r.exp_avg_l2)),
+    # Adam's m, or another optimizer's first per-param state (the head line names it)
+    Col(Column("L2 m", 9, True, drop=5), lambda r: _number(
+        r.exp_avg_l2 if not r.states else next(iter(r.states.values())))),
     Col(Column("L2 √v", 9, True, drop=4), lambda r: _number(r.sqrt_exp_avg_sq_l2)),
     Col(Column("max|x|", 9, True, drop=3), lambda r: r.master_max_abs),
     Col(Column("NaN/Inf", 7, True, drop=7), lambda r: r.nonfinite),
@@ -208,9 +210,12 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         scale = scaler_line(opt)
         if scale is not None:
             lines.append(f"loss scale {scale}")
+        own = [k for k in self.ckpt.states if k != "fp32"]
         if not opt.adam and opt.state_keys:
             lines.append(shown(f"{opt.name} keeps no Adam moments "
-                               f"({', '.join(opt.state_keys[:6])}): the masters' norms only", 300))
+                               f"({', '.join(opt.state_keys[:6])}): " + (
+                                   f"'L2 m' is its {own[0]}, no update" if own else
+                                   "the masters' norms only"), 300))
         for label in self.query("#optim-summary").results(Label):  # none once dismissed
             label.update(Text("\n".join(lines)))
 
