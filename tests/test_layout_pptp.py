@@ -114,9 +114,8 @@ def test_moments_are_laid_out_like_the_masters(tmp_path, name):
     assert all((v >= 0).all() for v in load_file(tmp_path / "out" / "exp_avg_sq.safetensors").values())
 
 
-def test_universal_and_reshard_are_refused_by_name(tmp_path):
-    for args in (("merge", PARALLEL / DP2, tmp_path / "u", "--format", "universal"),
-                 ("reshard", PARALLEL / DP2, tmp_path / "r", "--world-size", "16")):
+def test_reshard_is_refused_by_name(tmp_path):  # universal output: tests/test_universal_pptp.py
+    for args in (("reshard", PARALLEL / DP2, tmp_path / "r", "--world-size", "16"),):
         r = run_zinspect(*args)
         assert r.returncode != 0 and "a pipeline_tp checkpoint cannot be" in r.stderr, r.stderr
         assert not (tmp_path / "u").exists() and not (tmp_path / "r").exists()

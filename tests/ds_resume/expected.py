@@ -50,12 +50,13 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=STUB_PICKLE)
 
 
-def expected_pipeline_states(tag_dir: str, stages: int) -> dict:
+def expected_pipeline_states(tag_dir: str, stages: int, tp: int = 1, tp_rank: int = 0) -> dict:
     """expected_states of a pipeline (ZeRO-1 or BF16_Optimizer): every stage's params, each
-    from its own stage's files (a tied param from the lowest stage holding it)."""
+    from its own stage's files (a tied param from the lowest stage holding it); with `tp`, tp
+    rank `tp_rank`'s shards (files mp_rank = stage * tp + tp rank)."""
     out: dict = {}
     for s in range(stages):
-        for name, states in expected_states(tag_dir, s).items():
+        for name, states in expected_states(tag_dir, s * tp + tp_rank).items():
             out.setdefault(name, states)
     return out
 

@@ -38,7 +38,7 @@ from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable
 
 #: what ds_to_universal's output was checked against for (tests/test_universal*.py)
-CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel", "pipeline", "moe")
+CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel", "pipeline", "pipeline_tp", "moe")
 LATEST = "latest_universal"
 STAGING = ".zinspect-staging"
 HELP_NOTE = ("DeepSpeed's universal load restores only the trainable params' fp32 masters, "
@@ -67,7 +67,7 @@ class UniversalResult:
 
 def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
     """Every file of the universal tree (names relative to <tag>_universal)."""
-    pipeline = ckpt.layout == "pipeline"
+    pipeline = ckpt.layout in ("pipeline", "pipeline_tp")
     src = universal_pipeline.StageSources(ckpt) if pipeline else Sources(ckpt)
     osd0 = src.osd(0)
     inner = osd0.get("optimizer_state_dict") if ckpt.stage == 3 else osd0.get("base_optimizer_state")
@@ -84,7 +84,7 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         out.obj = src.copy(out, rf.name, src.tf(rf.name).obj)
         files.append(out)
     files.append(_optimizer_state(src, osd0, inner))
-    tp_keys = _tp_keys(src) if ckpt.layout == "tensor_parallel" else None
+    tp_keys = _tp_keys(src) if ckpt.topology.tp > 1 else None
     slots = {}
     if ckpt.layout == "moe":  # experts stacked per local name (universal_moe)
         universal_moe.check_ep_sizes(src)
@@ -179,6 +179,10 @@ def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, keys: dic
             raise NotMergeable(f"{shown(str(src.ckpt.path))}: {shown(name, 80)}: its {state} "
                                f"cannot be joined: {why}", "run `zinspect validate` for details")
         ops, weaves, mirrors = shardplan.plan_pieces(p, src.path, frags)
+        if not mirrors and p.copies and state != "frozen":  # a tied pipeline_tp param's stages
+            from zinspect.core.universal_pipeline import tied_copies
+
+            mirrors = tied_copies(src, p, state)
         t = out.tensor("float32", tuple(shape), ops, src_dtype, weaves, mirrors)
     else:
         ops = []
@@ -215,6 +219,8 @@ def _tp_keys(src: Sources):
             return vocab
         if rule.kind in (tp_rules.ROW, tp_rules.COLUMN):
             return {"cat_dim": 1 if rule.kind == tp_rules.ROW else 0, **vocab}
+        if rule.kind == tp_rules.TWO_SUB_PARAMS:  # Megatron's fused [gate; up]: halves joined
+            return {"cat_dim": 0, "param_n_sub_params": 2, **vocab}
         raise NotMergeable(f"{shown(str(src.ckpt.path))}: {shown(name, 80)} is a {rule.kind} "
                            "tensor-parallel param: zinspect does not write it to a universal "
                            "checkpoint yet", "use DeepSpeed's ds_to_universal.py for this one")
@@ -225,9 +231,10 @@ def _refuse_drift(ckpt: Checkpoint, verification: Verification) -> None:
     """A replicated tensor-parallel param whose tp ranks hold different values, or a tied
     pipeline param whose stages do, has no one universal value (ds_to_universal asserts tp
     replicas are equal): refused, nothing written."""
-    what, axis, written = ("tied", "stage", "the lowest stage holding it") \
-        if ckpt.layout == "pipeline" else ("replicated", "tp rank", "tp rank 0")
     for name, ranks in verification.drift.items():
+        p = ckpt.params.get(name.split("/", 2)[1]) if name.count("/") >= 2 else None
+        what, axis, written = ("tied", "stage", "the lowest stage holding it") \
+            if p is not None and p.copies else ("replicated", "tp rank", "tp rank 0")
         raise NotMergeable(f"{shown(str(ckpt.path))}: {shown(name.rsplit(':', 1)[0], 120)}: a "
                            f"{what} param differs on {axis}(s) {sorted(ranks)} from {written} "
                            f"(max |a-b| {max(ranks.values()):.3g}); nothing was written",
@@ -258,7 +265,7 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
     """Write `ckpt` as a universal checkpoint into OUT_DIR (see the module doc). The tree is
     built in a hidden staging dir and renamed into place when complete, `latest_universal`
     last; a failure or cancel leaves nothing behind."""
-    if ckpt.layout == "pipeline":
+    if ckpt.layout in ("pipeline", "pipeline_tp"):
         universal_pipeline.refuse_unloadable(ckpt)
     if ckpt.layout == "moe":
         universal_moe.refuse_unloadable(ckpt)

@@ -32,34 +32,32 @@ def refuse_unloadable(ckpt: Checkpoint) -> None:
                            f"converted to a universal checkpoint: {ZERO0_WHY}",
                            "resume it with the same pp x dp and plain load_checkpoint, or take "
                            "the weights with `zinspect merge PATH OUT`")
-    if ckpt.topology.tp > 1:
-        raise NotMergeable(f"{shown(str(ckpt.path))}: a pipeline x tensor-parallel checkpoint "
-                           "cannot be converted to a universal checkpoint yet",
-                           "use DeepSpeed's ds_to_universal.py for this one")
 
 
 class StageSources(Sources):
-    """Sources of a pipeline checkpoint: its optimizer files keyed by global rank, stage × dp +
-    dp rank (one file per (dp rank, stage); keyed by dp rank alone the stages' would collide)."""
+    """Sources of a pipeline checkpoint: its optimizer files keyed by global rank, dp rank ×
+    slices + mp rank (one file per (dp rank, stage[, tp rank]): mp rank = stage × tp + tp rank;
+    keyed by dp rank alone the slices' would collide)."""
 
     def __init__(self, ckpt: Checkpoint) -> None:  # noqa: D107 - Sources' fields, other keys
         self.ckpt = ckpt
         self.notes: list[str] = []
         self._tfs: dict = {}
         self._paths: dict = {}
-        dp = ckpt.topology.dp
-        self.optim = {(f.coords.pp or 0) * dp + f.rank: f for f in ckpt.files_of("optim")}
+        self.slices = ckpt.topology.pp * ckpt.topology.tp
+        self.optim = {f.rank * self.slices + f.mp_rank: f for f in ckpt.files_of("optim")}
         self.model = {f.mp_rank: f for f in ckpt.files_of("model")}
-        self.old = ckpt.world_size or len(self.optim)
-        if sorted(self.optim) != list(range(self.old)):
+        self.old = len(self.optim)
+        if sorted(self.optim) != list(range(ckpt.topology.dp * self.slices)):
             raise NotMergeable(f"{shown(str(ckpt.path))}: the optimizer files are not every "
-                               f"(dp rank, stage) of {ckpt.topology.dp} x {ckpt.topology.pp}",
+                               f"(dp rank, stage, tp rank) of {ckpt.topology.dp} x "
+                               f"{ckpt.topology.pp} x {ckpt.topology.tp}",
                                "run `zinspect validate` for details")
 
     def stage_states(self) -> list[dict]:
-        """Each stage's optimizer state (dp rank 0's `base_optimizer_state['state']`)."""
-        dp = self.ckpt.topology.dp
-        return [self.osd(s * dp)["base_optimizer_state"]["state"] for s in range(self.ckpt.topology.pp)]
+        """Each (stage, tp rank) slice's optimizer state (dp rank 0's
+        `base_optimizer_state['state']`)."""
+        return [self.osd(s)["base_optimizer_state"]["state"] for s in range(self.slices)]
 
 
 def step_of(src: Sources, p: Param):
@@ -71,16 +69,31 @@ def step_of(src: Sources, p: Param):
 
 
 def tied_copies(src: Sources, p: Param, state: str) -> dict[int, list]:
-    """stage -> the pieces of `state` of a tied param's copy on that stage (to compare)."""
-    ckpt = src.ckpt
+    """stage -> the pieces of `state` of a tied param's copy on that stage (to compare); a
+    tensor-parallel one's shards in output order (pipeline_tp), unless they need weaving (split
+    after dim 0: not compared, as in a merge)."""
+    from zinspect.core import shardplan
+
     out = {}
     for stage, frags in sorted(p.copies.items()):
-        if state != "fp32":
-            frags = [ckpt.moments[(f.file, f.group, state)].fragment(
-                f.group, f.group_offset, f.start, f.numel, f.padding, state, f.shard)
-                for f in frags if (f.file, f.group, state) in ckpt.moments]
-        frags = sorted((f for f in frags if f.numel), key=lambda f: f.start)
+        frags = sorted((f for f in _state_of(src.ckpt, frags, state) if f.numel),
+                       key=lambda f: (f.shard or 0, f.start))
+        if p.shards:
+            if shardplan.problem(p, frags) is None:
+                pieces, weaves, _ = shardplan.plan_pieces(p, src.path, frags)
+                if not weaves:
+                    out[stage] = pieces
+            continue
         ops: list = []
         src.add_range(ops, frags, 0, p.numel, f"{p.name} (stage {stage}'s copy)")
         out[stage] = ops
     return out
+
+
+def _state_of(ckpt: Checkpoint, masters: list, state: str) -> list:
+    """The fragments of `state` at the same places as the fp32 `masters` (state_fragments' rule)."""
+    if state == "fp32":
+        return masters
+    return [ckpt.moments[(f.file, f.group, state)].fragment(
+        f.group, f.group_offset, f.start, f.numel, f.padding, state, f.shard)
+        for f in masters if (f.file, f.group, state) in ckpt.moments]
