@@ -146,6 +146,20 @@ def test_universal_checkpoints_give_groups_step_and_state_keys(tag):
         assert close(s.update_max, u.max().item()) and close(s.update_mean, u.mean().item())
 
 
+def test_universal_tree_whose_first_param_folder_holds_fp32_only_is_named():
+    """DeepSpeed's universal tree of the tied tp2 Llama: its first param folder (lm_head.weight,
+    tied) holds fp32.pt alone. Was: 'unknown (no per-param state saved ...)'; the other folders
+    name the states and the step."""
+    zero = FIXTURES / "universal" / "tp2_dp2_s2_llama_bf16_tied" / "global_step2_universal" / "zero"
+    assert sorted(p.name for p in (zero / "lm_head.weight").iterdir()) == ["fp32.pt"]
+    opt = read_optimizer(open_checkpoint(zero.parent))
+    assert (opt.wrapper, opt.name, opt.note) == ("universal", "AdamW", "")
+    assert opt.state_keys == ["exp_avg", "exp_avg_sq", "step"] and opt.adam
+    step = torch.load(zero / "model.embed_tokens.weight" / "step.pt", weights_only=True)
+    assert opt.step == step.item() == 2
+    assert summary_line(opt).startswith("AdamW (universal), step 2; lr 0.01")
+
+
 def test_sgd_is_named_with_its_state_keys():
     """A real ZeRO-2 run with torch SGD (momentum): no Adam moments; it is named, not failed."""
     ckpt = open_checkpoint(SGD)

@@ -129,22 +129,29 @@ def _sources(ckpt: Checkpoint) -> Iterator[tuple[Path, str | None]]:
 
 def _universal_states(zero: Path, out: OptimizerState) -> None:
     """A universal checkpoint (ds_to_universal: optimizer_state.pt is the rank-0 dict without
-    its sharded states) keeps each param's states as zero/<name>/<state>.pt: the first param
-    folder's names are the state keys, its step.pt the step."""
+    its sharded states) keeps each param's states as zero/<name>/<state>.pt: the state keys are
+    the names the param folders hold (a few looked at: a tied or frozen param's folder holds
+    fp32.pt alone), the step a folder's step.pt."""
+    names: set[str] = set()
+    step_file = None
     try:
-        first = next((e for e in sorted(os.scandir(zero), key=lambda e: e.name)
-                      if e.is_dir()), None)
-        names = sorted(e.name[:-3] for e in os.scandir(first.path)
-                       if e.name.endswith(".pt")) if first else []
+        folders = sorted((e for e in os.scandir(zero) if e.is_dir()), key=lambda e: e.name)
+        for folder in folders[:MAX_STATES]:
+            held = {e.name[:-3] for e in os.scandir(folder.path) if e.name.endswith(".pt")}
+            names |= held
+            if step_file is None and "step" in held:
+                step_file = Path(folder.path) / "step.pt"
+            if held - {"fp32", "step"} and step_file is not None:
+                break  # a trainable param's folder: every state is named
     except OSError:
         return
-    out.state_keys = [n for n in names if n != "fp32"][:MAX_STATES]
+    out.state_keys = sorted(n for n in names if n != "fp32")[:MAX_STATES]
     out.name = optimizer_name(out.state_keys, out.groups)
     if out.state_keys:
         out.note = ""
-    if "step" in names and out.step is None:
+    if step_file is not None and out.step is None:
         try:
-            tf = read_torch_file(Path(first.path) / "step.pt")
+            tf = read_torch_file(step_file)
         except UnreadableFile:
             return
         step = tf.read_scalar(tf.obj) if isinstance(tf.obj, TensorRef) else None
