@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import struct
+import subprocess
 import warnings
 
 import pytest
 import torch
-from conftest import FIXTURES, run_zinspect
+from conftest import FIXTURES, TESTS, run_zinspect
 from damage import record_holding, set_crc
 
 import zinspect
@@ -112,6 +114,41 @@ def test_moments_are_laid_out_like_the_masters(tmp_path, name):
         assert {k: v.shape for k, v in moments.items()} == {k: v.shape for k, v in ref.items()}
         assert all(torch.isfinite(v).all() for v in moments.values())
     assert all((v >= 0).all() for v in load_file(tmp_path / "out" / "exp_avg_sq.safetensors").values())
+
+
+DS_PYTHON = os.environ.get("ZINSPECT_DS_PYTHON")
+#: run by DeepSpeed's python: the generator's Megatron-style PipelineModule built whole (one stage,
+#: tp 1: its layers hold full tensors under the pipeline's names), loaded strictly from the merged
+#: state dict; the embedding's vocabulary padding (tp 1 pads 61 rows to 64) is the only addition
+_STRICT_LOAD = """
+import importlib.util, json, os, socket, sys, types, torch
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+spec = importlib.util.spec_from_file_location("make_ds_pptp", sys.argv[1])
+gen = importlib.util.module_from_spec(spec); sys.modules["make_ds_pptp"] = gen; spec.loader.exec_module(gen)
+gen.setup_rank(0, 1, port)
+m = json.load(open(sys.argv[2]))["model"]
+args = types.SimpleNamespace(pp=1, tp=1, dp=1, seed=0, hidden=m["hidden"], ffn=m["ffn"],
+                             heads=m["heads"], layers=m["layers"], vocab=m["vocab"])
+model = gen.build_pipeline_module(args, 0)
+state = torch.load(sys.argv[3], weights_only=True)
+embed = "tied_modules.embed.word_embeddings.weight"
+padded = torch.zeros(model.state_dict()[embed].shape)
+padded[:state[embed].shape[0]] = state[embed]
+model.load_state_dict({**state, embed: padded}, strict=True)
+print("loaded", sum(p.numel() for p in model.parameters()) - (padded.shape[0] - m["vocab"]) * m["hidden"])
+"""
+
+
+@pytest.mark.skipif(not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8")
+@pytest.mark.parametrize("name", PPTP)
+def test_merge_loads_strictly_into_the_generators_model_at_tp_1(tmp_path, name):
+    out = tmp_path / "merged.pt"
+    torch.save(zinspect.get_fp32_state_dict(PARALLEL / name), out)
+    r = subprocess.run([DS_PYTHON, "-c", _STRICT_LOAD, str(TESTS / "tools" / "make_ds_pptp.py"),
+                        str(PARALLEL / name / "manifest.json"), str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(manifest(name)["model"]["num_params_unique"])
 
 
 def test_reshard_is_refused_by_name(tmp_path):  # universal output: tests/test_universal_pptp.py
