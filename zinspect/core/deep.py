@@ -16,7 +16,11 @@ whatever the checkpoint size), stdlib only:
    values, float buffers), over exactly the bytes `plan_merge(ckpt, salvage=True)` plans
    ("nan-values" / "inf-values", warnings: the weights exist but are unusable). Counting looks
    only at the exponent bits, with `bytes.translate` and big-int bit counts, so it runs in C
-   at several hundred MB/s without torch or numpy.
+   at several hundred MB/s without torch or numpy. The copies of a param the merge does not
+   write but compares (a replicated tensor-parallel param's other tp ranks, a tied param's
+   other pipeline stages: the plan's `mirrors`) are compared with the copy it writes, by the
+   merge's rule and in its words (`zinspect.core.drift`: "tp-replica-drift" /
+   "tied-copy-drift" with the largest difference).
 
 The CRC rule (`RecordCheck`) and the NaN/Inf counter are `zinspect.core.verify`'s, shared with
 the merge, which applies them to the bytes it streams.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import os
 
 from zinspect.core.codes import finding
+from zinspect.core.drift import DRIFT, difference, drift_finding
 from zinspect.core.filechecks import unsafe_pickle_finding
 from zinspect.core.model import Checkpoint, Finding, RankFile
 from zinspect.core.readfiles import SourceFiles, open_regular
@@ -46,7 +51,7 @@ CHUNK = 8 << 20  # bytes per read; a multiple of every itemsize
 #: every finding code only the deep check emits (a second run replaces the first one's
 #: findings). It also emits validate's "unsafe-pickle", for files no finding names yet.
 CODES = frozenset({"crc-mismatch", "crc-unavailable", "record-unreadable", "values-unchecked",
-                   "nan-values", "inf-values"})
+                   "nan-values", "inf-values", *(code for code, *_ in DRIFT.values())})
 
 # ------------------------------------------------------------------ the check
 
@@ -83,7 +88,7 @@ def deep_check(ckpt: Checkpoint, progress: Progress | None = None,
     records = _zip_records(ckpt, findings)
     tensors = _planned_tensors(ckpt, findings)
     total = sum(e[3] for _, entries in records for e in entries) + \
-        sum(t.src_nbytes for t in tensors)
+        sum(m.src_nbytes for t in tensors for m in t.streamed())
     meter = ProgressMeter(total, progress)
     view = memoryview(bytearray(chunk))
 
@@ -101,6 +106,7 @@ def deep_check(ckpt: Checkpoint, progress: Progress | None = None,
     with SourceFiles() as files:  # a ZeRO-3 tensor has a piece in every rank's file
         for t in tensors:
             _check_values(files, view, t, rank_of, findings, tick)
+            _check_copies(files, view, t, findings, tick)
     if progress is not None and meter.done < total:
         progress(total, total, "")
     return findings
@@ -244,3 +250,48 @@ def _check_values(files: SourceFiles, view: memoryview, t, rank_of: dict,
                                     "training diverged before this save (or the bytes are "
                                     "corrupt: see crc-mismatch); use an earlier checkpoint",
                                     **where))
+
+
+def _check_copies(files: SourceFiles, view: memoryview, t, findings: list[Finding],
+                  tick) -> None:
+    """Each copy of `t` the merge compares (`t.mirrors`), read beside the copy it writes at the
+    same byte positions (half of `view` each) and measured by the merge's rule. A copy that
+    cannot be read is left: the CRC pass names its file."""
+    itemsize = DTYPE_SIZES[t.src_dtype]
+    half = len(view) // 2 - len(view) // 2 % itemsize
+    drift: dict[str, dict[int, float]] = {}
+    for m in t.mirrors:
+        done = 0
+        try:
+            for (path_a, at_a), (path_b, at_b), n in _aligned(m.pieces, t.pieces, half):
+                a = _pread(files, view[:half], path_a, at_a, n)
+                b = _pread(files, view[half:], path_b, at_b, n)
+                if len(a) < n or len(b) < n:
+                    break
+                diff = difference(a, b, t.src_dtype)
+                if diff is not None:
+                    ranks = drift.setdefault(m.axis, {})
+                    ranks[m.replica] = max(ranks.get(m.replica, 0.0), diff)
+                done += n
+                tick(n, t.name)
+        except (OSError, UnreadableFile):
+            pass
+        tick(m.src_nbytes - done, t.name)
+    findings.extend(drift_finding(t.name, ranks, axis) for axis, ranks in drift.items())
+
+
+def _aligned(copy: list, written: list, step: int):
+    """((path, offset), (path, offset), n): the two piece lists (the same bytes in the same
+    order) walked together, in runs of at most `step` bytes inside one piece of each."""
+    i = j = 0
+    pos_a = pos_b = 0  # bytes of the current pieces already walked
+    while i < len(copy) and j < len(written):
+        a, b = copy[i], written[j]
+        n = min(a.nbytes - pos_a, b.nbytes - pos_b, step)
+        if n > 0:
+            yield (a.path, a.offset + pos_a), (b.path, b.offset + pos_b), n
+        pos_a, pos_b = pos_a + n, pos_b + n
+        if pos_a == a.nbytes:
+            i, pos_a = i + 1, 0
+        if pos_b == b.nbytes:
+            j, pos_b = j + 1, 0

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zinspect.core import codes, hf
+from zinspect.core import hf
 from zinspect.core import states as states_mod
+from zinspect.core.drift import DRIFT, drift_axes, drift_finding, drift_warning
 from zinspect.core.dtypes import NARROW, output_dtype
 from zinspect.core.model import WARNING, Checkpoint, Finding
 from zinspect.core.outdir import OutputDir, writing_failed
@@ -244,37 +245,6 @@ def _attempt(ckpt, output, out_dir, fmt, max_shard_size, force, salvage, strict,
 
 NONFINITE_HINT = ("training diverged before this save (or the bytes are corrupt); use an "
                   "earlier checkpoint, or --exclude the params")
-
-
-DRIFT_HINT = ("the tp ranks' copies of a replicated param should be identical: the run's tp "
-              "ranks diverged (non-deterministic kernels?) or a rank file is from another save; "
-              "the lowest tp rank's copy was written")
-
-
-TIED_DRIFT_HINT = ("a tied param's copies on the pipeline stages should be identical: the stages "
-                   "diverged or a stage's files are from another save; the lowest stage's copy "
-                   "was written")
-
-#: a mirror's axis -> (finding code, how the param is held, what `replica` numbers, hint)
-DRIFT = {"tp": ("tp-replica-drift", "replicated on every tp rank", "tp rank(s)", DRIFT_HINT),
-         "stage": ("tied-copy-drift", "tied, with a copy on each pipeline stage using it",
-                   "pipeline stage(s)", TIED_DRIFT_HINT)}
-
-
-def drift_warning(name: str, ranks: dict[int, float], axis: str = "tp") -> str:
-    _, held, unit, _ = DRIFT[axis]
-    return (f"{name}: {held}, but {unit} {', '.join(map(str, sorted(ranks)))}"
-            f" differ from the copy written by up to {max(ranks.values()):.6g}")
-
-
-def drift_finding(name: str, ranks: dict[int, float], axis: str = "tp") -> Finding:
-    return codes.finding(DRIFT[axis][0], drift_warning(name, ranks, axis), DRIFT[axis][3],
-                         param=name)
-
-
-def drift_axes(plan: MergePlan) -> dict[str, str]:
-    """What each compared tensor's copies are on: name -> "tp" or "stage"."""
-    return {t.name: t.mirrors[0].axis for t in plan.tensors if t.mirrors}
 
 
 def nonfinite_warning(name: str, nan: int, inf: int) -> str:
