@@ -53,7 +53,9 @@ def adapter_name(name: str) -> str | None:
 
 def detect(ckpt: Checkpoint) -> PeftInfo | None:
     """A PeftInfo when the params carry PEFT's names or the root holds adapter_config.json."""
-    adapters = {a for a in map(adapter_name, ckpt.params) if a}
+    # only names holding one of the parts can be PEFT's: the test in C first (300k names)
+    adapters = {a for a in map(adapter_name, [n for n in ckpt.params if "lora_" in n or
+                                              "modules_to_save" in n]) if a}
     cfg_path = root_of(ckpt) / CONFIG
     config = _read_config(cfg_path) if cfg_path.is_file() else None
     if not adapters and config is None:

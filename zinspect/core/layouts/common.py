@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from itertools import chain
+from math import prod
 
 from zinspect.core.layouts import topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
 from zinspect.core.model import MOMENTS, STATE_NAME, Buffer, Param, ParamGroup, RankFile
-from zinspect.core.torchzip import TensorRef, TorchFile
+from zinspect.core.torchzip import MAX_NUMEL, TensorRef, TorchFile
 
 _ABSENT = object()
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
@@ -194,7 +196,7 @@ def describe_names(ctx: LoadContext) -> Names | None:
     if not shapes and ctx.ref_osd is not None:  # DeepSpeed < 0.6 kept them in optim files
         first = ctx.optim.get(0) or next(iter(ctx.optim.values()))
         shapes = as_group_list(get(ctx.torch_file(first).obj, "param_shapes"))
-    flat_groups = [[(str(n), shape(s)) for n, s in g.items()] for g in shapes]
+    flat_groups = [_members(g) for g in shapes]
     _check_flat_groups(ctx, flat_groups, shapes)
     frozen = ms.get("frozen_param_shapes")
     frozen_shapes = {str(n): shape(s) for n, s in frozen.items()} \
@@ -203,6 +205,20 @@ def describe_names(ctx: LoadContext) -> Names | None:
     _build_params(ctx, names, ms.get("shared_params")
                   if isinstance(ms.get("shared_params"), dict) else {})
     return names
+
+
+def _members(group: dict) -> list[tuple[str, tuple[int, ...] | None]]:
+    """(name, shape) of each param of a param_shapes group (shape None: not a valid shape).
+    The usual group, str names and tuples of valid ints (300k at 300k names), is checked in
+    bulk, at C speed, against the rules of `pickled.shape`; any other goes one by one."""
+    names, values = list(group), list(group.values())
+    if values and set(map(type, names)) == {str} and set(map(type, values)) == {tuple}:
+        dims = list(chain.from_iterable(values))
+        if (not dims or set(map(type, dims)) == {int} and min(dims) >= 0 and
+                max(dims) <= MAX_NUMEL) and max(map(len, values)) <= 64 and \
+                max(map(prod, values)) <= MAX_NUMEL:
+            return list(zip(names, values, strict=True))
+    return [(str(n), shape(s)) for n, s in group.items()]
 
 
 def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
@@ -215,10 +231,14 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
             listed.append(n)  # module missing or stripped: the shapes lists still name them
     untied: list[str] = []
     stage12, frozen_shapes, params = c.stage != 3, names.frozen_shapes, c.params
+    tied = []
     for name in listed:  # one lookup per big dict and name: 300k names add up
         t = module.get(name)
-        ref = isinstance(t, TensorRef)
         shp = trainable.get(name, _ABSENT)
+        if shp and shp is not _ABSENT and not stage12:  # the usual ZeRO-3 param: the rest
+            params[name] = Param(name, shp, (t.dtype if type(t) is TensorRef else None) or "")
+            continue  # below decides nothing else for it
+        ref = isinstance(t, TensorRef)
         in_groups = shp is not _ABSENT
         shp = (shp if in_groups else None) or frozen_shapes.get(name)
         if shp is None and ref and stage12:
@@ -232,6 +252,7 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
         src = shared.get(name) if shared else None
         if isinstance(src, str) and src != name and not in_groups:
             p.tied_to = src
+            tied.append(p)
         elif in_groups:
             pass
         elif name in frozen_shapes or (ref and stage12):
@@ -254,8 +275,8 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
                  "param_shapes are missing or malformed", "the model-states file is damaged or "
                  "was replaced; restore it from the run", file=model_file.name,
                  rank=model_file.rank)
-    for p in c.params.values():
-        src = c.params.get(p.tied_to) if p.tied_to else None
+    for p in tied:
+        src = c.params.get(p.tied_to)
         if src is None:
             continue  # not tied, or tied to a name that is not here (validate reports it)
         if p.shape and src.shape and p.shape != src.shape:

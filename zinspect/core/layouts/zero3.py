@@ -67,17 +67,22 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
         for r, part in parts.items():
             g.partition_numel[r], g.padding[r] = part.numel, 0
             g.dtype = g.dtype or part.dtype
-        o = 0
-        for (name, shape), n, P in zip(members, numels, partition.zero3_shares(numels, ws),
-                                      strict=True):
-            if P:
-                for r in range(n // P, ws):  # only the last ranks hold padding
-                    if r in parts:
-                        g.padding[r] += P - partition.zero3_held(n, ws, r)
-            p = common.join_group(ctx, name, shape, g)
-            if p is not None and P:
-                p.fragments = Fragments(make=partial(fragments_of, parts, gi, o, n, P, "master",
-                                                     shard))
+        shares = partition.zero3_shares(numels, ws)
+        # only the last ranks of a param hold padding: ranks n // P and on, when < ws
+        for n, P in [(n, P) for n, P in zip(numels, shares, strict=True) if P and n // P < ws]:
+            for r in range(n // P, ws):
+                if r in parts:
+                    g.padding[r] += P - partition.zero3_held(n, ws, r)
+        params, pg, o = c.params, g.param_group, 0
+        for (name, shape), n, P in zip(members, numels, shares, strict=True):
+            p = params.get(name)  # common.join_group, inline (300k members)
+            if p is not None:
+                p.group, p.sub_group = pg, gi
+                if not p.shape and shape:
+                    p.shape = shape
+                if P:
+                    p.fragments = Fragments(make=partial(fragments_of, parts, gi, o, n, P,
+                                                         "master", shard))
             o += P
     return out
 
