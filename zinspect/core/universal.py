@@ -1,5 +1,8 @@
 """Write a DeepSpeed universal checkpoint (format 0.4, what `ds_to_universal.py` writes) straight
-from a ZeRO checkpoint: streamed once, verified, no temporary files per fragment.
+from a ZeRO checkpoint: streamed once, verified, no temporary files per fragment. Sources: plain
+ZeRO-1/2/3, BF16_Optimizer, tensor-parallel (AutoTP), pipelines with or without tensor parallelism
+(universal_pipeline) and native MoE (universal_moe); ZeRO-0 runs are refused (no DeepSpeed engine
+reads their universal checkpoint: ZERO0_WHY).
 
     OUT/latest_universal                  names <tag>_universal
     OUT/<tag>_universal/zero/<param>/fp32.pt, exp_avg.pt, exp_avg_sq.pt
@@ -39,6 +42,10 @@ from zinspect.errors import MergeCancelled, NotMergeable
 
 #: what ds_to_universal's output was checked against for (tests/test_universal*.py)
 CONVERTIBLE = ("zero", "bf16_optimizer", "tensor_parallel", "pipeline", "pipeline_tp", "moe")
+ZERO0_WHY = ("DeepSpeed reads a universal checkpoint's zero/ tree only through a ZeRO optimizer "
+             "(deepspeed/runtime/engine.py, load_checkpoint: _load_zero_checkpoint, the only caller "
+             "of the universal loaders, runs only when zero_optimization(), i.e. stage >= 1), so a "
+             "ZeRO-0 engine would never read it")
 LATEST = "latest_universal"
 STAGING = ".zinspect-staging"
 HELP_NOTE = ("DeepSpeed's universal load restores only the trainable params' fp32 masters, "
@@ -131,6 +138,16 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         out.obj = {"param": out.tensor(wide, b.shape, ops, b.dtype)}
         files.append(out)
     return files
+
+
+def _refuse_zero0(ckpt: Checkpoint) -> None:
+    """No DeepSpeed engine would read a ZeRO-0 run's universal checkpoint: refused, saying why."""
+    if ckpt.stage == 0 and ckpt.layout != "universal":
+        kind = {"zero0": "", "moe": " MoE", "pipeline": " pipeline"}.get(ckpt.layout, f" {ckpt.layout}")
+        raise NotMergeable(f"{shown(str(ckpt.path))}: a ZeRO-0{kind} checkpoint cannot be converted "
+                           f"to a universal checkpoint: {ZERO0_WHY}", "resume it at the same "
+                           "world size with plain load_checkpoint (ZeRO-0 keeps whole optimizer "
+                           "states), or take the weights with `zinspect merge PATH OUT`")
 
 
 def _sync_filesystem(path: Path) -> None:
@@ -265,8 +282,7 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
     """Write `ckpt` as a universal checkpoint into OUT_DIR (see the module doc). The tree is
     built in a hidden staging dir and renamed into place when complete, `latest_universal`
     last; a failure or cancel leaves nothing behind."""
-    if ckpt.layout in ("pipeline", "pipeline_tp"):
-        universal_pipeline.refuse_unloadable(ckpt)
+    _refuse_zero0(ckpt)
     if ckpt.layout == "moe":
         universal_moe.refuse_unloadable(ckpt)
     check_reshardable(ckpt, 1, "converted", CONVERTIBLE)

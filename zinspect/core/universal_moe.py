@@ -28,18 +28,11 @@ from zinspect.errors import NotMergeable
 
 _GLOBAL = re.compile(r"^(.*" + re.escape(EXPERTS) + r")(\d+)\.(.+)$")
 _EP_GROUP = re.compile(r"^ep_size_(\d+)$")
-ZERO0_WHY = ("DeepSpeed reads a universal checkpoint's zero/ tree only through a ZeRO optimizer "
-             "(deepspeed/runtime/engine.py, load_checkpoint: _load_zero_checkpoint runs only when "
-             "zero_optimization(), i.e. stage >= 1), so a ZeRO-0 MoE engine would never read it")
 
 
 def refuse_unloadable(ckpt: Checkpoint) -> None:
     """What no DeepSpeed engine would load right is refused, with DeepSpeed's reason."""
     where = shown(str(ckpt.path))
-    if not ckpt.stage:
-        raise NotMergeable(f"{where}: a ZeRO-0 MoE checkpoint cannot be converted to a universal "
-                           f"checkpoint: {ZERO0_WHY}", "resume it at the same world size with "
-                           "plain load_checkpoint, or take the weights with `zinspect merge PATH OUT`")
     frozen = [n for n, p in ckpt.params.items() if p.frozen and _GLOBAL.match(n)]
     if frozen:
         raise NotMergeable(f"{where}: {shown(frozen[0], 80)} is a frozen expert param: zinspect does "

@@ -19,20 +19,6 @@ from zinspect.core.model import Checkpoint, Param
 from zinspect.core.reshard_zero import STEP, Sources
 from zinspect.errors import NotMergeable
 
-ZERO0_WHY = ("DeepSpeed reads a universal checkpoint's zero/ tree only through a ZeRO optimizer "
-             "(deepspeed/runtime/engine.py, load_checkpoint: _load_zero_checkpoint, the only "
-             "caller of the universal loaders, runs only when zero_optimization(), i.e. stage "
-             ">= 1), so a ZeRO-0 pipeline engine would never read it")
-
-
-def refuse_unloadable(ckpt: Checkpoint) -> None:
-    """A pipeline whose universal checkpoint no DeepSpeed engine would load is refused."""
-    if not ckpt.stage:
-        raise NotMergeable(f"{shown(str(ckpt.path))}: a ZeRO-0 pipeline checkpoint cannot be "
-                           f"converted to a universal checkpoint: {ZERO0_WHY}",
-                           "resume it with the same pp x dp and plain load_checkpoint, or take "
-                           "the weights with `zinspect merge PATH OUT`")
-
 
 class StageSources(Sources):
     """Sources of a pipeline checkpoint: its optimizer files keyed by global rank, dp rank ×
