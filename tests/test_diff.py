@@ -4,8 +4,8 @@ and retyped tensors are found and located; exit codes 0/1/2."""
 from __future__ import annotations
 
 import json
-import threading
 import struct
+import threading
 
 import pytest
 import torch
@@ -147,12 +147,12 @@ def test_a_checkpoint_that_cannot_be_rebuilt_is_bad_input(tmp_path, capsys):
 def test_the_next_window_is_read_while_this_one_is_compared(monkeypatch):
     """Reads overlap the comparison: while window 0 is compared, both sides have already read
     window 1 (the diff that waited on each window's reads would wait here in vain)."""
-    from zinspect.core import diff
+    from zinspect.core import diff, diff_windows
 
-    monkeypatch.setattr(diff, "WINDOW", 4096)
+    monkeypatch.setattr(diff_windows, "WINDOW", 4096)
     read = {}  # side -> windows handed over
     ahead = threading.Event()
-    real_put, real_compare = diff._Side._put, diff.same_bytes
+    real_put, real_compare = diff_windows.Side._put, diff.same_bytes
 
     def put(side, item):
         real_put(side, item)
@@ -167,7 +167,7 @@ def test_the_next_window_is_read_while_this_one_is_compared(monkeypatch):
             compared.append(ahead.wait(10))
         return real_compare(*args)
 
-    monkeypatch.setattr(diff._Side, "_put", put)
+    monkeypatch.setattr(diff_windows.Side, "_put", put)
     monkeypatch.setattr(diff, "same_bytes", compare)  # a window's comparison starts with it
     r = _diff(CKPT, CKPT / "reference_fp32.pt")
     assert compared == [True]
@@ -215,11 +215,11 @@ def test_nan_and_inf_in_bytes_identical_on_both_sides_are_counted_on_both(tmp_pa
                                                                           window):
     """B's NaN/Inf are taken from A's count where the bytes are the same (whole windows, or one
     tensor of a window that differs elsewhere): still counted and reported on both sides."""
-    from zinspect.core import diff
+    from zinspect.core import diff_windows
     from zinspect.core.stats import compute_stats, nonfinite_findings
 
     if window:
-        monkeypatch.setattr(diff, "WINDOW", window)
+        monkeypatch.setattr(diff_windows, "WINDOW", window)
     g = torch.Generator().manual_seed(0)
     sd = {"a": torch.randn(3000, generator=g), "b": torch.randn(10, 10, generator=g),
           "c": torch.randn(50, generator=g)}
@@ -246,9 +246,9 @@ def test_nan_and_inf_in_bytes_identical_on_both_sides_are_counted_on_both(tmp_pa
 def test_one_ulp_in_one_window_of_a_large_tensor_is_found_and_located(tmp_path, monkeypatch):
     """Every other window is bit-identical (one memcmp each): the one that is not is compared
     element by element, and the element is located in the full tensor."""
-    from zinspect.core import diff
+    from zinspect.core import diff_windows
 
-    monkeypatch.setattr(diff, "WINDOW", 1 << 20)  # 262144 fp32 values a window: 3 windows
+    monkeypatch.setattr(diff_windows, "WINDOW", 1 << 20)  # 262144 fp32 values a window: 3 windows
     w = torch.randn(768, 1024, generator=torch.Generator().manual_seed(1))
     save_file({"w": w}, tmp_path / "a.safetensors")
     v = w.clone()
