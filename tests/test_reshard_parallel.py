@@ -19,11 +19,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, manifest
+from conftest import FIXTURES, copy_fixture, manifest
 from test_reshard import DS_PYTHON, _skeleton, assert_layout_of_deepspeed, needs_deepspeed
 
 from zinspect.core import open_checkpoint
 from zinspect.core.reshard import reshard
+from zinspect.core.torchzip import read_torch_file
+from zinspect.errors import NotMergeable
 
 torch = pytest.importorskip("torch")
 safetensors = pytest.importorskip("safetensors.torch")
@@ -109,17 +111,30 @@ def test_same_world_size_gives_back_the_source(tmp_path, name):
         assert have == want, file
 
 
-def test_layer_and_expert_files_are_written_again_unchanged(tmp_path):
-    """What no data-parallel size changes (a pipeline's layer files, the MoE expert files)
-    holds the source's every tensor byte at the new world size."""
-    for name, n, kind in (("parallel/pp2_dp2_s1_fp32", 6, "layer_"),
-                          ("parallel/moe_ep2_w4_s2_fp32", 6, "layer_")):
+def test_layer_and_expert_files_are_copied_byte_for_byte(tmp_path):
+    """What no data-parallel size changes (a pipeline's layer files, the MoE expert files) is
+    the source file's every byte at the new world size."""
+    for name, n in (("parallel/pp2_dp2_s1_fp32", 6), ("parallel/moe_ep2_w4_s2_fp32", 6)):
         src = open_checkpoint(FIXTURES / name)
         out = _resharded(tmp_path, name, n) / src.tag
-        files = sorted(p.name for p in (FIXTURES / name / src.tag).glob(f"{kind}*"))
+        files = sorted((FIXTURES / name / src.tag).glob("layer_*"))
         assert files
         for file in files:
-            assert _skeleton(out / file, True) == _skeleton(FIXTURES / name / src.tag / file, True)
+            assert (out / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def test_a_flipped_byte_in_a_copied_file_fails_its_crc_and_nothing_is_written(tmp_path):
+    """A copied file's records are CRC-checked as they stream, as every other read is."""
+    tag = copy_fixture(tmp_path, "parallel/pp2_dp2_s1_fp32")
+    victim = tag / "layer_03-model_states.pt"
+    tf = read_torch_file(victim)
+    data = bytearray(victim.read_bytes())
+    data[tf.tensor_offset(tf.obj["up.weight"]) + 8] ^= 0x10
+    victim.write_bytes(bytes(data))
+    with pytest.raises(NotMergeable, match="CRC"):
+        reshard(open_checkpoint(tag), tmp_path / "out", 6)
+    assert not (tmp_path / "out" / "latest").exists()
+    assert not any((tmp_path / "out").rglob("*.pt"))
 
 
 @pytest.mark.parametrize("name,n,twin", [("parallel/tp2_dp2_s2_toy", 2, "tp2_dp1_s2_toy"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import os
 from collections import OrderedDict
 from collections.abc import Collection
 
@@ -18,6 +19,7 @@ from zinspect.core.model import MOMENTS, Checkpoint, Fragment
 from zinspect.core.plan import Piece
 from zinspect.core.torchsave import NewTensor, OutFile, Size, add_piece
 from zinspect.core.torchzip import DTYPE_SIZES, TensorRef, TorchFile, read_torch_file
+from zinspect.core.zipcheck import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
 from zinspect.errors import NotMergeable
 
 STEP = "step"
@@ -131,10 +133,26 @@ class Sources:
         return walk(obj)
 
     def whole(self, name: str) -> OutFile:
-        """Source file `name` written again as it is: its pickle, every tensor (a layer or
-        expert file of a pipeline or MoE run, which no data-parallel size changes)."""
-        out = OutFile(name)
-        out.obj = self.copy(out, name, self.tf(name).obj)
+        """Source file `name` copied byte for byte (a layer or expert file of a pipeline or MoE
+        run, which no data-parallel size changes), cut at its zip records' data so that the
+        stream CRC-checks every record as it copies it."""
+        path = self.path(name)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                cuts = {0, size}
+                for _, header, _, nbytes, _ in central_directory(f, size):
+                    start = local_data_offset(header, os.pread(f.fileno(), LOCAL_HEADER, header))
+                    if start is None or start + nbytes > size:
+                        raise NoZipDirectory(f"record at {header} is not whole")
+                    cuts |= {start, start + nbytes}
+        except (OSError, NoZipDirectory) as e:
+            raise refuse(self.ckpt, f"{shown(name)}: cannot be copied: {e}",
+                         "run `zinspect validate` for details") from e
+        out = OutFile(name, copied=True)
+        cuts = sorted(cuts)
+        for a, b in itertools.pairwise(cuts):
+            out.storage("uint8", b - a, [Piece(path, a, b - a)])
         return out
 
     def step(self, out: OutFile, state: dict, file: str | None = None):
