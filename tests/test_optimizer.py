@@ -190,6 +190,21 @@ def test_sgd_is_named_with_its_state_keys():
     assert all(close(s.states["momentum_buffer"], want[s.name]) for s in stats)
 
 
+def test_zero0_adagrad_view_has_its_sum():
+    """A real ZeRO-0 Adagrad run: named, and each param's `sum` L2 = torch.load's; no update."""
+    ckpt = open_checkpoint(FIXTURES / "optim" / "adagrad_s0_fp32")
+    opt = read_optimizer(ckpt)
+    assert (opt.name, opt.adam, opt.wrapper) == ("Adagrad", False, "torch")
+    saved = torch_load(ckpt.path / "mp_rank_00_model_states.pt")["optimizer"]
+    want = {n: saved["state"][saved["param_groups"][g.index]["params"][i]]["sum"]
+            for g in ckpt.groups for i, n in enumerate(g.params)}
+    result = optimizer_stats(ckpt, opt)
+    assert result.state_names == ["sum"] and not result.masters_only and not result.left_out
+    assert {s.name for s in result.params} == set(want)
+    for s in result.params:
+        assert s.update_max is None and close(s.states["sum"], want[s.name].double().norm().item())
+
+
 @pytest.mark.parametrize(("keys", "groups", "name"), [
     (["step", "exp_avg", "exp_avg_sq"], [{"decoupled_weight_decay": False}], "Adam"),
     (["step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"], [{"amsgrad": True}], "Adam/AdamW"),

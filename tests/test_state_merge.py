@@ -122,6 +122,23 @@ def test_zero0_state_all_equals_the_torch_optimizer_state(tmp_path, name):
         assert all(torch.equal(got[n], w[key]) for n, w in want.items()), key
 
 
+def test_zero0_adagrad_state_all_writes_sum(tmp_path):
+    """A real ZeRO-0 Adagrad run (tests/tools/make_optim_fixtures.py): its per-param `sum` is
+    written under its own name, equal to the torch state at each param's position."""
+    ckpt = open_checkpoint(FIXTURES / "optim" / "adagrad_s0_fp32")
+    assert ckpt.states == ["fp32", "sum"]
+    opt = torch_load(ckpt.path / "mp_rank_00_model_states.pt")["optimizer"]
+    want = {n: opt["state"][opt["param_groups"][g.index]["params"][i]]["sum"]
+            for g in ckpt.groups for i, n in enumerate(g.params)}
+    result = merge(ckpt, tmp_path / "out", hf_files=False, state="all")
+    assert result.states == ["sum"] and result.unverified == []
+    got = load_file(tmp_path / "out" / "sum.safetensors")
+    assert set(got) == set(want) and len(want) == 17
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+    meta = json.loads((tmp_path / "out" / "optimizer_state.json").read_text())
+    assert meta["optimizer"] == "Adagrad" and list(meta["states"]) == ["sum"]
+
+
 def test_state_json_holds_step_and_hyper_parameters(tmp_path):
     name = "s3_w2_fp32"
     merge(open_checkpoint(FIXTURES / name), tmp_path / "out", hf_files=False, state="all",
