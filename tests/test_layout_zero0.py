@@ -147,3 +147,27 @@ def test_a_zero_optimizer_file_beside_zero0_is_a_leftover(tmp_path):
     assert (c.layout, [(f.code, f.file) for f in c.errors]) == ("zero0", [("stale-rank-file", stray)])
     assert [t.name for t in plan_merge(c, salvage=True).tensors] == \
         [t.name for t in plan_merge(open_checkpoint(PARALLEL / "z0_fp32")).tensors]
+
+
+@pytest.mark.parametrize("name", ZERO0)
+def test_stats_moments_equal_the_torch_optimizer_state(name):
+    """Was: refused (no exp_avg located for ZeRO-0). `stats --moments` now reads each param's
+    exp_avg / exp_avg_sq from the model states' torch optimizer state."""
+    from torchload import torch_load
+
+    r = run_zinspect("stats", PARALLEL / name, "--moments", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {p["name"]: p for p in json.loads(r.stdout)["params"]}
+    c = open_checkpoint(PARALLEL / name)
+    opt = torch_load(c.path / "mp_rank_00_model_states.pt")["optimizer"]
+    inner = opt.get("optimizer_state_dict", opt)
+    checked = 0
+    for g in c.groups:
+        for i, pname in enumerate(g.params):
+            per = inner["state"][inner["param_groups"][g.index]["params"][i]]
+            for key in ("exp_avg", "exp_avg_sq"):
+                row = rows[f"{pname}:{key}"]
+                assert row["max_abs"] == per[key].abs().max().item(), (pname, key)
+                assert abs(row["l2"] - per[key].double().norm().item()) <= 1e-9 * row["l2"]
+                checked += 1
+    assert checked == 34
