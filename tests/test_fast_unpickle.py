@@ -1,4 +1,4 @@
-"""The unpickler's fast path (zinspect.core.unpickle.prepare_for_c + the C unpickler): it takes
+"""The unpickler's fast path (zinspect.core.fastpickle.prepare_for_c + the C unpickler): it takes
 every real fixture pickle and builds exactly what the bounded reader builds; a forged pickle is
 either declined by the scan or stopped inside the C unpickler by the same checks, and then
 `_load_pickle` gives the bounded reader's verdict, word for word. The hostile cases run in a
@@ -21,8 +21,9 @@ import pytest
 from conftest import FIXTURES, REPO
 
 from zinspect.core import torchzip
+from zinspect.core.fastpickle import _opcode_runs, prepare_for_c
 from zinspect.core.torchzip import FastMetaUnpickler, MetaUnpickler, Opaque, StorageRef, TensorRef
-from zinspect.core.unpickle import PickledOrderedDict, _opcode_runs, prepare_for_c
+from zinspect.core.unpickle import PickledOrderedDict
 from zinspect.errors import UnreadableFile
 
 pytestmark = pytest.mark.skipif(_opcode_runs(16) is None,
@@ -180,12 +181,12 @@ def test_calls_cannot_amplify_the_work(what):
 _RUN = textwrap.dedent("""
     import resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-    from zinspect.core import torchzip, unpickle
+    from zinspect.core import fastpickle, torchzip
     from zinspect.errors import UnreadableFile
     raw = sys.stdin.buffer.read()
     if sys.argv[1] == "slow":
-        unpickle.prepare_for_c = lambda raw: None
-        torchzip.prepare_for_c = unpickle.prepare_for_c
+        fastpickle.prepare_for_c = lambda raw: None
+        torchzip.prepare_for_c = fastpickle.prepare_for_c
     else:  # every size offered to the fast path
         torchzip.FAST_PICKLE_BYTES = 0
     try:
@@ -218,7 +219,8 @@ def test_the_c_unpickler_is_stopped_by_the_key_check():
             import io, resource, sys
             resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
             from zinspect.core.torchzip import FastMetaUnpickler
-            from zinspect.core.unpickle import PickleBudgetExceeded, prepare_for_c
+            from zinspect.core.fastpickle import prepare_for_c
+            from zinspect.core.unpickle import PickleBudgetExceeded
             raw = sys.stdin.buffer.read()
             try:
                 FastMetaUnpickler(io.BytesIO(prepare_for_c(raw)), budget_bytes=len(raw)).load()

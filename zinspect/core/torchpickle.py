@@ -3,7 +3,7 @@
 everything else (`Opaque`), and the rules both unpicklers share (`_Rules`: nothing is imported or
 called that is not on the allowlist; every tensor window is checked against its storage).
 `MetaUnpickler` is the bounded pure-Python reader, `FastMetaUnpickler` the same rules on the C
-unpickler (zinspect.core.unpickle says when it may be used). `torchzip` reads the files.
+unpickler (zinspect.core.fastpickle says when it may be used). `torchzip` reads the files.
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ import pickle
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from zinspect.core.unpickle import (
-    BoundedUnpickler,
-    FastUnpickler,
-    PickledOrderedDict,
-    charge,
-    checked_set,
-)
+from zinspect.core.fastpickle import FastUnpickler
+from zinspect.core.unpickle import BoundedUnpickler, PickledOrderedDict, charge, checked_set
 
 #: torch dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -152,6 +147,9 @@ class _StorageClass:
     dtype: str
 
 
+_INT = frozenset({int})
+
+
 def _window(storage: StorageRef, offset, size, stride) -> tuple[int, tuple, tuple]:
     """A tensor's (offset, shape, stride), refused unless every element lies inside its
     storage: a negative offset would read the record before, a huge shape walk forever.
@@ -172,11 +170,19 @@ def _window(storage: StorageRef, offset, size, stride) -> tuple[int, tuple, tupl
     return offset, size, stride
 
 
-_INT = frozenset({int})
-
-
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
-                       metadata=None):
+                       metadata=None, *, _int=_INT, _mul=operator.mul):
+    # the usual tensor (300k times in a large model-states file): `_window`'s checks inline,
+    # in C calls; any other takes `_window`, which says what is off
+    if type(storage) is StorageRef and type(size) is tuple and type(stride) is tuple and \
+            type(storage_offset) is int and storage_offset >= 0 and len(size) == len(stride) and \
+            len(size) <= 64:
+        dims = size + stride
+        if set(map(type, dims)) <= _int and (not dims or min(dims) >= 0) and (
+                0 in size or storage_offset + sum(map(_mul, size, stride)) - sum(stride) <
+                storage.numel):
+            return TensorRef(storage, storage_offset, size, stride, storage.dtype,
+                             bool(requires_grad))
     if not isinstance(storage, StorageRef):
         raise pickle.UnpicklingError("a tensor without a storage")
     offset, size, stride = _window(storage, storage_offset, size, stride)

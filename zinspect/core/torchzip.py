@@ -7,9 +7,10 @@ Two container formats exist:
 * legacy: a run of pickles (magic, protocol, sys info, the object, the storage keys) followed by
   each storage as an 8-byte element count and its raw bytes.
 
-The object pickle is loaded by `MetaUnpickler` (zinspect.core.torchpickle), which never imports a module or calls anything the
-pickle names: tensors become `TensorRef` descriptors, a short allowlist of harmless builtins is
-honoured, and every other global becomes an inert `Opaque` record. A hostile pickle therefore
+The object pickle is loaded by `MetaUnpickler` (zinspect.core.torchpickle), which never imports
+a module or calls anything the pickle names: tensors become `TensorRef` descriptors, a short
+allowlist of harmless builtins is honoured, and every other global becomes an inert `Opaque`
+record. A hostile pickle therefore
 cannot run code here; at worst it yields records the caller ignores. Its time and memory are
 bounded by the pickle's size (zinspect.core.unpickle): past a budget the file is unreadable.
 """
@@ -24,6 +25,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
+from zinspect.core.fastpickle import prepare_for_c
 from zinspect.core.readfiles import open_regular
 
 # the descriptors and unpickler rules (torchpickle) and the zip directory (zipcheck) are
@@ -44,7 +46,7 @@ from zinspect.core.torchpickle import (  # noqa: F401 - re-exported
     TensorRef,
     ZeroStageEnum,
 )
-from zinspect.core.unpickle import PickleBudgetExceeded, prepare_for_c
+from zinspect.core.unpickle import PickleBudgetExceeded
 from zinspect.core.zipcheck import (  # noqa: F401 - re-exported
     LOCAL_HEADER,
     NoZipDirectory,
@@ -62,7 +64,7 @@ _SCALAR_CODES = {"float32": "f", "float64": "d", "int64": "q", "int32": "i"}
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 #: a data.pkl larger than this is refused rather than parsed (real ones are KB to a few tens of MB)
 MAX_PICKLE_BYTES = 1 << 30
-#: pickles from this size on are offered to the C unpickler (unpickle.prepare_for_c); smaller
+#: pickles from this size on are offered to the C unpickler (fastpickle.prepare_for_c); smaller
 #: ones are read faster by the bounded reader than the scan's regex is compiled (~0.1 s, once)
 FAST_PICKLE_BYTES = 256 << 10
 #: PickleMemo keeps pickles up to this size
@@ -277,8 +279,10 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
     if compressed is not None:
         raise UnreadableFile(f"{path}: record {compressed[-120:]!r} is compressed",
                              "re-save the checkpoint with torch.save")
-    records = {name[cut:]: Record(usize, _present(starts[name], usize, size), starts[name],
-                                  offset, crc) for name, offset, _, usize, crc in tensors}
+    records = {name[cut:]: Record(usize, 0 if start is None else usize if start + usize <= size
+                                  else max(0, size - start), start, offset, crc)
+               for name, offset, _, usize, crc in tensors
+               for start in (starts[name],)}  # what of it lies inside the file
     if comp != 0 or pkl_size > MAX_PICKLE_BYTES:
         raise UnreadableFile(f"{path}: data.pkl is {'compressed' if comp else 'too large'}",
                              _CORRUPT)
@@ -294,11 +298,6 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
             memo.put(raw, parsed)
     obj, storages, unknown_globals = parsed
     return TorchFile(path, size, "zip", obj, storages, records, unknown_globals)
-
-
-def _present(start: int | None, nbytes: int, size: int) -> int:
-    """How many of a record's `nbytes` from `start` lie inside a file of `size` bytes."""
-    return 0 if start is None else nbytes if start + nbytes <= size else max(0, size - start)
 
 
 def _read_record(f, header: int, nbytes: int, size: int) -> bytes | None:
