@@ -91,6 +91,7 @@ def test_local_expert_files_stack_the_ep_ranks_experts(converted):
     tops = sorted(p.name for p in (out / result.tag).iterdir() if p.is_file())
     assert tops == ["mp_rank_00_model_states.pt"]  # no expert files: the universal load reads none
     assert not result.unverified and result.verified
+    assert any(f"ep_size {ep}" in n for n in result.notes)  # bound to the run's ep size: said
 
 
 def test_zero0_moe_is_refused_with_deepspeeds_reason(tmp_path):

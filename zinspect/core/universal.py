@@ -75,13 +75,13 @@ class UniversalResult:
 def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
     """Every file of the universal tree (names relative to <tag>_universal)."""
     pipeline = ckpt.layout in ("pipeline", "pipeline_tp")
-    src = universal_pipeline.StageSources(ckpt) if pipeline else Sources(ckpt)
+    src = Sources(ckpt)
     osd0 = src.osd(0)
     inner = osd0.get("optimizer_state_dict") if ckpt.stage == 3 else osd0.get("base_optimizer_state")
     if not isinstance(inner, dict) or not isinstance(inner.get("state"), dict):
         raise NotMergeable(f"{shown(str(ckpt.path))}: no optimizer state in "
                            f"{shown(src.optim[0].name)}", "an elastic checkpoint cannot be converted")
-    for states in src.stage_states() if pipeline else [inner["state"]]:
+    for states in universal_pipeline.slice_states(src) if pipeline else [inner["state"]]:
         src.check_states(states)
     files = []
     # the model-states files first: their records are read whole (CRC-checked) before the
@@ -335,7 +335,8 @@ def write_universal(ckpt: Checkpoint, out_dir: str | os.PathLike, *, force: bool
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    notes = [HELP_NOTE]
+    notes = [HELP_NOTE] + ([universal_moe.EP_NOTE.format(ep=ckpt.topology.ep)]
+                           if ckpt.layout == "moe" else [])
     return UniversalResult(out_dir, tag, written + [out_dir / LATEST], output_bytes(files),
                            time.monotonic() - started, len(verification.checks),
                            [f"{c.file}: {c.record}" for c in verification.unverified], notes)

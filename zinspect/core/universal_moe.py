@@ -28,6 +28,9 @@ from zinspect.errors import NotMergeable
 
 _GLOBAL = re.compile(r"^(.*" + re.escape(EXPERTS) + r")(\d+)\.(.+)$")
 _EP_GROUP = re.compile(r"^ep_size_(\d+)$")
+EP_NOTE = ("native MoE: the experts are stacked per local name for ep_size {ep}: load it with "
+           "ep_size {ep} (any world size that ep_size divides); at another ep_size the local "
+           "names stand for other experts")
 
 
 def refuse_unloadable(ckpt: Checkpoint) -> None:

@@ -1,5 +1,6 @@
-"""The pipeline side of the universal writer (`zinspect.core.universal`): pp stages × dp, ZeRO-1
-or BF16_Optimizer at ZeRO-1 (DeepSpeed refuses ZeRO-2/3 with pipelines).
+"""The pipeline side of the universal writer (`zinspect.core.universal`): pp stages [× tp] × dp,
+ZeRO-1 or BF16_Optimizer at ZeRO-1 (DeepSpeed refuses ZeRO-2/3 with pipelines); the tp split of a
+Megatron-DeepSpeed pipeline is joined as for tensor-parallel checkpoints.
 
 What DeepSpeed 0.19.8's PipelineEngine reads on `"checkpoint": {"load_universal": true}`
 (runtime/engine.py `_load_checkpoint`, base_optimizer.py
@@ -14,36 +15,15 @@ equal when the stages all-reduce its gradient) and a drifted copy refuses the co
 
 from __future__ import annotations
 
-from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint, Param
 from zinspect.core.reshard_zero import STEP, Sources
-from zinspect.errors import NotMergeable
 
 
-class StageSources(Sources):
-    """Sources of a pipeline checkpoint: its optimizer files keyed by global rank, dp rank ×
-    slices + mp rank (one file per (dp rank, stage[, tp rank]): mp rank = stage × tp + tp rank;
-    keyed by dp rank alone the slices' would collide)."""
-
-    def __init__(self, ckpt: Checkpoint) -> None:  # noqa: D107 - Sources' fields, other keys
-        self.ckpt = ckpt
-        self.notes: list[str] = []
-        self._tfs: dict = {}
-        self._paths: dict = {}
-        self.slices = ckpt.topology.pp * ckpt.topology.tp
-        self.optim = {f.rank * self.slices + f.mp_rank: f for f in ckpt.files_of("optim")}
-        self.model = {f.mp_rank: f for f in ckpt.files_of("model")}
-        self.old = len(self.optim)
-        if sorted(self.optim) != list(range(ckpt.topology.dp * self.slices)):
-            raise NotMergeable(f"{shown(str(ckpt.path))}: the optimizer files are not every "
-                               f"(dp rank, stage, tp rank) of {ckpt.topology.dp} x "
-                               f"{ckpt.topology.pp} x {ckpt.topology.tp}",
-                               "run `zinspect validate` for details")
-
-    def stage_states(self) -> list[dict]:
-        """Each (stage, tp rank) slice's optimizer state (dp rank 0's
-        `base_optimizer_state['state']`)."""
-        return [self.osd(s)["base_optimizer_state"]["state"] for s in range(self.slices)]
+def slice_states(src: Sources) -> list[dict]:
+    """Each (stage, tp rank) slice's optimizer state: its dp rank 0 file's
+    `base_optimizer_state['state']` (each slice numbers its own groups)."""
+    return [src.tf(f.name).obj["optimizer_state_dict"]["base_optimizer_state"]["state"]
+            for f in src.ckpt.files_of("optim") if f.rank == 0]
 
 
 def step_of(src: Sources, p: Param):
