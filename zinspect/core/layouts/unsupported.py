@@ -29,8 +29,8 @@ def _unsupported(name: str, what: str, recognise: Callable[[LoadContext], bool])
     return Layout(name, recognise, describe)
 
 
-#: a tensor-parallel run the tensor_parallel layout does not describe (e.g. ZeRO-0 with TP: its
-#: masters live in the model states); its own name, so it can never pass for a mergeable layout
+#: a tensor-parallel run neither tensor_parallel nor tp_zero0 describes (e.g. mp_rank_01 files
+#: beside model states that declare tp 1); its own name, so it can never pass for a mergeable layout
 TENSOR_PARALLEL = _unsupported("tensor_parallel_unsupported",
                                "tensor-parallel checkpoint of a kind zinspect cannot merge yet "
                                "(several mp_rank_XX sets)",
