@@ -251,3 +251,21 @@ async def test_statistics_become_columns_of_the_parameter_table():
         await settle(app, pilot)
         table = app.screen.query_one(ParamTable)
         assert "L2" not in [c.label for c in table.columns]
+
+
+async def test_the_layer_norms_are_drawn_from_zero():
+    """The sample's two layers' L2 norms are within 1% of each other: both bars reach the top
+    (the Sparkline scaled min..max and drew the lower one as empty: a layer "out of line"
+    that was not)."""
+    from textual.widgets import Sparkline
+
+    app = ZinspectApp(str(SAMPLE))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("a")
+        await settle(app, pilot)
+        spark = app.screen.query_one("#stats-layers", Sparkline)
+        low, high = sorted(spark.data)
+        assert 0.99 < low / high < 1
+        lines = drawn(spark)
+        assert len(lines) == 3 and " " not in lines[0], lines  # every bar reaches the top row

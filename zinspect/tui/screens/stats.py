@@ -65,6 +65,14 @@ def layer_norms(stats: list[TensorStats]) -> list[tuple[int, float]]:
     return [(i, math.sqrt(v)) for i, v in sorted(sums.items())]
 
 
+def from_zero(values: list[float]):
+    """A Sparkline summary that draws its bars from zero. The widget scales bars from the
+    data's min to its max, so two layers 1% apart were drawn empty and full: each bucket's
+    max is mapped to where that scale puts value/max (the widget's extent is max-min or 1)."""
+    lo, hi = min(values), max(values)
+    return lambda bucket: lo + (max(bucket) / hi if hi else 0.0) * ((hi - lo) or 1)
+
+
 class StatsTable(VirtualTable):
     """One row per tensor, drawn a screenful at a time (a DataTable measuring 300k rows froze
     the app for seconds); a click on a header sorts by that column."""
@@ -154,7 +162,8 @@ class StatisticsScreen(WorkerOutcomes, Screen):
             note = f"layer {top[0]}: {top[1] / median:.2f}x the median" if median else ""
             await box.mount(Label(f"L2 norm per layer, layers {layers[0][0]}..{layers[-1][0]} "
                                   f"(max {note})", id="stats-layers-label"),
-                            Sparkline(norms, summary_function=max, id="stats-layers"))
+                            Sparkline(norms, summary_function=from_zero(norms),
+                                      id="stats-layers"))
         table = StatsTable(stats, id="stats-table")
         await box.mount(table)
         self.fill_table()
