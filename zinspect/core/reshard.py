@@ -26,9 +26,9 @@ from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.outdir import OutputDir, temp_name, writing_failed
 from zinspect.core.reshard_slices import LAYOUT_NAMES, RESHARDABLE, refusal, reshape
+from zinspect.core.reshard_verify import AnyOrderVerification
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchsave import FilesSink, output_bytes, stream_tensors
-from zinspect.core.verify import Verification
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
 #: why a layout is refused, and what to do instead
@@ -96,7 +96,7 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
     """Write `ckpt` resharded for `world_size` ranks (every rank: dp x tp x pp) into OUT_DIR/<tag>/ and
     OUT_DIR/latest. Every source byte read is CRC-checked; nothing is written under a final
     name until everything was read and written; a failure or cancel leaves nothing behind."""
-    from zinspect.core.reshard_zero import plan_files
+    from zinspect.core.reshard_zero import plan_units
 
     check_reshardable(ckpt, world_size)
     started = time.monotonic()
@@ -110,15 +110,21 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
         raise OutputError(f"{out_dir}: already holds a `latest`",
                           "pick an empty or new directory, or pass --force to replace it")
     rs = reshape(ckpt, world_size)
-    files, notes = plan_files(ckpt, rs)
-    tensors = stream_tensors(files)
-    meter = ProgressMeter(sum(t.src_nbytes for t in tensors), progress)
-    verification = meter.verification = Verification(tensors, shown=os.path.basename)
+    units, notes = plan_units(ckpt, rs)
+    # pass 1, planning one rank's files at a time and keeping only their names and sizes:
+    # the output dir's names and space, the progress total
+    names, nbytes, total = [], 0, 0
+    for unit in units:
+        files = unit()
+        names += [f.name for f in files]
+        nbytes += output_bytes(files)
+        total += sum(t.src_nbytes for t in stream_tensors(files))
+    meter = ProgressMeter(total, progress)
+    verification = meter.verification = AnyOrderVerification()
     inputs = [*ckpt.path.iterdir()] + ([ckpt.root / "latest"] if ckpt.root else [])
     try:
-        with OutputDir(out_dir / ckpt.tag, [f.name for f in files], inputs=inputs,
-                       forbidden_dirs=forbidden, nbytes=output_bytes(files), force=force,
-                       notice=notice) as out:
+        with OutputDir(out_dir / ckpt.tag, names, inputs=inputs, forbidden_dirs=forbidden,
+                       nbytes=nbytes, force=force, notice=notice) as out:
             if ready is not None:
                 ready()
 
@@ -126,11 +132,14 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
                 os.fsync(fd)
                 os.close(fd)
 
-            sink = FilesSink(files, out.create, done)
-            copy_tensors(tensors, sink, meter, should_stop)
-            sink.finish()
-            if should_stop is not None and should_stop():
-                raise MergeCancelled("reshard cancelled; nothing was written")
+            for unit in units:  # pass 2: planned again, streamed, dropped
+                files = unit()
+                sink = FilesSink(files, out.create, done)
+                copy_tensors(stream_tensors(files), sink, meter, should_stop)
+                sink.finish()
+                if should_stop is not None and should_stop():
+                    raise MergeCancelled("reshard cancelled; nothing was written")
+            verification.finish()
             verification.check_unchanged()
             final = out.commit()
             _write_latest(out_dir, ckpt.tag)
@@ -139,9 +148,8 @@ def reshard(ckpt: Checkpoint, out_dir: str | os.PathLike, world_size: int, *,
     except KeyboardInterrupt as e:
         raise MergeCancelled("reshard interrupted; nothing was written") from e
     return ReshardResult(out_dir, ckpt.tag, final, world_size, ckpt.world_size or 0,
-                         ckpt.stage or 0, output_bytes(files), time.monotonic() - started,
-                         len(verification.checks),
-                         [f"{c.file}: {c.record}" for c in verification.unverified], notes)
+                         ckpt.stage or 0, nbytes, time.monotonic() - started,
+                         len(verification.checks), [], list(dict.fromkeys(notes)))
 
 
 def _write_latest(out_dir: Path, tag: str) -> None:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 
 from zinspect.core.fmt import shown
+from zinspect.core.fragments import TensorAt
 from zinspect.core.model import MOMENTS, Checkpoint, Fragment
 from zinspect.core.plan import Piece
 from zinspect.core.torchsave import NewTensor, OutFile, Size, add_piece
@@ -23,6 +24,8 @@ from zinspect.core.zipcheck import LOCAL_HEADER, NoZipDirectory, central_directo
 from zinspect.errors import NotMergeable
 
 STEP = "step"
+#: parsed source files kept (the template optimizer files of the slices, the model states)
+PARSED = 16
 
 
 def refuse(ckpt: Checkpoint, what: str, hint: str = "") -> NotMergeable:
@@ -48,9 +51,16 @@ class Sources:
             raise refuse(ckpt, f"the optimizer files are not ranks 0..{self.old - 1}")
 
     def tf(self, name: str) -> TorchFile:
-        if name not in self._tfs:
-            self._tfs[name] = read_torch_file(self.ckpt.path / name)
-        return self._tfs[name]
+        """The parsed file (the PARSED most recently used ones are kept): a ZeRO-3
+        reshard reads each of 512 ranks' model states once, and their pickles together hold
+        params x ranks entries."""
+        tf = self._tfs.pop(name, None)
+        if tf is None:
+            tf = read_torch_file(self.ckpt.path / name)
+            while len(self._tfs) >= PARSED:
+                del self._tfs[next(iter(self._tfs))]
+        self._tfs[name] = tf
+        return tf
 
     def path(self, name: str) -> str:
         path = self._paths.get(name)
@@ -84,9 +94,11 @@ class Sources:
         return frags
 
     def add_range(self, ops: list, frags: list[Fragment], lo: int, hi: int, name: str,
-                  starts: list[int] | None = None) -> None:
-        """Append the bytes of elements [lo, hi) of a param, from its `frags` (sorted; with
-        their `starts`, found by bisection: a ZeRO-3 param has one fragment per old rank)."""
+                  starts: list[int] | None = None, state: str = "fp32") -> None:
+        """Append the bytes of elements [lo, hi) of a param's `state`, from its master `frags`
+        (sorted; with their `starts`, found by bisection: a ZeRO-3 param has one fragment per
+        old rank). A moment lies at the master's element offsets in that state's tensor of the
+        same file and group: located here, with no fragment objects made for it."""
         got = 0
         first = max(0, bisect.bisect_right(starts, lo) - 1) if starts else 0
         for f in itertools.islice(frags, first, None):
@@ -94,13 +106,28 @@ class Sources:
                 break
             a, b = max(lo, f.start), min(hi, f.start + f.numel)
             if a < b:
-                size = DTYPE_SIZES[f.dtype]
-                add_piece(ops, Piece(self.path(f.file), f.offset + (a - f.start) * size,
+                if state in MOMENTS:
+                    at = self.moment(f, state, name)
+                    size, offset = at.itemsize, at.base + f.group_offset * at.itemsize
+                else:
+                    size, offset = DTYPE_SIZES[f.dtype], f.offset
+                add_piece(ops, Piece(self.path(f.file), offset + (a - f.start) * size,
                                      (b - a) * size))
                 got += b - a
         if got != hi - lo:
             raise refuse(self.ckpt, f"{shown(name, 80)}: elements {lo}..{hi} are not all held "
                          "by the rank files", "run `zinspect validate` for details")
+
+    def moment(self, f: Fragment, state: str, name: str) -> TensorAt:
+        """The `state` tensor holding the moment of master fragment `f`, its bytes all there."""
+        at = self.ckpt.moments.get((f.file, f.group, state)) if f.group is not None else None
+        if at is None:
+            raise refuse(self.ckpt, f"{shown(name, 80)}: {shown(f.file)} holds no {state} for it",
+                         "only Adam/AdamW optimizer states (exp_avg, exp_avg_sq) are resharded")
+        if at.base is None or f.group_offset + f.numel > at.whole:
+            raise refuse(self.ckpt, f"{shown(name, 80)}: its {state} bytes are not all in "
+                         f"{shown(f.file)}")
+        return at
 
     def copy(self, out: OutFile, file: str, obj):
         """`obj` of source `file` with every tensor copied into `out` (whole storages, shared

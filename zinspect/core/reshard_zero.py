@@ -20,8 +20,10 @@ element ranges).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 from zinspect.core.fmt import shown
 from zinspect.core.model import MOMENTS, Checkpoint
@@ -32,20 +34,26 @@ from zinspect.core.reshard_sources import STEP, Sources, refuse, zero_config
 from zinspect.core.torchsave import OutFile, Size, add_zeros
 from zinspect.core.torchzip import DTYPE_SIZES
 
-__all__ = ["MOMENTS", "STEP", "Sources", "plan_files"]
+__all__ = ["MOMENTS", "STEP", "Sources", "Unit", "plan_units"]
 
 #: DeepSpeed's default zero_optimization.sub_group_size
 DEFAULT_SUB_GROUP = 1_000_000_000
 
 
-def plan_files(ckpt: Checkpoint, rs: Reshape) -> tuple[list[OutFile], list[str]]:
-    """The files of `ckpt` reshaped by `rs`, and notes on what was kept as it was."""
+#: plans the files of one data-parallel rank of one slice (or the files copied whole)
+Unit = Callable[[], list[OutFile]]
+
+
+def plan_units(ckpt: Checkpoint, rs: Reshape) -> tuple[list[Unit], list[str]]:
+    """The files of `ckpt` reshaped by `rs`, as units planned one at a time (the pieces of one
+    rank's files are what planning holds, whatever the world size), and notes on what was
+    kept as it was (filled as the units are planned)."""
     src = Sources(ckpt)
-    files = [src.whole(name) for name in rs.whole]
+    units: list[Unit] = [functools.partial(lambda name: [src.whole(name)], n) for n in rs.whole]
     for sl in rs.slices:
         planner = _Zero3 if ckpt.stage == 3 else _Zero12
-        files += planner(src, sl, rs).files()
-    return files, src.notes
+        units += planner(src, sl, rs).units()
+    return units, src.notes
 
 
 class _SlicePlan:
@@ -56,6 +64,7 @@ class _SlicePlan:
         self.src, self.sl, self.n, self.ckpt = src, sl, rs.dp, src.ckpt
         self.rs = rs
         self.held_in = sl.files if rs.slices[1:] else None  # one slice: every file
+        self._frags: dict[str, tuple[list, list[int]]] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
         p = self.ckpt.params[name]
@@ -65,8 +74,20 @@ class _SlicePlan:
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
-    def fragments(self, name: str, state: str) -> list:
-        return self.src.fragments(name, state, self.held_in)
+    def located(self, name: str) -> tuple[list, list[int]]:
+        """The param's master fragments and their starts, built once for every rank and state
+        (69B params, 512 -> 256 ranks: 370k fragments, not 300M; the moments are located from
+        them, `Sources.add_range`)."""
+        got = self._frags.get(name)
+        if got is None:
+            frags = self.src.fragments(name, "fp32", self.held_in)
+            got = self._frags[name] = (frags, [f.start for f in frags])
+        return got
+
+    def dtype_of(self, name: str, state: str) -> str:
+        frags = self.located(name)[0]
+        return self.src.moment(frags[0], state, name).dtype if state in MOMENTS else \
+            frags[0].dtype
 
     def optim_name(self, r: int, prefix: str) -> str:
         return f"{prefix}zero_pp_rank_{r}_mp_rank_{self.sl.mp:02d}_optim_states.pt"
@@ -108,7 +129,11 @@ class _Zero12(_SlicePlan):
     def _count(self, dp: int, ep: int | None) -> int:
         return dp if ep is None else dp // self.rs.ep
 
-    def files(self) -> list[OutFile]:
+    def units(self) -> list[Unit]:
+        return [lambda: [self._model()]] + [functools.partial(lambda r: [self._optim(r)], r)
+                                            for r in range(self.n)]
+
+    def _model(self) -> OutFile:
         src, sl = self.src, self.sl
         model = sl.models[0]
         out = OutFile(model.name)
@@ -119,7 +144,7 @@ class _Zero12(_SlicePlan):
         if isinstance(obj.get("frozen_param_shapes"), dict):
             obj["frozen_param_shapes"] = src.sizes(obj["frozen_param_shapes"])
         out.obj = src.copy(out, model.name, obj)
-        return [out] + [self._optim(r) for r in range(self.n)]
+        return out
 
     def _optim(self, r: int) -> OutFile:
         src, ep = self.src, self.rs.ep
@@ -140,8 +165,9 @@ class _Zero12(_SlicePlan):
             for name, k in flat:
                 a, b = max(at, lo), min(at + k, lo + real)
                 if a < b:
+                    frags, starts = self.located(name)
                     for s in ops:
-                        src.add_range(ops[s], self.fragments(name, s), a - at, b - at, name)
+                        src.add_range(ops[s], frags, a - at, b - at, name, starts, s)
                 at += k
             dtype = group.dtype or "float32"
             if self.bf16_optimizer:
@@ -225,28 +251,23 @@ class _Zero3(_SlicePlan):
                 cur, acc = [], 0
         return out
 
-    def files(self) -> list[OutFile]:
-        ops = self._optim_ops()
-        return [f for r in range(self.n) for f in (self._model(r), self._optim(r, ops[r]))]
+    def units(self) -> list[Unit]:
+        return [functools.partial(lambda r: [self._model(r), self._optim(r, self._rank_ops(r))], r)
+                for r in range(self.n)]
 
-    def _optim_ops(self) -> list[list[dict]]:
-        """ops[rank][sub-group][state]: each param's fragments are built once, for every rank
-        (69B params, 512 -> 256 ranks: 1.1M fragments, not 300M)."""
+    def _rank_ops(self, r: int) -> list[dict]:
+        """ops[sub-group][state] of rank r."""
         src, n = self.src, self.n
-        ops = [[{s: [] for s in ("fp32", *MOMENTS)} for _ in self.subs] for _ in range(n)]
+        ops = [{s: [] for s in ("fp32", *MOMENTS)} for _ in self.subs]
         for k, (_, names) in enumerate(self.subs):
             for name in names:
                 m = self.numel(name)
-                share = zero3_share(m, n)
+                share, held = zero3_share(m, n), zero3_held(m, n, r)
+                frags, starts = self.located(name)
                 for s in ("fp32", *MOMENTS):
-                    frags = self.fragments(name, s)
-                    starts = [f.start for f in frags]
-                    size = DTYPE_SIZES[self.dtype] if s == "fp32" else DTYPE_SIZES[frags[0].dtype]
-                    for r in range(n):
-                        held = zero3_held(m, n, r)
-                        src.add_range(ops[r][k][s], frags, r * share, r * share + held, name,
-                                      starts)
-                        add_zeros(ops[r][k][s], (share - held) * size)
+                    size = DTYPE_SIZES[self.dtype if s == "fp32" else self.dtype_of(name, s)]
+                    src.add_range(ops[k][s], frags, r * share, r * share + held, name, starts, s)
+                    add_zeros(ops[k][s], (share - held) * size)
         return ops
 
     def _model(self, r: int) -> OutFile:
