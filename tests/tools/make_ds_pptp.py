@@ -27,6 +27,8 @@ Writes into --out:
                             shard (safe_get_full_fp32_param) joined on its split dim (vocab padding
                             trimmed, 2-sub-param halves joined half by half, replicas checked equal)
   <out>/manifest.json       per param: full shape, shard shape, split kind/dim, stages, layer files; checks
+  <out>/reference_moments.pt  with --universal: the Adam moments ds_to_universal.py joined (when its
+                            fp32 masters equal the reference)
 
 Verification (unless --no-verify): every layer file tensor equals the reference shard cast to the model
 dtype; a fresh engine reloads the checkpoint and gives back the reference shards; DeepSpeed's own
@@ -514,6 +516,11 @@ def run_universal(args, tag):
                 bad.append(name)
     res.update(fp32_files_checked=n, mismatched=bad, missing=sorted(set(ref) - set(os.listdir(zero))))
     res["ok"] = not bad and not res["missing"]
+    if res["ok"]:  # DeepSpeed's own joined Adam moments, for checking a converter's --state all
+        moments = {state: {name: torch.load(os.path.join(zero, name, f"{state}.pt"), weights_only=False)["param"]
+                           for name in ref} for state in ("exp_avg", "exp_avg_sq")}
+        torch.save(moments, os.path.join(args.out, "reference_moments.pt"))
+        res["reference_moments"] = "reference_moments.pt: {exp_avg, exp_avg_sq: {name: tensor}} from its zero/*/"
     if not args.universal_out:
         shutil.rmtree(os.path.dirname(dst))
     return res
