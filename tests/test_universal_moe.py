@@ -102,6 +102,18 @@ def test_zero0_moe_is_refused_with_deepspeeds_reason(tmp_path):
 
 
 @pytest.mark.skipif(not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8")
+def test_deepspeeds_own_converter_fails_on_it(tmp_path):
+    """Why there is nothing of DeepSpeed's to compare with: ds_to_universal.py cannot convert a
+    native MoE checkpoint (the ranks' local expert names collide, parallel-layouts.md §4)."""
+    name = CONVERTED[0]
+    r = subprocess.run([DS_PYTHON, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(PARALLEL / name / manifest(name)["tag"]), "--output_folder",
+                        str(tmp_path / "ds" / "u"), "--inject_missing_state", "--num_extract_workers",
+                        "1", "--num_merge_workers", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "is invalid for input of size" in r.stderr, r.stderr[-500:]
+
+
+@pytest.mark.skipif(not DS_PYTHON, reason="set ZINSPECT_DS_PYTHON to a python with deepspeed==0.19.8")
 @pytest.mark.parametrize("name", CONVERTED)
 def test_engines_load_it_at_another_world_size_and_train(tmp_path, name):
     write_universal(open_checkpoint(PARALLEL / name), tmp_path / "uni")
