@@ -269,3 +269,19 @@ async def test_the_layer_norms_are_drawn_from_zero():
         assert 0.99 < low / high < 1
         lines = drawn(spark)
         assert len(lines) == 3 and " " not in lines[0], lines  # every bar reaches the top row
+
+
+async def test_one_buffer_is_said_as_one():
+    """ZeRO-0 bf16 has one buffer: `19 params + 1 buffer`, not `1 buffers` (status line, the
+    output summary, the merge form; the tree said it right and now says it the same way)."""
+    app = ZinspectApp(str(FIXTURES / "parallel" / "z0_bf16"))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        await pilot.pause()
+        status = "".join(drawn(app.screen.query_one("#output-summary")))
+        assert status.count("19 params + 1 buffer,") == 1 and "19 params + 1 buffer ·" in status
+        assert "1 buffers" not in status
+        await pilot.press("m")
+        await pilot.pause()
+        assert "Writes 19 params + 1 buffer," in "".join(drawn(app.screen.query_one("#merge-plan")))

@@ -11,7 +11,7 @@ from zinspect.core import fmt
 from zinspect.core.tree import ModuleNode, ordered_children
 from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
-from zinspect.tui.text import literal
+from zinspect.tui.text import counted, literal
 
 
 def node_label(node: ModuleNode, view: Inspection) -> Text:
@@ -34,9 +34,8 @@ def node_label(node: ModuleNode, view: Inspection) -> Text:
     else:
         buffers = view.buffers_in(node)
         params = node.count - buffers
-        noun = "param" if params == 1 else "params"
-        also = f" + {buffers} buffer{'s' * (buffers != 1)}" if buffers else ""
-        label.append(f"  {fmt.count(params)} {noun}{also} · {fmt.short_count(node.numel)} · "
+        also = f" + {counted(buffers, 'buffer')}" if buffers else ""
+        label.append(f"  {counted(params, 'param')}{also} · {fmt.short_count(node.numel)} · "
                      f"{fmt.size(node.nbytes)}", style="dim")
         if excluded:
             label.append(f" {excluded}/{node.count} excluded", style="red")
