@@ -6,6 +6,8 @@ BF16_Optimizer on the real fixtures."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import FIXTURES
@@ -146,3 +148,38 @@ def test_zero0_fp16_pipeline_moments_are_each_stages_torch_state():
             assert f.file == master.file and torch.equal(_read(ckpt, f), want), (pname, moment)
         checked += 1
     assert checked == 27
+
+
+def test_zero0_fp32_pipeline_moments_are_the_owning_stages_torch_state():
+    """A ZeRO-0 fp32 pipeline (the layer files' weights are the masters): each param's moments
+    are its owning stage's torch state (mp_rank_SS `optimizer`) at its position, by the
+    generator's own grouping (make_ds_pipeline.py: per stage, trainable params in module order,
+    tied modules first, ndim >= 2 in group 0, the rest in group 1). Stages whose groups fit their
+    params two ways (this fixture's frozen param is undecidable) locate nothing rather than guess."""
+    name = "pp3_dp1_s0_fp32"
+    ckpt = open_checkpoint(FIXTURES / "parallel" / name)
+    m = json.loads((FIXTURES / "parallel" / name / "manifest.json").read_text())
+    rename = {"1.weight": "tied_modules.embed.weight"}
+    position = {}
+    for s in range(m["pp"]):
+        on = [n for n, p in m["params"].items() if s in p["stages"] and not p["frozen"]]
+        groups = [[n for n in on if len(m["params"][n]["shape"]) >= 2],
+                  [n for n in on if len(m["params"][n]["shape"]) < 2]]
+        for g, members in enumerate(groups):
+            for i, n in enumerate(members):
+                if m["params"][n]["stages"][0] == s:
+                    position[n] = (s, g, i)
+    opts, located = {}, 0
+    for pname, p in ckpt.params.items():
+        frags = ckpt.state_fragments(pname, "exp_avg") if not p.tied_to else []
+        if not frags:
+            continue
+        s, g, i = position[rename.get(pname, pname)]  # a frozen param would have no position
+        file = f"mp_rank_{s:02d}_model_states.pt"
+        opt = opts.setdefault(file, torch_load(ckpt.path / file)["optimizer"])
+        per = opt["state"][opt["param_groups"][g]["params"][i]]
+        for moment in ("exp_avg", "exp_avg_sq"):
+            (f,) = ckpt.state_fragments(pname, moment)
+            assert f.file == file and torch.equal(_read(ckpt, f), per[moment].flatten()), (pname, moment)
+        located += 1
+    assert located == 26

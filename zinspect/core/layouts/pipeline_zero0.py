@@ -124,17 +124,19 @@ def describe(pipe) -> None:
         for name in found.frozen or ():
             c.params[name].frozen = True
         _say_ties(pipe, layers, found)
-        if sixteen:
-            _attach_masters(pipe, layers, found, opts)
+        _attach_masters(pipe, layers, found, opts, sixteen)
     for name, p in c.params.items():
         if name in pipe.names and not p.fragments and (p.frozen or p.dtype == "float32"):
             pipe.layer_fragment(name, "master" if p.dtype == "float32" and not p.frozen
                                 else "module")
 
 
-def _attach_masters(pipe, layers: dict[int, Params], found: StageMatch, opts: dict) -> None:
+def _attach_masters(pipe, layers: dict[int, Params], found: StageMatch, opts: dict,
+                    sixteen: bool) -> None:
     """Stage s's fp32_groups[g][i] -> its param (a tied layer's params first on a stage that
-    reuses it: those are the param's copies)."""
+    reuses it: those are the param's copies); at fp32 no fp32_groups (the layer files' weights
+    are the masters). Either way each param's per-param optimizer state at that position of the
+    stage that owns its layer."""
     c = pipe.c
     reused = {s: layer for layer, stages in found.tied.items() for s in stages}
     for s in pipe.stages:
@@ -146,14 +148,15 @@ def _attach_masters(pipe, layers: dict[int, Params], found: StageMatch, opts: di
         fit = match_group_order(params, saved_group_shapes(opts[s]) or [],
                                 required=1 if tied is not None else 0)
         rf = pipe.stage_files[s]
-        if fit.problem:
+        if fit.problem and sixteen:
             pipe.ctx.find("zero0-order-unknown", f"stage {s}'s fp32_groups fit its params in "
                           "more than one way (params of equal shapes): its fp32 masters cannot "
                           "be matched to their names", "load the checkpoint with DeepSpeed and "
                           "the model", file=rf.name)
+        if fit.problem:
             continue
         tf = pipe.ctx.torch_file(rf)
-        for g, members in enumerate(fit.groups):
+        for g, members in enumerate(fit.groups if sixteen else ()):
             for i, name in enumerate(members):
                 t, p = masters[g][i], c.params[name]
                 fragment = located(tf, rf.name, 0, t).fragment(g, 0, 0, min(t.numel, p.numel))
@@ -161,8 +164,10 @@ def _attach_masters(pipe, layers: dict[int, Params], found: StageMatch, opts: di
                     p.copies[s] = [fragment]
                 else:
                     p.fragments, p.group, p.sub_group = [fragment], g, g
-        own = [[n if c.params[n].fragments[0].file == rf.name else None for n in g] for g in fit.groups]
-        zero0.attach_param_states(pipe.ctx, tf, rf.name, get(opts[s], "optimizer_state_dict"), own,
+        owned = {n for layer in own for n, _ in layers[layer]}
+        zero0.attach_param_states(pipe.ctx, tf, rf.name, get(opts[s], "optimizer_state_dict")
+                                  if sixteen else opts[s],
+                                  [[n if n in owned else None for n in g] for g in fit.groups],
                                   {n: c.params[n].numel for g in fit.groups for n in g})
 
 
