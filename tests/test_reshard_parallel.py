@@ -1,5 +1,6 @@
 """`zinspect reshard` from the parallel layouts: tensor parallel (AutoTP, ZeRO-1/2/3), pipelines
-(ZeRO-1) and native MoE (ZeRO-1/2), tp / pp / ep kept, the data-parallel size changed.
+(ZeRO-1, also with tensor parallelism) and native MoE (ZeRO-1/2), tp / pp / ep kept, the
+data-parallel size changed.
 
 - every state moves, nothing changes: the merged fp32 masters equal the fixture's reference bit
   for bit, and the Adam moments (merged with --state all) equal the source's;
@@ -39,6 +40,8 @@ CASES = [("parallel/tp2_dp2_s1_toy", [2, 6], (1, 2, 1, 1)),
          ("parallel/tp2_dp2_s2_llama_bf16_tied", [2, 8], (1, 2, 1, 1)),
          ("parallel/pp2_dp2_s1_fp32", [2, 6], (1, 1, 2, 1)),
          ("parallel/pp2_dp2_s1_bf16_pmd", [6, 2], (3, 1, 2, 1)),
+         ("parallel/pp2_tp2_dp2_s1_fp32", [4, 12], (1, 2, 2, 1)),
+         ("parallel/pp2_tp2_dp1_s1_bf16", [8, 4], (2, 2, 2, 1)),
          ("parallel/moe_ep2_w4_s2_fp32", [2, 6], (2, 1, 1, 2)),
          ("parallel/moe_ep2_w4_s1_top2_res", [8, 2], (8, 1, 1, 2))]
 
@@ -165,6 +168,7 @@ def _engines(tmp_path: Path, name: str, ckpt: Path, n: int, label: str) -> dict:
 @pytest.mark.parametrize("name,n", [("parallel/tp2_dp2_s2_toy", 6), ("parallel/tp2_dp2_s3_toy", 2),
                                     ("parallel/pp2_dp2_s1_fp32", 2),
                                     ("parallel/pp2_dp2_s1_bf16_pmd", 6),
+                                    ("parallel/pp2_tp2_dp1_s1_bf16", 8),
                                     ("parallel/moe_ep2_w4_s2_fp32", 2),
                                     ("parallel/moe_ep2_w4_s1_top2_res", 6)])
 def test_deepspeed_resumes_at_the_new_world_size(tmp_path, name, n):

@@ -1,4 +1,4 @@
-"""Load a tensor-parallel (AutoTP), pipeline or native MoE checkpoint into REAL DeepSpeed engines
+"""Load a tensor-parallel (AutoTP), pipeline (x tp) or native MoE checkpoint into REAL DeepSpeed engines
 (CPU, gloo, one process per rank) with plain `engine.load_checkpoint(DIR)`, record what they
 hold, and take one training step. Run with the DeepSpeed venv's python (ZINSPECT_DS_PYTHON) by
 tests/test_reshard_parallel.py:
@@ -6,7 +6,7 @@ tests/test_reshard_parallel.py:
     python parallel_worker.py --ckpt DIR --manifest FIXTURE/manifest.json --world-size N --result OUT.pt
 
 The model is the fixture's generator's (tests/tools/make_ds_autotp.py, make_ds_pipeline.py,
-make_ds_moe.py, with the manifest's arguments), built with another seed so that every value
+make_ds_moe.py, make_ds_pptp.py, with the manifest's arguments), built with another seed so that every value
 must come from the checkpoint. Recorded per param, keyed by what the rank holds of it (its tp
 rank's shard, its stage's copy, the global expert id): the fp32 master and Adam's exp_avg /
 exp_avg_sq, each gathered whole over its (expert-)data-parallel group by DeepSpeed's own
@@ -126,7 +126,29 @@ def moe(args, m, rank):
     return deepspeed, engine, state, loss.item()
 
 
-MODELS = {"make_ds_autotp.py": autotp, "make_ds_pipeline.py": pipeline, "make_ds_moe.py": moe}
+def pptp(args, m, rank):
+    import make_ds_pptp as gen
+
+    deepspeed = gen.setup_rank(rank, args.world_size, args.port)
+    pp, tp = m["pp"], m["tp"]
+    a = argparse.Namespace(**{k: m["model"][k] for k in ("hidden", "ffn", "heads", "layers", "vocab")},
+                           pp=pp, tp=tp, dp=args.world_size // (pp * tp), stage=m["stage"],
+                           dtype=m["dtype"], grad_accum_dtype=m.get("grad_accum_dtype"),
+                           seed=m["seed"], batch=m["batch"], seq=m["seq"],
+                           micro_batches=m["micro_batches"])
+    engine = gen.make_engine(a, rank, m["seed"] + 777)
+    engine.load_checkpoint(args.ckpt, load_lr_scheduler_states=False)
+    stage, t = engine.grid.get_stage_id(), engine.grid.get_slice_parallel_rank()
+    state = held(engine, lambda n: f"stage{stage}:tp{t}:{n}"), engine.global_steps
+    import torch
+
+    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=torch.Generator().manual_seed(5))
+    loss = engine.train_batch(data_iter=iter([(ids, ids)] * a.micro_batches))
+    return deepspeed, engine, state, float(loss)
+
+
+MODELS = {"make_ds_autotp.py": autotp, "make_ds_pipeline.py": pipeline, "make_ds_moe.py": moe,
+          "make_ds_pptp.py": pptp}
 
 
 def run_rank(rank, args):

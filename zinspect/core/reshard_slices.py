@@ -24,14 +24,15 @@ from zinspect.core.validate import PLAIN_ZERO  # the layouts whose files are one
 from zinspect.errors import NotMergeable, UsageError
 
 #: the layouts that can be resharded
-RESHARDABLE = (*PLAIN_ZERO, "tensor_parallel", "pipeline", "moe")
+RESHARDABLE = (*PLAIN_ZERO, "tensor_parallel", "pipeline", "pipeline_tp", "moe")
 _EXPERT = re.compile(re.escape(EXPERTS) + r"(\d+)\.")
 #: how a refusal names the layouts that can
 LAYOUT_NAMES = {"zero": "plain ZeRO-1/2/3", "bf16_optimizer": "BF16_Optimizer",
                 "tensor_parallel": "tensor-parallel (AutoTP, ZeRO-1/2/3)",
-                "pipeline": "pipeline (ZeRO-1)", "moe": "native MoE (ZeRO-1/2)"}
+                "pipeline": "pipeline (ZeRO-1)", "pipeline_tp": "pipeline x tensor-parallel (ZeRO-1)",
+                "moe": "native MoE (ZeRO-1/2)"}
 #: the ZeRO stages whose optimizer files a reshard rewrites, per layout
-STAGES = {"tensor_parallel": (1, 2, 3), "pipeline": (1,), "moe": (1, 2)}
+STAGES = {"tensor_parallel": (1, 2, 3), "pipeline": (1,), "pipeline_tp": (1,), "moe": (1, 2)}
 
 
 def refusal(ckpt: Checkpoint) -> tuple[str, str] | None:
@@ -86,10 +87,6 @@ def reshape(ckpt: Checkpoint, world_size: int) -> Reshape:
     tp, pp, ep = max(topo.tp, 1), max(topo.pp, 1), max(topo.ep, 1)
     if ckpt.layout in PLAIN_ZERO:
         tp = pp = ep = 1
-    if ckpt.layout == "pipeline" and tp > 1:
-        raise NotMergeable(f"{shown(str(ckpt.path))}: cannot reshard: a pipeline with tensor "
-                           f"parallelism (pp {pp} x tp {tp}) is not supported yet",
-                           "resume it at the same data-parallel size")
     kept = tp * pp
     if world_size % kept or world_size % (kept * ep):
         what = " x ".join(f"{k} {v}" for k, v in (("tp", tp), ("pp", pp), ("ep", ep)) if v > 1)
@@ -105,11 +102,14 @@ def reshape(ckpt: Checkpoint, world_size: int) -> Reshape:
                             [f for f in models if f.coords.tp == t],
                             [g for g in ckpt.groups if g.coords and g.coords.tp == t], shard=t)
                      for t in range(tp)]
-    elif ckpt.layout == "pipeline":
-        rs.slices = [_slice(ckpt, s, [f for f in optim if f.coords.pp == s],
-                            [f for f in models if f.coords.pp == s],
-                            [g for g in ckpt.groups if g.coords and g.coords.pp == s])
-                     for s in range(pp)]
+    elif ckpt.layout in ("pipeline", "pipeline_tp"):  # one slice per (stage, tp rank)
+        def at(c, s: int, t: int) -> bool:
+            return c is not None and c.pp == s and (tp == 1 or c.tp == t)
+
+        rs.slices = [_slice(ckpt, s * tp + t, [f for f in optim if at(f.coords, s, t)],
+                            [f for f in models if at(f.coords, s, t)],
+                            [g for g in ckpt.groups if at(g.coords, s, t)], t if tp > 1 else None)
+                     for s in range(pp) for t in range(tp)]
         rs.whole = sorted(f.name for f in ckpt.files_of("layer"))
     else:
         rs.slices = [_slice(ckpt, 0, optim, models, ckpt.groups)]
