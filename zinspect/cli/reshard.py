@@ -20,17 +20,17 @@ exp_avg_sq are moved to their new partitions; the step, the hyper-parameters, th
 ds_config and the 16-bit model weights are kept. A stock DeepSpeed engine at world size N
 resumes from it with plain engine.load_checkpoint(OUT_DIR) and trains on.
 
-Every source byte is read once and CRC-checked, memory stays bounded (a few MB), no temporary
-files are written beside the output, and the files appear under their names only when all are
+Every source byte is read once and CRC-checked (in whatever order the new layout needs it),
+planning holds one rank's files at a time, no temporary files are written beside the output, and the files appear under their names only when all are
 complete (`latest` last, as DeepSpeed writes it); a failed or cancelled run leaves nothing.
 
 Plain ZeRO-1/2/3 and BF16_Optimizer checkpoints, tensor-parallel (AutoTP) ZeRO-1/2/3, pipeline
-ZeRO-1 and native MoE ZeRO-1/2 checkpoints, with Adam/AdamW states: each tp rank's / stage's
-files are resharded over dp as a plain ZeRO checkpoint; a pipeline's layer files and the MoE
-expert files are written again as they are. Changing the ZeRO stage, the tp, pp or ep degree is
-refused (for a tp or pp change, write a universal checkpoint: `zinspect merge PATH OUT --format
-universal`, and load it with "checkpoint": {"load_universal": true}); so are a pipeline with
-tensor parallelism and a pipeline's bf16 ZeRO-0 files. ZeRO-0 needs no reshard.
+ZeRO-1 (also with tensor parallelism) and native MoE ZeRO-1/2 checkpoints, with Adam/AdamW
+states: each tp rank's / stage's files are resharded over dp as a plain ZeRO checkpoint; a
+pipeline's layer files and the MoE expert files are copied byte for byte. Changing the ZeRO
+stage, the tp, pp or ep degree is refused (for a tp or pp change, write a universal checkpoint:
+`zinspect merge PATH OUT --format universal`, and load it with "checkpoint": {"load_universal":
+true}); so are a pipeline's bf16 ZeRO-0 files. ZeRO-0 needs no reshard.
 
 examples:
   zinspect reshard ./checkpoints ./ckpt_ws8 --world-size 8
