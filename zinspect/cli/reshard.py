@@ -21,8 +21,9 @@ ds_config and the 16-bit model weights are kept. A stock DeepSpeed engine at wor
 resumes from it with plain engine.load_checkpoint(OUT_DIR) and trains on.
 
 Every source byte is read once and CRC-checked (in whatever order the new layout needs it),
-planning holds one rank's files at a time, no temporary files are written beside the output, and the files appear under their names only when all are
-complete (`latest` last, as DeepSpeed writes it); a failed or cancelled run leaves nothing.
+planning holds one rank's files at a time, no temporary files are written beside the output,
+and the files appear under their names only when all are complete (`latest` last, as DeepSpeed
+writes it); a failed or cancelled run leaves nothing.
 
 Plain ZeRO-1/2/3 and BF16_Optimizer checkpoints, tensor-parallel (AutoTP) ZeRO-1/2/3, pipeline
 ZeRO-1 (also with tensor parallelism) and native MoE ZeRO-1/2 checkpoints, with Adam/AdamW
