@@ -143,3 +143,16 @@ def test_a_tp_ranks_optimizer_that_fits_no_order_is_named(tmp_path):
     assert "different numbers of params" in c.findings[0].message
     with pytest.raises(NotMergeable):
         plan_merge(c)
+
+
+def test_a_truncated_tp_rank_file_is_named_and_refused(tmp_path):
+    """tp rank 1's model states cut to 60,000 bytes (most of its tensor records gone): named as
+    that file's truncation; nothing is written from it."""
+    tag = copy(tmp_path, "tp2_dp1_s0_toy_bf16")
+    with open(tag / "mp_rank_01_model_states.pt", "r+b") as f:
+        f.truncate(60_000)
+    c = open_checkpoint(tag)
+    assert [(f.code, f.file) for f in c.findings] == [("truncated-file", "mp_rank_01_model_states.pt")]
+    r = run_zinspect("merge", tag, tmp_path / "out")
+    assert r.returncode == 1 and "mp_rank_01_model_states.pt is truncated" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
