@@ -133,6 +133,18 @@ def test_refusals_leave_nothing(tmp_path):
     assert (tmp_path / "c" / "latest_universal").read_text() == "global_step2_universal"
 
 
+@pytest.mark.parametrize("name,why", [
+    ("optim/sgd_s2_w2_fp32", r"group 0's optimizer state holds momentum_buffer: only Adam/AdamW "
+                             r"states .* are written to a universal checkpoint"),
+    ("tp_extra/tp2_dp2_s0_toy", r"a ZeRO-0 tensor-parallel checkpoint cannot be converted to a "
+                                r"universal checkpoint: DeepSpeed reads"),
+    ("parallel/moe_ep2_w2_s0_bf16", r"a ZeRO-0 MoE checkpoint cannot be converted")])
+def test_what_no_engine_would_load_is_refused_saying_why(tmp_path, name, why):
+    with pytest.raises(NotMergeable, match=why):
+        write_universal(open_checkpoint(FIXTURES / name), tmp_path / "u")
+    assert not (tmp_path / "u").exists() or not os.listdir(tmp_path / "u")
+
+
 @needs_deepspeed
 @pytest.mark.parametrize("name,n", [("s2_w2_bf16", 3), ("s3_w2_fp32", 1)])
 def test_deepspeed_loads_it_at_another_world_size(tmp_path, name, n):

@@ -82,7 +82,7 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
         raise NotMergeable(f"{shown(str(ckpt.path))}: no optimizer state in "
                            f"{shown(src.optim[0].name)}", "an elastic checkpoint cannot be converted")
     for states in universal_pipeline.slice_states(src) if pipeline else [inner["state"]]:
-        src.check_states(states)
+        _check_adam(ckpt, states)
     files = []
     # the model-states files first: their records are read whole (CRC-checked) before the
     # buffers and frozen fragments in them are read again in part
@@ -140,10 +140,25 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
     return files
 
 
+def _check_adam(ckpt: Checkpoint, states: dict) -> None:
+    """Only Adam/AdamW states are written (as ds_to_universal writes them)."""
+    for g, st in states.items():
+        extra = sorted(str(k) for k in (st or {}) if k not in (STEP, *MOMENTS))
+        if extra:
+            raise NotMergeable(f"{shown(str(ckpt.path))}: group {g}'s optimizer state holds "
+                               f"{shown(', '.join(extra), 80)}: only Adam/AdamW states (exp_avg, "
+                               "exp_avg_sq, step) are written to a universal checkpoint "
+                               "(DeepSpeed's ds_to_universal.py fails on others: KeyError 'exp_avg')",
+                               "take the weights and the optimizer states with `zinspect merge "
+                               "PATH OUT --state all`")
+
+
 def _refuse_zero0(ckpt: Checkpoint) -> None:
     """No DeepSpeed engine would read a ZeRO-0 run's universal checkpoint: refused, saying why."""
     if ckpt.stage == 0 and ckpt.layout != "universal":
-        kind = {"zero0": "", "moe": " MoE", "pipeline": " pipeline"}.get(ckpt.layout, f" {ckpt.layout}")
+        kind = {"zero0": "", "moe": " MoE", "pipeline": " pipeline",
+                "pipeline_tp": " pipeline x tensor-parallel",
+                "tensor_parallel_zero0": " tensor-parallel"}.get(ckpt.layout, f" {ckpt.layout}")
         raise NotMergeable(f"{shown(str(ckpt.path))}: a ZeRO-0{kind} checkpoint cannot be converted "
                            f"to a universal checkpoint: {ZERO0_WHY}", "resume it at the same "
                            "world size with plain load_checkpoint (ZeRO-0 keeps whole optimizer "
