@@ -183,3 +183,29 @@ def test_zero0_fp32_pipeline_moments_are_the_owning_stages_torch_state():
             assert f.file == file and torch.equal(_read(ckpt, f), per[moment].flatten()), (pname, moment)
         located += 1
     assert located == 26
+
+
+def test_stats_moments_of_an_sgd_run_are_its_momentum_buffer():
+    """Was: refused ("no exp_avg / exp_avg_sq"). `stats --moments` on the SGD run gives each
+    param's momentum_buffer (NAME:momentum_buffer), equal to torch.load's."""
+    from conftest import run_zinspect
+
+    name = FIXTURES / "optim" / "sgd_s2_w2_fp32"
+    r = run_zinspect("stats", name, "--moments", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {p["name"]: p for p in json.loads(r.stdout)["params"]}
+    tag = next(p for p in name.iterdir() if p.is_dir())
+    osds = [torch_load(tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+            for r in (0, 1)]
+    checked = 0
+    for g, shapes in enumerate(torch_load(tag / "mp_rank_00_model_states.pt")["param_shapes"]):
+        flat = torch.cat([o["base_optimizer_state"]["state"][g]["momentum_buffer"]
+                          [:o["single_partition_of_fp32_groups"][g].numel()] for o in osds])
+        off = 0
+        for pname, shape in shapes.items():
+            want = flat[off:off + shape.numel()]
+            off += shape.numel()
+            row = rows[f"{pname}:momentum_buffer"]
+            assert row["max_abs"] == want.abs().max().item() and row["numel"] == want.numel()
+            checked += 1
+    assert checked == 25 and not any(":exp_avg" in n for n in rows)

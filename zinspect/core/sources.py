@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zinspect.core.fmt import shown
-from zinspect.core.model import MOMENTS
 from zinspect.core.plan import OutputTensor, Piece
 from zinspect.core.torchzip import DTYPE_SIZES, TensorRef
 from zinspect.core.writers import SAFETENSORS_DTYPES
@@ -53,7 +52,8 @@ def open_source(path: str | os.PathLike, tag: str | None = None, moments: bool =
 def checkpoint_tensors(path: Path, tag: str | None = None,
                        moments: bool = False) -> list[OutputTensor]:
     """The tensors a merge writes; with `moments`, then each param's Adam exp_avg and
-    exp_avg_sq (named `NAME:exp_avg`, `NAME:exp_avg_sq`)."""
+    exp_avg_sq (named `NAME:exp_avg`, `NAME:exp_avg_sq`), or another optimizer's own states
+    (`NAME:momentum_buffer`, ...)."""
     from zinspect.core import open_checkpoint
     from zinspect.core.plan import plan_merge
 
@@ -63,18 +63,19 @@ def checkpoint_tensors(path: Path, tag: str | None = None,
 
 
 def moment_tensors(ckpt) -> list[OutputTensor]:
-    """Adam's moments of every trainable param, in any layout the core locates them for
-    (`Checkpoint.state_fragments`: the fp32 masters' ranges in each rank's moment tensor of the
-    same flat group; tensor-parallel shards are put together as the merge puts the masters)."""
+    """Adam's moments (or another optimizer's per-param states: SGD's momentum_buffer, ...) of
+    every trainable param, in any layout the core locates them for (`Checkpoint.state_fragments`:
+    the fp32 masters' ranges in each rank's moment tensor of the same flat group; tensor-parallel
+    shards are put together as the merge puts the masters)."""
     from zinspect.core.plan import param_problem, param_tensor
 
-    missing = [key for key in MOMENTS if key not in ckpt.states]
-    if missing:
-        raise UsageError(f"{ckpt.path}: no {' / '.join(missing)} in its optimizer files (the "
-                         f"optimizer holds {', '.join(ckpt.states) or 'nothing zinspect reads'})",
-                         "leave out --moments")
+    keys = [key for key in ckpt.states if key != "fp32"]
+    if not keys:
+        held = ", ".join(ckpt.states) or "nothing zinspect reads"
+        raise UsageError(f"{ckpt.path}: no per-param optimizer state (exp_avg, momentum_buffer, "
+                         f"...) in its files (they hold {held})", "leave out --moments")
     out = []
-    for key in MOMENTS:
+    for key in keys:
         for name, p in ckpt.params.items():
             if p.tied_to or p.frozen or not ckpt.state_fragments(name, "fp32"):
                 continue
