@@ -8,6 +8,7 @@ file's finding (`rootcause`): one root cause, one finding in the human output.
 from __future__ import annotations
 
 from collections import Counter
+from math import prod
 
 from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
@@ -189,10 +190,10 @@ class _Checks:
         c = self.c
         whole = self._whole_zero3_groups()
         frozen_whole = self._whole_zero3_model_states()
-        for p in c.params.values():
-            if not p.tied_to and (p.frozen and frozen_whole or
-                                  not p.frozen and p.sub_group in whole):
-                continue  # covered by construction; spares building millions of fragments
+        # params in whole groups are covered by construction: that spares building millions
+        # of fragments (and, in one comprehension, a Python step per param)
+        for p in [p for p in c.params.values() if p.tied_to or not (
+                p.frozen and frozen_whole or not p.frozen and p.sub_group in whole)]:
             if p.tied_to:
                 if p.tied_to not in c.params:
                     self.add("tied-source-missing", f"{p.name} is tied to {p.tied_to}, "
@@ -239,9 +240,9 @@ class _Checks:
         """The elements each rank's partition of ZeRO-3 sub-group g needs (asked twice: the
         sum over a 300k-param model is not free)."""
         if g.index not in self._want:
-            c = self.c
+            held = map(self.c.params.get, g.params)  # Param.numel inline: 300k params
             self._want[g.index] = partition.zero3_group_numel(
-                [c.params[n].numel for n in g.params if n in c.params], ws)
+                [prod(p.shape) for p in held if p is not None], ws)
         return self._want[g.index]
 
     def _whole_zero3_model_states(self) -> bool:
