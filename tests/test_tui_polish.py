@@ -285,3 +285,23 @@ async def test_one_buffer_is_said_as_one():
         await pilot.press("m")
         await pilot.pause()
         assert "Writes 19 params + 1 buffer," in "".join(drawn(app.screen.query_one("#merge-plan")))
+
+
+async def test_the_header_cuts_a_long_path_in_its_middle_and_keeps_it_cut_after_a_resize(tmp_path):
+    """The header's subtitle is the checkpoint's path: at 80 columns its end (the checkpoint's
+    name) was cut off (`…/parallel/moe_ep2_w4_…`); it gives up its middle instead."""
+    deep = tmp_path / "a_directory_with_a_rather_long_name" / "and_another_one_below_it"
+    shutil.copytree(SAMPLE, deep / "my_checkpoint")
+    app = ZinspectApp(str(deep / "my_checkpoint"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        from textual.widgets import Header
+
+        header = "".join(drawn(app.screen.query_one(Header))).rstrip()
+        assert header.endswith("…/my_checkpoint") or "…" in header and \
+            header.endswith("my_checkpoint"), header
+        assert "zinspect · global_step2 — " in header
+        await pilot.resize_terminal(120, 24)
+        await pilot.pause()
+        wide = "".join(drawn(app.screen.query_one(Header))).rstrip()
+        assert wide.endswith("my_checkpoint") and len(wide) > len(header), wide

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Header, Label
+from textual.widgets import Label
 from textual.worker import get_current_worker
 
 from zinspect.core.diff import DiffResult, ParamDiff, diff_tensors, unravel
@@ -24,6 +24,7 @@ from zinspect.errors import NotMergeable
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import display_path
+from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
@@ -87,7 +88,7 @@ class DiffScreen(WorkerOutcomes, Screen):
         self.result: DiffResult | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header(icon="◆")
+        yield Header()
         with Vertical(id="diff-running", classes="dialog") as box:
             box.border_title = "Compare"
             yield Label(Text(f"This checkpoint's fp32 masters against {display_path(self.other)}, "

@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Center, Container, Vertical
 from textual.screen import Screen
-from textual.widgets import Header, Label, LoadingIndicator, Static, TabbedContent, TabPane
+from textual.widgets import Label, LoadingIndicator, Static, TabbedContent, TabPane
 
 from zinspect.core.fmt import shown
 from zinspect.tui.errors import Problem
@@ -17,6 +17,7 @@ from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import Inspection
 from zinspect.tui.keys import binding, key_of
 from zinspect.tui.widgets.findings_pane import FindingsPane
+from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.overview import Overview
 from zinspect.tui.widgets.params_pane import ParamsPane
 from zinspect.tui.widgets.ranks_pane import RanksPane
@@ -66,7 +67,7 @@ class MainScreen(Screen):
         self.last_tab = "overview"  # shown again after a reload
 
     def compose(self) -> ComposeResult:
-        yield Header(icon="◆")
+        yield Header()
         with Container(id="body"):
             yield self.loading_view()
         yield KeyFooter()

@@ -19,7 +19,7 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.events import Click
 from textual.screen import Screen
-from textual.widgets import Header, Label, Static
+from textual.widgets import Label, Static
 from textual.worker import get_current_worker
 
 from zinspect.core.fmt import shown
@@ -29,6 +29,7 @@ from zinspect.core.optimizer_stats import OptimizerStats, ParamOptimStats
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
+from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
@@ -179,7 +180,7 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         self.result: OptimizerStats | None = None
 
     def compose(self) -> ComposeResult:
-        yield Header(icon="◆")
+        yield Header()
         with Vertical(id="optim-head"):
             yield Label("Reading the optimizer state …", id="optim-summary")
         with Vertical(id="optim-running", classes="dialog") as box:

@@ -18,7 +18,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import Screen
-from textual.widgets import DataTable, Header, Label, Static
+from textual.widgets import DataTable, Label, Static
 
 from zinspect.core import fmt
 from zinspect.core.model import Buffer, Checkpoint, Fragment, Param, short_dtype
@@ -29,6 +29,7 @@ from zinspect.tui.keys import binding, key_of
 from zinspect.tui.messages import ExclusionToggled
 from zinspect.tui.text import literal
 from zinspect.tui.widgets.coverage_bar import CoverageBar
+from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 
 READING = "reading the ranks' model states…"
@@ -137,7 +138,7 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         return self.owner or self.param
 
     def compose(self) -> ComposeResult:
-        yield Header(icon="◆")
+        yield Header()
         with VerticalScroll(id="param-detail"):
             yield Static(id="param-facts")
             yield Label(classes="section-title", id="coverage-title")

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import Header, Label, Sparkline
+from textual.widgets import Label, Sparkline
 from textual.worker import get_current_worker
 
 from zinspect.core.fmt import shown
@@ -22,6 +22,7 @@ from zinspect.core.stats import TensorStats
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
+from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
@@ -109,7 +110,7 @@ class StatisticsScreen(WorkerOutcomes, Screen):
         self.sort_column, self.reverse = L2_COLUMN, True  # largest first
 
     def compose(self) -> ComposeResult:
-        yield Header(icon="◆")
+        yield Header()
         with Vertical(id="stats-running", classes="dialog") as box:
             box.border_title = "Statistics"
             yield Label("Reading the fp32 masters a merge would write: min, max, mean, std, "
