@@ -305,3 +305,19 @@ async def test_the_header_cuts_a_long_path_in_its_middle_and_keeps_it_cut_after_
         await pilot.pause()
         wide = "".join(drawn(app.screen.query_one(Header))).rstrip()
         assert wide.endswith("my_checkpoint") and len(wide) > len(header), wide
+
+
+async def test_a_universal_checkpoints_ranks_tab_says_it_has_no_rank_partitions():
+    """A universal checkpoint keeps every param's states whole under zero/: its Ranks tab said
+    "1 layer/expert files", rank 1 "ok (a replica: not saved)" and 0 elements held per rank."""
+    from zinspect.tui.widgets.ranks_pane import RanksPane
+
+    app = ZinspectApp(str(FIXTURES / "universal" / "s2_w2_bf16"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("3")
+        await pilot.pause()
+        shown = "\n".join(drawn(app.screen.query_one(RanksPane)))
+        assert "universal checkpoint" in shown and "zero/" in shown, shown
+        assert "replica" not in shown and "layer/expert" not in shown
+        app.screen.query_one(RanksPane).show_rank(0)  # a finding's rank: nothing to show, no error

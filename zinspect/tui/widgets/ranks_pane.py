@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from rich.style import Style
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Label
+from textual.widgets import Label, Static
 
 from zinspect.core import fmt
 from zinspect.core.model import ERROR, INFO, Checkpoint, Finding, ParamGroup, RankFile
@@ -27,6 +27,9 @@ MATRIX_MAX_GROUPS = 64
 #: the files a cell is made of (layer and expert files belong to no dp rank)
 CELL_KINDS = ("optim", "model")
 SLICE_AXES = ("tp", "pp", "ep")
+UNIVERSAL = ("No ranks: a universal checkpoint keeps each param's fp32 master and optimizer "
+             "states whole in zero/<param>/ (made from a run of {shape}); it resumes at any "
+             "world size")
 
 
 @dataclass
@@ -218,6 +221,9 @@ class RanksPane(Vertical):
         ckpt, topo = self.ckpt, self.ckpt.topology
         shape = " × ".join(f"{a} {getattr(topo, a)}" for a in ("pp", "tp", "dp", "ep")
                            if getattr(topo, a) > 1 or a == "dp")
+        if ckpt.layout == "universal":  # no rank holds anything: a grid of empty cells said
+            yield Static(UNIVERSAL.format(shape=shape), classes="section-title")  # "replica"
+            return
         others = [f for f in ckpt.files if f.kind not in CELL_KINDS]
         note = f"; {len(others)} layer/expert files in the Overview" if others else ""
         yield Label(f"Ranks: {shape}, {len(self.cells)} cells{note}", classes="section-title")
@@ -230,6 +236,8 @@ class RanksPane(Vertical):
 
     def show_rank(self, rank: int) -> None:
         """The first cell of data-parallel rank `rank` (a finding names the dp rank)."""
+        if not self.query(RankGrid):  # a universal checkpoint
+            return
         grid = self.query_one(RankGrid)
         index = next((i for i, c in enumerate(self.cells) if c.dp == rank), None)
         if index is not None:
