@@ -27,7 +27,10 @@ from zinspect.core.validate import validate
 from zinspect.errors import NotMergeable
 
 PARALLEL = FIXTURES / "parallel"
-PPTP = ["pp2_tp2_dp1_s1_bf16", "pp2_tp2_dp2_s1_fp32"]
+#: merged; the ZeRO-0 bf16 one has BF16_Optimizer files (DeepSpeed itself cannot reload it, and
+#: its ds_to_universal.py fails on it: "param_shapes must contain dictionaries")
+PPTP = ["pp2_tp2_dp1_s1_bf16", "pp2_tp2_dp2_s1_fp32", "pp2_tp2_dp1_s0_bf16"]
+REFUSED = "pp2_tp2_dp1_s0_fp32"  # ZeRO-0 fp32: no optimizer files, so no file names the params
 DP2 = "pp2_tp2_dp2_s1_fp32"
 TIED = "tied_modules.embed.word_embeddings.weight"
 
@@ -45,7 +48,7 @@ def reference(name: str) -> dict:
 @pytest.mark.parametrize("name", PPTP)
 def test_every_param_has_its_full_shape_and_each_tp_ranks_shard(name):
     m, c = manifest(name), open_checkpoint(PARALLEL / name)
-    assert (c.layout, c.stage, c.world_size) == ("pipeline_tp", 1, m["world_size"])
+    assert (c.layout, c.stage, c.world_size) == ("pipeline_tp", m["stage"], m["world_size"])
     assert (c.topology.pp, c.topology.tp, c.topology.dp) == (m["pp"], m["tp"], m["dp"])
     assert c.findings == []
     assert set(c.params) == set(m["params"])
@@ -100,7 +103,7 @@ def test_merge_is_the_reference_bit_for_bit(tmp_path, name, args):
         assert got[k].dtype == dtype and torch.equal(got[k], v.to(dtype)), k
 
 
-@pytest.mark.parametrize("name", PPTP)
+@pytest.mark.parametrize("name", [n for n in PPTP if (PARALLEL / n / "reference_moments.pt").exists()])
 def test_adam_moments_equal_deepspeeds_own_conversion(tmp_path, name):
     """`--state all`: each param's exp_avg / exp_avg_sq joined from its (stage, tp) slices equals
     what DeepSpeed's ds_to_universal.py joined for this checkpoint, bit for bit
@@ -153,11 +156,18 @@ def test_merge_loads_strictly_into_the_generators_model_at_tp_1(tmp_path, name):
     assert r.stdout.split()[-1] == str(manifest(name)["model"]["num_params_unique"])
 
 
-def test_reshard_is_refused_by_name(tmp_path):  # universal output: tests/test_universal_pptp.py
-    for args in (("reshard", PARALLEL / DP2, tmp_path / "r", "--world-size", "16"),):
-        r = run_zinspect(*args)
-        assert r.returncode != 0 and "a pipeline_tp checkpoint cannot be" in r.stderr, r.stderr
-        assert not (tmp_path / "u").exists() and not (tmp_path / "r").exists()
+def test_zero0_fp32_without_optimizer_files_is_refused_by_name(tmp_path):
+    """Its masters are the layer files' weights, but no file names them: the tied embedding is
+    `1.word_embeddings.weight` to zinspect, which no vocabulary pattern matches (its padding rows
+    would be written). Named, not merged; DeepSpeed's ds_to_universal.py fails on it too."""
+    assert manifest(REFUSED)["checks"]["ds_to_universal"]["returncode"] != 0
+    r = run_zinspect("validate", PARALLEL / REFUSED)
+    assert r.returncode == 1 and "unsupported-layout" in r.stdout and "no optimizer files" in r.stdout
+    r = run_zinspect("merge", PARALLEL / REFUSED, tmp_path / "out")
+    assert r.returncode != 0 and not (tmp_path / "out").exists()
+
+
+# universal output and reshard from pipeline_tp: tests/test_universal_pptp.py, test_reshard_parallel.py
 
 
 # ------------------------------------------------------------------ damaged copies

@@ -610,7 +610,13 @@ def main(argv=None):
     checks = {"replicas_and_tied_copies_equal": not info["copies_disagree"]}
     if args.verify:
         checks["layer_files_equal_reference"] = check_layer_files(args, tag, info)
-        checks["deepspeed_reload_same_topology"] = run_loader(args)
+        reload = run_loader(args)
+        if not reload["ok"] and args.stage == 0 and info["optimizer_class"] == "BF16_Optimizer":
+            # DeepSpeed 0.19.8's own gap (as make_ds_pipeline.py records it): ZeRO-0 bf16 pipelines
+            # save BF16_Optimizer files AND dp rank 0's optimizer state in mp_rank_SS; on load that
+            # one dict is indexed by dp rank (KeyError). The files themselves are complete.
+            reload["known_gap"] = "DeepSpeed cannot reload ZeRO-0 bf16 (BF16_Optimizer) pipeline checkpoints"
+        checks["deepspeed_reload_same_topology"] = reload
     if args.universal:
         uni = run_universal(args, tag)
         if not uni["ok"]:

@@ -126,6 +126,11 @@ PARALLEL_FIXTURES = {
     "pp2_tp2_dp1_s1_bf16": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "1", "--dtype", "bf16",
                                    "--grad-accum-dtype", "fp32"]),
     "pp2_tp2_dp2_s1_fp32": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "2"]),
+    # ZeRO-0: bf16 saves BF16_Optimizer files (DeepSpeed cannot reload them: a known gap the
+    # manifest records); fp32 saves none (its masters are the layer files, by position: refused)
+    "pp2_tp2_dp1_s0_bf16": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "1", "--stage", "0",
+                                   "--dtype", "bf16"]),
+    "pp2_tp2_dp1_s0_fp32": (PPTP, ["--pp", "2", "--tp", "2", "--dp", "1", "--stage", "0"]),
     "tp2_dp2_s1_toy": (AUTOTP, ["--model", "toy", "--world-size", "4", "--tp", "2", "--stage", "1"]),
     # (--vocab-parallel-head fails in training: the column-split head's logits are not gathered)
     "tp2_dp2_s2_toy": (AUTOTP, ["--model", "toy", "--world-size", "4", "--tp", "2", "--stage", "2"]),

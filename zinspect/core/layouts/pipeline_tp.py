@@ -178,12 +178,15 @@ class _PipelineTP(pipeline._Pipeline):  # noqa: SLF001 (the stage logic this lay
                 p.fragments, p.copies = [], {}
 
     def describe_zero0(self) -> None:
-        """ZeRO-0 with TP keeps its fp32 masters in the model states, by position: refused by
-        name (its params are shown, nothing is merged)."""
-        self.ctx.find("unsupported-layout", f"a ZeRO-0 pipeline with tensor parallelism (pp "
-                      f"{self.pp} × tp {self.tp}): its fp32 masters live in the model states, "
-                      "which zinspect cannot match to the shards yet",
-                      "for now use DeepSpeed's ds_to_universal.py for this layout")
+        """ZeRO-0 without optimizer files (fp32): no file names the params, so the vocabulary
+        and split patterns cannot be matched to them (the tied embedding would be joined with
+        its padding rows): refused by name (its params are shown, nothing is merged). ZeRO-0
+        bf16 saves BF16_Optimizer files and is read as ZeRO-1."""
+        self.ctx.find("unsupported-layout", f"a ZeRO-0 pipeline with tensor parallelism and no "
+                      f"optimizer files (pp {self.pp} × tp {self.tp}): no file names its params, "
+                      "so how their tp shards join cannot be matched to them",
+                      "load it with DeepSpeed at its own topology and save a ZeRO-1 checkpoint "
+                      "(DeepSpeed's ds_to_universal.py needs the optimizer files too)")
         for p in self.c.params.values():
             p.fragments, p.copies = [], {}
 
