@@ -156,3 +156,32 @@ def test_a_truncated_tp_rank_file_is_named_and_refused(tmp_path):
     r = run_zinspect("merge", tag, tmp_path / "out")
     assert r.returncode == 1 and "mp_rank_01_model_states.pt is truncated" in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ frozen params in the groups
+FROZEN = "tp2_dp1_s0_toy_frozen"  # make_frozen_tp.py --model toy --world-size 2 --tp 2 --stage 0
+FROZEN_NAMES = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+                "model.layers.0.input_layernorm.weight"}  # its FROZEN: column, row, replicated
+
+
+def test_frozen_params_left_in_the_optimizer_groups(tmp_path):
+    """The client put every param in its groups, the frozen ones too: the optimizer never stepped
+    those (no state), so their shapes are unknown. Was: `zero0-frozen-unknown` per tp rank and
+    no moment located. Now the stepped entries' shapes place every param (a stateless entry fits
+    any), the weights merge bit for bit, the 25 stepped params' moments are located and the 3
+    frozen ones are named by --state all (nothing guessed)."""
+    c = open_checkpoint(EXTRA / FROZEN)
+    assert (c.layout, c.findings) == ("tensor_parallel_zero0", [])
+    r = run_zinspect("merge", EXTRA / FROZEN, tmp_path / "w", "--no-hf-files")
+    assert r.returncode == 0, r.stderr
+    got, ref = load_file(tmp_path / "w" / "model.safetensors"), reference(FROZEN)
+    assert set(got) == set(ref) and all(torch.equal(got[n], t) for n, t in ref.items())
+    located = {n for n in c.params if c.state_fragments(n, "exp_avg")}
+    assert located == set(c.params) - FROZEN_NAMES and len(located) == 25
+    with pytest.raises(NotMergeable) as e:
+        merge(c, tmp_path / "s", hf_files=False, state="all")
+    assert "6 optimizer state tensor(s) cannot be rebuilt" in e.value.message
+    assert not (tmp_path / "s").exists()
+    result = merge(c, tmp_path / "s", hf_files=False, state="all", salvage=True)
+    assert {n.split(":")[0] for n in result.dropped} == FROZEN_NAMES
+    assert set(load_file(tmp_path / "s" / "exp_avg.safetensors")) == located

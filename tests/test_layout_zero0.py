@@ -63,6 +63,14 @@ def test_group_order_refuses_two_fits_and_none():
     assert (fit.problem, fit.groups, fit.skipped) == ("", [["norm.weight"]], ["norm.bias"])
 
 
+def test_group_order_an_entry_without_state_fits_any_param():
+    """A param the optimizer never stepped (frozen, yet in a group) has no state: shape None."""
+    params = [("w", (4, 3)), ("frozen", (3, 3)), ("b", (4,))]
+    fit = match_group_order(params, [[(4, 3), None], [(4,)]])
+    assert (fit.problem, fit.groups, fit.skipped) == ("", [["w", "frozen"], ["b"]], [])
+    assert match_group_order(params, [[None], [None, (4,)]]).problem == "ambiguous"
+
+
 # ------------------------------------------------------------------ the real fixtures
 @pytest.mark.parametrize("name", ZERO0)
 def test_names_frozen_and_ties_are_the_manifests(name):

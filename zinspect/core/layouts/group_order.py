@@ -36,9 +36,9 @@ class GroupOrder:
 
 def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]],
                       required: int = 0) -> GroupOrder:
-    """Assign each group entry (by shape) to a distinct param so that each group keeps module
-    order; the params left over are the frozen ones (never one of the first `required`).
-    Exactly one assignment or a problem."""
+    """Assign each group entry (by shape; an entry of shape None fits any param) to a distinct
+    param so that each group keeps module order; the params left over are the frozen ones (never
+    one of the first `required`). Exactly one assignment or a problem."""
     n, k = len(params), len(groups)
     lengths = tuple(len(g) for g in groups)
     skips = n - sum(lengths)
@@ -53,7 +53,8 @@ def match_group_order(params: list[tuple[str, tuple]], groups: list[list[tuple]]
             if i >= required and i - sum(ptrs) < skips:  # params[i] is frozen
                 _add(nxt, ptrs, ways, (link, i, None))
             for g in range(k):
-                if ptrs[g] < lengths[g] and tuple(groups[g][ptrs[g]]) == tuple(shape):
+                want = groups[g][ptrs[g]] if ptrs[g] < lengths[g] else ()
+                if ptrs[g] < lengths[g] and (want is None or tuple(want) == tuple(shape)):
                     moved = ptrs[:g] + (ptrs[g] + 1,) + ptrs[g + 1:]
                     _add(nxt, moved, ways, (link, i, g))
         work += len(nxt)
@@ -87,7 +88,9 @@ def _add(frontier: dict, ptrs: tuple, ways: int, link) -> None:
 def saved_group_shapes(optimizer) -> list[list[tuple]] | None:
     """The shapes of a ZeRO-0 optimizer's groups, in order: FP16_UnfusedOptimizer's
     `fp32_groups` (16-bit training), else the torch optimizer's own state dict (each param's
-    `exp_avg`, or its first non-scalar tensor). None when a shape is not in the file."""
+    `exp_avg`, or its first non-scalar tensor; a param the optimizer never stepped, e.g. a
+    frozen one the client put in a group, has no state: its shape is None, any). None when a
+    shape is not in the file, or no entry has one."""
     masters = get(optimizer, "fp32_groups")
     if isinstance(masters, list):
         if not all(isinstance(g, list) and all(isinstance(t, TensorRef) for t in g)
@@ -101,11 +104,11 @@ def saved_group_shapes(optimizer) -> list[list[tuple]] | None:
     for g in groups:
         shapes = []
         for idx in get(g, "params", default=[]) or []:
-            per = state.get(idx)
+            per = state.get(idx) if isinstance(idx, int) else {}
             t = next((v for k, v in per.items() if isinstance(v, TensorRef) and
                       (k == "exp_avg" or v.shape)), None) if isinstance(per, dict) else None
-            if t is None:
+            if t is None and per is not None:
                 return None
-            shapes.append(t.shape)
+            shapes.append(None if t is None else t.shape)
         out.append(shapes)
-    return out
+    return out if any(s is not None for g in out for s in g) else None
