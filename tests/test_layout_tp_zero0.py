@@ -185,3 +185,15 @@ def test_frozen_params_left_in_the_optimizer_groups(tmp_path):
     result = merge(c, tmp_path / "s", hf_files=False, state="all", salvage=True)
     assert {n.split(":")[0] for n in result.dropped} == FROZEN_NAMES
     assert set(load_file(tmp_path / "s" / "exp_avg.safetensors")) == located
+
+
+async def test_the_app_overview_names_the_layout():
+    from test_tui_polish import drawn, settle
+
+    from zinspect.tui.app import ZinspectApp
+
+    app = ZinspectApp(str(EXTRA / "tp2_dp2_s0_toy"))
+    async with app.run_test(size=(120, 36)) as pilot:
+        await settle(app, pilot)
+        overview = "\n".join(drawn(app.screen.query_one("#overview-body")))
+        assert "tensor parallel, ZeRO-0" in overview and "pp 1 × tp 2 × dp 2 × ep 1" in overview, overview

@@ -19,7 +19,8 @@ from zinspect.tui.text import Squeezed
 
 LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer",
                 "pipeline": "pipeline parallel", "tensor_parallel": "tensor parallel",
-                "moe": "mixture of experts", "zero0": "ZeRO-0 (no partitioning)"}
+                "moe": "mixture of experts", "zero0": "ZeRO-0 (no partitioning)",
+                "tensor_parallel_zero0": "tensor parallel, ZeRO-0"}
 FEATURE_NAMES = {"offload": "CPU offload", "hpz": "ZeRO++ hpZ"}
 
 
