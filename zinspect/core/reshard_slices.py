@@ -41,9 +41,12 @@ def refusal(ckpt: Checkpoint) -> tuple[str, str] | None:
     if stages is None or ckpt.stage in stages:
         return None
     if ckpt.stage == 0 and ckpt.files_of("optim"):  # a pipeline's bf16 ZeRO-0: BF16_Optimizer files
-        return (f"a {ckpt.layout} checkpoint at ZeRO-0 with partitioned bf16 optimizer files "
-                "cannot be resharded yet (its state is also kept whole in the mp_rank files)",
-                "write a universal checkpoint, or resume at the same data-parallel size")
+        return (f"a {ckpt.layout} checkpoint at ZeRO-0 with bf16 optimizer files cannot be "
+                "resharded: no DeepSpeed engine loads one, at any size (DeepSpeed 0.19.8 hands "
+                "BF16_Optimizer the mp_rank file's single state dict and fails with KeyError: 0, "
+                "even at the size it was saved at)",
+                "nothing loadable can be written from it; train with ZeRO-1 to be able to "
+                "resume at another size")
     if ckpt.stage == 0:
         return (f"a {ckpt.layout} checkpoint at ZeRO-0 keeps whole optimizer states, not "
                 "partitions: it needs no reshard", "load it at the new data-parallel size as it is")
