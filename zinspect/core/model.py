@@ -8,9 +8,10 @@
                -> Buffer
                -> Finding (validation results)
 
-Optimizer states other than the fp32 masters (Adam's exp_avg / exp_avg_sq) are not stored as
-fragments: `Checkpoint.state_fragments` derives them from the masters' (same element ranges, at
-the same offsets in the moment tensors of the same rank and group).
+Optimizer states other than the fp32 masters (Adam's exp_avg / exp_avg_sq, SGD's momentum_buffer,
+...) are not stored as fragments: `Checkpoint.state_fragments` derives them from the masters' (same
+element ranges, at the same offsets in the state tensors of the same rank and group, or in the
+param's own state tensor where the optimizer keeps one per param: ZeRO-0).
 
 Everything here is metadata; no tensor bytes are ever held.
 """
