@@ -3,6 +3,8 @@ runs made by tests/tools/make_ds_autotp.py --stage 0 (tests/fixtures/tp_extra/):
 
     tp2_dp2_s0_toy        --world-size 4 --tp 2 --stage 0 --dtype fp32 --steps 2  (torch AdamW)
     tp2_dp1_s0_toy_bf16   --world-size 2 --tp 2 --stage 0 --dtype bf16 --steps 2  (FP16_UnfusedOptimizer)
+    tp2_dp1_s0_llama_bf16_tied  --model llama --world-size 2 --tp 2 --stage 0 --dtype bf16 --tied
+                          (HF Llama, tied head: a vocab-parallel embedding, lm_head its alias)
 
 Each tp rank's mp_rank_TT_model_states.pt holds its shards and its whole optimizer state. Was:
 named and refused (unsupported:TENSOR_PARALLEL). Now info = the manifest, validate exits 0, the
@@ -28,7 +30,7 @@ from zinspect.core.merge import merge, plan_merge
 from zinspect.errors import NotMergeable
 
 EXTRA = FIXTURES / "tp_extra"
-NAMES = ["tp2_dp2_s0_toy", "tp2_dp1_s0_toy_bf16"]
+NAMES = ["tp2_dp2_s0_toy", "tp2_dp1_s0_toy_bf16", "tp2_dp1_s0_llama_bf16_tied"]
 
 
 def manifest(name: str) -> dict:
@@ -98,6 +100,10 @@ def test_state_all_is_each_tp_ranks_torch_state_joined(tmp_path, name):
     for key in ("fp32", "exp_avg", "exp_avg_sq"):
         got = load_file(tmp_path / "out" / f"{'model' if key == 'fp32' else key}.safetensors")
         for pname, info in m["params"].items():
+            if info["tied_to"]:  # the weights hold the alias (its owner's tensor); no moments
+                assert torch.equal(got[pname], got[info["tied_to"]]) if key == "fp32" else \
+                    pname not in got
+                continue
             want = joined(info["kind"], info["dim"], [h[pname][key] for h in per_tp], info["shape"])
             if key == "fp32":
                 assert torch.equal(want, reference(name)[pname]), pname
@@ -197,3 +203,20 @@ async def test_the_app_overview_names_the_layout():
         await settle(app, pilot)
         overview = "\n".join(drawn(app.screen.query_one("#overview-body")))
         assert "tensor parallel, ZeRO-0" in overview and "pp 1 × tp 2 × dp 2 × ep 1" in overview, overview
+
+
+def test_merged_llama_loads_strict_with_its_tied_head(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    name = "tp2_dp1_s0_llama_bf16_tied"
+    m, tp = manifest(name)["model"], manifest(name)["tp"]
+    config = transformers.LlamaConfig(
+        vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["intermediate"],
+        num_hidden_layers=m["layers"], num_attention_heads=m["hidden"] // m["head_dim"],
+        num_key_value_heads=max(tp, m["hidden"] // m["head_dim"] // 2), max_position_embeddings=64,
+        tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    r = run_zinspect("merge", EXTRA / name, tmp_path / "out", "--no-hf-files")
+    assert r.returncode == 0, r.stderr
+    state = load_file(tmp_path / "out" / "model.safetensors")
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(model.lm_head.weight, reference(name)["model.embed_tokens.weight"])
