@@ -2,9 +2,9 @@
 runs made by tests/tools/make_ds_autotp.py --stage 0 (tests/fixtures/tp_extra/):
 
     tp2_dp2_s0_toy        --world-size 4 --tp 2 --stage 0 --dtype fp32 --steps 2  (torch AdamW)
-    tp2_dp1_s0_toy_bf16   --world-size 2 --tp 2 --stage 0 --dtype bf16 --steps 2  (FP16_UnfusedOptimizer)
     tp2_dp1_s0_llama_bf16_tied  --model llama --world-size 2 --tp 2 --stage 0 --dtype bf16 --tied
-                          (HF Llama, tied head: a vocab-parallel embedding, lm_head its alias)
+                          (FP16_UnfusedOptimizer; HF Llama, tied head: a vocab-parallel
+                          embedding, lm_head its alias)
 
 Each tp rank's mp_rank_TT_model_states.pt holds its shards and its whole optimizer state. Was:
 named and refused (unsupported:TENSOR_PARALLEL). Now info = the manifest, validate exits 0, the
@@ -30,7 +30,7 @@ from zinspect.core.merge import merge, plan_merge
 from zinspect.errors import NotMergeable
 
 EXTRA = FIXTURES / "tp_extra"
-NAMES = ["tp2_dp2_s0_toy", "tp2_dp1_s0_toy_bf16", "tp2_dp1_s0_llama_bf16_tied"]
+NAMES = ["tp2_dp2_s0_toy", "tp2_dp1_s0_llama_bf16_tied"]
 
 
 def manifest(name: str) -> dict:
@@ -137,7 +137,7 @@ def test_a_missing_tp_rank_is_named_and_salvage_keeps_the_replicated(tmp_path):
 def test_a_tp_ranks_optimizer_that_fits_no_order_is_named(tmp_path):
     """tp rank 1's FP16_UnfusedOptimizer lost a master: its groups cannot be matched to its
     shards, so its masters are not named (never guessed), the merge refuses."""
-    name = "tp2_dp1_s0_toy_bf16"
+    name = "tp2_dp1_s0_llama_bf16_tied"
     tag = copy(tmp_path, name)
     path = tag / "mp_rank_01_model_states.pt"
     state = torch.load(path, weights_only=False)
@@ -152,11 +152,11 @@ def test_a_tp_ranks_optimizer_that_fits_no_order_is_named(tmp_path):
 
 
 def test_a_truncated_tp_rank_file_is_named_and_refused(tmp_path):
-    """tp rank 1's model states cut to 60,000 bytes (most of its tensor records gone): named as
+    """tp rank 1's model states cut to 40,000 bytes (most of its tensor records gone): named as
     that file's truncation; nothing is written from it."""
-    tag = copy(tmp_path, "tp2_dp1_s0_toy_bf16")
+    tag = copy(tmp_path, "tp2_dp1_s0_llama_bf16_tied")
     with open(tag / "mp_rank_01_model_states.pt", "r+b") as f:
-        f.truncate(60_000)
+        f.truncate(40_000)
     c = open_checkpoint(tag)
     assert [(f.code, f.file) for f in c.findings] == [("truncated-file", "mp_rank_01_model_states.pt")]
     r = run_zinspect("merge", tag, tmp_path / "out")
