@@ -233,7 +233,10 @@ def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = Fals
     if isinstance(data, (bytes, bytearray)) and len(data) >= FAST_PICKLE_BYTES:
         prepared = prepare_for_c(bytes(data))
         if prepared is not None:
-            fast = FastMetaUnpickler(io.BytesIO(prepared), legacy=legacy, budget_bytes=budget_bytes)
+            # buffered: the C unpickler then reads ahead in blocks (peek) instead of asking the
+            # stream for each opcode's bytes: 2x faster (1.0 -> 0.5 s bare at 297k names)
+            fast = FastMetaUnpickler(io.BufferedReader(io.BytesIO(prepared)), legacy=legacy,
+                                     budget_bytes=budget_bytes)
             try:
                 return fast.load(), fast
             except Exception:  # noqa: BLE001 - any doubt goes to the bounded reader
