@@ -235,6 +235,17 @@ def test_a_file_of_another_topology_is_stale(tmp_path, source, stale, rank):
     assert got == [("stale-rank-file", stale, rank, None)]
 
 
+@pytest.mark.parametrize("dims", [{"pp_degree": 2, "tp_degree": 10**9}, {"pp_degree": 10**9, "tp_degree": 2}])
+def test_a_forged_topology_is_one_finding_not_a_hang(tmp_path, dims):
+    def damage(tag):
+        for f in tag.glob("mp_rank_*_model_states.pt"):
+            state = torch.load(f, weights_only=False)
+            state["checkpoint_parallel_dimensions"] = dims
+            torch.save(state, f)
+    got = damaged(tmp_path, damage)
+    assert ("topology-mismatch", "mp_rank_00_model_states.pt", None, None) in got
+
+
 def test_a_drifted_tied_copy_is_reported_with_its_stage(tmp_path):
     """The tied embedding is vocab-split AND on two stages: stage 1's copy of tp rank 1's shard
     edited (CRC kept: the bytes are as saved) -> the merge writes stage 0's and warns."""
