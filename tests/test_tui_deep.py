@@ -88,3 +88,20 @@ async def test_deep_check_from_a_param_detail_updates_that_screen(tmp_path):
         await pilot.press("space")
         assert PARAM in app.view.excluded
         assert "excluded" in text_of(detail.query_one("#param-facts", Static))
+
+
+async def test_deep_check_reports_a_drifted_replica_once_per_run(tmp_path):
+    """`d` on a tp2 copy whose tp rank 1 norm drifted: the merge's tp-replica-drift finding in
+    the Findings tab; a second `d` replaces it (one finding, not two)."""
+    from test_deep_replicas import NORM, drifted_replica
+
+    root, want = drifted_replica(tmp_path)
+    app = ZinspectApp(str(root))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        for _ in range(2):
+            await pilot.press("d")
+            await settle(app, pilot)
+            drift = [f for f in app.view.ckpt.findings if f.code == "tp-replica-drift"]
+            assert [(f.param, f.severity) for f in drift] == [(NORM, "warning")]
+            assert f"up to {want:.6g}" in drift[0].message
