@@ -77,8 +77,8 @@ async def test_the_state_choices_are_the_clis_and_all_writes_the_moments_deepspe
         ckpt = open_checkpoint(FIXTURES / name)
         moments = states.plan_states(ckpt, plan_merge(ckpt))
         shown = text_of(plan_widget)
-        assert f"and {sum(map(len, moments.tensors.values()))} state tensors (exp_avg, exp_avg_sq)" \
-            in shown, shown
+        assert f"Also: {sum(map(len, moments.tensors.values()))} state tensors (exp_avg, " \
+            "exp_avg_sq)" in shown, shown
         screen.query_one("#merge-out").value = str(tmp_path / "out")
         screen.query_one("#merge-start", Button).press()
         await settle(app, pilot)

@@ -120,6 +120,9 @@ async def make_all(out: Path, merge_from: Path | None = None) -> list[Path]:
                                  "enter", "down", "enter", "f", "down"))
         shots.append(await shoot(SAMPLE, "param_detail", out, "slash", *"embed", "enter", "enter"))
         shots.append(await shoot(SAMPLE, "ranks", out, "3"))
+        # the optimizer state chosen with the keys (tab to it, right, space): the plan says it
+        shots.append(await shoot(SAMPLE, "merge_form", out, "m", "tab", "tab", "tab", "tab",
+                                 "right", "space"))
         shots.append(await shoot(TP_FIXTURE, "ranks_grid", out, "3"))
     with tempfile.TemporaryDirectory() as tmp, working_dir(Path(tmp)):
         shutil.copytree(PACKAGE_PARENT / SAMPLE, "damaged_sample")

@@ -202,9 +202,9 @@ class MergeScreen(ModalScreen[None]):
             held = states_mod.plan_states(self.view.ckpt, plan, salvage=self.salvage_ticked())
         except ZinspectError as e:
             return error_text("The optimizer state cannot be written", e)
-        text = Text("and ", style="dim")
+        text = Text("Also: ", style="dim")
         text.append(f"{counted(sum(map(len, held.tensors.values())), 'state tensor')} "
-                    f"({', '.join(held.tensors)}), {fmt.size(held.total_bytes)} as fp32",
+                    f"({', '.join(held.tensors)}), {fmt.size(held.total_bytes)} fp32",
                     style="bold")
         text.append(f" + {states_mod.STATE_JSON}", style="dim")
         if held.dropped:
