@@ -321,3 +321,37 @@ async def test_a_universal_checkpoints_ranks_tab_says_it_has_no_rank_partitions(
         assert "universal checkpoint" in shown and "zero/" in shown, shown
         assert "replica" not in shown and "layer/expert" not in shown
         app.screen.query_one(RanksPane).show_rank(0)  # a finding's rank: nothing to show, no error
+
+
+#: every committed checkpoint fixture (plain, parallel, tp_extra, optim, ...; universal ones
+#: have no manifest)
+ALL_FIXTURES = sorted([p.parent for p in FIXTURES.glob("**/manifest.json")] +
+                      [p.parent for p in FIXTURES.glob("universal/*/latest_universal")])
+
+
+def test_every_fixtures_layout_has_a_name_in_the_overview():
+    """A layout the app has no words for was shown by its code name (`pipeline_tp`)."""
+    from zinspect.core import open_checkpoint
+    from zinspect.tui.widgets.overview import LAYOUT_NAMES
+
+    layouts = {open_checkpoint(p).layout for p in ALL_FIXTURES}
+    assert {"pipeline_tp", "tensor_parallel_zero0", "moe", "universal"} <= layouts
+    assert layouts <= set(LAYOUT_NAMES), layouts - set(LAYOUT_NAMES)
+
+
+async def test_a_layer_file_says_its_stage_in_the_files_table():
+    """Layer files carry the stage that owns the layer now (pipeline layouts): the Files table
+    says `pp 1 layer 5` (it left pp out: it used to be 0 for every layer file)."""
+    from zinspect.core import open_checkpoint
+
+    path = FIXTURES / "parallel" / "pp2_dp2_s1_fp32"
+    stage = {f.name: f.coords.pp for f in open_checkpoint(path).files if f.kind == "layer"}
+    assert set(stage.values()) == {0, 1}
+    app = ZinspectApp(str(path))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        body = "\n".join(drawn(app.screen.query_one("#overview-body")))
+        for name, pp in stage.items():
+            row = next(line for line in body.splitlines() if name in line)
+            layer = int(name.split("_")[1].split("-")[0])
+            assert f"pp {pp} layer {layer}" in row, row

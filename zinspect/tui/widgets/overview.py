@@ -20,7 +20,8 @@ from zinspect.tui.text import Squeezed
 LAYOUT_NAMES = {"zero": "ZeRO optimizer", "bf16_optimizer": "BF16_Optimizer",
                 "pipeline": "pipeline parallel", "tensor_parallel": "tensor parallel",
                 "moe": "mixture of experts", "zero0": "ZeRO-0 (no partitioning)",
-                "tensor_parallel_zero0": "tensor parallel, ZeRO-0"}
+                "tensor_parallel_zero0": "tensor parallel, ZeRO-0",
+                "pipeline_tp": "pipeline × tensor parallel", "universal": "universal checkpoint"}
 FEATURE_NAMES = {"offload": "CPU offload", "hpz": "ZeRO++ hpZ"}
 
 
@@ -142,9 +143,9 @@ def files_table(ckpt: Checkpoint) -> Table:
 
 
 def coords_text(f: RankFile, axes: list[str]) -> str:
-    """`pp 1 tp 0`, `layer 3`, `ep 1 expert 2`: a file's place beyond its dp rank (a layer
-    file's name does not say its stage)."""
-    parts = [f"{a} {getattr(f.coords, a)}" for a in axes if not (a == "pp" and f.kind == "layer")]
+    """`pp 1 tp 0`, `pp 1 layer 3`, `ep 1 expert 2`: a file's place beyond its dp rank (a
+    layer file's stage is the one that owns the layer: the layouts place it)."""
+    parts = [f"{a} {getattr(f.coords, a)}" for a in axes]
     parts += [f"{k} {v}" for k, v in (("layer", f.coords.layer), ("expert", f.coords.expert))
               if v is not None]
     return " ".join(parts)
