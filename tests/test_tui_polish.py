@@ -355,3 +355,19 @@ async def test_a_layer_file_says_its_stage_in_the_files_table():
             row = next(line for line in body.splitlines() if name in line)
             layer = int(name.split("_")[1].split("-")[0])
             assert f"pp {pp} layer {layer}" in row, row
+
+
+async def test_no_buffers_are_not_counted_as_zero_buffers():
+    """MoE has no buffers: `output: 47 params, 40.6 KiB` and `Writes 47 params, ...` (was
+    `47 params + 0 buffers`, while the line beside it said `47 params`)."""
+    app = ZinspectApp(str(FIXTURES / "parallel" / "moe_ep2_w4_s2_fp32"))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await settle(app, pilot)
+        await pilot.press("2")
+        await pilot.pause()
+        status = "".join(drawn(app.screen.query_one("#output-summary")))
+        assert "output: 47 params, " in status and "buffer" not in status, status
+        await pilot.press("m")
+        await pilot.pause()
+        plan = "".join(drawn(app.screen.query_one("#merge-plan")))
+        assert "Writes 47 params, " in plan and "buffer" not in plan, plan

@@ -26,6 +26,11 @@ def counted(n: int, word: str) -> str:
     return f"{count(n)} {word}{'s' * (n != 1)}"
 
 
+def params_and_buffers(params: int, buffers: int) -> str:
+    """`27 params + 4 buffers`, `19 params + 1 buffer`, `47 params` (no buffers: not said)."""
+    return counted(params, "param") + (f" + {counted(buffers, 'buffer')}" if buffers else "")
+
+
 def middle(text: str, width: int) -> str:
     """`text` in `width` cells, giving up its middle: paths and dotted names differ at their
     ends (`…/global_step2`, `….norm.weight` vs `….norm.bias`), which an end cut would hide."""

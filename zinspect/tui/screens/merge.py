@@ -34,7 +34,7 @@ from zinspect.core.writers import WRITERS, writer
 from zinspect.errors import MergeCancelled, NotMergeable, UsageError, ZinspectError
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
 from zinspect.tui.keys import FORM_BINDINGS
-from zinspect.tui.text import counted
+from zinspect.tui.text import counted, params_and_buffers
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
 
@@ -157,7 +157,7 @@ class MergeScreen(ModalScreen[None]):
         out = self.view.output
         text = Text()
         text.append("Writes ", style="dim")
-        text.append(f"{counted(out.params, 'param')} + {counted(out.buffers, 'buffer')}, "
+        text.append(f"{params_and_buffers(out.params, out.buffers)}, "
                     f"{fmt.size(self.output_nbytes(dtype))}", style="bold")
         excluded = sorted(self.view.excluded)
         if excluded:
@@ -188,7 +188,7 @@ class MergeScreen(ModalScreen[None]):
             return error_text("Salvage cannot work around these errors", e)
         params = sum(t.name in self.view.ckpt.params for t in plan.tensors)
         text = Text("Writes ", style="dim")
-        text.append(f"{counted(params, 'param')} + {counted(len(plan.tensors) - params, 'buffer')}, "
+        text.append(f"{params_and_buffers(params, len(plan.tensors) - params)}, "
                     f"{fmt.size(plan.total_bytes)} as fp32", style="bold")
         dropped = list(plan.dropped)
         text.append(f"\nSalvage leaves out {fmt.count(len(dropped))}: ", style="yellow")

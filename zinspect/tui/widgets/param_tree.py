@@ -11,7 +11,7 @@ from zinspect.core import fmt
 from zinspect.core.tree import ModuleNode, ordered_children
 from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
-from zinspect.tui.text import counted, literal
+from zinspect.tui.text import literal, params_and_buffers
 
 
 def node_label(node: ModuleNode, view: Inspection) -> Text:
@@ -34,8 +34,7 @@ def node_label(node: ModuleNode, view: Inspection) -> Text:
     else:
         buffers = view.buffers_in(node)
         params = node.count - buffers
-        also = f" + {counted(buffers, 'buffer')}" if buffers else ""
-        label.append(f"  {counted(params, 'param')}{also} · {fmt.short_count(node.numel)} · "
+        label.append(f"  {params_and_buffers(params, buffers)} · {fmt.short_count(node.numel)} · "
                      f"{fmt.size(node.nbytes)}", style="dim")
         if excluded:
             label.append(f" {excluded}/{node.count} excluded", style="red")

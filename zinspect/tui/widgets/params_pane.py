@@ -12,7 +12,7 @@ from textual.widgets import ContentSwitcher, Input, Static
 from zinspect.core import fmt
 from zinspect.core.tree import SORT_KEYS
 from zinspect.tui.inspection import Inspection
-from zinspect.tui.text import counted
+from zinspect.tui.text import params_and_buffers
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
 
@@ -138,10 +138,9 @@ class ParamsPane(Vertical):
         total = len(self.view.sizes)  # params and buffers: the rows the table can show
         params = len(self.view.ckpt.params)
         rows = (f"{fmt.count(shown)} of {fmt.count(total)} match" if self.filter_text
-                else counted(params, "param") + (f" + {counted(total - params, 'buffer')}"
-                                                  if total > params else ""))
+                else params_and_buffers(params, total - params))
         frozen = " · frozen excluded" if self.view.selection.exclude_frozen else ""
         self.query_one("#output-summary", Static).update(
-            f"{rows} · sort: {self.sort}  │  output: {counted(s.params, 'param')} + "
-            f"{counted(s.buffers, 'buffer')}, {fmt.size(s.nbytes)} · excluded: "
+            f"{rows} · sort: {self.sort}  │  output: {params_and_buffers(s.params, s.buffers)}, "
+            f"{fmt.size(s.nbytes)} · excluded: "
             f"{fmt.count(s.excluded)} ({fmt.size(s.excluded_nbytes)}){frozen}")
