@@ -45,11 +45,13 @@ def test_every_file_has_its_coordinates():
 
 
 def test_a_pipelines_mp_rank_is_its_stage():
-    """With pp > 1, mp_rank SS = pp * tp + tp_rank: the stage moves to the pp axis."""
+    """With pp > 1, mp_rank SS = pp * tp + tp_rank: the stage moves to the pp axis (and a layer
+    file sits at the stage that owns its layer: issue 10, was stage 0 for every layer file)."""
     ckpt = open_checkpoint(PARALLEL / "pp2_dp2_s1_fp32")
     stage1 = {f.name for f in ckpt.topology.files_at(pp=1)}
     assert stage1 == {"mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt",
-                      "zero_pp_rank_1_mp_rank_01_optim_states.pt"}
+                      "zero_pp_rank_1_mp_rank_01_optim_states.pt", "layer_05-model_states.pt",
+                      "layer_06-model_states.pt", "layer_07-model_states.pt"}
     assert all(f.coords.tp == 0 for f in ckpt.files)
 
 
