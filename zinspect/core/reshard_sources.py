@@ -9,6 +9,7 @@ and zero padding (`zinspect.core.torchsave.add_zeros`).
 from __future__ import annotations
 
 import bisect
+import gc
 import itertools
 import os
 from collections import OrderedDict
@@ -36,6 +37,8 @@ def refuse(ckpt: Checkpoint, what: str, hint: str = "") -> NotMergeable:
 class Sources:
     """The source files' pickles (read once each) and where each param's states lie."""
 
+    _dropped = 0  # parsed files dropped from `_tfs`
+
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self.notes: list[str] = []
@@ -59,6 +62,12 @@ class Sources:
             tf = read_torch_file(self.ckpt.path / name)
             while len(self._tfs) >= PARSED:
                 del self._tfs[next(iter(self._tfs))]
+                self._dropped += 1
+                if self._dropped % PARSED == 0:
+                    # a parsed pickle holds reference cycles, and the reader pauses the
+                    # collector (what it builds goes to the oldest generation): without a full
+                    # collection now and then, 512 ranks' dropped pickles stay (+600 MB)
+                    gc.collect()
         self._tfs[name] = tf
         return tf
 
