@@ -371,3 +371,20 @@ async def test_no_buffers_are_not_counted_as_zero_buffers():
         await pilot.pause()
         plan = "".join(drawn(app.screen.query_one("#merge-plan")))
         assert "Writes 47 params, " in plan and "buffer" not in plan, plan
+
+
+async def test_no_groups_no_empty_partition_matrix():
+    """A checkpoint whose groups could not be described (an unsupported layout) drew the
+    'Partition elements per rank × group' heading over a matrix with no group column."""
+    from zinspect.tui.widgets.ranks_pane import GroupMatrix, RankGrid, RanksPane
+
+    app = ZinspectApp(str(FIXTURES / "parallel" / "z0_fp32"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        pane = app.screen.query_one(RanksPane)
+        assert pane.query(GroupMatrix)  # groups: the matrix
+        pane.ckpt.groups = []
+        await pane.recompose()
+        await pilot.pause()
+        assert pane.query(RankGrid) and not pane.query(GroupMatrix)
+        assert "Partition elements" not in "\n".join(drawn(pane))

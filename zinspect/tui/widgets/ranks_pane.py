@@ -230,6 +230,8 @@ class RanksPane(Vertical):
         grid = RankGrid(ckpt, self.cells, id="rank-table")
         yield grid
         indices = sorted({g.index for g in ckpt.groups})
+        if not indices:  # nothing described (an unsupported layout): no empty matrix
+            return
         note = f" (first {MATRIX_MAX_GROUPS} of {len(indices)})" if len(indices) > MATRIX_MAX_GROUPS else ""
         yield Label(f"Partition elements per rank × group, + padding{note}", classes="section-title")
         yield GroupMatrix(grid, indices[:MATRIX_MAX_GROUPS], id="rank-matrix")
