@@ -143,6 +143,7 @@ def test_a_flipped_byte_in_a_copied_file_fails_its_crc_and_nothing_is_written(tm
 @pytest.mark.parametrize("name,n,twin", [("parallel/tp2_dp2_s2_toy", 2, "tp2_dp1_s2_toy"),
                                          ("parallel/tp2_dp2_s3_toy", 6, "tp2_dp3_s3_toy"),
                                          ("parallel/pp2_dp2_s1_fp32", 2, "pp2_dp1_s1_fp32"),
+                                         ("parallel/pp2_tp2_dp2_s1_fp32", 4, "pp2_tp2_dp1_s1_fp32"),
                                          ("parallel/moe_ep2_w4_s2_fp32", 2, "moe_ep2_w2_s2_fp32"),
                                          ("parallel/moe_ep2_w4_s1_top2_res", 6,
                                           "moe_ep2_w6_s1_top2_res")])
