@@ -54,6 +54,27 @@ def test_zero3_fragments_are_ceil_n_over_ws_per_rank(name):
         assert sum(f.padding for f in p.fragments) == part * ws - p.numel
 
 
+def test_zero3_master_fragments_are_lean_and_built_on_first_use():
+    """A Fragments plus its partial per param was 80 MB at 297k params: each trainable ZeRO-3
+    param holds a slotted MasterFragments on its group's shared source, unbuilt after open and
+    validate, then exactly the fragments `fragments_of` gives for its place in the group."""
+    from zinspect.core.layouts.zero3 import MasterFragments, fragments_of
+
+    c = _open("s3_w4_bf16")
+    owners = [p for p in c.owners() if not p.frozen]
+    assert len(owners) > 2 and all(type(p.fragments) is MasterFragments for p in owners)
+    assert all(repr(p.fragments) == "Fragments(<lazy>)" for p in owners)
+    assert not hasattr(owners[1].fragments, "__dict__")
+    p, q = [o for o in owners if o.sub_group == owners[0].sub_group][:2]
+    frags = p.fragments
+    parts, group, shard = frags._source
+    assert q.fragments._source is frags._source and group == p.sub_group  # one per group
+    assert list(frags) == fragments_of(parts, group, frags._offset, p.numel, frags._share,
+                                       "master", shard)
+    assert repr(q.fragments) == "Fragments(<lazy>)"  # building one built no other
+    assert frags == list(frags) and len(frags) == c.world_size and not p.fragments_need_reads
+
+
 @pytest.mark.parametrize("name", fixture_names)
 def test_frozen_params_source(name):
     m = manifest(name)
