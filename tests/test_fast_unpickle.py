@@ -21,7 +21,7 @@ import pytest
 from conftest import FIXTURES, REPO
 
 from zinspect.core import torchzip
-from zinspect.core.fastpickle import _opcode_runs, prepare_for_c
+from zinspect.core.fastpickle import PiecesReader, _opcode_runs, prepare_for_c
 from zinspect.core.torchzip import FastMetaUnpickler, MetaUnpickler, Opaque, StorageRef, TensorRef
 from zinspect.core.unpickle import PickledOrderedDict
 from zinspect.errors import UnreadableFile
@@ -67,7 +67,8 @@ def same(a, b, seen=None) -> bool:
 
 
 def both(raw: bytes):
-    fast = FastMetaUnpickler(io.BytesIO(prepare_for_c(raw)), budget_bytes=len(raw))
+    fast = FastMetaUnpickler(io.BufferedReader(PiecesReader(prepare_for_c(raw))),
+                             budget_bytes=len(raw))
     slow = MetaUnpickler(io.BytesIO(raw), budget_bytes=len(raw))
     return (fast.load(), fast), (slow.load(), slow)
 
@@ -219,11 +220,12 @@ def test_the_c_unpickler_is_stopped_by_the_key_check():
             import io, resource, sys
             resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
             from zinspect.core.torchzip import FastMetaUnpickler
-            from zinspect.core.fastpickle import prepare_for_c
+            from zinspect.core.fastpickle import PiecesReader, prepare_for_c
             from zinspect.core.unpickle import PickleBudgetExceeded
             raw = sys.stdin.buffer.read()
             try:
-                FastMetaUnpickler(io.BytesIO(prepare_for_c(raw)), budget_bytes=len(raw)).load()
+                FastMetaUnpickler(io.BufferedReader(PiecesReader(prepare_for_c(raw))),
+                                  budget_bytes=len(raw)).load()
             except PickleBudgetExceeded as e:
                 print(e)
         """)

@@ -25,7 +25,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
-from zinspect.core.fastpickle import prepare_for_c
+from zinspect.core.fastpickle import PiecesReader, prepare_for_c
 from zinspect.core.readfiles import open_regular
 
 # the descriptors and unpickler rules (torchpickle) and the zip directory (zipcheck) are
@@ -231,12 +231,12 @@ def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = Fals
     if budget_bytes is None:
         budget_bytes = len(data)
     if isinstance(data, (bytes, bytearray)) and len(data) >= FAST_PICKLE_BYTES:
-        prepared = prepare_for_c(bytes(data))
-        if prepared is not None:
+        pieces = prepare_for_c(bytes(data))
+        if pieces is not None:
             # buffered: the C unpickler then reads ahead in blocks (peek) instead of asking the
             # stream for each opcode's bytes: 2x faster (1.0 -> 0.5 s bare at 297k names)
-            fast = FastMetaUnpickler(io.BufferedReader(io.BytesIO(prepared)), legacy=legacy,
-                                     budget_bytes=budget_bytes)
+            fast = FastMetaUnpickler(io.BufferedReader(PiecesReader(pieces), 1 << 16),
+                                     legacy=legacy, budget_bytes=budget_bytes)
             try:
                 return fast.load(), fast
             except Exception:  # noqa: BLE001 - any doubt goes to the bounded reader
