@@ -6,9 +6,7 @@ from __future__ import annotations
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label
 from textual.worker import get_current_worker
 
 from zinspect.core import fmt
@@ -16,7 +14,7 @@ from zinspect.core.deep import deep_check
 from zinspect.core.model import Checkpoint, Finding
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
-from zinspect.tui.widgets.work_progress import WorkProgressPanel
+from zinspect.tui.widgets.work_progress import WorkProgressPanel, running_dialog
 
 
 class DeepCheckScreen(WorkerOutcomes, ModalScreen[list[Finding] | None]):
@@ -29,11 +27,9 @@ class DeepCheckScreen(WorkerOutcomes, ModalScreen[list[Finding] | None]):
 
     def compose(self) -> ComposeResult:
         readable = [f for f in self.ckpt.files if f.readable]
-        with Vertical(id="deep-check", classes="dialog") as box:
-            box.border_title = "Deep check"
-            yield Label(f"Reading every byte of {len(readable)} files "
-                        f"({fmt.size(sum(f.size for f in readable))}): zip CRCs, NaN/Inf")
-            yield WorkProgressPanel("escape: cancel")
+        yield running_dialog("deep-check", "Deep check", f"Reading every byte of {len(readable)} "
+                             f"files ({fmt.size(sum(f.size for f in readable))}): zip CRCs, "
+                             "NaN/Inf, the copies a merge compares")
 
     def on_mount(self) -> None:
         self.run_check(*self.query_one(WorkProgressPanel).start())

@@ -26,7 +26,7 @@ from zinspect.tui.footer import KeyFooter
 from zinspect.tui.inspection import display_path
 from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
-from zinspect.tui.widgets.work_progress import WorkProgressPanel
+from zinspect.tui.widgets.work_progress import WorkProgressPanel, running_dialog
 
 #: a row: (name, verdict, max |a-b|, rel L2, differing elements, first differing position)
 Row = tuple[str, str, str, str, str, str]
@@ -89,11 +89,9 @@ class DiffScreen(WorkerOutcomes, Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Vertical(id="diff-running", classes="dialog") as box:
-            box.border_title = "Compare"
-            yield Label(Text(f"This checkpoint's fp32 masters against {display_path(self.other)}, "
-                             "read once each, compared exactly"))
-            yield WorkProgressPanel("escape: cancel")
+        yield running_dialog("diff-running", "Compare", Text(
+            f"This checkpoint's fp32 masters against {display_path(self.other)}, read once "
+            "each, compared exactly"))
         yield KeyFooter()
 
     def on_mount(self) -> None:

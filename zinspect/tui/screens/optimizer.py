@@ -31,7 +31,7 @@ from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
 from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
-from zinspect.tui.widgets.work_progress import WorkProgressPanel
+from zinspect.tui.widgets.work_progress import WorkProgressPanel, running_dialog
 
 #: groups listed at the top; a MoE run has a few, a forged file thousands
 SHOWN_GROUPS = 6
@@ -183,11 +183,9 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         yield Header()
         with Vertical(id="optim-head"):
             yield Label("Reading the optimizer state …", id="optim-summary")
-        with Vertical(id="optim-running", classes="dialog") as box:
-            box.border_title = "Optimizer"
-            yield Label("Reading each trainable param's fp32 master, exp_avg and exp_avg_sq: "
-                        "norms and Adam's update size |m|/(√v+ε)")
-            yield WorkProgressPanel("escape: cancel")
+        yield running_dialog("optim-running", "Optimizer", "Reading each trainable param's fp32 "
+                             "master, exp_avg and exp_avg_sq: norms and Adam's update size "
+                             "|m|/(√v+ε)")
         yield KeyFooter()
 
     def on_mount(self) -> None:

@@ -24,7 +24,7 @@ from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
 from zinspect.tui.widgets.header import Header
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
-from zinspect.tui.widgets.work_progress import WorkProgressPanel
+from zinspect.tui.widgets.work_progress import WorkProgressPanel, running_dialog
 
 #: (column title, sort key of a TensorStats, its cell); the outlier columns (L2, max|x|, NaN,
 #: Inf) right after the name: at 80 columns they are what shows
@@ -111,11 +111,8 @@ class StatisticsScreen(WorkerOutcomes, Screen):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Vertical(id="stats-running", classes="dialog") as box:
-            box.border_title = "Statistics"
-            yield Label("Reading the fp32 masters a merge would write: min, max, mean, std, "
-                        "L2, zeros, NaN/Inf per param")
-            yield WorkProgressPanel("escape: cancel")
+        yield running_dialog("stats-running", "Statistics", "Reading the fp32 masters a merge "
+                             "would write: min, max, mean, std, L2, zeros, NaN/Inf per param")
         yield KeyFooter()
 
     def on_mount(self) -> None:

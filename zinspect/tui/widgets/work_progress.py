@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -65,3 +66,11 @@ class WorkProgressPanel(Vertical):
             fmt.progress(event.done, event.total, time.monotonic() - self.started))
         if not self.stop_requested.is_set():
             self.query_one(".work-current", Label).update(f"at {event.name}")
+
+
+def running_dialog(box_id: str, title: str, what: Text | str) -> Vertical:
+    """The dialog a screen shows while its worker reads (the deep check, statistics, the
+    optimizer, a compare): what is read, then the live progress; escape cancels."""
+    box = Vertical(Label(what), WorkProgressPanel("escape: cancel"), id=box_id, classes="dialog")
+    box.border_title = title
+    return box
