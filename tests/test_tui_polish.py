@@ -271,20 +271,24 @@ async def test_the_layer_norms_are_drawn_from_zero():
         assert len(lines) == 3 and " " not in lines[0], lines  # every bar reaches the top row
 
 
-async def test_one_buffer_is_said_as_one():
-    """ZeRO-0 bf16 has one buffer: `19 params + 1 buffer`, not `1 buffers` (status line, the
-    output summary, the merge form; the tree said it right and now says it the same way)."""
-    app = ZinspectApp(str(FIXTURES / "parallel" / "z0_bf16"))
+@pytest.mark.parametrize(("fixture", "said"), [
+    ("z0_bf16", "19 params + 1 buffer"),  # was `1 buffers` (the tree said it right)
+    ("moe_ep2_w4_s2_fp32", "47 params"),  # no buffers: was `+ 0 buffers` beside `47 params`
+])
+async def test_params_and_buffers_are_counted_in_words(fixture, said):
+    """The status line, the output summary and the merge plan say the counts as the tree does."""
+    app = ZinspectApp(str(FIXTURES / "parallel" / fixture))
     async with app.run_test(size=(160, 48)) as pilot:
         await settle(app, pilot)
         await pilot.press("2")
         await pilot.pause()
         status = "".join(drawn(app.screen.query_one("#output-summary")))
-        assert status.count("19 params + 1 buffer,") == 1 and "19 params + 1 buffer ·" in status
-        assert "1 buffers" not in status
+        assert f"{said} · sort" in status and f"output: {said}, " in status, status
+        assert "1 buffers" not in status and "0 buffers" not in status
         await pilot.press("m")
         await pilot.pause()
-        assert "Writes 19 params + 1 buffer," in "".join(drawn(app.screen.query_one("#merge-plan")))
+        plan = "".join(drawn(app.screen.query_one("#merge-plan")))
+        assert f"Writes {said}, " in plan and "0 buffers" not in plan, plan
 
 
 async def test_the_header_cuts_a_long_path_in_its_middle_and_keeps_it_cut_after_a_resize(tmp_path):
@@ -355,22 +359,6 @@ async def test_a_layer_file_says_its_stage_in_the_files_table():
             row = next(line for line in body.splitlines() if name in line)
             layer = int(name.split("_")[1].split("-")[0])
             assert f"pp {pp} layer {layer}" in row, row
-
-
-async def test_no_buffers_are_not_counted_as_zero_buffers():
-    """MoE has no buffers: `output: 47 params, 40.6 KiB` and `Writes 47 params, ...` (was
-    `47 params + 0 buffers`, while the line beside it said `47 params`)."""
-    app = ZinspectApp(str(FIXTURES / "parallel" / "moe_ep2_w4_s2_fp32"))
-    async with app.run_test(size=(160, 48)) as pilot:
-        await settle(app, pilot)
-        await pilot.press("2")
-        await pilot.pause()
-        status = "".join(drawn(app.screen.query_one("#output-summary")))
-        assert "output: 47 params, " in status and "buffer" not in status, status
-        await pilot.press("m")
-        await pilot.pause()
-        plan = "".join(drawn(app.screen.query_one("#merge-plan")))
-        assert "Writes 47 params, " in plan and "buffer" not in plan, plan
 
 
 async def test_no_groups_no_empty_partition_matrix():
