@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from itertools import chain
-from math import prod
 
-from zinspect.core.layouts import topology
+from zinspect.core.layouts import pickled, topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
 from zinspect.core.model import MOMENTS, STATE_NAME, Buffer, Param, ParamGroup, RankFile
-from zinspect.core.torchzip import MAX_NUMEL, TensorRef, TorchFile
+from zinspect.core.torchzip import TensorRef, TorchFile
 
 _ABSENT = object()
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
@@ -196,7 +194,7 @@ def describe_names(ctx: LoadContext) -> Names | None:
     if not shapes and ctx.ref_osd is not None:  # DeepSpeed < 0.6 kept them in optim files
         first = ctx.optim.get(0) or next(iter(ctx.optim.values()))
         shapes = as_group_list(get(ctx.torch_file(first).obj, "param_shapes"))
-    flat_groups = [_members(g) for g in shapes]
+    flat_groups = [pickled.group_members(g) for g in shapes]
     _check_flat_groups(ctx, flat_groups, shapes)
     frozen = ms.get("frozen_param_shapes")
     frozen_shapes = {str(n): shape(s) for n, s in frozen.items()} \
@@ -205,20 +203,6 @@ def describe_names(ctx: LoadContext) -> Names | None:
     _build_params(ctx, names, ms.get("shared_params")
                   if isinstance(ms.get("shared_params"), dict) else {})
     return names
-
-
-def _members(group: dict) -> list[tuple[str, tuple[int, ...] | None]]:
-    """(name, shape) of each param of a param_shapes group (shape None: not a valid shape).
-    The usual group, str names and tuples of valid ints (300k at 300k names), is checked in
-    bulk, at C speed, against the rules of `pickled.shape`; any other goes one by one."""
-    names, values = list(group), list(group.values())
-    if values and set(map(type, names)) == {str} and set(map(type, values)) == {tuple}:
-        dims = list(chain.from_iterable(values))
-        if (not dims or set(map(type, dims)) == {int} and min(dims) >= 0 and
-                max(dims) <= MAX_NUMEL) and max(map(len, values)) <= 64 and \
-                max(map(prod, values)) <= MAX_NUMEL:
-            return list(zip(names, values, strict=True))
-    return [(str(n), shape(s)) for n, s in group.items()]
 
 
 def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:

@@ -4,6 +4,7 @@ have the type, size or shape DeepSpeed would give it."""
 from __future__ import annotations
 
 import math
+from itertools import chain
 
 from zinspect.core.model import TensorAt
 from zinspect.core.torchzip import MAX_NUMEL, TensorRef, TorchFile
@@ -37,6 +38,20 @@ def shape(value) -> tuple[int, ...] | None:
             math.prod(value) <= MAX_NUMEL:
         return tuple(value)
     return None
+
+
+def group_members(group: dict) -> list[tuple[str, tuple[int, ...] | None]]:
+    """(name, shape) of each param of a param_shapes group (shape None: not a valid shape).
+    The usual group, str names and tuples of valid ints (300k at 300k names), is checked in
+    bulk, at C speed, against the rules of `shape`; any other goes one by one."""
+    names, values = list(group), list(group.values())
+    if values and set(map(type, names)) == {str} and set(map(type, values)) == {tuple}:
+        dims = list(chain.from_iterable(values))
+        if (not dims or set(map(type, dims)) == {int} and min(dims) >= 0 and
+                max(dims) <= MAX_NUMEL) and max(map(len, values)) <= 64 and \
+                max(map(math.prod, values)) <= MAX_NUMEL:
+            return list(zip(names, values, strict=True))
+    return [(str(n), shape(s)) for n, s in group.items()]
 
 
 def short(value) -> str:
