@@ -72,6 +72,7 @@ def column(label: str) -> int:
 
 
 NAME, UPDATE_MAX, MASTER_L2 = column("name"), column("upd max"), column("L2 master")
+UPDATE_MEAN = column("upd mean")
 NONFINITE_COL, GROUP = column("NaN/Inf"), column("group")
 
 
@@ -98,6 +99,9 @@ class OptimizerTable(VirtualTable):
                    and math.isfinite(r.update_max)]
         #: an update max this far above the median is marked: the params that blew up
         self.outlier = 10 * statistics.median(updates) if updates else math.inf
+        if all(r.update_max is None for r in rows):  # not Adam: no update size, no columns
+            self.hidden = {UPDATE_MAX, UPDATE_MEAN}
+            self._resize()
         self.sort_column, self.reverse = sort, sort != NAME
         self.sort_rows()
 
@@ -256,7 +260,9 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         tables = self.query(OptimizerTable)
         if tables:
             table = tables.first()
-            table.sort_by((table.sort_column + 1) % len(COLS))
+            after = table.sort_column + 1  # the next column drawn
+            table.sort_by(next(i % len(COLS) for i in range(after, after + len(COLS))
+                               if i % len(COLS) not in table.hidden))
             self.show_sorting()
 
     @on(VirtualTable.RowChosen)

@@ -96,6 +96,8 @@ class VirtualTable(ScrollView, can_focus=True):
         #: how wide the flex column's contents are (its text is cut in the middle below that,
         #: and droppable columns make room first); the subclass sets it with its rows
         self.flex_wants = 0
+        #: columns left out whatever the width (a subclass's columns that hold nothing here)
+        self.hidden: set[int] = set()
         self._resize()
 
     # -- to override ----------------------------------------------------------------------
@@ -119,7 +121,8 @@ class VirtualTable(ScrollView, can_focus=True):
 
     def _resize(self) -> None:
         """Scrolls sideways only when the columns that are always shown do not fit."""
-        width = sum(c.width + 1 for c in self.columns if not c.drop)
+        width = sum(c.width + 1 for i, c in enumerate(self.columns)
+                    if not c.drop and i not in self.hidden)
         self.virtual_size = Size(width, self.row_count + 1)
 
     # -- drawing --------------------------------------------------------------------------
@@ -143,14 +146,15 @@ class VirtualTable(ScrollView, can_focus=True):
         the scrollbar; when that is less than its contents want, droppable columns give way
         (lowest `drop` first), so names get the width before sizes and dtypes do."""
         room = self.scrollable_content_region.width
-        widths: list[int | None] = [c.width for c in self.columns]
+        widths: list[int | None] = [None if i in self.hidden else c.width
+                                    for i, c in enumerate(self.columns)]
         flex = next((i for i, c in enumerate(self.columns) if c.flex), None)
 
         def spare() -> int:
             return room - sum(w + 1 for w in widths if w is not None)
 
         if flex is not None:
-            for i in sorted((i for i, c in enumerate(self.columns) if c.drop),
+            for i in sorted((i for i, c in enumerate(self.columns) if c.drop and widths[i]),
                             key=lambda i: self.columns[i].drop):
                 if widths[flex] + spare() >= self.flex_wants:
                     break
