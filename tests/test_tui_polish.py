@@ -379,8 +379,8 @@ async def test_no_groups_no_empty_partition_matrix():
 
 
 async def test_a_non_adam_optimizer_view_leaves_out_the_update_columns():
-    """SGD has no update size: 'upd max' / 'upd mean' were two columns of '-' at 80 columns
-    while its momentum_buffer ('L2 m') was left out for want of room."""
+    """SGD has no update size and no √v: 'upd max', 'upd mean' and 'L2 √v' were columns of '-'
+    at 80 columns while its momentum_buffer ('L2 m') was left out for want of room."""
     from zinspect.tui.screens.optimizer import OptimizerTable
 
     app = ZinspectApp(str(FIXTURES / "optim" / "sgd_s2_w2_fp32"))
@@ -389,7 +389,8 @@ async def test_a_non_adam_optimizer_view_leaves_out_the_update_columns():
         await pilot.press("p")
         await settle(app, pilot)
         header = drawn(app.screen.query_one(OptimizerTable))[0]
-        assert "L2 m " in header and "L2 master" in header and "upd" not in header, header
+        assert "L2 m " in header and "L2 master" in header and "max|x|" in header, header
+        assert "upd" not in header and "√v" not in header
         await pilot.press("o")  # the next sort skips the columns left out
         await pilot.pause()
         assert "upd" not in app.screen.sub_title

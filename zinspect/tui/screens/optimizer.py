@@ -72,7 +72,7 @@ def column(label: str) -> int:
 
 
 NAME, UPDATE_MAX, MASTER_L2 = column("name"), column("upd max"), column("L2 master")
-UPDATE_MEAN = column("upd mean")
+UPDATE_MEAN, SQRT_V = column("upd mean"), column("L2 √v")
 NONFINITE_COL, GROUP = column("NaN/Inf"), column("group")
 
 
@@ -99,9 +99,12 @@ class OptimizerTable(VirtualTable):
                    and math.isfinite(r.update_max)]
         #: an update max this far above the median is marked: the params that blew up
         self.outlier = 10 * statistics.median(updates) if updates else math.inf
-        if all(r.update_max is None for r in rows):  # not Adam: no update size, no columns
-            self.hidden = {UPDATE_MAX, UPDATE_MEAN}
-            self._resize()
+        # not Adam: no update size and no √v, so no columns of "-" taking a name's room
+        self.hidden = {UPDATE_MAX, UPDATE_MEAN} if all(r.update_max is None for r in rows) \
+            else set()
+        if all(r.sqrt_exp_avg_sq_l2 is None for r in rows):
+            self.hidden.add(SQRT_V)
+        self._resize()
         self.sort_column, self.reverse = sort, sort != NAME
         self.sort_rows()
 
