@@ -394,3 +394,19 @@ async def test_a_non_adam_optimizer_view_leaves_out_the_update_columns():
         await pilot.press("o")  # the next sort skips the columns left out
         await pilot.pause()
         assert "upd" not in app.screen.sub_title
+
+
+def test_a_pipelines_layers_are_its_leading_indices():
+    """PipelineModule names start with the layer index (`3.up.weight`): the per-layer L2 line
+    was missing for every pipeline checkpoint (only `.N.` inside a name counted)."""
+    from zinspect.core import open_checkpoint
+    from zinspect.core.stats import TensorStats
+    from zinspect.tui.screens.stats import layer_norms
+
+    names = list(open_checkpoint(FIXTURES / "parallel" / "pp2_dp2_s1_fp32").params)
+    stats = [TensorStats(n, "float32", (1,), 1, sumsq=4.0) for n in names]
+    layers = [i for i, _ in layer_norms(stats)]
+    assert layers == sorted({int(n.split(".")[0]) for n in names if n.split(".")[0].isdigit()})
+    assert len(layers) >= 2
+    assert [i for i, _ in layer_norms([TensorStats("model.layers.7.mlp.w", "float32", (1,), 1,
+                                                   sumsq=1.0)])] == [7]

@@ -44,7 +44,7 @@ COLUMNS = [
 L2_COLUMN = 1
 #: narrow screens: these make way (first to last) before a name is cut
 DROP = {"zeros": 1, "std": 2, "mean": 3, "min": 4, "max": 5, "numel": 6}
-_LAYER = re.compile(r"\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(\d+)\.")  # `encoder.blocks.3.`, a pipeline's leading `3.`
 
 
 def _key(v: float) -> float:
@@ -57,7 +57,8 @@ def _num(v: float) -> str:
 
 def layer_norms(stats: list[TensorStats]) -> list[tuple[int, float]]:
     """(layer index, L2 norm of all its params) in depth order: the layer is the first
-    `.N.` in a name (`encoder.blocks.3.mlp.weight` -> 3)."""
+    `.N.` in a name (`encoder.blocks.3.mlp.weight` -> 3), or its leading `N.` (a pipeline's
+    `3.up.weight`)."""
     sums: dict[int, float] = {}
     for s in stats:
         m = _LAYER.search(s.name)
