@@ -14,8 +14,8 @@ from safetensors import safe_open
 from textual.widgets import DataTable, Input, Static
 from textual.worker import WorkerFailed
 
-from zinspect.core.layouts import zero3
 from zinspect.core import open_checkpoint
+from zinspect.core.layouts import zero3
 from zinspect.core.merge import plan_merge
 from zinspect.core.model import Param
 from zinspect.core.selection import Selection
