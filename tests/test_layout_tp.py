@@ -8,6 +8,7 @@ copies: tests/test_layout_tp_damage.py."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import shutil
@@ -80,8 +81,8 @@ def assemble(geo: R.Geometry, shards: dict[int, torch.Tensor]) -> torch.Tensor:
     full = torch.full(geo.shape, float("nan"), dtype=torch.float32)
     for t, pieces in geo.pieces.items():
         for shard_at, full_at, sizes in pieces:
-            full[tuple(slice(o, o + n) for o, n in zip(full_at, sizes))] = \
-                shards[t][tuple(slice(o, o + n) for o, n in zip(shard_at, sizes))].float()
+            full[tuple(slice(o, o + n) for o, n in zip(full_at, sizes, strict=True))] = \
+                shards[t][tuple(slice(o, o + n) for o, n in zip(shard_at, sizes, strict=True))].float()
             if geo.replicated:
                 break
         if geo.replicated:
@@ -292,7 +293,7 @@ def test_layout_gives_full_shapes_and_shards(name):
             assert shard.replicated == (want["kind"] == "replicated")
             held = sorted((f.start, f.numel) for f in p.fragments if f.shard == t)
             assert sum(n for _, n in held) == math.prod(shard.shape), (pname, t)
-            assert all(a + n == b for (a, n), (b, _) in zip(held, held[1:]))
+            assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(held))
         assert all(f.shard in (0, 1) for f in p.fragments)
 
 

@@ -10,6 +10,7 @@ than a block of rows at a time. The real tp2 fixtures are merged in tests/test_l
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -46,7 +47,7 @@ def build(tmp_path, params: dict[str, tuple[np.ndarray, dict[int, tuple[np.ndarr
                 torch.from_numpy(flat).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
             size = 4 if dtype == "float32" else 2
             bounds = sorted({0, flat.size, *(flat.size * (k + 1) // cuts + k for k in range(cuts - 1))})
-            for dp, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            for dp, (lo, hi) in enumerate(itertools.pairwise(bounds)):
                 lo, hi = min(lo, flat.size), min(hi, flat.size)
                 file = f"rank{dp}_tp{t}.bin"
                 buf = files.setdefault(file, bytearray())

@@ -197,7 +197,7 @@ def test_moments_are_the_slices_of_the_optimizer_state(name):
         got = torch.frombuffer(bytearray(buf), dtype=torch.float32)
         p = ckpt.params[pname]
 
-        def flat(fragments):
+        def flat(fragments, key=key):
             parts = []
             for f in sorted(fragments, key=lambda f: f.start):
                 if f.file not in loaded:
@@ -215,8 +215,8 @@ def test_moments_are_the_slices_of_the_optimizer_state(name):
             for tp, shard in sorted(p.shards.items(), reverse=True):
                 held = flat([f for f in frags if f.shard == tp]).reshape(shard.shape)
                 for box, full in shard.maps:
-                    want[tuple(slice(o, o + n) for o, n in zip(full.offsets, full.sizes))] = \
-                        held[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes))]
+                    want[tuple(slice(o, o + n) for o, n in zip(full.offsets, full.sizes, strict=True))] = \
+                        held[tuple(slice(o, o + n) for o, n in zip(box.offsets, box.sizes, strict=True))]
             want = want.flatten()
         assert torch.equal(got, want), t.name
     sq = compute_stats([t for t in tensors if t.name.endswith(":exp_avg_sq")])

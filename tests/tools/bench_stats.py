@@ -32,7 +32,6 @@ from zinspect.core.sources import open_source
 from zinspect.core.stats import compute_stats
 from zinspect.core.stream import ProgressMeter, copy_tensors
 
-
 CPU: dict[str, float] = {}  # the CPU seconds (all threads) of the last best() run
 
 

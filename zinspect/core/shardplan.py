@@ -21,6 +21,7 @@ tensor, a split zinspect cannot stream); the layout's validation names most of t
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Callable, Iterable
 
@@ -111,7 +112,7 @@ def _tiling_problem(p: Param) -> str | None:
             return f"its {len(runs):,} boxes are too many to plan"
         for i in range(at[r0], at[r1]):
             bands[i].append((c0, c1))
-    for row, band in zip(cuts, bands):
+    for row, band in zip(cuts[:-1], bands, strict=True):
         pos = 0
         for c0, c1 in sorted(band):
             if c0 != pos:
@@ -176,7 +177,7 @@ def _woven(p: Param, dim: int, reader: _Reader):
     cuts = sorted({b[0] for b in boxes} | {b[0] + b[1] for b in boxes})
     pieces: list[Piece] = []
     weaves: list[tuple[int, Weave]] = []
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         band = sorted((b for b in boxes if b[0] <= lo < b[0] + b[1]), key=lambda b: b[2])
         if not band:
             continue
