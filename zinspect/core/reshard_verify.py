@@ -22,9 +22,7 @@ import os
 import threading
 import zlib
 
-from zinspect.core.readfiles import open_regular
-from zinspect.core.verify import CRC_HINT, Pin, Segment
-from zinspect.core.zipcheck import LOCAL_HEADER, NoZipDirectory, central_directory, local_data_offset
+from zinspect.core.verify import CRC_HINT, Pin, Segment, record_table
 from zinspect.errors import NotMergeable
 
 _POLY = 0xEDB88320  # CRC-32, reflected
@@ -164,26 +162,9 @@ class AnyOrderVerification:
         return got
 
     def _read_directory(self, path: str) -> tuple[list[int], list[AnyOrderCheck]]:
-        try:
-            fd = open_regular(path)
-        except OSError:
-            return [], []  # the stream reports it, located
-        try:
-            st = os.fstat(fd)
-            self.pins[path] = Pin.of(st)
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                entries = central_directory(f, st.st_size)
-            checks = []
-            for name, header, _, size, crc in entries:
-                start = local_data_offset(header, os.pread(fd, LOCAL_HEADER, header))
-                if start is not None:
-                    checks.append(AnyOrderCheck(path, self.shown(path), name, start, size, crc))
-        except (OSError, NoZipDirectory):
-            return [], []  # legacy or damaged: validation refused it before
-        finally:
-            os.close(fd)
-        checks.sort(key=lambda c: c.start)
-        return [c.start for c in checks], checks
+        got = record_table(path, self.pins, lambda name, start, size, crc:
+                           AnyOrderCheck(path, self.shown(path), name, start, size, crc))
+        return got if got is not None else ([], [])
 
     def segments_of(self, t) -> list[Segment]:
         """A tensor's pieces, each with the record it lies in (None: bytes outside every

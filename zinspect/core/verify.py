@@ -176,6 +176,33 @@ class Pin:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def record_table(path: str, pins: dict, make) -> tuple[list[int], list] | None:
+    """A zip file's records as checks sorted by data start: (starts, checks), each check
+    `make(name, start, size, crc)`; the file is pinned in `pins` (see `Pin`). None when the file
+    cannot be opened or has no readable zip directory (a legacy or damaged file: the stream
+    reports it, located, and validation refused it before)."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        pins[path] = Pin.of(st)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            entries = central_directory(f, st.st_size)
+        checks = []
+        for name, header, _, size, crc in entries:
+            start = local_data_offset(header, os.pread(fd, LOCAL_HEADER, header))
+            if start is not None:
+                checks.append(make(name, start, size, crc))
+    except (OSError, NoZipDirectory):
+        return None
+    finally:
+        os.close(fd)
+    checks.sort(key=lambda c: c.start)
+    return [c.start for c in checks], checks
+
+
 class Verification:
     """What a merge checks while it streams `tensors` (in output order): the segments of each
     tensor, the record checks they feed, the pins of the source files, and the NaN/Inf counts
@@ -202,27 +229,10 @@ class Verification:
         """path -> (sorted data starts, their RecordChecks), with the file pinned."""
         out = {}
         for path in sorted(paths):
-            try:
-                fd = open_regular(path)
-            except OSError:
-                continue  # the stream reports it, located
-            try:
-                st = os.fstat(fd)
-                self.pins[path] = Pin.of(st)
-                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                    entries = central_directory(f, st.st_size)
-                checks = []
-                for name, header, _, size, crc in entries:
-                    start = local_data_offset(header, os.pread(fd, LOCAL_HEADER, header))
-                    if start is not None:
-                        checks.append(RecordCheck(shown(path), name, start, size, crc,
-                                                  cond=self.cond))
-            except (OSError, NoZipDirectory):
-                continue  # legacy format or damaged directory: nothing to check against
-            finally:
-                os.close(fd)
-            checks.sort(key=lambda c: c.start)
-            out[path] = ([c.start for c in checks], checks)
+            got = record_table(path, self.pins, lambda name, start, size, crc, path=path:
+                               RecordCheck(shown(path), name, start, size, crc, cond=self.cond))
+            if got is not None:
+                out[path] = got
         return out
 
     def _plan(self, tensors, records) -> None:
