@@ -31,10 +31,14 @@ from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tenso
 from zinspect.core.torchsave import FilesSink, output_bytes, stream_tensors
 from zinspect.errors import MergeCancelled, NotMergeable, OutputError, UsageError
 
+#: ZeRO-0 needs no reshard: DeepSpeed 0.19.8 engines load it at another data-parallel size
+#: holding every master and moment unchanged (tests/test_reshard_zero0.py)
+_WHOLE_STATES = ("ZeRO-0 keeps whole optimizer states, not partitions: it loads at any data-parallel "
+                 "size as it is")
 #: why a layout is refused, and what to do instead
 REFUSED = {
-    "zero0": "ZeRO-0 keeps whole optimizer states, not partitions: it loads at any data-parallel "
-             "size as it is",
+    "zero0": _WHOLE_STATES,
+    "tensor_parallel_zero0": f"{_WHOLE_STATES}, its tensor-parallel size kept",
     "universal": "a universal checkpoint loads at any data-parallel size as it is, with "
                  "\"checkpoint\": {\"load_universal\": true}",
 }

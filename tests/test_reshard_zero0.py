@@ -1,0 +1,89 @@
+"""`zinspect reshard` refuses ZeRO-0 checkpoints as needing no reshard: ZeRO-0 keeps whole
+optimizer states, so DeepSpeed loads them at any data-parallel size as they are. Proved here with
+real DeepSpeed 0.19.8 engines (needs ZINSPECT_DS_PYTHON) for each ZeRO-0 layout that has a
+distinct load path: plain fp32 (the client's torch optimizer) and fp16 (FP16_UnfusedOptimizer,
+as bf16 is), a pipeline (per-stage mp_rank files), native MoE (per-ep-rank expp_rank optimizer
+files, fp32 and bf16) and tensor parallelism (per-tp-rank mp_rank files). Engines at another
+data-parallel size, loading the committed fixture with plain `engine.load_checkpoint()`, hold
+exactly what engines at the saved size hold from the same files (every fp32 master, exp_avg,
+exp_avg_sq, frozen param and buffer), the masters are the fixture's reference_fp32.pt, and they
+train a step.
+
+A pipeline's (or pipeline x tp's) bf16 ZeRO-0 checkpoint (BF16_Optimizer files) loads at no size:
+its refusal says so (tests/test_reshard.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES, manifest
+from test_reshard import DS_PYTHON, needs_deepspeed
+
+from zinspect.core import open_checkpoint
+from zinspect.core.reshard import reshard
+from zinspect.errors import NotMergeable
+
+torch = pytest.importorskip("torch")
+
+WORKER = Path(__file__).parent / "ds_resume" / "zero0_worker.py"
+#: (fixture, another data-parallel world size it is loaded at)
+CASES = [("parallel/z0_fp32", 1),
+         ("parallel/z0_fp16", 3),
+         ("parallel/pp2_dp1_s0_fp16", 4),
+         ("parallel/moe_ep2_w4_s0_fp32", 2),
+         ("parallel/moe_ep2_w2_s0_bf16", 4),
+         ("tp_extra/tp2_dp2_s0_toy", 2)]
+
+
+@pytest.mark.parametrize("name,n", CASES)
+def test_reshard_refuses_as_needing_none(tmp_path, name, n):
+    with pytest.raises(NotMergeable) as e:
+        reshard(open_checkpoint(FIXTURES / name), tmp_path / "out", n)
+    assert "data-parallel size as it is" in str(e.value), str(e.value)  # its message or hint
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _engines(tmp_path: Path, name: str, n: int, label: str) -> dict:
+    result = tmp_path / f"{label}.pt"
+    cmd = [DS_PYTHON, str(WORKER), "--ckpt", str(FIXTURES / name), "--manifest",
+           str(FIXTURES / name / "manifest.json"), "--world-size", str(n), "--result", str(result)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0 and result.exists(), p.stdout[-3000:] + p.stderr[-3000:]
+    return torch.load(result, weights_only=False)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name,n", CASES)
+def test_deepspeed_loads_zero0_at_another_world_size(tmp_path, name, n):
+    saved = manifest(name)["world_size"]
+    assert n != saved
+    before = _engines(tmp_path, name, saved, "saved_size")
+    after = _engines(tmp_path, name, n, "other_size")
+    steps = manifest(name)["global_steps"]
+    assert before["steps_every_rank"] == [steps] * saved
+    assert after["steps_every_rank"] == [steps] * n
+    assert before["disagree"] == [] and after["disagree"] == []
+    assert after["held"].keys() == before["held"].keys()
+    compared = 0
+    for key, states in before["held"].items():
+        assert after["held"][key].keys() == states.keys(), key
+        for state, t in states.items():
+            assert t is not None and after["held"][key][state] is not None, (key, state)
+            assert torch.equal(after["held"][key][state], t), (key, state)
+            compared += 1
+    trainable = [k for k, s in after["held"].items() if "fp32" in s]
+    assert trainable and compared >= 3 * len(trainable)
+    # the masters are the checkpoint's, not the engines' own (seed + 777) init: the reference's
+    # whole tensors (a tp rank's shard of a replicated param is whole; split ones are not)
+    ref = torch.load(FIXTURES / name / "reference_fp32.pt", weights_only=True)
+    whole = [k for k in trainable if (r := ref.get(k.rpartition(":")[2])) is not None
+             and r.shape == after["held"][k]["fp32"].shape]
+    assert 2 * len(whole) >= len(trainable), whole
+    for k in whole:
+        assert torch.equal(after["held"][k]["fp32"], ref[k.rpartition(":")[2]]), k
+    assert after["loss_finite"] and after["steps_after"] == steps + 1
