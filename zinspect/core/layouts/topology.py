@@ -12,12 +12,12 @@ file names (discover) and what the pickles declare, cross-checked against each o
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import replace
 
 from zinspect.core import codes
 from zinspect.core.layouts.base import LoadContext
+from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import get
 from zinspect.core.model import Finding, RankFile, Topology
 
@@ -88,17 +88,21 @@ def grid_findings(files: list[RankFile], sizes: dict[str, int], what: str,
     ("optimizer", "model-states", "layer")."""
     axes = [a for a in AXES if a in sizes]
     have = {tuple(getattr(f.coords, a) for a in axes) for f in files}
-    grid = list(itertools.product(*(range(sizes[a]) for a in axes)))
-    present = sum(1 for at in grid if at in have)
+    shape = tuple(sizes[a] for a in axes)
+    total, first = missing_coords(have, shape)  # never the whole grid: sizes come from pickles
+    of = f"{math.prod(shape)} {_plural(axes)}"
     out = []
-    for at in grid:
-        if at not in have:
-            where = _where(axes, at)
-            out.append(codes.finding(
-                missing_code, f"the {what} file of {where} is missing ({present} of "
-                f"{math.prod(sizes[a] for a in axes)} {_plural(axes)} present)",
-                f"copy {where}'s {what} file from the training run; without it the params it "
-                "holds cannot be rebuilt", rank=at[axes.index("dp")] if "dp" in axes else None))
+    for at in first:
+        where = _where(axes, at)
+        out.append(codes.finding(
+            missing_code, f"the {what} file of {where} is missing "
+            f"({math.prod(shape) - total} of {of} present)",
+            f"copy {where}'s {what} file from the training run; without it the params it "
+            "holds cannot be rebuilt", rank=at[axes.index("dp")] if "dp" in axes else None))
+    if total > len(first):
+        out.append(codes.finding(missing_code, f"{total - len(first)} more {what} files are "
+                                 f"missing (of {of})", "check the copy: most of the checkpoint "
+                                 "is gone, or a file's recorded world size is wrong"))
     for f in files:
         for a in axes:
             v = getattr(f.coords, a)

@@ -9,6 +9,7 @@ fast. Cells come from the topology's sizes, so a missing rank file is a row of i
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -18,12 +19,16 @@ from textual.containers import Vertical
 from textual.widgets import Label, Static
 
 from zinspect.core import fmt
+from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.model import ERROR, INFO, Checkpoint, Finding, ParamGroup, RankFile
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
 #: groups shown as matrix columns; ZeRO-3 sub-groups can number thousands
 MATRIX_MAX_GROUPS = 64
+#: a grid larger than this (a forged world size of 10**7 in one pickle) lists the cells that
+#: have files and the first missing ones only; real runs have far fewer ranks
+MAX_GRID_CELLS = 1 << 16
 #: the files a cell is made of (layer and expert files belong to no dp rank)
 CELL_KINDS = ("optim", "model")
 SLICE_AXES = ("tp", "pp", "ep")
@@ -76,16 +81,28 @@ class Cell:
         return self._status
 
 
-def grid_cells(ckpt: Checkpoint) -> list[Cell]:
-    """Every coordinate of pp x tp x dp (from the topology and the files found), its files, the
-    partitions its optimizer file holds and the findings about it; in pp, tp, dp order."""
+def grid_shape(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """(pp, tp, dp) of the grid: the topology's sizes, widened to every optimizer file found."""
     topo = ckpt.topology
-    optim = [f for f in ckpt.files if f.kind == "optim"]
-    dp = max([topo.dp, *(f.coords.dp + 1 for f in optim)])
+    dp = max([topo.dp, *(f.coords.dp + 1 for f in ckpt.files if f.kind == "optim")])
     if topo.tp * topo.pp == 1:  # then the world is the data-parallel ranks (a missing last one too)
         dp = max(dp, ckpt.world_size or 0)
-    cells = {(p, t, d): Cell(p, t, d) for p in range(topo.pp) for t in range(topo.tp)
-             for d in range(dp)}
+    return topo.pp, topo.tp, dp
+
+
+def grid_cells(ckpt: Checkpoint) -> list[Cell]:
+    """Every coordinate of pp x tp x dp (from the topology and the files found), its files, the
+    partitions its optimizer file holds and the findings about it; in pp, tp, dp order. Past
+    MAX_GRID_CELLS only the coordinates with files and the first missing ones."""
+    topo = ckpt.topology
+    optim = [f for f in ckpt.files if f.kind == "optim"]
+    shape = grid_shape(ckpt)
+    if shape[0] * shape[1] * shape[2] <= MAX_GRID_CELLS:
+        keys = [(p, t, d) for p in range(shape[0]) for t in range(shape[1]) for d in range(shape[2])]
+    else:
+        have = {(f.coords.pp, f.coords.tp, f.coords.dp) for f in ckpt.files if f.kind in CELL_KINDS}
+        keys = sorted(have | set(missing_coords(have, shape)[1]))
+    cells = {key: Cell(*key) for key in keys}
     for f in ckpt.files:
         if f.kind in CELL_KINDS:
             key = (f.coords.pp, f.coords.tp, f.coords.dp)
@@ -226,7 +243,10 @@ class RanksPane(Vertical):
             return
         others = [f for f in ckpt.files if f.kind not in CELL_KINDS]
         note = f"; {len(others)} layer/expert files in the Overview" if others else ""
-        yield Label(f"Ranks: {shape}, {len(self.cells)} cells{note}", classes="section-title")
+        size = math.prod(grid_shape(ckpt))
+        listed = f"{len(self.cells)} cells" if len(self.cells) >= size else \
+            f"{size:,} cells, of which the {len(self.cells)} with files or first missing are listed"
+        yield Label(f"Ranks: {shape}, {listed}{note}", classes="section-title")
         grid = RankGrid(ckpt, self.cells, id="rank-table")
         yield grid
         indices = sorted({g.index for g in ckpt.groups})
