@@ -6,8 +6,9 @@ file names (discover) and what the pickles declare, cross-checked against each o
 * `settle(ctx)` sets the default topology before a layout describes the files (a layout that
   knows better overrides `ckpt.topology` and the coordinates in `describe`);
 * `cross_check(ctx)` reports files whose pickle disagrees with the topology (`topology-mismatch`);
-* `grid_findings(...)` is the per-axis file check a layout calls: every coordinate of the grid
-  has its file, no file lies outside it.
+* `grid_findings(...)` is the per-axis file check of the plain ZeRO layouts (validate calls it):
+  every coordinate of the grid has its file, no file lies outside it. The parallel layouts
+  write their own, each on `gaps.missing_coords` (bounded whatever size a pickle claims).
 """
 
 from __future__ import annotations
