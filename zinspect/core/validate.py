@@ -13,6 +13,7 @@ from math import prod
 from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
 from zinspect.core.filechecks import STALE_HINT, file_findings
+from zinspect.core.layouts import tp_checks
 from zinspect.core.layouts.topology import grid_findings
 from zinspect.core.model import Checkpoint, Finding, Param
 
@@ -52,9 +53,10 @@ class _Checks:
                      "the save never happened or the files were moved; check the path")
             return
         self.out.extend(file_findings(c))
-        if c.layout == "tensor_parallel":  # its own checks per tp rank's shards
+        if c.layout == "tensor_parallel":  # its tp ranks' files saved at one step and stage
             from zinspect.core.layouts import tensor_parallel
             self.out.extend(tensor_parallel.validate(c))
+        self.out.extend(tp_checks.shard_findings(c))  # every layout whose params are tp shards
         if c.layout not in PLAIN_ZERO:
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
                 self.add("unknown-layout", "the optimizer files hold neither fp32 "

@@ -1,8 +1,10 @@
 """The checks of a tensor-parallel checkpoint (layouts/tensor_parallel.py): at load, each tp
 rank's files present and of this world size (`report_missing`, `check_sizes`); once described
-(`validate`, called by core/validate.py), each tp rank's shard of each param held once by its
-fragments and whole in its file, and the optimizer files saved at one step and stage. How the
-shards tile the full tensors is found when each param is placed."""
+(`validate`, called by core/validate.py), the optimizer files saved at one step and stage. How the
+shards tile the full tensors is found when each param is placed (`tensor_parallel.place`); that
+each tp rank's shard of each param is held once by its fragments and whole in its file is
+`shard_findings`, run by core/validate.py on every layout whose params are tp shards cut into
+ZeRO partitions (tensor_parallel, pipeline_tp)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections import Counter
 from zinspect.core import codes, coverage, partition
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import numel
-from zinspect.core.model import Checkpoint, Coords, Finding, Param, RankFile
+from zinspect.core.model import Checkpoint, Finding, Param, RankFile
 
 REPLACE = "restore the tp rank's files from the run (every tp rank saves its own shards)"
 
@@ -25,10 +27,17 @@ def global_rank(rf: RankFile, tp: int) -> int | None:
     return None if rf.rank is None else rf.rank * tp + rf.coords.tp
 
 
+def grid_rank(c: Checkpoint, pp: int, d: int, t: int) -> int:
+    """The global rank of (stage pp, dp rank d, tp rank t) in DeepSpeed's pipe x data x model
+    grid (PipeModelDataParallelTopology; without a pipeline, `global_rank`'s)."""
+    return (pp * c.topology.dp + d) * c.topology.tp + t
+
+
 def validate(c: Checkpoint) -> list[Finding]:
-    """Each tp rank's shard of each param held once by its fragments, whole in its file; the tp
-    ranks' optimizer files saved at one step and stage. (Which files are missing or stale, and
-    how the shards tile the full tensors, were found when the checkpoint was opened.)"""
+    """The tp ranks' optimizer files saved at one step and stage (a pipeline compares its
+    stages' files when opened). Which files are missing or stale, and how the shards tile the
+    full tensors, were found when the checkpoint was opened; the shards' coverage is
+    `shard_findings`."""
     out: list[Finding] = []
     steps = Counter(f.step for f in c.files_of("optim") if f.step is not None)
     stages = Counter(f.stage for f in c.files_of("optim") if f.stage is not None)
@@ -41,44 +50,70 @@ def validate(c: Checkpoint) -> list[Finding]:
         if len(stages) > 1 and f.stage is not None and f.stage != stages.most_common(1)[0][0]:
             out.append(codes.finding("stage-mismatch", f"{f.name} is a ZeRO-{f.stage} file, the others "
                                      f"ZeRO-{stages.most_common(1)[0][0]}", REPLACE, **where))
-    for p in c.owners():
-        for t, shard in sorted(p.shards.items()):
-            out.extend(_shard_coverage(c, p, t, numel(shard.shape)))
     return out
+
+
+def shard_findings(c: Checkpoint) -> list[Finding]:
+    """Each tp rank's shard of each param held once by its ZeRO partitions, whole in its file:
+    the one rule for every layout whose params are tp shards (`Param.shards`, placed by
+    `tensor_parallel.place`) with their masters in optimizer files: tensor_parallel and
+    pipeline_tp (its ZeRO-0 bf16 too: BF16_Optimizer files). Not ZeRO-0 with the masters in
+    the model states (tensor_parallel_zero0, pipeline_tp's refused fp32): each tp rank's are
+    whole tensors of its one file, matched at load (`zero0.attach` names any that fits no order,
+    a truncated file is its own finding), as plain ZeRO-0's are."""
+    if c.topology.tp < 2 or not c.files_of("optim"):  # no shards (spares a walk over 300k
+        return []  # params), or no partitions
+    return [f for p in c.owners() for t, shard in sorted(p.shards.items())
+            for f in _shard_coverage(c, p, t, numel(shard.shape))]
 
 
 def _shard_coverage(c: Checkpoint, p: Param, t: int, n: int) -> list[Finding]:
     held = [f for f in p.fragments if f.shard == t]
     cov = coverage.cover(n, held)
     out = []
-    tp = c.topology.tp
     if cov.overlaps:
         a, b = cov.overlaps[0]
         out.append(codes.finding("param-overlap", f"{p.name}: elements {a:,}..{b:,} of tp rank {t}'s "
                                  "shard are held twice", REPLACE, param=p.name))
+    pp = _stage_of(c, p, t) if cov.gaps or any(not f.intact for f in held) else 0
     if cov.gaps:
-        ranks = sorted({r * tp + t for r in _dp_ranks_in(c, p, t, cov.gaps)})
+        dps = sorted(_dp_ranks_in(c, p, t, cov.gaps))
+        ranks = [grid_rank(c, pp, d, t) for d in dps]
+        there = c.topology.files_at(dp=dps[0], tp=t, pp=pp, kind="optim") if len(dps) == 1 else []
         out.append(codes.finding("param-coverage", f"{p.name}: {cov.missing:,} of the {n:,} elements "
                                  f"of tp rank {t}'s shard are held by no file"
                                  + (f" (rank {', '.join(map(str, ranks))})" if ranks else ""),
-                                 REPLACE, param=p.name, rank=ranks[0] if len(ranks) == 1 else None))
+                                 REPLACE, param=p.name, rank=ranks[0] if len(ranks) == 1 else None,
+                                 file=there[0].name if len(there) == 1 else None))
     bad = [f for f in held if not f.intact and f.numel]
     if bad:
         out.append(codes.finding("param-truncated", f"{p.name}: the bytes of tp rank {t}'s shard are "
                                  f"not all in {bad[0].file}", "that file is truncated; copy it again",
-                                 param=p.name, file=bad[0].file, rank=bad[0].rank * tp + t))
+                                 param=p.name, file=bad[0].file, rank=grid_rank(c, pp, bad[0].rank or 0, t)))
     return out
+
+
+def _group_of(c: Checkpoint, p: Param, t: int):
+    """The flat group of tp rank t's slice that holds p's fragments: a pipeline's tied param is
+    in a group of each stage it is on, its fragments the lowest stage's (the others' are copies)."""
+    return min((g for g in c.groups if g.index == p.sub_group and g.coords.tp == t
+                and p.name in g.params), key=lambda g: g.coords.pp, default=None)
+
+
+def _stage_of(c: Checkpoint, p: Param, t: int) -> int:
+    g = _group_of(c, p, t)
+    return 0 if g is None else g.coords.pp
 
 
 def _dp_ranks_in(c: Checkpoint, p: Param, t: int, gaps: list[tuple[int, int]]) -> set[int]:
     """The dp ranks whose share of tp rank t's shard falls in the gaps (ZeRO-3: ceil(n/dp)
-    elements each; ZeRO-1/2: the flat group's partitions)."""
+    elements each; ZeRO-1/2 and BF16_Optimizer: the flat group's partitions)."""
     dp, n = c.topology.dp, numel(p.shards[t].shape)
     if c.stage == 3:
         part = partition.zero3_share(n, dp)
         return {r for a, b in gaps for r in partition.ranks_of(a, b, part, dp)}
-    g = next((g for g in c.groups if g.index == p.sub_group and g.coords == Coords(tp=t)), None)
-    if g is None or p.name not in g.params:
+    g = _group_of(c, p, t)
+    if g is None:
         return set()
     part = partition.zero12_partition(g.numel, dp)
     start = sum(numel(c.params[m].shards[t].shape) if c.params.get(m) and t in c.params[m].shards
