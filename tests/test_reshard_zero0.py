@@ -10,12 +10,13 @@ exp_avg_sq, frozen param and buffer), the masters are the fixture's reference_fp
 train a step.
 
 A pipeline's (or pipeline x tp's) bf16 ZeRO-0 checkpoint (BF16_Optimizer files) loads at no size:
-its refusal says so (tests/test_reshard.py).
+its refusal says so, and a real engine fails to load one at another size (below).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -87,3 +88,19 @@ def test_deepspeed_loads_zero0_at_another_world_size(tmp_path, name, n):
     for k in whole:
         assert torch.equal(after["held"][k]["fp32"], ref[k.rpartition(":")[2]]), k
     assert after["loss_finite"] and after["steps_after"] == steps + 1
+
+
+@needs_deepspeed
+def test_a_pipelines_bf16_zero0_loads_at_no_other_size_either(tmp_path):
+    """What the refusal of a pipeline's bf16 ZeRO-0 (BF16_Optimizer files) says: DeepSpeed's own
+    load fails (KeyError: the dp rank, in BF16_Optimizer's legacy load), here at another size."""
+    name = "parallel/pp2_dp1_s0_bf16"
+    cmd = [DS_PYTHON, str(WORKER), "--ckpt", str(FIXTURES / name), "--manifest",
+           str(FIXTURES / name / "manifest.json"), "--world-size", "4", "--result", str(tmp_path / "r.pt")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert p.returncode != 0 and not (tmp_path / "r.pt").exists()
+    assert "in load_checkpoint" in p.stderr and "bf16_optimizer.py" in p.stderr, p.stderr[-3000:]
+    assert re.search(r"KeyError: [01]\n", p.stderr), p.stderr[-3000:]  # the first rank to fail's dp rank
+    with pytest.raises(NotMergeable, match="no DeepSpeed engine loads one"):
+        reshard(open_checkpoint(FIXTURES / name), tmp_path / "out", 4)
