@@ -75,11 +75,13 @@ def check_reshardable(ckpt: Checkpoint, world_size: int, what: str = "resharded"
     if world_size < 1:
         raise UsageError(f"--world-size must be at least 1 (got {world_size})", "e.g. --world-size 4")
     if ckpt.layout not in layouts:
+        a = "an" if ckpt.layout[:1] in "aeiou" else "a"
+        if what == "resharded" and ckpt.layout in REFUSED:
+            raise NotMergeable(f"{where}: {a} {ckpt.layout} checkpoint needs no reshard",
+                               REFUSED[ckpt.layout])
         can = ", ".join(LAYOUT_NAMES[x] for x in layouts if x in LAYOUT_NAMES)
-        raise NotMergeable(f"{where}: a {ckpt.layout} checkpoint cannot be {what} (only {can} "
-                           "checkpoints can, so far)",
-                           REFUSED.get(ckpt.layout, "give a plain ZeRO checkpoint")
-                           if what == "resharded" else "give a plain ZeRO checkpoint")
+        raise NotMergeable(f"{where}: {a} {ckpt.layout} checkpoint cannot be {what} (only {can} "
+                           "checkpoints can)", "give a plain ZeRO checkpoint")
     if what == "resharded" and (why := refusal(ckpt)):
         raise NotMergeable(f"{where}: {why[0]}", why[1])
     if ckpt.errors:
