@@ -13,9 +13,9 @@ from math import prod
 from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
 from zinspect.core.filechecks import STALE_HINT, file_findings
-from zinspect.core.layouts import tp_checks
+from zinspect.core.layouts import MERGEABLE, tp_checks
 from zinspect.core.layouts.topology import grid_findings
-from zinspect.core.model import Checkpoint, Finding, Param
+from zinspect.core.model import ERROR, Checkpoint, Finding, Param
 
 #: the layouts whose files are one data-parallel set: the rank, group and param checks below
 PLAIN_ZERO = ("zero", "bf16_optimizer")
@@ -61,6 +61,13 @@ class _Checks:
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
                 self.add("unknown-layout", "the optimizer files hold neither fp32 "
                          "partitions nor a zero_stage", "these are not ZeRO optimizer files")
+            elif c.layout in MERGEABLE and not any(f.severity == ERROR for f in
+                                                   [*c.findings, *self.out]):
+                # every param's elements held once (tp shards: above). Only when the layout
+                # found no error: its missing-file findings already name what they take
+                # down, and a gap with nothing missing (a forged or cut partition) must not
+                # pass validate while the merge refuses it
+                self.params(plain=False)
             return
         self.ranks()
         self.consistency()
@@ -188,14 +195,17 @@ class _Checks:
                      f"params need exactly {want:,}", _REPLACE, rank=r, group=g.index,
                      file=_file_of(c, r))
 
-    def params(self) -> None:
+    def params(self, plain: bool = True) -> None:
+        """Each param's elements held once, whole. For the parallel layouts (`plain=False`)
+        only that: their tp-sharded params are tp_checks.shard_findings' walk, and what plain
+        ZeRO's files say about frozen params is not theirs to say."""
         c = self.c
         whole = self._whole_zero3_groups()
         frozen_whole = self._whole_zero3_model_states()
         # params in whole groups are covered by construction: that spares building millions
         # of fragments (and, in one comprehension, a Python step per param)
-        for p in [p for p in c.params.values() if p.tied_to or not (
-                p.frozen and frozen_whole or not p.frozen and p.sub_group in whole)]:
+        for p in [p for p in c.params.values() if (plain or not p.shards) and (p.tied_to or not (
+                p.frozen and frozen_whole or not p.frozen and p.sub_group in whole))]:
             if p.tied_to:
                 if p.tied_to not in c.params:
                     self.add("tied-source-missing", f"{p.name} is tied to {p.tied_to}, "
@@ -217,7 +227,7 @@ class _Checks:
                     self._knock_on(p, found, ranks)
                 continue
             self._coverage(p)
-            if p.frozen and p.fragments[0].source == "module":
+            if plain and p.frozen and p.fragments[0].source == "module":
                 self.add("frozen-from-module", f"frozen param {p.name} is saved only in the "
                          "16-bit module weights (ZeRO-1); zinspect recovers it, DeepSpeed's "
                          "converter drops it", param=p.name)
