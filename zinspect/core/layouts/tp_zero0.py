@@ -45,10 +45,7 @@ def describe(ctx: LoadContext) -> None:
         common.finish(ctx, names)
         return
     c.topology = Topology(dp=dp, tp=tp, files=list(c.files))
-    for rf in c.files_of("optim"):
-        ctx.find("stale-rank-file", f"{rf.name} is a ZeRO optimizer file, but this is a ZeRO-0 "
-                 "checkpoint (its optimizer state is in the model states): a leftover of another "
-                 "run", "move it out of the tag dir", file=rf.name, rank=rf.rank)
+    zero0.leftover_optimizer_files(ctx)
     slices = tensor_parallel._slices(ctx, tp, dp)  # noqa: SLF001 (its files per tp rank, checked)
     zero0.tie_shared_storages(ctx, names.module)
     owners = [p for p in c.params.values() if not p.tied_to]

@@ -37,10 +37,7 @@ def describe(ctx: LoadContext) -> None:
     ws = get(ctx.model_state, "dp_world_size")
     c.world_size = ws if type(ws) is int and ws > 0 else 1
     c.topology = Topology(dp=c.world_size, files=c.files)
-    for rf in c.files_of("optim"):
-        ctx.find("stale-rank-file", f"{rf.name} is a ZeRO optimizer file, but this is a ZeRO-0 "
-                 "checkpoint (its optimizer state is in the model states): a leftover of another "
-                 "run", "move it out of the tag dir", file=rf.name, rank=rf.rank)
+    leftover_optimizer_files(ctx)
     tie_shared_storages(ctx, names.module)
     attach(ctx, ctx.model_file, ctx.model_state,
            {p.name: p.shape for p in c.params.values() if not p.tied_to}, names.module)
@@ -49,6 +46,15 @@ def describe(ctx: LoadContext) -> None:
             p.frozen = c.params[p.tied_to].frozen
     common.attach_whole_frozen(ctx, names)
     common.finish(ctx, names)
+
+
+def leftover_optimizer_files(ctx: LoadContext) -> None:
+    """ZeRO optimizer files beside a ZeRO-0 checkpoint are a leftover of another run (ZeRO-0
+    keeps its optimizer state in the model states)."""
+    for rf in ctx.ckpt.files_of("optim"):
+        ctx.find("stale-rank-file", f"{rf.name} is a ZeRO optimizer file, but this is a ZeRO-0 "
+                 "checkpoint (its optimizer state is in the model states): a leftover of another "
+                 "run", "move it out of the tag dir", file=rf.name, rank=rf.rank)
 
 
 def attach(ctx: LoadContext, rf, state: dict, owners: dict[str, tuple], module: dict,
