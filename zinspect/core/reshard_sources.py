@@ -221,6 +221,13 @@ def _slice_fragments(ckpt: Checkpoint, name: str, state: str, files: Collection[
         if f.source == "master" and f.file in files and (f.file, f.group, f.group_offset) not in seen:
             seen.add((f.file, f.group, f.group_offset))
             masters.append(f)
+    return at_masters(ckpt, masters, state)
+
+
+def at_masters(ckpt: Checkpoint, masters: list[Fragment], state: str) -> list[Fragment]:
+    """The fragments of `state` at the same places as the fp32 `masters`: the same element
+    offsets in that state's tensor of the same file and group (`Checkpoint.state_fragments`'
+    rule); a file without it leaves that range out."""
     if state == "fp32":
         return masters
     out = []

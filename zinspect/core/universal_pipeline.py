@@ -15,7 +15,8 @@ equal when the stages all-reduce its gradient) and a drifted copy refuses the co
 
 from __future__ import annotations
 
-from zinspect.core.model import Checkpoint, Param
+from zinspect.core.model import Param
+from zinspect.core.reshard_sources import at_masters
 from zinspect.core.reshard_zero import STEP, Sources
 
 
@@ -42,7 +43,7 @@ def tied_copies(src: Sources, p: Param, state: str) -> dict[int, list]:
 
     out = {}
     for stage, frags in sorted(p.copies.items()):
-        frags = sorted((f for f in _state_of(src.ckpt, frags, state) if f.numel),
+        frags = sorted((f for f in at_masters(src.ckpt, frags, state) if f.numel),
                        key=lambda f: (f.shard or 0, f.start))
         if p.shards:
             if shardplan.problem(p, frags) is None:
@@ -55,11 +56,3 @@ def tied_copies(src: Sources, p: Param, state: str) -> dict[int, list]:
         out[stage] = ops
     return out
 
-
-def _state_of(ckpt: Checkpoint, masters: list, state: str) -> list:
-    """The fragments of `state` at the same places as the fp32 `masters` (state_fragments' rule)."""
-    if state == "fp32":
-        return masters
-    return [ckpt.moments[(f.file, f.group, state)].fragment(
-        f.group, f.group_offset, f.start, f.numel, f.padding, state, f.shard)
-        for f in masters if (f.file, f.group, state) in ckpt.moments]
