@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from zinspect.core.stats import Scratch, as_float64, values
+from zinspect.core.stats import Scratch, as_float64, nonfinite_counts, values
 from zinspect.core.torchzip import DTYPE_SIZES
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def window_facts(data: memoryview, dtype: str, scratch: Scratch, slot: int = 0) 
     if math.isfinite(sq):
         return 0, 0, sq
     finite = np.isfinite(x)
-    nan, inf = _nonfinite(x, finite)
+    nan, inf = nonfinite_counts(x, finite)
     x = x[finite]
     return nan, inf, float(np.einsum("i,i->", x, x, dtype=np.float64))
 
@@ -96,14 +96,3 @@ def _unequal_elements(ba: memoryview, bb: memoryview, dtype: str):
 
     w = DTYPE_SIZES[dtype]
     return np.frombuffer(ba, f"u{w}") != np.frombuffer(bb, f"u{w}")
-
-
-def _nonfinite(x, finite) -> tuple[int, int]:
-    """(NaN, Inf) counts of `x`, given its isfinite mask."""
-    import numpy as np
-
-    bad = len(x) - int(np.count_nonzero(finite))
-    if not bad:
-        return 0, 0
-    nan = int(np.count_nonzero(np.isnan(x)))
-    return nan, bad - nan

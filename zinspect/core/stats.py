@@ -73,6 +73,17 @@ def values(data, dtype: str, scratch: Scratch, slot: object = 0):
     return as_float64(data, dtype, scratch, slot)
 
 
+def nonfinite_counts(x, finite) -> tuple[int, int]:
+    """(NaN, Inf) counts of `x`, given its isfinite mask."""
+    import numpy as np
+
+    bad = len(x) - int(np.count_nonzero(finite))
+    if not bad:
+        return 0, 0
+    nan = int(np.count_nonzero(np.isnan(x)))
+    return nan, bad - nan
+
+
 @dataclass
 class TensorStats:
     name: str
@@ -124,11 +135,10 @@ class TensorStats:
         sumsq = float(np.einsum("i,i->", wide, wide))
         if not math.isfinite(sumsq):  # NaN or Inf in the chunk (or squares beyond float64)
             finite = np.isfinite(x)
-            bad = n - int(np.count_nonzero(finite))
-            if bad:
-                nan = int(np.count_nonzero(np.isnan(x)))
+            nan, inf = nonfinite_counts(x, finite)
+            if nan or inf:
                 self.nan += nan
-                self.inf += bad - nan
+                self.inf += inf
                 x = wide = wide[finite]
                 n = len(x)
                 if not n:
