@@ -242,9 +242,10 @@ def stream_tensors(files: list[OutFile]) -> list[OutputTensor]:
                 elif run:
                     raw = src == st.dtype  # bytes copied as they are: no NaN/Inf count
                     dtype, src_dtype = ("uint8", "uint8") if raw else (st.dtype, src)
-                    n = sum(p.nbytes for p in run) // DTYPE_SIZES[src_dtype]
+                    nbytes = sum(p.nbytes for p in run)
+                    n = nbytes // DTYPE_SIZES[src_dtype]
                     name = f"{f.name}:{st.key}"
-                    numel = sum(p.nbytes for p in run) // DTYPE_SIZES[src]  # replicas: as values
+                    numel = nbytes // DTYPE_SIZES[src]  # replicas: as values
                     out.append(OutputTensor(name, (n,), dtype, src_dtype, run, weaves=weaves, mirrors=[
                         OutputTensor(name, (numel,), src, src, m, replica=t)
                         for t, m in sorted(mirrors.items())]))
