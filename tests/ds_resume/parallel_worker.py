@@ -177,7 +177,9 @@ def run_rank(rank, args):
     os._exit(0)  # gloo threads may abort in interpreter teardown after all work is done
 
 
-def main():
+def main(rank_main=run_rank):
+    """Parse the worker's arguments and run `rank_main(rank, args)` in one spawned process per
+    rank (zero0_worker passes its own)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--manifest", required=True)
@@ -192,7 +194,7 @@ def main():
     os.environ["DS_ACCELERATOR"] = "cpu"
     import torch.multiprocessing as mp
 
-    mp.start_processes(run_rank, args=(args,), nprocs=args.world_size, start_method="spawn")
+    mp.start_processes(rank_main, args=(args,), nprocs=args.world_size, start_method="spawn")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ torch optimizer's state of that master.
 """
 
 import argparse
-import os
-import socket
 
 import parallel_worker as pw
 
@@ -72,19 +70,7 @@ def run_rank(rank, args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--world-size", type=int, required=True)
-    ap.add_argument("--result", required=True)
-    args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        args.port = s.getsockname()[1]
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    import torch.multiprocessing as mp
-
-    mp.start_processes(run_rank, args=(args,), nprocs=args.world_size, start_method="spawn")
+    pw.main(run_rank)
 
 
 if __name__ == "__main__":
