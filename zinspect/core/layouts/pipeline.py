@@ -25,7 +25,7 @@ from dataclasses import replace
 from zinspect.core.layouts import common, one_save, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_coords
-from zinspect.core.layouts.pickled import as_group_list, get, located, shape, text
+from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, text
 from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
 
@@ -112,7 +112,7 @@ class _Pipeline:
         param_shapes), else none (ZeRO-0 fp32)."""
         shapes = as_group_list(state.get("param_shapes"))
         if shapes:
-            return [[(str(n), shape(v)) for n, v in g.items()] for g in shapes]
+            return [group_members(g) for g in shapes]
         placed: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)
         for d, rf in sorted(files.items()):
             maps = get(self.ctx.torch_file(rf).obj, "optimizer_state_dict", "param_slice_mappings")

@@ -25,7 +25,7 @@ from functools import partial
 
 from zinspect.core.layouts import common, tp_affine, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
-from zinspect.core.layouts.pickled import as_group_list, get, located, numel, shape
+from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, numel, shape
 from zinspect.core.layouts.tp_checks import REPLACE, check_sizes, global_rank, report_missing, validate
 from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, Topology
 from zinspect.core.torchzip import TensorRef
@@ -170,8 +170,7 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
                 s.model = first if ctx.torch_file(first) else None
         tf = ctx.torch_file(s.model)
         s.state = tf.obj if tf is not None and isinstance(tf.obj, dict) else None
-        s.flat_groups = [[(str(n), shape(v)) for n, v in g.items()]
-                         for g in as_group_list(get(s.state, "param_shapes"))]
+        s.flat_groups = [group_members(g) for g in as_group_list(get(s.state, "param_shapes"))]
         report_missing(ctx, s, tp, dp)
         check_sizes(ctx, s, tp, dp)
     return slices
