@@ -212,9 +212,7 @@ def _tensor_file(src: Sources, rel: str, name: str, shape, state: str, keys: dic
                                f"cannot be joined: {why}", "run `zinspect validate` for details")
         ops, weaves, mirrors = shardplan.plan_pieces(p, src.path, frags)
         if not mirrors and p.copies and state != "frozen":  # a tied pipeline_tp param's stages
-            from zinspect.core.universal_pipeline import tied_copies
-
-            mirrors = tied_copies(src, p, state)
+            mirrors = universal_pipeline.tied_copies(src, p, state)
         t = out.tensor("float32", tuple(shape), ops, src_dtype, weaves, mirrors)
     else:
         ops = []
