@@ -64,7 +64,9 @@ class _Batcher:
 
     def batches(self, tensors: Iterable[OutputTensor]) -> Iterator[_Batch]:
         for t in tensors:
-            for m in t.streamed():
+            # without a verification no drift is recorded: the copies a merge compares
+            # (`mirrors`) are not read (stats, diff, optimizer: a tied embedding twice over)
+            for m in t.streamed() if self.verification is not None else (t,):
                 segs = self.verification.segments_of(m) if self.verification is not None \
                     else plain_segments(m)
                 if m.replica is not None:
