@@ -198,14 +198,22 @@ class Sources:
         return self.copy(out, file or self.optim[0].name, step) if isinstance(step, TensorRef) else step
 
     def check_states(self, states: dict) -> None:
-        for g, st in states.items():
-            extra = sorted(str(k) for k in (st or {}) if k not in (STEP, *MOMENTS))
-            if extra:
-                raise refuse(self.ckpt, f"group {g}'s optimizer state holds {', '.join(extra)}",
-                             "only Adam/AdamW states (exp_avg, exp_avg_sq, step) are resharded")
+        if got := non_adam(states):
+            raise refuse(self.ckpt, f"group {got[0]}'s optimizer state holds {', '.join(got[1])}",
+                         "only Adam/AdamW states (exp_avg, exp_avg_sq, step) are resharded")
 
     def sizes(self, shapes: dict) -> OrderedDict:
         return OrderedDict((k, Size(v)) for k, v in shapes.items())
+
+
+def non_adam(states: dict) -> tuple[object, list[str]] | None:
+    """(group, its state keys sorted) of the first group whose optimizer state holds more than
+    Adam/AdamW's (step, exp_avg, exp_avg_sq); None when none does."""
+    for g, st in states.items():
+        extra = sorted(str(k) for k in (st or {}) if k not in (STEP, *MOMENTS))
+        if extra:
+            return g, extra
+    return None
 
 
 def _slice_fragments(ckpt: Checkpoint, name: str, state: str, files: Collection[str]) -> list[Fragment]:

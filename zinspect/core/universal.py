@@ -34,6 +34,7 @@ from zinspect.core.model import Checkpoint
 from zinspect.core.outdir import OutputDir, temp_name, writing_failed
 from zinspect.core.plan import Piece
 from zinspect.core.reshard import check_reshardable
+from zinspect.core.reshard_sources import non_adam
 from zinspect.core.reshard_zero import MOMENTS, STEP, Sources
 from zinspect.core.stream import Progress, ProgressMeter, ShouldStop, copy_tensors
 from zinspect.core.torchsave import FilesSink, OutFile, add_piece, output_bytes, stream_tensors
@@ -142,15 +143,13 @@ def plan_universal(ckpt: Checkpoint) -> list[OutFile]:
 
 def _check_adam(ckpt: Checkpoint, states: dict) -> None:
     """Only Adam/AdamW states are written (as ds_to_universal writes them)."""
-    for g, st in states.items():
-        extra = sorted(str(k) for k in (st or {}) if k not in (STEP, *MOMENTS))
-        if extra:
-            raise NotMergeable(f"{shown(str(ckpt.path))}: group {g}'s optimizer state holds "
-                               f"{shown(', '.join(extra), 80)}: only Adam/AdamW states (exp_avg, "
-                               "exp_avg_sq, step) are written to a universal checkpoint "
-                               "(DeepSpeed's ds_to_universal.py fails on others: KeyError 'exp_avg')",
-                               "take the weights and the optimizer states with `zinspect merge "
-                               "PATH OUT --state all`")
+    if got := non_adam(states):
+        raise NotMergeable(f"{shown(str(ckpt.path))}: group {got[0]}'s optimizer state holds "
+                           f"{shown(', '.join(got[1]), 80)}: only Adam/AdamW states (exp_avg, "
+                           "exp_avg_sq, step) are written to a universal checkpoint "
+                           "(DeepSpeed's ds_to_universal.py fails on others: KeyError 'exp_avg')",
+                           "take the weights and the optimizer states with `zinspect merge "
+                           "PATH OUT --state all`")
 
 
 def _refuse_zero0(ckpt: Checkpoint) -> None:
