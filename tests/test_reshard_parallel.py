@@ -157,9 +157,10 @@ def test_layout_is_what_deepspeed_saves_at_n(tmp_path, name, n, twin):
 
 
 # ------------------------------------------------------------------ real DeepSpeed resumes
-def _engines(tmp_path: Path, name: str, ckpt: Path, n: int, label: str) -> dict:
+def engines(tmp_path: Path, name: str, ckpt: Path, n: int, label: str, worker: Path = WORKER) -> dict:
+    """What `n` engines (the fixture `name`'s model, `worker`) hold after loading `ckpt`."""
     result = tmp_path / f"{label}.pt"
-    cmd = [DS_PYTHON, str(WORKER), "--ckpt", str(ckpt), "--manifest",
+    cmd = [DS_PYTHON, str(worker), "--ckpt", str(ckpt), "--manifest",
            str(FIXTURES / name / "manifest.json"), "--world-size", str(n), "--result", str(result)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -178,11 +179,16 @@ def test_deepspeed_resumes_at_the_new_world_size(tmp_path, name, n):
     """Engines at N loading zinspect's output hold what engines at the old size hold loading
     DeepSpeed's own files, every value, and train on."""
     src = open_checkpoint(FIXTURES / name)
-    before = _engines(tmp_path, name, FIXTURES / name, src.world_size, "source")
-    after = _engines(tmp_path, name, _resharded(tmp_path, name, n), n, "resharded")
-    steps = manifest(name)["global_steps"]
-    assert before["steps_every_rank"] == [steps] * src.world_size
-    assert after["steps_every_rank"] == [steps] * n
+    before = engines(tmp_path, name, FIXTURES / name, src.world_size, "source")
+    after = engines(tmp_path, name, _resharded(tmp_path, name, n), n, "resharded")
+    assert_engines_agree(before, after, manifest(name)["global_steps"], src.world_size, n)
+
+
+def assert_engines_agree(before: dict, after: dict, steps: int, n_before: int, n_after: int) -> list[str]:
+    """`after`'s engines hold every value `before`'s hold (masters and moments of every trainable
+    param), at the saved step on every rank, and took one more step; the trainable keys."""
+    assert before["steps_every_rank"] == [steps] * n_before
+    assert after["steps_every_rank"] == [steps] * n_after
     assert before["disagree"] == [] and after["disagree"] == []
     assert after["held"].keys() == before["held"].keys()
     compared = 0
@@ -192,6 +198,7 @@ def test_deepspeed_resumes_at_the_new_world_size(tmp_path, name, n):
             assert t is not None and after["held"][key][state] is not None, (key, state)
             assert torch.equal(after["held"][key][state], t), (key, state)
             compared += 1
-    trainable = sum(1 for s in before["held"].values() if "fp32" in s)
-    assert trainable and compared >= 3 * trainable
+    trainable = [k for k, s in after["held"].items() if "fp32" in s]
+    assert trainable and compared >= 3 * len(trainable)
     assert after["loss_finite"] and after["steps_after"] == steps + 1
+    return trainable
