@@ -115,6 +115,32 @@ UNIVERSAL = ("import sys; from zinspect.core import open_checkpoint; "
              "write_universal(open_checkpoint(sys.argv[1]), sys.argv[2])")
 
 
+def warm(tag_dir: Path) -> None:
+    """Read every file of the tag dir once: the page cache warm for every contender."""
+    for p in tag_dir.iterdir():
+        with open(p, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
+def run_contenders(contenders: dict, scratch: Path, runs: int, skip) -> dict:
+    """{name: (cmd, output dir name, env)} each run once unmeasured (bytecode, page cache),
+    then best of `runs`, printed as a table row; {name: best measure}."""
+    print(f"{'contender':16} {'seconds':>8} {'peak RSS':>10} {'temp disk':>10} {'output':>10}")
+    results = {}
+    for name, (cmd, out, extra) in contenders.items():
+        if name in skip:
+            continue
+        measure(cmd, scratch / out, extra)
+        best = min((measure(cmd, scratch / out, extra) for _ in range(runs)),
+                   key=lambda r: r["seconds"])
+        results[name] = best
+        print(f"{name:16} {best['seconds']:8.2f} {best['rss'] / 2**20:8.0f} MB "
+              f"{best['temp'] / 2**20:8.0f} MB {best['final'] / 2**20:8.0f} MB", flush=True)
+        shutil.rmtree(scratch / out, ignore_errors=True)
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ckpt", type=Path)
@@ -141,23 +167,9 @@ def main() -> int:
                              str(args.scratch / "ds_universal")] + inject, "ds_universal",
                             {"DS_ACCELERATOR": "cpu"}),
     }
-    for p in tag_dir.iterdir():  # warm the page cache
-        with open(p, "rb") as f:
-            while f.read(8 << 20):
-                pass
+    warm(tag_dir)
     print(f"checkpoint {tag_dir} ({src_bytes / 1e6:,.0f} MB), reshard to {args.world_size} ranks")
-    print(f"{'contender':16} {'seconds':>8} {'peak RSS':>10} {'temp disk':>10} {'output':>10}")
-    results = {}
-    for name, (cmd, out, extra) in contenders.items():
-        if name in args.skip:
-            continue
-        measure(cmd, args.scratch / out, extra)  # unmeasured: bytecode, page cache
-        best = min((measure(cmd, args.scratch / out, extra) for _ in range(args.runs)),
-                   key=lambda r: r["seconds"])
-        results[name] = best
-        print(f"{name:16} {best['seconds']:8.2f} {best['rss'] / 2**20:8.0f} MB "
-              f"{best['temp'] / 2**20:8.0f} MB {best['final'] / 2**20:8.0f} MB", flush=True)
-        shutil.rmtree(args.scratch / out, ignore_errors=True)
+    results = run_contenders(contenders, args.scratch, args.runs, args.skip)
     if {"universal", "ds_to_universal"} <= results.keys():
         u, d = results["universal"], results["ds_to_universal"]
         print(f"universal vs ds_to_universal: {d['seconds'] / u['seconds']:.1f}x faster, "

@@ -19,12 +19,11 @@ output size, measured by bench_reshard.measure:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_reshard import FLOOR, measure  # noqa: E402
+from bench_reshard import FLOOR, run_contenders, warm  # noqa: E402
 
 
 def main() -> int:
@@ -49,23 +48,9 @@ def main() -> int:
                              str(args.scratch / "ds" / f"{tag}_universal"), "--inject_missing_state"],
                             "ds", {"DS_ACCELERATOR": "cpu"}),
     }
-    for p in tag_dir.iterdir():  # warm the page cache
-        with open(p, "rb") as f:
-            while f.read(8 << 20):
-                pass
+    warm(tag_dir)
     print(f"checkpoint {tag_dir} ({src_bytes / 1e6:,.0f} MB)")
-    print(f"{'contender':16} {'seconds':>8} {'peak RSS':>10} {'temp disk':>10} {'output':>10}")
-    results = {}
-    for name, (cmd, out, extra) in contenders.items():
-        if name in args.skip:
-            continue
-        measure(cmd, args.scratch / out, extra)  # unmeasured: bytecode, page cache
-        best = min((measure(cmd, args.scratch / out, extra) for _ in range(args.runs)),
-                   key=lambda r: r["seconds"])
-        results[name] = best
-        print(f"{name:16} {best['seconds']:8.2f} {best['rss'] / 2**20:8.0f} MB "
-              f"{best['temp'] / 2**20:8.0f} MB {best['final'] / 2**20:8.0f} MB", flush=True)
-        shutil.rmtree(args.scratch / out, ignore_errors=True)
+    results = run_contenders(contenders, args.scratch, args.runs, args.skip)
     if {"universal", "ds_to_universal"} <= results.keys():
         u, d = results["universal"], results["ds_to_universal"]
         print(f"universal vs ds_to_universal: {d['seconds'] / u['seconds']:.1f}x faster, "
