@@ -18,6 +18,7 @@ from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.optimizer import ADAM_KEYS, OptimizerState
 from zinspect.core.plan import OutputTensor, Piece
+from zinspect.core.states import held_states
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.errors import MergeCancelled
 
@@ -74,8 +75,7 @@ def optimizer_stats(ckpt: Checkpoint, opt: OptimizerState,
     from zinspect.core import gc_paused
     from zinspect.core.stream import ProgressMeter
 
-    out = OptimizerStats(state_names=list(ADAM_KEYS) if opt.adam else
-                         [s for s in ckpt.states if s != "fp32"])
+    out = OptimizerStats(state_names=list(ADAM_KEYS) if opt.adam else held_states(ckpt))
     paths: dict[str, str] = {}  # rank file name -> its path, made once
     names = [n for n, p in ckpt.params.items() if not p.frozen and p.tied_to is None]
     per_element = 4 * (1 + len(out.state_names))

@@ -68,8 +68,9 @@ def moment_tensors(ckpt) -> list[OutputTensor]:
     the fp32 masters' ranges in each rank's moment tensor of the same flat group; tensor-parallel
     shards are put together as the merge puts the masters)."""
     from zinspect.core.plan import param_problem, param_tensor
+    from zinspect.core.states import held_states
 
-    keys = [key for key in ckpt.states if key != "fp32"]
+    keys = held_states(ckpt)
     if not keys:
         held = ", ".join(ckpt.states) or "nothing zinspect reads"
         raise UsageError(f"{ckpt.path}: no per-param optimizer state (exp_avg, momentum_buffer, "
