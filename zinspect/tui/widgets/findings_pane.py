@@ -13,6 +13,7 @@ from textual.widgets import Static
 
 from zinspect.core.model import Checkpoint, Finding
 from zinspect.tui.messages import FindingChosen
+from zinspect.tui.text import counted
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
@@ -83,12 +84,12 @@ def findings_summary(findings: list[Finding]) -> Text:
     Knock-ons are counted apart: one root cause is one finding."""
     roots = [f for f in findings if f.cause is None]
     counts = Counter((f.severity, f.code) for f in roots)
-    text = Text(f"{len(roots):,} finding{'s' if len(roots) != 1 else ''}: ", style="bold")
+    text = Text(f"{counted(len(roots), 'finding')}: ", style="bold")
     for i, ((severity, code), n) in enumerate(counts.items()):
         text.append(" · " if i else "")
         text.append(f"{n:,} {code}", style=SEVERITY_STYLES[severity])
     if folded := len(findings) - len(roots):
-        text.append(f" (+{folded:,} knock-on{'s' if folded != 1 else ''}, "
+        text.append(f" (+{counted(folded, 'knock-on')}, "
                     f"{KNOCK_ON_MARK.strip()} under their cause)", style="dim")
     return text
 
