@@ -48,6 +48,11 @@ MOMENTS = STATES[1:]
 STATE_NAME = re.compile(r"(?!(?:fp32|model)$)[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
+def is_state_key(key) -> bool:
+    """An optimizer's per-param state key the core records: a STATE_NAME, not the scalar `step`."""
+    return isinstance(key, str) and key != "step" and STATE_NAME.fullmatch(key) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Coords:
     """Where a file sits in the parallel topology; an axis the layout does not have is 0.

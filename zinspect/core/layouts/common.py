@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from zinspect.core.layouts import pickled, topology
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
-from zinspect.core.model import MOMENTS, STATE_NAME, Buffer, Param, ParamGroup, RankFile
+from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile, is_state_key
 from zinspect.core.torchzip import TensorRef, TorchFile
 
 _ABSENT = object()
@@ -388,7 +388,6 @@ def attach_moments(ctx: LoadContext, files: dict[int, RankFile]) -> None:
             sizes = (flat.numel, flat.numel + pad) if isinstance(flat, TensorRef) else ()
             for moment, t in per.items():
                 if isinstance(t, TensorRef) and (moment in MOMENTS or (
-                        isinstance(moment, str) and moment != "step" and
-                        STATE_NAME.fullmatch(moment) and t.numel in sizes)):
+                        is_state_key(moment) and t.numel in sizes)):
                     ctx.ckpt.moments[(rf.name, group, moment)] = located(tf, rf.name, rank, t)
 

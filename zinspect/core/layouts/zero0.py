@@ -18,7 +18,7 @@ from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
-from zinspect.core.model import STATE_NAME, Coords, ParamGroup, Topology
+from zinspect.core.model import Coords, ParamGroup, Topology, is_state_key
 from zinspect.core.torchzip import TensorRef
 
 
@@ -137,8 +137,7 @@ def attach_param_states(ctx: LoadContext, tf, file: str, inner, groups: list[lis
         for name, idx in zip(members, ids if isinstance(ids, list) else [], strict=False):
             per = state.get(idx) if type(idx) is int and name is not None else None
             for key, t in per.items() if isinstance(per, dict) else ():
-                if isinstance(t, TensorRef) and isinstance(key, str) and key != "step" and \
-                        STATE_NAME.fullmatch(key) and t.numel == numels[name]:
+                if isinstance(t, TensorRef) and is_state_key(key) and t.numel == numels[name]:
                     ctx.ckpt.param_states[(name, key, shard)] = located(tf, file, 0, t)
 
 
