@@ -26,6 +26,7 @@ from zinspect.core.fmt import shown
 from zinspect.core.model import Checkpoint
 from zinspect.core.optimizer import OptimizerState, read_optimizer, scaler_line, summary_line
 from zinspect.core.optimizer_stats import OptimizerStats, ParamOptimStats
+from zinspect.core.states import held_states
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
@@ -216,7 +217,7 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         scale = scaler_line(opt)
         if scale is not None:
             lines.append(f"loss scale {scale}")
-        own = [k for k in self.ckpt.states if k != "fp32"]
+        own = held_states(self.ckpt)
         if not opt.adam and opt.state_keys:
             lines.append(shown(f"{opt.name} keeps no Adam moments "
                                f"({', '.join(opt.state_keys[:6])}): " + (
