@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from zinspect.cli.common import open_checkpoint, print_json, readable_at_all
-from zinspect.report import human_info, info_json
+from zinspect.report import human_info, info_json, write_info_json
 
 NAME = "info"
 SUMMARY = "summary of a checkpoint (--json for scripts)"
@@ -40,8 +42,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     ckpt = open_checkpoint(args)
-    if args.json:
+    if args.json and sys.stdout.isatty():  # indented for a terminal (print_json)
         print_json(info_json(ckpt))
+    elif args.json:  # compact, as print_json writes it when piped: the rows streamed
+        write_info_json(ckpt, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     else:
         human_info(ckpt)
     return 0 if readable_at_all(ckpt) else 2
