@@ -276,3 +276,22 @@ def test_the_fast_path_keeps_memory_bounded(tmp_path):
                            resource.RLIMIT_CPU, (60, 60)))
     assert r.stdout.decode().split() == ["FastMetaUnpickler", "MetaUnpickler"], \
         r.stderr.decode()[-2000:]
+
+
+def _tensor_record(puts: list[int]) -> bytes:
+    """The opcodes of one tensor as torch pickles it once its globals are in the memo (the
+    scan matches them as two runs), with LONG_BINPUT indices `puts` (7)."""
+    p = [b"r" + struct.pack("<I", i) for i in puts]
+    return (b"h\x05((h\x06h\x07" + _key("0") + p[0] + b"h\x09K\x00t" + p[1] + b"QK\x00K\x00\x85" +
+            p[2] + b"K\x01\x85" + p[3] + b"\x89h\x02)R" + p[4] + b"t" + p[5] + b"R" + p[6])
+
+
+def test_the_scan_bounds_every_memo_index_of_a_tensor_record():
+    """The scan's run for a whole tensor record bounds its LONG_BINPUT indices as the single
+    token does: any one of them forged past the bound declines the pickle."""
+    good = list(range(1000, 1007))
+    assert prepare_for_c(b"\x80\x02N" + _tensor_record(good) * 3 + b"0.") is not None
+    for i in range(7):
+        bad = good[:i] + [0xFFFFFFFE] + good[i + 1:]
+        raw = b"\x80\x02N" + _tensor_record(good) + _tensor_record(bad) + b"0."
+        assert prepare_for_c(raw) is None, i

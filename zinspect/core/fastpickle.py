@@ -64,8 +64,14 @@ def _opcode_runs(index_bits: int):
     Python 3.11, which lacks the possessive repeat that keeps the match linear)."""
     short_unicode = b"X(?:" + b"|".join(re.escape(bytes([n, 0, 0, 0])) + b"." * n
                                         for n in range(256)) + b")"
+    put = b"r" + _below(index_bits)
     ops = [  # most frequent in torch's protocol-2 pickles first
-        b"r" + _below(index_bits), b"K.", b"h.", b"\x85", b"R", rb"\(", short_unicode, b"t",
+        # a tensor as torch pickles it once its globals are in the memo (300k times in a large
+        # model-states file), as two runs of the tokens below: one alternative each instead of
+        # ~25 (the scan 1.5x faster); whatever they match, the single tokens would match too
+        rb"h.\(\(h.h.", put + rb"h.K.t" + put + rb"QK.K.\x85" + put + rb"K.\x85" + put +
+        rb"\x89h.\)R" + put + b"t" + put + b"R" + put,
+        put, b"K.", b"h.", b"\x85", b"R", rb"\(", short_unicode, b"t",
         b"j....", rb"\)", b"\x89", b"\x88", b"Q", b"\x86", b"\x87", b"q.", b"N", b"u", b"s",
         rb"\]", b"a", b"e", b"l", b"M..", b"J....", b"G.{8}", b"b", b"\x81", b"0", b"1",
         b"\x94", b"\x80[\x02-\x05]", b"\x8a(?:" + b"|".join(re.escape(bytes([n])) + b"." * n
