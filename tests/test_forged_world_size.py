@@ -53,7 +53,7 @@ def test_validate_counts_the_missing_ranks_instead_of_listing_them(forged):
     missing = [f for f in findings if f["code"] == "missing-optimizer-file"]
     assert len(missing) == 17  # 16 located, then one that counts the rest
     assert missing[0]["rank"] == 2
-    assert f"{FORGED - 2 - 16} more optimizer files are missing (of {FORGED} ranks)" \
+    assert f"{FORGED - 2 - 16} more optimizer files are missing (of {FORGED} dp ranks)" \
         in missing[-1]["message"]
     assert len(findings) < 40
     assert any(f["code"] == "world-size-mismatch" for f in findings)

@@ -117,7 +117,7 @@ def test_missing_expert_file_is_located(tmp_path):
     (tag / EXPERT).unlink()
     c = open_checkpoint(tag.parent)
     assert codes(c) == [("missing-expert-file", EXPERT)]
-    assert "expert 3 of MoE layer 1 (layers.1.moe)" in c.findings[0].message
+    assert "(expert 3): its 16-bit weights of MoE layer 1 (layers.1.moe)" in c.findings[0].message
     with pytest.raises(NotMergeable):
         plan_merge(c)
     assert plan_merge(c, salvage=True).dropped == {}

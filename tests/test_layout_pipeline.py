@@ -328,7 +328,7 @@ def test_an_optimizer_file_of_another_step_is_located(tmp_path):
         f.write(struct.pack("<f", 3.0))
     c = open_checkpoint(tag.parent)
     assert codes(c) == [("step-mismatch", STAGE1_DP1)]
-    assert "optimizer step 3, the other files at 2" in c.findings[0].message
+    assert "at optimizer step 3, the other files at optimizer step 2" in c.findings[0].message
 
 
 def test_a_dropped_stage_drops_exactly_its_params(tmp_path):

@@ -221,14 +221,14 @@ def test_a_missing_layer_file_of_one_tp_rank_is_located(tmp_path):
 
 
 def test_a_missing_optimizer_file_of_one_slice_is_located(tmp_path):
-    """And each param of stage 1, tp rank 0 whose shard dp rank 1 held, at its global rank
-    (1 * 2 + 1) * 2 + 0 = 6 (the shard checks: tests/test_layout_pptp_checks.py)."""
+    """And each param of stage 1, tp rank 0 whose shard dp rank 1 held, at that dp rank (the
+    shard checks: tests/test_layout_pptp_checks.py)."""
     got = damaged(tmp_path, lambda tag: (tag / "zero_pp_rank_1_mp_rank_02_optim_states.pt").unlink())
     lost = ["4.mlp.dense_4h_to_h.bias", "4.mlp.dense_4h_to_h.weight", "4.mlp.dense_h_to_4h.bias",
             "4.mlp.dense_h_to_4h.weight", "4.post_attention_layernorm.bias",
             "4.self_attention.dense.weight", "4.self_attention.query_key_value.weight", "6.bias", "6.weight"]
     assert got == [("missing-optimizer-file", "zero_pp_rank_1_mp_rank_02_optim_states.pt", 1, None)] + \
-        [("param-coverage", None, 6, p) for p in lost]
+        [("param-coverage", None, 1, p) for p in lost]
 
 
 @pytest.mark.parametrize(("source", "stale", "rank"), [

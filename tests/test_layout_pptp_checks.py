@@ -8,8 +8,8 @@ was a `slice-mapping-mismatch` warning, so `zinspect validate` exited 0 on a che
 refused, and a truncated slice file named no param. Real fixtures pp2_tp2_dp2_s1_fp32 (ZeRO-1)
 and pp2_tp2_dp1_s1_bf16 (BF16_Optimizer); the damaged copies are made in tmp_path with the
 pickle-level editors of tests/damage.py (the optimizer files pickle DeepSpeed classes, so they
-are not torch.load-ed), every CRC kept valid. A finding's rank is the global rank in DeepSpeed's
-pipe × data × model grid: (stage · dp + dp rank) · tp + tp rank."""
+are not torch.load-ed), every CRC kept valid. A finding's rank is the dp rank of the file (the
+stage and tp rank are in its message), as on every layout."""
 
 from __future__ import annotations
 
@@ -74,28 +74,29 @@ def test_a_clean_checkpoint_has_no_shard_finding(name):
     assert not {f.code for f in validate(c)} & SHARD_CODES
 
 
-# (fixture, optimizer file, flat group, the param at the cut end, dp rank, global rank)
+# (fixture, optimizer file, flat group, the param at the cut end, dp rank, stage)
 S1_T0, S0_T1 = "zero_pp_rank_1_mp_rank_02_optim_states.pt", "zero_pp_rank_1_mp_rank_01_optim_states.pt"
 S1_T1 = "bf16_zero_pp_rank_0_mp_rank_03_optim_states.pt"
 CUTS = [
-    (DP2, S1_T0, 0, "4.mlp.dense_4h_to_h.weight", 1, 6),  # stage 1, tp 0: (1 * 2 + 1) * 2 + 0
-    (DP2, S1_T0, 1, "6.bias", 1, 6),
-    (DP2, S0_T1, 0, "3.mlp.dense_4h_to_h.weight", 1, 3),  # stage 0, tp 1: (0 * 2 + 1) * 2 + 1
-    (BF16, S1_T1, 0, "4.mlp.dense_4h_to_h.weight", 0, 3),  # stage 1, tp 1: (1 * 1 + 0) * 2 + 1
-    (BF16, S1_T1, 1, "6.bias", 0, 3),
+    (DP2, S1_T0, 0, "4.mlp.dense_4h_to_h.weight", 1, 1),  # stage 1, tp 0, dp 1
+    (DP2, S1_T0, 1, "6.bias", 1, 1),
+    (DP2, S0_T1, 0, "3.mlp.dense_4h_to_h.weight", 1, 0),  # stage 0, tp 1, dp 1
+    (BF16, S1_T1, 0, "4.mlp.dense_4h_to_h.weight", 0, 1),  # stage 1, tp 1, dp 0
+    (BF16, S1_T1, 1, "6.bias", 0, 1),
 ]
 
 
-@pytest.mark.parametrize(("name", "file", "group", "param", "dp", "rank"), CUTS)
+@pytest.mark.parametrize(("name", "file", "group", "param", "dp", "stage"), CUTS)
 def test_a_slice_partition_cut_short_is_located_and_the_merge_refuses(tmp_path, name, file, group,
-                                                                    param, dp, rank):
+                                                                    param, dp, stage):
     """The slice's last dp rank holds 8 elements fewer: its last param's shard has a gap there."""
     root = copy(tmp_path, name)
     cut_partition(root / tag_of(name) / file, group)
-    assert found(root) == [("param-coverage", file, rank, param),
+    assert found(root) == [("param-coverage", file, dp, param),  # the dp rank, as every finding
                            ("slice-mapping-mismatch", file, dp, param)]
     [gap] = [f for f in open_checkpoint(root).findings if f.code == "param-coverage"]
-    assert gap.message.startswith(f"{param}: 8 of the ") and gap.message.endswith(f"(rank {rank})")
+    assert gap.message.startswith(f"{param}: 8 of the ") and \
+        gap.message.endswith(f"(stage {stage}, dp rank {dp})")
     assert gap.severity == "error"
     r = run_zinspect("validate", root)
     assert r.returncode == 1 and "param-coverage" in r.stdout, r.stdout  # was 0: a warning only
@@ -125,12 +126,12 @@ STAGE1_TP0 = ["4.mlp.dense_4h_to_h.bias", "4.mlp.dense_4h_to_h.weight", "4.mlp.d
 
 def test_a_truncated_slice_file_names_each_param_it_cuts(tmp_path):
     """Stage 1, tp rank 0, dp rank 1's optimizer file cut in half: the file's finding (its dp
-    rank, as the layout names its files) and each param whose shard bytes it lost (global rank)."""
+    rank, as the layout names its files) and each param whose shard bytes it lost (the same)."""
     file = "zero_pp_rank_1_mp_rank_02_optim_states.pt"
     root = copy(tmp_path, DP2)
     path = root / tag_of(DP2) / file
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert found(root) == sorted([("truncated-file", file, 1, None)] +
-                                 [("param-truncated", file, 6, p) for p in STAGE1_TP0], key=str)
+                                 [("param-truncated", file, 1, p) for p in STAGE1_TP0], key=str)
     with pytest.raises(NotMergeable):
         zinspect.get_fp32_state_dict(root)

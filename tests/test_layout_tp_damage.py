@@ -1,5 +1,5 @@
 """Tensor parallel (issue 10), damaged copies of the real AutoTP fixtures: every problem on the
-tp axis located with its exact finding codes (file, global rank = dp rank * tp + tp rank, param).
+tp axis located with its exact finding codes (file, dp rank (the tp rank is in the message), param).
 The copies are made in tmp_path: files deleted, cut short, copied in from another run, or their
 model-states pickles edited with torch."""
 
@@ -41,13 +41,13 @@ Q_PROJ = r"^model\.layers\.0\.self_attn\.q_proj\.weight$"
 
 def test_a_missing_tp_rank_is_located(tmp_path):
     got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: (tag / "mp_rank_01_model_states.pt").unlink())
-    assert got == [("missing-tp-rank", "mp_rank_01_model_states.pt", 1, None)]
+    assert got == [("missing-tp-rank", "mp_rank_01_model_states.pt", None, None)]  # no dp rank
 
 
 def test_a_missing_zero3_tp_rank_is_located(tmp_path):
     got = damaged(tmp_path, "tp2_dp2_s3_toy",
                   lambda tag: (tag / "zero_pp_rank_0_mp_rank_01_model_states.pt").unlink())
-    assert ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 1, None) in got
+    assert ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 0, None) in got
     assert {code for code, *_ in got} == {"missing-tp-rank"}
 
 
@@ -56,9 +56,9 @@ def test_a_missing_optimizer_file_of_tp_rank_1_is_located(tmp_path, name):
     prefix = "bf16_" if "bf16" in name else ""
     lost = f"{prefix}zero_pp_rank_1_mp_rank_01_optim_states.pt"
     got = damaged(tmp_path, name, lambda tag: (tag / lost).unlink())
-    assert ("missing-optimizer-file", lost, 3, None) in got
+    assert ("missing-optimizer-file", lost, 1, None) in got  # dp rank 1 (of tp rank 1)
     coverage = [(rank, param) for code, _, rank, param in got if code == "param-coverage"]
-    assert coverage and {rank for rank, _ in coverage} == {3}  # dp rank 1 of tp rank 1
+    assert coverage and {rank for rank, _ in coverage} == {1}  # dp rank 1 of tp rank 1
     assert {code for code, *_ in got} == {"missing-optimizer-file", "param-coverage"}
 
 
@@ -71,7 +71,7 @@ def test_a_truncated_optimizer_file_of_tp_rank_1_is_located(tmp_path):
     got = damaged(tmp_path, "tp2_dp2_s2_toy", cut)
     assert {code for code, *_ in got} == {"truncated-file", "param-truncated"}
     assert all(file == name for _, file, _, _ in got)
-    assert {rank for code, _, rank, _ in got if code == "param-truncated"} == {1}  # dp 0, tp 1
+    assert {rank for code, _, rank, _ in got if code == "param-truncated"} == {0}  # dp 0 (tp 1)
 
 
 def test_files_of_another_topology_are_stale(tmp_path):
@@ -80,8 +80,8 @@ def test_files_of_another_topology_are_stale(tmp_path):
         shutil.copy(source, tag / "zero_pp_rank_1_mp_rank_02_optim_states.pt")
         shutil.copy(source, tag / "zero_pp_rank_2_mp_rank_01_optim_states.pt")
     got = damaged(tmp_path, "tp2_dp2_s2_toy", damage)
-    assert got == [("stale-rank-file", "zero_pp_rank_1_mp_rank_02_optim_states.pt", 4, None),
-                   ("stale-rank-file", "zero_pp_rank_2_mp_rank_01_optim_states.pt", 5, None)]
+    assert got == [("stale-rank-file", "zero_pp_rank_1_mp_rank_02_optim_states.pt", 1, None),
+                   ("stale-rank-file", "zero_pp_rank_2_mp_rank_01_optim_states.pt", 2, None)]  # dp ranks
 
 
 def test_a_shard_shape_that_breaks_its_rule_is_located(tmp_path):
@@ -146,7 +146,7 @@ def test_an_optimizer_file_of_another_stage_is_located(tmp_path):
     lost = "zero_pp_rank_1_mp_rank_01_optim_states.pt"
     got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: shutil.copy(
         PARALLEL / "tp2_dp2_s1_toy" / "global_step2" / lost, tag / lost))
-    assert got == [("stage-mismatch", lost, 3, None)]
+    assert got == [("stage-mismatch", lost, 1, None)]  # dp rank 1 (of tp rank 1)
 
 
 @pytest.mark.parametrize("tp", [0, 1])
@@ -155,21 +155,20 @@ def test_two_optimizer_files_for_one_rank_are_one_finding(tmp_path, tp):
     plain = f"zero_pp_rank_1_mp_rank_{tp:02d}_optim_states.pt"
     got = damaged(tmp_path, "tp2_dp2_s2_toy",
                   lambda tag: shutil.copy(tag / plain, tag / ("bf16_" + plain)))
-    rank = {0: 1, 1: 3}[tp]  # tp 0's is the core's finding, which names the dp rank
-    assert got == [("duplicate-rank", plain, rank, None)]
+    assert got == [("duplicate-rank", plain, 1, None)]  # the dp rank, at either tp rank
 
 
 def test_every_file_of_a_tp_rank_missing_is_each_located(tmp_path):
     """ZeRO-3, tp rank 1 gone whole: still read as tp 2 (from tp rank 0's model states), and each
-    of its four files named with its global rank."""
+    of its four files named with its dp rank."""
     def gone(tag):
         for f in tag.glob("*mp_rank_01*"):
             f.unlink()
     got = damaged(tmp_path, "tp2_dp2_s3_toy", gone)
-    assert got == [("missing-optimizer-file", "zero_pp_rank_0_mp_rank_01_optim_states.pt", 1, None),
-                   ("missing-optimizer-file", "zero_pp_rank_1_mp_rank_01_optim_states.pt", 3, None),
-                   ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 1, None),
-                   ("missing-tp-rank", "zero_pp_rank_1_mp_rank_01_model_states.pt", 3, None)]
+    assert got == [("missing-optimizer-file", "zero_pp_rank_0_mp_rank_01_optim_states.pt", 0, None),
+                   ("missing-optimizer-file", "zero_pp_rank_1_mp_rank_01_optim_states.pt", 1, None),
+                   ("missing-tp-rank", "zero_pp_rank_0_mp_rank_01_model_states.pt", 0, None),
+                   ("missing-tp-rank", "zero_pp_rank_1_mp_rank_01_model_states.pt", 1, None)]
 
 
 def test_a_forged_tp_size_is_one_finding(tmp_path):
@@ -184,7 +183,7 @@ def test_a_zero3_model_states_file_in_a_zero2_checkpoint_is_stale(tmp_path):
     stray = "zero_pp_rank_1_mp_rank_01_model_states.pt"
     got = damaged(tmp_path, "tp2_dp2_s2_toy", lambda tag: shutil.copy(
         PARALLEL / "tp2_dp2_s3_toy" / "global_step2" / stray, tag / stray))
-    assert got == [("stale-rank-file", stray, 3, None)]
+    assert got == [("stale-rank-file", stray, 1, None)]  # dp rank 1 (of tp rank 1)
 
 
 def test_a_zero12_model_states_file_in_a_zero3_checkpoint_is_stale(tmp_path):
@@ -213,24 +212,28 @@ def test_an_optimizer_file_of_another_world_size_is_located(tmp_path):
     swapped = "zero_pp_rank_0_mp_rank_01_optim_states.pt"
     other = EXTRA / "tp2_dp1_s1_toy" / "global_step3" / swapped
     got = damaged(tmp_path, "tp2_dp2_s1_toy", lambda tag: shutil.copy(other, tag / swapped))
-    assert ("world-size-mismatch", swapped, 1, None) in got
-    assert ("step-mismatch", swapped, 1, None) in got
+    assert ("world-size-mismatch", swapped, 0, None) in got  # dp rank 0 (of tp rank 1)
+    assert ("step-mismatch", swapped, 0, None) in got
     assert {code for code, *_ in got} == {"world-size-mismatch", "step-mismatch", "slice-mapping-mismatch"}
 
 
-def test_many_missing_files_of_a_tp_rank_are_one_finding():
-    """(a forged partition count would otherwise name thousands of files one by one)"""
+def test_many_missing_files_of_the_tp_ranks_are_counted_past_the_first_shown():
+    """(a forged partition count would otherwise name millions of files one by one)"""
     from pathlib import Path
 
     from zinspect.core.layouts import tensor_parallel as T
     from zinspect.core.layouts import tp_checks as C
     from zinspect.core.layouts.base import LoadContext
-    from zinspect.core.model import Checkpoint
+    from zinspect.core.layouts.gaps import SHOWN
+    from zinspect.core.model import Checkpoint, RankFile
 
     ctx = LoadContext(Checkpoint(Path("x"), "x"), {}, lambda files: {})
-    C.missing_files(ctx, T.Slice(1), 2, list(range(3, 103)), "missing-optimizer-file",
-               "zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt", "lost")
-    [f] = ctx.ckpt.findings
-    assert (f.code, f.file, f.rank) == \
-        ("missing-optimizer-file", "zero_pp_rank_3_mp_rank_01_optim_states.pt", 7)
-    assert f.message.startswith("100 files of tp rank 1 are missing")
+    files = {t: RankFile(Path(f"mp_rank_{t:02d}_model_states.pt"), "model", mp_rank=t) for t in (0, 1)}
+    ctx.optim_files = [RankFile(Path("zero_pp_rank_0_mp_rank_00_optim_states.pt"), "optim", rank=0)]
+    slices = [T.Slice(t, models={0: files[t]}, optim=dict.fromkeys(range(3), ctx.optim_files[0]),
+                      state={}) for t in (0, 1)]
+    C.report_missing(ctx, slices, 2, 10**7)
+    found = ctx.ckpt.findings
+    assert len(found) == SHOWN + 1 and {f.code for f in found} == {"missing-optimizer-file"}
+    assert (found[0].file, found[0].rank) == ("zero_pp_rank_3_mp_rank_00_optim_states.pt", 3)
+    assert found[-1].message.startswith(f"{2 * (10**7 - 3) - SHOWN} more optimizer files are missing")

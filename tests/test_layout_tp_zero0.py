@@ -124,7 +124,7 @@ def test_a_missing_tp_rank_is_named_and_salvage_keeps_the_replicated(tmp_path):
     c = open_checkpoint(tag)
     assert c.layout == "tensor_parallel_zero0"
     assert [(f.code, f.file, f.rank) for f in c.findings] == \
-        [("missing-tp-rank", "mp_rank_01_model_states.pt", 1)]
+        [("missing-tp-rank", "mp_rank_01_model_states.pt", None)]  # tp rank 1's one file: no dp rank
     with pytest.raises(NotMergeable):
         plan_merge(c)
     r = run_zinspect("validate", tag)

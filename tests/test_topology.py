@@ -10,8 +10,8 @@ import damage
 import pytest
 from conftest import FIXTURES
 
-from zinspect.core import open_checkpoint
-from zinspect.core.layouts.topology import grid_findings
+from zinspect.core import codes, open_checkpoint
+from zinspect.core.layouts.gaps import missing_files, outside, stale
 from zinspect.core.model import Coords, RankFile
 from zinspect.report import info_json
 
@@ -87,22 +87,46 @@ def _file(name: str, **coords) -> RankFile:
     return RankFile(Path(name), "optim", rank=coords.get("dp"), coords=Coords(**coords))
 
 
+def _grid_findings(files, grid) -> list:
+    """gaps' two rules over `files` on `grid`, as validate and the layouts run them."""
+    out = []
+
+    def find(code, message, hint="", **where):
+        out.append(codes.finding(code, message, hint, **where))
+
+    axes = [a for a, _ in grid]
+    missing_files(find, grid, {tuple(getattr(f.coords, a) for a in axes) for f in files},
+                  "missing-optimizer-file", "optimizer files",
+                  lambda *at: "f" + "".join(map(str, at)), "its partition is lost", "copy it")
+    for f in files:
+        at = [getattr(f.coords, a) for a in axes]
+        if any(v >= n for v, (_, n) in zip(at, grid, strict=True)):
+            stale(find, f, outside(grid, at))
+    return out
+
+
 def test_grid_findings_locate_missing_and_foreign_files_on_any_axis():
     files = [_file(f"d{d}t{t}", dp=d, tp=t) for d in range(2) for t in range(2)
              if (d, t) != (1, 0)] + [_file("d0t2", dp=0, tp=2)]
-    out = grid_findings(files, {"dp": 2, "tp": 2}, "optimizer", "missing-optimizer-file",
-                        "stale-rank-file", "move it out")
+    out = _grid_findings(files, [("dp", 2), ("tp", 2)])
     assert [(f.code, f.rank, f.file) for f in out] == [
-        ("missing-optimizer-file", 1, None), ("stale-rank-file", 0, "d0t2")]
-    assert "rank 1, tp rank 0" in out[0].message and "(3 of 4 coordinates present)" in \
-        out[0].message
-    assert out[1].message == "d0t2 is tp rank 2, beyond the tp size 2"
+        ("missing-optimizer-file", 1, "f10"), ("stale-rank-file", 0, "d0t2")]
+    assert out[0].message == "f10 is missing (dp rank 1, tp rank 0): its partition is lost"
+    assert out[1].message == ("d0t2 does not belong to this checkpoint: it is at dp rank 0, tp "
+                              "rank 2, outside this checkpoint's 2 dp ranks × 2 tp ranks")
 
 
-def test_grid_findings_on_the_dp_axis_say_what_validate_always_said():
+def test_grid_findings_on_the_dp_axis_name_the_file_and_the_dp_rank():
     files = [_file(f"r{r}", dp=r) for r in (0, 1, 3, 7)]
-    out = grid_findings(files, {"dp": 4}, "optimizer", "missing-optimizer-file",
-                        "stale-rank-file", "move it out")
-    assert [f.message for f in out] == [
-        "the optimizer file of rank 2 is missing (3 of 4 ranks present)",
-        "r7 is rank 7, beyond the world size 4"]
+    out = _grid_findings(files, [("dp", 4)])
+    assert [(f.code, f.rank, f.file, f.message) for f in out] == [
+        ("missing-optimizer-file", 2, "f2", "f2 is missing (dp rank 2): its partition is lost"),
+        ("stale-rank-file", 7, "r7", "r7 does not belong to this checkpoint: it is at dp rank 7, "
+         "outside this checkpoint's 4 dp ranks")]
+
+
+def test_grid_findings_name_the_first_shown_then_count_the_rest():
+    out = _grid_findings([_file("r0", dp=0)], [("pp", 10**7), ("dp", 10**7)])
+    assert len(out) == 17 and [f.rank for f in out[:3]] == [1, 2, 3]
+    assert out[-1].message == (f"{10**14 - 17} more optimizer files are missing (of 10000000 "
+                               "stages × 10000000 dp ranks)") and out[-1].rank is None

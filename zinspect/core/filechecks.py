@@ -5,9 +5,9 @@ pickles naming code that torch.load would run."""
 from __future__ import annotations
 
 from zinspect.core import codes
+from zinspect.core.layouts.gaps import stale
 from zinspect.core.model import Checkpoint, Finding
 
-STALE_HINT = "move it out of the tag dir: it is a leftover of an older run"
 _STRAY = {"layer": ("pipeline", "a pipeline layer file"), "expert": ("moe", "an MoE expert file"),
           "expert_optim": ("moe", "an MoE expert optimizer file")}
 #: modules whose globals in a pickle mean code execution on torch.load(weights_only=False)
@@ -31,9 +31,7 @@ def file_findings(ckpt: Checkpoint) -> list[Finding]:
             continue
         stray = _STRAY.get(f.kind)
         if stray and not ckpt.layout.startswith(stray[0]):  # pipeline_tp has layer files too
-            add("stale-rank-file", f"{f.name} is {stray[1]}, but this checkpoint is "
-                f"not a {stray[0]} run: a leftover of another run", STALE_HINT,
-                file=f.name, rank=f.rank)
+            stale(add, f, f"it is {stray[1]}, and this is not a {stray[0]} run")
         missing = [(s.key, s.nbytes, s.present) for s in f.storages if s.present < s.nbytes]
         if missing:
             have = sum(p for _, _, p in missing)

@@ -12,14 +12,15 @@ from math import prod
 
 from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
-from zinspect.core.filechecks import STALE_HINT, file_findings
-from zinspect.core.layouts import MERGEABLE, tp_checks
-from zinspect.core.layouts.topology import grid_findings
+from zinspect.core.filechecks import file_findings
+from zinspect.core.layouts import MERGEABLE, one_save, tp_checks
+from zinspect.core.layouts.gaps import STALE_HINT, missing_files, outside, stale
 from zinspect.core.model import ERROR, Checkpoint, Finding, Param
 
 #: the layouts whose files are one data-parallel set: the rank, group and param checks below
 PLAIN_ZERO = ("zero", "bf16_optimizer")
 _REPLACE = "replace it with the file saved by the same run as the others"
+_SALVAGE = "copy it from the run; `zinspect merge --salvage` writes the other params"
 
 
 def validate(ckpt: Checkpoint) -> list[Finding]:
@@ -54,8 +55,9 @@ class _Checks:
             return
         self.out.extend(file_findings(c))
         if c.layout == "tensor_parallel":  # its tp ranks' files saved at one step and stage
-            from zinspect.core.layouts import tensor_parallel
-            self.out.extend(tensor_parallel.validate(c))
+            optim = c.files_of("optim")
+            one_save.outliers(self.add, [(f, f.step) for f in optim], "at optimizer step {}")
+            one_save.outliers(self.add, [(f, f.stage) for f in optim], "with ZeRO-{}", "stage-mismatch")
         self.out.extend(tp_checks.shard_findings(c))  # every layout whose params are tp shards
         if c.layout not in PLAIN_ZERO:
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
@@ -84,13 +86,18 @@ class _Checks:
             self.add("world-size-unknown", "no readable optimizer file says the world size",
                      "every optimizer file is unreadable; restore them")
             return
-        self._rank_set("optimizer", optim, ws)
-        if c.stage == 3:
-            self._rank_set("model-states", [f for f in c.files_of("model") if f.rank is not None],
-                           ws)
         prefixes = Counter(f.prefix for f in optim)
+        main = prefixes.most_common(1)[0][0] if prefixes else ""
+        self._rank_set(optim, ws, "optimizer files", "missing-optimizer-file",
+                       lambda d: f"{main}zero_pp_rank_{d}_mp_rank_00_optim_states.pt",
+                       "its partition of every flat group is lost", _SALVAGE)
+        if c.stage == 3:
+            self._rank_set([f for f in c.files_of("model") if f.rank is not None], ws,
+                           "model-states files", "missing-model-states-file",
+                           lambda d: f"zero_pp_rank_{d}_mp_rank_00_model_states.pt",
+                           "its partition of the frozen params is lost",
+                           "copy it from the run")
         if len(prefixes) > 1:
-            main = prefixes.most_common(1)[0][0]
             for f in optim:
                 if f.prefix != main:
                     self.add("mixed-prefix", f"{f.name} has prefix {f.prefix or 'none'!r}, "
@@ -101,33 +108,27 @@ class _Checks:
                 self.add("legacy-file-name", f"{f.name} uses the pre-0.10 name without "
                          "'_' before optim_states; DeepSpeed's converter skips it", file=f.name)
 
-    def _rank_set(self, what: str, files, ws: int) -> None:
-        self.out.extend(grid_findings(files, {"dp": ws}, what, f"missing-{what}-file",
-                                      "stale-rank-file", STALE_HINT))
+    def _rank_set(self, files, ws: int, what: str, code: str, name_of, lost: str,
+                  hint: str) -> None:
+        """Each dp rank's file there (gaps.missing_files), none beyond the world size."""
+        missing_files(self.add, [("dp", ws)], {(f.coords.dp,) for f in files}, code, what,
+                      name_of, lost, hint)
+        for f in files:
+            if f.coords.dp >= ws:
+                stale(self.add, f, outside([("dp", ws)], (f.coords.dp,)))
 
     # -------------------------------------------------------------- cross-rank consistency
     def consistency(self) -> None:
         c = self.c
         optim = [f for f in c.files_of("optim") if f.readable and f.mp_rank in (0, None)]
+        mixed = one_save.outliers(self.add, [(f, f.stage) for f in optim], "with ZeRO-{}",
+                                  "stage-mismatch", usual=c.stage) if c.stage is not None else set()
         for f in optim:
-            if f.stage is not None and f.stage != c.stage:
-                self.add("stage-mismatch", f"{f.name} is a ZeRO-{f.stage} file, the others "
-                         f"ZeRO-{c.stage}: two runs are mixed in one tag dir", STALE_HINT,
-                         file=f.name, rank=f.rank)
-            elif f.partition_count and max(f.partition_count) != c.world_size:
+            if f.name not in mixed and f.partition_count and max(f.partition_count) != c.world_size:
                 self.add("world-size-mismatch", f"{f.name} was saved with world size "
                          f"{max(f.partition_count)}, the others with {c.world_size}",
                          _REPLACE, file=f.name, rank=f.rank)
-        steps = Counter(f.step for f in optim if f.step is not None)
-        if len(steps) > 1:
-            main = steps.most_common(1)[0][0]
-            for f in optim:
-                if f.step is not None and f.step != main:
-                    self.add("step-mismatch", f"{f.name} holds the optimizer at step "
-                             f"{f.step:g}, the other ranks at step {main:g}: it was saved at "
-                             "another time, and its weights are not this checkpoint's",
-                             "a stale file from an earlier or later save of this run; restore the "
-                             "file saved with the others", file=f.name, rank=f.rank)
+        one_save.outliers(self.add, [(f, f.step) for f in optim], "at optimizer step {}")
         versions = Counter(f.ds_version for f in optim if f.ds_version)
         if len(versions) > 1:
             main = versions.most_common(1)[0][0]

@@ -9,8 +9,8 @@ A layout module defines `LAYOUT = Layout(name, recognise, describe)`:
     through `ctx.find(code, ...)`). The shared steps are in `common` (names/ties/frozen flags
     from the model states: `describe_names`; frozen values by stage: `attach_frozen`;
     buffers/dtypes: `finish`; Adam moments: `attach_moments`); the ZeRO geometry per slice is
-    `zero12.attach` / `zero3.attach` (+ `zero3.attach_frozen`); `topology` has the per-axis
-    file check (`grid_findings`). `topology.settle` has set `ctx.ckpt.topology` and the files'
+    `zero12.attach` / `zero3.attach` (+ `zero3.attach_frozen`); `gaps` has the file check
+    (`missing_files`, `stale`). `topology.settle` has set `ctx.ckpt.topology` and the files'
     coordinates from the names and pickles before `describe`: a layout that knows better
     overrides them; `topology.cross_check` runs after it.
 

@@ -24,7 +24,7 @@ from collections import defaultdict
 
 from zinspect.core.layouts import common, moe_zero0, one_save, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
-from zinspect.core.layouts.gaps import missing_coords
+from zinspect.core.layouts.gaps import SALVAGE, missing_files, outside, stale
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
@@ -91,7 +91,8 @@ class _MoE:
                 zero12.attach(ctx, files, {gi: members}, pcs, keep_padding=keep,
                               coords=Coords(ep=e))
         self._missing_ranks()
-        one_save.outliers(ctx, [(rf, rf.step) for rf in self.ranks.values()], "optimizer step")
+        one_save.outliers(ctx.find, [(rf, rf.step) for rf in self.ranks.values()],
+                          "at optimizer step {}")
         common.attach_moments(ctx, self.ranks)
         self._expert_files()
         if any(p.frozen and not p.fragments for p in c.params.values()):
@@ -156,36 +157,27 @@ class _MoE:
             if rf.kind == "optim":
                 rf.coords = Coords(dp=rf.rank, ep=rf.rank % ep)
                 if rf.rank >= self.ws or (rf.mp_rank or 0) > 0:
-                    self.ctx.find("stale-rank-file", f"{rf.name} does not belong to this "
-                                  f"checkpoint (world size {self.ws})", "a file from another "
-                                  "run; move it out of the tag dir", file=rf.name, rank=rf.rank)
+                    stale(self.ctx.find, rf, outside([("dp", self.ws), ("tp", 1)],
+                                                     (rf.rank, rf.mp_rank or 0)))
             elif rf.kind == "expert":
                 layer, expert = rf.coords.layer or 0, rf.coords.expert
                 n = self.num_experts[layer] if layer < len(self.num_experts) else 0
                 rf.coords = Coords(ep=expert // max(n // ep, 1) if n else 0, layer=layer,
                                    expert=expert)
                 if expert >= n or (rf.mp_rank or 0) > 0:
-                    self.ctx.find("stale-rank-file", f"{rf.name} does not belong to this "
-                                  f"checkpoint: MoE layer {layer} has {n} experts",
-                                  "a file from a run with another topology; move it out of the "
-                                  "tag dir", file=rf.name)
+                    stale(self.ctx.find, rf, outside([("expert", n), ("tp", 1)],
+                                                     (expert, rf.mp_rank or 0), f"MoE layer {layer}'s"))
                 else:
                     self.expert_files[(layer, expert)] = rf
 
     def _missing_ranks(self) -> None:
         """Each rank's file holds a partition of the dense groups and of its ep rank's experts."""
         prefix = next((rf.prefix for rf in self.ctx.optim.values()), "")
-        total, first = missing_coords({(r,) for r in self.ctx.optim}, (self.ws,))
-        for (r,) in first:
-            name = f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-            self.ctx.find("missing-optimizer-file", f"{name} is missing: rank {r}'s partitions "
-                          "of the dense params and of its ep rank's experts are lost",
-                          "copy it from the run; `zinspect merge --salvage` writes the other "
-                          "params", rank=r, file=name)
-        if total > len(first):
-            self.ctx.find("missing-optimizer-file", f"{total - len(first)} more optimizer files "
-                          f"are missing (of {self.ws} ranks)",
-                          "check the copy: most of the checkpoint is gone")
+        missing_files(self.ctx.find, [("dp", self.ws)], {(r,) for r in self.ctx.optim},
+                      "missing-optimizer-file", "optimizer files",
+                      lambda r: f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                      "its partitions of the dense params and of its ep rank's experts are lost",
+                      SALVAGE)
 
     def _expert_files(self) -> None:
         """Every expert of every MoE layer has its file (its 16-bit weights: the params'
@@ -198,18 +190,12 @@ class _MoE:
             if layer is not None and m:
                 per_expert[(layer, int(m[1]))].append(name)
         for layer, n in enumerate(self.num_experts):
-            total, first = missing_coords({(e,) for lay, e in self.expert_files if lay == layer},
-                                          (n,))
-            where = self.layers[layer] if layer < len(self.layers) else "?"
-            for (e,) in first:
-                file = f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
-                ctx.find("missing-expert-file", f"{file} is missing: the 16-bit weights of "
-                         f"expert {e} of MoE layer {layer} ({where})", "copy it from the run",
-                         file=file)
-            if total > len(first):
-                ctx.find("missing-expert-file", f"{total - len(first)} more expert files of MoE "
-                         f"layer {layer} ({where}) are missing (of {n})",
-                         "check the copy: most of the experts are gone")
+            where = f"MoE layer {layer} ({self.layers[layer] if layer < len(self.layers) else '?'})"
+            missing_files(ctx.find, [("expert", n)],
+                          {(e,) for lay, e in self.expert_files if lay == layer}, "missing-expert-file",
+                          f"expert files of {where}",
+                          lambda e, layer=layer: f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt",
+                          f"its 16-bit weights of {where} are lost", "copy it from the run")
             for (lay, e), rf in sorted(self.expert_files.items()):
                 if lay != layer:
                     continue

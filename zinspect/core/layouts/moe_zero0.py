@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 
 from zinspect.core.layouts import common, zero0
-from zinspect.core.layouts.gaps import missing_coords
+from zinspect.core.layouts.gaps import missing_coords, missing_files, outside, stale
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import Coords, Param, Topology
@@ -38,13 +38,11 @@ def describe(moe, names: common.Names) -> None:
     for x, rf in expp.items():
         rf.coords = Coords(ep=x)
         if x >= ep or rf.mp_rank:
-            ctx.find("stale-rank-file", f"{rf.name} does not belong to this checkpoint (ep size "
-                     f"{ep})", "a file from another run; move it out of the tag dir", file=rf.name)
-    for x in sorted(set(range(min(ep, len(expp) + 16))) - set(expp)):
-        name = f"expp_rank_{x}_mp_rank_00_optim_states.pt"
-        ctx.find("missing-optimizer-file", f"{name} is missing: ep rank {x}'s expert optimizer "
-                 "state is lost (the fp32 weights are in the expert files)",
-                 "copy it from the run", file=name)
+            stale(ctx.find, rf, outside([("ep", ep), ("tp", 1)], (x, rf.mp_rank or 0)))
+    missing_files(ctx.find, [("ep", ep)], {(x,) for x in expp}, "missing-optimizer-file",
+                  "expert optimizer files", lambda x: f"expp_rank_{x}_mp_rank_00_optim_states.pt",
+                  "its expert optimizer state is lost (the fp32 weights are in the expert files)",
+                  "copy it from the run")
     moe._sort_files({ep})
     c.topology = Topology(dp=moe.ws, ep=ep, files=c.files)
     for (layer, _), rf in sorted(moe.expert_files.items()):

@@ -1,23 +1,32 @@
 """Files of one checkpoint come from one save: what each file says about its save (a step, a
-world size) is compared with what most files say, and an outlier is located."""
+ZeRO stage) is compared with what most files say, and an outlier is located. The one rule for
+validate (plain ZeRO), the tensor-parallel checks and the pipeline and MoE layouts."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from zinspect.core.layouts.base import LoadContext
 from zinspect.core.model import RankFile
 
-OTHER_SAVE = "it comes from another save; restore the file saved with the others"
+OTHER_SAVE = ("it comes from another save, and its values are not this checkpoint's; restore the "
+              "file saved with the others")
 
 
-def outliers(ctx: LoadContext, facts: list[tuple[RankFile, object]], what: str) -> None:
-    """`step-mismatch` for each file whose `what` (a step) is not the one most files have."""
+def outliers(find, facts: list[tuple[RankFile, object]], what: str, code: str = "step-mismatch",
+             usual: float | None = None) -> set[str]:
+    """`code` for each file whose value is not `usual` (default: the value most files have);
+    `what` says a value ("at optimizer step {}", "with ZeRO-{}"); `find(code, message, hint,
+    **where)` is LoadContext.find or validate's. Returns the names of the files found."""
     values = Counter(v for _, v in facts if isinstance(v, (int, float)))
-    if len(values) < 2:
-        return
-    usual = values.most_common(1)[0][0]
+    if usual is None:
+        if len(values) < 2:
+            return set()
+        usual = values.most_common(1)[0][0]
+    out = set()
     for rf, v in facts:
         if isinstance(v, (int, float)) and v != usual:
-            ctx.find("step-mismatch", f"{rf.name} was saved at {what} {v:g}, the other files at "
-                     f"{usual:g}", OTHER_SAVE, file=rf.name, rank=rf.rank)
+            find(code, f"{rf.name} was saved {what.format(f'{v:g}')}, the other files "
+                 f"{what.format(f'{usual:g}')}",
+                 OTHER_SAVE, file=rf.name, rank=rf.rank)
+            out.add(rf.name)
+    return out

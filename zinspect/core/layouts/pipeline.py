@@ -24,7 +24,7 @@ from dataclasses import replace
 
 from zinspect.core.layouts import common, one_save, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
-from zinspect.core.layouts.gaps import missing_coords
+from zinspect.core.layouts.gaps import SALVAGE, missing_files, outside, stale
 from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, text
 from zinspect.core.model import Buffer, Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
@@ -65,37 +65,38 @@ class _Pipeline:
         for rf in self.c.files:
             if rf.kind == "layer":
                 rf.coords = Coords(tp=rf.mp_rank or 0, layer=rf.coords.layer)
-                if (rf.mp_rank or 0) >= self.tp:
-                    self._stale(rf, f"its tensor-parallel rank {rf.mp_rank} is beyond this "
-                                f"pipeline's {self.tp}")
-                elif not rf.mp_rank:  # tp > 1 is refused whole (describe); tp rank 0 named
-                    self.layers[rf.coords.layer] = rf
+                if not self.layer_beyond(rf) and not rf.mp_rank:  # tp > 1: refused whole
+                    self.layers[rf.coords.layer] = rf  # (describe); tp rank 0 named
             elif rf.kind == "model" and rf.rank is None:  # beyond pp: topology.cross_check
                 rf.coords = Coords(pp=rf.mp_rank)
             elif rf.kind == "optim":
                 rf.coords = Coords(dp=rf.rank, pp=rf.mp_rank)
-                if rf.mp_rank >= self.pp * self.tp or rf.rank >= self.dp:
-                    self._stale(rf, f"(dp {rf.rank}, stage {rf.mp_rank}) is outside this "
-                                f"checkpoint's {self.dp} × {self.pp}")
-                elif ctx.torch_file(rf) is not None:
+                if not self.slice_beyond(rf) and ctx.torch_file(rf) is not None:
                     self.optim[rf.mp_rank][rf.rank] = rf
-        total, first = missing_coords({(s,) for s in self.stage_files}, (self.pp,))
-        for (s,) in first:
-            ctx.find("missing-stage-file", f"stage {s}'s mp_rank_{s:02d}_model_states.pt "
-                     "is missing: its param names and buffers are unknown",
-                     "copy it from the run (every stage writes one)",
-                     file=f"mp_rank_{s:02d}_model_states.pt")
-        if total > len(first):
-            ctx.find("missing-stage-file", f"{total - len(first)} more stage files are missing "
-                     f"(of {self.pp} stages)", "check the copy: most of the checkpoint is gone")
+        missing_files(ctx.find, [("pp", self.pp)], {(s,) for s in self.stage_files},
+                      "missing-stage-file", "stage files", lambda s: f"mp_rank_{s:02d}_model_states.pt",
+                      "its param names and buffers are unknown",
+                      "copy it from the run (every stage writes one)")
         #: the stages with files (the others add nothing but their missing-file findings)
         self.stages = sorted(s for s in {*self.stage_files, *self.optim} if s < self.pp)
         self.c.topology = Topology(dp=self.dp, tp=self.tp, pp=self.pp, files=self.c.files)
 
-    def _stale(self, rf: RankFile, why: str) -> None:
-        self.ctx.find("stale-rank-file", f"{rf.name} does not belong to this checkpoint: {why}",
-                      "a file from a run with another topology; move it out of the tag dir",
-                      file=rf.name, rank=rf.rank)
+    def layer_beyond(self, rf: RankFile) -> bool:
+        """A layer file of a tp rank beyond this pipeline's tp size is stale (located)."""
+        t = rf.mp_rank or 0
+        if t >= self.tp:
+            stale(self.ctx.find, rf, outside([("tp", self.tp)], (t,)))
+        return t >= self.tp
+
+    def slice_beyond(self, rf: RankFile) -> bool:
+        """An optimizer file (or a ZeRO-3 model-states file) outside the stages × tp ranks × dp
+        ranks of this checkpoint is stale (located); mp rank SS = stage × tp + tp rank."""
+        s, t = divmod(rf.mp_rank, self.tp)
+        d = rf.rank or 0
+        if s < self.pp and d < self.dp:
+            return False
+        stale(self.ctx.find, rf, outside([("pp", self.pp), ("tp", self.tp), ("dp", self.dp)], (s, t, d)))
+        return True
 
     def stage_state(self, s: int) -> dict:
         tf = self.ctx.torch_file(self.stage_files.get(s))
@@ -297,32 +298,29 @@ class _Pipeline:
                 ctx.find("world-size-mismatch", f"{rf.name} was saved with {dp} data-parallel "
                          f"ranks, the other stages with {self.dp}", one_save.OTHER_SAVE,
                          file=rf.name)
-        one_save.outliers(ctx, [(rf, state.get("global_steps")) for rf, state in stages],
-                          "global step")
+        one_save.outliers(ctx.find, [(rf, state.get("global_steps")) for rf, state in stages],
+                          "at global step {}")
         optim = self.optim_files()
         for rf in optim:
             if rf.step is None:
                 common._read_optim_header(ctx, rf)  # only mp_rank 0's are read before
-        one_save.outliers(ctx, [(rf, rf.step) for rf in optim], "optimizer step")
+        one_save.outliers(ctx.find, [(rf, rf.step) for rf in optim], "at optimizer step {}")
 
     def optim_files(self) -> list[RankFile]:
         """Every optimizer file of the checkpoint's slices."""
         return [rf for per in self.optim.values() for rf in per.values()]
 
     def _missing_optim(self) -> None:
-        """Every (stage, dp rank) has its optimizer file."""
-        present = {(rf.mp_rank, rf.rank) for rf in self.c.files_of("optim")}
-        prefix = next((rf.prefix for rf in self.c.files_of("optim")), "")
-        total, first = missing_coords(present, (self.pp, self.dp))
-        for s, d in first:
-            name = f"{prefix}zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt"
-            self.ctx.find("missing-optimizer-file", f"{name} is missing: stage {s}'s fp32 "
-                          f"partition of dp rank {d} is lost", "copy it from the run; `zinspect "
-                          "merge --salvage` writes the other params", file=name, rank=d)
-        if total > len(first):
-            self.ctx.find("missing-optimizer-file", f"{total - len(first)} more optimizer files "
-                          f"are missing (of {self.pp} stages × {self.dp} dp ranks)",
-                          "check the copy: most of the checkpoint is gone")
+        """Every (stage, tp rank, dp rank) has its optimizer file (mp rank SS = stage × tp +
+        tp rank)."""
+        tp = self.tp
+        optim = [rf for rf in self.c.files_of("optim") if rf.mp_rank is not None and rf.rank is not None]
+        prefix = optim[0].prefix if optim else ""
+        missing_files(self.ctx.find, [("pp", self.pp), ("tp", tp), ("dp", self.dp)],
+                      {(*divmod(rf.mp_rank, tp), rf.rank) for rf in optim}, "missing-optimizer-file",
+                      "optimizer files",
+                      lambda s, t, d: f"{prefix}zero_pp_rank_{d}_mp_rank_{s * tp + t:02d}_optim_states.pt",
+                      "its fp32 partition is lost", SALVAGE)
 
     def _buffers(self, buffer_names: list[str]) -> None:
         for name in buffer_names:

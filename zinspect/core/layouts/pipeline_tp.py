@@ -21,7 +21,7 @@ from collections import defaultdict
 
 from zinspect.core.layouts import pipeline, tensor_parallel, tp_rules
 from zinspect.core.layouts.base import Layout, LoadContext
-from zinspect.core.layouts.gaps import missing_coords
+from zinspect.core.layouts.gaps import missing_files
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.layouts.tp_checks import REPLACE
 from zinspect.core.model import Coords, RankFile, Topology
@@ -61,17 +61,14 @@ class _PipelineTP(pipeline._Pipeline):  # noqa: SLF001 (the stage logic this lay
             if rf.kind == "layer":
                 t = rf.mp_rank or 0
                 rf.coords = Coords(tp=t, layer=rf.coords.layer)
-                if t >= tp:
-                    self._stale(rf, f"its tensor-parallel rank {t} is beyond this pipeline's {tp}")
-                else:
+                if not self.layer_beyond(rf):
                     self.layer_files[(rf.coords.layer, t)] = rf
             elif rf.kind in ("model", "optim") and rf.mp_rank is not None:
                 s, t = divmod(rf.mp_rank, tp)
                 rf.coords = Coords(dp=rf.rank or 0, pp=s, tp=t)
                 if s >= self.pp or (rf.rank or 0) >= self.dp:
                     if rf.kind == "optim" or rf.rank is not None:
-                        self._stale(rf, f"(dp {rf.rank or 0}, stage {s}, tp rank {t}) is outside "
-                                    f"this checkpoint's dp {self.dp} × pp {self.pp} × tp {tp}")
+                        self.slice_beyond(rf)
                 elif rf.kind == "model" and rf.rank is None:
                     self.slice_files[(s, t)] = rf
                 elif rf.kind == "optim" and ctx.torch_file(rf) is not None:
@@ -88,41 +85,22 @@ class _PipelineTP(pipeline._Pipeline):  # noqa: SLF001 (the stage logic this lay
         self.c.topology = Topology(dp=self.dp, tp=tp, pp=self.pp, files=self.c.files)
 
     def _missing_slices(self) -> None:
-        total, first = missing_coords(set(self.slice_files), (self.pp, self.tp))
-        for s, t in first:
-            name = f"mp_rank_{s * self.tp + t:02d}_model_states.pt"
-            self.ctx.find("missing-tp-rank", f"{name} (stage {s}, tp rank {t}) is missing: the "
-                          "shapes of its shards are unknown", REPLACE, file=name)
-        if total > len(first):
-            self.ctx.find("missing-tp-rank", f"{total - len(first)} more model-states files are "
-                          f"missing (of {self.pp} stages × {self.tp} tp ranks)",
-                          "check the copy: most of the checkpoint is gone")
-
-    def _missing_optim(self) -> None:
-        present = {(rf.mp_rank, rf.rank) for rf in self.c.files_of("optim")}
-        prefix = next((rf.prefix for rf in self.c.files_of("optim")), "")
-        total, first = missing_coords(present, (self.pp * self.tp, self.dp))
-        for ss, d in first:
-            s, t = divmod(ss, self.tp)
-            name = f"{prefix}zero_pp_rank_{d}_mp_rank_{ss:02d}_optim_states.pt"
-            self.ctx.find("missing-optimizer-file", f"{name} is missing: dp rank {d}'s fp32 "
-                          f"partition of stage {s}, tp rank {t} is lost", "copy it from the run; "
-                          "`zinspect merge --salvage` writes the other params", file=name, rank=d)
-        if total > len(first):
-            self.ctx.find("missing-optimizer-file", f"{total - len(first)} more optimizer files "
-                          f"are missing (of {self.pp} stages × {self.tp} tp ranks × {self.dp} dp "
-                          "ranks)", "check the copy: most of the checkpoint is gone")
+        tp = self.tp
+        missing_files(self.ctx.find, [("pp", self.pp), ("tp", tp)], set(self.slice_files),
+                      "missing-tp-rank", "model-states files",
+                      lambda s, t: f"mp_rank_{s * tp + t:02d}_model_states.pt",
+                      "the shapes of its shards are unknown", REPLACE)
 
     def _missing_layers(self, trainable: set[str]) -> None:
         """Every tp rank has the file of each layer tp rank 0 (or the optimizer) names."""
         super()._missing_layers(trainable)
         for layer in sorted({layer for layer, _ in self.layer_files}):
-            for t in range(self.tp):
-                if (layer, t) not in self.layer_files:
-                    name = f"layer_{layer:02d}-model_{t:02d}-model_states.pt"
-                    self.ctx.find("missing-layer-file", f"{name} is missing: tp rank {t}'s "
-                                  f"shards of layer {layer} (16-bit weights, frozen params, "
-                                  "buffers) are gone", "copy it from the run", file=name)
+            missing_files(self.ctx.find, [("tp", self.tp)],
+                          {(t,) for lay, t in self.layer_files if lay == layer}, "missing-layer-file",
+                          f"tp ranks' files of layer {layer}",
+                          lambda t, layer=layer: f"layer_{layer:02d}-model_{t:02d}-model_states.pt",
+                          f"its shards of layer {layer} (16-bit weights, frozen params, buffers) "
+                          "are gone", "copy it from the run")
 
     def optim_files(self) -> list[RankFile]:
         return [rf for files in self.slice_optim.values() for rf in files.values()]

@@ -25,8 +25,9 @@ from functools import partial
 
 from zinspect.core.layouts import common, tp_affine, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.gaps import outside, stale
 from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, numel, shape
-from zinspect.core.layouts.tp_checks import REPLACE, check_sizes, global_rank, report_missing, validate
+from zinspect.core.layouts.tp_checks import REPLACE, check_sizes, report_missing
 from zinspect.core.model import Box, Coords, Fragments, Param, RankFile, Shard, Topology
 from zinspect.core.torchzip import TensorRef
 
@@ -139,10 +140,8 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         if rf.kind not in ("optim", "model") or rf.mp_rank is None:
             continue
         if t >= tp or (rf.rank is not None and rf.rank >= dp):
-            axis = f"tp rank {t} of tp {tp}" if t >= tp else f"dp rank {rf.rank} of dp {dp}"
-            ctx.find("stale-rank-file", f"{rf.name} is at {axis}: this checkpoint has tp {tp} x "
-                     f"dp {dp}", "it belongs to a run of another topology; move it out of the "
-                     "tag dir", file=rf.name, rank=global_rank(rf, tp))
+            stale(ctx.find, rf, outside([("tp", tp)], (t,)) if rf.rank is None else
+                  outside([("tp", tp), ("dp", dp)], (t, rf.rank)))
             continue
         s = slices[t]
         if rf.kind == "optim":
@@ -150,7 +149,7 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
                 if t:  # tp rank 0's are reported by common.read_headers
                     ctx.find("duplicate-rank", f"tp rank {t}, dp rank {rf.rank} has two optimizer "
                              f"files: {s.optim[rf.rank].name} and {rf.name}", "remove the one that "
-                             "does not belong to this run", file=rf.name, rank=global_rank(rf, tp))
+                             "does not belong to this run", file=rf.name, rank=rf.rank)
                 continue
             s.optim[rf.rank] = rf
             if t and ctx.torch_file(rf) is not None:
@@ -158,9 +157,8 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         elif (rf.rank is None) == (c.stage != 3):  # ZeRO-3: one per dp rank, else one per tp rank
             s.models[rf.rank or 0] = rf
         else:
-            ctx.find("stale-rank-file", f"{rf.name} is a ZeRO-{'3' if rf.rank is not None else '1/2'} "
-                     f"model-states file; this checkpoint is ZeRO-{c.stage}", "it belongs to another "
-                     "run; move it out of the tag dir", file=rf.name, rank=global_rank(rf, tp))
+            stale(ctx.find, rf, f"it is a ZeRO-{'3' if rf.rank is not None else '1/2'} model-states "
+                  f"file, and this checkpoint is ZeRO-{c.stage}")
     for s in slices:
         s.model = next((s.models[r] for r in sorted(s.models) if ctx.torch_file(s.models[r])), None)
         if s.model is None and s.models:  # ZeRO-3 without dp rank 0's: read the next one
@@ -171,8 +169,9 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         tf = ctx.torch_file(s.model)
         s.state = tf.obj if tf is not None and isinstance(tf.obj, dict) else None
         s.flat_groups = [group_members(g) for g in as_group_list(get(s.state, "param_shapes"))]
-        report_missing(ctx, s, tp, dp)
-        check_sizes(ctx, s, tp, dp)
+    report_missing(ctx, slices, tp, dp)
+    for s in slices:
+        check_sizes(ctx, s, dp)
     return slices
 
 
@@ -364,4 +363,4 @@ def _attach_frozen(ctx: LoadContext, slices: list[Slice], dp: int) -> None:
 
 
 LAYOUT = Layout("tensor_parallel", recognise, describe)
-__all__ = ["LAYOUT", "describe", "recognise", "validate"]
+__all__ = ["LAYOUT", "describe", "recognise"]

@@ -5,26 +5,21 @@ file names (discover) and what the pickles declare, cross-checked against each o
   `checkpoint_parallel_dimensions`);
 * `settle(ctx)` sets the default topology before a layout describes the files (a layout that
   knows better overrides `ckpt.topology` and the coordinates in `describe`);
-* `cross_check(ctx)` reports files whose pickle disagrees with the topology (`topology-mismatch`);
-* `grid_findings(...)` is the per-axis file check of the plain ZeRO layouts (validate calls it):
-  every coordinate of the grid has its file, no file lies outside it. The parallel layouts
-  write their own, each on `gaps.missing_coords` (bounded whatever size a pickle claims).
+* `cross_check(ctx)` reports files whose pickle disagrees with the topology (`topology-mismatch`).
+
+Which coordinates of the grid have no file, and which files lie outside it, is `gaps`' rule
+(`missing_files`, `stale`), run by validate and by every layout.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
-from zinspect.core import codes
 from zinspect.core.layouts.base import LoadContext
-from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.layouts.pickled import get
-from zinspect.core.model import Finding, RankFile, Topology
+from zinspect.core.model import RankFile, Topology
 
 AXES = Topology.AXES
-#: how an axis's coordinate is said in a message ("rank 2" is the dp rank, as users know it)
-AXIS_WORDS = {"dp": "rank", "tp": "tp rank", "pp": "stage", "ep": "ep rank"}
 _MAX_AXIS = 1 << 20  # a declared size beyond this is not a size (forged or damaged)
 
 
@@ -79,46 +74,3 @@ def cross_check(ctx: LoadContext) -> None:
             ctx.find("topology-mismatch", f"{rf.name}: {problem}",
                      "the file comes from another run or was altered; restore the file saved "
                      "with the others", file=rf.name, rank=rf.rank)
-
-
-def grid_findings(files: list[RankFile], sizes: dict[str, int], what: str,
-                  missing_code: str, beyond_code: str, beyond_hint: str) -> list[Finding]:
-    """The files of one kind against the grid of coordinates `sizes` spans ({axis: size}, e.g.
-    {"dp": 4, "tp": 2}): `missing_code` for each coordinate without a file, `beyond_code` for
-    each file outside the grid (its axis and size named). `what` names the files in messages
-    ("optimizer", "model-states", "layer")."""
-    axes = [a for a in AXES if a in sizes]
-    have = {tuple(getattr(f.coords, a) for a in axes) for f in files}
-    shape = tuple(sizes[a] for a in axes)
-    total, first = missing_coords(have, shape)  # never the whole grid: sizes come from pickles
-    of = f"{math.prod(shape)} {_plural(axes)}"
-    out = []
-    for at in first:
-        where = _where(axes, at)
-        out.append(codes.finding(
-            missing_code, f"the {what} file of {where} is missing "
-            f"({math.prod(shape) - total} of {of} present)",
-            f"copy {where}'s {what} file from the training run; without it the params it "
-            "holds cannot be rebuilt", rank=at[axes.index("dp")] if "dp" in axes else None))
-    if total > len(first):
-        out.append(codes.finding(missing_code, f"{total - len(first)} more {what} files are "
-                                 f"missing (of {of})", "check the copy: most of the checkpoint "
-                                 "is gone, or a file's recorded world size is wrong"))
-    for f in files:
-        for a in axes:
-            v = getattr(f.coords, a)
-            if v >= sizes[a]:
-                size = "world size" if a == "dp" else f"{a} size"
-                out.append(codes.finding(beyond_code, f"{f.name} is {AXIS_WORDS[a]} {v}, beyond "
-                                         f"the {size} {sizes[a]}", beyond_hint, file=f.name,
-                                         rank=f.rank))
-                break
-    return out
-
-
-def _where(axes: list[str], at: tuple[int, ...]) -> str:
-    return ", ".join(f"{AXIS_WORDS[a]} {v}" for a, v in zip(axes, at, strict=True))
-
-
-def _plural(axes: list[str]) -> str:
-    return "ranks" if axes == ["dp"] else "coordinates"

@@ -16,6 +16,7 @@ import math
 
 from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
+from zinspect.core.layouts.gaps import stale
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import Coords, ParamGroup, Topology, is_state_key
@@ -52,9 +53,8 @@ def leftover_optimizer_files(ctx: LoadContext) -> None:
     """ZeRO optimizer files beside a ZeRO-0 checkpoint are a leftover of another run (ZeRO-0
     keeps its optimizer state in the model states)."""
     for rf in ctx.ckpt.files_of("optim"):
-        ctx.find("stale-rank-file", f"{rf.name} is a ZeRO optimizer file, but this is a ZeRO-0 "
-                 "checkpoint (its optimizer state is in the model states): a leftover of another "
-                 "run", "move it out of the tag dir", file=rf.name, rank=rf.rank)
+        stale(ctx.find, rf, "it is a ZeRO optimizer file, and this ZeRO-0 checkpoint keeps its "
+              "optimizer state in the model states")
 
 
 def attach(ctx: LoadContext, rf, state: dict, owners: dict[str, tuple], module: dict,

@@ -111,6 +111,7 @@ def grid_cells(ckpt: Checkpoint) -> list[Cell]:
         cell.per_rank = bool(optim)
     _hold(ckpt, cells)
     by_file = {f.name: cell for cell in cells.values() for f in cell.files}
+    present = {f.name for f in ckpt.files}
     single = topo.tp * topo.pp == 1
     by_dp: dict[int, list[Cell]] = defaultdict(list)  # 300k coverage findings x 512 cells
     for c in cells.values():
@@ -120,7 +121,7 @@ def grid_cells(ckpt: Checkpoint) -> list[Cell]:
         cell = by_file.get(finding.file or "")
         if cell is not None:
             cell.findings.append(finding)
-        elif finding.rank is not None and finding.file is None:
+        elif finding.rank is not None and (finding.file is None or finding.file not in present):
             # a finding about a rank (its file is missing): the rank's cells without that file
             for c in by_dp.get(finding.rank, ()):
                 c.findings.append(finding)
