@@ -19,7 +19,7 @@ from conftest import FIXTURES, TESTS, run_zinspect
 
 import zinspect
 from zinspect.core import open_checkpoint
-from zinspect.core.layouts.moe import global_name
+from zinspect.core.layouts.moe_names import global_name
 from zinspect.core.merge import plan_merge
 from zinspect.errors import NotMergeable
 

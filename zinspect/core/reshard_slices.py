@@ -14,18 +14,16 @@ of tp * pp, and of ep.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from zinspect.core.fmt import shown
-from zinspect.core.layouts.moe import EXPERTS
+from zinspect.core.layouts.moe_names import EXPERT_ID
 from zinspect.core.model import Checkpoint, ParamGroup, RankFile
 from zinspect.core.validate import PLAIN_ZERO  # the layouts whose files are one data-parallel set
 from zinspect.errors import NotMergeable, UsageError
 
 #: the layouts that can be resharded
 RESHARDABLE = (*PLAIN_ZERO, "tensor_parallel", "pipeline", "pipeline_tp", "moe")
-_EXPERT = re.compile(re.escape(EXPERTS) + r"(\d+)\.")
 #: how a refusal names the layouts that can
 LAYOUT_NAMES = {"zero": "plain ZeRO-1/2/3", "bf16_optimizer": "BF16_Optimizer",
                 "tensor_parallel": "tensor-parallel (AutoTP, ZeRO-1/2/3)",
@@ -126,12 +124,12 @@ def _local_expert_names(ckpt: Checkpoint, ep: int) -> dict[str, str]:
     of a layer: the ids its params' names hold)."""
     ids: dict[str, set[int]] = {}
     for name in ckpt.params:
-        m = _EXPERT.search(name)
+        m = EXPERT_ID.search(name)
         if m:
             ids.setdefault(name[:m.start(1)], set()).add(int(m[1]))
     out = {}
     for name in ckpt.params:
-        m = _EXPERT.search(name)
+        m = EXPERT_ID.search(name)
         if m:
             per_rank = max(len(ids[name[:m.start(1)]]) // ep, 1)
             out[name] = f"{name[:m.start(1)]}{int(m[1]) % per_rank}{name[m.end(1):]}"

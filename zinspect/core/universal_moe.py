@@ -16,18 +16,15 @@ names (`ep_size_N`) and moments in optimizer_state.pt, as the loader zips them w
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 from zinspect.core.fmt import shown
-from zinspect.core.layouts.moe import EXPERTS
+from zinspect.core.layouts.moe_names import EXPERT_ID, ep_size
 from zinspect.core.model import Checkpoint, Param
 from zinspect.core.reshard_zero import Sources
 from zinspect.core.torchsave import OutFile
 from zinspect.errors import NotMergeable
 
-_GLOBAL = re.compile(r"^(.*" + re.escape(EXPERTS) + r")(\d+)\.(.+)$")
-_EP_GROUP = re.compile(r"^ep_size_(\d+)$")
 EP_NOTE = ("native MoE: the experts are stacked per local name for ep_size {ep}: load it with "
            "ep_size {ep} (any world size that ep_size divides); at another ep_size the local "
            "names stand for other experts")
@@ -36,7 +33,7 @@ EP_NOTE = ("native MoE: the experts are stacked per local name for ep_size {ep}:
 def refuse_unloadable(ckpt: Checkpoint) -> None:
     """What no DeepSpeed engine would load right is refused, with DeepSpeed's reason."""
     where = shown(str(ckpt.path))
-    frozen = [n for n, p in ckpt.params.items() if p.frozen and _GLOBAL.match(n)]
+    frozen = [n for n, p in ckpt.params.items() if p.frozen and EXPERT_ID.search(n)]
     if frozen:
         raise NotMergeable(f"{where}: {shown(frozen[0], 80)} is a frozen expert param: zinspect does "
                            "not write frozen experts to a universal checkpoint (DeepSpeed's universal "
@@ -47,8 +44,7 @@ def refuse_unloadable(ckpt: Checkpoint) -> None:
 def check_ep_sizes(src: Sources) -> None:
     """One ep size: DeepSpeed's loader slices every expert param by the largest one's ep rank."""
     groups = src.osd(0)["base_optimizer_state"].get("param_groups") or []
-    sizes = {int(m.group(1)) for g in groups if isinstance(g, dict)
-             for m in [_EP_GROUP.match(str(g.get("name", "")))] if m}
+    sizes = {ep_size(g.get("name")) for g in groups if isinstance(g, dict)} - {None}
     if len(sizes) > 1:
         raise NotMergeable(f"{shown(str(src.ckpt.path))}: MoE layers with several ep sizes "
                            f"{sorted(sizes)} cannot be converted: DeepSpeed's universal loader slices "
@@ -62,9 +58,9 @@ def expert_slots(ckpt: Checkpoint) -> dict[str, list[Param]]:
     ep = ckpt.topology.ep
     by_slot: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)  # (prefix, leaf) -> id -> name
     for name in ckpt.params:
-        m = _GLOBAL.match(name)
+        m = EXPERT_ID.search(name)
         if m:
-            by_slot[(m.group(1), m.group(3))][int(m.group(2))] = name
+            by_slot[(name[:m.start(1)], name[m.end():])][int(m[1])] = name
     slots = {}
     for (prefix, leaf), experts in by_slot.items():
         n = len(experts)

@@ -19,33 +19,21 @@ missing one is located, never dropped. DeepSpeed refuses native MoE with ZeRO-3;
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 from zinspect.core.layouts import common, moe_zero0, one_save, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import SALVAGE, missing_files, outside, stale
+from zinspect.core.layouts.moe_names import EXPERT_ID, EXPERTS, ep_size, global_name, with_expert
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import Coords, Param, RankFile, Topology
 from zinspect.core.torchzip import TensorRef
-
-EXPERTS = ".deepspeed_moe.experts.deepspeed_experts."
-_LOCAL = re.compile(re.escape(EXPERTS) + r"(\d+)\.")
-_EP_NAME = re.compile(r"^ep_size_(\d+)$")
 
 
 def recognise(ctx: LoadContext) -> bool:
     """The engine records `num_experts` in an MoE run's model states (a stray expert file beside
     a plain ZeRO checkpoint does not make it one)."""
     return isinstance(get(ctx.model_state, "num_experts"), list)
-
-
-def global_name(name: str, ep_rank: int, num_local: int) -> str:
-    """A local expert param name of `ep_rank` under its global expert id."""
-    m = _LOCAL.search(name)
-    if m is None:
-        return name
-    return f"{name[:m.start(1)]}{ep_rank * num_local + int(m[1])}{name[m.end(1):]}"
 
 
 class _MoE:
@@ -109,9 +97,8 @@ class _MoE:
         for gi, g in enumerate(groups if isinstance(groups, list) else []):
             if not isinstance(g, dict) or g.get("moe") is not True:
                 continue
-            m = _EP_NAME.match(str(g.get("name")))
             pc = pcs[gi] if gi < len(pcs) else 0
-            ep = int(m[1]) if m else (self.ws // pc if pc else 0)
+            ep = ep_size(g.get("name")) or (self.ws // pc if pc else 0)
             if ep < 1 or (pc and ep * pc != self.ws) or ep > max(len(self.ranks), 1):
                 self.ctx.find("topology-mismatch", f"expert group {gi}: ep size {ep} × its "
                               f"partition count {pc} is not the world size {self.ws}",
@@ -134,7 +121,7 @@ class _MoE:
     @staticmethod
     def expert_of(name: str) -> int:
         """The expert id in an expert param's name (global or local, as the name has it)."""
-        return int(_LOCAL.search(name)[1])
+        return int(EXPERT_ID.search(name)[1])
 
     def num_local(self, name: str, ep: int) -> int:
         layer = self.layer_of(name)
@@ -143,12 +130,7 @@ class _MoE:
 
     def local_name(self, name: str, ep: int) -> str:
         """A global expert param name as its ep rank names it locally."""
-        return self.with_expert(name, self.expert_of(name) % max(self.num_local(name, ep), 1))
-
-    @staticmethod
-    def with_expert(name: str, expert: int) -> str:
-        m = _LOCAL.search(name)
-        return f"{name[:m.start(1)]}{expert}{name[m.end(1):]}"
+        return with_expert(name, self.expert_of(name) % max(self.num_local(name, ep), 1))
 
     # ------------------------------------------------------------------ files
     def _sort_files(self, eps: set[int]) -> None:
@@ -186,7 +168,7 @@ class _MoE:
         per_expert: dict[tuple[int, int], list[str]] = defaultdict(list)
         for name in c.params:
             layer = self.layer_of(name)
-            m = _LOCAL.search(name)
+            m = EXPERT_ID.search(name)
             if layer is not None and m:
                 per_expert[(layer, int(m[1]))].append(name)
         for layer, n in enumerate(self.num_experts):
@@ -234,7 +216,7 @@ class _MoE:
             elif layer not in done:
                 done.add(layer)
                 experts = [q for q in c.params.values() if self.layer_of(q.name) == layer]
-                for q in sorted(experts, key=lambda q: int(_LOCAL.search(q.name)[1])):
+                for q in sorted(experts, key=lambda q: int(EXPERT_ID.search(q.name)[1])):
                     out[q.name] = q
         c.params = out
 

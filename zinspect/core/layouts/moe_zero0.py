@@ -17,11 +17,10 @@ unknown, an info), 16-bit masters are not named (an error), never guessed.
 
 from __future__ import annotations
 
-import re
-
 from zinspect.core.layouts import common, zero0
 from zinspect.core.layouts.gaps import missing_coords, missing_files, outside, stale
 from zinspect.core.layouts.group_order import match_group_order, saved_group_shapes
+from zinspect.core.layouts.moe_names import ep_size, with_expert
 from zinspect.core.layouts.pickled import get, located
 from zinspect.core.model import Coords, Param, Topology
 from zinspect.core.torchzip import TensorRef
@@ -31,8 +30,7 @@ def describe(moe, names: common.Names) -> None:
     """`moe`: a moe._MoE whose checkpoint has no ZeRO optimizer files."""
     ctx, c = moe.ctx, moe.c
     c.stage = 0
-    ws = get(ctx.model_state, "dp_world_size")
-    moe.ws = ws if type(ws) is int and ws > 0 else 1
+    moe.ws = zero0.dp_size(ctx)
     expp = {rf.rank: rf for rf in c.files if rf.kind == "expert_optim" and rf.rank is not None}
     ep = _ep_size(ctx, moe.ws) or max(len(expp), 1)
     for x, rf in expp.items():
@@ -81,7 +79,7 @@ def _name_missing_experts(moe) -> None:
         _, missing = missing_coords({(e,) for e in present}, (n,))
         for (e,) in missing:
             for name, p in template:
-                other = moe.with_expert(name, e)
+                other = with_expert(name, e)
                 c.params.setdefault(other, Param(other, p.shape, p.dtype))
 
 
@@ -95,9 +93,9 @@ def _param_groups(opt) -> list:
 
 def _ep_size(ctx, ws: int) -> int | None:
     for g in _param_groups(get(ctx.model_state, "optimizer")):
-        m = re.match(r"^ep_size_(\d+)$", str(get(g, "name")))
-        if get(g, "moe") is True and m and 0 < int(m[1]) <= ws:
-            return int(m[1])
+        ep = ep_size(get(g, "name"))
+        if get(g, "moe") is True and ep and 0 < ep <= ws:
+            return ep
     return None
 
 
