@@ -122,4 +122,4 @@ def report_missing(ctx: LoadContext, slices: list, tp: int, dp: int) -> None:
         missing_files(ctx.find, [("tp", tp), ("dp", dp)], {(s.tp, d) for s in slices for d in s.optim},
                       "missing-optimizer-file", "optimizer files",
                       lambda t, d: f"{prefix}zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt",
-                      lambda t, d: f"its part of tp rank {t}'s shards is lost", REPLACE)
+                      "its part of its tp rank's shards is lost", REPLACE)

@@ -36,8 +36,7 @@ def describe(ctx: LoadContext) -> None:
     if names is None:
         return
     tp = tensor_parallel.tp_degree(ctx) or max(ctx.mp_ranks) + 1
-    dp = get(ctx.model_state, "dp_world_size")
-    dp = dp if type(dp) is int and dp > 0 else 1
+    dp = zero0.dp_size(ctx)
     if tp > tp_rules.MAX_RANKS or tp * dp > tensor_parallel.MAX_WORLD:
         ctx.find("topology-mismatch", f"the files declare tp {tp} x dp {dp}: beyond any real run",
                  "a model-states file is damaged or forged; restore it from the run",

@@ -35,8 +35,7 @@ def describe(ctx: LoadContext) -> None:
     names = common.describe_names(ctx)
     if names is None:
         return
-    ws = get(ctx.model_state, "dp_world_size")
-    c.world_size = ws if type(ws) is int and ws > 0 else 1
+    c.world_size = dp_size(ctx)
     c.topology = Topology(dp=c.world_size, files=c.files)
     leftover_optimizer_files(ctx)
     tie_shared_storages(ctx, names.module)
@@ -47,6 +46,13 @@ def describe(ctx: LoadContext) -> None:
             p.frozen = c.params[p.tied_to].frozen
     common.attach_whole_frozen(ctx, names)
     common.finish(ctx, names)
+
+
+def dp_size(ctx: LoadContext) -> int:
+    """The data-parallel world size the model states record (1 when they record none): a
+    ZeRO-0 checkpoint has no optimizer files whose partition count would say it."""
+    dp = get(ctx.model_state, "dp_world_size")
+    return dp if type(dp) is int and dp > 0 else 1
 
 
 def leftover_optimizer_files(ctx: LoadContext) -> None:
