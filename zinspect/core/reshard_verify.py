@@ -22,7 +22,7 @@ import os
 import threading
 import zlib
 
-from zinspect.core.verify import CRC_HINT, Pin, Segment, record_table
+from zinspect.core.verify import CRC_HINT, Pin, Segment, check_unchanged, record_table, refusal
 from zinspect.errors import NotMergeable
 
 _POLY = 0xEDB88320  # CRC-32, reflected
@@ -191,9 +191,7 @@ class AnyOrderVerification:
         raise AssertionError("a reshard compares no replicas")
 
     def refuse(self, c: AnyOrderCheck) -> NotMergeable:
-        names = ", ".join(c.params[:5]) + (f" and {len(c.params) - 5} more"
-                                           if len(c.params) > 5 else "")
-        return NotMergeable(f"{c.problem()}; it holds {names}; nothing was written", CRC_HINT)
+        return refusal(c, CRC_HINT)
 
     def finish(self, step: int = 1 << 20) -> None:
         """Read the bytes of the touched records that no output needed (padding) for their CRC
@@ -210,17 +208,4 @@ class AnyOrderVerification:
                 raise self.refuse(c)
 
     def check_unchanged(self) -> None:
-        changed = [p for p, pin in self.pins.items() if _pin(p) != pin]
-        if changed:
-            shown = ", ".join(os.path.basename(p) for p in changed[:5])
-            raise NotMergeable(f"{shown}: changed while the reshard read it (inode, size or "
-                               "modification time differ from when it was opened); nothing "
-                               "was written", "wait until nothing writes to the checkpoint "
-                               "and reshard again")
-
-
-def _pin(path: str) -> Pin | None:
-    try:
-        return Pin.of(os.stat(path))
-    except OSError:
-        return None
+        check_unchanged(self.pins, "reshard")

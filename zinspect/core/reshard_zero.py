@@ -186,16 +186,10 @@ class _Zero12(_SlicePlan):
             paddings.append(part - real)
             counts.append(count)
             mappings.append(self._mappings(orig, lo, part, self.sl.local))
-        osd = dict(osd0)
-        osd["base_optimizer_state"] = {**base0, "state": states}
-        osd["single_partition_of_fp32_groups"] = fp32
-        osd["group_paddings"] = paddings
-        osd["partition_count"] = counts
-        osd["param_slice_mappings"] = mappings
-        outer = dict(src.tf(rf0.name).obj)
-        outer["optimizer_state_dict"] = osd
-        out.obj = src.copy(out, rf0.name, outer)
-        return out
+        return _written(src, out, rf0.name, {
+            **osd0, "base_optimizer_state": {**base0, "state": states},
+            "single_partition_of_fp32_groups": fp32, "group_paddings": paddings,
+            "partition_count": counts, "param_slice_mappings": mappings})
 
     @staticmethod
     def _mappings(orig: list, lo: int, part: int, local: dict[str, str]) -> OrderedDict:
@@ -318,11 +312,16 @@ class _Zero3(_SlicePlan):
         groups = []
         for pgi, pg in enumerate(self.inner0.get("param_groups") or []):
             groups.append({**pg, "params": [k for k, (g, _) in enumerate(self.subs) if g == pgi]})
-        osd = dict(src.tf(rf0.name).obj["optimizer_state_dict"])
-        osd["optimizer_state_dict"] = {**self.inner0, "state": states, "param_groups": groups}
-        osd["fp32_flat_groups"] = flats
-        osd["partition_count"] = n
-        outer = dict(src.tf(rf0.name).obj)
-        outer["optimizer_state_dict"] = osd
-        out.obj = src.copy(out, rf0.name, outer)
-        return out
+        return _written(src, out, rf0.name, {
+            **src.tf(rf0.name).obj["optimizer_state_dict"],
+            "optimizer_state_dict": {**self.inner0, "state": states, "param_groups": groups},
+            "fp32_flat_groups": flats, "partition_count": n})
+
+
+def _written(src, out: OutFile, name: str, osd: dict) -> OutFile:
+    """`out` as the source file `name`'s pickle with `osd` for its optimizer_state_dict (every
+    other key, and every tensor `osd` takes from the source, copied by `src.copy`)."""
+    outer = dict(src.tf(name).obj)
+    outer["optimizer_state_dict"] = osd
+    out.obj = src.copy(out, name, outer)
+    return out

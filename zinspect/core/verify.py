@@ -323,31 +323,36 @@ class Verification:
         return [c for c in self.checks if c.failed]
 
     def refuse(self, c: RecordCheck) -> NotMergeable:
-        names = ", ".join(c.params[:5]) + (f" and {len(c.params) - 5} more"
-                                           if len(c.params) > 5 else "")
-        return NotMergeable(f"{c.problem()}; it holds {names}; nothing was written",
-                            CRC_HINT + "; `--salvage` writes the rest without its params")
-
-    def changed_files(self) -> list[str]:
-        """Source files whose (inode, size, mtime) differ from their pins."""
-        out = []
-        for path, pin in self.pins.items():
-            try:
-                now = Pin.of(os.stat(path))
-            except OSError:
-                now = None
-            if now != pin:
-                out.append(path)
-        return out
+        return refusal(c, CRC_HINT + "; `--salvage` writes the rest without its params")
 
     def check_unchanged(self) -> None:
-        changed = self.changed_files()
-        if changed:
-            shown = ", ".join(os.path.basename(p) for p in changed[:5])
-            raise NotMergeable(f"{shown}: changed while the merge read it (inode, size or "
-                               "modification time differ from when it was opened); nothing "
-                               "was written", "wait until nothing writes to the checkpoint "
-                               "and merge again")
+        check_unchanged(self.pins, "merge")
+
+
+def refusal(c, hint: str) -> NotMergeable:
+    """The error for a record `c` that failed its check (a RecordCheck or reshard_verify's
+    AnyOrderCheck): what failed and the params it holds."""
+    names = ", ".join(c.params[:5]) + (f" and {len(c.params) - 5} more" if len(c.params) > 5 else "")
+    return NotMergeable(f"{c.problem()}; it holds {names}; nothing was written", hint)
+
+
+def check_unchanged(pins: dict[str, Pin], job: str) -> None:
+    """Refuse when a source file's (inode, size, mtime) differ from its pin (or it is gone):
+    it changed while the `job` ("merge", "reshard") read it."""
+    changed = [path for path, pin in pins.items() if _pin_now(path) != pin]
+    if changed:
+        shown = ", ".join(os.path.basename(p) for p in changed[:5])
+        raise NotMergeable(f"{shown}: changed while the {job} read it (inode, size or "
+                           "modification time differ from when it was opened); nothing "
+                           "was written", f"wait until nothing writes to the checkpoint and {job} "
+                           "again")
+
+
+def _pin_now(path: str) -> Pin | None:
+    try:
+        return Pin.of(os.stat(path))
+    except OSError:
+        return None
 
 
 def plain_segments(t) -> list[Segment]:
