@@ -31,8 +31,7 @@ def recognise(ctx: LoadContext) -> bool:
 
 def describe(ctx: LoadContext) -> None:
     c = ctx.ckpt
-    c.stage = 0
-    names = common.describe_names(ctx)
+    names = zero0.names_at_stage0(ctx)
     if names is None:
         return
     tp = tensor_parallel.tp_degree(ctx) or max(ctx.mp_ranks) + 1

@@ -31,8 +31,7 @@ def recognise(ctx: LoadContext) -> bool:
 
 def describe(ctx: LoadContext) -> None:
     c = ctx.ckpt
-    c.stage = 0
-    names = common.describe_names(ctx)
+    names = names_at_stage0(ctx)
     if names is None:
         return
     c.world_size = dp_size(ctx)
@@ -46,6 +45,13 @@ def describe(ctx: LoadContext) -> None:
             p.frozen = c.params[p.tied_to].frozen
     common.attach_whole_frozen(ctx, names)
     common.finish(ctx, names)
+
+
+def names_at_stage0(ctx: LoadContext) -> common.Names | None:
+    """A ZeRO-0 checkpoint's stage (0) and its params' names from the model states (None when
+    they cannot name them: a finding says why)."""
+    ctx.ckpt.stage = 0
+    return common.describe_names(ctx)
 
 
 def dp_size(ctx: LoadContext) -> int:
