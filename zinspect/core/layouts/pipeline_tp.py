@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from zinspect.core.layouts import pipeline, tensor_parallel, tp_rules
+from zinspect.core.layouts import pipeline, tensor_parallel
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import missing_files
 from zinspect.core.layouts.pickled import get, located
@@ -189,13 +189,8 @@ class _PipelineTP(pipeline._Pipeline):  # noqa: SLF001 (the stage logic this lay
 
 def describe(ctx: LoadContext) -> None:
     pipe = _PipelineTP(ctx)
-    if max(pipe.tp, pipe.pp) > tp_rules.MAX_RANKS or \
-            pipe.tp * pipe.pp * pipe.dp > tensor_parallel.MAX_WORLD:  # forged: one finding
-        ctx.find("topology-mismatch", f"the files declare pp {pipe.pp} x tp {pipe.tp} x dp "
-                 f"{pipe.dp}: beyond any real run", "a model-states file is damaged or forged; "
-                 "restore it from the run", file=ctx.model_file.name if ctx.model_file else None)
-        return
-    pipe.describe()
+    if not tensor_parallel.beyond_any_run(ctx, pp=pipe.pp, tp=pipe.tp, dp=pipe.dp):
+        pipe.describe()
 
 
 LAYOUT = Layout("pipeline_tp", recognise, describe)

@@ -19,6 +19,7 @@ refuses it rather than guess.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -65,10 +66,26 @@ def recognise(ctx: LoadContext) -> bool:
     named); ZeRO-1/2/3 (ZeRO-0 TP keeps its masters in the model states, which this layout does
     not read); no pipeline layer or expert files. Files named mp_rank_01 beside model states that
     declare tp 1 are not a TP checkpoint (the placeholder names them)."""
-    if ctx.kinds & {"layer", "expert", "expert_optim"} or not ctx.optim_files:
-        return False
+    return not ctx.kinds & {"layer", "expert", "expert_optim"} and bool(ctx.optim_files) and \
+        declares_tp(ctx)
+
+
+def declares_tp(ctx: LoadContext) -> bool:
+    """The model states declare tp > 1 (or, declaring nothing, several mp ranks are named)."""
     tp = tp_degree(ctx)
     return tp > 1 if tp is not None else len(ctx.mp_ranks) > 1
+
+
+def beyond_any_run(ctx: LoadContext, **sizes: int) -> bool:
+    """Sizes (pp=, tp=, dp=) no real run has: a forged or damaged file. One finding (not one
+    per rank of a forged grid) and True: the layout describes nothing more."""
+    if max(sizes.get("tp", 1), sizes.get("pp", 1)) <= tp_rules.MAX_RANKS and \
+            math.prod(sizes.values()) <= MAX_WORLD:
+        return False
+    ctx.find("topology-mismatch", f"the files declare {' x '.join(f'{a} {n}' for a, n in sizes.items())}: "
+             "beyond any real run", "a model-states or optimizer file is damaged or forged; restore "
+             "it from the run", file=ctx.model_file.name if ctx.model_file else None)
+    return True
 
 
 def describe(ctx: LoadContext) -> None:
@@ -78,10 +95,7 @@ def describe(ctx: LoadContext) -> None:
         return
     tp = tp_degree(ctx) or (max(ctx.mp_ranks) + 1 if ctx.mp_ranks else 1)
     dp = _dp_size(ctx)
-    if tp > tp_rules.MAX_RANKS or tp * dp > MAX_WORLD:  # forged: one finding, not one per rank
-        ctx.find("topology-mismatch", f"the files declare tp {tp} x dp {dp}: beyond any real run",
-                 "a model-states or optimizer file is damaged or forged; restore it from the run",
-                 file=ctx.model_file.name if ctx.model_file else None)
+    if beyond_any_run(ctx, tp=tp, dp=dp):
         common.finish(ctx, names)
         return
     c.topology = Topology(dp=dp, tp=tp, files=list(c.files))

@@ -13,7 +13,7 @@ checks are tensor_parallel's too.
 
 from __future__ import annotations
 
-from zinspect.core.layouts import common, tensor_parallel, tp_rules, zero0
+from zinspect.core.layouts import common, tensor_parallel, zero0
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import get
 from zinspect.core.model import Coords, Topology
@@ -23,10 +23,8 @@ from zinspect.core.torchzip import TensorRef
 def recognise(ctx: LoadContext) -> bool:
     """ZeRO-0 model states (they hold the optimizer) that declare tp > 1 (or, declaring
     nothing, several mp ranks); no pipeline layer or expert files."""
-    if ctx.kinds & {"layer", "expert", "expert_optim"} or not zero0.recognise(ctx):
-        return False
-    tp = tensor_parallel.tp_degree(ctx)
-    return tp > 1 if tp is not None else len(ctx.mp_ranks) > 1
+    return not ctx.kinds & {"layer", "expert", "expert_optim"} and zero0.recognise(ctx) and \
+        tensor_parallel.declares_tp(ctx)
 
 
 def describe(ctx: LoadContext) -> None:
@@ -36,10 +34,7 @@ def describe(ctx: LoadContext) -> None:
         return
     tp = tensor_parallel.tp_degree(ctx) or max(ctx.mp_ranks) + 1
     dp = zero0.dp_size(ctx)
-    if tp > tp_rules.MAX_RANKS or tp * dp > tensor_parallel.MAX_WORLD:
-        ctx.find("topology-mismatch", f"the files declare tp {tp} x dp {dp}: beyond any real run",
-                 "a model-states file is damaged or forged; restore it from the run",
-                 file=ctx.model_file.name)
+    if tensor_parallel.beyond_any_run(ctx, tp=tp, dp=dp):
         common.finish(ctx, names)
         return
     c.topology = Topology(dp=dp, tp=tp, files=list(c.files))
