@@ -5,17 +5,21 @@ but a tree or filter that walked every name eagerly per keystroke would make thi
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from textual.widgets import Static
 
 from zinspect.core.model import Checkpoint, Finding, Fragment, Param
 from zinspect.tui import app as app_module
+from zinspect.tui import inspection as inspection_module
 from zinspect.tui.app import ZinspectApp
+from zinspect.tui.inspection import Inspection
 from zinspect.tui.screens.param_detail import ParamDetailScreen
 from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
+from zinspect.tui.widgets.params_pane import SEARCHED_AT_ONCE, ParamsPane
 from zinspect.tui.widgets.ranks_pane import RankGrid
 
 LAYERS, EXPERTS = 1600, 64
@@ -63,6 +67,8 @@ async def test_300k_names_open_expand_filter_and_jump(monkeypatch):
         assert len(app.view.excluded) == 6 + EXPERTS * 3
 
         await pilot.press("slash", *"experts.63. w3")
+        await app.workers.wait_for_complete()  # 300k names are searched by a worker
+        await pilot.pause()
         table = app.screen.query_one(ParamTable)
         assert len(table.names) == LAYERS
         assert all(".mlp.experts.63.w3." in n for n in table.names)
@@ -109,3 +115,76 @@ async def test_100k_findings_list_and_jump(monkeypatch):
         grid = app.screen.query_one("#rank-table", RankGrid)  # 100,001 findings on one cell
         assert grid.row_count == 8 and grid.cursor == 7
         assert grid.row_cells(7)[-1] == "error: missing-optimizer-file +100000"
+
+
+def threads_of(monkeypatch, module, name: str) -> list[tuple[str, tuple]]:
+    """Record the thread (and the arguments) of each call of `module.name`."""
+    seen: list[tuple[str, tuple]] = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, args[1:]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+async def test_300k_names_are_counted_searched_and_sorted_off_the_ui_thread(monkeypatch):
+    """The overview's counts are made by the load worker, a filter or a sort of 300k names by
+    a worker of its own: the UI thread never walks every name, so keys never wait for it."""
+    ckpt = synthetic_checkpoint()
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    counted = threads_of(monkeypatch, inspection_module, "totals")
+    searched = threads_of(monkeypatch, Inspection, "param_names")
+    sorted_ = threads_of(monkeypatch, Inspection, "_sort")
+    app = ZinspectApp("synthetic")
+    ui = threading.current_thread().name
+    async with app.run_test(size=(120, 36)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert counted and ui not in {thread for thread, _ in counted}
+        await pilot.press("2", "slash", *"layers.1599.")  # typed on while it searches
+        pane = app.screen.query_one(ParamsPane)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        table = app.screen.query_one(ParamTable)
+        assert not pane.searching
+        assert table.names and all("layers.1599." in n for n in table.names)
+        assert len(table.names) == 6 + EXPERTS * 3  # the last key's rows, not a stale key's
+        # the UI thread searched only the few rows an earlier key had left, never all names
+        on_ui = [args for thread, args in searched if thread == ui and args[1:2] not in ((), ("",))]
+        assert all(len(args[2]) <= SEARCHED_AT_ONCE for args in on_ui)
+        assert any(thread != ui for thread, _ in searched)
+        await pilot.press("escape", "t", "o")  # the table, sorted by name: a sort
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert pane.sort == "name" and not pane.searching
+        assert table.names[:2] == ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"]
+        assert sorted_ and ui not in {thread for thread, _ in sorted_}
+
+
+async def test_a_module_of_thousands_opens_with_only_the_lines_on_screen_labelled(monkeypatch):
+    """Opening model.layers adds its 1,600 children at once; each label (sizes, marks) is made
+    when its line is drawn, and after an exclusion only the lines on screen are re-made."""
+    ckpt = synthetic_checkpoint()
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    app = ZinspectApp("synthetic")
+    async with app.run_test(size=(120, 36)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("2", "enter", "down", "down", "enter")
+        await pilot.pause()
+        tree = app.screen.query_one(ParamTree)
+        layers = tree.cursor_node
+        assert layers.data.path == "model.layers" and len(layers.children) == LAYERS
+        labelled = [c for c in layers.children if "params" in str(c.label)]
+        assert 10 < len(labelled) < 100  # the screenful, not 1,600
+        assert str(layers.children[0].label).startswith("0  198 params")
+        await pilot.press("down", "space")
+        await pilot.pause()
+        assert "198/198 excluded" in str(layers.children[0].label)
+        assert "excluded" not in str(layers.children[-1].label)
+        await pilot.press("end")
+        await pilot.pause()
+        assert str(layers.children[-1].label).startswith("1599  198 params")

@@ -34,6 +34,8 @@ class Selection:
 
     def excluded(self, ckpt: Checkpoint) -> set[str]:
         """Names (params and buffers) that the merge will leave out."""
+        if not self.exclude_globs and not self.exclude_frozen:  # names only: no pass over all
+            return {n for n in self.exclude if n in ckpt.params or n in ckpt.buffers}
         out = set()
         for name in list(ckpt.params) + list(ckpt.buffers):
             p = ckpt.params.get(name)

@@ -13,35 +13,73 @@ numeric parts compared as numbers so that `layers.10` follows `layers.9`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import groupby
+from operator import itemgetter
 
 SORT_KEYS = ("model", "name", "size", "numel")
+_NUMEL, _NBYTES = itemgetter(0), itemgetter(1)
 
 
 class ModuleNode:
-    """One dotted prefix: a module, or a parameter when `is_param`."""
+    """One dotted prefix: a module, or a parameter when `is_param`.
 
-    __slots__ = ("name", "path", "children", "numel", "nbytes", "count", "is_param")
+    Children are split off on first access (`children`): a node keeps the names at or below it,
+    so opening a module costs what lies below it, and a tree of 300k names costs one pass over
+    them until the user opens something (building every node up front took 0.6 s there)."""
 
-    def __init__(self, name: str, path: str) -> None:
+    __slots__ = ("name", "path", "_names", "_sizes", "_children", "numel", "nbytes", "count",
+                 "is_param")
+
+    def __init__(self, name: str, path: str, names: list[str],
+                 sizes: Mapping[str, tuple[int, int]], is_param: bool = False) -> None:
         self.name = name
         self.path = path
-        self.children: dict[str, ModuleNode] = {}
-        self.numel = 0
-        self.nbytes = 0
-        self.count = 0  # parameters at or below this node
-        self.is_param = False
+        self._names = names  # every name at or below this node, in model order
+        self._sizes = sizes
+        self._children: dict[str, ModuleNode] | None = None
+        self.numel = sum(map(_NUMEL, map(sizes.__getitem__, names)))
+        self.nbytes = sum(map(_NBYTES, map(sizes.__getitem__, names)))
+        self.count = len(names)  # parameters at or below this node
+        self.is_param = is_param
 
     def __repr__(self) -> str:
         return f"ModuleNode({self.path!r}, count={self.count}, numel={self.numel})"
 
+    @property
+    def has_children(self) -> bool:
+        """Whether anything lies below (without splitting the children off)."""
+        return self.count > self.is_param
+
+    @property
+    def children(self) -> dict[str, ModuleNode]:
+        """The next dotted part of the names below, in order of first appearance."""
+        if self._children is None:
+            names = self._names
+            start = len(self.path) + 1 if self.path else 0
+            if self.is_param:  # not its own child
+                names = [n for n in names if len(n) >= start]
+            # Part by part in C (partition, groupby, slices): names of one module mostly come
+            # one after another, so this loops in Python once per child, not once per name.
+            parts = [n[start:].partition(".")[0] for n in names]
+            groups: dict[str, list[str]] = {}
+            at = 0
+            for part, run in groupby(parts):
+                end = at + len(list(run))
+                if part in groups:
+                    groups[part] += names[at:end]
+                else:
+                    groups[part] = names[at:end]
+                at = end
+            prefix = self.path + "." if self.path else ""
+            sizes = self._sizes
+            self._children = {part: ModuleNode(part, prefix + part, names, sizes,
+                                               (prefix + part) in sizes)
+                              for part, names in groups.items()}
+        return self._children
+
     def params(self) -> Iterator[str]:
         """Full names of the parameters at or below this node, in model order."""
-        stack = [self]
-        while stack:
-            node = stack.pop()
-            if node.is_param:
-                yield node.path
-            stack.extend(reversed(node.children.values()))
+        return iter(self._names)
 
     def find(self, path: str) -> ModuleNode | None:
         """The node for a dotted path below this (root) node."""
@@ -54,26 +92,9 @@ class ModuleNode:
 
 
 def build_tree(sizes: Mapping[str, tuple[int, int]]) -> ModuleNode:
-    """Trie of the names in `sizes` (name -> (numel, nbytes)), totals summed up each path."""
-    root = ModuleNode("", "")
-    for name, (numel, nbytes) in sizes.items():
-        node = root
-        node.numel += numel
-        node.nbytes += nbytes
-        node.count += 1
-        start = 0
-        for part in name.split("."):
-            start += len(part)
-            child = node.children.get(part)
-            if child is None:
-                child = node.children[part] = ModuleNode(part, name[:start])
-            start += 1
-            child.numel += numel
-            child.nbytes += nbytes
-            child.count += 1
-            node = child
-        node.is_param = True
-    return root
+    """Trie of the names in `sizes` (name -> (numel, nbytes)), totals summed up each path;
+    nodes below the root are made when first asked for."""
+    return ModuleNode("", "", list(sizes), sizes)
 
 
 def _natural(part: str) -> tuple[int, int | str]:

@@ -6,6 +6,7 @@ Plain Python (no Textual), so the widgets stay thin and the logic is testable on
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from zinspect.core.selection import Selection
 from zinspect.core.stats import TensorStats
 from zinspect.core.torchzip import DTYPE_SIZES
 from zinspect.core.tree import ModuleNode, _natural, build_tree, count_below
+from zinspect.report import totals
 
 #: the merge writes fp32 values for every param
 OUTPUT_ITEMSIZE = DTYPE_SIZES["float32"]
@@ -28,6 +30,28 @@ def display_path(path: Path | str) -> str:
         return shown(str(path.resolve().relative_to(Path.cwd().resolve())) or ".")
     except ValueError:
         return shown(path)
+
+
+#: names searched between two looks at whether the filter is still wanted
+FILTER_CHUNK = 32768
+
+
+def narrows(before: str, after: str) -> bool:
+    """Whether every name the filter `after` keeps is kept by `before` too: each word of
+    `before` lies inside a word of `after` (typing on at the end, or adding a word)."""
+    words = after.lower().split()
+    return all(any(w in v for v in words) for w in before.lower().split())
+
+
+@dataclass
+class Distinct:
+    """The distinct values of the parameter table's columns (a few, even at 300k names)."""
+
+    shapes: set[tuple[int, ...]]
+    dtypes: set[str]
+    numels: set[int]
+    nbytes: set[int]
+    groups: set[int]
 
 
 @dataclass
@@ -45,15 +69,33 @@ class Inspection:
     """A loaded checkpoint plus the selection being edited and the sets the views mark."""
 
     def __init__(self, ckpt: Checkpoint, selection: Selection | None = None) -> None:
+        """Built in the load worker: every pass over all names is made here, once, so that
+        the tabs draw only what is on screen (the tree's modules are split off as opened)."""
         self.ckpt = ckpt
         self.selection = selection or Selection()
         #: (numel, output bytes) of every name the merge writes: params, then buffers (they are
         #: written too, so they are shown and can be excluded like params)
-        self.sizes = {name: (p.numel, p.numel * OUTPUT_ITEMSIZE) for name, p in ckpt.params.items()}
+        self.sizes: dict[str, tuple[int, int]] = {}
+        for name, p in ckpt.params.items():
+            numel = p.numel
+            self.sizes[name] = (numel, numel * OUTPUT_ITEMSIZE)
         self.sizes.update((name, (b.numel, b.nbytes))
                           for name, b in ckpt.buffers.items() if name not in ckpt.params)
         self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
         self.tree: ModuleNode = build_tree(self.sizes)
+        self.tree.children  # noqa: B018 -- the top level is on screen first: split it here
+        #: counts and sizes for the Overview (`zinspect info`'s rule)
+        self.totals = totals(ckpt)
+        #: the distinct values of the table's columns, which size them
+        entries = (ckpt.params.values(), ckpt.buffers.values())
+        self.distinct = Distinct(
+            shapes={e.shape for kind in entries for e in kind},
+            dtypes={e.dtype for kind in entries for e in kind},
+            numels={numel for numel, _ in self.sizes.values()},
+            nbytes={size for _, size in self.sizes.values()},
+            groups={p.group for p in ckpt.params.values()} - {None})
+        #: the longest name (the table's name column wants its width)
+        self.longest = max(map(len, self.sizes), default=0)
         #: per-param statistics, once the Statistics screen computed them (the table shows
         #: them as columns; a reload drops them: the values may have changed)
         self.stats: dict[str, TensorStats] = {}
@@ -61,6 +103,8 @@ class Inspection:
         self.flagged_below: dict[str, int] = {}
         self.update_findings()
         self._sorted: dict[str, list[str]] = {"model": list(self.sizes)}
+        self._param_bytes = sum(self.sizes[name][1] for name in ckpt.params)
+        self._buffer_bytes = sum(b.nbytes for b in ckpt.buffers.values())
         self.excluded: set[str] = set()
         self.excluded_below: dict[str, int] = {}
         self.output: OutputSummary
@@ -122,36 +166,47 @@ class Inspection:
         return self.flagged_below.get(node.path, 0)
 
     def _summarize(self) -> OutputSummary:
-        ckpt = self.ckpt
-        params = nbytes = excluded_nbytes = 0
-        for name in ckpt.params:
-            size = self.sizes[name][1]
-            if name in self.excluded:
-                excluded_nbytes += size
-            else:
-                params += 1
-                nbytes += size
-        buffers = 0
-        for name, b in ckpt.buffers.items():
-            size = b.nbytes
-            if name in self.excluded:
-                excluded_nbytes += size
-            else:
-                buffers += 1
-                nbytes += size
-        return OutputSummary(params, buffers, nbytes, len(self.excluded), excluded_nbytes)
+        """Everything minus what is excluded: costs the exclusions, not the names."""
+        params, buffers = self.ckpt.params, self.ckpt.buffers
+        out_params = [n for n in self.excluded if n in params]
+        out_buffers = [n for n in self.excluded if n in buffers]
+        excluded_nbytes = (sum(self.sizes[n][1] for n in out_params)
+                           + sum(buffers[n].nbytes for n in out_buffers))
+        return OutputSummary(len(params) - len(out_params), len(buffers) - len(out_buffers),
+                             self._param_bytes + self._buffer_bytes - excluded_nbytes,
+                             len(self.excluded), excluded_nbytes)
 
     # -- the flat parameter list -----------------------------------------------------------
-    def param_names(self, sort: str = "model", contains: str = "") -> list[str]:
+    def param_names(self, sort: str = "model", contains: str = "", among: list[str] | None = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> list[str] | None:
         """Parameter (and buffer) names in `sort` order ("model", "name", "size", "numel"),
-        keeping those that contain every space-separated word of `contains` (case-insensitive)."""
+        keeping those that contain every space-separated word of `contains` (case-insensitive).
+
+        `among`: an earlier answer in the same order that holds every match (the filter before
+        a key narrowed it), searched instead of all names. None when `should_stop()` said so
+        (polled between chunks: a worker whose filter text is stale stops early)."""
         names = self._sorted.get(sort)
         if names is None:
             names = self._sorted[sort] = self._sort(sort)
         words = contains.lower().split()
         if not words:
             return names
-        return [n for n in names if all(w in n.lower() for w in words)]
+        source = names if among is None else among
+        out: list[str] = []
+        for start in range(0, len(source), FILTER_CHUNK):
+            if should_stop():
+                return None
+            chunk = source[start:start + FILTER_CHUNK]
+            if len(words) == 1:
+                word = words[0]
+                out += [n for n in chunk if word in n.lower()]
+            else:
+                out += [n for n in chunk if all(w in n.lower() for w in words)]
+        return out
+
+    def has_order(self, sort: str) -> bool:
+        """Whether the names are sorted by `sort` already (else that takes a pass over them)."""
+        return sort in self._sorted
 
     def _sort(self, key: str) -> list[str]:
         names = list(self.sizes)

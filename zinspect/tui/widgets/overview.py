@@ -13,7 +13,6 @@ from textual.widgets import Static
 from zinspect.core import fmt, peft
 from zinspect.core.fmt import shown
 from zinspect.core.model import ERROR, INFO, WARNING, Checkpoint, Finding, RankFile, short_dtype
-from zinspect.report import totals
 from zinspect.tui.inspection import Inspection, display_path
 from zinspect.tui.text import Squeezed
 
@@ -76,7 +75,7 @@ def _peft_row(ckpt: Checkpoint) -> list[tuple[str, RenderableType]]:
 
 
 def size_facts(view: Inspection) -> Table:
-    t = totals(view.ckpt)
+    t = view.totals
     out = view.output
     return _facts("Contents", [
         ("params", f"{fmt.count(t['params'])}: {fmt.count(t['trainable'])} trainable · "

@@ -18,13 +18,10 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 def param_columns(view: Inspection) -> list[Column]:
     """Columns as wide as the widest value this checkpoint has (from its distinct shapes and
-    sizes: cheap at 300k names), so that the name gets the rest; at 80 columns the group,
-    dtype and size columns make way before a name is cut (then in its middle)."""
-    entries = [*view.ckpt.params.values(), *view.ckpt.buffers.values()]
-    shapes = {e.shape for e in entries}
-    numels = {numel for numel, _ in view.sizes.values()}
-    nbytes = {size for _, size in view.sizes.values()}
-    groups = {p.group for p in view.ckpt.params.values()}
+    sizes, gathered by the load worker: a few even at 300k names), so that the name gets the
+    rest; at 80 columns the group, dtype and size columns make way before a name is cut (then
+    in its middle)."""
+    d = view.distinct
 
     def widest(label: str, texts) -> int:
         return max([len(label), *map(len, texts)])
@@ -32,12 +29,11 @@ def param_columns(view: Inspection) -> list[Column]:
     return [
         Column("xFT!", 4),
         Column("name", 16, flex=True, middle=True),
-        Column("shape", min(20, widest("shape", map(shape_text, shapes)))),
-        Column("dtype", widest("dtype", {short_dtype(e.dtype) for e in entries}), drop=2),
-        Column("numel", widest("numel", map(fmt.count, numels)), right=True),
-        Column("size", widest("size", map(fmt.size, nbytes)), right=True, drop=3),
-        Column("group", widest("group", (str(g) for g in groups if g is not None)), right=True,
-               drop=1),
+        Column("shape", min(20, widest("shape", map(shape_text, d.shapes)))),
+        Column("dtype", widest("dtype", {short_dtype(t) for t in d.dtypes}), drop=2),
+        Column("numel", widest("numel", map(fmt.count, d.numels)), right=True),
+        Column("size", widest("size", map(fmt.size, d.nbytes)), right=True, drop=3),
+        Column("group", widest("group", map(str, d.groups)), right=True, drop=1),
     ]
 
 
@@ -78,9 +74,10 @@ class ParamTable(VirtualTable):
         self._resize()
         self.refresh()
 
-    def set_names(self, names: list[str]) -> None:
+    def set_names(self, names: list[str], longest: int) -> None:
+        """Show `names`; `longest`: the longest one's length (the caller knows it)."""
         self.names = names
-        self.flex_wants = max(map(len, names), default=0)
+        self.flex_wants = longest
         self.set_row_count(len(names))
 
     def row_cells(self, index: int) -> list[str]:

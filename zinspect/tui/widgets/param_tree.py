@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import Tree
-from textual.widgets.tree import TreeNode
+from textual.widgets.tree import NodeID, TreeNode
 
 from zinspect.core import fmt
 from zinspect.core.tree import ModuleNode, ordered_children
@@ -44,8 +45,17 @@ def node_label(node: ModuleNode, view: Inspection) -> Text:
     return label
 
 
+#: a node's label until it is first drawn is its name; the rest (sizes, marks) is about this
+#: wide (a guess: it only sets how far the tree scrolls sideways before the label is drawn)
+LABEL_TAIL = 32
+
+
 class ParamTree(Tree[ModuleNode]):
-    """Tree of modules and params; `space` excludes the param or module under the cursor."""
+    """Tree of modules and params; `space` excludes the param or module under the cursor.
+
+    A module of 33,000 layers opens in one step, not 33,000 (`Tree.add` redraws the tree each
+    time: 3 s there), and a node's label is made when it is first drawn: opening a module or
+    changing the selection costs the lines on screen, not every node built so far."""
 
     BINDINGS = [
         Binding("space", "toggle_exclude", "Exclude", id="exclude",
@@ -53,6 +63,8 @@ class ParamTree(Tree[ModuleNode]):
     ]
 
     def __init__(self, view: Inspection, **kwargs) -> None:
+        #: nodes whose label is to be made (from their data) when next drawn
+        self._stale: set[NodeID] = set()
         super().__init__("model", data=view.tree, **kwargs)
         self.view = view
         self.sort = "model"
@@ -66,14 +78,31 @@ class ParamTree(Tree[ModuleNode]):
             self.call_after_refresh(self.move_cursor_to_line, 0)
 
     def populate(self, node: TreeNode[ModuleNode]) -> None:
-        """Add the children of `node` (once)."""
+        """Add the children of `node` (once), all at once; their labels are made when drawn."""
         if node.children or node.data is None:
             return
         for child in ordered_children(node.data, self.sort):
-            if child.children:
-                node.add(node_label(child, self.view), data=child, allow_expand=True)
-            else:
-                node.add_leaf(node_label(child, self.view), data=child)
+            added = self._add_node(node, literal(child.name, 200), child)
+            added._allow_expand = child.has_children
+            node._children.append(added)
+            self._stale.add(added.id)
+        node._updates += 1
+        self._invalidate()
+
+    def process_label(self, label: str | Text) -> Text:
+        """Our labels are one line of escaped Text already (the base class copies each)."""
+        return label if isinstance(label, Text) else super().process_label(label)
+
+    def render_label(self, node: TreeNode[ModuleNode], base_style: Style, style: Style) -> Text:
+        if node.id in self._stale and node.data is not None:
+            self._stale.discard(node.id)
+            node._label = node_label(node.data, self.view)
+        return super().render_label(node, base_style, style)
+
+    def get_label_width(self, node: TreeNode[ModuleNode]) -> int:
+        """Measured without drawing: the tree measures every line it shows at each change."""
+        width = node._label.cell_len + (2 if node._allow_expand else 0)
+        return width + LABEL_TAIL if node.id in self._stale else width
 
     def _on_tree_node_expanded(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
         self.populate(event.node)
@@ -121,13 +150,18 @@ class ParamTree(Tree[ModuleNode]):
         return out
 
     def refresh_labels(self) -> None:
-        """Re-draw the marks of every node added so far (after the selection changed)."""
+        """Re-make the labels of the nodes on screen now and of the others when next drawn
+        (after the selection changed)."""
         stack = list(self.root.children)
         while stack:
             node = stack.pop()
-            if node.data is not None:
-                node.set_label(node_label(node.data, self.view))
+            self._stale.add(node.id)
             stack.extend(node.children)
+        top = self.scroll_offset.y
+        for line in self._tree_lines[top:top + self.size.height + 1]:
+            self.render_label(line.node, Style(), Style())
+        self._clear_line_cache()
+        self.refresh()
 
     def reveal(self, path: str) -> TreeNode[ModuleNode] | None:
         """Expand the modules down to `path` and put the cursor on it."""

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.widgets import ContentSwitcher, Input, Static
+from textual.worker import get_current_worker
 
 from zinspect.core import fmt
 from zinspect.core.tree import SORT_KEYS
-from zinspect.tui.inspection import Inspection
+from zinspect.tui.errors import WorkerOutcomes
+from zinspect.tui.inspection import Inspection, narrows
 from zinspect.tui.text import params_and_buffers
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
 
+#: below this many names to search, a filter or sort is answered at once; above, a thread
+#: worker finds the rows while the keys keep coming (a newer key cancels it)
+SEARCHED_AT_ONCE = 20_000
 
-class ParamsPane(Vertical):
+
+class ParamsPane(WorkerOutcomes, Vertical):
     """Tree view by default; typing a filter shows the matching params as a flat table."""
 
     BINDINGS = [
@@ -33,6 +39,9 @@ class ParamsPane(Vertical):
         self.sort = "model"
         self.table_chosen = False  # the user picked the table with `t` (not just a filter)
         self._entered_at: str | None = None  # the table's row when `t` showed it
+        #: the (sort, filter) the table's rows answer; while a worker looks for newer ones
+        #: the old rows stay and the summary says so
+        self._shown: tuple[str, str] = ("model", "")
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter: words the name contains", id="param-filter")
@@ -44,12 +53,17 @@ class ParamsPane(Vertical):
 
     def on_mount(self) -> None:
         self.query_one(Input).display = False
-        self.query_one(ParamTable).set_names(self.view.param_names(self.sort))
+        self.query_one(ParamTable).set_names(self.view.param_names(self.sort), self.view.longest)
         self.refresh_marks()
 
     @property
     def filter_text(self) -> str:
         return self.query_one(Input).value.strip()
+
+    @property
+    def searching(self) -> bool:
+        """A worker is finding the rows of the current sort and filter."""
+        return self._shown != (self.sort, self.filter_text)
 
     def focus_filter(self) -> None:
         box = self.query_one(Input)
@@ -65,14 +79,47 @@ class ParamsPane(Vertical):
         self.query_one(ParamTable).focus()
 
     def _show_rows(self) -> None:
+        """The rows of the current sort and filter: at once when they are known or few to
+        search, else from a thread worker (the old rows stay until it answers)."""
+        sort, text = self.sort, self.filter_text
         table = self.query_one(ParamTable)
-        table.set_names(self.view.param_names(self.sort, self.filter_text))
-        use_table = self.table_chosen or bool(self.filter_text)
+        among = table.names if self._shown[0] == sort and narrows(self._shown[1], text) else None
+        if not text.split() and self.view.has_order(sort):
+            self._show(sort, text, self.view.param_names(sort), self.view.longest)
+        elif len(among if among is not None else self.view.sizes) <= SEARCHED_AT_ONCE:
+            names = self.view.param_names(sort, text, among) or []
+            self._show(sort, text, names, max(map(len, names), default=0))
+        else:
+            self._update_status()  # "searching…"
+            self._find_rows(sort, text, among)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="filter",
+          description="filtering the parameter names")
+    def _find_rows(self, sort: str, text: str, among: list[str] | None
+                   ) -> tuple[str, str, list[str], int] | None:
+        worker = get_current_worker()
+        names = self.view.param_names(sort, text, among, lambda: worker.is_cancelled)
+        if names is None:
+            return None
+        return sort, text, names, max(map(len, names), default=0)
+
+    def worker_succeeded(self, group: str, result) -> None:
+        if group == "filter" and result is not None:
+            self._show(*result)
+
+    def _show(self, sort: str, text: str, names: list[str], longest: int) -> None:
+        """Show the rows found for (sort, text), unless the user has moved on since."""
+        if (sort, text) != (self.sort, self.filter_text):
+            return  # a newer key's rows are on their way
+        self._shown = (sort, text)
+        table = self.query_one(ParamTable)
+        table.set_names(names, longest)
+        use_table = self.table_chosen or bool(text)
         current = "param-table" if use_table else "param-tree"
-        if self.filter_text and not table.row_count:
+        if text and not table.row_count:
             # an empty table reads as "nothing loaded"; say what matched nothing
             self.query_one("#param-empty", Static).update(Text(
-                f"No param name contains every word of “{self.filter_text}”.\n"
+                f"No param name contains every word of “{text}”.\n"
                 "Edit the filter, or press escape to clear it."))
             current = "param-empty"
         self.query_one(ContentSwitcher).current = current
@@ -137,8 +184,12 @@ class ParamsPane(Vertical):
         shown = self.query_one(ParamTable).row_count
         total = len(self.view.sizes)  # params and buffers: the rows the table can show
         params = len(self.view.ckpt.params)
-        rows = (f"{fmt.count(shown)} of {fmt.count(total)} match" if self.filter_text
-                else params_and_buffers(params, total - params))
+        if self.searching:
+            rows = f"searching {fmt.count(total)} names …"
+        elif self.filter_text:
+            rows = f"{fmt.count(shown)} of {fmt.count(total)} match"
+        else:
+            rows = params_and_buffers(params, total - params)
         frozen = " · frozen excluded" if self.view.selection.exclude_frozen else ""
         self.query_one("#output-summary", Static).update(
             f"{rows} · sort: {self.sort}  │  output: {params_and_buffers(s.params, s.buffers)}, "
