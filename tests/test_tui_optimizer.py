@@ -20,6 +20,11 @@ from zinspect.tui.screens.optimizer import COLS, OptimizerScreen, OptimizerTable
 torch = pytest.importorskip("torch")
 
 
+def drawn(widget) -> list[str]:
+    """The widget's lines as they are drawn now."""
+    return [strip.text for strip in widget.render_lines(widget.region.reset_offset)]
+
+
 def label_text(screen, selector: str) -> str:
     from textual.widgets import Label
 
@@ -97,7 +102,7 @@ async def test_sgd_is_named_and_its_masters_and_momentum_shown():
         head = label_text(screen, "#optim-summary")
         assert head.startswith("SGD (momentum) (ZeRO-1/2)")
         assert "keeps no Adam moments (momentum_buffer): 'L2 m' is its momentum_buffer, no update" \
-            in head
+            in label_text(screen, "#optim-note")  # a sentence of its own, which may wrap
         table = screen.query_one(OptimizerTable)
         assert table.row_count == 25 and screen.sub_title == "sorted by L2 master ↓"
         assert table.row_cells(0)[column("upd max")] == "-"
@@ -226,3 +231,18 @@ async def test_names_get_the_width_at_80_columns():
         shown = [table.row_cells(i)[column("name")] for i in range(len(table.rows))]
         assert all(COLS[column("name")].column.fit(n, widths[column("name")]).rstrip() == n
                    for n in shown)
+
+
+async def test_moe_group_lines_name_the_group_first_and_never_wrap_at_80_columns():
+    """A MoE run's expert groups are told apart by their names (`ep_size_2`): each group is one
+    line that starts with its name; at 80 columns the line was wrapped, `name` ending one line
+    and `ep_size_2` starting the next, read as a group of its own."""
+    app = ZinspectApp(str(FIXTURES / "parallel" / "moe_ep2_w4_s1_top2_res"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await open_view(app, pilot)
+        head = label_text(screen, "#optim-summary").splitlines()
+        assert head[3].startswith("group 2 ep_size_2: lr 0.01, betas (0.9, 0.95)")
+        lines = [line.strip() for line in drawn(screen.query_one("#optim-summary"))]
+        assert len(lines) == len(head)  # no line wrapped into another
+        assert lines[3].startswith("group 2 ep_size_2: lr 0.01")
+        assert not any(line.startswith("ep_size") for line in lines)

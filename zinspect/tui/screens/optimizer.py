@@ -36,7 +36,7 @@ from zinspect.tui.widgets.work_progress import WorkProgressPanel, running_dialog
 
 #: groups listed at the top; a MoE run has a few, a forged file thousands
 SHOWN_GROUPS = 6
-HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "name")
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum")
 OUTLIER = Style(color="yellow", bold=True)
 NONFINITE = Style(color="red", bold=True)
 
@@ -159,11 +159,13 @@ def head_line(opt: OptimizerState) -> str:
 
 
 def group_lines(opt: OptimizerState) -> list[str]:
-    """`group 0: lr 0.01, betas (0.9, 0.95), eps 1e-08, weight_decay 0.01` per param group."""
+    """`group 2 ep_size_2: lr 0.01, betas (0.9, 0.95), eps 1e-08, weight_decay 0.01` per param
+    group: the group's name (what tells groups apart) first, where a narrow screen cuts last."""
     lines = []
     for i, g in enumerate(opt.groups[:SHOWN_GROUPS]):
         parts = [f"{k} {_hyper(g[k])}" for k in HYPER_KEYS if k in g]
-        lines.append(shown(f"group {i}: " + ", ".join(parts), 200))
+        name = f" {_hyper(g['name'])}" if "name" in g else ""
+        lines.append(shown(f"group {i}{name}: " + ", ".join(parts), 200))
     if len(opt.groups) > SHOWN_GROUPS:
         lines.append(f"… {len(opt.groups) - SHOWN_GROUPS} more groups (zinspect info --json)")
     return lines
@@ -191,6 +193,7 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         yield Header()
         with Vertical(id="optim-head"):
             yield Label("Reading the optimizer state …", id="optim-summary")
+            yield Label(id="optim-note")
         yield running_dialog("optim-running", "Optimizer", "Reading each trainable param's fp32 "
                              "master, exp_avg and exp_avg_sq: norms and Adam's update size "
                              "|m|/(√v+ε)")
@@ -218,13 +221,15 @@ class OptimizerScreen(WorkerOutcomes, Screen):
         if scale is not None:
             lines.append(f"loss scale {scale}")
         own = held_states(self.ckpt)
-        if not opt.adam and opt.state_keys:
-            lines.append(shown(f"{opt.name} keeps no Adam moments "
-                               f"({', '.join(opt.state_keys[:6])}): " + (
-                                   f"'L2 m' is its {own[0]}, no update" if own else
-                                   "the masters' norms only"), 300))
+        note = "" if opt.adam or not opt.state_keys else shown(
+            f"{opt.name} keeps no Adam moments ({', '.join(opt.state_keys[:6])}): " + (
+                f"'L2 m' is its {own[0]}, no update" if own else "the masters' norms only"), 300)
         for label in self.query("#optim-summary").results(Label):  # none once dismissed
-            label.update(Text("\n".join(lines)))
+            # one line per fact, cut at the screen's edge: a wrapped group ran into the next
+            label.update(Text("\n".join(lines), no_wrap=True, overflow="ellipsis"))
+        for label in self.query("#optim-note").results(Label):
+            label.update(Text(note))
+            label.display = bool(note)
 
     async def worker_succeeded(self, group: str, result: OptimizerStats) -> None:
         self.result = result
