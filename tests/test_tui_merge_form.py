@@ -178,3 +178,30 @@ async def test_a_path_dialogs_field_keeps_its_path_when_a_space_comes_right_behi
         await pilot.press("enter")
         await settle(app, pilot)
     assert answers == [path]
+
+
+# -- path fields: keys typed go into the path ----------------------------------------------------
+
+async def test_typing_question_mark_and_q_into_a_path_field_appends_them_to_the_path():
+    """The output directory opens focused with its default path: `?` and `q` (the app's help and
+    quit keys) go into the field, after the path, instead of replacing it (Textual selected the
+    field's text on focus, so the first key typed wiped the default path)."""
+    from textual.widgets import Input
+
+    from zinspect.tui.inspection import default_output_dir
+
+    app = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_form(app, pilot)
+        field = screen.query_one("#merge-out", Input)
+        assert field.has_focus
+        await pilot.press("question_mark", "q")
+        assert field.value == default_output_dir(app.view.ckpt) + "?q"
+        assert app.screen is screen and app.is_running
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("s")  # the selection file's dialog: the same kind of field
+        await pilot.pause()
+        assert isinstance(app.screen, PathScreen)
+        await pilot.press("q", "question_mark")
+        assert app.screen.query_one(Input).value == "zinspect-selection.jsonq?"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from textual import on, work
@@ -235,37 +236,42 @@ class ZinspectApp(WorkerOutcomes, App[int]):
             self.screen.refresh_facts()
 
     def action_save_selection(self) -> None:
-        if self.view is not None:
-            self.push_screen(selection_file_screen("Save", self.selection_file), self.save_selection)
+        self.ask_selection_file("Save", self.save_selection)
 
-    def save_selection(self, path: str | None) -> None:
-        if path is None or self.view is None:
-            return
+    def action_load_selection(self) -> None:
+        self.ask_selection_file("Load", self.load_selection)
+
+    def ask_selection_file(self, verb: str, then: Callable[[str], None]) -> None:
+        """The selection file's dialog; `then(path)` unless it was cancelled."""
+        def chosen(path: str | None) -> None:
+            if path is not None and self.view is not None:
+                then(path)
+
+        if self.view is not None:
+            self.push_screen(selection_file_screen(verb, self.selection_file), chosen)
+
+    def selection_file_failed(self, doing: str, message: str) -> None:
+        explain(UsageError(message, "give another path"), doing).notify(self)
+
+    def save_selection(self, path: str) -> None:
         try:
             self.view.selection.save(path)
         except (OSError, ValueError) as e:  # ValueError: e.g. a NUL in the path
-            why = getattr(e, "strerror", None) or e
-            explain(UsageError(f"cannot write {path}: {why}", "give another path"),
-                    "saving the selection").notify(self)
+            self.selection_file_failed("saving the selection", f"cannot write {path}: "
+                                       f"{getattr(e, 'strerror', None) or e}")
             return
         self.selection_file = path
         self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {shown(path, 120)}")
 
-    def action_load_selection(self) -> None:
-        if self.view is not None:
-            self.push_screen(selection_file_screen("Load", self.selection_file), self.load_selection)
-
-    def load_selection(self, path: str | None) -> None:
-        if path is None or self.view is None:
-            return
+    def load_selection(self, path: str) -> None:
         try:
             selection = Selection.load(path)
         except ZinspectError as e:
             explain(e, "loading the selection file").notify(self)
             return
         except (OSError, ValueError) as e:  # e.g. a NUL in the path, an undecodable file
-            explain(UsageError(f"{path}: not a selection file ({e})", "give another path"),
-                    "loading the selection file").notify(self)
+            self.selection_file_failed("loading the selection file",
+                                       f"{path}: not a selection file ({e})")
             return
         self.selection_file = path
         self.view.set_selection(selection)

@@ -20,6 +20,7 @@ from textual.worker import Worker, WorkerState
 
 from zinspect.core.fmt import shown
 from zinspect.errors import MergeCancelled, NotMergeable, ZinspectError
+from zinspect.tui.text import explained
 
 if TYPE_CHECKING:
     from textual.app import App
@@ -50,13 +51,8 @@ class Problem:
     def text(self) -> Text:
         """For a place on screen (the load error, the merge dialog)."""
         text = Text(f"{self.title}\n\n", style="bold" if self.severity != "error" else "bold red")
-        text.append(self.message)
-        if self.where:
-            text.append(f"\nat {self.where}", style="dim")
-        if self.hint:
-            text.append("\n\nhint: ", style="bold")
-            text.append(self.hint)
-        return text
+        return explained(text, self.message, f"at {self.where}" if self.where else "", self.hint,
+                         gap="\n\n")
 
     def notify(self, app: App) -> None:
         """As one notification; errors stay long enough to read the hint."""

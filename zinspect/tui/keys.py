@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from textual.binding import Binding
+from textual.widgets import Input
 
 if TYPE_CHECKING:
     from textual.app import App
@@ -21,6 +22,13 @@ FORM_BINDINGS = [
     Binding("shift+tab", "app.focus_previous", "Previous field", show=False, priority=True,
             id="previous-field"),
 ]
+
+
+def path_field(path: str, field_id: str) -> Input:
+    """A form's path field, opened with its cursor after the path and nothing selected: a field
+    that selects its text when focused (Textual's default) lost the whole default path to the
+    first key typed into it (`?`, `q`, any letter)."""
+    return Input(path, id=field_id, select_on_focus=False)
 
 
 def own_bindings(cls: type) -> list[Binding]:

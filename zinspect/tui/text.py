@@ -21,6 +21,19 @@ def literal(value: object, limit: int = SHOWN_CHARS, style: str = "") -> Text:
     return Text(shown(value, limit), style=style)
 
 
+def explained(text: Text, message: str, aside: str = "", hint: str = "", gap: str = "\n") -> Text:
+    """`text` followed by a message, a dim line about it (where it came from, what caused it)
+    and `hint: …` after `gap`: how the app words a problem, a refusal and a finding. Every
+    string is escaped by the caller."""
+    text.append(message)
+    if aside:
+        text.append(f"\n{aside}", style="dim")
+    if hint:
+        text.append(f"{gap}hint: ", style="bold")
+        text.append(hint)
+    return text
+
+
 def counted(n: int, word: str) -> str:
     """`1 buffer`, `4 buffers`, `1,200 params`."""
     return f"{count(n)} {word}{'s' * (n != 1)}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rich.text import Text
 from textual import on, work
@@ -31,9 +31,10 @@ from zinspect.core.merge import MergeResult, merge, parse_size
 from zinspect.core.plan import output_nbytes, plan_merge
 from zinspect.core.stream import Progress, ShouldStop
 from zinspect.core.writers import WRITERS, writer
-from zinspect.errors import MergeCancelled, NotMergeable, UsageError, ZinspectError
+from zinspect.errors import MergeCancelled, UsageError, ZinspectError
+from zinspect.tui.errors import explain
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
-from zinspect.tui.keys import FORM_BINDINGS
+from zinspect.tui.keys import FORM_BINDINGS, path_field
 from zinspect.tui.text import counted, params_and_buffers
 from zinspect.tui.widgets.work_progress import WorkProgressPanel
 
@@ -50,11 +51,6 @@ class MergeRequest:
     state: str = states_mod.CHOICES[0]
 
 
-#: the app's hint for a merge validation refuses: the CLI's names `zinspect validate`/--salvage
-APP_NOT_MERGEABLE_HINT = ("the Findings tab (4) says what is wrong; exclude the params it names, "
-                          "or tick salvage to write the rest and list what it left out")
-
-
 def state_label(choice: str, ckpt) -> str:
     """How the form words a `--state` choice (zinspect.core.states.CHOICES, the CLI's too)."""
     if choice == "weights":
@@ -66,16 +62,8 @@ def state_label(choice: str, ckpt) -> str:
 
 
 def error_text(title: str, error: BaseException) -> Text:
-    text = Text(f"{title}\n\n", style="bold red")
-    if isinstance(error, ZinspectError):
-        text.append(error.message)
-        hint = APP_NOT_MERGEABLE_HINT if isinstance(error, NotMergeable) else error.hint
-        if hint:
-            text.append("\n\nhint: ", style="bold")
-            text.append(hint)
-    else:
-        text.append(f"{type(error).__name__}: {error}")
-    return text
+    """`title`, then what went wrong and what to try, as the app words every failure."""
+    return replace(explain(error, "merging"), title=title).text()
 
 
 def shard_size(text: str) -> int:
@@ -101,7 +89,7 @@ class MergeScreen(ModalScreen[None]):
             with ContentSwitcher(initial="merge-form"):
                 with Vertical(id="merge-form"):
                     yield Label("Output directory")
-                    yield Input(default_output_dir(self.view.ckpt), id="merge-out")
+                    yield path_field(default_output_dir(self.view.ckpt), "merge-out")
                     with Horizontal(classes="form-row"):
                         with Vertical(classes="fit"):
                             yield Label("Format")

@@ -9,7 +9,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
-from zinspect.tui.keys import FORM_BINDINGS
+from zinspect.tui.keys import FORM_BINDINGS, path_field
 
 DEFAULT_SELECTION_FILE = "zinspect-selection.json"
 
@@ -29,7 +29,7 @@ class PathScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog") as box:
             box.border_title = self.dialog_title
             yield Static(self.prompt, markup=False)
-            yield Input(self.path, id=self.input_id)
+            yield path_field(self.path, self.input_id)
             with Horizontal(classes="buttons"):
                 yield Button(self.verb, variant="primary", id="path-ok")
                 yield Button("Cancel", id="path-cancel")

@@ -13,7 +13,7 @@ from textual.widgets import Static
 
 from zinspect.core.model import Checkpoint, Finding
 from zinspect.tui.messages import FindingChosen
-from zinspect.tui.text import counted
+from zinspect.tui.text import counted, explained
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
@@ -123,12 +123,7 @@ class FindingsPane(Vertical):
         f = self.findings[index]
         text = Text()
         text.append(f"{f.severity} {f.code}: ", style=SEVERITY_STYLES[f.severity])
-        text.append(f.message)
-        if f.cause:
-            text.append(f"\nknock-on of {f.cause}", style="dim")
-        if f.hint:
-            text.append("\nhint: ", style="bold")
-            text.append(f.hint)
+        explained(text, f.message, f"knock-on of {f.cause}" if f.cause else "", f.hint)
         if f.param or f.rank is not None:
             text.append("\nenter: show the " + ("param" if f.param else "rank"), style="dim")
         self.query_one("#finding-detail", Static).update(text)

@@ -64,30 +64,31 @@ class VirtualTable(ScrollView, can_focus=True):
     cursor: reactive[int] = reactive(0, init=False)
     """Index of the highlighted row."""
 
-    class RowHighlighted(Message):
-        def __init__(self, table: VirtualTable, index: int) -> None:
+    class TableMessage(Message):
+        """A message about one table (its `control`, for `@on(..., "#id")`)."""
+
+        def __init__(self, table: VirtualTable) -> None:
             super().__init__()
             self.table = table
-            self.index = index
 
         @property
         def control(self) -> VirtualTable:
             return self.table
+
+    class RowHighlighted(TableMessage):
+        def __init__(self, table: VirtualTable, index: int) -> None:
+            super().__init__(table)
+            self.index = index
 
     class RowChosen(RowHighlighted):
         """Enter or a click on a row."""
 
-    class HeaderClicked(Message):
+    class HeaderClicked(TableMessage):
         """A click on a column's header (e.g. to sort by it)."""
 
         def __init__(self, table: VirtualTable, column: int) -> None:
-            super().__init__()
-            self.table = table
+            super().__init__(table)
             self.column = column
-
-        @property
-        def control(self) -> VirtualTable:
-            return self.table
 
     def __init__(self, columns: list[Column], row_count: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
