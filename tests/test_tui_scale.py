@@ -19,8 +19,9 @@ from zinspect.tui.screens.param_detail import ParamDetailScreen
 from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
-from zinspect.tui.widgets.params_pane import SEARCHED_AT_ONCE, ParamsPane
+from zinspect.tui.widgets.params_pane import ParamsPane
 from zinspect.tui.widgets.ranks_pane import RankGrid
+from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 
 LAYERS, EXPERTS = 1600, 64
 
@@ -154,7 +155,7 @@ async def test_300k_names_are_counted_searched_and_sorted_off_the_ui_thread(monk
         assert len(table.names) == 6 + EXPERTS * 3  # the last key's rows, not a stale key's
         # the UI thread searched only the few rows an earlier key had left, never all names
         on_ui = [args for thread, args in searched if thread == ui and args[1:2] not in ((), ("",))]
-        assert all(len(args[2]) <= SEARCHED_AT_ONCE for args in on_ui)
+        assert all(len(args[2]) <= ROWS_AT_ONCE for args in on_ui)
         assert any(thread != ui for thread, _ in searched)
         await pilot.press("escape", "t", "o")  # the table, sorted by name: a sort
         await app.workers.wait_for_complete()
@@ -188,3 +189,42 @@ async def test_a_module_of_thousands_opens_with_only_the_lines_on_screen_labelle
         await pilot.press("end")
         await pilot.pause()
         assert str(layers.children[-1].label).startswith("1599  198 params")
+
+
+async def test_statistics_of_300k_tensors_are_prepared_and_sorted_off_the_ui_thread(monkeypatch):
+    """The Statistics screen's layer sums, name widths, first sort and the parameter table's
+    statistics columns are made by its worker; a later sort of 300k rows by a worker too."""
+    from zinspect.core import stats as stats_module
+    from zinspect.core.stats import TensorStats
+    from zinspect.tui.screens import stats as stats_screen
+    from zinspect.tui.widgets import param_table as param_table_module
+
+    ckpt = synthetic_checkpoint()
+    values = [TensorStats(name, "float32", p.shape, numel=p.numel, finite=p.numel, min=-1.0,
+                          max=float(i), mean=0.0, sumsq=float(i), max_abs=float(i))
+              for i, (name, p) in enumerate(ckpt.params.items())]
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    monkeypatch.setattr(stats_module, "compute_stats", lambda tensors, **kwargs: values)
+    monkeypatch.setattr("zinspect.core.plan.plan_merge", lambda ckpt, *a, **k: type("P", (), {"tensors": []}))
+    layers = threads_of(monkeypatch, stats_screen, "layer_norms")
+    widths = threads_of(monkeypatch, param_table_module, "stat_widths")
+    sorts = threads_of(monkeypatch, stats_screen, "sorted_rows")
+    app = ZinspectApp("synthetic")
+    ui = threading.current_thread().name
+    async with app.run_test(size=(120, 36)) as pilot:
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        await pilot.press("a")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, stats_screen.StatisticsScreen)
+        table = screen.query_one("#stats-table", stats_screen.StatsTable)
+        assert table.row_count == len(values) and table.rows[0] is values[-1]  # largest L2
+        assert len(app.view.stats) == len(values)
+        await pilot.press("o")  # by max|x|
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert screen.sub_title == "sorted by max|x| ↓" and table.rows[0] is values[-1]
+    assert layers and widths and len(sorts) == 2  # the first sort and `o`'s
+    assert ui not in {thread for thread, _ in layers + widths + sorts}

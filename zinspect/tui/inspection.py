@@ -99,6 +99,7 @@ class Inspection:
         #: per-param statistics, once the Statistics screen computed them (the table shows
         #: them as columns; a reload drops them: the values may have changed)
         self.stats: dict[str, TensorStats] = {}
+        self.stat_widths: list[int] = []  # of their columns in the parameter table
         self.flagged: set[str] = set()
         self.flagged_below: dict[str, int] = {}
         self.update_findings()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from dataclasses import dataclass
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -23,7 +24,7 @@ from zinspect.core.stream import Progress, ShouldStop
 from zinspect.tui.errors import Problem, WorkerOutcomes
 from zinspect.tui.footer import KeyFooter
 from zinspect.tui.widgets.header import Header
-from zinspect.tui.widgets.virtual_table import Column, VirtualTable
+from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE, Column, VirtualTable
 from zinspect.tui.widgets.work_progress import WorkProgressPanel, running_dialog
 
 #: (column title, sort key of a TensorStats, its cell); the outlier columns (L2, max|x|, NaN,
@@ -75,19 +76,46 @@ def from_zero(values: list[float]):
     return lambda bucket: lo + (max(bucket) / hi if hi else 0.0) * ((hi - lo) or 1)
 
 
+@dataclass
+class StatsShown:
+    """What the screen shows of the statistics, made by the worker: the UI thread never walks
+    300k tensors (their names' widths, layer sums, a sort)."""
+
+    stats: list[TensorStats]
+    rows: list[TensorStats]  # by L2, largest first
+    layers: list[tuple[int, float]]
+    bad: int  # NaN and Inf values
+    longest: int  # the widest name as shown
+    by_name: dict[str, TensorStats]
+    widths: list[int]  # of the parameter table's statistics columns
+
+    @classmethod
+    def of(cls, stats: list[TensorStats]) -> StatsShown:
+        from zinspect.tui.widgets.param_table import stat_widths
+
+        return cls(stats, sorted_rows(stats, L2_COLUMN, True), layer_norms(stats),
+                   sum(s.nan + s.inf for s in stats),
+                   max((len(shown(s.name, 200)) for s in stats), default=0),
+                   {s.name: s for s in stats}, stat_widths(stats))
+
+
+def sorted_rows(stats: list[TensorStats], column: int, reverse: bool) -> list[TensorStats]:
+    return sorted(stats, key=COLUMNS[column][1], reverse=reverse)
+
+
 class StatsTable(VirtualTable):
     """One row per tensor, drawn a screenful at a time (a DataTable measuring 300k rows froze
     the app for seconds); a click on a header sorts by that column."""
 
-    def __init__(self, stats: list[TensorStats], **kwargs) -> None:
-        widths = [max([len(title), *(len(cell(s)) for s in stats[:2000])])
+    def __init__(self, shown_: StatsShown, **kwargs) -> None:
+        widths = [max([len(title), *(len(cell(s)) for s in shown_.stats[:2000])])
                   for title, _, cell in COLUMNS[1:]]
         columns = [Column("name", 16, flex=True, middle=True),
                    *(Column(title, width, right=True, drop=DROP.get(title, 0)) for (title, _, _), width
                      in zip(COLUMNS[1:], widths, strict=True))]
         super().__init__(columns, **kwargs)
         self.rows: list[TensorStats] = []
-        self.flex_wants = max((len(shown(s.name, 200)) for s in stats), default=0)
+        self.flex_wants = shown_.longest
 
     def set_rows(self, rows: list[TensorStats]) -> None:
         self.rows = rows
@@ -107,7 +135,7 @@ class StatisticsScreen(WorkerOutcomes, Screen):
     def __init__(self, ckpt: Checkpoint) -> None:
         super().__init__()
         self.ckpt = ckpt
-        self.stats: list[TensorStats] | None = None
+        self.shown: StatsShown | None = None
         self.sort_column, self.reverse = L2_COLUMN, True  # largest first
 
     def compose(self) -> ComposeResult:
@@ -121,39 +149,50 @@ class StatisticsScreen(WorkerOutcomes, Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="stats",
           description="computing statistics of the values")
-    def run_stats(self, progress: Progress, stop_requested: ShouldStop) -> list[TensorStats]:
+    def run_stats(self, progress: Progress, stop_requested: ShouldStop) -> StatsShown:
         from zinspect.core.plan import plan_merge
         from zinspect.core.stats import compute_stats
 
         worker = get_current_worker()
-        return compute_stats(plan_merge(self.ckpt).tensors, progress=progress,
-                             should_stop=lambda: stop_requested() or worker.is_cancelled)
+        return StatsShown.of(compute_stats(
+            plan_merge(self.ckpt).tensors, progress=progress,
+            should_stop=lambda: stop_requested() or worker.is_cancelled))
 
-    async def worker_succeeded(self, group: str, result: list[TensorStats]) -> None:
-        self.stats = result
+    @work(thread=True, exclusive=True, exit_on_error=False, group="stats-sort",
+          description="sorting the statistics")
+    def sort_rows(self, column: int, reverse: bool) -> tuple[int, bool, list[TensorStats]]:
+        assert self.shown is not None
+        return column, reverse, sorted_rows(self.shown.stats, column, reverse)
+
+    async def worker_succeeded(self, group: str, result) -> None:
+        if group == "stats-sort":
+            self.show_rows(*result)
+            return
+        self.shown = result
         view = getattr(self.app, "view", None)
         if view is not None and view.ckpt is self.ckpt:  # the parameter table shows them too
             from zinspect.tui.widgets.param_table import ParamTable
 
-            view.stats = {s.name: s for s in result}
+            view.stats, view.stat_widths = result.by_name, result.widths
             for table in self.app.screen_stack[0].query(ParamTable):
                 table.show_stats()
         await self.show_results()
 
     def worker_failed(self, group: str, problem: Problem) -> bool:
-        self.dismiss()
+        if group == "stats":
+            self.dismiss()
         return False  # the app's notification says why
 
     async def show_results(self) -> None:
         await self.query_one("#stats-running").remove()
-        stats = self.stats or []
-        layers = layer_norms(stats)
+        shown_ = self.shown
+        assert shown_ is not None
+        layers = shown_.layers
         box = Vertical(id="stats-results")
         await self.mount(box, before=self.query_one(KeyFooter))
-        bad = sum(s.nan + s.inf for s in stats)
-        await box.mount(Label(f"{len(stats)} tensors; " + (f"[b red]{bad:,} NaN/Inf values[/]"
-                                                            if bad else "no NaN or Inf"),
-                              id="stats-summary"))
+        bad = shown_.bad
+        await box.mount(Label(f"{len(shown_.stats)} tensors; " + (
+            f"[b red]{bad:,} NaN/Inf values[/]" if bad else "no NaN or Inf"), id="stats-summary"))
         if len(layers) > 1:
             norms = [n for _, n in layers]
             median = statistics.median(norms)
@@ -163,15 +202,26 @@ class StatisticsScreen(WorkerOutcomes, Screen):
                                   f"(max {note})", id="stats-layers-label"),
                             Sparkline(norms, summary_function=from_zero(norms),
                                       id="stats-layers"))
-        table = StatsTable(stats, id="stats-table")
+        table = StatsTable(shown_, id="stats-table")
         await box.mount(table)
-        self.fill_table()
+        self.show_rows(self.sort_column, self.reverse, shown_.rows)
         table.focus()
 
     def fill_table(self) -> None:
-        rows = sorted(self.stats or [], key=COLUMNS[self.sort_column][1], reverse=self.reverse)
+        """Sort by the chosen column: at once when the rows are few, else in a worker."""
+        if self.shown is None:
+            return
+        if len(self.shown.stats) <= ROWS_AT_ONCE:
+            self.show_rows(self.sort_column, self.reverse,
+                           sorted_rows(self.shown.stats, self.sort_column, self.reverse))
+        else:
+            self.sort_rows(self.sort_column, self.reverse)
+
+    def show_rows(self, column: int, reverse: bool, rows: list[TensorStats]) -> None:
+        if (column, reverse) != (self.sort_column, self.reverse):
+            return  # another sort was asked for since
         self.query_one("#stats-table", StatsTable).set_rows(rows)
-        self.sub_title = f"sorted by {COLUMNS[self.sort_column][0]}" + (" ↓" if self.reverse else " ↑")
+        self.sub_title = f"sorted by {COLUMNS[column][0]}" + (" ↓" if reverse else " ↑")
 
     @on(VirtualTable.HeaderClicked, "#stats-table")
     def sort_by_header(self, event: VirtualTable.HeaderClicked) -> None:
@@ -181,13 +231,13 @@ class StatisticsScreen(WorkerOutcomes, Screen):
         self.fill_table()
 
     def action_sort_next(self) -> None:
-        if self.stats is not None:
+        if self.shown is not None:
             self.sort_column = (self.sort_column + 1) % len(COLUMNS)
             self.reverse = self.sort_column != 0
             self.fill_table()
 
     def action_back(self) -> None:
-        if self.stats is None:
+        if self.shown is None:
             self.query_one(WorkProgressPanel).cancel()
         else:
             self.dismiss()

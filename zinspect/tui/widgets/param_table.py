@@ -37,14 +37,24 @@ def param_columns(view: Inspection) -> list[Column]:
     ]
 
 
+STAT_LABELS = ("L2", "max|x|", "NaN/Inf")
+
+
 def stat_columns(view: Inspection) -> list[Column]:
     """L2, max|x| and NaN/Inf, after the Statistics screen computed them (they make way at 80
     columns after group, dtype and size)."""
     if not view.stats:
         return []
-    cells = [stat_cells(s) for s in view.stats.values()]
-    return [Column(label, max([len(label), *(len(c[i]) for c in cells)]), right=True, drop=4 + i)
-            for i, label in enumerate(("L2", "max|x|", "NaN/Inf"))]
+    return [Column(label, width, right=True, drop=4 + i)
+            for i, (label, width) in enumerate(zip(STAT_LABELS, view.stat_widths, strict=True))]
+
+
+def stat_widths(stats) -> list[int]:
+    """The statistics columns' widths: their widest cells (made by the statistics worker)."""
+    widths = list(map(len, STAT_LABELS))
+    for s in stats:
+        widths = [max(w, len(c)) for w, c in zip(widths, stat_cells(s), strict=True)]
+    return widths
 
 
 def stat_cells(s) -> list[str]:

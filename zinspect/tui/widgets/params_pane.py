@@ -17,10 +17,7 @@ from zinspect.tui.inspection import Inspection, narrows
 from zinspect.tui.text import params_and_buffers
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
-
-#: below this many names to search, a filter or sort is answered at once; above, a thread
-#: worker finds the rows while the keys keep coming (a newer key cancels it)
-SEARCHED_AT_ONCE = 20_000
+from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 
 
 class ParamsPane(WorkerOutcomes, Vertical):
@@ -86,7 +83,7 @@ class ParamsPane(WorkerOutcomes, Vertical):
         among = table.names if self._shown[0] == sort and narrows(self._shown[1], text) else None
         if not text.split() and self.view.has_order(sort):
             self._show(sort, text, self.view.param_names(sort), self.view.longest)
-        elif len(among if among is not None else self.view.sizes) <= SEARCHED_AT_ONCE:
+        elif len(among if among is not None else self.view.sizes) <= ROWS_AT_ONCE:
             names = self.view.param_names(sort, text, among) or []
             self._show(sort, text, names, max(map(len, names), default=0))
         else:

@@ -16,6 +16,10 @@ from textual.strip import Strip
 
 from zinspect.tui.text import middle
 
+#: up to this many rows a table's rows are filtered or sorted at once; beyond, a thread worker
+#: finds them while keys keep coming (a newer key cancels it)
+ROWS_AT_ONCE = 20_000
+
 
 @dataclass
 class Column:
