@@ -18,8 +18,7 @@ from collections.abc import Callable, Sequence
 #: located findings per kind of missing file; beyond, one finding counts the rest
 SHOWN = 16
 #: a coordinate's axis as a message says it
-WORDS = {"pp": "stage", "tp": "tp rank", "dp": "dp rank", "ep": "ep rank", "layer": "layer",
-         "expert": "expert"}
+WORDS = {"pp": "stage", "tp": "tp rank", "dp": "dp rank", "ep": "ep rank", "expert": "expert"}
 MOST_GONE = "check the copy: most of the checkpoint is gone, or a file's recorded sizes are wrong"
 STALE_HINT = "move it out of the tag dir: it is a leftover of another run"
 SALVAGE = "copy it from the run; `zinspect merge --salvage` writes the other params"
