@@ -264,6 +264,9 @@ class _Budgeted:
     def load(self):
         with gc_paused(), work_budget(self.max_nodes):
             obj = super().load()
+            # the memo holds every intermediate object of the pickle (at 297k names: 100 MB of
+            # argument tuples, storage ids, hooks dicts) until the reader is dropped
+            self.memo.clear()
             check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
             return plain(obj, _ATOMS | self.leaf_types)
 
