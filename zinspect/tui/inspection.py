@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from zinspect.core import peft
 from zinspect.core.fmt import shown
 from zinspect.core.model import Buffer, Checkpoint, Param
 from zinspect.core.selection import Selection
@@ -84,8 +85,9 @@ class Inspection:
         self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
         self.tree: ModuleNode = build_tree(self.sizes)
         self.tree.children  # noqa: B018 -- the top level is on screen first: split it here
-        #: counts and sizes for the Overview (`zinspect info`'s rule)
+        #: counts and sizes for the Overview (`zinspect info`'s rule), a PEFT run's adapter
         self.totals = totals(ckpt)
+        self.peft = peft.summary(ckpt)
         #: the distinct values of the table's columns, which size them
         entries = (ckpt.params.values(), ckpt.buffers.values())
         self.distinct = Distinct(

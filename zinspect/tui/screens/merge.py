@@ -24,7 +24,7 @@ from textual.widgets import (
 )
 from textual.worker import Worker, WorkerState, get_current_worker
 
-from zinspect.core import fmt, peft
+from zinspect.core import fmt
 from zinspect.core import states as states_mod
 from zinspect.core.dtypes import OUTPUT_DTYPES
 from zinspect.core.merge import MergeResult, merge, parse_size
@@ -102,7 +102,7 @@ class MergeScreen(ModalScreen[None]):
                             with RadioSet(id="merge-dtype"):
                                 for name in OUTPUT_DTYPES:
                                     yield RadioButton(name, value=name == "fp32", id=f"dtype-{name}")
-                            if peft.summary(self.view.ckpt) is not None:
+                            if self.view.peft is not None:
                                 yield Checkbox("adapter only", id="merge-peft", compact=True)
                         with Vertical():
                             yield Label("Max shard size")

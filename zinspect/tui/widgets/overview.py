@@ -47,7 +47,8 @@ def _facts(title: str, rows: list[tuple[str, RenderableType]]) -> Table:
     return table
 
 
-def checkpoint_facts(ckpt: Checkpoint) -> Table:
+def checkpoint_facts(view: Inspection) -> Table:
+    ckpt = view.ckpt
     others = [t for t in ckpt.tags if t != ckpt.tag]
     tag = Text(ckpt.tag)
     if others:
@@ -64,14 +65,13 @@ def checkpoint_facts(ckpt: Checkpoint) -> Table:
           if ckpt.features else []),
         ("dtypes", f"training {short_dtype(ckpt.dtype)} · master {short_dtype(ckpt.master_dtype)}"),
         ("DeepSpeed", ckpt.ds_version or "?"),
-        *_peft_row(ckpt),
+        *_peft_row(view),
     ])
 
 
-def _peft_row(ckpt: Checkpoint) -> list[tuple[str, RenderableType]]:
+def _peft_row(view: Inspection) -> list[tuple[str, RenderableType]]:
     """A PEFT run's adapter (type, rank, targets, trainable vs base), as `zinspect info` says it."""
-    summary = peft.summary(ckpt)
-    return [] if summary is None else [("PEFT", Text(peft.describe(summary)))]
+    return [] if view.peft is None else [("PEFT", Text(peft.describe(view.peft)))]
 
 
 def size_facts(view: Inspection) -> Table:
@@ -211,7 +211,7 @@ class Overview(VerticalScroll):
         the counts would each get a third of the screen)."""
         ckpt = self.view.ckpt
         self.narrow = self._is_narrow()
-        parts = (checkpoint_facts(ckpt), Group(size_facts(self.view), Text(), findings_facts(ckpt)))
+        parts = (checkpoint_facts(self.view), Group(size_facts(self.view), Text(), findings_facts(ckpt)))
         if self.narrow:
             top = Group(parts[0], Text(), parts[1])
         else:
