@@ -130,3 +130,49 @@ def test_zero3_model_states_of_other_ranks_are_read_only_when_needed(tmp_path):
     victim.write_bytes(bytes(data))
     damaged = open_checkpoint(tag)
     assert any(f.code == "unreadable-file" and f.rank == 2 for f in damaged.findings)
+
+
+def _build_inputs(monkeypatch, name):
+    """The LoadContext, Names and shared_params a fixture's `_build_params` was given."""
+    from conftest import tag_dir
+
+    from zinspect.core.layouts import common
+
+    got = []
+    real = common._build_params
+    monkeypatch.setattr(common, "_build_params",
+                        lambda *args: (got.append(args), real(*args))[1])
+    open_checkpoint(tag_dir(name))
+    monkeypatch.setattr(common, "_build_params", real)
+    return got[0]
+
+
+@pytest.mark.parametrize("name", ["s3_w2_fp32", "s3_w4_bf16", "s3_w3_fp16_sub",
+                                  "hf_llama_tied_s3_w4_fp32", "hf_mistral_lora_s3_w2_bf16"])
+def test_usual_zero3_params_built_in_bulk_are_the_name_by_name_ones(monkeypatch, name):
+    """ZeRO-3 model states whose module names (less buffers) are the flat groups' names, none
+    frozen, are built in bulk (`_usual_zero3`): the same Params in the same order, and the
+    same findings, as the name-by-name path; frozen or tied names take that path."""
+    from dataclasses import replace
+
+    from zinspect.core.layouts import common
+
+    ctx, names, shared = _build_inputs(monkeypatch, name)
+    trainable = {n for g in names.flat_groups for n, _ in g}
+    assert common._usual_zero3(names) is None  # every one of these has frozen or tied names
+    usual = replace(names, frozen_shapes={}, module={
+        n: t for n, t in names.module.items() if n in trainable or n in names.buffer_names})
+    bulk = common._usual_zero3(usual)
+    assert bulk is not None and sorted(bulk[0]) == sorted(trainable)
+
+    def built(bulk_path: bool):
+        ctx.ckpt.params, ctx.ckpt.findings = {}, []
+        if not bulk_path:
+            monkeypatch.setattr(common, "_usual_zero3", lambda names: None)
+        common._build_params(ctx, usual, shared)
+        monkeypatch.undo()
+        return list(ctx.ckpt.params.items()), ctx.ckpt.findings
+
+    fast, slow = built(True), built(False)
+    assert fast == slow and len(fast[0]) == len(trainable)
+    assert all(p.shape and p.dtype and not p.frozen and p.tied_to is None for _, p in fast[0])

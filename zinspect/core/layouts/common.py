@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from itertools import chain, filterfalse
 
 from zinspect.core.layouts import pickled, topology
 from zinspect.core.layouts.base import LoadContext
@@ -207,6 +208,10 @@ def describe_names(ctx: LoadContext) -> Names | None:
 
 def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
     c, module, model_file = ctx.ckpt, names.module, ctx.model_file
+    usual = _usual_zero3(names) if c.stage == 3 else None
+    if usual is not None:  # every param the usual one: nothing else to decide for any
+        c.params.update(zip(usual[0], map(Param, *usual), strict=True))
+        return
     trainable = {n: s for g in names.flat_groups for n, s in g}
     bufset = set(names.buffer_names)
     listed = [n for n in module if isinstance(n, str) and n not in bufset]
@@ -270,6 +275,21 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
             continue
         p.shape, p.frozen = src.shape, src.frozen
         p.dtype = p.dtype or src.dtype
+
+
+def _usual_zero3(names: Names) -> tuple[list[str], list[tuple[int, ...]], list[str]] | None:
+    """(names, shapes, dtypes) of the usual ZeRO-3 model states, checked in bulk (300k names):
+    the module's names less its buffers are the flat groups' names, each once with a shape,
+    none frozen. None otherwise: `_build_params` decides name by name."""
+    module, bufset = names.module, set(names.buffer_names)
+    listed = list(filterfalse(bufset.__contains__, module)) if bufset else list(module)
+    trainable = dict(chain.from_iterable(names.flat_groups))
+    shapes = list(map(trainable.get, listed))
+    if names.frozen_shapes or not listed or len(listed) != len(trainable) or \
+            len(trainable) != sum(map(len, names.flat_groups)) or not all(shapes):
+        return None  # (all found, none twice: the same names)
+    refs = map(module.get, listed) if bufset else module.values()
+    return listed, shapes, [(t.dtype if type(t) is TensorRef else None) or "" for t in refs]
 
 
 def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict]) -> None:
