@@ -39,18 +39,19 @@ def output_bytes(ckpt, numels: list[int] | None = None) -> int:
     return 4 * (sum(numels) - replaced) + sum(b.nbytes for b in ckpt.buffers.values())
 
 
-def totals(ckpt, numels: list[int] | None = None) -> dict:
+def totals(ckpt, columns: dict[str, list] | None = None) -> dict:
     """Counts and sizes of a checkpoint, shared by `zinspect info` and the app's Overview.
     A tied alias counts once, as tied, whether or not its owner is frozen; `output_bytes` is
-    what the merge writes (tied aliases and buffers included). (`numels`: each param's numel,
-    in order, when the caller has them: 297k params' math.prod is not free.)"""
+    what the merge writes (tied aliases and buffers included). (`columns`: the params'
+    `_param_columns`, when the caller has them: 297k params' attributes are not free.)"""
     from itertools import compress
 
     params = list(ckpt.params.values())
-    if numels is None:
-        numels = [p.numel for p in params]
-    owner = [p.tied_to is None for p in params]
-    trainable = [o and not p.frozen for o, p in zip(owner, params, strict=True)]
+    columns = columns or {"numel": [p.numel for p in params], "frozen": [p.frozen for p in params],
+                          "tied_to": [p.tied_to for p in params]}
+    numels = columns["numel"]
+    owner = [t is None for t in columns["tied_to"]]
+    trainable = [o and not f for o, f in zip(owner, columns["frozen"], strict=True)]
     frozen = [o and not t for o, t in zip(owner, trainable, strict=True)]
     numel = sum(compress(numels, owner))
     buf_bytes = sum(b.nbytes for b in ckpt.buffers.values())
@@ -137,7 +138,7 @@ def _info_parts(ckpt) -> tuple[dict, dict[str, list], dict]:
                    for g in ckpt.groups],
         "findings": [f.to_json() for f in ckpt.findings],
         "counts": ckpt.counts(),
-        "totals": totals(ckpt, columns["numel"]),
+        "totals": totals(ckpt, columns),
         "peft": peft_summary(ckpt),
         "optimizer": optimizer_json(ckpt),
     }
