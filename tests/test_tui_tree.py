@@ -81,3 +81,25 @@ def test_update_findings_reflags_in_place():
     assert view.flagged_in(view.tree.find("encoder")) == 1
     assert view.marks("encoder.cube").endswith("!")
     assert view.tree is tree and view.sizes is sizes
+
+
+def test_lazy_tree_groups_names_apart_in_model_order_whoever_splits_first():
+    """Children are split off when first asked for (by the UI thread or a worker ahead of it):
+    a module whose names come apart (`a.x`, `b.y`, `a.z`) is one node listing them in model
+    order, a name that is also a module keeps both roles, an empty part is a part."""
+    import threading
+
+    sizes = {"a": (1, 4), "a.x": (2, 8), "b.y": (3, 12), "a.z.w": (4, 16), "a..e": (5, 20),
+             "b.q": (6, 24)}
+    ahead = build_tree(sizes)
+    worker = threading.Thread(target=ahead.split_ahead, args=(1,))
+    worker.start()
+    for root in (build_tree(sizes), ahead):
+        a = root.find("a")
+        assert list(root.children) == ["a", "b"]
+        assert (a.count, a.numel, a.is_param, a.has_children) == (4, 12, True, True)
+        assert list(a.children) == ["x", "z", ""]
+        assert list(a.params()) == ["a", "a.x", "a.z.w", "a..e"]
+        assert root.find("a..e").is_param and not root.find("a..e").has_children
+        assert [c.count for c in root.find("b").children.values()] == [1, 1]
+        worker.join()

@@ -12,12 +12,15 @@ numeric parts compared as numbers so that `layers.10` follows `layers.9`.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import groupby
 from operator import itemgetter
 
 SORT_KEYS = ("model", "name", "size", "numel")
 _NUMEL, _NBYTES = itemgetter(0), itemgetter(1)
+#: one split at a time: the UI thread waits for a worker's split of the same node, not redo it
+_SPLITTING = threading.Lock()
 
 
 class ModuleNode:
@@ -54,28 +57,41 @@ class ModuleNode:
     def children(self) -> dict[str, ModuleNode]:
         """The next dotted part of the names below, in order of first appearance."""
         if self._children is None:
-            names = self._names
-            start = len(self.path) + 1 if self.path else 0
-            if self.is_param:  # not its own child
-                names = [n for n in names if len(n) >= start]
-            # Part by part in C (partition, groupby, slices): names of one module mostly come
-            # one after another, so this loops in Python once per child, not once per name.
-            parts = [n[start:].partition(".")[0] for n in names]
-            groups: dict[str, list[str]] = {}
-            at = 0
-            for part, run in groupby(parts):
-                end = at + len(list(run))
-                if part in groups:
-                    groups[part] += names[at:end]
-                else:
-                    groups[part] = names[at:end]
-                at = end
-            prefix = self.path + "." if self.path else ""
-            sizes = self._sizes
-            self._children = {part: ModuleNode(part, prefix + part, names, sizes,
-                                               (prefix + part) in sizes)
-                              for part, names in groups.items()}
+            with _SPLITTING:  # a worker may be splitting this node ahead of the user
+                if self._children is None:
+                    self._children = self._split()
         return self._children
+
+    def split_ahead(self, least: int) -> None:
+        """Split off now (in a worker) the children of every node holding more than `least`
+        names: the modules whose opening would otherwise cost a pass over most of them."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            if node.count > least:
+                stack.extend(node.children.values())
+
+    def _split(self) -> dict[str, ModuleNode]:
+        names = self._names
+        start = len(self.path) + 1 if self.path else 0
+        if self.is_param:  # not its own child
+            names = [n for n in names if len(n) >= start]
+        # Part by part in C (partition, groupby, slices): names of one module mostly come
+        # one after another, so this loops in Python once per child, not once per name.
+        parts = [n[start:].partition(".")[0] for n in names]
+        groups: dict[str, list[str]] = {}
+        at = 0
+        for part, run in groupby(parts):
+            end = at + len(list(run))
+            if part in groups:
+                groups[part] += names[at:end]
+            else:
+                groups[part] = names[at:end]
+            at = end
+        prefix = self.path + "." if self.path else ""
+        sizes = self._sizes
+        return {part: ModuleNode(part, prefix + part, names, sizes, (prefix + part) in sizes)
+                for part, names in groups.items()}
 
     def params(self) -> Iterator[str]:
         """Full names of the parameters at or below this node, in model order."""

@@ -30,6 +30,7 @@ from zinspect.tui.screens.selection_file import (
 )
 from zinspect.tui.widgets.params_pane import ParamsPane
 from zinspect.tui.widgets.ranks_pane import RanksPane
+from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 
 
 class ZinspectApp(WorkerOutcomes, App[int]):
@@ -135,6 +136,14 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         await self.main.show_inspection(self.view)
         for screen in self.detail_screens():
             screen.show_param()
+        self.split_tree_ahead(self.view)
+
+    @work(thread=True, exit_on_error=False, group="tree",
+          description="splitting the largest modules of the tree")
+    def split_tree_ahead(self, view: Inspection) -> None:
+        """While the user looks at the first tab: the modules holding most of 300k names open
+        instantly later (each split is a pass over the names below it)."""
+        view.tree.split_ahead(ROWS_AT_ONCE)
 
     async def worker_failed(self, group: str, problem: Problem) -> bool:
         if group != "load":

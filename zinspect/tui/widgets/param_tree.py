@@ -45,8 +45,10 @@ def node_label(node: ModuleNode, view: Inspection) -> Text:
     return label
 
 
-#: a node's label until it is first drawn is its name; the rest (sizes, marks) is about this
-#: wide (a guess: it only sets how far the tree scrolls sideways before the label is drawn)
+#: a node's label until it is first drawn (one shared Text: 33,000 children make none); its
+#: name and the rest (sizes, marks) are about this much wider (a guess: it only sets how far
+#: the tree scrolls sideways before the label is drawn)
+UNDRAWN = Text()
 LABEL_TAIL = 32
 
 
@@ -82,7 +84,7 @@ class ParamTree(Tree[ModuleNode]):
         if node.children or node.data is None:
             return
         for child in ordered_children(node.data, self.sort):
-            added = self._add_node(node, literal(child.name, 200), child)
+            added = self._add_node(node, UNDRAWN, child)
             added._allow_expand = child.has_children
             node._children.append(added)
             self._stale.add(added.id)
@@ -101,15 +103,17 @@ class ParamTree(Tree[ModuleNode]):
 
     def get_label_width(self, node: TreeNode[ModuleNode]) -> int:
         """Measured without drawing: the tree measures every line it shows at each change."""
-        width = node._label.cell_len + (2 if node._allow_expand else 0)
-        return width + LABEL_TAIL if node.id in self._stale else width
+        toggle = 2 if node._allow_expand else 0
+        if node._label is UNDRAWN and node.data is not None:
+            return toggle + len(node.data.name) + LABEL_TAIL
+        return toggle + node._label.cell_len
 
     def _on_tree_node_expanded(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
         self.populate(event.node)
 
     def _on_tree_node_selected(self, event: Tree.NodeSelected[ModuleNode]) -> None:
         data = event.node.data
-        if data is not None and data.is_param and not data.children:
+        if data is not None and data.is_param and not data.has_children:
             self.post_message(ParamChosen(data.path))
 
     def action_toggle_exclude(self) -> None:
@@ -117,7 +121,7 @@ class ParamTree(Tree[ModuleNode]):
         if node is None or node.data is None:
             return
         data = node.data
-        what = data.path if data.is_param and not data.children else (
+        what = data.path if data.is_param and not data.has_children else (
             f"{data.path} ({fmt.count(data.count)} params)")
         self.post_message(ExclusionToggled(list(data.params()), what))
 
