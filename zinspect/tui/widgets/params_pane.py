@@ -182,7 +182,8 @@ class ParamsPane(WorkerOutcomes, Vertical):
         total = len(self.view.sizes)  # params and buffers: the rows the table can show
         params = len(self.view.ckpt.params)
         if self.searching:
-            rows = f"searching {fmt.count(total)} names …"
+            rows = (f"searching {fmt.count(total)} names …" if self.filter_text
+                    else f"sorting {fmt.count(total)} names …")
         elif self.filter_text:
             rows = f"{fmt.count(shown)} of {fmt.count(total)} match"
         else:
