@@ -52,14 +52,20 @@ def read_headers(ctx: LoadContext) -> None:
     ref_tf = ctx.torch_file(ref)
     osd = get(ref_tf.obj, "optimizer_state_dict") if ref_tf else None
     if isinstance(osd, dict):
-        counts = [pc for f in ctx.optim_files for pc in f.partition_count[:1]]
-        if ref.partition_count:
-            c.world_size = max(ref.partition_count)
-        elif counts:
-            c.world_size = Counter(counts).most_common(1)[0][0]
+        c.world_size = _world_size(ctx.optim_files, ref)
         c.ds_version = ref.ds_version
         c.ds_config = get(ref_tf.obj, "ds_config")
         ctx.ref_osd = osd
+
+
+def _world_size(files: list[RankFile], ref: RankFile) -> int | None:
+    """The world size most optimizer files were partitioned over (a forged or stray file is
+    then the one that differs); on a tie, the lowest readable rank's (`ref`)."""
+    counts = Counter(max(f.partition_count) for f in files if f.partition_count)
+    top = max(counts.values(), default=0)
+    tied = [ws for ws, n in counts.items() if n == top]
+    mine = max(ref.partition_count) if ref.partition_count else None
+    return mine if mine in tied else next(iter(tied), None)
 
 
 def _by_rank(ctx: LoadContext, files: list[RankFile]) -> dict[int, RankFile]:
