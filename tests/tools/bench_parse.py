@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Where the time goes when zinspect reads one torch.save zip (a large model-states file).
+
+Not a test: prints the thread CPU of each step of `torchzip.read_torch_file` (best of N, the
+garbage collector paused as zinspect pauses it), the bare C unpickler on the same bytes for
+scale, and the peak RSS of one whole `read_torch_file` in a fresh child process.
+
+    python tests/tools/bench_parse.py CKPT/global_stepN/zero_pp_rank_0_mp_rank_00_model_states.pt
+        [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import pickle
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from zinspect.core import fastpickle, torchzip  # noqa: E402
+from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
+
+_PEAK = """
+import resource, sys
+from zinspect.core import torchzip
+from zinspect.core.unpickle import gc_paused
+with gc_paused():
+    torchzip.read_torch_file(sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+class _Bare(pickle.Unpickler):
+    """The C unpickler with trivial hooks: its own floor on these bytes."""
+
+    def persistent_load(self, pid):
+        return pid
+
+    def find_class(self, module, name):
+        return dict if name == "OrderedDict" else (lambda *args: args)
+
+
+def steps(path: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+
+    def timed(what, fn, *args):
+        start = time.thread_time()
+        result = fn(*args)
+        out[what] = time.thread_time() - start
+        return result
+
+    f, size = torchzip.open_exact(path)
+    with f:
+        entries = timed("zip central directory", torchzip.central_directory, f, size)
+        timed("local headers (check_records)", torchzip.check_records, f, size, entries,
+              torchzip.directory_offset(f, size))
+        name, header, _, nbytes, _ = next(e for e in entries if e[0].endswith("data.pkl"))
+        del entries
+        raw = timed("read data.pkl", torchzip._read_record, f, header, nbytes, size)
+    timed("crc32", zlib.crc32, raw)
+    pieces = timed("scan (prepare_for_c)", fastpickle.prepare_for_c, raw)
+    if pieces is None:
+        print("the scan declines this pickle: the bounded reader reads it", file=sys.stderr)
+        return out
+    up = torchzip.FastMetaUnpickler(io.BufferedReader(fastpickle.PiecesReader(pieces), 1 << 16),
+                                    budget_bytes=len(raw))
+    with work_budget(up.max_nodes):
+        obj = timed("C unpickler with zinspect's rules", pickle.Unpickler.load, up)
+    up.memo.clear()
+    leaves = frozenset(up.leaf_types) | {str, int, float, bytes, bool, type(None), complex}
+    timed("tree check", check_tree, obj, up.max_nodes, 100, "the pickle", leaves)
+    timed("plain", plain, obj, leaves)
+    del obj, up
+    timed("bare C unpickler (for scale)",
+          lambda: _Bare(io.BufferedReader(io.BytesIO(raw), 1 << 16)).load())
+    whole = time.thread_time()
+    torchzip.read_torch_file(path)
+    out["read_torch_file, whole"] = time.thread_time() - whole
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    best: dict[str, float] = {}
+    gc.disable()
+    for _ in range(args.runs):
+        for what, cpu in steps(args.file).items():
+            best[what] = min(best.get(what, cpu), cpu)
+        gc.collect()
+    gc.enable()
+    for what, cpu in best.items():
+        print(f"| {what} | {cpu:.3f} s |")
+    peak = subprocess.run([sys.executable, "-c", _PEAK, args.file], capture_output=True,
+                          text=True, cwd=REPO, check=True).stdout.strip()
+    print(f"| peak RSS of read_torch_file (fresh process) | {peak} MiB |")
+
+
+if __name__ == "__main__":
+    main()
