@@ -27,13 +27,16 @@ sys.path.insert(0, str(REPO))
 from zinspect.core import fastpickle, torchzip  # noqa: E402
 from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
 
+# VmHWM, not ru_maxrss: Linux carries the parent's high-water mark over fork + exec into the
+# child's ru_maxrss
 _PEAK = """
-import resource, sys
+import sys
 from zinspect.core import torchzip
 from zinspect.core.unpickle import gc_paused
 with gc_paused():
     torchzip.read_torch_file(sys.argv[1])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) // 1024)
 """
 
 
