@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, replace
 from itertools import chain, filterfalse
+from operator import itemgetter
 
 from zinspect.core.layouts import pickled, topology
 from zinspect.core.layouts.base import LoadContext
@@ -300,9 +301,9 @@ def _usual_zero3(names: Names) -> tuple[list[str], list[tuple[int, ...]], list[s
 
 def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict]) -> None:
     """Every trainable param once, with a valid shape: otherwise its group cannot add up."""
-    names = [n for members in flat_groups for n, _ in members]
+    names = list(map(itemgetter(0), chain.from_iterable(flat_groups)))
     if len(set(names)) == len(names) and \
-            not any(s is None for members in flat_groups for _, s in members):
+            None not in map(itemgetter(1), chain.from_iterable(flat_groups)):
         return  # the usual case, checked in bulk (300k names)
     seen: dict[str, int] = {}
     file = ctx.model_file.name
