@@ -305,3 +305,38 @@ def test_the_readers_let_go_of_their_memo_once_loaded():
     (a, fast), (b, slow) = both(raw)
     assert same(a, b)
     assert fast.memo.copy() == {} and slow.memo == {}
+
+
+def test_an_empty_1d_tensor_passes_only_the_rules_of_any_other():
+    """The shortcut for the empty 1-D tensor (a ZeRO-3 placeholder) takes only what `_window`
+    takes: shape (0,) and stride (1,) of ints, an int offset >= 0; a lookalike (0.0, False,
+    True, a negative offset) gets the general check and its message."""
+    from zinspect.core.torchpickle import _rebuild_tensor_v2
+    st = StorageRef("0", "float32", 0)
+    t = _rebuild_tensor_v2(st, 0, (0,), (1,))
+    assert (t.storage, t.offset, t.shape, t.stride, t.dtype) == (st, 0, (0,), (1,), "float32")
+    for offset, size, stride in ((0, (0.0,), (1,)), (0, (False,), (1,)), (0, (0,), (True,)),
+                                 (0, (0,), (1.0,)), (-1, (0,), (1,)), (True, (0,), (1,))):
+        with pytest.raises(pickle.UnpicklingError, match="malformed offset, shape or stride"):
+            _rebuild_tensor_v2(st, offset, size, stride)
+
+
+def _one_tensor(offset: bytes, size: bytes, stride: bytes) -> bytes:
+    """A pickle {"t": tensor} whose tensor has the given offset, size and stride opcodes."""
+    return (b"\x80\x02}(" + _key("t") + b"ctorch._utils\n_rebuild_tensor_v2\n((" +
+            _key("storage") + b"ctorch\nFloatStorage\n" + _key("0") + _key("cpu") +
+            b"K\x00tQ" + offset + size + stride + b"\x89ccollections\nOrderedDict\n)RtRu.")
+
+
+@pytest.mark.parametrize("what,parts", [
+    ("placeholder", (b"K\x00", b"K\x00\x85", b"K\x01\x85")),
+    ("float dim", (b"K\x00", b"G" + struct.pack(">d", 0.0) + b"\x85", b"K\x01\x85")),
+    ("bool stride", (b"K\x00", b"K\x00\x85", b"\x88\x85")),
+    ("negative offset", (b"J\xff\xff\xff\xff", b"K\x00\x85", b"K\x01\x85")),
+])
+def test_empty_tensors_get_the_same_verdict_on_both_paths(what, parts):
+    raw = _one_tensor(*parts)
+    assert prepare_for_c(raw) is not None
+    fast, slow = outcome(raw, "fast"), outcome(raw, "slow")
+    assert fast == slow, (fast, slow)
+    assert fast.startswith("ok") == (what == "placeholder"), fast
