@@ -71,7 +71,7 @@ async def test_a_missing_tp_rank_file_is_its_cell_and_only_its_cell(tmp_path):
         assert status.pop((1, 1)) != "ok"
         assert set(status.values()) == {"ok"}, status
         console = Console(width=160, record=True, file=io.StringIO())
-        console.print(files_table(app.view.ckpt))  # the Overview's Files table
+        console.print(files_table(app.view))  # the Overview's Files table
         files = [line for line in console.export_text().splitlines() if "missing:" in line]
         assert len(files) == 1 and files[0].split()[1] == "optim", files
         assert "zero_pp_rank_1_mp_rank_01_optim_states.pt" in files[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from zinspect.core import peft
 from zinspect.core.fmt import shown
-from zinspect.core.model import Buffer, Checkpoint, Param
+from zinspect.core.model import ERROR, INFO, Buffer, Checkpoint, Finding, Param
 from zinspect.core.selection import Selection
 from zinspect.core.stats import TensorStats
 from zinspect.core.torchzip import DTYPE_SIZES
@@ -77,9 +77,11 @@ class Inspection:
         #: (numel, output bytes) of every name the merge writes: params, then buffers (they are
         #: written too, so they are shown and can be excluded like params)
         self.sizes: dict[str, tuple[int, int]] = {}
+        sizes, param_numel = self.sizes, 0
         for name, p in ckpt.params.items():
             numel = p.numel
-            self.sizes[name] = (numel, numel * OUTPUT_ITEMSIZE)
+            sizes[name] = (numel, numel * OUTPUT_ITEMSIZE)
+            param_numel += numel
         self.sizes.update((name, (b.numel, b.nbytes))
                           for name, b in ckpt.buffers.items() if name not in ckpt.params)
         self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
@@ -106,7 +108,7 @@ class Inspection:
         self.flagged_below: dict[str, int] = {}
         self.update_findings()
         self._sorted: dict[str, list[str]] = {"model": list(self.sizes)}
-        self._param_bytes = sum(self.sizes[name][1] for name in ckpt.params)
+        self._param_bytes = param_numel * OUTPUT_ITEMSIZE
         self._buffer_bytes = sum(b.nbytes for b in ckpt.buffers.values())
         self.excluded: set[str] = set()
         self.excluded_below: dict[str, int] = {}
@@ -114,11 +116,24 @@ class Inspection:
         self.update_exclusion()
 
     def update_findings(self) -> None:
-        """Recompute which params the findings flag, after a deep check replaced some of them.
-        Sizes, tree and sort orders stay: rebuilding them takes seconds at 300k params."""
-        params = self.ckpt.params
-        self.flagged = {f.param for f in self.ckpt.findings if f.param in params}
+        """Recompute what the findings mark (flagged params, each file's findings, the
+        Findings tab's order), after a deep check replaced some of them. Sizes, tree and sort
+        orders stay: rebuilding them takes seconds at 300k params."""
+        ckpt = self.ckpt
+        params = ckpt.params
+        self.flagged = {f.param for f in ckpt.findings if f.param in params}
         self.flagged_below = count_below(self.flagged)
+        #: the findings in the Findings tab's order: each root cause, then its knock-ons
+        self.folded = folded_order(ckpt.findings)
+        #: per file name, the findings (not info) naming it, errors first: a file's status
+        self.file_findings: dict[str, list[Finding]] = {}
+        for f in sorted((x for x in ckpt.findings if x.file and x.severity != INFO),
+                        key=lambda x: x.severity != ERROR):
+            self.file_findings.setdefault(f.file, []).append(f)
+        #: findings that say a rank's file is missing (`missing-optimizer-file`, ...)
+        present = {f.name for f in ckpt.files}
+        self.missing_files = [x for x in ckpt.findings if x.code.startswith("missing-")
+                              and x.code.endswith("-file") and x.file not in present]
 
     # -- exclusion -------------------------------------------------------------------------
     def update_exclusion(self) -> None:
@@ -253,6 +268,23 @@ class Inspection:
             "T" if p.tied_to else " ",
             "!" if name in self.flagged else " ",
         ))
+
+
+def folded_order(findings: list[Finding]) -> list[Finding]:
+    """Each root cause followed by its knock-ons (core/rootcause.py marks them with `cause`):
+    one root cause reads as one finding, its consequences folded under it."""
+    under: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.cause is not None:
+            under.setdefault(f.cause, []).append(f)
+    out = []
+    for f in findings:
+        if f.cause is None:
+            out.append(f)
+            out += under.pop(f"{f.code}: {f.where()}", [])
+    for rest in under.values():  # a cause that is not a finding itself: keep them all
+        out += rest
+    return out
 
 
 def default_output_dir(ckpt: Checkpoint) -> str:

@@ -45,7 +45,7 @@ class Inspector(Container):
             with TabPane("Ranks", id="tab-ranks"):
                 yield RanksPane(view.ckpt, id="ranks")
             with TabPane(findings, id="tab-findings"):
-                yield FindingsPane(view.ckpt, id="findings")
+                yield FindingsPane(view, id="findings")
 
 
 #: the tab keys share one line in the help

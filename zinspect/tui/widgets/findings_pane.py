@@ -11,7 +11,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
-from zinspect.core.model import Checkpoint, Finding
+from zinspect.core.model import Finding
+from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import FindingChosen
 from zinspect.tui.text import counted, explained
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
@@ -22,23 +23,6 @@ WHERE_SAMPLE, WHERE_MAX = 1000, 48
 
 
 KNOCK_ON_MARK = "↳ "
-
-
-def folded_order(findings: list[Finding]) -> list[Finding]:
-    """Each root cause followed by its knock-ons (core/rootcause.py marks them with `cause`):
-    one root cause reads as one finding, its consequences folded under it."""
-    under: dict[str, list[Finding]] = {}
-    for f in findings:
-        if f.cause is not None:
-            under.setdefault(f.cause, []).append(f)
-    out = []
-    for f in findings:
-        if f.cause is None:
-            out.append(f)
-            out += under.pop(f"{f.code}: {f.where()}", [])
-    for rest in under.values():  # a cause that is not a finding itself: keep them all
-        out += rest
-    return out
 
 
 def finding_columns(findings: list[Finding]) -> list[Column]:
@@ -98,9 +82,9 @@ class FindingsPane(Vertical):
     """A count per code, the findings table and, below it, the full message and hint of the
     highlighted one."""
 
-    def __init__(self, ckpt: Checkpoint, **kwargs) -> None:
+    def __init__(self, view: Inspection, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.findings: list[Finding] = folded_order(ckpt.findings)
+        self.findings: list[Finding] = view.folded  # ordered by the load worker
 
     def compose(self) -> ComposeResult:
         if self.findings:

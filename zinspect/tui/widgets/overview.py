@@ -107,9 +107,10 @@ WIDE = 100
 MAX_FILES_SHOWN = 32
 
 
-def files_table(ckpt: Checkpoint) -> Table:
+def files_table(view: Inspection) -> Table:
     """Every file with a status that says what the findings say about it (an unsafe pickle is
     not "ok" because it parsed), and a row for each file a finding says is missing."""
+    ckpt = view.ckpt
     table = Table(title="Files", title_justify="left", title_style="bold", expand=False,
                   show_edge=False, header_style="bold dim", box=box.SIMPLE_HEAD)
     axes = [a for a in ("pp", "tp", "ep") if getattr(ckpt.topology, a) > 1]
@@ -122,8 +123,8 @@ def files_table(ckpt: Checkpoint) -> Table:
     table.add_column("file")
     table.add_column("size", justify="right")
     table.add_column("status")
-    rows = [(file_status(ckpt, f), f) for f in ckpt.files]
-    rows += [(Text(f"missing: {f.code}", style="bold red"), f) for f in missing_files(ckpt)]
+    rows = [(file_status(f, view.file_findings.get(f.name, [])), f) for f in ckpt.files]
+    rows += [(Text(f"missing: {f.code}", style="bold red"), f) for f in view.missing_files]
     rows.sort(key=lambda r: (r[0].plain == "ok", r[1].rank is None, r[1].rank or 0, _kind(r[1]),
                              getattr(r[1], "name", "")))
     for status, f in rows[:MAX_FILES_SHOWN]:
@@ -150,12 +151,11 @@ def coords_text(f: RankFile, axes: list[str]) -> str:
     return " ".join(parts)
 
 
-def file_status(ckpt: Checkpoint, f: RankFile) -> Text:
-    """Why the file could not be read, else the worst finding naming it (+N more), else ok."""
+def file_status(f: RankFile, found: list[Finding]) -> Text:
+    """Why the file could not be read, else the worst of the findings naming it (`found`,
+    errors first; +N more), else ok."""
     if f.error:
         return Text(shown(f.error, 80), style="red")
-    found = sorted((x for x in ckpt.findings if x.file == f.name and x.severity != INFO),
-                   key=lambda x: x.severity != ERROR)
     if found:
         codes = list(dict.fromkeys(x.code for x in found))
         more = f" +{len(codes) - 2}" if len(codes) > 2 else ""
@@ -164,13 +164,6 @@ def file_status(ckpt: Checkpoint, f: RankFile) -> Text:
     if f.recovered:
         return Text("recovered", style="yellow")
     return Text("ok", style="green")
-
-
-def missing_files(ckpt: Checkpoint) -> list[Finding]:
-    """Findings that say a rank's file is missing (`missing-optim-file`, ...): a row each."""
-    present = {f.name for f in ckpt.files}
-    return [x for x in ckpt.findings if x.code.startswith("missing-") and x.code.endswith("-file")
-            and x.file not in present]
 
 
 #: the kind a `missing-KIND-file` finding names, as RankFile.kind says it
@@ -217,4 +210,4 @@ class Overview(VerticalScroll):
         else:
             top = Table.grid(padding=(0, 4))
             top.add_row(*parts)
-        self.query_one("#overview-body", Static).update(Group(top, Text(), files_table(ckpt)))
+        self.query_one("#overview-body", Static).update(Group(top, Text(), files_table(self.view)))
