@@ -321,11 +321,14 @@ def test_an_empty_1d_tensor_passes_only_the_rules_of_any_other():
             _rebuild_tensor_v2(st, offset, size, stride)
 
 
-def _one_tensor(offset: bytes, size: bytes, stride: bytes) -> bytes:
-    """A pickle {"t": tensor} whose tensor has the given offset, size and stride opcodes."""
-    return (b"\x80\x02}(" + _key("t") + b"ctorch._utils\n_rebuild_tensor_v2\n((" +
-            _key("storage") + b"ctorch\nFloatStorage\n" + _key("0") + _key("cpu") +
-            b"K\x00tQ" + offset + size + stride + b"\x89ccollections\nOrderedDict\n)RtRu.")
+_PID = _key("storage") + b"ctorch\nFloatStorage\n" + _key("0") + _key("cpu") + b"K\x00"
+
+
+def _one_tensor(offset: bytes, size: bytes, stride: bytes, pid: bytes = _PID) -> bytes:
+    """A pickle {"t": tensor} whose tensor has the given offset, size and stride opcodes and
+    the fields of its storage's persistent id."""
+    return (b"\x80\x02}(" + _key("t") + b"ctorch._utils\n_rebuild_tensor_v2\n((" + pid +
+            b"tQ" + offset + size + stride + b"\x89ccollections\nOrderedDict\n)RtRu.")
 
 
 @pytest.mark.parametrize("what,parts", [
@@ -340,3 +343,21 @@ def test_empty_tensors_get_the_same_verdict_on_both_paths(what, parts):
     fast, slow = outcome(raw, "fast"), outcome(raw, "slow")
     assert fast == slow, (fast, slow)
     assert fast.startswith("ok") == (what == "placeholder"), fast
+
+
+@pytest.mark.parametrize("what,pid,ok", [
+    ("as torch writes it", _PID, True),
+    ("an int key", _key("storage") + b"ctorch\nFloatStorage\nK\x00" + _key("cpu") + b"K\x00",
+     True),
+    ("a bool count", _PID[:-2] + b"\x88", False),
+    ("a negative count", _PID[:-2] + b"J\xff\xff\xff\xff", False),
+    ("a long location", _PID.replace(_key("cpu"), _key("c" * 65)), False),
+    ("another kind", _key("Storage") + _PID[len(_key("storage")):], False),
+    ("a dtype for a storage class", _PID.replace(b"FloatStorage", b"float32"), False),
+])
+def test_storage_ids_get_the_same_verdict_on_both_paths(what, pid, ok):
+    """persistent_load's field-by-field check takes what the long way takes, nothing else."""
+    raw = _one_tensor(b"K\x00", b"K\x00\x85", b"K\x01\x85", pid)
+    assert prepare_for_c(raw) is not None
+    fast, slow = outcome(raw, "fast"), outcome(raw, "slow")
+    assert fast == slow and fast.startswith("ok") == ok, (fast, slow)

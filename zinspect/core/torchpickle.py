@@ -289,11 +289,6 @@ KNOWN_CLASSES = frozenset({
 })
 
 
-#: the field types of a storage's persistent id (zip, legacy: with a view field)
-_PID_TYPES = {False: (str, _StorageClass, str, str, int),
-              True: (str, _StorageClass, str, str, int, type(None))}
-
-
 class _Rules:
     """What the unpicklers below allow: globals only from `_ALLOWED` (nothing is ever imported),
     unknown ones as inert `Opaque` classes, and storages as `StorageRef` descriptors."""
@@ -319,16 +314,20 @@ class _Rules:
             cls = self._opaque[qualname] = type(name, (Opaque,), {"qualname": qualname})
         return cls
 
-    def persistent_load(self, pid, _types=_PID_TYPES, _new=tuple.__new__, _ref=StorageRef):
-        # a torch storage reference as torch writes it, checked in a few C calls (300k times in
-        # a large model-states file; the unpickler passes only `pid`, the defaults save global
-        # lookups); anything else takes the long way, which says what is off
-        if type(pid) is tuple and tuple(map(type, pid)) == _types[self.legacy] and \
-                pid[0] == "storage" and len(pid[2]) <= 64 and len(pid[3]) <= 64 and \
-                0 <= pid[4] <= MAX_NUMEL and (not self.legacy or pid[5] is None):
-            ref = self.storages.get(pid[2])
+    def persistent_load(self, pid, _new=tuple.__new__, _ref=StorageRef, _class=_StorageClass,
+                        _tuple=tuple, _str=str, _int=int):
+        # a torch storage reference as torch writes it, checked field by field without
+        # building anything (300k times in a large model-states file; the unpickler passes only
+        # `pid`, the defaults save global lookups); anything else takes the long way, which
+        # says what is off
+        if type(pid) is _tuple and len(pid) == (6 if self.legacy else 5) and \
+                type(pid[0]) is _str and type(pid[1]) is _class and type(key := pid[2]) is _str \
+                and type(location := pid[3]) is _str and type(numel := pid[4]) is _int and \
+                pid[0] == "storage" and len(key) <= 64 and len(location) <= 64 and \
+                0 <= numel <= MAX_NUMEL and (not self.legacy or pid[5] is None):
+            ref = self.storages.get(key)
             if ref is None:
-                ref = self.storages[pid[2]] = _new(_ref, (pid[2], pid[1].dtype, pid[4], pid[3]))
+                ref = self.storages[key] = _new(_ref, (key, pid[1].dtype, numel, location))
             return ref
         return self._storage_ref(pid)
 
