@@ -329,9 +329,10 @@ class PickledOrderedDict(OrderedDict):
     items costs 0.2 s) and pickles as an OrderedDict."""
 
     def __init__(self, *args, **kwargs) -> None:
-        if args:  # OrderedDict(items): a copy, charged (see `charge`)
-            charge(len(args[0]))
-        OrderedDict.__init__(self, *args, **kwargs)
+        if args or kwargs:  # (OrderedDict(): nothing to do, 300k times at 300k names)
+            if args:  # OrderedDict(items): a copy, charged (see `charge`)
+                charge(len(args[0]))
+            OrderedDict.__init__(self, *args, **kwargs)
 
     def __reduce__(self):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
