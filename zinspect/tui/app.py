@@ -42,8 +42,6 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         Binding("q", "quit", "Quit", id="quit", tooltip="quit (a running merge is cancelled first)"),
         Binding("question_mark", "help", "Help", id="help", key_display="?",
                 tooltip="this help: what every key does"),
-        Binding("slash", "filter", "Filter", id="filter", key_display="/",
-                tooltip="filter the parameters by the words a name contains, as you type"),
         Binding("m", "merge", "Merge", id="merge",
                 tooltip="merge with the current exclusions: fp32, bf16 or fp16; safetensors, "
                         "torch or a PEFT adapter"),
@@ -181,7 +179,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     def action_filter(self) -> None:
         if self.view is None:
             return
-        self.main.action_show_tab("params")
+        self.main.action_show_tab("params", focus_content=False)  # the filter gets the keys
         self.main.query_one(ParamsPane).focus_filter()
 
     def action_goto_param(self) -> None:

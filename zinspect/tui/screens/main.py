@@ -57,7 +57,13 @@ class MainScreen(Screen):
         Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False, id=f"tab-{tab}",
                 tooltip=f"the {tab.title()} tab", group=TAB_KEYS)
         for i, tab in enumerate(TABS)
-    ] + [Binding("a", "statistics", "Statistics", show=False, id="statistics",
+    ] + [
+        # a priority binding: the screen moves the focus to the filter as it reads `/`, so the
+        # keys typed right behind it go into the filter (else they went to the tree, whose
+        # space excluded a param). Names hold no `/`, so the filter field does not need it.
+        Binding("slash", "app.filter", "Filter", id="filter", key_display="/", priority=True,
+                tooltip="filter the parameters by the words a name contains, as you type"),
+        Binding("a", "statistics", "Statistics", show=False, id="statistics",
                  tooltip="statistics per param and the L2 norm per layer, read in a worker; "
                          "escape cancels")]
 
@@ -124,10 +130,11 @@ class MainScreen(Screen):
 
             self.app.push_screen(StatisticsScreen(view.ckpt))
 
-    def action_show_tab(self, tab: str) -> None:
+    def action_show_tab(self, tab: str, focus_content: bool = True) -> None:
         if self.query(TabbedContent):
             self.query_one(TabbedContent).active = f"tab-{tab}"
-            self.call_after_refresh(self.focus_tab_content)
+            if focus_content:
+                self.call_after_refresh(self.focus_tab_content)
 
     def focus_tab_content(self) -> None:
         pane = self.query_one(TabbedContent).active_pane

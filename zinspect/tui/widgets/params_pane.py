@@ -63,9 +63,11 @@ class ParamsPane(WorkerOutcomes, Vertical):
         return self._shown != (self.sort, self.filter_text)
 
     def focus_filter(self) -> None:
+        """Show the filter and focus it now, not after a refresh: the keys typed right behind
+        `/` (read with it) went to the tree, whose space excluded a param."""
         box = self.query_one(Input)
         box.display = True
-        self.call_after_refresh(box.focus)
+        self.screen.set_focus(box)
 
     @on(Input.Changed, "#param-filter")
     def _filter_changed(self) -> None:
