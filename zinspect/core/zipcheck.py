@@ -58,7 +58,8 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
         if sig != b"PK\x03\x04":
             raise ZipStructureError(f"record {name[-120:]!r}: no local header at offset "
                                     f"{header:,} (the directory points elsewhere)")
-        if window[at + LOCAL_HEADER:at + LOCAL_HEADER + nlen] != encoded:
+        if (nlen != len(encoded) or not window.startswith(encoded, at + LOCAL_HEADER)) and \
+                window[at + LOCAL_HEADER:at + LOCAL_HEADER + nlen] != encoded:
             lname = window[at + LOCAL_HEADER:at + LOCAL_HEADER + nlen]
             raise ZipStructureError(
                 f"record {name[-120:]!r}: its local header at offset {header:,} names "
@@ -96,16 +97,17 @@ def _read_window(f, ordered: list, i: int) -> bytes:
     """The bytes from record i's local header through its name, and on through the headers of
     the records after it while each one before holds no data (up to WINDOW_BYTES): never a
     tensor byte."""
-    start = end = ordered[i][1]
+    start, last = ordered[i][1], i
     for j in range(i, len(ordered)):
-        name, header, _, usize, _ = ordered[j]
+        _, header, _, usize, _ = ordered[j]
         if header - start > WINDOW_BYTES:
             break
-        end = header + LOCAL_HEADER + len(name.encode("utf-8", "surrogatepass"))
+        last = j
         if usize:
             break
+    name, header = ordered[last][:2]
     f.seek(start)
-    return f.read(end - start)
+    return f.read(header + LOCAL_HEADER + len(name.encode("utf-8", "surrogatepass")) - start)
 
 
 def _tail(f, size: int) -> bytes:
