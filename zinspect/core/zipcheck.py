@@ -158,7 +158,7 @@ def _parse_central_directory(f, size: int) -> list[tuple[str, int, int, int, int
             raise NoZipDirectory
         pos += 46
         name = cd[pos:pos + nlen].decode("utf-8", "replace")
-        if 0xFFFFFFFF in (csize, usize, offset):
+        if csize == 0xFFFFFFFF or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # (no tuple)
             usize, offset = _zip64_extra(cd[pos + nlen:pos + nlen + xlen], usize, csize, offset)
         append((name, offset, comp, usize, crc))
         pos += nlen + xlen + clen
