@@ -42,7 +42,8 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
             seen.add(name)
     ordered = sorted(entries, key=_HEADER_OFFSET)
     out: dict[str, int | None] = {}
-    spans = []
+    # the first overlap between consecutive records, raised once every local header passed
+    overlap, end_prev, prev = None, 0, None
     window, window_start = b"", 0
     for i, (name, header, comp, usize, _) in enumerate(ordered):
         encoded = name.encode("utf-8", "surrogatepass")
@@ -64,24 +65,22 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
             raise ZipStructureError(
                 f"record {name[-120:]!r}: its local header at offset {header:,} names "
                 f"{lname[-120:].decode('utf-8', 'replace')!r}")
-        if lcomp != comp or not flags & 8 and 0xFFFFFFFF not in (lcsize, lusize) and \
-                lusize != usize:
+        if lcomp != comp or not flags & 8 and lusize != usize and lcsize != 0xFFFFFFFF and \
+                lusize != 0xFFFFFFFF:
             raise ZipStructureError(f"record {name[-120:]!r}: its local header says "
                                     f"{lusize:,} bytes (method {lcomp}), the directory "
                                     f"{usize:,} (method {comp})")
         data = header + LOCAL_HEADER + nlen + xlen
         out[name] = data
         end = data + usize + (_DESCRIPTOR if flags & 8 else 0)
+        if header < end_prev and overlap is None:
+            overlap = f"records {prev[-120:]!r} and {name[-120:]!r} overlap at offset {header:,}"
         # a record said to run past the end of the file is cut (validate: truncated-file);
         # only its header must not overlap
-        spans.append((header, data if end > size else end, name))
-    end_prev, prev = 0, None
-    for start, end, name in spans:
-        if start < end_prev:
-            raise ZipStructureError(f"records {prev[-120:]!r} and {name[-120:]!r} overlap "
-                                    f"at offset {start:,}")
-        end_prev, prev = end, name
-    if spans and directory_start < end_prev:
+        end_prev, prev = data if end > size else end, name
+    if overlap is not None:
+        raise ZipStructureError(overlap)
+    if prev is not None and directory_start < end_prev:
         raise ZipStructureError(f"record {prev[-120:]!r} runs into the zip directory at "
                                 f"offset {directory_start:,}")
     return out
