@@ -1,4 +1,4 @@
-"""`zinspect info --json` writes its params' rows from columns (report.write_info_json) instead of
+"""`zinspect info --json` writes its params' rows from columns (report_json.write_info_json) instead of
 json.dumps of a dict per param: the text must be what json.dumps(info_json(ckpt)) gives, byte for
 byte, on every real fixture and on names and values that JSON escapes or that the row writer
 hands back to json.dumps."""
@@ -15,7 +15,8 @@ from conftest import FIXTURES, fixture_dirs
 from zinspect.cli import main
 from zinspect.core import open_checkpoint
 from zinspect.core.model import Buffer, Param
-from zinspect.report import info_json, totals, write_info_json
+from zinspect.report import totals
+from zinspect.report_json import info_json, write_info_json
 
 PARALLEL = sorted(p for p in (FIXTURES / "parallel").iterdir() if p.is_dir())
 
@@ -100,6 +101,6 @@ def test_totals_output_bytes_is_the_per_name_rule():
     per_name = {name: p.numel * 4 for name, p in ckpt.params.items()}
     per_name.update((name, b.nbytes) for name, b in ckpt.buffers.items())
     assert totals(ckpt)["output_bytes"] == sum(per_name.values())
-    from zinspect.report import _param_columns
+    from zinspect.report_json import _param_columns
 
     assert totals(ckpt) == totals(ckpt, _param_columns(ckpt))

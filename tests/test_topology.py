@@ -13,7 +13,7 @@ from conftest import FIXTURES
 from zinspect.core import codes, open_checkpoint
 from zinspect.core.layouts.gaps import missing_files, outside, stale
 from zinspect.core.model import Coords, RankFile
-from zinspect.report import info_json
+from zinspect.report_json import info_json
 
 PARALLEL = FIXTURES / "parallel"
 

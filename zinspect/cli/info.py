@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from zinspect.cli.common import open_checkpoint, print_json, readable_at_all
-from zinspect.report import human_info, info_json, write_info_json
+from zinspect.report import human_info
+from zinspect.report_json import info_json, write_info_json
 
 NAME = "info"
 SUMMARY = "summary of a checkpoint (--json for scripts)"
