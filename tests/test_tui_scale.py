@@ -168,6 +168,27 @@ async def test_300k_names_are_counted_searched_and_sorted_off_the_ui_thread(monk
         assert sorted_ and ui not in {thread for thread, _ in sorted_}
 
 
+async def test_the_loaded_checkpoint_is_kept_out_of_the_collectors_full_passes(monkeypatch):
+    """Its ~1M objects hold no cycle; walked by each full collection they froze the UI for up
+    to a second at some later key."""
+    import gc
+
+    ckpt = synthetic_checkpoint()
+    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    gc.unfreeze()
+    app = ZinspectApp("synthetic")
+    try:
+        async with app.run_test(size=(120, 36)) as pilot:
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert gc.get_freeze_count() > len(ckpt.params)
+            frozen = set(map(id, gc.get_objects(generation=2)))
+            assert id(ckpt) not in frozen and id(app.view.tree) not in frozen  # frozen, not gen 2
+        assert gc.get_freeze_count() == 0  # given back when the app ends
+    finally:
+        gc.unfreeze()
+
+
 async def test_a_module_of_thousands_opens_with_only_the_lines_on_screen_labelled(monkeypatch):
     """Opening model.layers adds its 1,600 children at once; each label (sizes, marks) is made
     when its line is drawn, and after an exclusion only the lines on screen are re-made."""
