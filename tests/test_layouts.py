@@ -176,3 +176,16 @@ def test_usual_zero3_params_built_in_bulk_are_the_name_by_name_ones(monkeypatch,
     fast, slow = built(True), built(False)
     assert fast == slow and len(fast[0]) == len(trainable)
     assert all(p.shape and p.dtype and not p.frozen and p.tied_to is None for _, p in fast[0])
+
+
+@pytest.mark.parametrize("odd", [(True, 2), (1.0, 2), (-1, 4), tuple([1] * 65), (2**40, 2**40),
+                                 [3, 2], (3, None), (), None, "3"])
+def test_param_shapes_checked_in_bulk_follow_the_one_by_one_rule(odd):
+    """pickled.group_members checks a usual param_shapes group in bulk (distinct shapes only);
+    a group with any shape `pickled.shape` refuses (a bool or float dim equal to an int one, a
+    negative dim, 65 dims, too many elements, a list, ...) gets exactly the one-by-one answer."""
+    from zinspect.core.layouts.pickled import group_members, shape
+
+    for group in ({"a": (1, 2), "b": odd, "c": (4,)}, {"a": odd, "b": (1, 2)}, {"a": (1, 2), 7: (3,)},
+                  {"a": (1, 2), "b": (1, 2), "c": (0,)}):
+        assert group_members(group) == [(str(n), shape(s)) for n, s in group.items()]

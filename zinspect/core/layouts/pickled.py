@@ -45,11 +45,12 @@ def group_members(group: dict) -> list[tuple[str, tuple[int, ...] | None]]:
     The usual group, str names and tuples of valid ints (300k at 300k names), is checked in
     bulk, at C speed, against the rules of `shape`; any other goes one by one."""
     names, values = list(group), list(group.values())
-    if values and set(map(type, names)) == {str} and set(map(type, values)) == {tuple}:
-        dims = list(chain.from_iterable(values))
-        if (not dims or set(map(type, dims)) == {int} and min(dims) >= 0 and
-                max(dims) <= MAX_NUMEL) and max(map(len, values)) <= 64 and \
-                max(map(math.prod, values)) <= MAX_NUMEL:
+    if values and set(map(type, names)) == {str} and set(map(type, values)) == {tuple} and \
+            set(map(type, chain.from_iterable(values))) <= {int}:
+        distinct = set(values)  # tuples of exact ints: equal ones are the same shape
+        dims = list(chain.from_iterable(distinct))
+        if (not dims or min(dims) >= 0 and max(dims) <= MAX_NUMEL) and \
+                max(map(len, distinct)) <= 64 and max(map(math.prod, distinct)) <= MAX_NUMEL:
             return list(zip(names, values, strict=True))
     return [(str(n), shape(s)) for n, s in group.items()]
 
