@@ -98,13 +98,15 @@ async def test_100k_findings_list_and_jump(monkeypatch):
                               rank=7, param=n) for n in names]
     monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
     folded = threads_of(monkeypatch, inspection_module, "folded_order")
+    gridded = threads_of(monkeypatch, app_module, "grid_cells")
     app = ZinspectApp("synthetic")
     async with app.run_test(size=(120, 36)) as pilot:
         await app.workers.wait_for_complete()
         await pilot.pause()
         await pilot.press("4")
         # ordered (and indexed per file for the Overview) by the load worker
-        assert folded and threading.current_thread().name not in {t for t, _ in folded}
+        assert folded and gridded
+        assert threading.current_thread().name not in {t for t, _ in folded + gridded}
         table = app.screen.query_one(FindingTable)
         assert table.has_focus and table.row_count == len(ckpt.findings) == 100_001
         await pilot.press("end")

@@ -30,7 +30,7 @@ from zinspect.tui.screens.selection_file import (
     selection_file_screen,
 )
 from zinspect.tui.widgets.params_pane import ParamsPane
-from zinspect.tui.widgets.ranks_pane import RanksPane
+from zinspect.tui.widgets.ranks_pane import RanksPane, grid_cells
 from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 
 
@@ -123,6 +123,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
         with gc_paused():  # the tree and sort orders are as many small objects again
             view = Inspection(open_checkpoint(self.path, self.tag, progress), selection)
+            view.rank_cells = grid_cells(view.ckpt)
         # The checkpoint and the view hold no reference cycle (refcounting frees them on a
         # reload): kept out of the collector's full passes, which walked them all (~1M
         # objects at 297k names) and froze the UI for 0.4-1 s at some later key.
@@ -173,6 +174,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         ckpt = self.view.ckpt
         ckpt.findings = [f for f in ckpt.findings if f.code not in CODES] + found
         self.view.update_findings()
+        self.view.rank_cells = grid_cells(ckpt)
         await self.main.show_inspection(self.view)
         for screen in self.detail_screens():
             screen.refresh_facts()

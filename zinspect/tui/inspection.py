@@ -106,6 +106,9 @@ class Inspection:
         self.stat_widths: list[int] = []  # of their columns in the parameter table
         self.flagged: set[str] = set()
         self.flagged_below: dict[str, int] = {}
+        #: the Ranks tab's cells with their findings: set by whoever updates the findings
+        #: (tui.widgets.ranks_pane.grid_cells; made with Textual's imports, so not here)
+        self.rank_cells: list = []
         self.update_findings()
         self._sorted: dict[str, list[str]] = {"model": list(self.sizes)}
         self._param_bytes = param_numel * OUTPUT_ITEMSIZE

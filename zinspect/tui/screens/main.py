@@ -43,7 +43,7 @@ class Inspector(Container):
             with TabPane("Parameters", id="tab-params"):
                 yield ParamsPane(view, id="params")
             with TabPane("Ranks", id="tab-ranks"):
-                yield RanksPane(view.ckpt, id="ranks")
+                yield RanksPane(view.ckpt, view.rank_cells, id="ranks")
             with TabPane(findings, id="tab-findings"):
                 yield FindingsPane(view, id="findings")
 

@@ -230,10 +230,11 @@ class GroupMatrix(VirtualTable):
 class RanksPane(Vertical):
     """The grid of ranks, then the ranks x groups matrix."""
 
-    def __init__(self, ckpt: Checkpoint, **kwargs) -> None:
+    def __init__(self, ckpt: Checkpoint, cells: list[Cell], **kwargs) -> None:
+        """`cells`: grid_cells(ckpt), made by the load worker (a pass over every finding)."""
         super().__init__(**kwargs)
         self.ckpt = ckpt
-        self.cells = grid_cells(ckpt)
+        self.cells = cells
 
     def compose(self) -> ComposeResult:
         ckpt, topo = self.ckpt, self.ckpt.topology
