@@ -315,6 +315,8 @@ def test_an_empty_1d_tensor_passes_only_the_rules_of_any_other():
     st = StorageRef("0", "float32", 0)
     t = _rebuild_tensor_v2(st, 0, (0,), (1,))
     assert (t.storage, t.offset, t.shape, t.stride, t.dtype) == (st, 0, (0,), (1,), "float32")
+    u = _rebuild_tensor_v2(st, 0, tuple([0]), tuple([1]))  # (300k placeholders: one shape)
+    assert u.shape is t.shape and u.stride is t.stride
     for offset, size, stride in ((0, (0.0,), (1,)), (0, (False,), (1,)), (0, (0,), (True,)),
                                  (0, (0,), (1.0,)), (-1, (0,), (1,)), (True, (0,), (1,))):
         with pytest.raises(pickle.UnpicklingError, match="malformed offset, shape or stride"):
