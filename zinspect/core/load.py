@@ -1,7 +1,7 @@
 """Build the `Checkpoint` model from a tag dir, reading only pickles and zip directories.
 
 Orchestration only: list and classify the files (`discover`), parse their pickles in threads,
-read what the headers say (`layouts.common.read_headers`), pick the layout from the registry
+read what the headers say (`layouts.headers.read_headers`), pick the layout from the registry
 (`zinspect.core.layouts`) and let it describe the files. The layouts themselves (ZeRO-1/2,
 ZeRO-3, BF16_Optimizer, ...) are explained in their modules.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from zinspect.core import codes, layouts
 from zinspect.core.discover import NamedFile, classify, file_kind, locate
 from zinspect.core.features import features_of
-from zinspect.core.layouts import common, topology
+from zinspect.core.layouts import headers, topology
 from zinspect.core.model import Checkpoint, RankFile, Storage
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
             torch_files[id(rf)] = tf
     ckpt.topology.files = ckpt.files
     ctx = layouts.LoadContext(ckpt, torch_files, _parse_later)
-    common.read_headers(ctx)
+    headers.read_headers(ctx)
     topology.settle(ctx)
     layout = layouts.pick(ctx)
     ckpt.layout = layout.name

@@ -3,7 +3,7 @@ registry below that `load.py` asks, in order, which layout the files are.
 
 A layout module defines `LAYOUT = Layout(name, recognise, describe)`:
   * `recognise(ctx) -> bool` from the files' names and headers (`ctx`: a `base.LoadContext`;
-    `common.read_headers` has filled it: optimizer files by rank, stage, world size, the
+    `headers.read_headers` has filled it: optimizer files by rank, stage, world size, the
     model states, the reference optimizer_state_dict);
   * `describe(ctx) -> None` fills `ctx.ckpt` (params, groups, fragments, topology, findings
     through `ctx.find(code, ...)`). The shared steps are in `common` (names/ties/frozen flags

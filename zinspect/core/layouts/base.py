@@ -26,7 +26,7 @@ class Layout:
 class LoadContext:
     """A checkpoint being built: its files, their parsed pickles, and what the headers say.
 
-    `common.read_headers` fills the header facts before any layout is asked to recognise."""
+    `headers.read_headers` fills the header facts before any layout is asked to recognise."""
 
     ckpt: Checkpoint
     parsed: dict[int, TorchFile]  # id(RankFile) -> its parsed TorchFile
@@ -34,7 +34,7 @@ class LoadContext:
     #: could be read. Thread-safe; used by lazy fragment builders.
     parse: Callable[[list[RankFile]], dict[int, TorchFile]]
 
-    # -- header facts (common.read_headers) -----------------------------------------------
+    # -- header facts (headers.read_headers) ----------------------------------------------
     #: dp rank -> optimizer file of the first slice (mp_rank 0 or none); duplicates reported
     optim: dict[int, RankFile] = field(default_factory=dict)
     optim_files: list[RankFile] = field(default_factory=list)  # every one of that slice

@@ -22,7 +22,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 
-from zinspect.core.layouts import common, one_save, pipeline_zero0, zero12
+from zinspect.core.layouts import common, headers, one_save, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import SALVAGE, missing_files, outside, stale
 from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, text
@@ -303,7 +303,7 @@ class _Pipeline:
         optim = self.optim_files()
         for rf in optim:
             if rf.step is None:
-                common._read_optim_header(ctx, rf)  # only mp_rank 0's are read before
+                headers.read_optim_header(ctx, rf)  # only mp_rank 0's are read before
         one_save.outliers(ctx.find, [(rf, rf.step) for rf in optim], "at optimizer step {}")
 
     def optim_files(self) -> list[RankFile]:

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 
-from zinspect.core.layouts import common, tp_affine, tp_rules, zero3, zero12
+from zinspect.core.layouts import common, headers, tp_affine, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import outside, stale
 from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, numel, shape
@@ -160,14 +160,14 @@ def _slices(ctx: LoadContext, tp: int, dp: int) -> list[Slice]:
         s = slices[t]
         if rf.kind == "optim":
             if rf.rank in s.optim:
-                if t:  # tp rank 0's are reported by common.read_headers
+                if t:  # tp rank 0's are reported by headers.read_headers
                     ctx.find("duplicate-rank", f"tp rank {t}, dp rank {rf.rank} has two optimizer "
                              f"files: {s.optim[rf.rank].name} and {rf.name}", "remove the one that "
                              "does not belong to this run", file=rf.name, rank=rf.rank)
                 continue
             s.optim[rf.rank] = rf
             if t and ctx.torch_file(rf) is not None:
-                common._read_optim_header(ctx, rf)  # noqa: SLF001 (core's header reader)
+                headers.read_optim_header(ctx, rf)
         elif (rf.rank is None) == (c.stage != 3):  # ZeRO-3: one per dp rank, else one per tp rank
             s.models[rf.rank or 0] = rf
         else:
