@@ -1,10 +1,11 @@
 """How soon the app is usable on a real checkpoint (headless, Textual's pilot).
 
-    python tests/tools/bench_app.py CKPT [--filter layers.3299.] [--profile]
+    python tests/tools/bench_app.py CKPT [--filter layers.3299.] [--profile] [--gc]
 
 Prints, from the app's start: when the tabs are shown (wall and process CPU, all threads),
 the Parameters tab, each key of a filter typed into `/` until the table shows that key's rows,
-opening the largest module of the tree, and the peak RSS. No number here is asserted anywhere:
+opening the largest module of the tree, and the peak RSS; with --gc, each full pass of the
+garbage collector and the thread it stopped (on the UI thread, a pause of the app). No number here is asserted anywhere:
 the tests check behaviour, this script the speed (issue 9: params listed and filter typing
 without lag within 3 s at 297k names).
 """
@@ -14,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import resource
+import threading
 import time
 
 from zinspect.tui.app import ZinspectApp
@@ -81,13 +84,30 @@ async def bench(path: str, typed: str, profile: cProfile.Profile | None) -> None
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
+def full_collections():
+    started: dict[str, float] = {}
+
+    def note(phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            started["at"] = time.perf_counter()
+        else:
+            print(f"  (full collection {time.perf_counter() - started['at']:.3f} s on "
+                  f"{threading.current_thread().name})", flush=True)
+    return note
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--filter", default="layers.3299.", help="the keys typed after /")
     parser.add_argument("--profile", action="store_true",
                         help="profile the UI thread after the tabs are shown")
+    parser.add_argument("--gc", action="store_true", help="print each full collection's pause")
     args = parser.parse_args()
+    if args.gc:
+        gc.callbacks.append(full_collections())
     profile = cProfile.Profile() if args.profile else None
     asyncio.run(bench(args.checkpoint, args.filter, profile))
     if profile is not None:
