@@ -5,9 +5,9 @@
 Prints, from the app's start: when the tabs are shown (wall and process CPU, all threads),
 the Parameters tab, each key of a filter typed into `/` until the table shows that key's rows,
 opening the largest module of the tree, and the peak RSS; with --gc, each full pass of the
-garbage collector and the thread it stopped (on the UI thread, a pause of the app). No number here is asserted anywhere:
-the tests check behaviour, this script the speed (issue 9: params listed and filter typing
-without lag within 3 s at 297k names).
+garbage collector and the thread it stopped (on the UI thread, a pause of the app). No number
+here is asserted anywhere: the tests check behaviour, this script the speed (issue 9: params
+listed and filter typing without lag within 3 s at 297k names).
 """
 
 from __future__ import annotations
