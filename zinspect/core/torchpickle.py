@@ -12,11 +12,18 @@ import _compat_pickle
 import math
 import operator
 import pickle
+import types
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from zinspect.core.fastpickle import FastUnpickler
-from zinspect.core.unpickle import BoundedUnpickler, PickledOrderedDict, charge, checked_set
+from zinspect.core.unpickle import (
+    BoundedUnpickler,
+    PickledOrderedDict,
+    charge,
+    checked_set,
+    refuse_build,
+)
 
 #: torch dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -68,6 +75,8 @@ class TensorRef:
     stride: tuple[int, ...]
     dtype: str
     requires_grad: bool = False
+
+    __setstate__ = refuse_build  # checked against its storage once: a BUILD may not change it
 
     @property
     def numel(self) -> int:
@@ -126,6 +135,7 @@ class EnumInt(int):
 
     qualname = "?"
     names: dict[int, str] = {}
+    __setstate__ = refuse_build  # (the class is shared by every pickle read)
 
     def __repr__(self) -> str:
         return f"{self.qualname}.{self.names.get(int(self), int(self))}"
@@ -137,14 +147,18 @@ ZeroStageEnum = type("ZeroStageEnum", (EnumInt,), {
 })
 
 
-@dataclass(frozen=True, slots=True)  # slots: a BUILD cannot write into a shared instance
+# shared by every pickle read (one per name in `_ALLOWED`): a BUILD may not change them (a
+# frozen dataclass with slots gets a __setstate__ that writes its fields otherwise)
+@dataclass(frozen=True, slots=True)
 class DType:
     name: str
+    __setstate__ = refuse_build
 
 
 @dataclass(frozen=True, slots=True)
 class _StorageClass:
     dtype: str
+    __setstate__ = refuse_build
 
 
 _INT = frozenset({int})
@@ -279,6 +293,10 @@ _ALLOWED = {
 _ALLOWED.update({("torch", name): _StorageClass(dt) for name, dt in STORAGE_DTYPES.items()})
 _ALLOWED.update({("torch", name): DType(name) for name in DTYPE_SIZES})
 _ALLOWED.update({("torch", a): DType(n) for a, n in DTYPE_ALIASES.items()})
+for _call in _ALLOWED.values():  # a BUILD of a function sets its attributes (its defaults)
+    if isinstance(_call, types.FunctionType):
+        _call.__setstate__ = refuse_build
+del _call
 
 #: classes that real DeepSpeed / Megatron checkpoints contain; kept as inert records, not reported
 KNOWN_CLASSES = frozenset({

@@ -323,10 +323,28 @@ class PickledDict(dict):
         _set(self, key, value)
 
 
-class PickledOrderedDict(OrderedDict):
+def refuse_build(*_args) -> None:
+    """`__setstate__` of every object of an allowlist but the inert records and OrderedDicts:
+    BUILD (the one opcode that changes an object it did not make) would otherwise set the
+    attributes of a shared allowlist object for every pickle read after it in the process
+    (`torch.FloatStorage`'s dtype, a checked function's defaults, a class's methods) or of a
+    tensor already checked against its storage. Both unpicklers look `__setstate__` up first."""
+    raise pickle.UnpicklingError("the pickle changes an object it may not change (BUILD of an "
+                                 "allowlisted object or a tensor)")
+
+
+class NoBuild(type):
+    """Metaclass of an allowlisted class whose instances may take a BUILD: the class itself may
+    not (its methods are the rules, shared by every later pickle)."""
+
+    __setstate__ = refuse_build
+
+
+class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
     """`collections.OrderedDict` for a restricted unpickler's allowlist (see PickledDict); its
     constructor fills it through `__setitem__` too. It stays in the results (copying 300k
-    items costs 0.2 s) and pickles as an OrderedDict."""
+    items costs 0.2 s) and pickles as an OrderedDict. A BUILD sets an instance's attributes
+    (a state_dict's `_metadata`), never the class's (`NoBuild`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         if args or kwargs:  # (OrderedDict(): nothing to do, 300k times at 300k names)
