@@ -363,3 +363,25 @@ def test_storage_ids_get_the_same_verdict_on_both_paths(what, pid, ok):
     assert prepare_for_c(raw) is not None
     fast, slow = outcome(raw, "fast"), outcome(raw, "slow")
     assert fast == slow and fast.startswith("ok") == ok, (fast, slow)
+
+
+def test_gc_paused_leaves_what_is_frozen_frozen():
+    """The app freezes a loaded checkpoint out of the collector; a pickle read afterwards (the
+    optimizer view, a compare) must not give it back (gc.unfreeze), or full collections walk it
+    again and pause the UI. With nothing frozen, what was built while paused is not left frozen."""
+    import gc
+
+    from zinspect.core.unpickle import gc_paused
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with gc_paused():
+            made = [[i] for i in range(100)]
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
+    with gc_paused():
+        made = [[i] for i in range(100)]
+    assert gc.get_freeze_count() == 0 and gc.isenabled() and made

@@ -196,7 +196,7 @@ def charge(units: int) -> None:
 
 
 _gc_lock = threading.Lock()
-_gc_state = {"readers": 0, "was_enabled": False}
+_gc_state = {"readers": 0, "was_enabled": False, "keep_frozen": False}
 
 
 @contextlib.contextmanager
@@ -210,10 +210,13 @@ def gc_paused():
     the oldest generation (gc.freeze() then gc.unfreeze(): two list splices) instead of being
     walked by the next young collection (0.3-0.5 s at 297k names). Cyclic garbage made while
     paused is then freed by the next full collection instead: there is little (59 objects at
-    297k names, since `plain` clears its memo; before that, the whole parsed model states)."""
+    297k names, since `plain` clears its memo; before that, the whole parsed model states).
+    Not when something is frozen already (the app freezes a loaded checkpoint): gc.unfreeze()
+    would give all of it back to the collector, whose full passes over it pause the UI."""
     with _gc_lock:
         if not _gc_state["readers"]:
             _gc_state["was_enabled"] = gc.isenabled()
+            _gc_state["keep_frozen"] = gc.get_freeze_count() > 0
             gc.disable()
         _gc_state["readers"] += 1
     try:
@@ -222,8 +225,9 @@ def gc_paused():
         with _gc_lock:
             _gc_state["readers"] -= 1
             if not _gc_state["readers"] and _gc_state["was_enabled"]:
-                gc.freeze()
-                gc.unfreeze()
+                if not _gc_state["keep_frozen"]:
+                    gc.freeze()
+                    gc.unfreeze()
                 gc.enable()
 
 
