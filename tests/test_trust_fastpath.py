@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import damage as D
@@ -184,3 +185,80 @@ def test_a_tensor_moved_by_a_build_is_an_unreadable_file_and_no_merge(tmp_path):
     out = tmp_path / "merged"
     r = _zinspect("merge", root, out)
     assert r.returncode == 1 and "validation found" in r.stderr and not out.exists()
+
+
+# ------------------------------------------------------------------------ the zip record checks
+def _local(path: Path, leaf: str) -> tuple[zipfile.ZipInfo, int, int]:
+    with zipfile.ZipFile(path) as zf:
+        zi = next(z for z in zf.infolist() if z.filename.endswith(leaf))
+    nlen, xlen = struct.unpack_from("<HH", path.read_bytes(), zi.header_offset + 26)
+    return zi, nlen, xlen
+
+
+def _relabel(path: Path, leaf: str, grow: int) -> zipfile.ZipInfo:
+    """Record `leaf`'s local name made `grow` bytes longer (shorter if negative) and its extra
+    field as much shorter: the data stays where it was, the name takes in the extra's bytes."""
+    zi, nlen, xlen = _local(path, leaf)
+    buf = bytearray(path.read_bytes())
+    struct.pack_into("<HH", buf, zi.header_offset + 26, nlen + grow, xlen - grow)
+    path.write_bytes(bytes(buf))
+    return zi
+
+
+def _grow_last_record(path: Path, by: int) -> zipfile.ZipInfo:
+    """The record nearest the directory made `by` bytes longer in its directory entry."""
+    with zipfile.ZipFile(path) as zf:
+        zi = max(zf.infolist(), key=lambda z: z.header_offset)
+    leaf = zi.filename.rsplit("/", 1)[-1]
+    for at in (20, 24):
+        D._patch_central(path, leaf, "<I", at, zi.file_size + by)
+    return zi
+
+
+def _read(path: Path) -> str:
+    from zinspect.core.torchzip import read_torch_file
+    from zinspect.errors import UnreadableFile
+
+    try:
+        read_torch_file(path)
+        return "ok"
+    except UnreadableFile as e:
+        return e.message.split(": its zip structure is forged or damaged: ", 1)[-1]
+
+
+def test_a_local_name_longer_than_the_directorys_is_refused(tmp_path):
+    """The tensor record's local header names '<its name>FB\\x11\\x00' (its extra field's first
+    bytes taken into the name): zipfile refuses that file; so does zinspect, wherever the
+    record lies in the read window (the slice of the name used to be cut at the window's end,
+    the name of the last record in it, so only a tensor record with data passed)."""
+    root = D.copy_root(tmp_path, "s2_w4_fp16")
+    p = root / D.TAG / D.optim_name(1)
+    flat = D._fp32_and_moment(p)[0]
+    zi = _relabel(p, "/data/" + flat, 4)
+    n = len(zi.filename)
+    assert _read(p) == (f"record {zi.filename!r}: its local header at offset "
+                        f"{zi.header_offset:,} names {zi.filename!r} ({n + 4} bytes long, the "
+                        f"directory's {n})")
+    with pytest.raises(zipfile.BadZipFile, match="differ"), zipfile.ZipFile(p) as zf:
+        zf.read(zi.filename)
+
+
+def test_a_local_name_shorter_than_the_directorys_is_refused(tmp_path):
+    root = D.copy_root(tmp_path, "s2_w4_fp16")
+    p = root / D.TAG / D.optim_name(1)
+    zi = _relabel(p, "/data/" + D._fp32_and_moment(p)[0], -1)
+    n = len(zi.filename)
+    assert _read(p) == (f"record {zi.filename!r}: its local header at offset "
+                        f"{zi.header_offset:,} names {zi.filename[:-1]!r} ({n - 1} bytes long, "
+                        f"the directory's {n})")
+
+
+def test_a_record_grown_into_the_directory_is_refused(tmp_path):
+    root = D.copy_root(tmp_path, "s2_w4_fp16")
+    p = root / D.TAG / D.optim_name(1)
+    with zipfile.ZipFile(p) as zf:
+        start = zf.start_dir
+    zi = _grow_last_record(p, 64)
+    assert _read(p) == f"record {zi.filename!r} runs into the zip directory at offset {start:,}"
+    _grow_last_record(p, -64)  # back as it was: read as before
+    assert _read(p) == "ok"

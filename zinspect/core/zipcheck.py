@@ -59,12 +59,15 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
         if sig != b"PK\x03\x04":
             raise ZipStructureError(f"record {name[-120:]!r}: no local header at offset "
                                     f"{header:,} (the directory points elsewhere)")
-        if (nlen != len(encoded) or not window.startswith(encoded, at + LOCAL_HEADER)) and \
-                window[at + LOCAL_HEADER:at + LOCAL_HEADER + nlen] != encoded:
+        # the length first: a window ends with its last record's name, so a slice of a longer
+        # local name (the directory's name and then its extra field's first bytes) is cut to it
+        if nlen != len(encoded) or not window.startswith(encoded, at + LOCAL_HEADER):
             lname = window[at + LOCAL_HEADER:at + LOCAL_HEADER + nlen]
             raise ZipStructureError(
                 f"record {name[-120:]!r}: its local header at offset {header:,} names "
-                f"{lname[-120:].decode('utf-8', 'replace')!r}")
+                f"{lname[-120:].decode('utf-8', 'replace')!r}" + ("" if nlen == len(encoded) else
+                                                                 f" ({nlen} bytes long, the "
+                                                                 f"directory's {len(encoded)})"))
         if lcomp != comp or not flags & 8 and lusize != usize and lcsize != 0xFFFFFFFF and \
                 lusize != 0xFFFFFFFF:
             raise ZipStructureError(f"record {name[-120:]!r}: its local header says "
