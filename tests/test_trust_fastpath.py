@@ -262,3 +262,73 @@ def test_a_record_grown_into_the_directory_is_refused(tmp_path):
     assert _read(p) == f"record {zi.filename!r} runs into the zip directory at offset {start:,}"
     _grow_last_record(p, -64)  # back as it was: read as before
     assert _read(p) == "ok"
+
+
+# ------------------------------------- lookalikes for the shortcuts: the same exact verdict twice
+_E3 = b"cdeepspeed.runtime.zero.config\nZeroStageEnum\nK\x03\x85R"
+_STORAGE = "StorageRef(key='{k}', dtype='float32', numel=4, location='cpu')"
+_CORRUPT = "unreadable f.pt: its pickle is corrupt (UnpicklingError: {})"
+_WINDOW = _CORRUPT.format("storage 0: a tensor with a malformed offset, shape or stride")
+
+
+def _ok(key: str = "0", offset: int = 0, extra: str = "") -> str:
+    st = _STORAGE.format(k=key)
+    return (f"ok [{st}] {{'t': TensorRef(storage={st}, offset={offset}, shape=(0,), stride=(1,), "
+            f"dtype='float32', requires_grad=False){extra}}}")
+
+
+def _empty(**kw) -> bytes:
+    return _tensor(**{"size": b"K\x00\x85", **kw})
+
+
+#: (pickle, its verdict on both paths): the empty 1-D tensor's shortcut and persistent_load's
+#: field-by-field check against int subclasses (ZeroStageEnum), lists, bounds and sharing
+LOOKALIKES = {
+    "an int-subclass dim": (_tensor(size=_ENUM0 + b"\x85"), _WINDOW),
+    "an int-subclass stride": (_empty(stride=_ENUM0 + b"\x85"), _WINDOW),
+    "an int-subclass offset": (_empty(offset=_ENUM0), _WINDOW),
+    "a 2**62 offset (holds nothing)": (_empty(offset=b"\x8a\x08" + (1 << 62).to_bytes(8, "little")),
+                                       _ok(offset=1 << 62)),
+    "a list shape and stride": (_empty(size=b"]K\x00a", stride=b"]K\x01a"), _ok()),
+    "its shape shared with the result": (_tensor(size=b"K\x00\x85q\x07", after=_key("u") + b"h\x07"),
+                                         _ok(extra=", 'u': (0,)")),
+    "an int-subclass count": (_empty(pid=_PID[:-2] + _ENUM0),
+                              _CORRUPT.format("storage 0: bad element count ZeroStageEnum")),
+    "an int-subclass key (its str)": (_empty(pid=_PID.replace(_key("0"), _E3)),
+                                      _ok(key="ZeroStageEnum.weights")),
+    "a 64-character key": (_empty(pid=_PID.replace(_key("0"), _key("k" * 64))), _ok(key="k" * 64)),
+    "a 65-character key": (_empty(pid=_PID.replace(_key("0"), _key("k" * 65))),
+                           _CORRUPT.format("malformed storage reference (5 fields)")),
+    "a count of 2**48 + 1": (_empty(pid=_PID[:-2] + b"\x8a\x07" + (2**48 + 1).to_bytes(7, "little")),
+                             _CORRUPT.format("storage 0: bad element count 281474976710657")),
+    "a legacy view field": (_empty(pid=_PID + b"N"),
+                            _CORRUPT.format("malformed storage reference (6 fields)")),
+}
+
+
+@pytest.mark.parametrize("what", list(LOOKALIKES))
+def test_lookalikes_get_the_same_exact_verdict_on_both_paths(what):
+    raw, verdict = LOOKALIKES[what]
+    assert prepare_for_c(raw) is not None
+    assert outcomes(raw) == {"fast": [verdict], "slow": [verdict]}
+
+
+_OD = b"\x80\x02}(" + _key("o") + b"ccollections\nOrderedDict\n"
+#: OrderedDict() skips the copy's __init__ only when it has nothing to add: with items, each key
+#: is checked and the copy charged, as before
+ORDERED = {
+    "OrderedDict(a dict)": (_OD + b"}(" + _key("a") + b"K\x01u\x85Ru.",
+                            "ok [] {'o': PickledOrderedDict([('a', 1)])}"),
+    "OrderedDict(pairs)": (_OD + b"](" + _key("a") + b"K\x01\x86" + _key("b") + b"N\x86e\x85Ru.",
+                           "ok [] {'o': PickledOrderedDict([('a', 1), ('b', None)])}"),
+    "OrderedDict(a deep key)": (_OD + b"](N" + b"\x85" * 2000 + b"K\x01\x86e\x85Ru.",
+                                "unreadable f.pt: its pickle exceeds a parsing budget: a dict key "
+                                "or set member holds more than 1,000 objects"),
+}
+
+
+@pytest.mark.parametrize("what", list(ORDERED))
+def test_ordered_dicts_with_items_are_checked_on_both_paths(what):
+    raw, verdict = ORDERED[what]
+    assert prepare_for_c(raw) is not None
+    assert outcomes(raw) == {"fast": [verdict], "slow": [verdict]}
