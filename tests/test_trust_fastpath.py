@@ -128,6 +128,24 @@ def test_a_build_changes_no_checked_tensor_and_no_allowlisted_object(what):
     assert outcomes(raw, CLEAN) == {"fast": [REFUSED, CLEAN_READ], "slow": [REFUSED, CLEAN_READ]}
 
 
+def test_no_global_of_the_allowlist_takes_a_build():
+    """Every object a pickle can name (what a new allowlist entry must not break): a BUILD of it
+    is refused on both paths, and a clean pickle read after them all reads as in a fresh one."""
+    from zinspect.core.torchpickle import _ALLOWED
+
+    names = sorted(_ALLOWED)
+    raws = [b"\x80\x02" + f"c{m}\n{n}\n".encode() + _build(_key("x") + b"N") + b"0}."
+            for m, n in names]
+    out = outcomes(*raws, CLEAN)
+    assert out["fast"] == out["slow"]
+    assert out["fast"][-1] == CLEAN_READ
+    verdicts = dict(zip(names, out["fast"], strict=False))
+    immutable = ("unreadable f.pt: its pickle is corrupt (TypeError: cannot set 'x' attribute of "
+                 "immutable type 'slice')")
+    assert verdicts.pop(("builtins", "slice")) == immutable
+    assert set(verdicts.values()) == {REFUSED}, verdicts
+
+
 def test_a_build_still_sets_an_ordered_dict_or_inert_record():
     """What real checkpoints BUILD (a state_dict's `_metadata`, a LossScaler's and a
     fragment_address's state) is still set, on both paths."""
