@@ -90,6 +90,9 @@ FIXTURES = {
                                 "--no-frozen", "--no-tied"]),
     "s3_w2_fp32": (ZERO, ["--stage", "3", "--world-size", "2", "--dtype", "fp32"]),
     "s3_w4_bf16": (ZERO, ["--stage", "3", "--world-size", "4", "--dtype", "bf16"]),
+    # no frozen or tied names: the usual ZeRO-3 model states, whose params are built in bulk
+    "s3_w2_bf16_plain": (ZERO, ["--stage", "3", "--world-size", "2", "--dtype", "bf16",
+                                "--no-frozen", "--no-tied"]),
     # several fp32 sub-groups per param group
     "s3_w3_fp16_sub": (ZERO, ["--stage", "3", "--world-size", "3", "--dtype", "fp16",
                               "--sub-group-size", "200"]),
