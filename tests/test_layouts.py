@@ -147,6 +147,18 @@ def _build_inputs(monkeypatch, name):
     return got[0]
 
 
+def _built(monkeypatch, ctx, names, shared, bulk_path: bool):
+    """(params, findings) `_build_params` makes from these inputs, on the bulk path or not."""
+    from zinspect.core.layouts import common
+
+    ctx.ckpt.params, ctx.ckpt.findings = {}, []
+    if not bulk_path:
+        monkeypatch.setattr(common, "_usual_zero3", lambda names: None)
+    common._build_params(ctx, names, shared)
+    monkeypatch.undo()
+    return list(ctx.ckpt.params.items()), ctx.ckpt.findings
+
+
 @pytest.mark.parametrize("name", ["s3_w2_fp32", "s3_w4_bf16", "s3_w3_fp16_sub",
                                   "hf_llama_tied_s3_w4_fp32", "hf_mistral_lora_s3_w2_bf16"])
 def test_usual_zero3_params_built_in_bulk_are_the_name_by_name_ones(monkeypatch, name):
@@ -165,17 +177,21 @@ def test_usual_zero3_params_built_in_bulk_are_the_name_by_name_ones(monkeypatch,
     bulk = common._usual_zero3(usual)
     assert bulk is not None and sorted(bulk[0]) == sorted(trainable)
 
-    def built(bulk_path: bool):
-        ctx.ckpt.params, ctx.ckpt.findings = {}, []
-        if not bulk_path:
-            monkeypatch.setattr(common, "_usual_zero3", lambda names: None)
-        common._build_params(ctx, usual, shared)
-        monkeypatch.undo()
-        return list(ctx.ckpt.params.items()), ctx.ckpt.findings
-
-    fast, slow = built(True), built(False)
+    fast, slow = (_built(monkeypatch, ctx, usual, shared, bulk) for bulk in (True, False))
     assert fast == slow and len(fast[0]) == len(trainable)
     assert all(p.shape and p.dtype and not p.frozen and p.tied_to is None for _, p in fast[0])
+
+
+def test_a_real_usual_zero3_checkpoint_takes_the_bulk_path(monkeypatch):
+    """s3_w2_bf16_plain (a real ZeRO-3 run with no frozen or tied names) is built by
+    `_usual_zero3`, and gives the same Params and findings as the name-by-name path."""
+    from zinspect.core.layouts import common
+
+    ctx, names, shared = _build_inputs(monkeypatch, "s3_w2_bf16_plain")
+    assert common._usual_zero3(names) is not None
+
+    fast, slow = (_built(monkeypatch, ctx, names, shared, bulk) for bulk in (True, False))
+    assert fast == slow and len(fast[0]) == 27
 
 
 @pytest.mark.parametrize("odd", [(True, 2), (1.0, 2), (-1, 4), tuple([1] * 65), (2**40, 2**40),
