@@ -54,8 +54,9 @@ def stale(find: Find, rf, why: str) -> None:
 def outside(grid: Grid, at: Sequence[int], of: str = "this checkpoint's") -> str:
     """Why a file at coordinates `at` (one per axis of `grid`) is stale: "it is at stage 2, dp
     rank 0, outside this checkpoint's 2 stages × 2 dp ranks" (an axis of size 1 the file is
-    inside of is not said)."""
-    said = [i for i, ((_, n), v) in enumerate(zip(grid, at, strict=True)) if n > 1 or v > 0]
+    inside of is not said; one of a forged size 0 is)."""
+    said = [i for i, ((_, n), v) in enumerate(zip(grid, at, strict=True))
+            if n > 1 or v > 0 or not 0 <= v < n]  # the axis it is outside of, even of size 0
     return (f"it is at {where([grid[i][0] for i in said], [at[i] for i in said])}, outside {of} "
             f"{extent([grid[i] for i in said])}")
 

@@ -25,8 +25,14 @@ def outliers(find, facts: list[tuple[RankFile, object]], what: str, code: str = 
     out = set()
     for rf, v in facts:
         if isinstance(v, (int, float)) and v != usual:
-            find(code, f"{rf.name} was saved {what.format(f'{v:g}')}, the other files "
-                 f"{what.format(f'{usual:g}')}",
+            find(code, f"{rf.name} was saved {what.format(_g(v))}, the other files "
+                 f"{what.format(_g(usual))}",
                  OTHER_SAVE, file=rf.name, rank=rf.rank)
             out.add(rf.name)
     return out
+
+
+def _g(value: float) -> str:
+    """`value` as `:g` prints it; a forged int beyond any float (OverflowError) by its size."""
+    return f"{value:g}" if isinstance(value, float) or abs(value) < 2**1023 else \
+        f"{'-' if value < 0 else ''}2**{value.bit_length() - 1}+"
