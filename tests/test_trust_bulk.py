@@ -30,18 +30,25 @@ from zinspect.report_json import info_json, write_info_json
 
 
 # ---------------------------------------------------------------------- one save: huge values
+def _global_steps(tmp_path, values: dict[str, object]):
+    """pp2_dp2_s1_fp32 with the `global_steps` of stage files (by name) forged."""
+    root = tmp_path / "pp"
+    shutil.copytree(FIXTURES / "parallel" / "pp2_dp2_s1_fp32", root)
+    for name, value in values.items():
+        path = next(root.glob(f"*/{name}"))
+        state = torch_load(path)
+        state["global_steps"] = value
+        torch.save(state, path)
+    return open_checkpoint(root)
+
+
 @pytest.mark.parametrize(("value", "shown"), [(10**400, "2**1328+"), (-(10**400), "-2**1328+"),
-                                              (3, "3")], ids=["1e400", "-1e400", "3"])
+                                              (3, "3"), (float("nan"), "nan")],
+                         ids=["1e400", "-1e400", "3", "nan"])
 def test_a_global_step_beyond_any_float_is_a_located_finding(tmp_path, value, shown):
     """A stage's `global_steps` forged to an int no float holds: one step-mismatch naming that
     file (before: OverflowError from `:g`, an internal error for validate and info)."""
-    root = tmp_path / "pp"
-    shutil.copytree(FIXTURES / "parallel" / "pp2_dp2_s1_fp32", root)
-    path = next(root.glob("*/mp_rank_01_model_states.pt"))
-    state = torch_load(path)
-    state["global_steps"] = value
-    torch.save(state, path)
-    ckpt = open_checkpoint(root)
+    ckpt = _global_steps(tmp_path, {"mp_rank_01_model_states.pt": value})
     steps = [f for f in ckpt.findings if f.code == "step-mismatch"]
     assert [(f.file, f.message) for f in steps] == [
         ("mp_rank_01_model_states.pt", f"mp_rank_01_model_states.pt was saved at global step "
@@ -49,6 +56,14 @@ def test_a_global_step_beyond_any_float_is_a_located_finding(tmp_path, value, sh
     out = io.StringIO()
     write_info_json(ckpt, out)
     assert json.loads(out.getvalue())["findings"]
+
+
+def test_files_that_all_say_nan_are_one_save(tmp_path):
+    """Every stage's step NaN: the files agree (before: NaN != NaN, so each file was named as
+    "saved at global step nan, the other files at global step nan", the usual one included)."""
+    ckpt = _global_steps(tmp_path, {f"mp_rank_0{s}_model_states.pt": float("nan") for s in (0, 1)})
+    assert not [f for f in ckpt.findings if f.code == "step-mismatch"]
+    assert not ckpt.errors
 
 
 # ---------------------------------------------------------------------- world size by majority

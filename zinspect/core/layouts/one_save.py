@@ -8,6 +8,7 @@ from collections import Counter
 
 from zinspect.core.model import RankFile
 
+_NAN = float("nan")
 OTHER_SAVE = ("it comes from another save, and its values are not this checkpoint's; restore the "
               "file saved with the others")
 
@@ -17,14 +18,15 @@ def outliers(find, facts: list[tuple[RankFile, object]], what: str, code: str = 
     """`code` for each file whose value is not `usual` (default: the value most files have);
     `what` says a value ("at optimizer step {}", "with ZeRO-{}"); `find(code, message, hint,
     **where)` is LoadContext.find or validate's. Returns the names of the files found."""
-    values = Counter(v for _, v in facts if isinstance(v, (int, float)))
+    facts = [(rf, _NAN if v != v else v) for rf, v in facts if isinstance(v, (int, float))]
+    values = Counter(v for _, v in facts)  # every NaN one value (NaN != NaN: each its own)
     if usual is None:
         if len(values) < 2:
             return set()
         usual = values.most_common(1)[0][0]
     out = set()
     for rf, v in facts:
-        if isinstance(v, (int, float)) and v != usual:
+        if v is not usual and v != usual:
             find(code, f"{rf.name} was saved {what.format(_g(v))}, the other files "
                  f"{what.format(_g(usual))}",
                  OTHER_SAVE, file=rf.name, rank=rf.rank)
