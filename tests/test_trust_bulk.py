@@ -66,6 +66,35 @@ def test_files_that_all_say_nan_are_one_save(tmp_path):
     assert not ckpt.errors
 
 
+# ---------------------------------------------------------------------- param_shapes cut short
+@pytest.mark.parametrize("shapes", [[], None, "first two"], ids=["empty", "none", "first-two"])
+@pytest.mark.parametrize("name", ["s2_w2_bf16", "s1_w2_bf16_bf16opt"])
+def test_param_shapes_cut_short_refuse_the_merge(tmp_path, name, shapes):
+    """A ZeRO-1/2 model-states file whose param_shapes lost groups (every CRC valid): the names
+    of those groups, in the module alone, passed for frozen params saved in 16 bits, validate
+    said ok and the merge wrote their bf16 copies for the fp32 masters. Now one error names the
+    undescribed groups, and neither the merge nor --salvage (which cannot tell those names from
+    frozen ones) writes anything."""
+    from zinspect.core.plan import plan_merge
+    from zinspect.errors import NotMergeable
+
+    root = D.copy_root(tmp_path, name)
+    path = next(root.glob("*/" + D.MODEL))
+    state = torch_load(path)
+    state["param_shapes"] = state["param_shapes"][:2] if shapes == "first two" else shapes
+    torch.save(state, path)
+    ckpt = open_checkpoint(root)
+    described = 2 if shapes == "first two" else 0
+    found = [f for f in ckpt.findings if f.code == "group-coverage"]
+    assert [f.message for f in found] == [
+        f"the optimizer files partition 3 flat groups, the model states' param_shapes describes "
+        f"{described}: the fp32 masters of group{' 2' if described else 's 0..2'} belong to no param"]
+    assert ckpt.errors
+    for salvage in (False, True):
+        with pytest.raises(NotMergeable):
+            plan_merge(ckpt, salvage=salvage)
+
+
 # ---------------------------------------------------------------------- world size by majority
 def _forge_partition_count(path, value: int) -> None:
     """Every int of `path`'s partition_count becomes `value` (LONG4: any size, any sign)."""

@@ -151,6 +151,8 @@ class _Checks:
         rank file: one finding, naming the param whose share is off when one fits."""
         c = self.c
         ws = c.world_size or 0
+        if c.stage in (1, 2):
+            self._undescribed_groups()
         for g in c.groups:
             if not g.partition_numel:
                 continue
@@ -171,6 +173,23 @@ class _Checks:
                     self.add("partition-size", f"group {g.index}: rank {r} holds {n:,} real "
                              f"elements, expected {expect:,} for {g.numel:,} elements over "
                              f"{ws} ranks", _REPLACE, rank=r, group=g.index, file=_file_of(c, r))
+
+    def _undescribed_groups(self) -> None:
+        """ZeRO-1/2: each flat group the optimizer files partition (a partition count each) is
+        one param_shapes describes. Else its fp32 masters belong to no param, and its params,
+        named by the module alone, pass for frozen ones saved in 16 bits (param_shapes dropped
+        or cut short: the merge wrote the 16-bit copies instead of the masters)."""
+        c = self.c
+        held = max((len(f.partition_count) for f in c.files_of("optim") if f.mp_rank in (0, None)),
+                   default=0)
+        # no params: the model states are unreadable or name none (their own finding)
+        if held > len(c.groups) and c.params:  # located nowhere: --salvage cannot tell them apart
+            self.add("group-coverage", f"the optimizer files partition {held} flat groups, the "
+                     f"model states' param_shapes describes {len(c.groups)}: the fp32 masters of "
+                     f"group{'s' if held - len(c.groups) > 1 else ''} {len(c.groups)}"
+                     f"{f'..{held - 1}' if held - len(c.groups) > 1 else ''} belong to no param",
+                     "the model-states file's param_shapes do not match the optimizer files: "
+                     "restore the model states saved with them")
 
     def _zero3_group(self, g, ws: int) -> None:
         c = self.c
