@@ -95,6 +95,33 @@ def test_param_shapes_cut_short_refuse_the_merge(tmp_path, name, shapes):
             plan_merge(ckpt, salvage=salvage)
 
 
+@pytest.mark.parametrize("name", ["s2_w2_bf16", "s1_w2_bf16_bf16opt"])
+def test_a_param_renamed_in_param_shapes_refuses_the_merge(tmp_path, name):
+    """encoder.cube renamed in param_shapes (the module keeps its name): the masters went out
+    under the new name and encoder.cube, in the module alone, passed for a frozen param, its
+    bf16 copy written (a warning only, merge exit 0). Now an error; located nowhere, as which
+    module name is the param's own is unknown, so --salvage refuses too."""
+    from collections import OrderedDict
+
+    from zinspect.core.plan import plan_merge
+    from zinspect.errors import NotMergeable
+
+    root = D.copy_root(tmp_path, name)
+    path = next(root.glob("*/" + D.MODEL))
+    state = torch_load(path)
+    state["param_shapes"][0] = OrderedDict(("renamed.weight" if n == "encoder.cube" else n, s)
+                                           for n, s in state["param_shapes"][0].items())
+    torch.save(state, path)
+    ckpt = open_checkpoint(root)
+    found = [f for f in ckpt.findings if f.code == "shape-mismatch"]
+    assert [(f.severity, f.message, f.param, f.file) for f in found] == [
+        ("error", "renamed.weight: param_shapes says (3, 5, 7), its 16-bit weight in the module "
+         "is missing", None, None)]
+    for salvage in (False, True):
+        with pytest.raises(NotMergeable):
+            plan_merge(ckpt, salvage=salvage)
+
+
 # ---------------------------------------------------------------------- world size by majority
 def _forge_partition_count(path, value: int) -> None:
     """Every int of `path`'s partition_count becomes `value` (LONG4: any size, any sign)."""

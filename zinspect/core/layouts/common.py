@@ -12,6 +12,7 @@ from operator import itemgetter
 from zinspect.core.layouts import pickled
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.headers import inner_optimizer
+from zinspect.core.layouts.moe_names import EXPERT_ID
 from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
 from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile, is_state_key
 from zinspect.core.torchzip import TensorRef
@@ -110,11 +111,14 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
         if shp is None and ref and stage12:
             shp = t.shape
         p = Param(name, shp or (), (t.dtype if ref else None) or "")
-        if in_groups and shp is not None and ref and stage12 and t.shape != shp:
-            # stage 1/2 modules hold full weights
+        if in_groups and shp is not None and stage12 and module and (
+                t.shape != shp if ref else EXPERT_ID.search(name) is None):
+            # stage 1/2 modules hold full weights, but MoE experts' (in their own files). A name
+            # renamed in param_shapes: masters under a name the module lacks, its own name
+            # taken for a frozen param (which: unknown, so located nowhere: --salvage refuses)
             ctx.find("shape-mismatch", f"{name}: param_shapes says {short(shp)}, its 16-bit "
-                     f"weight in the module is {short(t.shape)}", REPLACE_MODEL_STATES,
-                     param=name, file=model_file.name)
+                     f"weight in the module is {short(t.shape) if ref else 'missing'}",
+                     REPLACE_MODEL_STATES, **({"param": name, "file": model_file.name} if ref else {}))
         src = shared.get(name) if shared else None
         if isinstance(src, str) and src != name and not in_groups:
             p.tied_to = src
