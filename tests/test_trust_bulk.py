@@ -122,6 +122,31 @@ def test_a_param_renamed_in_param_shapes_refuses_the_merge(tmp_path, name):
             plan_merge(ckpt, salvage=salvage)
 
 
+@pytest.mark.parametrize("name", ["s2_w2_bf16", "s3_w2_bf16_plain"])
+def test_a_param_listed_as_a_buffer_refuses_the_merge(tmp_path, name):
+    """encoder.cube added to buffer_names (torch never has a buffer and a param of one name):
+    at ZeRO-2 the param was dropped and its bf16 module copy written as a buffer in its place
+    (a slice-mapping warning only, merge exit 0). Now an error, located nowhere so --salvage
+    (which writes buffers) refuses too; ZeRO-3 names the cause as well."""
+    from zinspect.core.plan import plan_merge
+    from zinspect.errors import NotMergeable
+
+    root = D.copy_root(tmp_path, name)
+    for path in root.glob("*/*model_states.pt"):
+        state = torch_load(path)
+        if "buffer_names" in state:
+            state["buffer_names"] = [*state["buffer_names"], "encoder.cube"]
+            torch.save(state, path)
+    ckpt = open_checkpoint(root)
+    found = [f for f in ckpt.findings if f.code == "duplicate-param"]
+    assert [(f.severity, f.message, f.param, f.file) for f in found] == [
+        ("error", "encoder.cube is a param of group 0 and a buffer (buffer_names): its module "
+         "copy would be written in place of its masters", None, None)]
+    for salvage in (False, True):
+        with pytest.raises(NotMergeable):
+            plan_merge(ckpt, salvage=salvage)
+
+
 # ---------------------------------------------------------------------- world size by majority
 def _forge_partition_count(path, value: int) -> None:
     """Every int of `path`'s partition_count becomes `value` (LONG4: any size, any sign)."""

@@ -74,7 +74,7 @@ def describe_names(ctx: LoadContext) -> Names | None:
         first = ctx.optim.get(0) or next(iter(ctx.optim.values()))
         shapes = as_group_list(get(ctx.torch_file(first).obj, "param_shapes"))
     flat_groups = [pickled.group_members(g) for g in shapes]
-    _check_flat_groups(ctx, flat_groups, shapes)
+    _check_flat_groups(ctx, flat_groups, shapes, buffer_names)
     frozen = ms.get("frozen_param_shapes")
     frozen_shapes = {str(n): shape(s) for n, s in frozen.items()} \
         if isinstance(frozen, dict) else {}
@@ -173,16 +173,23 @@ def _usual_zero3(names: Names) -> tuple[list[str], list[tuple[int, ...]], list[s
     return listed, shapes, [(t.dtype if type(t) is TensorRef else None) or "" for t in refs]
 
 
-def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict]) -> None:
-    """Every trainable param once, with a valid shape: otherwise its group cannot add up."""
+def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict],
+                       buffer_names: list[str]) -> None:
+    """Every trainable param once, with a valid shape, and no buffer: otherwise its group cannot
+    add up, or the module's tensor of its name is taken for a buffer and written for it."""
     names = list(map(itemgetter(0), chain.from_iterable(flat_groups)))
-    if len(set(names)) == len(names) and \
+    distinct = set(names)
+    if len(distinct) == len(names) and distinct.isdisjoint(buffer_names) and \
             None not in map(itemgetter(1), chain.from_iterable(flat_groups)):
         return  # the usual case, checked in bulk (300k names)
     seen: dict[str, int] = {}
-    file = ctx.model_file.name
+    file, buffers = ctx.model_file.name, set(buffer_names)
     for gi, (members, raw) in enumerate(zip(flat_groups, shapes, strict=True)):
         for (name, shp), value in zip(members, raw.values(), strict=True):
+            if name in buffers:  # located nowhere: --salvage would write the buffer for it
+                ctx.find("duplicate-param", f"{name} is a param of group {gi} and a buffer "
+                         "(buffer_names): its module copy would be written in place of its "
+                         "masters", REPLACE_MODEL_STATES)
             if shp is None:
                 ctx.find("param-shape", f"{name}: param_shapes gives it no valid shape "
                          f"({type(value).__name__} {short(value)})", REPLACE_MODEL_STATES,
