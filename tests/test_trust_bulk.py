@@ -147,6 +147,29 @@ def test_a_param_listed_as_a_buffer_refuses_the_merge(tmp_path, name):
             plan_merge(ckpt, salvage=salvage)
 
 
+@pytest.mark.parametrize("declared", [(15, 14), (14, 15), (225,)])
+def test_a_frozen_shape_the_module_disagrees_with_is_an_error(tmp_path, declared):
+    """frozen_param_shapes of encoder.frozen_proj.weight (15, 15) forged to fewer elements or
+    another shape: the merge wrote the first elements of its module weight in that shape, exit 0
+    and validate ok. Now a shape-mismatch naming the param: the merge refuses, --salvage drops it."""
+    from zinspect.core.plan import plan_merge
+    from zinspect.errors import NotMergeable
+
+    root = D.copy_root(tmp_path, "s2_w2_bf16")
+    path = next(root.glob("*/" + D.MODEL))
+    state = torch_load(path)
+    state["frozen_param_shapes"]["encoder.frozen_proj.weight"] = torch.Size(declared)
+    torch.save(state, path)
+    ckpt = open_checkpoint(root)
+    found = [f for f in ckpt.findings if f.code == "shape-mismatch"]
+    assert [(f.severity, f.param, f.message) for f in found] == [
+        ("error", "encoder.frozen_proj.weight", f"encoder.frozen_proj.weight: frozen_param_shapes "
+         f"says ({', '.join(map(str, declared))}), its 16-bit weight in the module is (15, 15)")]
+    with pytest.raises(NotMergeable):
+        plan_merge(ckpt)
+    assert "encoder.frozen_proj.weight" in plan_merge(ckpt, salvage=True).dropped
+
+
 # ---------------------------------------------------------------------- world size by majority
 def _forge_partition_count(path, value: int) -> None:
     """Every int of `path`'s partition_count becomes `value` (LONG4: any size, any sign)."""

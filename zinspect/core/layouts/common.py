@@ -111,12 +111,14 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
         if shp is None and ref and stage12:
             shp = t.shape
         p = Param(name, shp or (), (t.dtype if ref else None) or "")
-        if in_groups and shp is not None and stage12 and module and (
-                t.shape != shp if ref else EXPERT_ID.search(name) is None):
+        said = "param_shapes" if in_groups else "frozen_param_shapes" if name in frozen_shapes \
+            else None
+        if said and shp is not None and stage12 and module and (
+                t.shape != shp if ref else in_groups and EXPERT_ID.search(name) is None):
             # stage 1/2 modules hold full weights, but MoE experts' (in their own files). A name
             # renamed in param_shapes: masters under a name the module lacks, its own name
             # taken for a frozen param (which: unknown, so located nowhere: --salvage refuses)
-            ctx.find("shape-mismatch", f"{name}: param_shapes says {short(shp)}, its 16-bit "
+            ctx.find("shape-mismatch", f"{name}: {said} says {short(shp)}, its 16-bit "
                      f"weight in the module is {short(t.shape) if ref else 'missing'}",
                      REPLACE_MODEL_STATES, **({"param": name, "file": model_file.name} if ref else {}))
         src = shared.get(name) if shared else None
