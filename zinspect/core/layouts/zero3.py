@@ -15,7 +15,7 @@ from functools import partial
 from zinspect.core import partition
 from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
-from zinspect.core.layouts.pickled import get, located, numel
+from zinspect.core.layouts.pickled import get, located, numel, short
 from zinspect.core.model import Coords, Fragment, Fragments, ParamGroup, RankFile, TensorAt
 from zinspect.core.torchzip import TensorRef, TorchFile
 
@@ -98,6 +98,14 @@ def attach_frozen(ctx: LoadContext, model_files: dict[int, RankFile], partition_
     for p in frozen:
         p.fragments = Fragments(make=partial(source.fragments, p.name, p.numel),
                                 reads=source.unread)
+        if not (P := partition.zero3_share(p.numel, partition_count)):
+            continue
+        for r, tf in sorted(source.parsed.items()):  # ranks read now (rank 0): validate says it
+            t = get(tf.obj, "frozen_param_fragments", p.name)
+            if isinstance(t, TensorRef) and t.numel != P:
+                ctx.find("shape-mismatch", f"{p.name}: frozen_param_shapes says {short(p.shape)}, "
+                         f"{P:,} elements a rank; rank {r}'s frozen fragment holds {t.numel:,}",
+                         common.REPLACE_MODEL_STATES, param=p.name, file=model_files[r].name, rank=r)
 
 
 class FrozenFragments:
@@ -132,7 +140,7 @@ class FrozenFragments:
         parts = {}
         for r, tf in sorted(self.parsed.items()):
             t = get(tf.obj, "frozen_param_fragments", name)
-            if isinstance(t, TensorRef):
+            if isinstance(t, TensorRef) and t.numel == P:  # real saves: P, padded (else forged)
                 parts[r] = located(tf, self.files[r].name, r, t)
         return fragments_of(parts, None, 0, n, P, "frozen", self.shard) if P else []
 
