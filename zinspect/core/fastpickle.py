@@ -12,7 +12,8 @@ step at each opcode that needs one (EMPTY_DICT, long strings, STOP):
 
 * every opcode is one of a short list the C unpickler builds without hashing or calling
   anything we did not pick (no DICT, sets, DUP, INST/OBJ, EXT, text PUT/GET, STACK_GLOBAL,
-  FRAME, LONG4...); anything else declines;
+  FRAME, LONG4, text INT/LONG...); anything else declines, and so does a LONG1 of more than 8
+  bytes (the bounded reader refuses ints beyond `MAX_INT_BYTES`);
 * every LONG_BINPUT index is below 2**k with 2**k <= len(pickle) / 4: the C memo is an array
   sized by the largest index, so it stays under 4 bytes per pickle byte (the forged 2**32-1
   index declines; the bounded reader keeps its memo in a dict);

@@ -8,7 +8,7 @@ interpreter when it is hashed (SIGSEGV) or raises RecursionError; a "memo bomb" 
 tuple of two references to the level below) is 2**60 nodes when walked or formatted, from a few
 KB; a 24 MiB string hangs a terminal. `BoundedUnpickler` therefore checks, as it reads:
 
-* every string and bytes object against `MAX_STRING`;
+* every string and bytes object against `MAX_STRING`, every int against `MAX_INT_BYTES`;
 * every object about to be hashed (dict keys, set members) against `MAX_KEY_NODES` nodes, so
   hashing cannot recurse deeply or blow up;
 
@@ -35,6 +35,10 @@ from collections import OrderedDict
 
 #: longest str or bytes object accepted (real checkpoints: names and configs of a few KB)
 MAX_STRING = 1 << 20
+#: widest int accepted, in bytes (LONG1/LONG4, or the text of INT/LONG): real checkpoints hold
+#: none beyond 64 bits (steps, sizes, seeds); a 10**5000 cannot even be printed (Python's 4300-digit
+#: int-to-str limit) and made every `info` / `validate` an internal error
+MAX_INT_BYTES = 16
 #: most nodes of an object that gets hashed (a dict key or set member)
 MAX_KEY_NODES = 1000
 #: deepest container nesting accepted in the result (real checkpoints: under 10)
@@ -246,6 +250,16 @@ def _strings_bounded(fn):
     return load
 
 
+def _int_bounded(fn):
+    def load(self):
+        fn(self)
+        bits = self.stack[-1].bit_length()
+        if bits > 8 * MAX_INT_BYTES - 1:  # a signed int of MAX_INT_BYTES bytes
+            raise pickle.UnpicklingError(f"an int of {bits:,} bits (at most "
+                                         f"{8 * MAX_INT_BYTES - 1} are accepted)")
+    return load
+
+
 def _keys_checked(fn, items):
     def load(self):
         for key in items(self):
@@ -288,6 +302,8 @@ _d = BoundedUnpickler.dispatch
 for _op in (pickle.BINUNICODE, pickle.BINUNICODE8, pickle.UNICODE, pickle.BINBYTES,
             pickle.BINBYTES8, pickle.BYTEARRAY8, pickle.BINSTRING, pickle.STRING):
     _d[_op[0]] = _strings_bounded(_d[_op[0]])
+for _op in (pickle.LONG1, pickle.LONG4, pickle.INT, pickle.LONG):
+    _d[_op[0]] = _int_bounded(_d[_op[0]])
 # after a MARK, `stack` holds only what the next container opcode consumes: DICT and SETITEMS
 # hash every other item, ADDITEMS and FROZENSET all of them; SETITEM hashes stack[-2]
 for _op in (pickle.DICT, pickle.SETITEMS):
