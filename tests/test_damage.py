@@ -68,7 +68,7 @@ CASES = {
     "path_is_file": Case(D.path_is_file, 2, stderr="is a file"),
     "other_world_size": Case(D.other_world_size, 1,
                              {"world-size-mismatch", "partition-size", "group-coverage",
-                              "param-overlap"},
+                              "param-overlap", "param-order-mismatch"},
                              [("world-size-mismatch", OPTIM(1), 1), ("partition-size", OPTIM(1), 1)],
                              text="world size 3"),
     "mixed_stages": Case(D.mixed_stages, 1, {"stage-mismatch", "group-missing", "param-coverage"},

@@ -69,6 +69,8 @@ CODES: dict[str, tuple[str, str]] = {
     "partition-size": (ERROR, "a rank's partition has the wrong number of elements"),
     "group-coverage": (ERROR, "the ranks hold more or fewer elements than the group's params"),
     "slice-mapping-mismatch": (WARNING, "the optimizer's param_slice_mappings disagree with the shapes"),
+    "param-order-mismatch": (ERROR, "the optimizer's param_slice_mappings place a param elsewhere "
+                             "than the model states' param_shapes order"),
     "param-shape": (ERROR, "param_shapes gives a param no valid shape"),
     "duplicate-param": (ERROR, "a param is in two param groups"),
     "shape-mismatch": (ERROR, "param_shapes and the module's weight disagree on a shape"),

@@ -24,6 +24,9 @@ MERGEABLE_LAYOUTS = layouts.MERGEABLE
 #: every param with a fragment in such a file is left out (its shapes may still look right)
 UNTRUSTED_FILE_CODES = {"step-mismatch", "mixed-prefix", "stage-mismatch", "world-size-mismatch",
                         "partition-size", "unsafe-pickle"}
+#: errors that put a whole flat group in doubt: under --salvage, every param of it is left out
+#: (a param-order mismatch names the first param out of place; its partner moved too)
+GROUP_CODES = {"group-coverage", "param-order-mismatch"}
 #: source dtypes that are written upcast to fp32 (frozen 16-bit values, 16-bit masters)
 UPCAST = ("bfloat16", "float16")
 
@@ -187,7 +190,7 @@ def _distrusted_params(ckpt: Checkpoint, blocking: list[Finding]) -> dict[str, s
                            "run `zinspect validate` for details")
     out = {f.param: f.message for f in blocking if f.param is not None}
     for f in blocking:
-        if f.code == "group-coverage":
+        if f.code in GROUP_CODES:
             group = next((g for g in ckpt.groups if g.index == f.group), None)
             for name in group.params if group else ():
                 out.setdefault(name, f.message)

@@ -144,12 +144,17 @@ def check_slice_mappings(ctx: LoadContext, g: ParamGroup, files: dict[int, RankF
             look = getattr(addr, "get", lambda k: None)  # a dict or a pickled object
             want = (look("start"), look("numel"))
             if frag is None or want != (frag.group_offset, frag.numel):
-                ctx.find("slice-mapping-mismatch",
+                # elsewhere (not just shorter: a cut partition, which coverage locates): the
+                # two files disagree on which elements are which param, and nothing says who
+                # is right; --salvage then leaves the whole group out
+                moved = frag is not None and want[0] != frag.group_offset
+                ctx.find("param-order-mismatch" if moved else "slice-mapping-mismatch",
                          f"{name}: rank {r}'s optimizer places it at {want[0]} (+{want[1]}) in "
                          f"group {g.index}, its param_shapes order at "
                          f"{frag.group_offset if frag else '-'} (+{frag.numel if frag else 0})",
                          "the optimizer and model-states files disagree: check they come from "
-                         "the same save", file=rf.name, rank=r, group=g.index, param=name)
+                         "the same save" + (" (`--salvage` leaves this group out)" if moved else ""),
+                         file=rf.name, rank=r, group=g.index, param=name)
                 return
 
 
