@@ -43,9 +43,9 @@ def _global_steps(tmp_path, values: dict[str, object]):
 
 
 @pytest.mark.parametrize(("value", "shown"), [(3, "3"), (float("nan"), "nan")], ids=["3", "nan"])
-def test_a_global_step_beyond_any_float_is_a_located_finding(tmp_path, value, shown):
-    """A stage's `global_steps` forged to an int no float holds: one step-mismatch naming that
-    file (before: OverflowError from `:g`, an internal error for validate and info)."""
+def test_a_forged_global_step_is_a_located_finding(tmp_path, value, shown):
+    """A stage's `global_steps` forged (another step, NaN): one step-mismatch naming that file.
+    (An int no float holds is refused by the readers: tests/test_trust_bigint.py.)"""
     ckpt = _global_steps(tmp_path, {"mp_rank_01_model_states.pt": value})
     steps = [f for f in ckpt.findings if f.code == "step-mismatch"]
     assert [(f.file, f.message) for f in steps] == [

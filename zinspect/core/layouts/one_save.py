@@ -35,6 +35,6 @@ def outliers(find, facts: list[tuple[RankFile, object]], what: str, code: str = 
 
 
 def _g(value: float) -> str:
-    """`value` as `:g` prints it; a forged int beyond any float (OverflowError) by its size."""
-    return f"{value:g}" if isinstance(value, float) or abs(value) < 2**1023 else \
-        f"{'-' if value < 0 else ''}2**{value.bit_length() - 1}+"
+    """`value` as `:g` prints it (a pickled int has at most 127 bits: the readers refuse wider
+    ones, so it always converts to a float)."""
+    return f"{value:g}"
