@@ -14,6 +14,7 @@ from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
 from zinspect.core.filechecks import file_findings
 from zinspect.core.layouts import MERGEABLE, one_save, tp_checks
+from zinspect.core.layouts.common import undescribed_groups
 from zinspect.core.layouts.gaps import STALE_HINT, missing_files, outside, stale
 from zinspect.core.model import ERROR, Checkpoint, Finding, Param
 
@@ -176,20 +177,12 @@ class _Checks:
 
     def _undescribed_groups(self) -> None:
         """ZeRO-1/2: each flat group the optimizer files partition (a partition count each) is
-        one param_shapes describes. Else its fp32 masters belong to no param, and its params,
-        named by the module alone, pass for frozen ones saved in 16 bits (param_shapes dropped
-        or cut short: the merge wrote the 16-bit copies instead of the masters)."""
+        one param_shapes describes (`common.undescribed_groups`; MoE checks its own)."""
         c = self.c
         held = max((len(f.partition_count) for f in c.files_of("optim") if f.mp_rank in (0, None)),
                    default=0)
-        # no params: the model states are unreadable or name none (their own finding)
-        if held > len(c.groups) and c.params:  # located nowhere: --salvage cannot tell them apart
-            self.add("group-coverage", f"the optimizer files partition {held} flat groups, the "
-                     f"model states' param_shapes describes {len(c.groups)}: the fp32 masters of "
-                     f"group{'s' if held - len(c.groups) > 1 else ''} {len(c.groups)}"
-                     f"{f'..{held - 1}' if held - len(c.groups) > 1 else ''} belong to no param",
-                     "the model-states file's param_shapes do not match the optimizer files: "
-                     "restore the model states saved with them")
+        if c.params:  # none: the model states are unreadable or name none (their own finding)
+            undescribed_groups(self.add, held, len(c.groups))
 
     def _zero3_group(self, g, ws: int) -> None:
         c = self.c

@@ -21,6 +21,21 @@ _ABSENT = object()
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
 
 
+def undescribed_groups(find, held: int, described: int) -> None:
+    """The optimizer files partition `held` flat groups, the model states' param_shapes
+    describes `described`: the fp32 masters of the others belong to no param, and their params,
+    named by the module alone, would pass for frozen ones saved in 16 bits (param_shapes dropped
+    or cut short). One group-coverage error, located nowhere: --salvage cannot tell them apart.
+    `find` is LoadContext.find or validate's add."""
+    lost = held - described
+    if lost > 0:
+        find("group-coverage", f"the optimizer files partition {held} flat groups, the model "
+             f"states' param_shapes describes {described}: the fp32 masters of "
+             f"group{'s' if lost > 1 else ''} {described}{f'..{held - 1}' if lost > 1 else ''} "
+             "belong to no param", "the model-states file's param_shapes do not match the "
+             "optimizer files: restore the model states saved with them")
+
+
 def join_group(ctx: LoadContext, name: str, shape: tuple[int, ...] | None,
                g: ParamGroup) -> Param | None:
     """Param `name`, a member of flat group `g`, gets its optimizer group and flat group, and

@@ -61,13 +61,8 @@ class _MoE:
                 f.dtype == "float32" for p in c.params.values() for f in p.fragments) else None)
             return
         pcs = _partition_counts(ctx)
-        if (lost := len(pcs) - len(names.flat_groups)) > 0 and c.params:
-            # as validate's ZeRO-1/2 check: located nowhere, --salvage cannot tell their names
-            ctx.find("group-coverage", f"the optimizer files partition {len(pcs)} flat groups, the "
-                     f"model states' param_shapes describes {len(names.flat_groups)}: the fp32 "
-                     f"masters of group{'s' if lost > 1 else ''} {len(names.flat_groups)}"
-                     f"{f'..{len(pcs) - 1}' if lost > 1 else ''} belong to no param",
-                     common.REPLACE_MODEL_STATES)
+        if c.params:  # none: the model states are unreadable or name none (their own finding)
+            common.undescribed_groups(ctx.find, len(pcs), len(names.flat_groups))
         expert_groups = self._expert_groups(pcs)
         dense = {gi: m for gi, m in enumerate(names.flat_groups) if gi not in expert_groups}
         # BF16_Optimizer (bf16 + fp32 grad accumulation) keeps its partitions' padding
