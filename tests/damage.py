@@ -364,6 +364,27 @@ def rewrite_pickle(path: Path, raw: bytes) -> None:
             zf.writestr(name, raw if name.endswith("/data.pkl") else data)
 
 
+def forge_partition_count(path: Path, value: int) -> None:
+    """Every int of the `partition_count` list in `path`'s pickle becomes `value` (written as
+    LONG4: any size, any sign); every CRC stays valid."""
+    import pickletools
+
+    raw = pickle_of(path)
+    out, last, inside = [], 0, False
+    for op, arg, pos in pickletools.genops(raw):
+        if op.name.endswith("UNICODE") and arg == "partition_count":
+            inside = True
+        elif inside and op.name in ("BININT1", "BININT2", "BININT"):
+            size = {"BININT1": 2, "BININT2": 3, "BININT": 5}[op.name]
+            data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+            out += [raw[last:pos], b"\x8b" + struct.pack("<i", len(data)) + data]
+            last = pos + size
+        elif inside and op.name in ("APPENDS", "APPEND", "TUPLE", "TUPLE3"):
+            break
+    assert out, "no partition_count ints found"
+    rewrite_pickle(path, b"".join(out) + raw[last:])
+
+
 def _central_entries(buf: bytes) -> list[tuple[int, str]]:
     """(position in the file, name) of every central-directory entry."""
     with zipfile.ZipFile(__import__("io").BytesIO(buf)) as zf:

@@ -7,8 +7,6 @@ GB) and the app hung on "Reading"."""
 from __future__ import annotations
 
 import json
-import pickletools
-import struct
 import subprocess
 import sys
 
@@ -21,27 +19,10 @@ from zinspect.core import open_checkpoint
 FORGED = 10**7
 
 
-def forge_partition_count(path) -> None:
-    """Every int of the `partition_count` list in `path`'s pickle becomes FORGED."""
-    raw = D.pickle_of(path)
-    out, last, inside = [], 0, False
-    for op, arg, pos in pickletools.genops(raw):
-        if op.name.endswith("UNICODE") and arg == "partition_count":
-            inside = True
-        elif inside and op.name in ("BININT1", "BININT2", "BININT"):
-            size = {"BININT1": 2, "BININT2": 3, "BININT": 5}[op.name]
-            out += [raw[last:pos], b"J" + struct.pack("<i", FORGED)]
-            last = pos + size
-        elif inside and op.name in ("APPENDS", "APPEND", "TUPLE", "TUPLE3"):
-            break
-    assert out, "no partition_count ints found"
-    D.rewrite_pickle(path, b"".join(out) + raw[last:])
-
-
 @pytest.fixture(scope="module")
 def forged(tmp_path_factory):
     root = D.copy_root(tmp_path_factory.mktemp("forged"), "s2_w2_fp32_plain")
-    forge_partition_count(next(root.glob("*/" + D.optim_name(0))))
+    D.forge_partition_count(next(root.glob("*/" + D.optim_name(0))), FORGED)
     return root
 
 

@@ -10,9 +10,7 @@ import copy
 import io
 import json
 import pickle
-import pickletools
 import shutil
-import struct
 from dataclasses import replace
 
 import damage as D
@@ -169,28 +167,10 @@ def test_a_frozen_shape_the_module_disagrees_with_is_an_error(tmp_path, declared
 
 
 # ---------------------------------------------------------------------- world size by majority
-def _forge_partition_count(path, value: int) -> None:
-    """Every int of `path`'s partition_count becomes `value` (LONG4: any size, any sign)."""
-    raw = D.pickle_of(path)
-    out, last, inside = [], 0, False
-    for op, arg, pos in pickletools.genops(raw):
-        if op.name.endswith("UNICODE") and arg == "partition_count":
-            inside = True
-        elif inside and op.name in ("BININT1", "BININT2", "BININT"):
-            size = {"BININT1": 2, "BININT2": 3, "BININT": 5}[op.name]
-            data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-            out += [raw[last:pos], b"\x8b" + struct.pack("<i", len(data)) + data]
-            last = pos + size
-        elif inside and op.name in ("APPENDS", "APPEND", "TUPLE", "TUPLE3"):
-            break
-    assert out, "no partition_count ints found"
-    D.rewrite_pickle(path, b"".join(out) + raw[last:])
-
-
 def _forged_ranks(tmp_path, counts: dict[int, int]):
     root = D.copy_root(tmp_path, "s2_w3_fp32_rr")
     for rank, value in counts.items():
-        _forge_partition_count(next(root.glob("*/" + D.optim_name(rank))), value)
+        D.forge_partition_count(next(root.glob("*/" + D.optim_name(rank))), value)
     return open_checkpoint(root)
 
 

@@ -6,14 +6,14 @@ forged size "missing". On a tie (two files) the lowest rank's is kept, as before
 from __future__ import annotations
 
 import damage as D
-from test_forged_world_size import FORGED, forge_partition_count
+from test_forged_world_size import FORGED
 
 from zinspect.core import open_checkpoint
 
 
 def test_the_forged_file_is_the_odd_one_out(tmp_path):
     root = D.copy_root(tmp_path, "s2_w3_fp32_rr")  # 3 ranks: rank 0 forged, ranks 1 and 2 not
-    forge_partition_count(next(root.glob("*/" + D.optim_name(0))))
+    D.forge_partition_count(next(root.glob("*/" + D.optim_name(0))), FORGED)
     ckpt = open_checkpoint(root)
     assert ckpt.world_size == 3
     mismatch = [f for f in ckpt.findings if f.code == "world-size-mismatch"]
@@ -25,7 +25,7 @@ def test_the_forged_file_is_the_odd_one_out(tmp_path):
 
 def test_a_forged_higher_rank_is_named_too(tmp_path):
     root = D.copy_root(tmp_path, "s2_w3_fp32_rr")
-    forge_partition_count(next(root.glob("*/" + D.optim_name(2))))
+    D.forge_partition_count(next(root.glob("*/" + D.optim_name(2))), FORGED)
     ckpt = open_checkpoint(root)
     assert ckpt.world_size == 3
     assert [f.rank for f in ckpt.findings if f.code == "world-size-mismatch"] == [2]
