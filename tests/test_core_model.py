@@ -375,12 +375,18 @@ def test_coverage_walk_pads_a_rank_past_the_params_end():
 
 def test_which_fragments_need_file_reads():
     """One rule (the app reads them in a thread): a ZeRO-3 frozen param's fragments until the
-    ranks' model states are parsed; never a trainable param's (lazy, but from parsed files)."""
-    ckpt = open_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16")  # LoRA: a frozen base
+    ranks' model states are parsed (validate parses them: it checks what the merge checks);
+    never a trainable param's (lazy, but from parsed files)."""
+    from zinspect.core import load_checkpoint, validate
+
+    ckpt = load_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16")  # LoRA: a frozen base
     frozen = [p for p in ckpt.params.values() if p.frozen and not p.tied_to]
     trainable = next(p for p in ckpt.params.values() if not p.frozen and not p.tied_to)
     assert len(frozen) >= 2 and all(p.fragments_need_reads for p in frozen)
     assert not trainable.fragments_need_reads
     assert len(frozen[0].fragments) == 2  # parses every rank's model states
     assert not any(p.fragments_need_reads for p in frozen)
+    ckpt = load_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16")
+    validate(ckpt)
+    assert not any(p.fragments_need_reads for p in ckpt.params.values())
     assert not open_checkpoint(FIXTURES / "s2_w2_bf16").params["embed.weight"].fragments_need_reads

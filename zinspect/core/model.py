@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -343,6 +343,10 @@ class Checkpoint:
     #: (or its tp shard): ZeRO-0 keeps torch's per-param optimizer state; for `state_fragments`
     param_states: dict[tuple[str, str, int | None], TensorAt] = field(default_factory=dict,
                                                                       repr=False)
+    #: checks a layout leaves to validate because they read files not parsed at open (the
+    #: frozen fragments of ZeRO-3 ranks > 0); each returns its findings
+    later_checks: list[Callable[[], list[Finding]]] = field(default_factory=list, repr=False,
+                                                             compare=False)
 
     @property
     def states(self) -> list[str]:

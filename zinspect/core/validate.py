@@ -55,6 +55,8 @@ class _Checks:
                      "the save never happened or the files were moved; check the path")
             return
         self.out.extend(file_findings(c))
+        for check in c.later_checks:  # what the layout could not check at open
+            self.out.extend(check())
         if c.layout == "tensor_parallel":  # its tp ranks' files saved at one step and stage
             optim = c.files_of("optim")
             one_save.outliers(self.add, [(f, f.step) for f in optim], "at optimizer step {}")
@@ -139,7 +141,8 @@ class _Checks:
                              f"{f.ds_version}, the others by {main}", _REPLACE,
                              file=f.name, rank=f.rank)
         dp = _dp_world_size(c)
-        if dp is not None and c.world_size is not None and dp != c.world_size:
+        if dp is not None and c.world_size is not None and (type(dp) is not int or
+                                                            dp != c.world_size):  # True == 1
             self.add("world-size-mismatch", f"the model states say dp_world_size={dp}, "
                      f"the optimizer files partition_count={c.world_size}",
                      "the model-states and optimizer files come from different runs")

@@ -80,8 +80,8 @@ def describe_names(ctx: LoadContext) -> Names | None:
         return None
     c.ds_version = c.ds_version or text(ms.get("ds_version"))
     c.ds_config = ms.get("ds_config") if c.ds_config is None else c.ds_config
-    if c.world_size is None and isinstance(ms.get("dp_world_size"), int):
-        c.world_size = ms["dp_world_size"]
+    if c.world_size is None:  # no optimizer file says it
+        _world_size_of(ctx, ms.get("dp_world_size"))
     module = ms.get("module") if isinstance(ms.get("module"), dict) else {}
     buffer_names = [b for b in ms.get("buffer_names") or [] if isinstance(b, str)]
     shapes = as_group_list(ms.get("param_shapes"))
@@ -97,6 +97,18 @@ def describe_names(ctx: LoadContext) -> Names | None:
     _build_params(ctx, names, ms.get("shared_params")
                   if isinstance(ms.get("shared_params"), dict) else {})
     return names
+
+
+def _world_size_of(ctx: LoadContext, dp) -> None:
+    """The model states' dp_world_size as the world size, when it is one (a positive int:
+    True, 0 or -2 is a forged field, named in a finding, not shown as the world size)."""
+    if type(dp) is int and dp > 0:
+        ctx.ckpt.world_size = dp
+    elif dp is not None:
+        said = repr(dp) if type(dp) in (int, bool) else f"a {type(dp).__name__}"
+        ctx.find("world-size-unknown", f"{ctx.model_file.name}: its dp_world_size is {said}, "
+                 "not a world size, and no readable optimizer file says one",
+                 REPLACE_MODEL_STATES, file=ctx.model_file.name, rank=ctx.model_file.rank)
 
 
 def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:

@@ -12,11 +12,11 @@ import threading
 from collections.abc import Sequence
 from functools import partial
 
-from zinspect.core import partition
+from zinspect.core import codes, partition
 from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import get, located, numel, short
-from zinspect.core.model import Coords, Fragment, Fragments, ParamGroup, RankFile, TensorAt
+from zinspect.core.model import Coords, Finding, Fragment, Fragments, Param, ParamGroup, RankFile, TensorAt
 from zinspect.core.torchzip import TensorRef, TorchFile
 
 Members = list[tuple[str, tuple[int, ...] | None]]
@@ -90,7 +90,9 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
 def attach_frozen(ctx: LoadContext, model_files: dict[int, RankFile], partition_count: int,
                   shard: int | None = None) -> None:
     """Frozen params (not tied aliases) of `ctx.ckpt`: lazily, from each rank's model states
-    (`model_files`: {dp rank: file}) holding ceil(n / partition_count) elements of each."""
+    (`model_files`: {dp rank: file}) holding ceil(n / partition_count) elements of each. The
+    ranks read now (rank 0) are checked now; the others when validate runs
+    (`Checkpoint.later_checks`): their model states are read then, as the merge reads them."""
     frozen = [p for p in ctx.ckpt.params.values() if p.frozen and not p.tied_to]
     if not frozen:
         return
@@ -98,14 +100,9 @@ def attach_frozen(ctx: LoadContext, model_files: dict[int, RankFile], partition_
     for p in frozen:
         p.fragments = Fragments(make=partial(source.fragments, p.name, p.numel),
                                 reads=source.unread)
-        if not (P := partition.zero3_share(p.numel, partition_count)):
-            continue
-        for r, tf in sorted(source.parsed.items()):  # ranks read now (rank 0): validate says it
-            t = get(tf.obj, "frozen_param_fragments", p.name)
-            if isinstance(t, TensorRef) and t.numel != P:
-                ctx.find("shape-mismatch", f"{p.name}: frozen_param_shapes says {short(p.shape)}, "
-                         f"{P:,} elements a rank; rank {r}'s frozen fragment holds {t.numel:,}",
-                         common.REPLACE_MODEL_STATES, param=p.name, file=model_files[r].name, rank=r)
+    source.check(ctx.find, frozen, sorted(source.parsed))
+    if source.unread():
+        ctx.ckpt.later_checks.append(partial(source.check_unread, frozen))
 
 
 class FrozenFragments:
@@ -119,6 +116,7 @@ class FrozenFragments:
                                              if ctx.torch_file(f)}
         self._lock = threading.Lock()
         self._loaded = False
+        self.flagged: set[str] = set()  # frozen params `check` found wrong
 
     def _load(self) -> None:
         with self._lock:
@@ -129,6 +127,51 @@ class FrozenFragments:
             for key, tf in got.items():
                 self.parsed[shallow[key]] = tf
             self._loaded = True
+
+    def check(self, add, frozen: list[Param], ranks: list[int]) -> None:
+        """What the merge refuses in `ranks`' model states, as findings (`add`: LoadContext.find
+        or validate's): a frozen param whose fragment is of another size than its declared shape
+        gives each rank, or that is not there. A param found wrong once is not named again
+        for the ranks read later (a forged shape: every rank's fragment differs from it)."""
+        ranks = [r for r in ranks if r < self.ws]  # a rank beyond: a stale file (its finding)
+        for p in frozen:
+            if p.name in self.flagged or not (P := partition.zero3_share(p.numel, self.ws)):
+                continue
+            absent = []
+            for r in ranks:
+                t = get(self.parsed[r].obj, "frozen_param_fragments", p.name)
+                if not isinstance(t, TensorRef):
+                    absent.append(r)
+                elif t.numel != P:
+                    self.flagged.add(p.name)
+                    add("shape-mismatch", f"{p.name}: frozen_param_shapes says {short(p.shape)}, "
+                        f"{P:,} elements a rank; rank {r}'s frozen fragment holds {t.numel:,}",
+                        common.REPLACE_MODEL_STATES, param=p.name, file=self.files[r].name, rank=r)
+            if absent:
+                self.flagged.add(p.name)
+                add("param-coverage", f"{p.name}: the model states of rank "
+                    f"{', '.join(map(str, absent))} hold no frozen fragment of it",
+                    common.REPLACE_MODEL_STATES, param=p.name, file=self.files[absent[0]].name,
+                    rank=absent[0] if len(absent) == 1 else None)
+
+    def check_unread(self, frozen: list[Param]) -> list[Finding]:
+        """`check` of the ranks not read at open, read now; a file that cannot be read is an
+        unreadable-file finding (it was only checked whole at open)."""
+        late = sorted(r for r, f in self.files.items() if f.shallow)
+        self._load()
+        out: list[Finding] = []
+
+        def add(code: str, message: str, hint: str = "", **where) -> None:
+            out.append(codes.finding(code, message, hint, **where))
+
+        for r in late:
+            if r not in self.parsed:
+                add("unreadable-file", f"{self.files[r].name} cannot be read: its pickle, read "
+                    "for the frozen params' fragments, is not a model-states pickle zinspect "
+                    "reads (`zinspect validate --deep` says why)", "restore it from the run",
+                    file=self.files[r].name, rank=r)
+        self.check(add, frozen, [r for r in late if r in self.parsed])
+        return out
 
     def unread(self) -> bool:
         """Some rank's model states are still to be parsed."""
