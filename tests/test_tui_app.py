@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from safetensors import safe_open
+from test_tui_scale import serve
 from textual.widgets import DataTable, Input, Static
 from textual.worker import WorkerFailed
 
@@ -399,7 +400,7 @@ async def test_load_failure_of_unexpected_kind_is_shown_not_raised(monkeypatch):
     def broken(path, tag=None, progress=None):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_module, "open_checkpoint", broken)
+    monkeypatch.setattr(app_module, "load_checkpoint", broken)
     app = ZinspectApp(str(SAMPLE))
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
@@ -413,7 +414,7 @@ async def test_overview_counts_a_frozen_tied_alias_once_like_info(monkeypatch):
                                            frozen=True, tied_to=frozen.name)
     t = totals(ckpt)
     assert (t["params"], t["trainable"], t["frozen"], t["tied"]) == (28, 25, 1, 2)
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     app = ZinspectApp("s2_w2_bf16")
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)

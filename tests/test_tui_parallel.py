@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 from test_tui_polish import drawn, settle
+from test_tui_scale import serve
 
 from zinspect.core.model import Checkpoint, Coords, Param, ParamGroup, RankFile, Topology
-from zinspect.tui import app as app_module
 from zinspect.tui.app import ZinspectApp
 from zinspect.tui.widgets.overview import files_table
 from zinspect.tui.widgets.ranks_pane import RankGrid
@@ -144,7 +144,7 @@ async def test_512_ranks_grid_draws_and_scrolls(monkeypatch):
     """No timing is asserted: a grid that built a widget or a DataTable row per cell eagerly
     would crawl here (the grid draws only the rows on screen)."""
     ckpt = grid_checkpoint()
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     app = ZinspectApp("grid")
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)

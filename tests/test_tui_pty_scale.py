@@ -17,7 +17,8 @@ sys.path.insert(0, {tests!r})
 from test_tui_scale import synthetic_checkpoint
 from zinspect.tui import app
 ckpt = synthetic_checkpoint()
-app.open_checkpoint = lambda path, tag=None, progress=None: ckpt
+app.load_checkpoint = lambda path, tag=None, progress=None: ckpt
+app.validate = lambda c: c.findings
 from zinspect.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -28,6 +29,7 @@ def test_300k_names_filter_typed_fast_sort_and_tree_in_the_terminal(tmp_path):
     app = PtyApp([str(FIXTURES / "s2_w2_bf16")], cwd=tmp_path, size=(80, 24), code=code)
     try:
         app.wait_for("Overview", "316,801")  # the Contents counts
+        app.wait_for("Findings (0)")  # validated once the tabs were drawn
         app.press("2")
         app.wait_for("model  316,801 params")
         app.press("/experts.63. w3")  # one write: the filter gets every key typed behind `/`

@@ -26,6 +26,13 @@ from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 LAYERS, EXPERTS = 1600, 64
 
 
+def serve(monkeypatch, ckpt: Checkpoint) -> None:
+    """The app's load worker gets `ckpt` as if read from disk, with its findings as they are
+    (validated already, or made by the test: validate would add its own to a synthetic one)."""
+    monkeypatch.setattr(app_module, "load_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    monkeypatch.setattr(app_module, "validate", lambda c: c.findings)
+
+
 def synthetic_checkpoint() -> Checkpoint:
     params: dict[str, Param] = {"model.embed_tokens.weight": Param(
         "model.embed_tokens.weight", (32000, 64), "bfloat16", sub_group=0,
@@ -49,7 +56,7 @@ def synthetic_checkpoint() -> Checkpoint:
 async def test_300k_names_open_expand_filter_and_jump(monkeypatch):
     ckpt = synthetic_checkpoint()
     assert len(ckpt.params) > 300_000
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     app = ZinspectApp("synthetic")
     async with app.run_test(size=(120, 36)) as pilot:
         await app.workers.wait_for_complete()
@@ -96,7 +103,7 @@ async def test_100k_findings_list_and_jump(monkeypatch):
     ckpt.findings += [Finding("error", "param-coverage", f"{n}: 64 of 8,192 elements are held "
                               "by no rank file (rank 7)", "restore the missing rank files",
                               rank=7, param=n) for n in names]
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     folded = threads_of(monkeypatch, inspection_module, "folded_order")
     gridded = threads_of(monkeypatch, app_module, "grid_cells")
     app = ZinspectApp("synthetic")
@@ -140,7 +147,7 @@ async def test_300k_names_are_counted_searched_and_sorted_off_the_ui_thread(monk
     """The overview's counts are made by the load worker, a filter or a sort of 300k names by
     a worker of its own: the UI thread never walks every name, so keys never wait for it."""
     ckpt = synthetic_checkpoint()
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     counted = threads_of(monkeypatch, inspection_module, "totals")
     searched = threads_of(monkeypatch, Inspection, "param_names")
     sorted_ = threads_of(monkeypatch, Inspection, "_sort")
@@ -176,7 +183,7 @@ async def test_the_loaded_checkpoint_is_kept_out_of_the_collectors_full_passes(m
     import gc
 
     ckpt = synthetic_checkpoint()
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     gc.unfreeze()
     app = ZinspectApp("synthetic")
     try:
@@ -195,7 +202,7 @@ async def test_a_module_of_thousands_opens_with_only_the_lines_on_screen_labelle
     """Opening model.layers adds its 1,600 children at once; each label (sizes, marks) is made
     when its line is drawn, and after an exclusion only the lines on screen are re-made."""
     ckpt = synthetic_checkpoint()
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     app = ZinspectApp("synthetic")
     async with app.run_test(size=(120, 36)) as pilot:
         await app.workers.wait_for_complete()
@@ -229,7 +236,7 @@ async def test_statistics_of_300k_tensors_are_prepared_and_sorted_off_the_ui_thr
     values = [TensorStats(name, "float32", p.shape, numel=p.numel, finite=p.numel, min=-1.0,
                           max=float(i), mean=0.0, sumsq=float(i), max_abs=float(i))
               for i, (name, p) in enumerate(ckpt.params.items())]
-    monkeypatch.setattr(app_module, "open_checkpoint", lambda path, tag=None, progress=None: ckpt)
+    serve(monkeypatch, ckpt)
     monkeypatch.setattr(stats_module, "compute_stats", lambda tensors, **kwargs: values)
     monkeypatch.setattr("zinspect.core.plan.plan_merge", lambda ckpt, *a, **k: type("P", (), {"tensors": []}))
     layers = threads_of(monkeypatch, stats_screen, "layer_norms")

@@ -11,16 +11,25 @@ from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 from textual.command import CommandPalette
+from textual.worker import get_current_worker
 
-from zinspect.core import gc_paused, open_checkpoint
+from zinspect.core import gc_paused
 from zinspect.core.fmt import shown
+from zinspect.core.load import load_checkpoint
 from zinspect.core.model import Finding
 from zinspect.core.selection import Selection
+from zinspect.core.validate import validate
 from zinspect.errors import UsageError, ZinspectError
 from zinspect.tui.commands import ActionCommands, ParamCommands
 from zinspect.tui.errors import Problem, WorkerOutcomes, explain
 from zinspect.tui.inspection import Inspection, default_output_dir, display_path
-from zinspect.tui.messages import ExclusionToggled, FindingChosen, LoadProgress, ParamChosen
+from zinspect.tui.messages import (
+    ExclusionToggled,
+    FindingChosen,
+    Loaded,
+    LoadProgress,
+    ParamChosen,
+)
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.main import MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
@@ -74,6 +83,8 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         self.tag = tag
         self.tags_to_pick = tags or []
         self.view: Inspection | None = None
+        #: the view a reload (`v`) replaced: what changed is said once the new one is validated
+        self.replaced: Inspection | None = None
         self.selection_file = DEFAULT_SELECTION_FILE
         self.sub_title = display_path(path)
 
@@ -118,12 +129,22 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     @work(thread=True, exclusive=True, exit_on_error=False, group="load",
           description="reading the checkpoint's metadata")
     def load(self, selection: Selection) -> Inspection:
+        """Read the checkpoint and hand it to the UI (`Loaded`: the tabs are drawn from it),
+        then, while they are on screen, make the module tree, validate and work out what the
+        findings mark; the result is that settled view (`worker_succeeded` shows the findings)."""
+        worker = get_current_worker()
+
         def progress(done: int, total: int, name: str) -> None:
             self.post_message(LoadProgress(done, total, name))
 
         with gc_paused():  # the tree and sort orders are as many small objects again
-            view = Inspection(open_checkpoint(self.path, self.tag, progress), selection)
-            view.rank_cells = grid_cells(view.ckpt)
+            view = Inspection(load_checkpoint(self.path, self.tag, progress), selection)
+            self.post_message(Loaded(view, worker))
+            view.tree  # noqa: B018 -- what the Parameters tab shows first
+            if not worker.is_cancelled:  # else `v` is reading the files again
+                validate(view.ckpt)
+                view.settle()
+                view.rank_cells = grid_cells(view.ckpt)
         # The checkpoint and the view hold no reference cycle (refcounting frees them on a
         # reload): kept out of the collector's full passes, which walked them all (~1M
         # objects at 297k names) and froze the UI for 0.4-1 s at some later key.
@@ -134,24 +155,39 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     def load_progress(self, event: LoadProgress) -> None:
         self.main.show_load_progress(event.done, event.total, event.name)
 
-    async def worker_succeeded(self, group: str, result: Any) -> None:
-        if group != "load":
+    @on(Loaded)
+    async def loaded(self, event: Loaded) -> None:
+        """The checkpoint is read: its tabs now, its findings when the load worker ends."""
+        if event.worker.is_cancelled:  # `v` started a newer load meanwhile
             return
-        old, self.view = self.view, result
-        if old is not None:
-            self.notify(self.view.change_since(old), timeout=4)
+        if self.view is not None and self.view.validated:  # `v`: say what changed, once known
+            self.replaced = self.view
+        self.view = event.view
         self.title = f"zinspect · {shown(self.view.ckpt.tag, 80)}"
         await self.main.show_inspection(self.view)
         for screen in self.detail_screens():
             screen.show_param()
+
+    async def worker_succeeded(self, group: str, result: Any) -> None:
+        if group != "load" or result is not self.view:
+            return
+        result.validated = True
+        await self.main.show_findings()
+        for screen in self.detail_screens():
+            screen.refresh_facts()
+        if self.replaced is not None:
+            self.notify(self.view.change_since(self.replaced), timeout=4)
+            self.replaced = None
         self.split_tree_ahead(self.view)
 
     @work(thread=True, exit_on_error=False, group="tree",
           description="splitting the largest modules of the tree")
     def split_tree_ahead(self, view: Inspection) -> None:
         """While the user looks at the first tab: the modules holding most of 300k names open
-        instantly later (each split is a pass over the names below it)."""
+        instantly later (each split is a pass over the names below it). After the findings:
+        they are what the user sees first."""
         view.tree.split_ahead(ROWS_AT_ONCE)
+        gc.freeze()  # its nodes too (as the load's): the collector's full passes walked them
 
     async def worker_failed(self, group: str, problem: Problem) -> bool:
         if group != "load":
@@ -159,14 +195,23 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         await self.main.show_error(problem)
         return True
 
+    def validating(self) -> bool:
+        """True, and says so, while the findings are still being made (the merge and the deep
+        check want them: the merge refuses on errors, the deep check replaces some)."""
+        if self.view is not None and not self.view.validated:
+            self.notify("still validating the checkpoint: try again in a moment", timeout=3)
+            return True
+        return False
+
     def action_deep_check(self) -> None:
-        if self.view is not None:
+        if self.view is not None and not self.validating():
             from zinspect.tui.screens.deep_check import DeepCheckScreen
 
             self.push_screen(DeepCheckScreen(self.view.ckpt), self.deep_checked)
 
     async def deep_checked(self, found: list[Finding] | None) -> None:
-        """Replace the findings of an earlier deep check with these, and redraw the tabs."""
+        """Replace the findings of an earlier deep check with these, and redraw what shows
+        them (the Parameters tab keeps its filter, cursor and open modules)."""
         if found is None or self.view is None:
             return
         from zinspect.core.deep import CODES
@@ -175,7 +220,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         ckpt.findings = [f for f in ckpt.findings if f.code not in CODES] + found
         self.view.update_findings()
         self.view.rank_cells = grid_cells(ckpt)
-        await self.main.show_inspection(self.view)
+        await self.main.show_findings()
         for screen in self.detail_screens():
             screen.refresh_facts()
         problems = [f for f in found if f.severity != "info"]
@@ -302,7 +347,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
     # -- merge ----------------------------------------------------------------------------
     def action_merge(self) -> None:
-        if self.view is None:
+        if self.view is None or self.validating():
             return
         from zinspect.tui.screens.merge import MergeScreen  # the merge engine loads on demand
 

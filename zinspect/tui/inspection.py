@@ -6,8 +6,13 @@ Plain Python (no Textual), so the widgets stay thin and the logic is testable on
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import compress, repeat
+from math import prod
+from operator import attrgetter, is_not, itemgetter
+from operator import contains as holds
 from pathlib import Path
 
 from zinspect.core import peft
@@ -21,6 +26,9 @@ from zinspect.report import totals
 
 #: the merge writes fp32 values for every param
 OUTPUT_ITEMSIZE = DTYPE_SIZES["float32"]
+#: a param's attributes, read by C-speed maps over all of them
+_SHAPE, _DTYPE, _GROUP = attrgetter("shape"), attrgetter("dtype"), attrgetter("group")
+_FROZEN, _TIED_TO, _NUMEL = attrgetter("frozen"), attrgetter("tied_to"), itemgetter(0)
 
 
 def display_path(path: Path | str) -> str:
@@ -70,69 +78,107 @@ class Inspection:
     """A loaded checkpoint plus the selection being edited and the sets the views mark."""
 
     def __init__(self, ckpt: Checkpoint, selection: Selection | None = None) -> None:
-        """Built in the load worker: every pass over all names is made here, once, so that
-        the tabs draw only what is on screen (the tree's modules are split off as opened)."""
+        """Built in the load worker before the tabs are first drawn: the passes over all names
+        that drawing the lists needs (sizes, column widths, the tree's top), each in C (maps
+        over the params, one size tuple per distinct shape); what the findings mark and the
+        Overview's counts come with `settle`, after validation."""
         self.ckpt = ckpt
         self.selection = selection or Selection()
+        params, buffers = ckpt.params, ckpt.buffers
+        entries = list(params.values())
+        shapes = list(map(_SHAPE, entries))
+        #: (numel, output bytes) per distinct shape (a few, even at 300k names): every param of
+        #: a shape shares one tuple
+        per_shape = {s: (prod(s), prod(s) * OUTPUT_ITEMSIZE) for s in set(shapes)}
         #: (numel, output bytes) of every name the merge writes: params, then buffers (they are
         #: written too, so they are shown and can be excluded like params)
-        self.sizes: dict[str, tuple[int, int]] = {}
-        sizes, param_numel = self.sizes, 0
-        for name, p in ckpt.params.items():
-            numel = p.numel
-            sizes[name] = (numel, numel * OUTPUT_ITEMSIZE)
-            param_numel += numel
+        self.sizes: dict[str, tuple[int, int]] = dict(zip(params, map(per_shape.__getitem__,
+                                                                      shapes), strict=True))
+        self._numels = list(map(_NUMEL, map(per_shape.__getitem__, shapes)))
         self.sizes.update((name, (b.numel, b.nbytes))
-                          for name, b in ckpt.buffers.items() if name not in ckpt.params)
-        self.buffers_below = count_below(n for n in ckpt.buffers if n not in ckpt.params)
-        self.tree: ModuleNode = build_tree(self.sizes)
-        self.tree.children  # noqa: B018 -- the top level is on screen first: split it here
-        #: counts and sizes for the Overview (`zinspect info`'s rule), a PEFT run's adapter
-        self.totals = totals(ckpt)
-        self.peft = peft.summary(ckpt)
+                          for name, b in buffers.items() if name not in params)
+        self.buffers_below = count_below(n for n in buffers if n not in params)
+        self._tree: ModuleNode | None = None
+        self._tree_made = threading.Lock()
         #: the distinct values of the table's columns, which size them
-        entries = (ckpt.params.values(), ckpt.buffers.values())
+        kinds = {*per_shape.values(), *(self.sizes[n] for n in buffers if n not in params)}
         self.distinct = Distinct(
-            shapes={e.shape for kind in entries for e in kind},
-            dtypes={e.dtype for kind in entries for e in kind},
-            numels={numel for numel, _ in self.sizes.values()},
-            nbytes={size for _, size in self.sizes.values()},
-            groups={p.group for p in ckpt.params.values()} - {None})
+            shapes=set(per_shape) | {b.shape for b in buffers.values()},
+            dtypes=set(map(_DTYPE, entries)) | {b.dtype for b in buffers.values()},
+            numels={numel for numel, _ in kinds},
+            nbytes={size for _, size in kinds},
+            groups=set(map(_GROUP, entries)) - {None})
+        #: owner -> the params tied to it (an alias names its owner in `tied_to`)
+        self.aliases: dict[str, list[str]] = {}
+        for name in compress(params, map(is_not, map(_TIED_TO, entries), repeat(None))):
+            self.aliases.setdefault(params[name].tied_to, []).append(name)
         #: the longest name (the table's name column wants its width)
         self.longest = max(map(len, self.sizes), default=0)
         #: per-param statistics, once the Statistics screen computed them (the table shows
         #: them as columns; a reload drops them: the values may have changed)
         self.stats: dict[str, TensorStats] = {}
         self.stat_widths: list[int] = []  # of their columns in the parameter table
+        #: whether `settle` has run and the UI thread has seen it (set there): until then the
+        #: findings are being made and the views that show them say so
+        self.validated = False
+        self.totals: dict = {}
+        self.peft: peft.PeftInfo | None = None
         self.flagged: set[str] = set()
         self.flagged_below: dict[str, int] = {}
+        self.folded: list[Finding] = []
+        self.file_findings: dict[str, list[Finding]] = {}
+        self.missing_files: list[Finding] = []
         #: the Ranks tab's cells with their findings: set by whoever updates the findings
         #: (tui.widgets.ranks_pane.grid_cells; made with Textual's imports, so not here)
         self.rank_cells: list = []
-        self.update_findings()
         self._sorted: dict[str, list[str]] = {"model": list(self.sizes)}
-        self._param_bytes = param_numel * OUTPUT_ITEMSIZE
-        self._buffer_bytes = sum(b.nbytes for b in ckpt.buffers.values())
+        self._param_bytes = sum(self._numels) * OUTPUT_ITEMSIZE
+        self._buffer_bytes = sum(b.nbytes for b in buffers.values())
         self.excluded: set[str] = set()
         self.excluded_below: dict[str, int] = {}
         self.output: OutputSummary
         self.update_exclusion()
 
+    @property
+    def tree(self) -> ModuleNode:
+        """The module trie with its top level split off, made on first use: by the load worker
+        once the tabs are drawn (a few passes over all names), or by the tree if the user opens
+        the Parameters tab before that (then it waits for the worker's)."""
+        if self._tree is None:
+            with self._tree_made:
+                if self._tree is None:
+                    tree = build_tree(self.sizes)
+                    tree.children  # noqa: B018 -- split the top level here too
+                    self._tree = tree
+        return self._tree
+
+    def settle(self) -> None:
+        """After validation, in the load worker while the tabs are on screen: the Overview's
+        counts (`zinspect info`'s rule), a PEFT run's adapter and what the findings mark."""
+        entries = list(self.ckpt.params.values())
+        self.totals = totals(self.ckpt, {"numel": self._numels,
+                                         "frozen": list(map(_FROZEN, entries)),
+                                         "tied_to": list(map(_TIED_TO, entries))})
+        self.peft = peft.summary(self.ckpt)
+        self.update_findings()
+
     def update_findings(self) -> None:
         """Recompute what the findings mark (flagged params, each file's findings, the
-        Findings tab's order), after a deep check replaced some of them. Sizes, tree and sort
-        orders stay: rebuilding them takes seconds at 300k params."""
+        Findings tab's order), after validation or a deep check replaced some of them. Sizes,
+        tree and sort orders stay: rebuilding them takes seconds at 300k params."""
         ckpt = self.ckpt
         params = ckpt.params
-        self.flagged = {f.param for f in ckpt.findings if f.param in params}
-        self.flagged_below = count_below(self.flagged)
+        flagged = {f.param for f in ckpt.findings if f.param in params}
+        self.flagged_below = count_below(flagged)
+        self.flagged = flagged
         #: the findings in the Findings tab's order: each root cause, then its knock-ons
         self.folded = folded_order(ckpt.findings)
         #: per file name, the findings (not info) naming it, errors first: a file's status
-        self.file_findings: dict[str, list[Finding]] = {}
+        file_findings: dict[str, list[Finding]] = {}
         for f in sorted((x for x in ckpt.findings if x.file and x.severity != INFO),
                         key=lambda x: x.severity != ERROR):
-            self.file_findings.setdefault(f.file, []).append(f)
+            file_findings.setdefault(f.file, []).append(f)
+        self.file_findings = file_findings
         #: findings that say a rank's file is missing (`missing-optimizer-file`, ...)
         present = {f.name for f in ckpt.files}
         self.missing_files = [x for x in ckpt.findings if x.code.startswith("missing-")
@@ -218,11 +264,9 @@ class Inspection:
             if should_stop():
                 return None
             chunk = source[start:start + FILTER_CHUNK]
-            if len(words) == 1:
-                word = words[0]
-                out += [n for n in chunk if word in n.lower()]
-            else:
-                out += [n for n in chunk if all(w in n.lower() for w in words)]
+            for word in words:  # each word narrows the chunk, in C: no Python line per name
+                chunk = list(compress(chunk, map(holds, map(str.lower, chunk), repeat(word))))
+            out += chunk
         return out
 
     def has_order(self, sort: str) -> bool:
@@ -235,7 +279,10 @@ class Inspection:
             # natural, like the tree: blocks.2 before blocks.10
             return sorted(names, key=lambda n: [_natural(part) for part in n.split(".")])
         index = 0 if key == "numel" else 1
-        return sorted(names, key=lambda n: -self.sizes[n][index])
+        # largest first; a stable sort (reverse keeps equal keys in model order), keyed in C
+        keys = list(map(itemgetter(index), map(self.sizes.__getitem__, names)))
+        return list(map(names.__getitem__, sorted(range(len(names)), key=keys.__getitem__,
+                                                  reverse=True)))
 
     def change_since(self, old: Inspection) -> str:
         """What `v` tells the user: re-reading the same files must not look like nothing happened."""

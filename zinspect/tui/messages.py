@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from textual.message import Message
+from textual.worker import Worker
 
 from zinspect.core.model import Finding
+
+if TYPE_CHECKING:
+    from zinspect.tui.inspection import Inspection
 
 
 @dataclass
@@ -26,6 +31,15 @@ class WorkProgress(_Progress):
 
 class LoadProgress(_Progress):
     """Posted from the load worker as each rank file's metadata is read (files)."""
+
+
+@dataclass
+class Loaded(Message):
+    """Posted by the load worker as soon as the checkpoint is read, before it validates it: the
+    tabs are drawn from `view` while the findings are still being made (the worker's result)."""
+
+    view: Inspection
+    worker: Worker
 
 
 @dataclass

@@ -25,6 +25,14 @@ from zinspect.tui.widgets.ranks_pane import RanksPane
 TABS = ("overview", "params", "ranks", "findings")
 
 
+def findings_label(view: Inspection) -> str:
+    """The Findings tab's title: how many root causes (knock-ons fold under them), ! on errors."""
+    if not view.validated:
+        return "Findings (…)"
+    roots = sum(f.cause is None for f in view.folded)
+    return f"Findings ({roots})" + (" !" if view.ckpt.errors else "")
+
+
 class Inspector(Container):
     """The four tabs over one loaded checkpoint."""
 
@@ -35,17 +43,30 @@ class Inspector(Container):
 
     def compose(self) -> ComposeResult:
         view = self.view
-        roots = sum(f.cause is None for f in view.ckpt.findings)  # knock-ons fold under them
-        findings = f"Findings ({roots})" + (" !" if view.ckpt.errors else "")
         with TabbedContent(initial=f"tab-{self.initial}", id="tabs"):
             with TabPane("Overview", id="tab-overview"):
                 yield Overview(view, id="overview")
             with TabPane("Parameters", id="tab-params"):
                 yield ParamsPane(view, id="params")
             with TabPane("Ranks", id="tab-ranks"):
-                yield RanksPane(view.ckpt, view.rank_cells, id="ranks")
-            with TabPane(findings, id="tab-findings"):
+                yield RanksPane(view, id="ranks")
+            with TabPane(findings_label(view), id="tab-findings"):
                 yield FindingsPane(view, id="findings")
+
+    async def show_findings(self) -> None:
+        """Redraw, in place, what shows the findings (validation has ended, or a deep check
+        replaced some): the Parameters tab keeps its filter, cursor and open modules."""
+        tabs = self.query_one(TabbedContent)
+        tabs.get_tab("tab-findings").label = findings_label(self.view)
+        self.query_one(Overview).refresh_facts()
+        self.query_one(ParamsPane).refresh_marks()
+        focused = self.screen.focused
+        lost = focused is None or any(isinstance(w, RanksPane | FindingsPane)
+                                      for w in focused.ancestors_with_self)
+        await self.query_one(RanksPane).recompose()
+        await self.query_one(FindingsPane).recompose()
+        if lost:  # the table that had the focus was drawn anew
+            self.screen.call_after_refresh(self.screen.focus_tab_content)
 
 
 #: the tab keys share one line in the help
@@ -117,6 +138,10 @@ class MainScreen(Screen):
         """Build the tabs for a freshly loaded checkpoint, keeping the tab the user was on."""
         self.last_tab = self.active_tab or self.last_tab
         await self._replace_body(Inspector(view, self.last_tab))
+
+    async def show_findings(self) -> None:
+        for inspector in self.query(Inspector):
+            await inspector.show_findings()
 
     @property
     def active_tab(self) -> str | None:

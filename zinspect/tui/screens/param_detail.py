@@ -165,7 +165,7 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         for part in ("#coverage-title", "#coverage", "#fragments-title", "#fragment-table"):
             self.query_one(part).display = buffer is None  # a buffer is one record, as saved
         owner, holder = self.owner, self.holder
-        self.aliases = [n for n, q in self.view.ckpt.params.items() if q.tied_to == self.param_name]
+        self.aliases = self.view.aliases.get(self.param_name, [])
         whose = Text("Coverage of its elements by rank")
         if holder is not None and holder.shards:  # the bar lays the shards end to end
             whose = Text(f"Coverage of its tp shards, tp 0 to {max(holder.shards)} end to end, "
@@ -244,6 +244,9 @@ class ParamDetailScreen(WorkerOutcomes, Screen):
         return grid
 
     def add_findings(self, grid: Table) -> None:
+        if not self.view.validated:  # the app refreshes this screen when they are in
+            grid.add_row("findings", Text("validating the checkpoint …", style="dim"))
+            return
         for f in self.view.ckpt.findings_for(self.param_name):
             grid.add_row(Text(f.severity, style=SEVERITY_STYLES[f.severity]),
                          Text.assemble(literal(f.message, 600),

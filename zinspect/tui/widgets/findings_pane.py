@@ -78,36 +78,44 @@ def findings_summary(findings: list[Finding]) -> Text:
     return text
 
 
+#: what the Findings and Ranks tabs say while the load worker validates
+VALIDATING = "Validating the checkpoint …"
+
+
 class FindingsPane(Vertical):
     """A count per code, the findings table and, below it, the full message and hint of the
-    highlighted one."""
+    highlighted one; "validating" until the findings are in (then it is composed again)."""
 
     def __init__(self, view: Inspection, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.findings: list[Finding] = view.folded  # ordered by the load worker
+        self.view = view
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.view.folded  # ordered by the load worker
 
     def compose(self) -> ComposeResult:
+        if not self.view.validated:
+            yield Static(VALIDATING, id="finding-detail")
+            return
         if self.findings:
             yield Static(findings_summary(self.findings), id="findings-summary")
         yield FindingTable(self.findings, id="findings-table")
-        yield Static(id="finding-detail")
-
-    def on_mount(self) -> None:
-        if self.findings:
-            self.show_detail(0)
-        else:
-            self.query_one("#finding-detail", Static).update(
-                "No findings: the checkpoint is consistent.")
+        yield Static(self.detail(0) if self.findings else
+                     "No findings: the checkpoint is consistent.", id="finding-detail")
 
     @on(VirtualTable.RowHighlighted, "#findings-table")
     def _highlighted(self, event: VirtualTable.RowHighlighted) -> None:
         self.show_detail(event.index)
 
     def show_detail(self, index: int) -> None:
+        self.query_one("#finding-detail", Static).update(self.detail(index))
+
+    def detail(self, index: int) -> Text:
         f = self.findings[index]
         text = Text()
         text.append(f"{f.severity} {f.code}: ", style=SEVERITY_STYLES[f.severity])
         explained(text, f.message, f"knock-on of {f.cause}" if f.cause else "", f.hint)
         if f.param or f.rank is not None:
             text.append("\nenter: show the " + ("param" if f.param else "rank"), style="dim")
-        self.query_one("#finding-detail", Static).update(text)
+        return text

@@ -74,9 +74,22 @@ def _peft_row(view: Inspection) -> list[tuple[str, RenderableType]]:
     return [] if view.peft is None else [("PEFT", Text(peft.describe(view.peft)))]
 
 
+#: a value the load worker is still working out (it validates once the tabs are drawn)
+PENDING = Text("…", style="dim")
+
+
 def size_facts(view: Inspection) -> Table:
     t = view.totals
     out = view.output
+    if not t:  # counted after validation, with it
+        return _facts("Contents", [
+            ("params", f"{fmt.count(len(view.ckpt.params))}: counting …"),
+            ("buffers", fmt.count(len(view.ckpt.buffers))),
+            ("elements", PENDING),
+            ("fp32 output", f"{fmt.size(out.nbytes + out.excluded_nbytes)}"),
+            ("files", f"{len(view.ckpt.files)}, "
+                      f"{fmt.size(sum(f.size for f in view.ckpt.files))} on disk"),
+        ])
     return _facts("Contents", [
         ("params", f"{fmt.count(t['params'])}: {fmt.count(t['trainable'])} trainable · "
                    f"{fmt.count(t['frozen'])} frozen · {fmt.count(t['tied'])} tied"),
@@ -87,8 +100,10 @@ def size_facts(view: Inspection) -> Table:
     ])
 
 
-def findings_facts(ckpt: Checkpoint) -> Table:
-    counts = ckpt.counts()
+def findings_facts(view: Inspection) -> Table:
+    if not view.validated:
+        return _facts("Validation", [("findings", Text("validating …", style="dim"))])
+    counts = view.ckpt.counts()
     line = Text()
     for severity, n in counts.items():
         plural = "s" if n != 1 and severity != INFO else ""  # "2 errors", "2 info"
@@ -123,7 +138,8 @@ def files_table(view: Inspection) -> Table:
     table.add_column("file")
     table.add_column("size", justify="right")
     table.add_column("status")
-    rows = [(file_status(f, view.file_findings.get(f.name, [])), f) for f in ckpt.files]
+    rows = [(file_status(f, view.file_findings.get(f.name, []), view.validated), f)
+            for f in ckpt.files]
     rows += [(Text(f"missing: {f.code}", style="bold red"), f) for f in view.missing_files]
     rows.sort(key=lambda r: (r[0].plain == "ok", r[1].rank is None, r[1].rank or 0, _kind(r[1]),
                              getattr(r[1], "name", "")))
@@ -151,11 +167,13 @@ def coords_text(f: RankFile, axes: list[str]) -> str:
     return " ".join(parts)
 
 
-def file_status(f: RankFile, found: list[Finding]) -> Text:
+def file_status(f: RankFile, found: list[Finding], validated: bool = True) -> Text:
     """Why the file could not be read, else the worst of the findings naming it (`found`,
-    errors first; +N more), else ok."""
+    errors first; +N more), else ok (… while the checkpoint is being validated)."""
     if f.error:
         return Text(shown(f.error, 80), style="red")
+    if not validated:
+        return PENDING
     if found:
         codes = list(dict.fromkeys(x.code for x in found))
         more = f" +{len(codes) - 2}" if len(codes) > 2 else ""
@@ -202,9 +220,9 @@ class Overview(VerticalScroll):
     def refresh_facts(self) -> None:
         """Facts side by side, or one above the other below WIDE columns (at 80 the path and
         the counts would each get a third of the screen)."""
-        ckpt = self.view.ckpt
         self.narrow = self._is_narrow()
-        parts = (checkpoint_facts(self.view), Group(size_facts(self.view), Text(), findings_facts(ckpt)))
+        parts = (checkpoint_facts(self.view),
+                 Group(size_facts(self.view), Text(), findings_facts(self.view)))
         if self.narrow:
             top = Group(parts[0], Text(), parts[1])
         else:

@@ -67,20 +67,27 @@ class ParamTree(Tree[ModuleNode]):
     def __init__(self, view: Inspection, **kwargs) -> None:
         #: nodes whose label is to be made (from their data) when next drawn
         self._stale: set[NodeID] = set()
-        super().__init__("model", data=view.tree, **kwargs)
+        super().__init__("model", **kwargs)  # the module tree: when first shown
         self.view = view
         self.sort = "model"
         self.show_root = False
         self.guide_depth = 3
 
     def on_mount(self) -> None:
-        self.populate(self.root)
         self.root.expand()
-        if self.root.children:  # a checkpoint whose model states name no param has none
-            self.call_after_refresh(self.move_cursor_to_line, 0)
+
+    def on_show(self) -> None:
+        """The top level when the tree is first on screen: the load worker makes the module
+        tree after the tabs are drawn (waited for here if the user is quicker)."""
+        if not self.root.children:
+            self.populate(self.root)
+            if self.root.children:  # a checkpoint whose model states name no param has none
+                self.call_after_refresh(self.move_cursor_to_line, 0)
 
     def populate(self, node: TreeNode[ModuleNode]) -> None:
         """Add the children of `node` (once), all at once; their labels are made when drawn."""
+        if node is self.root and node.data is None:
+            node.data = self.view.tree
         if node.children or node.data is None:
             return
         for child in ordered_children(node.data, self.sort):
@@ -109,7 +116,8 @@ class ParamTree(Tree[ModuleNode]):
         return toggle + node._label.cell_len
 
     def _on_tree_node_expanded(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
-        self.populate(event.node)
+        if event.node is not self.root:  # expanded at mount, filled when shown
+            self.populate(event.node)
 
     def _on_tree_node_selected(self, event: Tree.NodeSelected[ModuleNode]) -> None:
         data = event.node.data

@@ -21,6 +21,8 @@ from textual.widgets import Label, Static
 from zinspect.core import fmt
 from zinspect.core.layouts.gaps import missing_coords
 from zinspect.core.model import ERROR, INFO, Checkpoint, Finding, ParamGroup, RankFile
+from zinspect.tui.inspection import Inspection
+from zinspect.tui.widgets.findings_pane import VALIDATING
 from zinspect.tui.widgets.overview import SEVERITY_STYLES
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
@@ -228,15 +230,26 @@ class GroupMatrix(VirtualTable):
 
 
 class RanksPane(Vertical):
-    """The grid of ranks, then the ranks x groups matrix."""
+    """The grid of ranks, then the ranks x groups matrix; "validating" until the findings are
+    in (a cell's status is what they say about it; then it is composed again)."""
 
-    def __init__(self, ckpt: Checkpoint, cells: list[Cell], **kwargs) -> None:
-        """`cells`: grid_cells(ckpt), made by the load worker (a pass over every finding)."""
+    def __init__(self, view: Inspection, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.ckpt = ckpt
-        self.cells = cells
+        self.view = view
+
+    @property
+    def ckpt(self) -> Checkpoint:
+        return self.view.ckpt
+
+    @property
+    def cells(self) -> list[Cell]:
+        """grid_cells(ckpt), made by the load worker (a pass over every finding)."""
+        return self.view.rank_cells
 
     def compose(self) -> ComposeResult:
+        if not self.view.validated:
+            yield Static(VALIDATING, classes="section-title")
+            return
         ckpt, topo = self.ckpt, self.ckpt.topology
         shape = " × ".join(f"{a} {getattr(topo, a)}" for a in ("pp", "tp", "dp", "ep")
                            if getattr(topo, a) > 1 or a == "dp")
