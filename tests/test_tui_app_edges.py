@@ -154,7 +154,7 @@ async def test_an_unexpected_load_error_names_where_it_came_from(monkeypatch):
     def broken(path, tag=None, progress=None):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_module, "open_checkpoint", broken)
+    monkeypatch.setattr(app_module, "load_checkpoint", broken)
     app = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
