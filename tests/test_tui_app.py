@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -16,7 +15,6 @@ from textual.widgets import DataTable, Input, Static
 from textual.worker import WorkerFailed
 
 from zinspect.core import open_checkpoint
-from zinspect.core.layouts import zero3
 from zinspect.core.merge import plan_merge
 from zinspect.core.model import Param
 from zinspect.core.selection import Selection
@@ -484,40 +482,6 @@ async def test_validate_again_redraws_an_open_param_detail(tmp_path):
         await pilot.press("space")
         assert "embed.weight" in app.view.excluded
         assert "excluded" in text_of(detail.query_one("#param-facts", Static))
-
-
-async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch):
-    """A ZeRO-3 frozen param's fragments need every rank's model states parsed: the screen
-    opens at once, says so, and fills in the table and bar when the thread is done."""
-    release, threads = threading.Event(), []
-    real = zero3.FrozenFragments.fragments
-
-    def gated(self, name, numel):
-        threads.append(threading.current_thread())
-        release.wait(10)
-        return real(self, name, numel)
-
-    monkeypatch.setattr(zero3.FrozenFragments, "fragments", gated)
-    name = "encoder.frozen_proj.weight"
-    app = ZinspectApp(str(FIXTURES / "s3_w4_bf16"))
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(app, pilot)
-        assert app.view.ckpt.params[name].frozen
-        app.goto_param(name)
-        await pilot.pause()
-        screen = app.screen
-        table = screen.query_one("#fragment-table", DataTable)
-        assert "reading the ranks' model states" in str(screen.query_one("#coverage").render())
-        assert "saved as …" in text_of(screen.query_one("#param-facts"))
-        assert table.row_count == 0
-        release.set()
-        await settle(app, pilot)
-        assert threads and threads[0] is not threading.main_thread()
-        assert [table.get_row_at(i)[0] for i in range(table.row_count)] == ["0", "1", "2", "3"]
-        segments = screen.query_one("#coverage").segments
-        assert sum(n for kind, _, n in segments if kind == "rank") == \
-            app.view.ckpt.params[name].numel
-        assert "in 4 fragment(s)" in text_of(screen.query_one("#param-facts", Static))
 
 
 def test_name_sort_is_natural_like_the_tree():

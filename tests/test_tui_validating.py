@@ -8,8 +8,9 @@ from __future__ import annotations
 import threading
 
 from test_tui_app import FIXTURES, SIZE, damaged_copy, settle, text_of
-from textual.widgets import Static
+from textual.widgets import DataTable, Static
 
+from zinspect.core.layouts import zero3
 from zinspect.core.validate import validate
 from zinspect.tui import app as app_module
 from zinspect.tui.app import ZinspectApp
@@ -127,3 +128,44 @@ async def test_reading_again_while_validating_ends_on_the_new_reading(tmp_path, 
         assert app.view is second and not first.validated
         assert tab_label(app, "findings").startswith("Findings (") and "…" not in \
             tab_label(app, "findings")
+
+
+async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch):
+    """A ZeRO-3 frozen param's fragments need every rank's model states parsed (validate reads
+    them too, once the tabs are drawn): opened before that, the screen comes at once, says so,
+    and fills in the table and bar when its thread is done, then the findings when they are."""
+    release, threads = threading.Event(), []
+    real = zero3.FrozenFragments.fragments
+
+    def gated(self, name, numel):
+        threads.append(threading.current_thread())
+        release.wait(10)
+        return real(self, name, numel)
+
+    monkeypatch.setattr(zero3.FrozenFragments, "fragments", gated)
+    validated = held_validation(monkeypatch)
+    name = "encoder.frozen_proj.weight"
+    app = ZinspectApp(str(FIXTURES / "s3_w4_bf16"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: bool(app.screen.query(Inspector)))
+        assert app.view.ckpt.params[name].frozen and app.view.slow_fragments(name)
+        app.goto_param(name)
+        await pilot.pause()
+        screen = app.screen
+        table = screen.query_one("#fragment-table", DataTable)
+        assert "reading the ranks' model states" in str(screen.query_one("#coverage").render())
+        facts = text_of(screen.query_one("#param-facts", Static))
+        assert "saved as …" in facts and "validating the checkpoint" in facts
+        assert table.row_count == 0
+        release.set()
+        await until(pilot, lambda: table.row_count)
+        assert threads and threads[0] is not threading.main_thread()
+        assert [table.get_row_at(i)[0] for i in range(table.row_count)] == ["0", "1", "2", "3"]
+        segments = screen.query_one("#coverage").segments
+        assert sum(n for kind, _, n in segments if kind == "rank") == \
+            app.view.ckpt.params[name].numel
+        assert "in 4 fragment(s)" in text_of(screen.query_one("#param-facts", Static))
+        validated.set()
+        await settle(app, pilot)
+        assert app.view.validated
+        assert "validating" not in text_of(screen.query_one("#param-facts", Static))
