@@ -139,9 +139,13 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
         with gc_paused():  # the tree and sort orders are as many small objects again
             view = Inspection(load_checkpoint(self.path, self.tag, progress), selection)
-            self.post_message(Loaded(view, worker))
+            loaded = Loaded(view, worker)
+            self.post_message(loaded)
+            while not loaded.drawn.wait(0.05):  # the UI thread paints; ~5x slower beside us
+                if worker.is_cancelled:  # `v` is reading the files again, or the app ended
+                    return view
             view.tree  # noqa: B018 -- what the Parameters tab shows first
-            if not worker.is_cancelled:  # else `v` is reading the files again
+            if not worker.is_cancelled:
                 validate(view.ckpt)
                 view.settle()
                 view.rank_cells = grid_cells(view.ckpt)
@@ -167,6 +171,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         await self.main.show_inspection(self.view)
         for screen in self.detail_screens():
             screen.show_param()
+        self.call_after_refresh(event.drawn.set)
 
     async def worker_succeeded(self, group: str, result: Any) -> None:
         if group != "load" or result is not self.view:

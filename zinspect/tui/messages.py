@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from textual.message import Message
@@ -36,10 +37,13 @@ class LoadProgress(_Progress):
 @dataclass
 class Loaded(Message):
     """Posted by the load worker as soon as the checkpoint is read, before it validates it: the
-    tabs are drawn from `view` while the findings are still being made (the worker's result)."""
+    tabs are drawn from `view` while the findings are still being made (the worker's result).
+    The UI sets `drawn` once they are on screen: the worker waits for it, so as not to take
+    the interpreter from the first paint."""
 
     view: Inspection
     worker: Worker
+    drawn: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
