@@ -1,6 +1,7 @@
 """Files of one checkpoint come from one save: what each file says about its save (a step, a
 ZeRO stage) is compared with what most files say, and an outlier is located. The one rule for
-validate (plain ZeRO), the tensor-parallel checks and the pipeline and MoE layouts."""
+validate (plain ZeRO), the tensor-parallel checks and the pipeline and MoE layouts; and each
+model-states file's data-parallel size (`dp_world_sizes`, the pipelines')."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ def outliers(find, facts: list[tuple[RankFile, object]], what: str, code: str = 
                  OTHER_SAVE, file=rf.name, rank=rf.rank)
             out.add(rf.name)
     return out
+
+
+def dp_world_sizes(find, states: list[tuple[RankFile, dict]], dp: int, source: str) -> None:
+    """Each model-states file (file, its state) records the checkpoint's `dp` data-parallel
+    ranks (read `source`, "as ..."): another size is a file of another save; a value that is no
+    size (0, -2, True, a str) is a forged or damaged field, named as such."""
+    for rf, state in states:
+        said = state.get("dp_world_size")
+        if said is not None and (type(said) is not int or said <= 0):
+            said = repr(said) if type(said) in (int, bool) else f"a {type(said).__name__}"
+            find("world-size-mismatch", f"{rf.name}: its dp_world_size is {said}, not a "
+                 f"data-parallel size; the checkpoint is read with {dp} data-parallel "
+                 f"rank{'s' if dp != 1 else ''}, {source}", "the field was altered or damaged: "
+                 "restore this file from a copy of the run (the other files are read as saved; "
+                 "`zinspect merge --salvage` writes what they hold)", file=rf.name)
+        elif said is not None and said != dp:
+            find("world-size-mismatch", f"{rf.name} was saved with {said} data-parallel ranks, "
+                 f"the other stages with {dp}", OTHER_SAVE, file=rf.name)
 
 
 def _g(value: float) -> str:

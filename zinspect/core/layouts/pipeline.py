@@ -18,7 +18,7 @@ DeepSpeed refuses ZeRO-2/3 with pipelines, so there is nothing else to read.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -53,10 +53,28 @@ class _Pipeline:
         self.stage_files = {f.mp_rank: f for f in self.c.files_of("model") if f.rank is None}
         self.pp = _int(dims.get("pp_degree")) or max(len(self.stage_files), 1)
         self.tp = _int(dims.get("tp_degree")) or 1
-        self.dp = _int(ms.get("dp_world_size")) or 1
+        self.dp, self.dp_from = self.dp_size()
         self.layers: dict[int, RankFile] = {}
         self.optim: dict[int, dict[int, RankFile]] = defaultdict(dict)  # stage -> dp -> file
         self.names: dict[str, tuple[int, str]] = {}  # param name -> (layer, key)
+
+    def dp_size(self) -> tuple[int, str]:
+        """The data-parallel size and where it is read from: the `dp_world_size` most stage
+        files record; on a tie, or when none records one, the optimizer files' partition count
+        (a value that is no size, 0 or True, is never taken: `_one_save` names it); else 1."""
+        said = Counter(_int(state.get("dp_world_size")) for _, state in self.model_states())
+        said.pop(None, None)
+        tied = [dp for dp, n in said.items() if n == max(said.values())]  # lowest mp rank first
+        pc, other = _int(self.c.world_size), "as the other model-states files record"
+        if pc is not None and (pc in tied or not tied):
+            return pc, other if tied else "as the optimizer files are partitioned"
+        return (tied[0], other) if tied else (1, "as no file records a size")
+
+    def model_states(self, files: list[RankFile] | None = None) -> list[tuple[RankFile, dict]]:
+        """(file, state) of each readable stage file (by mp rank), or of each of `files`."""
+        tfs = [(rf, self.ctx.torch_file(rf)) for rf in (
+            [rf for _, rf in sorted(self.stage_files.items())] if files is None else files)]
+        return [(rf, tf.obj) for rf, tf in tfs if tf is not None and isinstance(tf.obj, dict)]
 
     # ------------------------------------------------------------------ files
     def sort_files(self) -> None:
@@ -286,18 +304,17 @@ class _Pipeline:
                       coords=coords)
         common.attach_moments(self.ctx, files)
 
+    def slice_files_in_grid(self) -> list[RankFile]:
+        """The model-states file of each stage (pipeline_tp: of each (stage, tp rank))."""
+        return [rf for s, rf in sorted(self.stage_files.items()) if s < self.pp]
+
     def _one_save(self) -> None:
         """Every stage's files come from one save: the stage files' dp world size and global
-        step, and the optimizer files' Adam step, agree; an outlier is located."""
+        step, and the optimizer files' Adam step, agree; an outlier is located (a dp_world_size
+        that is no size, 0 or True, as the forged field it is)."""
         ctx = self.ctx
-        stages = [(rf, self.stage_state(s)) for s, rf in sorted(self.stage_files.items())
-                  if s < self.pp and self.stage_state(s)]
-        for rf, state in stages:
-            dp = _int(state.get("dp_world_size"))
-            if dp not in (None, self.dp):
-                ctx.find("world-size-mismatch", f"{rf.name} was saved with {dp} data-parallel "
-                         f"ranks, the other stages with {self.dp}", one_save.OTHER_SAVE,
-                         file=rf.name)
+        stages = self.model_states(self.slice_files_in_grid())
+        one_save.dp_world_sizes(ctx.find, stages, self.dp, self.dp_from)
         one_save.outliers(ctx.find, [(rf, state.get("global_steps")) for rf, state in stages],
                           "at global step {}")
         optim = self.optim_files()

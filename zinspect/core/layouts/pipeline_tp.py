@@ -102,6 +102,9 @@ class _PipelineTP(pipeline._Pipeline):  # noqa: SLF001 (the stage logic this lay
                           f"its shards of layer {layer} (16-bit weights, frozen params, buffers) "
                           "are gone", "copy it from the run")
 
+    def slice_files_in_grid(self) -> list[RankFile]:
+        return [rf for _, rf in sorted(self.slice_files.items())]
+
     def optim_files(self) -> list[RankFile]:
         return [rf for files in self.slice_optim.values() for rf in files.values()]
 
