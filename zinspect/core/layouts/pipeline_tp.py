@@ -94,9 +94,11 @@ class _PipelineTP(pipeline._Pipeline):  # noqa: SLF001 (the stage logic this lay
     def _missing_layers(self, trainable: set[str]) -> None:
         """Every tp rank has the file of each layer tp rank 0 (or the optimizer) names."""
         super()._missing_layers(trainable)
-        for layer in sorted({layer for layer, _ in self.layer_files}):
-            missing_files(self.ctx.find, [("tp", self.tp)],
-                          {(t,) for lay, t in self.layer_files if lay == layer}, "missing-layer-file",
+        ranks: dict[int, set[tuple[int]]] = defaultdict(set)
+        for layer, t in self.layer_files:
+            ranks[layer].add((t,))
+        for layer, present in sorted(ranks.items()):
+            missing_files(self.ctx.find, [("tp", self.tp)], present, "missing-layer-file",
                           f"tp ranks' files of layer {layer}",
                           lambda t, layer=layer: f"layer_{layer:02d}-model_{t:02d}-model_states.pt",
                           f"its shards of layer {layer} (16-bit weights, frozen params, buffers) "

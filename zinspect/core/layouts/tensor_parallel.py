@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 from zinspect.core.layouts import common, headers, tp_affine, tp_rules, zero3, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
@@ -238,7 +238,7 @@ def place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple
             return False
         return bool(held) and _readable_replicas(p, info, shards)
     try:
-        geo = _geometry(ctx, p, info, shards)
+        geo, problem, maps = _geometry(ctx, p, info, shards)
     except tp_rules.SplitUnknown as e:
         ctx.find("tp-split-unknown", f"{p.name}: how its tp shards join cannot be known: {e}",
                  "zinspect does not guess a split: the param is left out of merges (--salvage "
@@ -248,14 +248,12 @@ def place(ctx: LoadContext, p: Param, info: dict | None, shards: dict[int, tuple
         ctx.find("tp-shard-shape", f"{p.name}: {e}", "a tp rank's model states hold another "
                  "model's shards; " + REPLACE, param=p.name)
         return False
-    problem = tp_rules.tiling_problem(geo, shards)
     if problem:
         ctx.find("tp-coverage", f"{p.name}: its tp shards do not make the full tensor: {problem}",
                  REPLACE, param=p.name)
         return False
     p.shape = geo.shape
-    p.shards = {t: Shard(t, shards[t], [(Box(a, n), Box(b, n)) for a, b, n in geo.pieces[t]],
-                         geo.replicated) for t in range(tp)}
+    p.shards = {t: Shard(t, shards[t], list(maps[t]), geo.replicated) for t in range(tp)}
     return True
 
 
@@ -277,13 +275,14 @@ def _readable_replicas(p: Param, info: dict | None, shards: dict[int, tuple]) ->
 
 
 def _geometry(ctx: LoadContext, p: Param, info: dict | None,
-              shards: dict[int, tuple]) -> tp_rules.Geometry:
+              shards: dict[int, tuple]) -> tuple[tp_rules.Geometry, str | None, dict]:
     """The affine map's geometry when it has one for p (DeepSpeed's converter prefers it),
-    cross-checked with the split patterns'; else the patterns'."""
+    cross-checked with the split patterns'; else the patterns'; with its tiling problem and
+    each tp rank's boxes."""
     if not isinstance(info, dict):
         raise tp_rules.SplitUnknown("the model states carry no universal_checkpoint_info")
     try:
-        rule, rule_error = tp_rules.geometry_from_rule(tp_rules.rule_for(p.name, info), shards), None
+        rule, rule_error = _by_rule(tp_rules.rule_for(p.name, info), tuple(sorted(shards.items()))), None
     except (tp_rules.SplitUnknown, tp_rules.ShardShapeError) as e:
         rule, rule_error = None, e
     affine = info.get("affine_map") if isinstance(info.get("affine_map"), dict) else None
@@ -305,13 +304,27 @@ def _geometry(ctx: LoadContext, p: Param, info: dict | None,
             f"the affine map gives its shards {_shapes(recorded)}, the model states {_shapes(shards)}")
     if rule_error:
         _mismatch(ctx, p, f"the split patterns fail ({rule_error}); the affine map is used")
-    elif not tp_rules.same_geometry(rule, mapped):
-        t = next((t for t in sorted(mapped.pieces) if mapped.pieces[t] != rule.pieces.get(t)), 0)
+    elif not tp_rules.same_geometry(rule[0], mapped):
+        geo = rule[0]
+        t = next((t for t in sorted(mapped.pieces) if mapped.pieces[t] != geo.pieces.get(t)), 0)
         _mismatch(ctx, p, f"the affine map and the split patterns place its shards differently "
-                  f"(full {list(mapped.shape)} vs {list(rule.shape)}; tp rank {t} at "
-                  f"{_places(mapped, t)} vs {_places(rule, t)}); the affine map is used, as "
+                  f"(full {list(mapped.shape)} vs {list(geo.shape)}; tp rank {t} at "
+                  f"{_places(mapped, t)} vs {_places(geo, t)}); the affine map is used, as "
                   "DeepSpeed's converter does")
-    return mapped
+    return mapped, tp_rules.tiling_problem(mapped, shards), _maps(mapped)
+
+
+@lru_cache(maxsize=512)
+def _by_rule(rule: tp_rules.Rule, shards: tuple[tuple[int, tuple], ...]) -> tuple:
+    """(geometry, tiling problem, each tp rank's boxes) of a split rule for these shard shapes
+    ((tp rank, shape), ...): once per rule and shapes, as a 70B model's 80 layers share a handful
+    (shapes are tuples of exact ints: equal keys are equal inputs). Shared: never changed."""
+    geo = tp_rules.geometry_from_rule(rule, dict(shards))
+    return geo, tp_rules.tiling_problem(geo, dict(shards)), _maps(geo)
+
+
+def _maps(geo: tp_rules.Geometry) -> dict[int, tuple[tuple[Box, Box], ...]]:
+    return {t: tuple((Box(a, n), Box(b, n)) for a, b, n in ps) for t, ps in geo.pieces.items()}
 
 
 def _places(geo: tp_rules.Geometry, t: int) -> str:

@@ -8,6 +8,8 @@ ZeRO partitions (tensor_parallel, pipeline_tp)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from zinspect.core import codes, coverage, partition
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.gaps import missing_files
@@ -27,12 +29,19 @@ def shard_findings(c: Checkpoint) -> list[Finding]:
     a truncated file is its own finding), as plain ZeRO-0's are."""
     if c.topology.tp < 2 or not c.files_of("optim"):  # no shards (spares a walk over 300k
         return []  # params), or no partitions
-    return [f for p in c.owners() for t, shard in sorted(p.shards.items())
-            for f in _shard_coverage(c, p, t, numel(shard.shape))]
+    out = []
+    for p in c.owners():
+        if p.shards:
+            by_shard = defaultdict(list)  # one pass over a param's fragments, not one per tp rank
+            for f in p.fragments:
+                by_shard[f.shard].append(f)
+            for t, shard in sorted(p.shards.items()):
+                out += _shard_coverage(c, p, t, numel(shard.shape), by_shard[t])
+    return out
 
 
-def _shard_coverage(c: Checkpoint, p: Param, t: int, n: int) -> list[Finding]:
-    held = [f for f in p.fragments if f.shard == t]
+def _shard_coverage(c: Checkpoint, p: Param, t: int, n: int, held: list) -> list[Finding]:
+    """`held`: p's fragments of tp rank t's shard."""
     cov = coverage.cover(n, held)
     out = []
     if cov.overlaps:

@@ -332,6 +332,24 @@ def _overlap(a: Piece, b: Piece) -> bool:
     return all(fa < fb + nb and fb < fa + na for fa, na, fb, nb in zip(a[1], a[2], b[1], b[2], strict=False))
 
 
+def _intervals_apart(ps: list[Piece], shape: Shape) -> bool:
+    """True when no two pieces overlap, proven in n log n for pieces whole on every dim but one
+    (every split the patterns make: intervals on that dim, sorted, each starting at or past
+    the ends before it); False when that does not apply or two overlap (the pairs then say
+    which: 963 params x 120 pairs at tp 8 made this most of a 70B pipeline's placing)."""
+    split = {d for _, at, n in ps for d, (o, k, m) in enumerate(zip(at, n, shape, strict=False))
+             if o or k != m}
+    if not shape or len(split) > 1 or not all(shape) or any(len(n) != len(shape) for _, _, n in ps):
+        return False
+    d = split.pop() if split else 0
+    end = 0
+    for _, at, n in sorted(ps, key=lambda p: (p[1][d], p[2][d])):
+        if at[d] < end:
+            return False
+        end = max(end, at[d] + n[d])
+    return True
+
+
 def tiling_problem(geo: Geometry, shards: dict[int, Shape]) -> str | None:
     """Why the pieces do not place every element of the full tensor exactly once (replicas:
     once per rank), or None. `shards` are the shapes the files hold."""
@@ -348,7 +366,8 @@ def tiling_problem(geo: Geometry, shards: dict[int, Shape]) -> str | None:
         [[p for _, ps in sorted(geo.pieces.items()) for p in ps]]
     for ps in groups:
         held = sum(math.prod(p[2]) for p in ps)
-        clash = next(((a, b) for i, a in enumerate(ps) for b in ps[i + 1:] if _overlap(a, b)), None)
+        clash = None if _intervals_apart(ps, geo.shape) else \
+            next(((a, b) for i, a in enumerate(ps) for b in ps[i + 1:] if _overlap(a, b)), None)
         if clash:
             return f"two pieces overlap at full offsets {list(clash[0][1])} and {list(clash[1][1])}"
         if held != numel:
