@@ -53,8 +53,9 @@ def same(a, b, seen=None) -> bool:
     if id(a) in seen:
         return seen[id(a)] is b
     seen[id(a)] = b
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k], seen) for k in a)
+    if isinstance(a, dict):  # (and the attributes a BUILD gave an OrderedDict: `_metadata`)
+        return list(a) == list(b) and all(same(a[k], b[k], seen) for k in a) and \
+            same(getattr(a, "__dict__", None), getattr(b, "__dict__", None), seen)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same(x, y, seen) for x, y in zip(a, b, strict=True))
     if isinstance(a, TensorRef):

@@ -146,3 +146,4 @@ class FastUnpickler(_Budgeted, pickle.Unpickler):
     as the bounded reader's allowlist should too (so NEWOBJ of it agrees on both paths)."""
 
     special_globals = {DICT_MARKER: PickledDict}
+    builds_pickled_dicts = True

@@ -317,6 +317,7 @@ class _Rules:
         super().__init__(file, encoding="utf-8", budget_bytes=budget_bytes)
         self.legacy = legacy
         self.storages: dict[str, StorageRef] = {}
+        self._keep, self._zip_pids = self.storages.setdefault, not legacy
         self.unknown_globals: set[str] = set()
         self._opaque: dict[str, type] = {}
 
@@ -335,20 +336,18 @@ class _Rules:
         return cls
 
     def persistent_load(self, pid, _new=tuple.__new__, _ref=StorageRef, _class=_StorageClass,
-                        _tuple=tuple, _str=str, _int=int):
-        # a torch storage reference as torch writes it, checked field by field without
-        # building anything (300k times in a large model-states file; the unpickler passes only
-        # `pid`, the defaults save global lookups); anything else takes the long way, which
-        # says what is off
-        if type(pid) is _tuple and len(pid) == (6 if self.legacy else 5) and \
-                type(pid[0]) is _str and type(pid[1]) is _class and type(key := pid[2]) is _str \
-                and type(location := pid[3]) is _str and type(numel := pid[4]) is _int and \
-                pid[0] == "storage" and len(key) <= 64 and len(location) <= 64 and \
-                0 <= numel <= MAX_NUMEL and (not self.legacy or pid[5] is None):
-            ref = self.storages.get(key)
-            if ref is None:
-                ref = self.storages[key] = _new(_ref, (key, pid[1].dtype, numel, location))
-            return ref
+                        _tuple=tuple, _str=str, _int=int, _most=MAX_NUMEL):
+        # a torch storage reference as torch writes it (zip format: 5 fields), checked field by
+        # field (300k times in a large model-states file; the unpickler passes only `pid`, the
+        # defaults save global lookups); anything else takes the long way, which says what is
+        # off. `setdefault`: the first reference to a key makes its StorageRef, later ones share
+        # it (as `_storage_ref` does). Unpacked, then type-checked: 2x faster than indexing.
+        if type(pid) is _tuple and len(pid) == 5 and self._zip_pids:
+            tag, cls, key, location, numel = pid
+            if type(cls) is _class and type(key) is _str and type(location) is _str and \
+                    type(numel) is _int and tag == "storage" and len(key) <= 64 and \
+                    len(location) <= 64 and 0 <= numel <= _most:
+                return self._keep(key, _new(_ref, (key, cls.dtype, numel, location)))
         return self._storage_ref(pid)
 
     def _storage_ref(self, pid):

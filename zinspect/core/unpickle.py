@@ -56,41 +56,54 @@ class PickleBudgetExceeded(pickle.UnpicklingError):
 
 def children(obj):
     """The objects a walk over `obj` reaches next (None for a leaf): a container's members,
-    a dict's keys then values; inert records of the restricted unpickler expose their `args`
-    and `state`."""
+    a dict's keys then values (and the attributes a BUILD gave an OrderedDict); inert records
+    of the restricted unpickler expose their `args` and `state`."""
     if isinstance(obj, (tuple, list, set, frozenset)):
         return obj
     if isinstance(obj, dict):
-        return itertools.chain(dict.keys(obj), dict.values(obj)) if obj else None
+        attrs = _attributes(obj)
+        return itertools.chain(dict.keys(obj), dict.values(obj), attrs) if obj or attrs else None
     args = getattr(obj, "args", None) if hasattr(obj, "state") else None
     if isinstance(args, tuple):
         return (*args, obj.state)
     return None
 
 
+def _attributes(obj) -> list:
+    """[the instance dict] of an OrderedDict that a BUILD gave attributes (a state_dict's
+    `_metadata`: its dicts are swapped by `plain`, a memo bomb in it is counted), else []."""
+    attrs = vars(obj) if type(obj) is PickledOrderedDict else None
+    return [attrs] if attrs else []
+
+
 def _non_leaves(obj, leaves: frozenset) -> list:
     """The members of `obj` (as `children` lists them) that are not leaves."""
     if isinstance(obj, dict):
         # the dict's own views: an OrderedDict's are 5-10x slower to walk
-        return _drop_leaves(dict.keys(obj), leaves) + _drop_leaves(dict.values(obj), leaves)
+        return _drop_leaves(dict.keys(obj), leaves) + _drop_leaves(dict.values(obj), leaves) + \
+            _attributes(obj)
     kids = children(obj)
     return _drop_leaves(kids, leaves) if kids else []
 
 
 def _drop_leaves(items, leaves: frozenset) -> list:
-    """`items` (a collection or dict view) without its leaves. The common case, all leaves (a
-    dict of 300k names and tensors), is decided at C speed."""
-    if set(map(type, items)) <= leaves:
+    """`items` (a collection or dict view) without its leaves. The common cases, all leaves (a
+    dict of 300k names and tensors) or none (300k shapes), are decided at C speed."""
+    kinds = set(map(type, items))
+    if kinds <= leaves:
         return []
+    if kinds.isdisjoint(leaves):
+        return list(items)
     return [x for x in items if type(x) not in leaves]
 
 
 def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the pickle",
-               leaves: frozenset = _ATOMS) -> None:
+               leaves: frozenset = _ATOMS, settled: set | None = None) -> None:
     """Raise PickleBudgetExceeded when walking `obj` would visit more than `max_nodes` nodes or
     go deeper than `max_depth`. Iterative; leaves (objects of the types `leaves`) are counted
     without being stacked, and so are tuples of leaves (a param's shape), in bulk; the walk
-    stops at the first budget passed."""
+    stops at the first budget passed. `settled`, when given, receives the id of each container
+    whose members are all leaves or tuples of leaves (`plain` need not walk them again)."""
     stack, nodes = [(obj, 0)], 1
     while stack:
         item, depth = stack.pop()
@@ -108,6 +121,8 @@ def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the
             raise PickleBudgetExceeded(f"{what} nests deeper than {max_depth} levels")
         else:
             nodes += flat
+        if settled is not None and (flat is not None or not inner):
+            settled.add(id(item))
         if nodes > max_nodes:
             raise PickleBudgetExceeded(f"{what} holds more than {max_nodes:,} objects" +
                                        (" (shared references repeated: a memo bomb)"
@@ -116,17 +131,18 @@ def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the
 
 def _flat_tuples(items: list, leaves: frozenset) -> int | None:
     """When every one of `items` is a tuple of leaves: how many leaves they hold; else None."""
-    if not items or set(map(type, items)) != {tuple} or \
+    if not items or type(items[0]) is not tuple or set(map(type, items)) != {tuple} or \
             not set(map(type, itertools.chain.from_iterable(items))) <= leaves:
         return None
     return sum(map(len, items))
 
 
-def plain(obj, leaves: frozenset = _ATOMS):
+def plain(obj, leaves: frozenset = _ATOMS, settled: set | frozenset = frozenset()):
     """`obj` with each PickledDict replaced by a dict of the same items (lists and inert
     records are fixed in place, dicts' values too, tuples rebuilt where a member changed;
     shared objects stay shared). Call it after `check_tree`: the graph is then acyclic and at
-    most MAX_DEPTH deep, which bounds the recursion."""
+    most MAX_DEPTH deep, which bounds the recursion; the members of the containers it
+    `settled` are not walked again (the 297k shapes of a large model-states file)."""
     done: dict[int, object] = {}
 
     def fixed(items) -> list | None:
@@ -143,11 +159,15 @@ def plain(obj, leaves: frozenset = _ATOMS):
             return done[key]
         t = type(x)
         out = done[key] = dict(x) if t is PickledDict else x
+        if key in settled:
+            return out
         if isinstance(out, dict):
             fixed(dict.keys(out))  # keys are never replaced: walked for inert records only
             values = fixed(dict.values(out))
             if values is not None:
                 out.update(zip(list(dict.keys(out)), values, strict=True))
+            for attrs in _attributes(out):
+                conv(attrs)  # fixed in place
         elif t is list:
             items = fixed(x)
             if items is not None:
@@ -274,6 +294,8 @@ class _Budgeted:
 
     #: types of the objects a subclass builds that hold nothing from the pickle to walk
     leaf_types: frozenset = frozenset()
+    #: whether the reader builds PickledDicts (the fast path's), which `plain` swaps for dicts
+    builds_pickled_dicts = False
 
     def __init__(self, file, *, budget_bytes: int, **kwargs) -> None:
         super().__init__(file, **kwargs)
@@ -285,8 +307,10 @@ class _Budgeted:
             # the memo holds every intermediate object of the pickle (at 297k names: 100 MB of
             # argument tuples, storage ids, hooks dicts) until the reader is dropped
             self.memo.clear()
-            check_tree(obj, self.max_nodes, leaves=_ATOMS | self.leaf_types)
-            return plain(obj, _ATOMS | self.leaf_types)
+            leaves = _ATOMS | self.leaf_types
+            settled = set() if self.builds_pickled_dicts else None
+            check_tree(obj, self.max_nodes, leaves=leaves, settled=settled)
+            return obj if settled is None else plain(obj, leaves, settled)
 
 
 class BoundedUnpickler(_Budgeted, pickle._Unpickler):
