@@ -1,13 +1,20 @@
 """How soon the app is usable on a real checkpoint (headless, Textual's pilot).
 
     python tests/tools/bench_app.py CKPT [--filter layers.3299.] [--profile] [--gc]
+    python tests/tools/bench_app.py CKPT --pty [--size 160x48]
 
 Prints, from the app's start: when the tabs are shown (wall and process CPU, all threads) and
 when the findings are in (the load worker validates once the tabs are drawn), the Parameters
 tab until its tree lists the top modules, each key of a filter typed into `/` until the table
 shows that key's rows (and the UI thread's CPU meanwhile: its lag), opening the largest module of
 the tree, and the peak RSS; with --gc, each full pass of the garbage collector and the thread it
-stopped (on the UI thread, a pause of the app). No number
+stopped (on the UI thread, a pause of the app).
+
+With --pty, the real app (`python -m zinspect CKPT` of this tree) on a pseudo-terminal read by a
+terminal emulator, polled every 5 ms: when the tabs, the Parameters tab's tree (after `2`) and
+the findings are on screen (wall, and the app's CPU from /proc), then each filter key typed one
+at a time: when the filter box shows it (echo) and when the summary gives its rows (answer);
+then the whole filter typed at once until its answer. No number
 here is asserted anywhere: the tests check behaviour, this script the speed (issue 9: params
 listed and filter typing without lag within 3 s at 297k names).
 """
@@ -18,15 +25,22 @@ import argparse
 import asyncio
 import cProfile
 import gc
+import os
 import pstats
+import re
 import resource
+import sys
 import threading
 import time
+from pathlib import Path
 
-from zinspect.tui.app import ZinspectApp
-from zinspect.tui.screens.main import Inspector
-from zinspect.tui.widgets.param_tree import ParamTree
-from zinspect.tui.widgets.params_pane import ParamsPane
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # this tree's zinspect, and the pty driver
+
+from zinspect.tui.app import ZinspectApp  # noqa: E402
+from zinspect.tui.screens.main import Inspector  # noqa: E402
+from zinspect.tui.widgets.param_tree import ParamTree  # noqa: E402
+from zinspect.tui.widgets.params_pane import ParamsPane  # noqa: E402
 
 
 async def until(pilot, done, limit: float = 60.0) -> None:
@@ -92,6 +106,57 @@ async def bench(path: str, typed: str, profile: cProfile.Profile | None) -> None
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
+def pty_bench(path: str, typed: str, size: tuple[int, int]) -> None:
+    from test_tui_pty_flows import ESCAPE, PtyApp
+
+    app = PtyApp([path], cwd=Path.cwd(), size=size)
+    t0 = time.perf_counter()
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{app.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def until(done, since: float) -> float:
+        while not done(app.shown()):
+            if time.perf_counter() - since > 120 or app.proc.poll() is not None:
+                raise TimeoutError(f"the app did not get there; the screen:\n{app.shown()}")
+            time.sleep(0.005)
+        return time.perf_counter() - since
+
+    def answered(text: str):
+        return lambda shown: (f"▊ {text}" in shown or f"▊  {text}" in shown) and \
+            "searching" not in shown and re.search(r"[\d,]+ of [\d,]+ match|No param", shown)
+
+    try:
+        wall = until(lambda s: "Overview" in s, t0)
+        print(f"{'tabs shown':28s} {wall:7.3f} s wall, app CPU {cpu():.2f} s")
+        app.press("2")
+        wall = until(lambda s: re.search(r"▶ \S+  [\d,]+ params? ", s), t0)
+        print(f"{'params listed (after 2)':28s} {wall:7.3f} s wall, app CPU {cpu():.2f} s")
+        wall = until(lambda s: re.search(r"Findings \(\d", s), t0)
+        print(f"{'findings in':28s} {wall:7.3f} s wall, app CPU {cpu():.2f} s")
+        for attempt in ("one at a time", "all at once"):
+            app.press("/")
+            until(lambda s: "filter: words" in s, time.perf_counter())
+            if attempt == "all at once":
+                t = time.perf_counter()
+                app.press(typed)
+                print(f"{'typed at once, answered':28s} {until(answered(typed), t):7.3f} s")
+            for i, key in enumerate(typed if attempt == "one at a time" else ""):
+                t = time.perf_counter()
+                app.press(key)
+                echo = until(lambda s, i=i: f"▊ {typed[:i + 1]}" in s or
+                             f"▊  {typed[:i + 1]}" in s, t)
+                answer = until(answered(typed[:i + 1]), t)
+                print(f"{f'  key {i + 1} {key!r}':28s} echo {echo * 1000:5.0f} ms, "
+                      f"answer {answer * 1000:5.0f} ms")
+            app.press(ESCAPE)
+            until(lambda s: "filter: words" not in s and "match" not in s, time.perf_counter())
+        print(f"{'app CPU in all':28s} {cpu():7.2f} s; exit {app.quit()}")
+    finally:
+        app.close()
+
+
 def full_collections():
     started: dict[str, float] = {}
 
@@ -113,7 +178,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="profile the UI thread after the tabs are shown")
     parser.add_argument("--gc", action="store_true", help="print each full collection's pause")
+    parser.add_argument("--pty", action="store_true",
+                        help="the real app on a pseudo-terminal (times as the screen shows them)")
+    parser.add_argument("--size", default="160x48", help="the terminal's COLSxLINES with --pty")
     args = parser.parse_args()
+    if args.pty:
+        cols, lines = map(int, args.size.split("x"))
+        pty_bench(args.checkpoint, args.filter, (cols, lines))
+        return
     if args.gc:
         gc.callbacks.append(full_collections())
     profile = cProfile.Profile() if args.profile else None

@@ -26,9 +26,14 @@ from zinspect.report import totals
 
 #: the merge writes fp32 values for every param
 OUTPUT_ITEMSIZE = DTYPE_SIZES["float32"]
-#: a param's attributes, read by C-speed maps over all of them
-_SHAPE, _DTYPE, _GROUP = attrgetter("shape"), attrgetter("dtype"), attrgetter("group")
-_FROZEN, _TIED_TO, _NUMEL = attrgetter("frozen"), attrgetter("tied_to"), itemgetter(0)
+_NUMEL = itemgetter(0)
+
+
+def param_columns(ckpt: Checkpoint, *fields: str) -> list[list]:
+    """Each of `fields` of every param, in model order: one C-speed map over the params a
+    field (the app's only pass over all Param objects)."""
+    entries = list(ckpt.params.values())
+    return [list(map(attrgetter(field), entries)) for field in fields]
 
 
 def display_path(path: Path | str) -> str:
@@ -85,8 +90,8 @@ class Inspection:
         self.ckpt = ckpt
         self.selection = selection or Selection()
         params, buffers = ckpt.params, ckpt.buffers
-        entries = list(params.values())
-        shapes = list(map(_SHAPE, entries))
+        shapes, dtypes, groups, self._tied = param_columns(ckpt, "shape", "dtype", "group",
+                                                           "tied_to")
         #: (numel, output bytes) per distinct shape (a few, even at 300k names): every param of
         #: a shape shares one tuple
         per_shape = {s: (prod(s), prod(s) * OUTPUT_ITEMSIZE) for s in set(shapes)}
@@ -104,14 +109,15 @@ class Inspection:
         kinds = {*per_shape.values(), *(self.sizes[n] for n in buffers if n not in params)}
         self.distinct = Distinct(
             shapes=set(per_shape) | {b.shape for b in buffers.values()},
-            dtypes=set(map(_DTYPE, entries)) | {b.dtype for b in buffers.values()},
+            dtypes=set(dtypes) | {b.dtype for b in buffers.values()},
             numels={numel for numel, _ in kinds},
             nbytes={size for _, size in kinds},
-            groups=set(map(_GROUP, entries)) - {None})
+            groups=set(groups) - {None})
         #: owner -> the params tied to it (an alias names its owner in `tied_to`)
         self.aliases: dict[str, list[str]] = {}
-        for name in compress(params, map(is_not, map(_TIED_TO, entries), repeat(None))):
-            self.aliases.setdefault(params[name].tied_to, []).append(name)
+        for name, owner in compress(zip(params, self._tied, strict=True),
+                                    map(is_not, self._tied, repeat(None))):
+            self.aliases.setdefault(owner, []).append(name)
         #: the longest name (the table's name column wants its width)
         self.longest = max(map(len, self.sizes), default=0)
         #: per-param statistics, once the Statistics screen computed them (the table shows
@@ -155,10 +161,9 @@ class Inspection:
     def settle(self) -> None:
         """After validation, in the load worker while the tabs are on screen: the Overview's
         counts (`zinspect info`'s rule), a PEFT run's adapter and what the findings mark."""
-        entries = list(self.ckpt.params.values())
-        self.totals = totals(self.ckpt, {"numel": self._numels,
-                                         "frozen": list(map(_FROZEN, entries)),
-                                         "tied_to": list(map(_TIED_TO, entries))})
+        frozen, = param_columns(self.ckpt, "frozen")
+        self.totals = totals(self.ckpt, {"numel": self._numels, "frozen": frozen,
+                                         "tied_to": self._tied})
         self.peft = peft.summary(self.ckpt)
         self.update_findings()
 
