@@ -169,3 +169,36 @@ async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch
         await settle(app, pilot)
         assert app.view.validated
         assert "validating" not in text_of(screen.query_one("#param-facts", Static))
+
+
+async def test_keys_while_the_checkpoint_is_read_again_wait_for_its_tabs(monkeypatch):
+    """`v` shows a spinner until the new reading's tabs come: the keys that act on the tabs
+    (`/` looked for a Parameters tab that was not there: the app crashed) do nothing meanwhile."""
+    release, reads = threading.Event(), []
+    real = app_module.load_checkpoint
+
+    def second_read_held(path, tag=None, progress=None):
+        reads.append(path)
+        if len(reads) > 1:
+            assert release.wait(30), "the test never released the second reading"
+        return real(path, tag, progress)
+
+    monkeypatch.setattr(app_module, "load_checkpoint", second_read_held)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        first = app.view
+        await pilot.press("v")
+        await until(pilot, lambda: len(reads) == 2)
+        assert app.browsing is None and not app.screen.query(Inspector)
+        for key in ("slash", "m", "d", "f", "ctrl+g", "c", "p", "a", "space", "2", "enter"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert app.screen is app.main, key  # no dialog opened on the old reading
+        assert not first.excluded  # f (exclude frozen) did not reach it
+        release.set()
+        await settle(app, pilot)
+        assert app.browsing is app.view and app.view is not first and app.view.validated
+        await pilot.press("slash", *"blocks.1")
+        await pilot.pause()
+        assert app.screen.query_one(ParamsPane).filter_text == "blocks.1"

@@ -31,7 +31,7 @@ from zinspect.tui.messages import (
     ParamChosen,
 )
 from zinspect.tui.screens.help import HelpScreen
-from zinspect.tui.screens.main import MainScreen
+from zinspect.tui.screens.main import Inspector, MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
 from zinspect.tui.screens.selection_file import (
     DEFAULT_SELECTION_FILE,
@@ -100,6 +100,14 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     @property
     def main(self) -> MainScreen:
         return self.screen_stack[0]  # type: ignore[return-value]
+
+    @property
+    def browsing(self) -> Inspection | None:
+        """The view whose tabs are on screen; None while a checkpoint is read (again) or could
+        not be: the screen shows a spinner or the error, and the keys that act on a view wait
+        (`/` during `v`'s reading looked for a Parameters tab that was not there: a crash)."""
+        view = self.view
+        return view if view is not None and self.main.query(Inspector) else None
 
     def on_mount(self) -> None:
         if self.tag is None and self.tags_to_pick:
@@ -209,7 +217,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         return False
 
     def action_deep_check(self) -> None:
-        if self.view is not None and not self.validating():
+        if self.browsing is not None and not self.validating():
             from zinspect.tui.screens.deep_check import DeepCheckScreen
 
             self.push_screen(DeepCheckScreen(self.view.ckpt), self.deep_checked)
@@ -217,7 +225,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     async def deep_checked(self, found: list[Finding] | None) -> None:
         """Replace the findings of an earlier deep check with these, and redraw what shows
         them (the Parameters tab keeps its filter, cursor and open modules)."""
-        if found is None or self.view is None:
+        if found is None or self.browsing is None:
             return
         from zinspect.core.deep import CODES
 
@@ -238,20 +246,20 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         self.push_screen(HelpScreen())
 
     def action_filter(self) -> None:
-        if self.view is None:
+        if self.browsing is None:
             return
         self.main.action_show_tab("params", focus_content=False)  # the filter gets the keys
         self.main.query_one(ParamsPane).focus_filter()
 
     def action_goto_param(self) -> None:
-        if self.view is not None:
+        if self.browsing is not None:
             self.push_screen(CommandPalette(providers=[ParamCommands],
                                             placeholder="Go to parameter: words in its name"))
 
     def goto_param(self, name: str, keep_tab: bool = False) -> None:
         """Show `name` in the tree and open its detail screen; with `keep_tab` (from a finding)
         the tab stays, so escape goes back to where the user came from."""
-        if self.view is None or name not in self.view.ckpt.params:
+        if self.browsing is None or name not in self.view.ckpt.params:
             return
         while len(self.screen_stack) > 1:
             self.pop_screen()
@@ -266,13 +274,13 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
     @on(ParamChosen)
     def param_chosen(self, event: ParamChosen) -> None:
-        if self.view is not None:
+        if self.browsing is not None:
             self.push_screen(ParamDetailScreen(event.name))
 
     @on(FindingChosen)
     def finding_chosen(self, event: FindingChosen) -> None:
         f = event.finding
-        if f.param is not None and self.view is not None and f.param in self.view.ckpt.params:
+        if f.param is not None and self.browsing is not None and f.param in self.view.ckpt.params:
             self.goto_param(f.param, keep_tab=True)
         elif f.rank is not None:
             self.main.action_show_tab("ranks")
@@ -283,7 +291,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     # -- exclusion ------------------------------------------------------------------------
     @on(ExclusionToggled)
     def exclusion_toggled(self, event: ExclusionToggled) -> None:
-        if self.view is None or not event.names:
+        if self.browsing is None or not event.names:
             return
         including = all(n in self.view.excluded for n in event.names)
         self.view.toggle(event.names)
@@ -293,7 +301,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         self.selection_changed()
 
     def action_exclude_frozen(self) -> None:
-        if self.view is None:
+        if self.browsing is None:
             return
         self.view.toggle_frozen()  # the summary line says "frozen excluded"
         self.selection_changed()
@@ -312,10 +320,10 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     def ask_selection_file(self, verb: str, then: Callable[[str], None]) -> None:
         """The selection file's dialog; `then(path)` unless it was cancelled."""
         def chosen(path: str | None) -> None:
-            if path is not None and self.view is not None:
+            if path is not None and self.browsing is not None:
                 then(path)
 
-        if self.view is not None:
+        if self.browsing is not None:
             self.push_screen(selection_file_screen(verb, self.selection_file), chosen)
 
     def selection_file_failed(self, doing: str, message: str) -> None:
@@ -352,7 +360,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
     # -- merge ----------------------------------------------------------------------------
     def action_merge(self) -> None:
-        if self.view is None or self.validating():
+        if self.browsing is None or self.validating():
             return
         from zinspect.tui.screens.merge import MergeScreen  # the merge engine loads on demand
 
@@ -360,14 +368,14 @@ class ZinspectApp(WorkerOutcomes, App[int]):
 
 
     def action_optimizer(self) -> None:
-        if self.view is not None:
+        if self.browsing is not None:
             from zinspect.tui.screens.optimizer import OptimizerScreen
 
             self.push_screen(OptimizerScreen(self.view.ckpt))
 
     # -- diff -----------------------------------------------------------------------------
     def action_compare(self) -> None:
-        if self.view is None:
+        if self.browsing is None:
             return
         merged = default_output_dir(self.view.ckpt)
         self.push_screen(PathScreen(
@@ -376,7 +384,7 @@ class ZinspectApp(WorkerOutcomes, App[int]):
             "compare-path"), self.compare_with)
 
     def compare_with(self, other: str | None) -> None:
-        if other is not None and self.view is not None:
+        if other is not None and self.browsing is not None:
             from zinspect.tui.screens.diff import DiffScreen  # numpy loads on demand
 
             self.push_screen(DiffScreen(self.view.ckpt, other))

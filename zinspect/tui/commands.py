@@ -77,7 +77,7 @@ class ParamCommands(Provider):
         return self.app  # type: ignore[return-value]
 
     async def startup(self) -> None:
-        view = self.zapp.view
+        view = self.zapp.browsing
         self.names = list(view.ckpt.params) if view is not None else []
         self.lowered = [n.lower() for n in self.names]
 
