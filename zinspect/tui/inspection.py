@@ -218,8 +218,8 @@ class Inspection:
             if sel.exclude_frozen and any(n in params and params[n].frozen for n in chosen):
                 # keep the other frozen params out, as explicit names
                 sel.exclude_frozen = False
-                sel.exclude.update(n for n, p in self.ckpt.params.items()
-                                   if p.frozen and n not in chosen)
+                frozen, = param_columns(self.ckpt, "frozen")
+                sel.exclude.update(n for n in compress(params, frozen) if n not in chosen)
         self.update_exclusion()
         return all(n in self.excluded for n in names)
 
