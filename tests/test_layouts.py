@@ -141,7 +141,7 @@ def _build_inputs(monkeypatch, name):
     got = []
     real = common._build_params
     monkeypatch.setattr(common, "_build_params",
-                        lambda *args: (got.append(args), real(*args))[1])
+                        lambda *args, **kw: (got.append(args), real(*args, **kw))[1])
     open_checkpoint(tag_dir(name))
     monkeypatch.setattr(common, "_build_params", real)
     return got[0]

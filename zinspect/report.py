@@ -32,9 +32,11 @@ def output_bytes(ckpt, numels: list[int] | None = None) -> int:
     tensor of its own, at 4 bytes an element (16-bit masters and frozen values are upcast);
     every buffer keeps its dtype (a buffer named like a param is written in its place).
     `numels`: each param's numel, in order, when the caller has them."""
+    from zinspect.core.params import column
+
     params = ckpt.params
     if numels is None:
-        numels = [p.numel for p in params.values()]
+        numels = column(params, "numel")
     replaced = sum(params[name].numel for name in ckpt.buffers if name in params)
     return 4 * (sum(numels) - replaced) + sum(b.nbytes for b in ckpt.buffers.values())
 
@@ -44,26 +46,33 @@ def totals(ckpt, columns: dict[str, list] | None = None) -> dict:
     A tied alias counts once, as tied, whether or not its owner is frozen; `output_bytes` is
     what the merge writes (tied aliases and buffers included). (`columns`: the params'
     `report_json._param_columns`, when the caller has them: 297k params' attributes are not free.)"""
-    from itertools import compress
+    from itertools import compress, repeat
+    from operator import and_, is_, not_
 
-    params = list(ckpt.params.values())
-    columns = columns or {"numel": [p.numel for p in params], "frozen": [p.frozen for p in params],
-                          "tied_to": [p.tied_to for p in params]}
-    numels = columns["numel"]
-    owner = [t is None for t in columns["tied_to"]]
-    trainable = [o and not f for o, f in zip(owner, columns["frozen"], strict=True)]
-    frozen = [o and not t for o, t in zip(owner, trainable, strict=True)]
-    numel = sum(compress(numels, owner))
+    from zinspect.core.params import column
+
+    columns = columns or {k: column(ckpt.params, k) for k in ("numel", "frozen", "tied_to")}
+    numels, n = columns["numel"], len(columns["numel"])
+    numel = sum(numels)
+    trainable_numel, frozen_numel, trainable, frozen, tied = numel, 0, n, 0, 0
+    if columns["tied_to"].count(None) != n or any(columns["frozen"]):  # (else: all trainable)
+        # at C speed (300k params): owner = not tied; trainable = owner and not frozen
+        owner = list(map(is_, columns["tied_to"], repeat(None)))
+        is_trainable = list(map(and_, owner, map(not_, columns["frozen"])))
+        is_frozen = list(map(and_, owner, map(not_, is_trainable)))
+        numel = sum(compress(numels, owner))
+        trainable_numel, frozen_numel = sum(compress(numels, is_trainable)), sum(compress(numels, is_frozen))
+        trainable, frozen, tied = sum(is_trainable), sum(is_frozen), n - sum(owner)
     buf_bytes = sum(b.nbytes for b in ckpt.buffers.values())
     return {
-        "params": len(params),
-        "trainable": sum(trainable),
-        "frozen": sum(frozen),
-        "tied": len(params) - sum(owner),
+        "params": n,
+        "trainable": trainable,
+        "frozen": frozen,
+        "tied": tied,
         "buffers": len(ckpt.buffers),
         "numel": numel,
-        "trainable_numel": sum(compress(numels, trainable)),
-        "frozen_numel": sum(compress(numels, frozen)),
+        "trainable_numel": trainable_numel,
+        "frozen_numel": frozen_numel,
         "fp32_bytes": numel * 4,  # the params' own elements, each tied pair counted once
         "buffer_bytes": buf_bytes,
         "output_bytes": output_bytes(ckpt, numels),

@@ -15,23 +15,22 @@ _ROW_TYPES = {"name": {str}, "numel": {int}, "dtype": {str, type(None)}, "frozen
 
 
 def _param_columns(ckpt) -> dict[str, list]:
-    """info's per-param fields as columns ({field: one value per param, in model order})."""
-    import math
-    from operator import attrgetter
-
+    """info's per-param fields as columns ({field: one value per param, in model order}), read
+    from the params' columns (`core.params.column`: 300k params, no Param made)."""
     from zinspect.core.model import short_dtype
+    from zinspect.core.params import column
 
-    ps = list(ckpt.params.values())
-    shapes, dtypes, frozen, tied, groups, subs = (list(map(attrgetter(k), ps)) for k in (
-        "shape", "dtype", "frozen", "tied_to", "group", "sub_group"))
+    params = ckpt.params
+    names, shapes, numels, dtypes, frozen, tied, groups, subs = (column(params, k) for k in (
+        "name", "shape", "numel", "dtype", "frozen", "tied_to", "group", "sub_group"))
     short = {d: short_dtype(d) for d in set(dtypes) if d}
-    return {"name": list(map(attrgetter("name"), ps)), "shape": shapes,
-            "numel": list(map(math.prod, shapes)),  # Param.numel, at C speed
-            "dtype": list(map(short.get, dtypes)), "frozen": frozen, "tied_to": tied,
-            # a tied alias has its owner's group, a frozen param none
-            "group": [(None if f else g) if t is None else _group_of(ckpt, p)
-                      for p, t, f, g in zip(ps, tied, frozen, groups, strict=True)],
-            "sub_group": [s if t is None else None for t, s in zip(tied, subs, strict=True)]}
+    if tied.count(None) != len(tied) or any(frozen):  # (else: the columns as they are)
+        # a tied alias has its owner's group, a frozen param none
+        groups = [(None if f else g) if t is None else _group_of(ckpt, params[n])
+                  for n, t, f, g in zip(names, tied, frozen, groups, strict=True)]
+        subs = [s if t is None else None for t, s in zip(tied, subs, strict=True)]
+    return {"name": names, "shape": shapes, "numel": numels, "dtype": list(map(short.get, dtypes)),
+            "frozen": frozen, "tied_to": tied, "group": groups, "sub_group": subs}
 
 
 def _info_parts(ckpt) -> tuple[dict, dict[str, list], dict]:
@@ -99,10 +98,11 @@ def write_info_json(ckpt, out) -> None:
     import json
 
     from zinspect.core import gc_paused
+    from zinspect.core.params import pristine
 
     with gc_paused():  # a few tuples per param (297k), none of them part of a cycle
         head, columns, tail = _info_parts(ckpt)
-        chunks = _row_chunks(columns)
+        chunks = _row_chunks(columns, pristine(ckpt.params))
         if chunks is None:  # some value the rows below do not write as json.dumps would
             out.write(json.dumps({**head, "params": _param_dicts(columns), **tail}, default=str))
             return
@@ -112,27 +112,74 @@ def write_info_json(ckpt, out) -> None:
         out.write("], " + json.dumps(tail, default=str)[1:])
 
 
-def _row_chunks(columns: dict[str, list], size: int = 20_000):
+def _row_chunks(columns: dict[str, list], checked: bool = False, size: int = 20_000):
     """The params' rows as JSON text, `size` rows a chunk, each chunk's rows led by ", " (an
     iterator); None when a value is not of the types (`_ROW_TYPES`) written here exactly as
-    json.dumps writes them. A row is its name plus two texts made once per distinct value:
-    shape and numel (by shape), and the other fields (few distinct tuples)."""
+    json.dumps writes them (`checked`: the columns are a pristine ParamTable's, of those types
+    by construction). A row is its name and a text made once per shape and run of rows alike
+    in the other fields."""
+    from bisect import bisect_right
     from itertools import chain, repeat
-    from json import dumps
     from json.encoder import encode_basestring_ascii
+    from math import prod
 
-    if any(not set(map(type, columns[k])) <= ok for k, ok in _ROW_TYPES.items()) or \
-            not set(map(type, columns["shape"])) <= {tuple} or \
-            not set(map(type, chain.from_iterable(columns["shape"]))) <= {int}:
+    if not checked and (any(not set(map(type, columns[k])) <= ok for k, ok in _ROW_TYPES.items())
+                        or not set(map(type, columns["shape"])) <= {tuple}
+                        or not set(map(type, chain.from_iterable(columns["shape"]))) <= {int}):
         return None
     names, shapes = columns["name"], columns["shape"]
-    shape_text = {s: f'{", ".join(map(str, s))}], "numel": {n}, '
-                  for s, n in dict(zip(shapes, columns["numel"], strict=True)).items()}
-    rest = PARAM_FIELDS[3:]
-    keys = list(zip(*(columns[k] for k in rest), strict=True))
-    rest_text = {key: ", ".join(f'"{k}": {dumps(v)}' for k, v in zip(rest, key, strict=True)) + "}"
-                 for key in set(keys)}
-    return ("".join(chain.from_iterable(zip(
-        repeat(', {"name": '), map(encode_basestring_ascii, names[i:i + size]), repeat(', "shape": ['),
-        map(shape_text.__getitem__, shapes[i:i + size]),
-        map(rest_text.__getitem__, keys[i:i + size])))) for i in range(0, len(names), size))
+    shape_text = {s: f', "shape": [{", ".join(map(str, s))}], "numel": {prod(s)}, '
+                  for s in set(shapes)}
+    cols = [columns[k] for k in PARAM_FIELDS[3:]]
+    runs, text = _rest_runs(cols, len(names))
+    if runs is None:  # rows unlike their neighbours: each row's text by its fields' tuple
+        keys = list(zip(*cols, strict=True))
+        texts = {key: text(key) for key in set(keys)}
+        each = list(map(texts.__getitem__, keys))
+    tails: dict[str, dict] = {}  # a run's text -> each shape's text and it
+
+    def rows(a: int, b: int, rest: str):
+        tail = tails.get(rest) or tails.setdefault(rest, {s: t + rest for s, t in shape_text.items()})
+        return zip(repeat(', {"name": '), map(encode_basestring_ascii, names[a:b]),
+                   map(tail.__getitem__, shapes[a:b]), strict=False)  # (repeat: endless)
+
+    starts = [a for a, _, _ in runs or ()]
+
+    def chunk(i: int) -> str:
+        j, k, parts = min(i + size, len(names)), bisect_right(starts, i) - 1, []
+        if runs is None:
+            parts.append(zip(repeat(', {"name": '), map(encode_basestring_ascii, names[i:j]),
+                             map(shape_text.__getitem__, shapes[i:j]), each[i:j], strict=False))
+        while runs and k < len(runs) and runs[k][0] < j:
+            a, b, rest = runs[k]
+            parts.append(rows(max(a, i), min(b, j), rest))
+            k += 1
+        return "".join(chain.from_iterable(chain.from_iterable(parts)))
+
+    return map(chunk, range(0, len(names), size))
+
+
+def _rest_runs(cols: list[list], n: int, most: int = 4096):
+    """(runs, text): (first row, end row, text) of each run of rows alike in the fields after
+    numel (`cols`: their columns, of the exact types `_ROW_TYPES` allows, so equal values are
+    the same value; at 300k params a flat group's are one run, found at C speed), None when
+    there are more than `most`; text(values) gives the text of a tuple of those fields."""
+    from itertools import groupby, pairwise
+    from json import dumps
+
+    texts: dict[tuple, str] = {}  # each distinct run's text, made once
+
+    def text(values: tuple) -> str:
+        return texts.get(values) or texts.setdefault(values, ", ".join(
+            f'"{k}": {dumps(v)}' for k, v in zip(PARAM_FIELDS[3:], values, strict=True)) + "}")
+
+    cuts = {0, n}
+    for col in cols:
+        if col and col.count(col[0]) != len(col):
+            at = 0
+            for _, run in groupby(col):
+                at += len(list(run))
+                cuts.add(at)
+                if len(cuts) > most:
+                    return None, text
+    return [(a, b, text(tuple(c[a] for c in cols))) for a, b in pairwise(sorted(cuts))], text

@@ -8,7 +8,6 @@ file's finding (`rootcause`): one root cause, one finding in the human output.
 from __future__ import annotations
 
 from collections import Counter
-from math import prod
 
 from zinspect.core import codes, partition, rootcause
 from zinspect.core.coverage import cover
@@ -17,6 +16,7 @@ from zinspect.core.layouts import MERGEABLE, one_save, tp_checks
 from zinspect.core.layouts.common import undescribed_groups
 from zinspect.core.layouts.gaps import STALE_HINT, missing_files, outside, stale
 from zinspect.core.model import ERROR, Checkpoint, Finding, Param
+from zinspect.core.params import numels_of, outside_groups
 
 #: the layouts whose files are one data-parallel set: the rank, group and param checks below
 PLAIN_ZERO = ("zero", "bf16_optimizer")
@@ -220,8 +220,8 @@ class _Checks:
         frozen_whole = self._whole_zero3_model_states()
         # params in whole groups are covered by construction: that spares building millions
         # of fragments (and, in one comprehension, a Python step per param)
-        for p in [p for p in c.params.values() if (plain or not p.shards) and (p.tied_to or not (
-                p.frozen and frozen_whole or not p.frozen and p.sub_group in whole))]:
+        for p in [p for p in outside_groups(c.params, whole) if (plain or not p.shards) and (
+                p.tied_to or not (p.frozen and frozen_whole or not p.frozen and p.sub_group in whole))]:
             if p.tied_to:
                 if p.tied_to not in c.params:
                     self.add("tied-source-missing", f"{p.name} is tied to {p.tied_to}, "
@@ -268,9 +268,8 @@ class _Checks:
         """The elements each rank's partition of ZeRO-3 sub-group g needs (asked twice: the
         sum over a 300k-param model is not free)."""
         if g.index not in self._want:
-            held = map(self.c.params.get, g.params)  # Param.numel inline: 300k params
-            self._want[g.index] = partition.zero3_group_numel(
-                [prod(p.shape) for p in held if p is not None], ws)
+            self._want[g.index] = partition.zero3_group_numel(numels_of(self.c.params, g.params),
+                                                              ws)
         return self._want[g.index]
 
     def _whole_zero3_model_states(self) -> bool:

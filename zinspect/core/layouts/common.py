@@ -5,19 +5,33 @@ whole, buffers, dtypes and the Adam moments' tensors (`finish`, `attach_moments`
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import chain, filterfalse
-from operator import itemgetter
+from operator import attrgetter
 
 from zinspect.core.layouts import pickled
 from zinspect.core.layouts.base import LoadContext
 from zinspect.core.layouts.headers import inner_optimizer
 from zinspect.core.layouts.moe_names import EXPERT_ID
-from zinspect.core.layouts.pickled import as_group_list, get, located, param_group_map, shape, short, text
+from zinspect.core.layouts.pickled import (
+    as_group_list,
+    get,
+    keys_of,
+    located,
+    param_group_map,
+    shape,
+    short,
+    text,
+    values_of,
+)
 from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile, is_state_key
+from zinspect.core.params import ParamTable, column, fill_dtype, made
 from zinspect.core.torchzip import TensorRef
 
 _ABSENT = object()
+Shape = tuple[int, ...] | None  # None: not a valid shape
+Members = list[tuple[str, Shape]]
 REPLACE_MODEL_STATES = "the model-states file is damaged or forged; restore it from the run"
 
 
@@ -58,6 +72,33 @@ def param_groups_of(ctx: LoadContext, files: dict[int, RankFile]) -> dict[int, i
 
 
 # ---------------------------------------------------------------------- names
+class GroupMembers(Sequence):
+    """A flat group's (name, shape) members, kept as its two columns (`names`, `shapes`): no
+    tuple a param (300k), unless a layout asks for them."""
+
+    __slots__ = ("names", "shapes")
+
+    def __init__(self, names: list[str], shapes: list[Shape]) -> None:
+        self.names, self.shapes = names, shapes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(zip(self.names[i], self.shapes[i], strict=True))
+        return self.names[i], self.shapes[i]
+
+    def __iter__(self):
+        return zip(self.names, self.shapes, strict=True)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass
 class Names:
     """What the model states say, beyond the params they name (kept for the later steps)."""
@@ -65,8 +106,19 @@ class Names:
     module: dict  # name -> TensorRef of the 16-bit module state
     buffer_names: list[str]
     #: per flat group, its (name, shape) members in order (shape None: not a valid shape)
-    flat_groups: list[list[tuple[str, tuple[int, ...] | None]]]
-    frozen_shapes: dict[str, tuple[int, ...] | None]
+    flat_groups: list[Sequence[tuple[str, Shape]]]
+    frozen_shapes: dict[str, Shape]
+
+    @property
+    def group_names(self) -> list[list[str]]:
+        """Each flat group's names (the same lists each time for `GroupMembers`)."""
+        return [m.names if type(m) is GroupMembers else [n for n, _ in m]
+                for m in self.flat_groups]
+
+    @property
+    def group_shapes(self) -> list[list[Shape]]:
+        return [m.shapes if type(m) is GroupMembers else [s for _, s in m]
+                for m in self.flat_groups]
 
 
 def describe_names(ctx: LoadContext) -> Names | None:
@@ -88,14 +140,13 @@ def describe_names(ctx: LoadContext) -> Names | None:
     if not shapes and ctx.ref_osd is not None:  # DeepSpeed < 0.6 kept them in optim files
         first = ctx.optim.get(0) or next(iter(ctx.optim.values()))
         shapes = as_group_list(get(ctx.torch_file(first).obj, "param_shapes"))
-    flat_groups = [pickled.group_members(g) for g in shapes]
-    _check_flat_groups(ctx, flat_groups, shapes, buffer_names)
+    columns = [pickled.group_columns(g) for g in shapes]
     frozen = ms.get("frozen_param_shapes")
     frozen_shapes = {str(n): shape(s) for n, s in frozen.items()} \
         if isinstance(frozen, dict) else {}
-    names = Names(module, buffer_names, flat_groups, frozen_shapes)
+    names = Names(module, buffer_names, [GroupMembers(*c) for c in columns], frozen_shapes)
     _build_params(ctx, names, ms.get("shared_params")
-                  if isinstance(ms.get("shared_params"), dict) else {})
+                  if isinstance(ms.get("shared_params"), dict) else {}, shapes=shapes)
     return names
 
 
@@ -111,12 +162,17 @@ def _world_size_of(ctx: LoadContext, dp) -> None:
                  REPLACE_MODEL_STATES, file=ctx.model_file.name, rank=ctx.model_file.rank)
 
 
-def _build_params(ctx: LoadContext, names: Names, shared: dict) -> None:
+def _build_params(ctx: LoadContext, names: Names, shared: dict,
+                  shapes: list[dict] | None = None) -> None:
+    """The params into `ctx.ckpt.params`: the usual ZeRO-3 ones in bulk (a ParamTable), any
+    other name by name, after `_check_flat_groups` (`shapes`: param_shapes' groups)."""
     c, module, model_file = ctx.ckpt, names.module, ctx.model_file
-    usual = _usual_zero3(names) if c.stage == 3 else None
+    usual = _usual_zero3(names) if c.stage == 3 and not c.params else None
     if usual is not None:  # every param the usual one: nothing else to decide for any
-        c.params.update(zip(usual[0], map(Param, *usual), strict=True))
-        return
+        c.params = ParamTable(*usual, names.group_names)
+        return  # (no group to check: each name once, with a shape, none a buffer)
+    if shapes is not None:
+        _check_flat_groups(ctx, names, shapes)
     trainable = {n: s for g in names.flat_groups for n, s in g}
     bufset = set(names.buffer_names)
     listed = [n for n in module if isinstance(n, str) and n not in bufset]
@@ -192,28 +248,44 @@ def _usual_zero3(names: Names) -> tuple[list[str], list[tuple[int, ...]], list[s
     the module's names less its buffers are the flat groups' names, each once with a shape,
     none frozen. None otherwise: `_build_params` decides name by name."""
     module, bufset = names.module, set(names.buffer_names)
-    listed = list(filterfalse(bufset.__contains__, module)) if bufset else list(module)
-    trainable = dict(chain.from_iterable(names.flat_groups))
-    shapes = list(map(trainable.get, listed))
-    if names.frozen_shapes or not listed or len(listed) != len(trainable) or \
-            len(trainable) != sum(map(len, names.flat_groups)) or not all(shapes):
-        return None  # (all found, none twice: the same names)
-    refs = map(module.get, listed) if bufset else module.values()
-    return listed, shapes, [(t.dtype if type(t) is TensorRef else None) or "" for t in refs]
+    listed = keys_of(module)
+    listed = list(filterfalse(bufset.__contains__, listed)) if bufset else listed
+    flat = list(chain.from_iterable(names.group_names))
+    if names.frozen_shapes or not listed or len(listed) != len(flat):
+        return None
+    if listed == flat:  # the module's order is the groups' (one param group)
+        shapes = list(chain.from_iterable(names.group_shapes))
+    else:
+        trainable = dict(zip(flat, chain.from_iterable(names.group_shapes), strict=True))
+        shapes = list(map(trainable.get, listed))
+        if len(trainable) != len(flat):
+            return None  # (all found, none twice: the same names)
+    if not all(shapes):
+        return None
+    return listed, shapes, _dtypes(module, listed if bufset else None)
 
 
-def _check_flat_groups(ctx: LoadContext, flat_groups: list, shapes: list[dict],
-                       buffer_names: list[str]) -> None:
+def _dtypes(module: dict, listed: list[str] | None) -> list[str]:
+    """The module tensors' dtypes of `listed` (None: every name), "" for one that is none."""
+    refs = list(map(module.get, listed)) if listed is not None else values_of(module)
+    if set(map(type, refs)) == {TensorRef}:
+        dtypes = list(map(attrgetter("dtype"), refs))
+        if None not in set(dtypes):
+            return dtypes
+    return [(t.dtype if type(t) is TensorRef else None) or "" for t in refs]
+
+
+def _check_flat_groups(ctx: LoadContext, names: Names, shapes: list[dict]) -> None:
     """Every trainable param once, with a valid shape, and no buffer: otherwise its group cannot
     add up, or the module's tensor of its name is taken for a buffer and written for it."""
-    names = list(map(itemgetter(0), chain.from_iterable(flat_groups)))
-    distinct = set(names)
-    if len(distinct) == len(names) and distinct.isdisjoint(buffer_names) and \
-            None not in map(itemgetter(1), chain.from_iterable(flat_groups)):
+    flat = list(chain.from_iterable(names.group_names))
+    distinct = set(flat)
+    if len(distinct) == len(flat) and distinct.isdisjoint(names.buffer_names) and \
+            None not in chain.from_iterable(names.group_shapes):
         return  # the usual case, checked in bulk (300k names)
     seen: dict[str, int] = {}
-    file, buffers = ctx.model_file.name, set(buffer_names)
-    for gi, (members, raw) in enumerate(zip(flat_groups, shapes, strict=True)):
+    file, buffers = ctx.model_file.name, set(names.buffer_names)
+    for gi, (members, raw) in enumerate(zip(names.flat_groups, shapes, strict=True)):
         for (name, shp), value in zip(members, raw.values(), strict=True):
             if name in buffers:  # located nowhere: --salvage would write the buffer for it
                 ctx.find("duplicate-param", f"{name} is a param of group {gi} and a buffer "
@@ -256,7 +328,7 @@ def attach_frozen(ctx: LoadContext, names: Names) -> None:
 
         zero3.attach_frozen(ctx, {f.rank: f for f in ctx.model_files if f.rank is not None},
                             c.world_size or 1)
-    elif any(p.frozen for p in c.params.values()):
+    elif any(p.frozen for p in made(c.params)):
         attach_whole_frozen(ctx, names)
 
 
@@ -265,7 +337,7 @@ def finish(ctx: LoadContext, names: Names) -> None:
     _buffers(ctx, names)
     _settle_dtypes(ctx)
     c = ctx.ckpt
-    for p in c.params.values():  # a tied alias lives where its owner lives
+    for p in made(c.params):  # a tied alias lives where its owner lives
         owner = c.params.get(p.tied_to) if p.tied_to else None
         if owner is not None:
             p.group, p.sub_group = owner.group, owner.sub_group
@@ -296,11 +368,10 @@ def _settle_dtypes(ctx: LoadContext) -> None:
     elif get(cfg, "fp16", "enabled") is True:
         c.dtype = "float16"
     else:
-        dts = Counter(p.dtype for p in c.params.values() if p.dtype)
+        dts = Counter(column(c.params, "dtype"))
+        dts.pop("", None)
         c.dtype = dts.most_common(1)[0][0] if dts else c.master_dtype
-    for p in c.params.values():
-        if not p.dtype:
-            p.dtype = c.dtype or ""
+    fill_dtype(c.params, c.dtype or "")
 
 
 def attach_moments(ctx: LoadContext, files: dict[int, RankFile]) -> None:

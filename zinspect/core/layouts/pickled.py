@@ -8,6 +8,7 @@ from itertools import chain
 
 from zinspect.core.model import TensorAt
 from zinspect.core.torchzip import MAX_NUMEL, TensorRef, TorchFile
+from zinspect.core.unpickle import PickledOrderedDict
 
 
 def get(obj, *keys, default=None):
@@ -40,19 +41,36 @@ def shape(value) -> tuple[int, ...] | None:
     return None
 
 
+def keys_of(d: dict) -> list:
+    """`list(d)`, at dict speed for the parse's OrderedDicts (10x faster at 300k names): one is
+    only ever filled by insertion (the unpickler can neither delete nor move a key), so its
+    dict order is its order."""
+    return list(dict.keys(d)) if type(d) is PickledOrderedDict else list(d)
+
+
+def values_of(d: dict) -> list:
+    """`list(d.values())`, as `keys_of`."""
+    return list(dict.values(d)) if type(d) is PickledOrderedDict else list(d.values())
+
+
 def group_members(group: dict) -> list[tuple[str, tuple[int, ...] | None]]:
-    """(name, shape) of each param of a param_shapes group (shape None: not a valid shape).
+    """(name, shape) of each param of a param_shapes group (shape None: not a valid shape)."""
+    return list(zip(*group_columns(group), strict=True))
+
+
+def group_columns(group: dict) -> tuple[list[str], list[tuple[int, ...] | None]]:
+    """The names and the shapes (None: not a valid shape) of a param_shapes group's params.
     The usual group, str names and tuples of valid ints (300k at 300k names), is checked in
     bulk, at C speed, against the rules of `shape`; any other goes one by one."""
-    names, values = list(group), list(group.values())
+    names, values = keys_of(group), values_of(group)
     if values and set(map(type, names)) == {str} and set(map(type, values)) == {tuple} and \
             set(map(type, chain.from_iterable(values))) <= {int}:
         distinct = set(values)  # tuples of exact ints: equal ones are the same shape
         dims = list(chain.from_iterable(distinct))
         if (not dims or min(dims) >= 0 and max(dims) <= MAX_NUMEL) and \
                 max(map(len, distinct)) <= 64 and max(map(math.prod, distinct)) <= MAX_NUMEL:
-            return list(zip(names, values, strict=True))
-    return [(str(n), shape(s)) for n, s in group.items()]
+            return names, values
+    return list(map(str, names)), list(map(shape, values))
 
 
 def short(value) -> str:

@@ -8,7 +8,9 @@ reusable per slice (tensor-parallel ranks, pipeline stages)."""
 
 from __future__ import annotations
 
+import math
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 
@@ -17,6 +19,7 @@ from zinspect.core.layouts import common
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.pickled import get, located, numel, short
 from zinspect.core.model import Coords, Finding, Fragment, Fragments, Param, ParamGroup, RankFile, TensorAt
+from zinspect.core.params import ParamTable, made
 from zinspect.core.torchzip import TensorRef, TorchFile
 
 Members = list[tuple[str, tuple[int, ...] | None]]
@@ -33,7 +36,7 @@ def describe(ctx: LoadContext) -> None:
         return
     c = ctx.ckpt
     ws = c.world_size or len(ctx.optim)
-    attach(ctx, ctx.optim, names.flat_groups, ws)
+    attach_columns(ctx, ctx.optim, names.group_names, names.group_shapes, ws)
     common.attach_moments(ctx, ctx.optim)
     common.attach_frozen(ctx, names)
     common.finish(ctx, names)
@@ -46,6 +49,16 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
     `fp32_flat_groups[k]` of each file) held by `files` ({dp rank: optimizer file}) to
     `ctx.ckpt.params`, cut over `partition_count` ranks; add one ParamGroup per sub-group to
     `ctx.ckpt.groups` (returned). `shard` / `coords`: as in zero12.attach."""
+    return attach_columns(ctx, files, [[n for n, _ in m] for m in flat_groups],
+                          [[s for _, s in m] for m in flat_groups], partition_count,
+                          shard=shard, coords=coords)
+
+
+def attach_columns(ctx: LoadContext, files: dict[int, RankFile], group_names: list[list[str]],
+                   group_shapes: list[list[tuple[int, ...] | None]], partition_count: int, *,
+                   shard: int | None = None, coords: Coords | None = None) -> list[ParamGroup]:
+    """`attach`, of the flat groups' names and shapes as columns (`common.Names`). The params
+    of a `ParamTable` join their group at once (`ParamTable.join`), others one by one."""
     c = ctx.ckpt
     ws = partition_count
     group_of = common.param_groups_of(ctx, files)
@@ -57,10 +70,10 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
             flats[r] = [located(tf, rf.name, r, t) if isinstance(t, TensorRef) else None
                         for t in fl]
     out = []
-    for gi, members in enumerate(flat_groups):
-        numels = [numel(s) for _, s in members]
-        g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), [n for n, _ in members],
-                       sum(numels), coords=coords)
+    for gi, (names, shapes) in enumerate(zip(group_names, group_shapes, strict=True)):
+        numels = list(map(math.prod, shapes)) if None not in shapes else list(map(numel, shapes))
+        g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), names, sum(numels),
+                       coords=coords)
         c.groups.append(g)
         out.append(g)
         parts = {r: fl[gi] for r, fl in flats.items() if gi < len(fl) and fl[gi] is not None}
@@ -69,14 +82,19 @@ def attach(ctx: LoadContext, files: dict[int, RankFile], flat_groups: Sequence[M
             g.dtype = g.dtype or part.dtype
         shares = partition.zero3_shares(numels, ws)
         # only the last ranks of a param hold padding: ranks n // P and on, when < ws
-        for n, P in [(n, P) for n, P in zip(numels, shares, strict=True) if P and n // P < ws]:
-            for r in range(n // P, ws):
+        for n, k in Counter(numels).items():  # params of one size pad alike
+            P = partition.zero3_share(n, ws)
+            for r in range(n // P if P else ws, ws):
                 if r in parts:
-                    g.padding[r] += P - partition.zero3_held(n, ws, r)
-        params, pg, o = c.params, g.param_group, 0
+                    g.padding[r] += k * (P - partition.zero3_held(n, ws, r))
         source = (parts, gi, shard)  # shared by the group's params
-        for (name, shape), n, P in zip(members, numels, shares, strict=True):
-            p = params.get(name)  # common.join_group, inline (300k members)
+        params, pg = c.params, g.param_group
+        if type(params) is ParamTable and shard is None and coords is None and \
+                params.join(gi, pg, names, numels, shares, partial(MasterFragments, source)):
+            continue
+        o = 0
+        for name, shape, n, P in zip(names, shapes, numels, shares, strict=True):
+            p = params.get(name)  # common.join_group, inline
             if p is not None:
                 p.group, p.sub_group = pg, gi
                 if not p.shape and shape:
@@ -93,7 +111,7 @@ def attach_frozen(ctx: LoadContext, model_files: dict[int, RankFile], partition_
     (`model_files`: {dp rank: file}) holding ceil(n / partition_count) elements of each. The
     ranks read now (rank 0) are checked now; the others when validate runs
     (`Checkpoint.later_checks`): their model states are read then, as the merge reads them."""
-    frozen = [p for p in ctx.ckpt.params.values() if p.frozen and not p.tied_to]
+    frozen = [p for p in made(ctx.ckpt.params) if p.frozen and not p.tied_to]
     if not frozen:
         return
     source = FrozenFragments(ctx, model_files, partition_count, shard)
