@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from zinspect.core import fastpickle, torchzip  # noqa: E402
+from zinspect.core.load import _storages  # noqa: E402
 from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
 
 # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark over fork + exec into the
@@ -61,11 +62,12 @@ def steps(path: str) -> dict[str, float]:
 
     f, size = torchzip.open_exact(path)
     with f:
-        entries = timed("zip central directory", torchzip.central_directory, f, size)
-        timed("local headers (check_records)", torchzip.check_records, f, size, entries,
+        directory = timed("zip central directory", torchzip.read_directory, f, size)
+        timed("local headers (check_directory)", torchzip.check_directory, f, size, directory,
               torchzip.directory_offset(f, size))
-        name, header, _, nbytes, _ = next(e for e in entries if e[0].endswith("data.pkl"))
-        del entries
+        name, header, _, nbytes, _ = next(e for e in directory.entries
+                                          if e[0].endswith("data.pkl"))
+        del directory
         raw = timed("read data.pkl", torchzip._read_record, f, header, nbytes, size)
     timed("crc32", zlib.crc32, raw)
     pieces = timed("scan (prepare_for_c)", fastpickle.prepare_for_c, raw)
@@ -84,8 +86,9 @@ def steps(path: str) -> dict[str, float]:
     timed("bare C unpickler (for scale)",
           lambda: _Bare(io.BufferedReader(io.BytesIO(raw), 1 << 16)).load())
     whole = time.thread_time()
-    torchzip.read_torch_file(path)
+    tf = torchzip.read_torch_file(path)
     out["read_torch_file, whole"] = time.thread_time() - whole
+    timed("storages (load._storages)", _storages, tf)
     return out
 
 

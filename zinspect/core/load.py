@@ -157,15 +157,16 @@ def _parse_files(named: list[NamedFile],
 
 
 def _storages(tf: TorchFile) -> list[Storage]:
-    """Each storage of a parsed file with what its record holds (one comprehension: 300k of
-    them in a ZeRO-3 model-states file)."""
-    records, sizes = tf.records, DTYPE_SIZES
+    """Each storage of a parsed file with what its record holds, but for the storages of no
+    elements whose record is empty or missing: none of their bytes can be missing, and a
+    ZeRO-3 model-states file holds one per param (300k Storages, 0.2 s, at 300k names)."""
+    records, listed, sizes = tf.records, tf.records.listed, DTYPE_SIZES
     # a record cut by the end of the file is truncated even where its tensor's bytes are all
     # there: count the record's own size
     return [Storage(key, st.dtype, st.numel, nbytes, 0, None) if rec is None else
             Storage(key, st.dtype, st.numel, nbytes, min(rec.present, nbytes), rec.data_offset)
-            for key, st, rec in zip(tf.storages, tf.storages.values(),
-                                    map(records.get, tf.storages), strict=True)
+            for key, st in tf.storages.items() if st.numel or key in listed
+            for rec in (records.get(key),)
             for nbytes in (st.numel * sizes[st.dtype] if rec is None or rec.present >= rec.size
                            else max(st.numel * sizes[st.dtype], rec.size),)]
 

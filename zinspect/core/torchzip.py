@@ -49,14 +49,19 @@ from zinspect.core.torchpickle import (  # noqa: F401 - re-exported
 from zinspect.core.unpickle import PickleBudgetExceeded
 from zinspect.core.zipcheck import (  # noqa: F401 - re-exported
     LOCAL_HEADER,
+    Directory,
     NoZipDirectory,
+    Record,
+    Records,
     ZipStructureError,
     _directory_span,
     _tail,
     central_directory,
+    check_directory,
     check_records,
     directory_offset,
     local_data_offset,
+    read_directory,
 )
 from zinspect.errors import UnreadableFile
 
@@ -93,18 +98,6 @@ class PickleMemo:
                 self._seen[raw] = parsed
 
 
-@dataclass(slots=True)
-class Record:
-    """Where a storage's bytes are: `data_offset` in the file and `size` bytes, of which
-    `present` are actually inside the file (less when the file is truncated)."""
-
-    size: int
-    present: int
-    data_offset: int | None = None  # resolved lazily for zip records (one 30-byte read)
-    header_offset: int | None = None
-    crc: int | None = None
-
-
 @dataclass
 class TorchFile:
     """The metadata of one torch.save file."""
@@ -114,7 +107,7 @@ class TorchFile:
     format: str  # "zip" or "legacy"
     obj: object
     storages: dict[str, StorageRef]
-    records: dict[str, Record]
+    records: Records
     unknown_globals: set[str] = field(default_factory=set)
     #: the central directory was missing and the records were found by walking local headers
     recovered: bool = False
@@ -211,7 +204,7 @@ def pickle_is_intact(path: str | os.PathLike) -> bool:
     try:
         f, size = open_exact(path)
         with f:
-            entries = central_directory(f, size)
+            entries = read_directory(f, size).entries
             pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
             if len(pkl) != 1 or pkl[0][2] != 0 or pkl[0][3] > MAX_PICKLE_BYTES:
                 return False
@@ -261,13 +254,11 @@ _CORRUPT = "the file is damaged; restore it from a copy or re-save the checkpoin
 
 def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchFile:
     try:
-        entries = central_directory(f, size)
+        directory = read_directory(f, size)
     except (NoZipDirectory, OSError):
         return _walk_local_headers(f, path, size)
-    records, (header, comp, pkl_size, pkl_crc) = _zip_records(f, path, size, entries)
-    # the directory's entries and data offsets are not kept while the pickle is read (at 297k
-    # names: 80 MB of the 527 MiB peak, which is the end of that read)
-    del entries
+    records, (header, comp, pkl_size, pkl_crc) = _zip_records(f, path, size, directory)
+    del directory  # not kept while the pickle is read
     if comp != 0 or pkl_size > MAX_PICKLE_BYTES:
         raise UnreadableFile(f"{path}: data.pkl is {'compressed' if comp else 'too large'}",
                              _CORRUPT)
@@ -285,16 +276,16 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
     return TorchFile(path, size, "zip", obj, storages, records, unknown_globals)
 
 
-def _zip_records(f, path: str, size: int, entries: list) -> tuple[dict[str, Record], tuple]:
-    """The Record of each tensor record, checked (`check_records`), and the data.pkl entry's
+def _zip_records(f, path: str, size: int, directory: Directory) -> tuple[Records, tuple]:
+    """The Record of each tensor record, checked (`check_directory`), and the data.pkl entry's
     (header offset, compression, size, crc)."""
-    pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
+    pkl = [e for e in directory.entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
     if len(pkl) != 1:
         raise UnreadableFile(f"{path}: a zip file but not a torch.save file (no data.pkl)",
                              _CORRUPT)
     name = pkl[0][0]
     try:
-        starts = check_records(f, size, entries, directory_offset(f, size))
+        entries, runs, starts = check_directory(f, size, directory, directory_offset(f, size))
     except ZipStructureError as e:
         raise UnreadableFile(f"{path}: its zip structure is forged or damaged: {e}",
                              _CORRUPT) from e
@@ -309,7 +300,8 @@ def _zip_records(f, path: str, size: int, entries: list) -> tuple[dict[str, Reco
                                   else max(0, size - start), start, offset, crc)
                for name, offset, _, usize, crc in tensors
                for start in (starts[name],)}  # what of it lies inside the file
-    return records, pkl[0][1:]
+    return Records(records, data_prefix, [r for r in runs if r.prefix.startswith(data_prefix)]), \
+        pkl[0][1:]
 
 
 def _read_record(f, header: int, nbytes: int, size: int) -> bytes | None:
@@ -361,8 +353,8 @@ def _walk_local_headers(f, path: str, size: int) -> TorchFile:
     if up is None:
         raise UnreadableFile(f"{path}: truncated before its data.pkl could be read ({size} bytes)",
                              _CORRUPT)
-    return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
-                     recovered=True)
+    return TorchFile(path, size, "zip", obj, up.storages, Records(records),
+                     up.unknown_globals, recovered=True)
 
 
 def _read_legacy(f, path: str, size: int) -> TorchFile:
@@ -388,4 +380,5 @@ def _read_legacy(f, path: str, size: int) -> TorchFile:
         nbytes = numel * DTYPE_SIZES[st.dtype]
         records[key] = Record(nbytes, max(0, min(nbytes, size - off - 8)), data_offset=off + 8)
         off += 8 + nbytes
-    return TorchFile(path, size, "legacy", obj, up.storages, records, up.unknown_globals)
+    return TorchFile(path, size, "legacy", obj, up.storages, Records(records),
+                     up.unknown_globals)

@@ -7,16 +7,22 @@ Adam moment read as the weight), or a record over the directory itself. `check_r
 refuses all of these: names unique, every local header matching its directory entry (name,
 compression, and sizes when the header holds them), and no two records, or a record and the
 directory, sharing a byte. It resolves every record's data offset on the way, reading each
-local header and name exactly, never a tensor byte (a ZeRO-3 model-states file has one record
-per param: 300k small reads).
+local header and name exactly, never a tensor byte.
+
+A ZeRO-3 model-states file has one zero-byte record per param (297k at 297k names), written
+back to back: `read_directory` finds such runs of records in the directory bytes and
+`check_directory` checks their local headers whole (`zipruns`); anything else, or any doubt,
+goes record by record (`check_records`), so the verdicts and messages are the same.
 """
 
 from __future__ import annotations
 
-import operator
 import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
-LOCAL_HEADER = 30  # bytes of a zip local header before its name and extra field
+from zinspect.core.zipruns import LOCAL_HEADER, Doubt, EmptyRun, Runs, check_runs, run_at
+
 _DESCRIPTOR = 16  # crc, sizes after the data when flag bit 3 is set (24 with zip64 sizes)
 
 
@@ -24,28 +30,121 @@ class ZipStructureError(Exception):
     """The zip's records contradict each other; the message says how."""
 
 
+@dataclass(slots=True)
+class Record:
+    """Where a storage's bytes are: `data_offset` in the file and `size` bytes, of which
+    `present` are actually inside the file (less when the file is truncated)."""
+
+    size: int
+    present: int
+    data_offset: int | None = None  # resolved lazily for zip records (one 30-byte read)
+    header_offset: int | None = None
+    crc: int | None = None
+
+
+class Records(Mapping):
+    """key -> Record of a file's tensor records: those `listed`, and each record of the runs
+    of zero-byte records (a ZeRO-3 model-states file's 297k placeholders) made when asked."""
+
+    __slots__ = ("listed", "_prefix", "_runs")
+
+    def __init__(self, listed: dict[str, Record], prefix: str = "",
+                 runs: list[EmptyRun] = ()) -> None:
+        self.listed, self._prefix, self._runs = listed, prefix, Runs(runs)
+
+    def __getitem__(self, key: str) -> Record:
+        rec = self.listed.get(key)
+        if rec is not None:
+            return rec
+        found = self._runs.find(self._prefix + key)
+        if found is None:
+            raise KeyError(key)
+        run, i = found
+        at = run.header + i * run.stride
+        return Record(0, 0, at + run.stride, at, run.crc)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.listed
+        for run in self._runs.runs:
+            yield from (run.name(i)[len(self._prefix):] for i in range(run.count))
+
+    def __len__(self) -> int:
+        return len(self.listed) + sum(run.count for run in self._runs.runs)
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """A central directory in its order: entries (name, local header offset, compression,
+    size, crc) and `EmptyRun`s."""
+
+    items: list
+
+    @property
+    def entries(self) -> list[tuple[str, int, int, int, int]]:
+        return [e for e in self.items if not isinstance(e, EmptyRun)]
+
+    @property
+    def runs(self) -> list[EmptyRun]:
+        return [e for e in self.items if isinstance(e, EmptyRun)]
+
+    def expanded(self) -> list[tuple[str, int, int, int, int]]:
+        """Every entry, the runs' too."""
+        out: list = []
+        for e in self.items:
+            if not isinstance(e, EmptyRun):
+                out.append(e)
+                continue
+            out += [(e.prefix + str(n), at, 0, 0, e.crc) for n, at in
+                    zip(range(e.first, e.first + e.count), range(e.header, e.end, e.stride),
+                        strict=True)]
+        return out
+
+
+def check_directory(f, size: int, directory: Directory, directory_start: int
+                    ) -> tuple[list, list[EmptyRun], dict[str, int | None]]:
+    """`check_records` of the whole directory: (entries, runs, data offset of each entry).
+    Each run's local headers are compared whole with those its entries imply; when one
+    differs, or a name may repeat, every record is checked alone (the runs expanded into
+    entries, `runs` then empty): the same verdicts and messages, record by record."""
+    entries, runs = directory.entries, directory.runs
+    if runs:
+        try:
+            check_runs(f, size, entries, Runs(runs))
+            return entries, runs, check_records(f, size, entries, directory_start, runs)
+        except Doubt:
+            pass
+    entries = directory.expanded()
+    return entries, [], check_records(f, size, entries, directory_start)
+
+
 def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
-                  directory_start: int) -> dict[str, int | None]:
+                  directory_start: int, runs: list[EmptyRun] = ()) -> dict[str, int | None]:
     """name -> data offset of every entry of `central_directory`, or None for a record whose
     local header lies past the end of the file (a truncated copy: validate says so). Raises
     ZipStructureError for duplicate names, a local header that does not match its entry, or
-    records overlapping each other or the directory.
+    records overlapping each other or the directory. `runs` (already checked by check_runs)
+    take their place among the records as one span each.
 
     The headers are read in windows: one read covers a run of consecutive records whose data
-    is empty (a ZeRO-3 model-states file: 300k of them, 300k reads before) or that are not
-    tensor records, never a tensor byte."""
+    is empty or that are not tensor records, never a tensor byte."""
     if len({e[0] for e in entries}) != len(entries):
         seen: set[str] = set()
         for name, *_ in entries:
             if name in seen:
                 raise ZipStructureError(f"two zip records are named {name[-120:]!r}")
             seen.add(name)
-    ordered = sorted(entries, key=_HEADER_OFFSET)
+    ordered = sorted([*entries, *runs], key=_header_offset)
     out: dict[str, int | None] = {}
     # the first overlap between consecutive records, raised once every local header passed
     overlap, end_prev, prev = None, 0, None
     window, window_start = b"", 0
-    for i, (name, header, comp, usize, _) in enumerate(ordered):
+    for i, item in enumerate(ordered):
+        if isinstance(item, EmptyRun):  # its records follow each other, checked whole
+            if item.header < end_prev:
+                raise Doubt  # described record by record
+            end_prev, prev = item.end, None
+            continue
+        name, header, comp, usize, _ = item
         encoded = name.encode("utf-8", "surrogatepass")
         need = LOCAL_HEADER + len(encoded)
         if header + need > size:
@@ -77,30 +176,39 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
         out[name] = data
         end = data + usize + (_DESCRIPTOR if flags & 8 else 0)
         if header < end_prev and overlap is None:
+            if prev is None:
+                raise Doubt
             overlap = f"records {prev[-120:]!r} and {name[-120:]!r} overlap at offset {header:,}"
         # a record said to run past the end of the file is cut (validate: truncated-file);
         # only its header must not overlap
         end_prev, prev = data if end > size else end, name
     if overlap is not None:
         raise ZipStructureError(overlap)
-    if prev is not None and directory_start < end_prev:
+    if directory_start < end_prev:
+        if prev is None:
+            raise Doubt
         raise ZipStructureError(f"record {prev[-120:]!r} runs into the zip directory at "
                                 f"offset {directory_start:,}")
     return out
 
 
 _LOCAL = struct.Struct("<4s2xHH8xIIHH")  # signature, flags, method, sizes, name/extra lengths
-_HEADER_OFFSET = operator.itemgetter(1)
 #: most bytes one read of local headers covers
 WINDOW_BYTES = 1 << 20
 
 
+def _header_offset(item) -> int:
+    return item.header if isinstance(item, EmptyRun) else item[1]
+
+
 def _read_window(f, ordered: list, i: int) -> bytes:
     """The bytes from record i's local header through its name, and on through the headers of
-    the records after it while each one before holds no data (up to WINDOW_BYTES): never a
-    tensor byte."""
+    the records after it while each one before holds no data (up to WINDOW_BYTES, up to a
+    run): never a tensor byte."""
     start, last = ordered[i][1], i
     for j in range(i, len(ordered)):
+        if isinstance(ordered[j], EmptyRun):
+            break
         _, header, _, usize, _ = ordered[j]
         if header - start > WINDOW_BYTES:
             break
@@ -132,6 +240,12 @@ def central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
     """(name, local header offset, compression, size, crc) of every record, read straight from
     the central directory: zipfile builds an object per record, too slow at 300k records.
     Raises NoZipDirectory when the end record or an entry is missing or malformed, OSError."""
+    return read_directory(f, size).expanded()
+
+
+def read_directory(f, size: int) -> Directory:
+    """The central directory with its runs of zero-byte records as `EmptyRun`s (raises
+    like central_directory)."""
     try:
         return _parse_central_directory(f, size)
     except (struct.error, StopIteration) as e:
@@ -146,27 +260,37 @@ def directory_offset(f, size: int) -> int:
         raise NoZipDirectory from e
 
 
-def _parse_central_directory(f, size: int) -> list[tuple[str, int, int, int, int]]:
+def _parse_central_directory(f, size: int) -> Directory:
     count, cd_size, cd_offset, _ = _directory_span(_tail(f, size))
     if cd_offset + cd_size > size:
         raise NoZipDirectory
     f.seek(cd_offset)
     cd = f.read(cd_size)
-    out, pos, last = [], 0, len(cd) - 46
+    out, pos, last, n, retry, wait = [], 0, len(cd) - 46, 0, 0, 1
     unpack, append = _CENTRAL.unpack_from, out.append
-    while pos <= last:  # one entry per loop: 300k in a ZeRO-3 model-states file, so kept tight
+    while pos <= last:  # one entry (or run of empty records) per loop, so kept tight
         sig, comp, crc, csize, usize, nlen, xlen, clen, offset = unpack(cd, pos)
         if sig != b"PK\x01\x02":
             raise NoZipDirectory
+        if not (usize or csize or comp or xlen or clen) and n >= retry:
+            run = run_at(cd, pos, nlen, offset)
+            if run is not None:
+                append(run)
+                n, wait = n + run.count, 1
+                pos += run.count * (46 + nlen)
+                continue
+            retry, wait = n + wait, min(16, 2 * wait)  # after lone ones, look less often
         pos += 46
         name = cd[pos:pos + nlen].decode("utf-8", "replace")
         if csize == 0xFFFFFFFF or usize == 0xFFFFFFFF or offset == 0xFFFFFFFF:  # (no tuple)
             usize, offset = _zip64_extra(cd[pos + nlen:pos + nlen + xlen], usize, csize, offset)
         append((name, offset, comp, usize, crc))
+        n += 1
         pos += nlen + xlen + clen
-    if len(out) != count:
+    if n != count:
         raise NoZipDirectory
-    return out
+    return Directory(out)
+
 
 
 #: a central-directory entry: signature, method, crc, sizes, name/extra/comment lengths, offset
