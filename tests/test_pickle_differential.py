@@ -173,6 +173,20 @@ def test_an_ordered_dicts_attributes_are_walked_like_its_items():
         assert fast == slow and fast.startswith("unreadable") and says in fast, (fast, slow)
 
 
+def test_a_slice_holds_ints_and_none_only_on_both_paths():
+    """The tree check does not walk into a slice: one of ints and None is read; one holding a
+    dict (a PickledDict left in the fast path's result) or a memo bomb (repr'd forever) is
+    refused, by both readers."""
+    call = b"c__builtin__\nslice\n("
+    raw = forged(_key("d") + call + b"K\x01NJ\xff\xff\xff\xfftR")
+    (a, _), (b, _) = _read_both(raw)
+    assert same(a, b) and a["d"] == slice(1, None, -1)
+    for args in (b"}t", _bomb(80) + b"t", b"\x88t"):
+        fast, slow = outcome(forged(_key("d") + call + args + b"R"), "fast"), \
+            outcome(forged(_key("d") + call + args + b"R"), "slow")
+        assert fast == slow and "a malformed slice" in fast, (fast, slow)
+
+
 def test_check_tree_settles_the_containers_of_leaves_and_flat_tuples():
     flat, inner = {"x": (1, 2), "y": 3}, [1, "a"]
     mixed = {"z": inner, "w": (1, (2,))}

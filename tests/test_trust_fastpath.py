@@ -140,9 +140,7 @@ def test_no_global_of_the_allowlist_takes_a_build():
     assert out["fast"] == out["slow"]
     assert out["fast"][-1] == CLEAN_READ
     verdicts = dict(zip(names, out["fast"], strict=False))
-    immutable = ("unreadable f.pt: its pickle is corrupt (TypeError: cannot set 'x' attribute of "
-                 "immutable type 'slice')")
-    assert verdicts.pop(("builtins", "slice")) == immutable
+    assert ("builtins", "slice") in verdicts  # (a checked function now, refused like the rest)
     assert set(verdicts.values()) == {REFUSED}, verdicts
 
 

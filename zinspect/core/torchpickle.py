@@ -266,6 +266,14 @@ def _bytearray(source=b"", encoding=None):
     raise pickle.UnpicklingError(f"unexpected bytearray({type(source).__name__})")
 
 
+def _slice(*args) -> slice:
+    """slice() of ints and None only: the tree check does not walk a slice's members, so a
+    dict in one stayed the fast path's PickledDict and a memo bomb in one was repr'd forever."""
+    if not set(map(type, args)) <= {int, type(None)}:
+        raise pickle.UnpicklingError("a malformed slice")
+    return slice(*args)
+
+
 def _complex(real=0.0, imag=0.0) -> complex:
     """complex() of numbers only (parsing a long string, again and again, is not free)."""
     if type(real) not in (int, float, complex) or type(imag) not in (int, float, complex):
@@ -284,7 +292,7 @@ _ALLOWED = {
     ("collections", "OrderedDict"): PickledOrderedDict,
     ("builtins", "set"): checked_set(set),
     ("builtins", "frozenset"): checked_set(frozenset),
-    ("builtins", "slice"): slice,
+    ("builtins", "slice"): _slice,
     ("builtins", "complex"): _complex,
     ("builtins", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
