@@ -72,20 +72,23 @@ MAX_PICKLE_BYTES = 1 << 30
 #: pickles from this size on are offered to the C unpickler (fastpickle.prepare_for_c); smaller
 #: ones are read faster by the bounded reader than the scan's regex is compiled (~0.1 s, once)
 FAST_PICKLE_BYTES = 256 << 10
-#: PickleMemo keeps pickles up to this size
+#: PickleMemo keeps pickles up to this size, and up to this many bytes of them in all
 MEMO_PICKLE_BYTES = 4 << 20
+MEMO_TOTAL_BYTES = 16 << 20
 _DESCRIPTOR = b"PK\x07\x08"
 
 
 class PickleMemo:
     """Pickles already read, by their bytes: the optimizer files of all ZeRO-3 ranks hold the
     very same data.pkl (their bytes differ only in the tensor records), so a 512-rank checkpoint
-    unpickles it once, not 512 times. The results are shared read-only. Only small pickles are
-    kept, and only the first few distinct ones, so what it holds stays bounded (ZeRO-1/2 ranks'
-    pickles all differ: those simply miss)."""
+    unpickles it once, not 512 times; a pipeline x tensor-parallel run's files repeat one pickle
+    per (stage, tp rank) slice (64 distinct among 512 in a tp 8 x pp 4 x dp 16 run). The results
+    are shared read-only. Only small pickles are kept, `total_bytes` of them in all, so what it
+    holds stays bounded (ZeRO-1/2 ranks' pickles all differ: those simply miss)."""
 
-    def __init__(self, entries: int = 8, max_bytes: int = MEMO_PICKLE_BYTES) -> None:
-        self.entries, self.max_bytes = entries, max_bytes
+    def __init__(self, max_bytes: int = MEMO_PICKLE_BYTES,
+                 total_bytes: int = MEMO_TOTAL_BYTES) -> None:
+        self.max_bytes, self.room = max_bytes, total_bytes
         self._seen: dict[bytes, tuple] = {}
         self._lock = threading.Lock()
 
@@ -94,8 +97,9 @@ class PickleMemo:
 
     def put(self, raw: bytes, parsed: tuple) -> None:
         with self._lock:
-            if len(raw) <= self.max_bytes and len(self._seen) < self.entries:
+            if len(raw) <= min(self.max_bytes, self.room) and raw not in self._seen:
                 self._seen[raw] = parsed
+                self.room -= len(raw)
 
 
 @dataclass
