@@ -91,7 +91,10 @@ def run_once(argv: list[str], cold: bool, cwd: Path = REPO) -> dict:
         out_file = Path(tmp) / "out"
         if cold:
             drop_caches()
-        env = {**os.environ, "ZBENCH_IO": str(io_file)}
+        # bytecode cached, as an installed zinspect has it (pip compiles it): a shell that sets
+        # PYTHONDONTWRITEBYTECODE would recompile every module on every run (~0.13 s)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["ZBENCH_IO"] = str(io_file)
         with open(out_file, "wb") as out:
             start = time.perf_counter()
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.PIPE, env=env, cwd=cwd)
