@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 
 import pytest
 from conftest import FIXTURES
@@ -134,3 +135,27 @@ def test_the_usual_path_takes_no_model_of_another_kind():
     any other stage) gets the dict."""
     for name in ("s2_w2_bf16", "s3_w2_fp32", "hf_llama_tied_s3_w4_fp32"):
         assert type(open_checkpoint(FIXTURES / name).params) is dict
+
+
+def _ask(table: ParamTable, names: list[str], k: int) -> list[Param]:
+    return list(table.values()) if k % 2 else [table[n] for n in names]
+
+
+def test_threads_get_one_param_a_name():
+    """The app reads params from worker threads while the main thread lists them: a name gives
+    one Param, whoever asks first, and making them all meanwhile loses none."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads interleave every few bytecodes
+    try:
+        for _ in range(20):
+            table = open_checkpoint(PLAIN).params
+            names = list(table)
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(partial(_ask, table, names), range(4)))
+            assert all(len(g) == len(names) for g in got)
+            assert all(a is b for g in got[1:] for a, b in zip(got[0], g, strict=True))
+    finally:
+        sys.setswitchinterval(switch)
