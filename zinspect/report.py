@@ -18,6 +18,10 @@ def _safe(text: object, limit: int = SHOWN_CHARS) -> str:
     return escape(shown(text, limit))
 
 
+def _or_unknown(value) -> str:
+    return "?" if value is None else str(value)
+
+
 def _group_of(ckpt, p) -> int | None:
     """Optimizer param group of a param; a tied alias has its owner's, a frozen one none."""
     if p.tied_to is not None:
@@ -144,8 +148,8 @@ def human_info(ckpt) -> None:
     others = f"   [dim](other tags: {_safe(ellipsis([shown(x, 40) for x in other], 6))})[/]" \
         if other else ""
     summary.add_row("tag", _safe(ckpt.tag) + others)
-    summary.add_row("ZeRO stage", str(ckpt.stage) if ckpt.stage is not None else "?")
-    summary.add_row("world size", str(ckpt.world_size) if ckpt.world_size else "?")
+    summary.add_row("ZeRO stage", _or_unknown(ckpt.stage))
+    summary.add_row("world size", _or_unknown(ckpt.world_size or None))
     summary.add_row("layout", _safe(ckpt.layout))
     axes = {a: n for a, n in ckpt.topology.sizes.items() if n > 1}
     if len(axes) > 1 or set(axes) - {"dp"}:
@@ -249,8 +253,8 @@ def validate_json(ckpt) -> dict:
 
 def human_validate(ckpt, verbose: bool = False) -> None:
     con = console()
-    con.print(f"[bold]{_safe(ckpt.path)}[/]  (tag {_safe(ckpt.tag)}, ZeRO-{ckpt.stage}, "
-              f"world size {ckpt.world_size})")
+    con.print(f"[bold]{_safe(ckpt.path)}[/]  (tag {_safe(ckpt.tag)}, "
+              f"ZeRO-{_or_unknown(ckpt.stage)}, world size {_or_unknown(ckpt.world_size)})")
     folded = 0 if verbose else sum(1 for f in ckpt.findings if f.cause)
     for sev in ("error", "warning", "info"):
         items = [f for f in ckpt.findings if f.severity == sev and (verbose or not f.cause)]

@@ -26,6 +26,8 @@ CODES: dict[str, tuple[str, str]] = {
     "not-optimizer-file": (ERROR, "an optimizer file name holds no optimizer_state_dict"),
     "not-model-states": (ERROR, "a model-states file name holds no model states"),
     "no-model-states": (ERROR, "no model-states file: names and shapes are unknown"),
+    "no-optimizer-files": (ERROR, "no optimizer files nor an optimizer in the model states: "
+                                  "the fp32 masters are missing"),
     "legacy-file-name": (WARNING, "a pre-0.10 optimizer file name (DeepSpeed's converter skips it)"),
     # layout and topology
     "unsupported-layout": (ERROR, "a layout zinspect recognises but cannot merge yet"),

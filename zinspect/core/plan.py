@@ -116,7 +116,8 @@ def plan_merge(ckpt: Checkpoint, selection: Selection | None = None,
     write; with `salvage`, params that cannot be rebuilt are dropped (and listed) instead.
     `dtype` (float32, bfloat16, float16) is what float params and buffers are written as."""
     if ckpt.layout not in MERGEABLE_LAYOUTS:
-        raise NotMergeable(f"{ckpt.path}: cannot merge a {ckpt.layout} checkpoint",
+        raise NotMergeable(f"{ckpt.path}: cannot merge this checkpoint: its layout is "
+                           f"{ckpt.layout}",
                            _layout_hint(ckpt))
     selection = selection or Selection()
     excluded = selection.excluded(ckpt)

@@ -66,6 +66,13 @@ class _Checks:
             if c.layout == "unknown" and any(f.readable for f in c.files_of("optim")):
                 self.add("unknown-layout", "the optimizer files hold neither fp32 "
                          "partitions nor a zero_stage", "these are not ZeRO optimizer files")
+            elif c.layout == "unknown" and c.params and not c.files_of("optim"):
+                # model states that name params but hold no optimizer (ZeRO-0's would), and no
+                # optimizer file: the fp32 masters are missing, not a layout to merge
+                self.add("no-optimizer-files", "no *_optim_states.pt file in the tag dir, and "
+                         "the model states hold no optimizer: the fp32 master weights are not "
+                         "here", "copy this tag's *_optim_states.pt files (one per data-parallel "
+                         "rank) from the run; the model states' 16-bit weights are not the masters")
             elif c.layout in MERGEABLE and not any(f.severity == ERROR for f in
                                                    [*c.findings, *self.out]):
                 # every param's elements held once (tp shards: above). Only when the layout

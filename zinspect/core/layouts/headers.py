@@ -40,6 +40,8 @@ def read_headers(ctx: LoadContext) -> None:
     stages = Counter(f.stage for f in ctx.optim_files if f.stage is not None)
     if stages:
         c.stage = stages.most_common(1)[0][0]
+    elif any(f.rank is not None for f in ctx.model_files):
+        c.stage = 3  # only ZeRO-3 saves model states per rank: its placeholders are no shapes
     # the lowest rank that can be read: an unreadable rank 0 is reported once, as itself
     ref = next((rf for _, rf in sorted(ctx.optim.items()) if ctx.torch_file(rf)),
                ctx.optim.get(0))
