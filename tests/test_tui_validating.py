@@ -202,3 +202,18 @@ async def test_keys_while_the_checkpoint_is_read_again_wait_for_its_tabs(monkeyp
         await pilot.press("slash", *"blocks.1")
         await pilot.pause()
         assert app.screen.query_one(ParamsPane).filter_text == "blocks.1"
+
+
+async def test_the_findings_coming_move_no_focus_off_the_tab_the_user_is_on(monkeypatch):
+    """Focusing a widget of a pane makes its tab the active one (Textual's TabPane.Focused,
+    handled later): the Overview focused as the findings came undid a `2` typed just then."""
+    release = held_validation(monkeypatch)
+    app = ZinspectApp(str(FIXTURES / "s2_w2_bf16"))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: bool(app.screen.query(Inspector)))
+        await pilot.pause()
+        before = app.screen.focused
+        release.set()
+        await settle(app, pilot)
+        assert app.view.validated and app.main.active_tab == "overview"
+        assert app.screen.focused is before

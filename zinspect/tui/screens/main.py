@@ -60,13 +60,14 @@ class Inspector(Container):
         tabs.get_tab("tab-findings").label = findings_label(self.view)
         self.query_one(Overview).refresh_facts()
         self.query_one(ParamsPane).refresh_marks()
-        focused = self.screen.focused
+        screen, tab = self.screen, self.screen.active_tab
+        focused = screen.focused
         lost = focused is None or any(isinstance(w, RanksPane | FindingsPane)
                                       for w in focused.ancestors_with_self)
         await self.query_one(RanksPane).recompose()
         await self.query_one(FindingsPane).recompose()
-        if lost:  # the table that had the focus was drawn anew
-            self.screen.call_after_refresh(self.screen.focus_tab_content)
+        if lost and tab in ("ranks", "findings"):  # on a tab drawn anew: focus its table
+            screen.call_after_refresh(screen.focus_tab_content, tab)
 
 
 #: the tab keys share one line in the help
@@ -161,9 +162,11 @@ class MainScreen(Screen):
             if focus_content:
                 self.call_after_refresh(self.focus_tab_content)
 
-    def focus_tab_content(self) -> None:
+    def focus_tab_content(self, tab: str | None = None) -> None:
+        """Focus what the active tab shows (only if it is still `tab`, when given: focusing
+        a widget of another tab's pane would switch back to that tab)."""
         pane = self.query_one(TabbedContent).active_pane
-        if pane is None:
+        if pane is None or (tab is not None and pane.id != f"tab-{tab}"):
             return
         if pane.id == "tab-params":
             self.query_one(ParamsPane).current_view().focus()
