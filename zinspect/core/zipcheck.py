@@ -104,14 +104,16 @@ def check_directory(f, size: int, directory: Directory, directory_start: int
                     ) -> tuple[list, list[EmptyRun], dict[str, int | None]]:
     """`check_records` of the whole directory: (entries, runs, data offset of each entry).
     Each run's local headers are compared whole with those its entries imply; when one
-    differs, or a name may repeat, every record is checked alone (the runs expanded into
-    entries, `runs` then empty): the same verdicts and messages, record by record."""
+    differs, a name may repeat, or any record is refused, every record is checked alone (the
+    runs expanded into entries, `runs` then empty): the same verdicts and messages, record by
+    record. (A refusal too: a message quoting a local name quotes the bytes of the window of
+    headers read, and a window ends before a run where the records alone read on.)"""
     entries, runs = directory.entries, directory.runs
     if runs:
         try:
             check_runs(f, size, entries, Runs(runs))
             return entries, runs, check_records(f, size, entries, directory_start, runs)
-        except Doubt:
+        except (Doubt, ZipStructureError):
             pass
     entries = directory.expanded()
     return entries, [], check_records(f, size, entries, directory_start)
