@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, copy_fixture, manifest
-from test_reshard import DS_PYTHON, _skeleton, assert_layout_of_deepspeed, needs_deepspeed
+from test_reshard import (
+    DS_PYTHON,
+    _skeleton,
+    assert_layout_of_deepspeed,
+    needs_deepspeed,
+    skip_unless_engines_build,
+)
 
 from zinspect.core import open_checkpoint
 from zinspect.core.reshard import reshard
@@ -159,6 +165,7 @@ def test_layout_is_what_deepspeed_saves_at_n(tmp_path, name, n, twin):
 # ------------------------------------------------------------------ real DeepSpeed resumes
 def engines(tmp_path: Path, name: str, ckpt: Path, n: int, label: str, worker: Path = WORKER) -> dict:
     """What `n` engines (the fixture `name`'s model, `worker`) hold after loading `ckpt`."""
+    skip_unless_engines_build(name)
     result = tmp_path / f"{label}.pt"
     cmd = [DS_PYTHON, str(worker), "--ckpt", str(ckpt), "--manifest",
            str(FIXTURES / name / "manifest.json"), "--world-size", str(n), "--result", str(result)]
