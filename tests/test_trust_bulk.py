@@ -23,7 +23,9 @@ from torchload import torch_load
 from zinspect.core import open_checkpoint
 from zinspect.core.layouts import common
 from zinspect.core.model import Param
+from zinspect.core.plan import plan_merge
 from zinspect.core.torchzip import TensorRef
+from zinspect.errors import NotMergeable
 from zinspect.report_json import info_json, write_info_json
 
 
@@ -63,6 +65,21 @@ def test_files_that_all_say_nan_are_one_save(tmp_path):
 
 
 # ---------------------------------------------------------------------- param_shapes cut short
+def _refused_even_with_salvage(ckpt) -> None:
+    for salvage in (False, True):
+        with pytest.raises(NotMergeable):
+            plan_merge(ckpt, salvage=salvage)
+
+
+def _refused_by_one_unlocated_error(ckpt, code: str, message: str) -> None:
+    """One `code` finding, an error located nowhere (which module name is the param's own is
+    unknown), so neither the merge nor --salvage writes anything."""
+    found = [f for f in ckpt.findings if f.code == code]
+    assert [(f.severity, f.message, f.param, f.file) for f in found] == [
+        ("error", message, None, None)]
+    _refused_even_with_salvage(ckpt)
+
+
 @pytest.mark.parametrize("shapes", [[], None, "first two"], ids=["empty", "none", "first-two"])
 @pytest.mark.parametrize("name", ["s2_w2_bf16", "s1_w2_bf16_bf16opt"])
 def test_param_shapes_cut_short_refuse_the_merge(tmp_path, name, shapes):
@@ -71,9 +88,6 @@ def test_param_shapes_cut_short_refuse_the_merge(tmp_path, name, shapes):
     said ok and the merge wrote their bf16 copies for the fp32 masters. Now one error names the
     undescribed groups, and neither the merge nor --salvage (which cannot tell those names from
     frozen ones) writes anything."""
-    from zinspect.core.plan import plan_merge
-    from zinspect.errors import NotMergeable
-
     root = D.copy_root(tmp_path, name)
     path = next(root.glob("*/" + D.MODEL))
     state = torch_load(path)
@@ -86,9 +100,7 @@ def test_param_shapes_cut_short_refuse_the_merge(tmp_path, name, shapes):
         f"the optimizer files partition 3 flat groups, the model states' param_shapes describes "
         f"{described}: the fp32 masters of group{' 2' if described else 's 0..2'} belong to no param"]
     assert ckpt.errors
-    for salvage in (False, True):
-        with pytest.raises(NotMergeable):
-            plan_merge(ckpt, salvage=salvage)
+    _refused_even_with_salvage(ckpt)
 
 
 @pytest.mark.parametrize("name", ["s2_w2_bf16", "s1_w2_bf16_bf16opt"])
@@ -99,9 +111,6 @@ def test_a_param_renamed_in_param_shapes_refuses_the_merge(tmp_path, name):
     module name is the param's own is unknown, so --salvage refuses too."""
     from collections import OrderedDict
 
-    from zinspect.core.plan import plan_merge
-    from zinspect.errors import NotMergeable
-
     root = D.copy_root(tmp_path, name)
     path = next(root.glob("*/" + D.MODEL))
     state = torch_load(path)
@@ -109,13 +118,9 @@ def test_a_param_renamed_in_param_shapes_refuses_the_merge(tmp_path, name):
                                            for n, s in state["param_shapes"][0].items())
     torch.save(state, path)
     ckpt = open_checkpoint(root)
-    found = [f for f in ckpt.findings if f.code == "shape-mismatch"]
-    assert [(f.severity, f.message, f.param, f.file) for f in found] == [
-        ("error", "renamed.weight: param_shapes says (3, 5, 7), its 16-bit weight in the module "
-         "is missing", None, None)]
-    for salvage in (False, True):
-        with pytest.raises(NotMergeable):
-            plan_merge(ckpt, salvage=salvage)
+    _refused_by_one_unlocated_error(
+        ckpt, "shape-mismatch", "renamed.weight: param_shapes says (3, 5, 7), its 16-bit weight "
+        "in the module is missing")
 
 
 @pytest.mark.parametrize("name", ["s2_w2_bf16", "s3_w2_bf16_plain"])
@@ -124,9 +129,6 @@ def test_a_param_listed_as_a_buffer_refuses_the_merge(tmp_path, name):
     at ZeRO-2 the param was dropped and its bf16 module copy written as a buffer in its place
     (a slice-mapping warning only, merge exit 0). Now an error, located nowhere so --salvage
     (which writes buffers) refuses too; ZeRO-3 names the cause as well."""
-    from zinspect.core.plan import plan_merge
-    from zinspect.errors import NotMergeable
-
     root = D.copy_root(tmp_path, name)
     for path in root.glob("*/*model_states.pt"):
         state = torch_load(path)
@@ -134,13 +136,9 @@ def test_a_param_listed_as_a_buffer_refuses_the_merge(tmp_path, name):
             state["buffer_names"] = [*state["buffer_names"], "encoder.cube"]
             torch.save(state, path)
     ckpt = open_checkpoint(root)
-    found = [f for f in ckpt.findings if f.code == "duplicate-param"]
-    assert [(f.severity, f.message, f.param, f.file) for f in found] == [
-        ("error", "encoder.cube is a param of group 0 and a buffer (buffer_names): its module "
-         "copy would be written in place of its masters", None, None)]
-    for salvage in (False, True):
-        with pytest.raises(NotMergeable):
-            plan_merge(ckpt, salvage=salvage)
+    _refused_by_one_unlocated_error(
+        ckpt, "duplicate-param", "encoder.cube is a param of group 0 and a buffer "
+        "(buffer_names): its module copy would be written in place of its masters")
 
 
 @pytest.mark.parametrize("declared", [(15, 14), (14, 15), (225,)])
@@ -148,9 +146,6 @@ def test_a_frozen_shape_the_module_disagrees_with_is_an_error(tmp_path, declared
     """frozen_param_shapes of encoder.frozen_proj.weight (15, 15) forged to fewer elements or
     another shape: the merge wrote the first elements of its module weight in that shape, exit 0
     and validate ok. Now a shape-mismatch naming the param: the merge refuses, --salvage drops it."""
-    from zinspect.core.plan import plan_merge
-    from zinspect.errors import NotMergeable
-
     root = D.copy_root(tmp_path, "s2_w2_bf16")
     path = next(root.glob("*/" + D.MODEL))
     state = torch_load(path)
