@@ -153,11 +153,11 @@ def describe_names(ctx: LoadContext) -> Names | None:
 def _world_size_of(ctx: LoadContext, dp) -> None:
     """The model states' dp_world_size as the world size, when it is one (a positive int:
     True, 0 or -2 is a forged field, named in a finding, not shown as the world size)."""
-    if type(dp) is int and dp > 0:
+    if pickled.size(dp):
         ctx.ckpt.world_size = dp
     elif dp is not None:
-        said = repr(dp) if type(dp) in (int, bool) else f"a {type(dp).__name__}"
-        ctx.find("world-size-unknown", f"{ctx.model_file.name}: its dp_world_size is {said}, "
+        ctx.find("world-size-unknown", f"{ctx.model_file.name}: its dp_world_size is "
+                 f"{pickled.said(dp)}, "
                  "not a world size, and no readable optimizer file says one",
                  REPLACE_MODEL_STATES, file=ctx.model_file.name, rank=ctx.model_file.rank)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from zinspect.core.layouts import pickled
 from zinspect.core.model import RankFile
 
 _NAN = float("nan")
@@ -41,9 +42,8 @@ def dp_world_sizes(find, states: list[tuple[RankFile, dict]], dp: int, source: s
     size (0, -2, True, a str) is a forged or damaged field, named as such."""
     for rf, state in states:
         said = state.get("dp_world_size")
-        if said is not None and (type(said) is not int or said <= 0):
-            said = repr(said) if type(said) in (int, bool) else f"a {type(said).__name__}"
-            find("world-size-mismatch", f"{rf.name}: its dp_world_size is {said}, not a "
+        if said is not None and not pickled.size(said):
+            find("world-size-mismatch", f"{rf.name}: its dp_world_size is {pickled.said(said)}, not a "
                  f"data-parallel size; the checkpoint is read with {dp} data-parallel "
                  f"rank{'s' if dp != 1 else ''}, {source}", "the field was altered or damaged: "
                  "restore this file from a copy of the run (the other files are read as saved; "

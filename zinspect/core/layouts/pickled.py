@@ -20,6 +20,16 @@ def get(obj, *keys, default=None):
     return obj
 
 
+def size(value) -> int | None:
+    """`value` when it is a size (a positive int; a bool is no size), else None."""
+    return value if type(value) is int and value > 0 else None
+
+
+def said(value) -> str:
+    """A pickled field's value as a finding quotes it: an int or bool as it is, else its type."""
+    return repr(value) if type(value) in (int, bool) else f"a {type(value).__name__}"
+
+
 def numel(shape: tuple[int, ...] | None) -> int:
     return math.prod(shape or ())  # shapes come through `shape`: tuples of ints
 

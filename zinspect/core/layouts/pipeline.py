@@ -22,7 +22,7 @@ from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 
-from zinspect.core.layouts import common, headers, one_save, pipeline_zero0, zero12
+from zinspect.core.layouts import common, headers, one_save, pickled, pipeline_zero0, zero12
 from zinspect.core.layouts.base import Layout, LoadContext
 from zinspect.core.layouts.gaps import SALVAGE, missing_files, outside, stale
 from zinspect.core.layouts.pickled import as_group_list, get, group_members, located, text
@@ -51,8 +51,8 @@ class _Pipeline:
         dims = get(ms, "checkpoint_parallel_dimensions")
         dims = dims if isinstance(dims, dict) else {}
         self.stage_files = {f.mp_rank: f for f in self.c.files_of("model") if f.rank is None}
-        self.pp = _int(dims.get("pp_degree")) or max(len(self.stage_files), 1)
-        self.tp = _int(dims.get("tp_degree")) or 1
+        self.pp = pickled.size(dims.get("pp_degree")) or max(len(self.stage_files), 1)
+        self.tp = pickled.size(dims.get("tp_degree")) or 1
         self.dp, self.dp_from = self.dp_size()
         self.layers: dict[int, RankFile] = {}
         self.optim: dict[int, dict[int, RankFile]] = defaultdict(dict)  # stage -> dp -> file
@@ -62,10 +62,10 @@ class _Pipeline:
         """The data-parallel size and where it is read from: the `dp_world_size` most stage
         files record; on a tie, or when none records one, the optimizer files' partition count
         (a value that is no size, 0 or True, is never taken: `_one_save` names it); else 1."""
-        said = Counter(_int(state.get("dp_world_size")) for _, state in self.model_states())
+        said = Counter(pickled.size(state.get("dp_world_size")) for _, state in self.model_states())
         said.pop(None, None)
         tied = [dp for dp, n in said.items() if n == max(said.values())]  # lowest mp rank first
-        pc, other = _int(self.c.world_size), "as the other model-states files record"
+        pc, other = pickled.size(self.c.world_size), "as the other model-states files record"
         if pc is not None and (pc in tied or not tied):
             return pc, other if tied else "as the optimizer files are partitioned"
         return (tied[0], other) if tied else (1, "as no file records a size")
@@ -378,10 +378,6 @@ def _entries(ctx: LoadContext, rf: RankFile | None) -> list[tuple[str, object]]:
 def _list(state: dict, key: str) -> list:
     value = state.get(key)
     return value if isinstance(value, list) else []
-
-
-def _int(value) -> int | None:
-    return value if type(value) is int and value > 0 else None
 
 
 def describe(ctx: LoadContext) -> None:
