@@ -11,6 +11,8 @@ from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 from textual.command import CommandPalette
+from textual.css.query import NoMatches
+from textual.widgets import TabbedContent
 from textual.worker import get_current_worker
 
 from zinspect.core import gc_paused
@@ -105,9 +107,16 @@ class ZinspectApp(WorkerOutcomes, App[int]):
     def browsing(self) -> Inspection | None:
         """The view whose tabs are on screen; None while a checkpoint is read (again) or could
         not be: the screen shows a spinner or the error, and the keys that act on a view wait
-        (`/` during `v`'s reading looked for a Parameters tab that was not there: a crash)."""
+        (`/` during `v`'s reading looked for a Parameters tab that was not there: a crash),
+        also while a new Inspector's tabs are still being mounted (go to param there: a crash)."""
         view = self.view
-        return view if view is not None and self.main.query(Inspector) else None
+        if view is None or not self.main.query(Inspector):
+            return None
+        try:
+            self.main.query_one("#tabs", TabbedContent).get_tab("tab-params")
+        except (NoMatches, ValueError):
+            return None
+        return view
 
     def on_mount(self) -> None:
         if self.tag is None and self.tags_to_pick:
