@@ -97,14 +97,17 @@ def test_added_and_deleted_names():
         table[first]
 
 
-def _toy(in_order: bool) -> ParamTable:
-    """Two flat groups of a, b / c over 2 ranks; module order a, b, c or c, a, b."""
+def _toy(in_order: bool, order_given: bool = False, joined: int = 2) -> ParamTable:
+    """Two flat groups of a, b / c over 2 ranks; module order a, b, c or c, a, b (each name's
+    place in the groups given, as `_usual_zero3` gives it, or found by the table); the first
+    `joined` groups joined."""
     shapes = {"a": (3,), "b": (2, 2), "c": (5,)}
     names = ["a", "b", "c"] if in_order else ["c", "a", "b"]
     groups = [["a", "b"], ["c"]]
     dtypes = {"a": "float32", "b": "", "c": "bfloat16"}
-    t = ParamTable(names, [shapes[n] for n in names], [dtypes[n] for n in names], groups)
-    for gi, g in enumerate(groups):
+    order = ([] if in_order else [2, 0, 1]) if order_given else None
+    t = ParamTable(names, [shapes[n] for n in names], [dtypes[n] for n in names], groups, order)
+    for gi, g in enumerate(groups[:joined]):
         numels = [math.prod(shapes[n]) for n in g]
         assert t.join(gi, 7 + gi, g, numels, [-(-x // 2) for x in numels],
                       lambda o, n, P: [(o, n, P)])
@@ -112,9 +115,10 @@ def _toy(in_order: bool) -> ParamTable:
     return t
 
 
+@pytest.mark.parametrize("order_given", [False, True])
 @pytest.mark.parametrize("in_order", [True, False])
-def test_columns_and_params_of_joined_groups(in_order):
-    t = _toy(in_order)
+def test_columns_and_params_of_joined_groups(in_order, order_given):
+    t = _toy(in_order, order_given)
     t.fill_dtype("float16")
     order = ["a", "b", "c"] if in_order else ["c", "a", "b"]
     want = {"a": (7, 0, "float32", [(0, 3, 2)]), "b": (7, 0, "float16", [(2, 4, 2)]),
@@ -128,6 +132,20 @@ def test_columns_and_params_of_joined_groups(in_order):
     assert (b.group, b.sub_group, b.dtype, b.fragments) == (7, 0, "float16", [(2, 4, 2)])
     assert {n: (p.group, p.sub_group, p.dtype, p.fragments) for n, p in t.items()} == want
     assert list(t) == order
+
+
+@pytest.mark.parametrize("order_given", [False, True])
+def test_a_group_not_joined_has_no_group_in_the_columns(order_given):
+    t = _toy(False, order_given, joined=1)
+    assert column(t, "group") == [None, 7, 7]
+    assert column(t, "sub_group") == [None, 0, 0]
+
+
+def test_a_name_in_no_group_has_no_group_in_the_columns():
+    t = ParamTable(["x", "a"], [(1,), (2,)], ["", ""], [["a"]])
+    assert t.join(0, 3, t._groups[0], [2], [1], lambda o, n, P: [])
+    assert column(t, "group") == [None, 3]
+    assert column(t, "sub_group") == [None, 0]
 
 
 def test_the_usual_path_takes_no_model_of_another_kind():

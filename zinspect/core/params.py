@@ -47,9 +47,12 @@ class ParamTable(MutableMapping):
     `values()` / `items()` make them all, once)."""
 
     def __init__(self, names: list[str], shapes: list[tuple[int, ...]], dtypes: list[str],
-                 groups: list[list[str]]) -> None:
+                 groups: list[list[str]], order: list[int] | None = None) -> None:
         self._names, self._shapes, self._dtypes = names, shapes, dtypes
         self._groups = groups  # the flat groups' names, each list the one `join` takes
+        #: each name's place in `groups`' names one after another ([]: `names` is that list;
+        #: None: not known yet; False: some name is in no group)
+        self._order = order
         self.dtype = ""  # for a name whose module tensor gave none (`fill_dtype`)
         self._index: dict[str, int] | None = None
         self._made: dict[str, Param] = {}  # Params made for names of the columns
@@ -57,7 +60,6 @@ class ParamTable(MutableMapping):
         self._joined: list[_Joined] = []
         self._lock = threading.RLock()
         self._flat: dict[str, int] | None = None  # name -> position over the joined groups
-        self._in_order: bool | None = None
         self._starts: list[int] = []
 
     # -- building ------------------------------------------------------------------------
@@ -72,7 +74,6 @@ class ParamTable(MutableMapping):
                 any(names is j.names for j in self._joined):
             return False
         self._joined.append(_Joined(index, param_group, names, numels, shares, make))
-        self._in_order = None
         return True
 
     def fill_dtype(self, dtype: str) -> None:
@@ -142,13 +143,25 @@ class ParamTable(MutableMapping):
         return self._names is not None and not self._made and not self._extra
 
     def _group_column(self, param_group: bool) -> list:
-        values = [(j.param_group if param_group else j.index, j.names) for j in self._joined]
-        if self._in_order is None:  # the joined groups' names are the names, in order
-            self._in_order = list(chain.from_iterable(j.names for j in self._joined)) == self._names
-        if self._in_order:
-            return list(chain.from_iterable(repeat(v, len(names)) for v, names in values))
-        of = dict(chain.from_iterable(zip(names, repeat(v)) for v, names in values))
-        return list(map(of.get, self._names))
+        """Each name's flat group (or param group): None for a name of no joined group."""
+        of = {id(j.names): j.param_group if param_group else j.index for j in self._joined}
+        order = self._places() if len(of) == len(self._groups) else None
+        if order is not None:  # every group joined, every name in one: by their places
+            flat = list(chain.from_iterable(repeat(of[id(g)], len(g)) for g in self._groups))
+            return list(map(flat.__getitem__, order)) if order else flat
+        at = dict(chain.from_iterable(zip(j.names, repeat(of[id(j.names)]))
+                                      for j in self._joined))
+        return list(map(at.get, self._names))
+
+    def _places(self) -> list[int] | None:
+        """`order` (an empty list when the names are the groups' names in order; None when
+        some name is in no group), found once when the table was made without it."""
+        if self._order is None:
+            flat = list(chain.from_iterable(self._groups))
+            at = {} if flat == self._names else dict(zip(flat, count()))
+            order = list(map(at.get, self._names)) if at else []
+            self._order = order if None not in order else False
+        return self._order if self._order is not False else None
 
     def numels_of(self, names: list[str]) -> list[int]:
         """The numels of those of `names` that are params; from the columns when `names` is a

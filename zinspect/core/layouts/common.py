@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import chain, filterfalse
+from itertools import chain, count, filterfalse
 from operator import attrgetter
 
 from zinspect.core.layouts import pickled
@@ -95,9 +95,6 @@ class GroupMembers(Sequence):
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
 
-    def __repr__(self) -> str:
-        return repr(list(self))
-
 
 @dataclass
 class Names:
@@ -169,7 +166,8 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict,
     c, module, model_file = ctx.ckpt, names.module, ctx.model_file
     usual = _usual_zero3(names) if c.stage == 3 and not c.params else None
     if usual is not None:  # every param the usual one: nothing else to decide for any
-        c.params = ParamTable(*usual, names.group_names)
+        listed, shapes, dtypes, order = usual
+        c.params = ParamTable(listed, shapes, dtypes, names.group_names, order)
         return  # (no group to check: each name once, with a shape, none a buffer)
     if shapes is not None:
         _check_flat_groups(ctx, names, shapes)
@@ -243,26 +241,26 @@ def _build_params(ctx: LoadContext, names: Names, shared: dict,
         p.dtype = p.dtype or src.dtype
 
 
-def _usual_zero3(names: Names) -> tuple[list[str], list[tuple[int, ...]], list[str]] | None:
-    """(names, shapes, dtypes) of the usual ZeRO-3 model states, checked in bulk (300k names):
-    the module's names less its buffers are the flat groups' names, each once with a shape,
-    none frozen. None otherwise: `_build_params` decides name by name."""
+def _usual_zero3(names: Names) -> tuple[list[str], list[Shape], list[str], list[int]] | None:
+    """(names, shapes, dtypes, order) of the usual ZeRO-3 model states, checked in bulk (300k
+    names): the module's names less its buffers are the flat groups' names, each once with a
+    shape, none frozen (`order`: each name's place in the groups' names, one after another;
+    empty when that is the module's order). None otherwise: `_build_params` decides name by name."""
     module, bufset = names.module, set(names.buffer_names)
     listed = keys_of(module)
     listed = list(filterfalse(bufset.__contains__, listed)) if bufset else listed
     flat = list(chain.from_iterable(names.group_names))
     if names.frozen_shapes or not listed or len(listed) != len(flat):
         return None
-    if listed == flat:  # the module's order is the groups' (one param group)
-        shapes = list(chain.from_iterable(names.group_shapes))
-    else:
-        trainable = dict(zip(flat, chain.from_iterable(names.group_shapes), strict=True))
-        shapes = list(map(trainable.get, listed))
-        if len(trainable) != len(flat):
-            return None  # (all found, none twice: the same names)
+    flat_shapes = list(chain.from_iterable(names.group_shapes))
+    at = {} if listed == flat else dict(zip(flat, count()))  # {}: one param group, in order
+    order = list(map(at.get, listed)) if at else []
+    if at and (len(at) != len(flat) or None in order):
+        return None  # (otherwise each name once in both, none twice: the same names)
+    shapes = list(map(flat_shapes.__getitem__, order)) if at else flat_shapes
     if not all(shapes):
         return None
-    return listed, shapes, _dtypes(module, listed if bufset else None)
+    return listed, shapes, _dtypes(module, listed if bufset else None), order
 
 
 def _dtypes(module: dict, listed: list[str] | None) -> list[str]:
