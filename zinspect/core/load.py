@@ -21,6 +21,7 @@ from zinspect.core.layouts import headers, topology
 from zinspect.core.model import Checkpoint, RankFile, Storage
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
+    MAX_PICKLE_BYTES,
     PickleMemo,
     TorchFile,
     pickle_is_intact,
@@ -100,11 +101,35 @@ def _rank_file(n: NamedFile, **facts) -> RankFile:
 
 
 def _parse_later(files: list[RankFile]) -> dict[int, TorchFile]:
-    """Parse files left shallow at open (for a layout's lazy fragments): id(file) -> parsed."""
+    """Parse files left shallow at open (for a layout's lazy fragments): id(file) -> parsed.
+    The first is unpickled alone: the others whose data.pkl has its bytes share its result."""
     named = {f.path: f for f in files}
-    parsed = _parse_files([NamedFile(f.path, f.kind, f.rank, f.mp_rank, f.prefix, f.coords)
-                           for f in files], _Ticker(len(files), None))
+    todo = [NamedFile(f.path, f.kind, f.rank, f.mp_rank, f.prefix, f.coords) for f in files]
+    tick, memo = _Ticker(len(files), None), _FirstPickle()
+    parsed = _parse_files(todo[:1], tick, memo)
+    parsed.update(_parse_files(todo[1:], tick, memo))
     return {id(named[path]): tf for path, (_, tf) in parsed.items() if tf is not None}
+
+
+class _FirstPickle:
+    """A memo for `read_torch_file` that keeps the first pickle read, however large: the ZeRO-3
+    model states of ranks > 0 are the very same data.pkl (57 MB at 297k names; only their
+    tensor records differ), so with frozen params, whose fragments every rank's file holds, one
+    is unpickled, not each: the others, compared byte for byte, share its result read-only (as
+    `PickleMemo` shares small pickles)."""
+
+    max_bytes = MAX_PICKLE_BYTES  # what it keeps: read every pickle whole, to compare
+
+    def __init__(self) -> None:
+        self._first: tuple[bytes, tuple] | None = None
+
+    def get(self, raw: bytes) -> tuple | None:
+        first = self._first
+        return first[1] if first is not None and first[0] == raw else None
+
+    def put(self, raw: bytes, parsed: tuple) -> None:
+        if self._first is None:
+            self._first = (raw, parsed)
 
 
 def _size(path: Path) -> int:
@@ -128,10 +153,11 @@ class _Ticker:
                 self.progress(self.done, self.total, name)
 
 
-def _parse_files(named: list[NamedFile],
-                 tick: _Ticker) -> dict[Path, tuple[RankFile, TorchFile | None]]:
+def _parse_files(named: list[NamedFile], tick: _Ticker,
+                 memo: PickleMemo | _FirstPickle | None = None
+                 ) -> dict[Path, tuple[RankFile, TorchFile | None]]:
     """Parse every rank file's metadata; threads overlap the cold reads of many small pickles."""
-    memo = PickleMemo()
+    memo = PickleMemo() if memo is None else memo
 
     def one(n: NamedFile) -> tuple[RankFile, TorchFile | None]:
         try:

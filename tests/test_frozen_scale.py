@@ -1,0 +1,92 @@
+"""ZeRO-3 with frozen params (a LoRA or partly frozen fine-tune): every rank's model states hold
+its fragment of each frozen param, so validate and the merge read every rank's pickle (as big
+as rank 0's: 57 MB at 297k names). What keeps that affordable must not change what is found:
+the ranks' usually identical pickles are unpickled once (`load._FirstPickle`), each rank's
+fragments still at its own file's offsets; a rank whose pickle differs is read on its own."""
+
+from __future__ import annotations
+
+import damage as D
+import torch
+from conftest import FIXTURES
+from torchload import torch_load
+
+from zinspect.core import load, open_checkpoint
+from zinspect.core.torchzip import PickleMemo
+
+FROZEN = "encoder.frozen_proj.weight"  # s3_w4_bf16: (15, 15) over 4 ranks, 57 elements a rank
+
+
+def _later_parses(monkeypatch) -> dict:
+    """rank -> the TorchFile `load._parse_later` gave for it (the ranks left shallow at open).
+    The memo of small pickles (`PickleMemo`, up to 4 MiB each) keeps none here, as none of
+    the 57 MB pickles of 297k names: what is shared is shared by `_FirstPickle`."""
+    monkeypatch.setattr(PickleMemo.__init__, "__defaults__", (0, 0))
+    got, parse = {}, load._parse_later
+
+    def spy(files):
+        out = parse(files)
+        got.update({f.rank: out[id(f)] for f in files if id(f) in out})
+        return out
+
+    monkeypatch.setattr(load, "_parse_later", spy)
+    return got
+
+
+def _bytes_at(path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def test_ranks_with_the_same_pickle_share_one_parse_at_their_own_offsets(monkeypatch):
+    """s3_w4_bf16 as DeepSpeed saved it: ranks 1-3 hold the very same data.pkl (rank 0's
+    differs). One parse for the three; each fragment's bytes are its own rank's fragment."""
+    got = _later_parses(monkeypatch)
+    ckpt = open_checkpoint(FIXTURES / "s3_w4_bf16")
+    assert not ckpt.errors
+    assert sorted(got) == [1, 2, 3]
+    assert got[1].obj is got[2].obj is got[3].obj  # shared, read-only
+    assert len({id(got[r].records) for r in got}) == 3  # each file's own records
+    fragments = ckpt.params[FROZEN].fragments
+    assert [(f.rank, f.start, f.numel, f.padding) for f in fragments] == [
+        (0, 0, 57, 0), (1, 57, 57, 0), (2, 114, 57, 0), (3, 171, 54, 3)]
+    for f in fragments:
+        path = ckpt.path / f.file
+        want = torch_load(path)["frozen_param_fragments"][FROZEN]
+        assert want.dtype == torch.bfloat16 and want.numel() == 57
+        raw = want.contiguous().view(torch.int16).numpy().tobytes()
+        assert _bytes_at(path, f.offset, f.nbytes) == raw[:f.nbytes]
+
+
+def test_a_rank_whose_pickle_differs_is_read_on_its_own(tmp_path, monkeypatch):
+    """Rank 2's model states re-saved with one more key (and its frozen fragment's values
+    changed): its pickle differs, so it gets its own parse, its key its own."""
+    root = D.copy_root(tmp_path, "s3_w4_bf16")
+    path = next(root.glob("*/" + D.z3_model_name(2)))
+    state = torch_load(path)
+    state["frozen_param_fragments"][FROZEN] = state["frozen_param_fragments"][FROZEN] + 1
+    state["zinspect_test_marker"] = 2
+    torch.save(state, path)
+    got = _later_parses(monkeypatch)
+    ckpt = open_checkpoint(root)
+    assert not ckpt.errors
+    assert got[1].obj is got[3].obj and got[2].obj is not got[1].obj
+    assert got[2].obj["zinspect_test_marker"] == 2 and "zinspect_test_marker" not in got[1].obj
+    [frag] = [f for f in ckpt.params[FROZEN].fragments if f.rank == 2]
+    want = state["frozen_param_fragments"][FROZEN].contiguous().view(torch.int16)
+    assert _bytes_at(path, frag.offset, frag.nbytes) == want.numpy().tobytes()[:frag.nbytes]
+
+
+def test_a_forged_fragment_after_shared_ranks_is_still_found(tmp_path, monkeypatch):
+    """The first later rank's parse is shared by those with its bytes: rank 3, cut to 50
+    elements, has other bytes and is checked on its own (a shape-mismatch naming it)."""
+    root = D.copy_root(tmp_path, "s3_w4_bf16")
+    path = next(root.glob("*/" + D.z3_model_name(3)))
+    state = torch_load(path)
+    state["frozen_param_fragments"][FROZEN] = state["frozen_param_fragments"][FROZEN][:50].clone()
+    torch.save(state, path)
+    got = _later_parses(monkeypatch)
+    ckpt = open_checkpoint(root)
+    assert got[1].obj is got[2].obj and got[3].obj is not got[1].obj
+    assert [(f.code, f.param, f.rank) for f in ckpt.errors] == [("shape-mismatch", FROZEN, 3)]
