@@ -18,7 +18,6 @@ import pickle
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from zinspect.core import fastpickle, torchzip  # noqa: E402
 from zinspect.core.load import _storages  # noqa: E402
+from zinspect.core.pickle_bytes import RecordChunks, read_at  # noqa: E402
 from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
 
 # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark over fork + exec into the
@@ -65,17 +65,21 @@ def steps(path: str) -> dict[str, float]:
         directory = timed("zip central directory", torchzip.read_directory, f, size)
         timed("local headers (check_directory)", torchzip.check_directory, f, size, directory,
               torchzip.directory_offset(f, size))
-        name, header, _, nbytes, _ = next(e for e in directory.entries
-                                          if e[0].endswith("data.pkl"))
+        name, header, _, nbytes, crc = next(e for e in directory.entries
+                                            if e[0].endswith("data.pkl"))
         del directory
-        raw = timed("read data.pkl", torchzip._read_record, f, header, nbytes, size)
-    timed("crc32", zlib.crc32, raw)
-    pieces = timed("scan (prepare_for_c)", fastpickle.prepare_for_c, raw)
+        start = torchzip._record_start(f, header, size)
+        chunks = RecordChunks(f, start, nbytes)
+        # as torchzip._load_chunked reads a large pickle: read, crc32 and scanned chunk by chunk
+        pieces = timed("read + crc32 + scan, in chunks (prepare_chunks_for_c)",
+                       fastpickle.prepare_chunks_for_c, chunks, nbytes)
+        assert chunks.intact(crc), "data.pkl fails its CRC check"
+        raw = read_at(f, start, nbytes)  # whole, for the bare unpickler below
     if pieces is None:
         print("the scan declines this pickle: the bounded reader reads it", file=sys.stderr)
         return out
     up = torchzip.FastMetaUnpickler(io.BufferedReader(fastpickle.PiecesReader(pieces), 1 << 16),
-                                    budget_bytes=len(raw))
+                                    budget_bytes=nbytes)
     with work_budget(up.max_nodes):
         obj = timed("C unpickler with zinspect's rules", pickle.Unpickler.load, up)
     up.memo.clear()

@@ -31,6 +31,14 @@ exception on the fast path declines to the slow path, which gives the verdict an
 both paths accept exactly the same pickles and build the same objects: `plain` swaps each
 PickledDict for a dict after the tree check (OrderedDicts stay PickledOrderedDict on both
 paths, and pickle as OrderedDict). Hostile pickles can cost two reads, each bounded.
+
+A large pickle is scanned as it is read, in chunks (`prepare_chunks_for_c`): a token cut by a
+chunk's end is carried, copied, to the front of the next, a long string's bytes are skipped
+across chunks, and the pieces are views of the chunks, so `PiecesReader`, which drops each
+piece once read, frees the pickle's bytes as the C unpickler goes (at 297k names the 47 MB are
+gone before its memo peaks). The whole pickle is still proven before the C unpickler starts,
+and the verdict and the bytes are those of the scan of one piece (`prepare_for_c`, the same
+code on one chunk).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import functools
 import io
 import pickle
 import re
+from collections.abc import Callable
 
 from zinspect.core.unpickle import MAX_STRING, PickledDict, _Budgeted
 
@@ -49,6 +58,10 @@ _DICT_CALL = b"c" + "\n".join(DICT_MARKER).encode() + b"\n)R"
 _LENGTH_PREFIXED = {ord("X"): 4, ord("B"): 4, ord("T"): 4, ord("C"): 1, ord("U"): 1,
                     0x8C: 1, 0x8D: 8, 0x8E: 8, 0x96: 8}
 _STOP, _EMPTY_DICT = ord("."), ord("}")
+#: a GLOBAL's module and name are at most this long; the longest token the scan matches whole is
+#: a GLOBAL's, so an opcode the regex stops at with that many bytes after it is not a cut token
+_NAME_MAX = 256
+_LONGEST_TOKEN = 3 + 2 * _NAME_MAX
 
 
 def _below(bits: int) -> bytes:
@@ -77,7 +90,7 @@ def _opcode_runs(index_bits: int):
         rb"\]", b"a", b"e", b"l", b"M..", b"J....", b"G.{8}", b"b", b"\x81", b"0", b"1",
         b"\x94", b"\x80[\x02-\x05]", b"\x8a(?:" + b"|".join(re.escape(bytes([n])) + b"." * n
                                                             for n in range(9)) + b")",
-        b"c[^\n\x00]{1,256}\n[^\n\x00]{1,256}\n",
+        b"c[^\n\x00]{1,%d}\n[^\n\x00]{1,%d}\n" % (_NAME_MAX, _NAME_MAX),
     ]
     try:
         return re.compile(b"(?:" + b"|".join(ops) + b")*+", re.DOTALL)
@@ -89,36 +102,60 @@ def prepare_for_c(raw: bytes) -> list[memoryview | bytes] | None:
     """`raw` with each EMPTY_DICT made a PickledDict call, when the scan proves the C unpickler
     safe on it (see the module docstring); None when it does not. As pieces (views of `raw`
     and the calls between them): `PiecesReader` streams them without copying the pickle."""
-    runs = _opcode_runs(max(16, min(31, (len(raw) // 4).bit_length() - 1)))
+    chunks = iter((raw,))
+    return prepare_chunks_for_c(lambda carry: next(chunks, None), len(raw))
+
+
+def prepare_chunks_for_c(next_chunk: Callable[[bytes], bytes | None], total: int
+                         ) -> list[memoryview | bytes] | None:
+    """`prepare_for_c` of a pickle of `total` bytes (the memo indices' bound) read in chunks
+    up to its STOP: `next_chunk(carry)` gives the next chunk with `carry`, the start of a token
+    the chunk before cut, in front of it (None after the last). Each piece is a view of one."""
+    runs = _opcode_runs(max(16, min(31, (total // 4).bit_length() - 1)))
     if runs is None:
         return None
-    pieces, start, pos, end = [], 0, 0, len(raw)
-    view = memoryview(raw)
-    while True:
-        pos = runs.match(raw, pos).end()
-        if pos >= end:
-            return None
-        op = raw[pos]
-        if op == _STOP:
-            pieces.append(view[start:pos + 1])
-            return pieces
-        if op == _EMPTY_DICT:
-            pieces += (view[start:pos], _DICT_CALL)
-            pos = start = pos + 1
+    pieces, carry, skip = [], b"", 0  # a cut token's start; string bytes still to skip
+    while (window := next_chunk(carry)) is not None:
+        if skip >= len(window):  # all inside a long string
+            pieces.append(memoryview(window))
+            skip -= len(window)
             continue
-        width = _LENGTH_PREFIXED.get(op)
-        if width is None:
-            return None
-        n = int.from_bytes(raw[pos + 1:pos + 1 + width], "little")
-        pos += 1 + width + n
-        if n > MAX_STRING or pos > end:
-            return None
+        view, start, pos, end = memoryview(window), 0, skip, len(window)
+        carry, skip = b"", 0
+        while True:
+            pos = runs.match(window, pos).end()
+            if pos >= end:
+                break
+            op = window[pos]
+            if op == _STOP:
+                pieces.append(view[start:pos + 1])
+                return pieces
+            if op == _EMPTY_DICT:
+                pieces += (view[start:pos], _DICT_CALL)
+                pos = start = pos + 1
+                continue
+            width = _LENGTH_PREFIXED.get(op)
+            if width is None or pos + 1 + width > end:  # a bad opcode, or a token cut here
+                if end - pos >= _LONGEST_TOKEN:
+                    return None
+                carry = window[pos:]
+                break
+            n = int.from_bytes(window[pos + 1:pos + 1 + width], "little")
+            if n > MAX_STRING:
+                return None
+            pos += 1 + width + n
+            if pos > end:
+                skip = pos - end
+                break
+        pieces.append(view[start:end - len(carry)])
+    return None  # the pickle ends before its STOP, or inside a token or a string
 
 
 class PiecesReader(io.RawIOBase):
     """The pieces of `prepare_for_c` read as one stream (wrap it in io.BufferedReader: the C
     unpickler then reads ahead in blocks, 2x faster than from a BytesIO that it asks for each
-    opcode's bytes); a large pickle is not copied a second time."""
+    opcode's bytes); a large pickle is not copied a second time, and each piece is dropped from
+    `pieces` once read."""
 
     def __init__(self, pieces: list[memoryview | bytes]) -> None:
         self._pieces, self._at, self._offset = pieces, 0, 0
@@ -134,7 +171,8 @@ class PiecesReader(io.RawIOBase):
             buffer[done:done + len(chunk)] = chunk
             done += len(chunk)
             self._offset += len(chunk)
-            if self._offset >= len(piece):
+            if self._offset >= len(piece):  # dropped: a chunk is freed once read
+                self._pieces[self._at] = b""
                 self._at, self._offset = self._at + 1, 0
         return done
 

@@ -21,11 +21,11 @@ import io
 import os
 import pickle
 import struct
-import threading
 import zlib
 from dataclasses import dataclass, field
 
-from zinspect.core.fastpickle import PiecesReader, prepare_for_c
+from zinspect.core.fastpickle import PiecesReader, prepare_chunks_for_c, prepare_for_c
+from zinspect.core.pickle_bytes import PICKLE_CHUNK_BYTES, PickleMemo, RecordChunks, read_at
 from zinspect.core.readfiles import open_regular
 
 # the descriptors and unpickler rules (torchpickle) and the zip directory (zipcheck) are
@@ -72,34 +72,7 @@ MAX_PICKLE_BYTES = 1 << 30
 #: pickles from this size on are offered to the C unpickler (fastpickle.prepare_for_c); smaller
 #: ones are read faster by the bounded reader than the scan's regex is compiled (~0.1 s, once)
 FAST_PICKLE_BYTES = 256 << 10
-#: PickleMemo keeps pickles up to this size, and up to this many bytes of them in all
-MEMO_PICKLE_BYTES = 4 << 20
-MEMO_TOTAL_BYTES = 16 << 20
 _DESCRIPTOR = b"PK\x07\x08"
-
-
-class PickleMemo:
-    """Pickles already read, by their bytes: the optimizer files of all ZeRO-3 ranks hold the
-    very same data.pkl (their bytes differ only in the tensor records), so a 512-rank checkpoint
-    unpickles it once, not 512 times; a pipeline x tensor-parallel run's files repeat one pickle
-    per (stage, tp rank) slice (64 distinct among 512 in a tp 8 x pp 4 x dp 16 run). The results
-    are shared read-only. Only small pickles are kept, `total_bytes` of them in all, so what it
-    holds stays bounded (ZeRO-1/2 ranks' pickles all differ: those simply miss)."""
-
-    def __init__(self, max_bytes: int = MEMO_PICKLE_BYTES,
-                 total_bytes: int = MEMO_TOTAL_BYTES) -> None:
-        self.max_bytes, self.room = max_bytes, total_bytes
-        self._seen: dict[bytes, tuple] = {}
-        self._lock = threading.Lock()
-
-    def get(self, raw: bytes) -> tuple | None:
-        return self._seen.get(raw) if len(raw) <= self.max_bytes else None
-
-    def put(self, raw: bytes, parsed: tuple) -> None:
-        with self._lock:
-            if len(raw) <= min(self.max_bytes, self.room) and raw not in self._seen:
-                self._seen[raw] = parsed
-                self.room -= len(raw)
 
 
 @dataclass
@@ -212,10 +185,10 @@ def pickle_is_intact(path: str | os.PathLike) -> bool:
             pkl = [e for e in entries if e[0] == "data.pkl" or e[0].endswith("/data.pkl")]
             if len(pkl) != 1 or pkl[0][2] != 0 or pkl[0][3] > MAX_PICKLE_BYTES:
                 return False
-            raw = _read_record(f, pkl[0][1], pkl[0][3], size)
+            start = _record_start(f, pkl[0][1], size)
+            return start is not None and RecordChunks(f, start, pkl[0][3]).intact(pkl[0][4])
     except (NoZipDirectory, OSError, UnreadableFile):
         return False
-    return raw is not None and zlib.crc32(raw) == pkl[0][4]
 
 
 def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = False,
@@ -229,15 +202,25 @@ def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = Fals
         budget_bytes = len(data)
     if isinstance(data, (bytes, bytearray)) and len(data) >= FAST_PICKLE_BYTES:
         pieces = prepare_for_c(bytes(data))
-        if pieces is not None:
-            # buffered: the C unpickler then reads ahead in blocks (peek) instead of asking the
-            # stream for each opcode's bytes: 2x faster (1.0 -> 0.5 s bare at 297k names)
-            fast = FastMetaUnpickler(io.BufferedReader(PiecesReader(pieces), 1 << 16),
-                                     legacy=legacy, budget_bytes=budget_bytes)
-            try:
-                return fast.load(), fast
-            except Exception:  # noqa: BLE001 - any doubt goes to the bounded reader
-                pass
+        loaded = None if pieces is None else _fast_load(pieces, legacy, budget_bytes)
+        if loaded is not None:
+            return loaded
+    return _bounded_load(data, path, legacy, budget_bytes)
+
+
+def _fast_load(pieces: list, legacy: bool, budget_bytes: int):
+    """The C unpickler on what `prepare_for_c` proved, or None on any error."""
+    # buffered: the C unpickler then reads ahead in blocks (peek) instead of asking the
+    # stream for each opcode's bytes: 2x faster (1.0 -> 0.5 s bare at 297k names)
+    fast = FastMetaUnpickler(io.BufferedReader(PiecesReader(pieces), 1 << 16),
+                             legacy=legacy, budget_bytes=budget_bytes)
+    try:
+        return fast.load(), fast
+    except Exception:  # noqa: BLE001 - any doubt goes to the bounded reader
+        return None
+
+
+def _bounded_load(data: bytes | io.BufferedIOBase, path: str, legacy: bool, budget_bytes: int):
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     up = MetaUnpickler(stream, legacy=legacy, budget_bytes=budget_bytes)
     try:
@@ -253,6 +236,29 @@ def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = Fals
         raise error from e
 
 
+def _load_chunked(f, path: str, start: int, nbytes: int, crc: int):
+    """A large data.pkl read and scanned in chunks (pickle_bytes), all of it CRC-checked
+    before the C unpickler, which frees the chunks as it reads them; when the scan declines or
+    the C unpickler fails, the record is read again, whole, for the bounded reader."""
+    chunks = RecordChunks(f, start, nbytes, PICKLE_CHUNK_BYTES)
+    pieces = prepare_chunks_for_c(chunks, nbytes)
+    if not chunks.intact(crc):
+        raise _damaged(path)
+    loaded = None if pieces is None else _fast_load(pieces, False, nbytes)
+    if loaded is not None:
+        return loaded
+    del pieces
+    raw = read_at(f, start, nbytes)
+    if raw is None or zlib.crc32(raw) != crc:  # changed since
+        raise _damaged(path)
+    return _bounded_load(raw, path, False, nbytes)
+
+
+def _damaged(path: str) -> UnreadableFile:
+    return UnreadableFile(f"{path}: data.pkl fails its CRC check (the bytes are damaged)",
+                          _CORRUPT)
+
+
 _CORRUPT = "the file is damaged; restore it from a copy or re-save the checkpoint"
 
 
@@ -266,10 +272,15 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
     if comp != 0 or pkl_size > MAX_PICKLE_BYTES:
         raise UnreadableFile(f"{path}: data.pkl is {'compressed' if comp else 'too large'}",
                              _CORRUPT)
-    raw = _read_record(f, header, pkl_size, size)
+    start = _record_start(f, header, size)
+    # a memo keeps pickles up to its max_bytes (one that does not say: of any size)
+    kept = 0 if memo is None else getattr(memo, "max_bytes", MAX_PICKLE_BYTES)
+    if start is not None and pkl_size > max(PICKLE_CHUNK_BYTES, kept):
+        obj, up = _load_chunked(f, path, start, pkl_size, pkl_crc)
+        return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals)
+    raw = None if start is None else read_at(f, start, pkl_size)
     if raw is None or zlib.crc32(raw) != pkl_crc:
-        raise UnreadableFile(f"{path}: data.pkl fails its CRC check (the bytes are damaged)",
-                             _CORRUPT)
+        raise _damaged(path)
     parsed = memo.get(raw) if memo is not None else None
     if parsed is None:
         obj, up = _load_pickle(raw, path)
@@ -308,16 +319,12 @@ def _zip_records(f, path: str, size: int, directory: Directory) -> tuple[Records
         pkl[0][1:]
 
 
-def _read_record(f, header: int, nbytes: int, size: int) -> bytes | None:
+def _record_start(f, header: int, size: int) -> int | None:
+    """Where the data of the record whose local header is at `header` starts."""
     if header + LOCAL_HEADER > size:
         return None
     f.seek(header)
-    start = local_data_offset(header, f.read(LOCAL_HEADER))
-    if start is None:
-        return None
-    f.seek(start)
-    data = f.read(nbytes)
-    return data if len(data) == nbytes else None
+    return local_data_offset(header, f.read(LOCAL_HEADER))
 
 
 def _walk_local_headers(f, path: str, size: int) -> TorchFile:
