@@ -261,3 +261,52 @@ async def test_statistics_of_300k_tensors_are_prepared_and_sorted_off_the_ui_thr
         assert screen.sub_title == "sorted by max|x| ↓" and table.rows[0] is values[-1]
     assert layers and widths and len(sorts) == 2  # the first sort and `o`'s
     assert ui not in {thread for thread, _ in layers + widths + sorts}
+
+
+async def test_the_largest_modules_are_split_ahead_off_the_ui_thread_while_no_key_comes(
+        monkeypatch):
+    """After the findings a worker prepares the param look-ups and splits off the module that
+    holds most names (a pass over them), once no key has come for a moment: beside the
+    filter's first keys it took the interpreter from them. Opening a module splits its own
+    largest children ahead the same way, a level at a time."""
+    from zinspect.core.tree import ModuleNode
+
+    serve(monkeypatch, synthetic_checkpoint())
+    split: list[tuple[str, str]] = []
+    real = ModuleNode._split
+
+    def spy(node):
+        split.append((threading.current_thread().name, node.path))
+        return real(node)
+
+    monkeypatch.setattr(ModuleNode, "_split", spy)
+    prepared = threads_of(monkeypatch, Inspection, "prepare_lookups")
+    monkeypatch.setattr(app_module, "IDLE", 3600.0)  # as if keys kept coming
+    app = ZinspectApp("synthetic")
+    ui = threading.current_thread().name
+
+    async def until(done, what: str) -> None:
+        for _ in range(3000):  # a hang guard, not a timing
+            if done():
+                return
+            await pilot.pause(0.01)
+        raise AssertionError(f"never: {what}")
+
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("2")  # (on the loading screen: a key that does nothing)
+        await until(lambda: prepared, "the look-ups prepared after the findings")
+        assert app.view.validated and ui not in {thread for thread, _ in prepared}
+        await pilot.press("2")
+        await pilot.pause(0.3)
+        assert "model" not in {path for _, path in split}  # waits while keys come
+        monkeypatch.setattr(app_module, "IDLE", 0.0)  # no key for a while now
+        await until(lambda: "model" in {path for _, path in split}, "model split ahead")
+        await pilot.press("enter")  # open model: its children are there already
+        await until(lambda: "model.layers" in {path for _, path in split},
+                    "model.layers split ahead")
+        tree = app.screen.query_one(ParamTree)
+        assert [c.data.path for c in tree.cursor_node.children] == \
+            ["model.embed_tokens", "model.layers"]
+    assert [path for _, path in split].count("model") == 1
+    assert all(thread != ui for thread, path in split if path.startswith("model"))
+    assert "model.layers.0" not in {path for _, path in split}  # one level at a time

@@ -9,7 +9,7 @@ from pathlib import Path
 from zinspect.core import open_checkpoint
 from zinspect.core.model import Finding
 from zinspect.core.tree import build_tree, count_below, ordered_children
-from zinspect.tui.inspection import Inspection
+from zinspect.tui.inspection import Inspection, split_ahead
 
 SAMPLE = Path(__file__).parent.parent / "zinspect" / "sample"
 
@@ -92,7 +92,7 @@ def test_lazy_tree_groups_names_apart_in_model_order_whoever_splits_first():
     sizes = {"a": (1, 4), "a.x": (2, 8), "b.y": (3, 12), "a.z.w": (4, 16), "a..e": (5, 20),
              "b.q": (6, 24)}
     ahead = build_tree(sizes)
-    worker = threading.Thread(target=ahead.split_ahead, args=(1,))
+    worker = threading.Thread(target=split_ahead, args=(ahead, 1, lambda: True))
     worker.start()
     for root in (build_tree(sizes), ahead):
         a = root.find("a")

@@ -188,7 +188,7 @@ def main() -> None:
         return
     if args.gc:
         gc.callbacks.append(full_collections())
-    profile = cProfile.Profile() if args.profile else None
+    profile = cProfile.Profile(time.thread_time) if args.profile else None
     asyncio.run(bench(args.checkpoint, args.filter, profile))
     if profile is not None:
         pstats.Stats(profile).sort_stats("cumtime").print_stats(30)

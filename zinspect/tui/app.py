@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Callable
+import time
 from typing import Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App
 from textual.binding import Binding
 from textual.command import CommandPalette
@@ -21,10 +21,14 @@ from zinspect.core.load import load_checkpoint
 from zinspect.core.model import Finding
 from zinspect.core.selection import Selection
 from zinspect.core.validate import validate
-from zinspect.errors import UsageError, ZinspectError
 from zinspect.tui.commands import ActionCommands, ParamCommands
-from zinspect.tui.errors import Problem, WorkerOutcomes, explain
-from zinspect.tui.inspection import Inspection, default_output_dir, display_path
+from zinspect.tui.errors import Problem, WorkerOutcomes
+from zinspect.tui.inspection import (
+    Inspection,
+    default_output_dir,
+    display_path,
+    split_ahead,
+)
 from zinspect.tui.messages import (
     ExclusionToggled,
     FindingChosen,
@@ -35,17 +39,16 @@ from zinspect.tui.messages import (
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.main import Inspector, MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
-from zinspect.tui.screens.selection_file import (
-    DEFAULT_SELECTION_FILE,
-    PathScreen,
-    selection_file_screen,
-)
+from zinspect.tui.screens.selection_file import PathScreen, SelectionFileActions
 from zinspect.tui.widgets.params_pane import ParamsPane
 from zinspect.tui.widgets.ranks_pane import RanksPane, grid_cells
 from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 
+#: seconds without a key before a worker splits the tree's largest modules ahead
+IDLE = 0.5
 
-class ZinspectApp(WorkerOutcomes, App[int]):
+
+class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "zinspect"
     COMMANDS = App.COMMANDS | {ActionCommands, ParamCommands}
@@ -87,8 +90,8 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         self.view: Inspection | None = None
         #: the view a reload (`v`) replaced: what changed is said once the new one is validated
         self.replaced: Inspection | None = None
-        self.selection_file = DEFAULT_SELECTION_FILE
         self.sub_title = display_path(path)
+        self.typed_at = 0.0  # when the last key came (the work ahead waits while keys come)
 
     def notify(self, message: str, *, title: str = "", severity: Any = "information",
                timeout: float | None = None, markup: bool = False) -> None:
@@ -200,16 +203,30 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         if self.replaced is not None:
             self.notify(self.view.change_since(self.replaced), timeout=4)
             self.replaced = None
-        self.split_tree_ahead(self.view)
+        self.typed_at = time.monotonic()  # as a key: the first keys often follow the findings
+        self.work_ahead(self.view)
 
-    @work(thread=True, exit_on_error=False, group="tree",
-          description="splitting the largest modules of the tree")
-    def split_tree_ahead(self, view: Inspection) -> None:
-        """While the user looks at the first tab: the modules holding most of 300k names open
-        instantly later (each split is a pass over the names below it). After the findings:
-        they are what the user sees first."""
-        view.tree.split_ahead(ROWS_AT_ONCE)
-        gc.freeze()  # its nodes too (as the load's): the collector's full passes walked them
+    @work(thread=True, exit_on_error=False, group="ahead",
+          description="preparing the param look-ups and the tree's largest module")
+    def work_ahead(self, view: Inspection) -> None:
+        """After the findings (what the user sees first): the param look-ups the first row
+        drawn needs, and the largest modules split off (the tree splits the next level when
+        one is opened)."""
+        view.prepare_lookups()
+        split_ahead(view.tree, ROWS_AT_ONCE, self.idle)
+
+    def idle(self) -> bool:
+        """In a worker: wait until no key has come for IDLE seconds; False if the worker was
+        cancelled meanwhile (the app ends, or its widget is gone)."""
+        worker = get_current_worker()
+        while (wait := self.typed_at + IDLE - time.monotonic()) > 0 and not worker.is_cancelled:
+            time.sleep(min(wait, 0.1))
+        return not worker.is_cancelled
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key):
+            self.typed_at = time.monotonic()
+        await super().on_event(event)
 
     async def worker_failed(self, group: str, problem: Problem) -> bool:
         if group != "load":
@@ -319,53 +336,6 @@ class ZinspectApp(WorkerOutcomes, App[int]):
         self.main.query_one(ParamsPane).refresh_marks()
         if isinstance(self.screen, ParamDetailScreen):
             self.screen.refresh_facts()
-
-    def action_save_selection(self) -> None:
-        self.ask_selection_file("Save", self.save_selection)
-
-    def action_load_selection(self) -> None:
-        self.ask_selection_file("Load", self.load_selection)
-
-    def ask_selection_file(self, verb: str, then: Callable[[str], None]) -> None:
-        """The selection file's dialog; `then(path)` unless it was cancelled."""
-        def chosen(path: str | None) -> None:
-            if path is not None and self.browsing is not None:
-                then(path)
-
-        if self.browsing is not None:
-            self.push_screen(selection_file_screen(verb, self.selection_file), chosen)
-
-    def selection_file_failed(self, doing: str, message: str) -> None:
-        explain(UsageError(message, "give another path"), doing).notify(self)
-
-    def save_selection(self, path: str) -> None:
-        try:
-            self.view.selection.save(path)
-        except (OSError, ValueError) as e:  # ValueError: e.g. a NUL in the path
-            self.selection_file_failed("saving the selection", f"cannot write {path}: "
-                                       f"{getattr(e, 'strerror', None) or e}")
-            return
-        self.selection_file = path
-        self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {shown(path, 120)}")
-
-    def load_selection(self, path: str) -> None:
-        try:
-            selection = Selection.load(path)
-        except ZinspectError as e:
-            explain(e, "loading the selection file").notify(self)
-            return
-        except (OSError, ValueError) as e:  # e.g. a NUL in the path, an undecodable file
-            self.selection_file_failed("loading the selection file",
-                                       f"{path}: not a selection file ({e})")
-            return
-        self.selection_file = path
-        self.view.set_selection(selection)
-        unknown = [n for n in selection.exclude if n not in self.view.ckpt.params
-                   and n not in self.view.ckpt.buffers]
-        note = f"; {len(unknown)} name(s) are not in this checkpoint" if unknown else ""
-        self.notify(f"loaded {shown(path, 120)}: {len(self.view.excluded)} excluded{note}",
-                    severity="warning" if unknown else "information")
-        self.selection_changed()
 
     # -- merge ----------------------------------------------------------------------------
     def action_merge(self) -> None:

@@ -1,6 +1,9 @@
-"""Ask for a path: the selection file to save or load, the other side of a diff."""
+"""Ask for a path: the selection file to save or load, the other side of a diff; the app's
+save and load of the selection file."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from textual import on
 from textual.app import ComposeResult
@@ -9,6 +12,10 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Static
 
+from zinspect.core.fmt import shown
+from zinspect.core.selection import Selection
+from zinspect.errors import UsageError, ZinspectError
+from zinspect.tui.errors import explain
 from zinspect.tui.keys import FORM_BINDINGS, path_field
 
 DEFAULT_SELECTION_FILE = "zinspect-selection.json"
@@ -51,3 +58,57 @@ class PathScreen(ModalScreen[str | None]):
 def selection_file_screen(verb: str, path: str) -> PathScreen:
     return PathScreen(f"{verb} selection", "Selection file (what `zinspect merge --selection FILE` "
                       "reads):", verb, path, "selection-path")
+
+
+class SelectionFileActions:
+    """Mixed into the app (before its Textual base class): `s` and `l` save and load the
+    exclusions (the file `zinspect merge --selection FILE` reads)."""
+
+    selection_file = DEFAULT_SELECTION_FILE  # the last one saved or loaded
+
+    def action_save_selection(self) -> None:
+        self.ask_selection_file("Save", self.save_selection)
+
+    def action_load_selection(self) -> None:
+        self.ask_selection_file("Load", self.load_selection)
+
+    def ask_selection_file(self, verb: str, then: Callable[[str], None]) -> None:
+        """The selection file's dialog; `then(path)` unless it was cancelled."""
+        def chosen(path: str | None) -> None:
+            if path is not None and self.browsing is not None:
+                then(path)
+
+        if self.browsing is not None:
+            self.push_screen(selection_file_screen(verb, self.selection_file), chosen)
+
+    def selection_file_failed(self, doing: str, message: str) -> None:
+        explain(UsageError(message, "give another path"), doing).notify(self)
+
+    def save_selection(self, path: str) -> None:
+        try:
+            self.view.selection.save(path)
+        except (OSError, ValueError) as e:  # ValueError: e.g. a NUL in the path
+            self.selection_file_failed("saving the selection", f"cannot write {path}: "
+                                       f"{getattr(e, 'strerror', None) or e}")
+            return
+        self.selection_file = path
+        self.notify(f"saved {len(self.view.excluded)} exclusion(s) to {shown(path, 120)}")
+
+    def load_selection(self, path: str) -> None:
+        try:
+            selection = Selection.load(path)
+        except ZinspectError as e:
+            explain(e, "loading the selection file").notify(self)
+            return
+        except (OSError, ValueError) as e:  # e.g. a NUL in the path, an undecodable file
+            self.selection_file_failed("loading the selection file",
+                                       f"{path}: not a selection file ({e})")
+            return
+        self.selection_file = path
+        self.view.set_selection(selection)
+        unknown = [n for n in selection.exclude if n not in self.view.ckpt.params
+                   and n not in self.view.ckpt.buffers]
+        note = f"; {len(unknown)} name(s) are not in this checkpoint" if unknown else ""
+        self.notify(f"loaded {shown(path, 120)}: {len(self.view.excluded)} excluded{note}",
+                    severity="warning" if unknown else "information")
+        self.selection_changed()

@@ -90,6 +90,13 @@ class ParamsPane(WorkerOutcomes, Vertical):
             self._show(sort, text, names, max(map(len, names), default=0))
         else:
             self._update_status()  # "searching…"
+            # the worker starts once the key is drawn: its passes in C held the interpreter
+            # from the filter's echo; a search older than this key stops now
+            self.workers.cancel_group(self, "filter")
+            self.call_after_refresh(self._search, sort, text, among)
+
+    def _search(self, sort: str, text: str, among: list[str] | None) -> None:
+        if self.is_attached and (sort, text) == (self.sort, self.filter_text):
             self._find_rows(sort, text, among)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="filter",
