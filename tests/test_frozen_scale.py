@@ -2,16 +2,22 @@
 its fragment of each frozen param, so validate and the merge read every rank's pickle (as big
 as rank 0's: 57 MB at 297k names). What keeps that affordable must not change what is found:
 the ranks' usually identical pickles are unpickled once (`load._FirstPickle`), each rank's
-fragments still at its own file's offsets; a rank whose pickle differs is read on its own."""
+fragments still at its own file's offsets; a rank whose pickle differs is read on its own.
+What a merge leaves out (exclude-frozen, globs) is read from the params' columns."""
 
 from __future__ import annotations
 
+import fnmatch
+
 import damage as D
+import pytest
 import torch
 from conftest import FIXTURES
 from torchload import torch_load
 
 from zinspect.core import load, open_checkpoint
+from zinspect.core.params import made
+from zinspect.core.selection import Selection
 from zinspect.core.torchzip import PickleMemo
 
 FROZEN = "encoder.frozen_proj.weight"  # s3_w4_bf16: (15, 15) over 4 ranks, 57 elements a rank
@@ -90,3 +96,49 @@ def test_a_forged_fragment_after_shared_ranks_is_still_found(tmp_path, monkeypat
     ckpt = open_checkpoint(root)
     assert got[1].obj is got[2].obj and got[3].obj is not got[1].obj
     assert [(f.code, f.param, f.rank) for f in ckpt.errors] == [("shape-mismatch", FROZEN, 3)]
+
+
+def _oracle(sel: Selection, ckpt) -> set[str]:
+    """What the merge leaves out, name by name from the Params (the definition)."""
+    out = set()
+    for name in [*ckpt.params, *ckpt.buffers]:
+        globbed = any(fnmatch.fnmatchcase(name, g) or "." not in g and
+                      any(fnmatch.fnmatchcase(c, g) for c in name.split("."))
+                      for g in sel.exclude_globs)
+        p = ckpt.params.get(name)
+        if name in sel.exclude or globbed or sel.exclude_frozen and p is not None and p.frozen:
+            out.add(name)
+    return out
+
+
+SELECTIONS = [
+    Selection(exclude_frozen=True),
+    Selection(exclude_globs=["lora_*"]),
+    Selection(exclude_globs=["*.weight"], exclude={"no.such.name"}),
+    Selection(exclude_globs=["k*t"]),  # no dot: the whole name (dots and all) or a component
+    Selection(exclude_globs=["[a-d]?"]),  # a component of two characters from a to d
+    Selection(exclude_globs=["[!e]*"], exclude_frozen=True),
+    Selection(exclude_globs=["*frozen_proj*", "layer?"]),
+]
+
+
+@pytest.mark.parametrize("name", ["hf_mistral_lora_s3_w2_bf16", "s3_w4_bf16", "s3_w2_bf16_plain",
+                                  "hf_llama_tied_s3_w4_fp32", "s2_w2_bf16"])
+def test_excluded_is_the_definition_and_makes_no_param(name):
+    """From the columns: the same names as the Param-by-Param definition, and on the usual
+    ZeRO-3 model (a ParamTable) no Param made."""
+    ckpt = open_checkpoint(FIXTURES / name)
+    made_before = len(list(made(ckpt.params)))
+    got = [sel.excluded(ckpt) for sel in SELECTIONS]
+    assert len(list(made(ckpt.params))) == made_before  # (the oracle below makes them all)
+    assert got == [_oracle(sel, ckpt) for sel in SELECTIONS]
+    assert any(got)
+
+
+def test_unmatched_names_each_pattern_matching_nothing():
+    ckpt = open_checkpoint(FIXTURES / "hf_mistral_lora_s3_w2_bf16")
+    globs = ["lora_*", "k*t", "lroa_*", "x.*", "[!a-z]", "*_proj", "q?proj"]
+    sel = Selection(exclude={"nope", "base_model.model.lm_head.weight"}, exclude_globs=globs)
+    want = [g for g in globs if not _oracle(Selection(exclude_globs=[g]), ckpt)]
+    assert "lroa_*" in want and "lora_*" not in want and len(want) < len(globs)
+    assert sel.unmatched(ckpt) == ["nope", *want]

@@ -17,10 +17,13 @@ import errno
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from itertools import chain, compress, islice, repeat
 from pathlib import Path
 
 from zinspect.core.model import Checkpoint
+from zinspect.core.params import column
 from zinspect.errors import UsageError
 
 FORMAT_VERSION = 1
@@ -33,24 +36,26 @@ class Selection:
     exclude_frozen: bool = False
 
     def excluded(self, ckpt: Checkpoint) -> set[str]:
-        """Names (params and buffers) that the merge will leave out."""
+        """Names (params and buffers) that the merge will leave out. Read from the params'
+        columns (`core.params.column`): no Param is made for a name (300k at 300k names)."""
+        params, buffers = ckpt.params, ckpt.buffers
+        out = {n for n in self.exclude if n in params or n in buffers}
         if not self.exclude_globs and not self.exclude_frozen:  # names only: no pass over all
-            return {n for n in self.exclude if n in ckpt.params or n in ckpt.buffers}
-        out = set()
-        for name in list(ckpt.params) + list(ckpt.buffers):
-            p = ckpt.params.get(name)
-            if name in self.exclude or any(glob_matches(g, name) for g in self.exclude_globs):
-                out.add(name)
-            elif self.exclude_frozen and p is not None and p.frozen:
-                out.add(name)
+            return out
+        names = column(params, "name")
+        if self.exclude_frozen:
+            out.update(compress(names, column(params, "frozen")))
+        everything = names + list(buffers)
+        for g in self.exclude_globs:
+            out.update(matching(g, everything))
         return out
 
     def unmatched(self, ckpt: Checkpoint) -> list[str]:
         """The names and patterns that match no param or buffer of `ckpt`."""
-        names = list(ckpt.params) + list(ckpt.buffers)
+        names = column(ckpt.params, "name") + list(ckpt.buffers)
         known = set(names)
         missing = [n for n in sorted(self.exclude) if n not in known]
-        return missing + [g for g in self.exclude_globs if not any(glob_matches(g, n) for n in names)]
+        return missing + [g for g in self.exclude_globs if not matching(g, names, first=True)]
 
     def check_matches(self, ckpt: Checkpoint) -> None:
         """Raises UsageError naming every name or pattern that matches nothing."""
@@ -110,9 +115,19 @@ class Selection:
 
 def glob_matches(pattern: str, name: str) -> bool:
     """`pattern` against the whole name, and, for a pattern without a dot, each component."""
-    if fnmatch.fnmatchcase(name, pattern):
-        return True
-    return "." not in pattern and any(fnmatch.fnmatchcase(c, pattern) for c in name.split("."))
+    return bool(matching(pattern, [name]))
+
+
+def matching(pattern: str, names: list[str], first: bool = False) -> list[str]:
+    """The names `pattern` matches as `glob_matches` says (`first`: the first one only), each
+    distinct dotted component matched once (300k names hold a few thousand)."""
+    whole = re.compile(fnmatch.translate(pattern)).match  # what fnmatch.fnmatchcase runs
+    if "." in pattern:
+        hits = filter(whole, names)
+    else:  # (split twice, each list freed at once: 300k lists kept would wake the collector)
+        found = set(filter(whole, set(chain.from_iterable(map(str.split, names, repeat("."))))))
+        hits = (n for n in names if whole(n) or not found.isdisjoint(n.split(".")))
+    return list(islice(hits, 1) if first else hits)
 
 
 _KEYS = {"zinspect_selection", "exclude", "exclude_globs", "exclude_frozen"}
