@@ -142,3 +142,19 @@ def test_unmatched_names_each_pattern_matching_nothing():
     want = [g for g in globs if not _oracle(Selection(exclude_globs=[g]), ckpt)]
     assert "lroa_*" in want and "lora_*" not in want and len(want) < len(globs)
     assert sel.unmatched(ckpt) == ["nope", *want]
+
+
+def test_a_forged_fragment_in_ranks_sharing_one_parse_is_named_for_each(tmp_path, monkeypatch):
+    """Ranks 1 and 2 cut alike: their pickles are the same bytes, so one parse (and one check
+    of its fragments) serves both, and each rank is still named in its own finding."""
+    root = D.copy_root(tmp_path, "s3_w4_bf16")
+    for rank in (1, 2):
+        path = next(root.glob("*/" + D.z3_model_name(rank)))
+        state = torch_load(path)
+        state["frozen_param_fragments"][FROZEN] = state["frozen_param_fragments"][FROZEN][:50].clone()
+        torch.save(state, path)
+    got = _later_parses(monkeypatch)
+    ckpt = open_checkpoint(root)
+    assert got[1].obj is got[2].obj and got[3].obj is not got[1].obj
+    assert [(f.code, f.param, f.rank, f.file) for f in ckpt.errors] == [
+        ("shape-mismatch", FROZEN, r, D.z3_model_name(r)) for r in (1, 2)]

@@ -152,8 +152,15 @@ class FrozenFragments:
         gives each rank, or that is not there. A param found wrong once is not named again
         for the ranks read later (a forged shape: every rank's fragment differs from it)."""
         ranks = [r for r in ranks if r < self.ws]  # a rank beyond: a stale file (its finding)
+        # ranks of one pickle (shared by `load._FirstPickle`) hold the same fragments: each
+        # distinct one is asked first, and only a param it has wrong is asked rank by rank
+        tables = list({id(t): t for t in (get(self.parsed[r].obj, "frozen_param_fragments")
+                                          for r in ranks)}.values())
         for p in frozen:
             if p.name in self.flagged or not (P := partition.zero3_share(p.numel, self.ws)):
+                continue
+            if all(type(t := get(table, p.name)) is TensorRef and t.numel == P
+                   for table in tables):
                 continue
             absent = []
             for r in ranks:
