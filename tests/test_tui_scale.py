@@ -222,6 +222,18 @@ async def test_a_module_of_thousands_opens_with_only_the_lines_on_screen_labelle
         await pilot.press("end")
         await pilot.pause()
         assert str(layers.children[-1].label).startswith("1599  198 params")
+        # sorted by name, then by size: the tree is made again (its 1,600 layers dropped at
+        # once: Textual's remove_children took seconds there), keeping what is open and the
+        # cursor's param
+        at = tree.cursor_node.data.path
+        await pilot.press("o", "o")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        model = tree.root.children[0]
+        assert [c.data.name for c in model.children] == ["layers", "embed_tokens"]
+        layers = model.children[0]
+        assert layers.is_expanded and len(layers.children) == LAYERS
+        assert tree.cursor_node.data.path == at
 
 
 async def test_statistics_of_300k_tensors_are_prepared_and_sorted_off_the_ui_thread(monkeypatch):
@@ -268,7 +280,8 @@ async def test_the_largest_modules_are_split_ahead_off_the_ui_thread_while_no_ke
     """After the findings a worker prepares the param look-ups and splits off the module that
     holds most names (a pass over them), once no key has come for a moment: beside the
     filter's first keys it took the interpreter from them. Opening a module splits its own
-    largest children ahead the same way, a level at a time."""
+    largest children ahead in a worker too (at once: the user is in the tree), a level at a
+    time."""
     from zinspect.core.tree import ModuleNode
 
     serve(monkeypatch, synthetic_checkpoint())
@@ -301,6 +314,7 @@ async def test_the_largest_modules_are_split_ahead_off_the_ui_thread_while_no_ke
         assert "model" not in {path for _, path in split}  # waits while keys come
         monkeypatch.setattr(app_module, "IDLE", 0.0)  # no key for a while now
         await until(lambda: "model" in {path for _, path in split}, "model split ahead")
+        monkeypatch.setattr(app_module, "IDLE", 3600.0)  # the tree's worker does not wait
         await pilot.press("enter")  # open model: its children are there already
         await until(lambda: "model.layers" in {path for _, path in split},
                     "model.layers split ahead")
