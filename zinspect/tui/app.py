@@ -211,9 +211,9 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
     def work_ahead(self, view: Inspection) -> None:
         """After the findings (what the user sees first): the param look-ups the first row
         drawn needs, and the largest modules split off (the tree splits the next level when
-        one is opened)."""
+        one is opened); not for a view `v` has replaced meanwhile."""
         view.prepare_lookups()
-        split_ahead(view.tree, ROWS_AT_ONCE, self.idle)
+        split_ahead(view.tree, ROWS_AT_ONCE, lambda: self.idle() and view is self.view)
 
     def idle(self) -> bool:
         """In a worker: wait until no key has come for IDLE seconds; False if the worker was
