@@ -123,9 +123,21 @@ def pty_bench(path: str, typed: str, size: tuple[int, int]) -> None:
             time.sleep(0.005)
         return time.perf_counter() - since
 
-    def answered(text: str):
-        return lambda shown: (f"▊ {text}" in shown or f"▊  {text}" in shown) and \
-            "searching" not in shown and re.search(r"[\d,]+ of [\d,]+ match|No param", shown)
+    def answered(text: str, before: str = ""):
+        """The filter shows `text` and its rows are counted. With `before` (the screen before
+        the key): only once the count differs from it or "searching" was shown meanwhile (a
+        frame can show the new text beside the previous key's count)."""
+        counted = re.compile(r"[\d,]+ of [\d,]+ match|No param")
+        seen = {"searching": not before}
+        old = counted.search(before)
+
+        def done(shown: str) -> bool:
+            seen["searching"] = seen["searching"] or "searching" in shown
+            count = counted.search(shown)
+            return bool((f"▊ {text}" in shown or f"▊  {text}" in shown) and
+                        "searching" not in shown and count and
+                        (seen["searching"] or old is None or count[0] != old[0]))
+        return done
 
     try:
         wall = until(lambda s: "Overview" in s, t0)
@@ -143,11 +155,12 @@ def pty_bench(path: str, typed: str, size: tuple[int, int]) -> None:
                 app.press(typed)
                 print(f"{'typed at once, answered':28s} {until(answered(typed), t):7.3f} s")
             for i, key in enumerate(typed if attempt == "one at a time" else ""):
+                before = app.shown()
                 t = time.perf_counter()
                 app.press(key)
                 echo = until(lambda s, i=i: f"▊ {typed[:i + 1]}" in s or
                              f"▊  {typed[:i + 1]}" in s, t)
-                answer = until(answered(typed[:i + 1]), t)
+                answer = until(answered(typed[:i + 1], before), t)
                 print(f"{f'  key {i + 1} {key!r}':28s} echo {echo * 1000:5.0f} ms, "
                       f"answer {answer * 1000:5.0f} ms")
             app.press(ESCAPE)
