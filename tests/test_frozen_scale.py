@@ -84,14 +84,22 @@ def test_a_rank_whose_pickle_differs_is_read_on_its_own(tmp_path, monkeypatch):
     assert _bytes_at(path, frag.offset, frag.nbytes) == want.numpy().tobytes()[:frag.nbytes]
 
 
+def _cut_fragments(tmp_path, *ranks: int):
+    """s3_w4_bf16 with `ranks`' frozen fragment of FROZEN cut to 50 of its 57 elements."""
+    root = D.copy_root(tmp_path, "s3_w4_bf16")
+    for rank in ranks:
+        path = next(root.glob("*/" + D.z3_model_name(rank)))
+        state = torch_load(path)
+        state["frozen_param_fragments"][FROZEN] = \
+            state["frozen_param_fragments"][FROZEN][:50].clone()
+        torch.save(state, path)
+    return root
+
+
 def test_a_forged_fragment_after_shared_ranks_is_still_found(tmp_path, monkeypatch):
     """The first later rank's parse is shared by those with its bytes: rank 3, cut to 50
     elements, has other bytes and is checked on its own (a shape-mismatch naming it)."""
-    root = D.copy_root(tmp_path, "s3_w4_bf16")
-    path = next(root.glob("*/" + D.z3_model_name(3)))
-    state = torch_load(path)
-    state["frozen_param_fragments"][FROZEN] = state["frozen_param_fragments"][FROZEN][:50].clone()
-    torch.save(state, path)
+    root = _cut_fragments(tmp_path, 3)
     got = _later_parses(monkeypatch)
     ckpt = open_checkpoint(root)
     assert got[1].obj is got[2].obj and got[3].obj is not got[1].obj
@@ -147,12 +155,7 @@ def test_unmatched_names_each_pattern_matching_nothing():
 def test_a_forged_fragment_in_ranks_sharing_one_parse_is_named_for_each(tmp_path, monkeypatch):
     """Ranks 1 and 2 cut alike: their pickles are the same bytes, so one parse (and one check
     of its fragments) serves both, and each rank is still named in its own finding."""
-    root = D.copy_root(tmp_path, "s3_w4_bf16")
-    for rank in (1, 2):
-        path = next(root.glob("*/" + D.z3_model_name(rank)))
-        state = torch_load(path)
-        state["frozen_param_fragments"][FROZEN] = state["frozen_param_fragments"][FROZEN][:50].clone()
-        torch.save(state, path)
+    root = _cut_fragments(tmp_path, 1, 2)
     got = _later_parses(monkeypatch)
     ckpt = open_checkpoint(root)
     assert got[1].obj is got[2].obj and got[3].obj is not got[1].obj
