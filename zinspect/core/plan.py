@@ -6,10 +6,12 @@ partitions, the 16-bit frozen values and the buffers, never the Adam moments or 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from zinspect.core import layouts
 from zinspect.core.coverage import first_problem
@@ -238,7 +240,7 @@ def param_tensor(ckpt: Checkpoint, name: str, p: Param, tied_to: str | None,
             OutputTensor(name, p.shape, src, src, _pieces(ckpt, c), replica=stage, axis="stage")
             for stage, c in sorted(p.copies.items()) if compared and
             all(f.dtype == src for f in c) and first_problem(p.numel, list(c)) is None])
-    pieces, weaves, mirrors = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file),
+    pieces, weaves, mirrors = shardplan.plan_pieces(p, functools.partial(_file_path, ckpt.path),
                                                     fragments)
     # an alias re-reads its owner's bytes: the replicas are compared once, for the owner
     return OutputTensor(name, p.shape, out, src, pieces, tied_to, weaves,
@@ -257,7 +259,7 @@ def _sharded_copies(ckpt: Checkpoint, p: Param, src: str) -> list[tuple[int, lis
     out = []
     for stage, c in sorted(p.copies.items()):
         if all(f.dtype == src for f in c) and shardplan.problem(p, c) is None:
-            pieces, weaves, _ = shardplan.plan_pieces(p, lambda file: str(ckpt.path / file), c)
+            pieces, weaves, _ = shardplan.plan_pieces(p, functools.partial(_file_path, ckpt.path), c)
             if not weaves:
                 out.append((stage, pieces))
     return out
@@ -265,8 +267,15 @@ def _sharded_copies(ckpt: Checkpoint, p: Param, src: str) -> list[tuple[int, lis
 
 def _pieces(ckpt: Checkpoint, fragments: Sequence[Fragment]) -> list[Piece]:
     """The pieces of a flat tensor held by `fragments`, in element order."""
-    return [Piece(str(ckpt.path / f.file), f.offset, f.nbytes)
+    return [Piece(_file_path(ckpt.path, f.file), f.offset, f.nbytes)
             for f in sorted(fragments, key=lambda f: f.start) if f.numel]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _file_path(tag_dir: Path, file: str) -> str:
+    """`str(tag_dir / file)`, joined once per file: a plan asks for it per fragment (2.4M of
+    them for 132k frozen params over 8 ZeRO-3 ranks, 34 s of pathlib joins)."""
+    return str(tag_dir / file)
 
 
 def output_nbytes(ckpt: Checkpoint, excluded: set[str], dtype: str = "float32") -> int:
