@@ -62,15 +62,6 @@ class ModuleNode:
                     self._children = self._split()
         return self._children
 
-    def split_ahead(self, least: int) -> None:
-        """Split off now (in a worker) the children of every node holding more than `least`
-        names: the modules whose opening would otherwise cost a pass over most of them."""
-        stack = [self]
-        while stack:
-            node = stack.pop()
-            if node.count > least:
-                stack.extend(node.children.values())
-
     def _split(self) -> dict[str, ModuleNode]:
         names = self._names
         start = len(self.path) + 1 if self.path else 0
