@@ -160,6 +160,18 @@ class RankFile:
         return self.error is None and bool(self.format)
 
 
+def _lazy(slot: str, make: Callable[[], object], doc: str) -> property:
+    """A property over `slot` whose container is made (`make()`) when first read: a Param
+    does not carry empty containers it may never need."""
+    def get(self):
+        value = getattr(self, slot)
+        if value is None:
+            value = make()
+            setattr(self, slot, value)
+        return value
+    return property(get, lambda self, value: setattr(self, slot, value), doc=doc)
+
+
 class Param:
     """A tensor of the model by name: its shape, its (training) dtype as saved in the module
     state, and where its values are (`fragments`; `shards` when tensor-parallel; `copies` of
@@ -190,39 +202,13 @@ class Param:
         self._shards = shards
         self._copies = copies
 
-    @property
-    def fragments(self) -> Sequence[Fragment]:
-        """Which file holds which element range (a list, or a lazy `Fragments`)."""
-        if self._fragments is None:
-            self._fragments = []
-        return self._fragments
-
-    @fragments.setter
-    def fragments(self, value: Sequence[Fragment]) -> None:
-        self._fragments = value
-
-    @property
-    def shards(self) -> dict[int, Shard]:
-        """tp rank -> what it holds of the param; {}: not tp-split."""
-        if self._shards is None:
-            self._shards = {}
-        return self._shards
-
-    @shards.setter
-    def shards(self, value: dict[int, Shard]) -> None:
-        self._shards = value
-
-    @property
-    def copies(self) -> dict[int, list[Fragment]]:
-        """Other pipeline stages' fp32 masters of a tied param (stage -> fragments, same
-        ranges)."""
-        if self._copies is None:
-            self._copies = {}
-        return self._copies
-
-    @copies.setter
-    def copies(self, value: dict[int, list[Fragment]]) -> None:
-        self._copies = value
+    fragments: Sequence[Fragment] = _lazy(
+        "_fragments", list, "Which file holds which element range (a list, or a lazy `Fragments`).")
+    shards: dict[int, Shard] = _lazy("_shards", dict, "tp rank -> what it holds of the param; {}: "
+                                     "not tp-split.")
+    copies: dict[int, list[Fragment]] = _lazy(
+        "_copies", dict, "Other pipeline stages' fp32 masters of a tied param (stage -> "
+        "fragments, same ranges).")
 
     def _values(self) -> tuple:
         return (self.name, self.shape, self.dtype, self.frozen, self.group, self.sub_group,
