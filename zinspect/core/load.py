@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from zinspect.core import codes, layouts
@@ -19,11 +21,13 @@ from zinspect.core.discover import NamedFile, classify, file_kind, locate
 from zinspect.core.features import features_of
 from zinspect.core.layouts import headers, topology
 from zinspect.core.model import Checkpoint, RankFile, Storage
+from zinspect.core.pickle_bytes import read_at
 from zinspect.core.torchzip import (
     DTYPE_SIZES,
     MAX_PICKLE_BYTES,
     PickleMemo,
     TorchFile,
+    open_exact,
     pickle_is_intact,
     read_torch_file,
     zip_is_complete,
@@ -77,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike, tag: str | None = None,
         if tf is not None:
             torch_files[id(rf)] = tf
     ckpt.topology.files = ckpt.files
-    ctx = layouts.LoadContext(ckpt, torch_files, _parse_later)
+    ctx = layouts.LoadContext(ckpt, torch_files, partial(_parse_later, seed=rank0))
     headers.read_headers(ctx)
     topology.settle(ctx)
     layout = layouts.pick(ctx)
@@ -100,12 +104,13 @@ def _rank_file(n: NamedFile, **facts) -> RankFile:
                     coords=n.coords, **facts)
 
 
-def _parse_later(files: list[RankFile]) -> dict[int, TorchFile]:
+def _parse_later(files: list[RankFile], seed: TorchFile | None = None) -> dict[int, TorchFile]:
     """Parse files left shallow at open (for a layout's lazy fragments): id(file) -> parsed.
-    The first is unpickled alone: the others whose data.pkl has its bytes share its result."""
+    The first is unpickled alone, unless its data.pkl is `seed`'s (rank 0's, parsed at open):
+    the others whose data.pkl has its bytes share its result."""
     named = {f.path: f for f in files}
     todo = [NamedFile(f.path, f.kind, f.rank, f.mp_rank, f.prefix, f.coords) for f in files]
-    tick, memo = _Ticker(len(files), None), _FirstPickle()
+    tick, memo = _Ticker(len(files), None), _FirstPickle(seed)
     parsed = _parse_files(todo[:1], tick, memo)
     parsed.update(_parse_files(todo[1:], tick, memo))
     return {id(named[path]): tf for path, (_, tf) in parsed.items() if tf is not None}
@@ -116,20 +121,44 @@ class _FirstPickle:
     model states of ranks > 0 are the very same data.pkl (57 MB at 297k names; only their
     tensor records differ), so with frozen params, whose fragments every rank's file holds, one
     is unpickled, not each: the others, compared byte for byte, share its result read-only (as
-    `PickleMemo` shares small pickles)."""
+    `PickleMemo` shares small pickles).
+
+    Rank 0's is most often the same pickle too, but it was read at open in chunks, not kept:
+    the first pickle with the `seed` file's data.pkl size and CRC-32 is compared byte for byte
+    with the seed's data.pkl read again from its file (a CRC can be forged: it only picks the
+    candidate), and shares the seed's parse when they are the same bytes (which then have the
+    CRC the seed's parse saw: the seed file did not change since)."""
 
     max_bytes = MAX_PICKLE_BYTES  # what it keeps: read every pickle whole, to compare
 
-    def __init__(self) -> None:
+    def __init__(self, seed: TorchFile | None = None) -> None:
         self._first: tuple[bytes, tuple] | None = None
+        self._seed = seed if seed is not None and seed.pickle is not None else None
 
     def get(self, raw: bytes) -> tuple | None:
+        seed, self._seed = self._seed, None  # tried on the first pickle read only
+        if seed is not None and _same_pickle(seed, raw):
+            self._first = (raw, (seed.obj, seed.storages, seed.unknown_globals))
         first = self._first
         return first[1] if first is not None and first[0] == raw else None
 
     def put(self, raw: bytes, parsed: tuple) -> None:
         if self._first is None:
             self._first = (raw, parsed)
+
+
+def _same_pickle(tf: TorchFile, raw: bytes) -> bool:
+    """Whether `raw` is the very data.pkl `tf` was parsed from: the same size and CRC-32, then
+    the same bytes as its file's data.pkl read again."""
+    start, size, crc = tf.pickle
+    if len(raw) != size or zlib.crc32(raw) != crc:
+        return False
+    try:
+        f, _ = open_exact(tf.path)
+        with f:
+            return read_at(f, start, size) == raw
+    except (OSError, UnreadableFile):
+        return False
 
 
 def _size(path: Path) -> int:

@@ -88,6 +88,8 @@ class TorchFile:
     unknown_globals: set[str] = field(default_factory=set)
     #: the central directory was missing and the records were found by walking local headers
     recovered: bool = False
+    #: a zip's data.pkl: (start, size, CRC-32), where a later file's same pickle is proven
+    pickle: tuple[int, int, int] | None = None
 
     def data_offset(self, key: str) -> int | None:
         rec = self.records.get(key)
@@ -277,7 +279,8 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
     kept = 0 if memo is None else getattr(memo, "max_bytes", MAX_PICKLE_BYTES)
     if start is not None and pkl_size > max(PICKLE_CHUNK_BYTES, kept):
         obj, up = _load_chunked(f, path, start, pkl_size, pkl_crc)
-        return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals)
+        return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
+                         pickle=(start, pkl_size, pkl_crc))
     raw = None if start is None else read_at(f, start, pkl_size)
     if raw is None or zlib.crc32(raw) != pkl_crc:
         raise _damaged(path)
@@ -288,7 +291,8 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
         if memo is not None:
             memo.put(raw, parsed)
     obj, storages, unknown_globals = parsed
-    return TorchFile(path, size, "zip", obj, storages, records, unknown_globals)
+    return TorchFile(path, size, "zip", obj, storages, records, unknown_globals,
+                     pickle=(start, pkl_size, pkl_crc))
 
 
 def _zip_records(f, path: str, size: int, directory: Directory) -> tuple[Records, tuple]:
