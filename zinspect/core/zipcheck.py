@@ -12,7 +12,9 @@ local header and name exactly, never a tensor byte.
 A ZeRO-3 model-states file has one zero-byte record per param (297k at 297k names), written
 back to back: `read_directory` finds such runs of records in the directory bytes and
 `check_directory` checks their local headers whole (`zipruns`); anything else, or any doubt,
-goes record by record (`check_records`), so the verdicts and messages are the same.
+goes record by record (`check_records`), so the verdicts and messages are the same. A stretch
+of alike records with data has their headers, still read one by one, compared whole with the
+first's (`zipruns.check_alike`), or else one by one.
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from zinspect.core.zipruns import LOCAL_HEADER, Doubt, EmptyRun, Runs, check_runs, run_at
-
-_DESCRIPTOR = 16  # crc, sizes after the data when flag bit 3 is set (24 with zip64 sizes)
+from zinspect.core.zipruns import (
+    _DESCRIPTOR,
+    LOCAL_HEADER,
+    Doubt,
+    EmptyRun,
+    Runs,
+    alike,
+    check_alike,
+    check_runs,
+    run_at,
+)
 
 
 class ZipStructureError(Exception):
@@ -140,7 +150,10 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
     # the first overlap between consecutive records, raised once every local header passed
     overlap, end_prev, prev = None, 0, None
     window, window_start = b"", 0
+    stretches, done = alike(ordered), 0
     for i, item in enumerate(ordered):
+        if i < done:  # checked with the first of its stretch
+            continue
         if isinstance(item, EmptyRun):  # its records follow each other, checked whole
             if item.header < end_prev:
                 raise Doubt  # described record by record
@@ -184,6 +197,12 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
         # a record said to run past the end of the file is cut (validate: truncated-file);
         # only its header must not overlap
         end_prev, prev = data if end > size else end, name
+        if i in stretches:  # the records alike after it, compared with its header whole
+            rest = ordered[i:stretches[i]]
+            found = check_alike(f, size, rest, window[at:at + LOCAL_HEADER], end_prev)
+            if found is not None:  # else they are checked one by one
+                out.update(found[0])
+                done, prev, end_prev = stretches[i], rest[-1][0], found[1]
     if overlap is not None:
         raise ZipStructureError(overlap)
     if directory_start < end_prev:

@@ -9,6 +9,11 @@ compares each run's local headers in the file with those its entries imply, a me
 time. Both compare whole byte strings (C speed) instead of reading 297k records in Python.
 Any difference, anything they do not prove, raises `Doubt`, and zipcheck then checks every
 record alone: the verdicts and messages are the same as record by record.
+
+Records with data cannot be a run (each is read for its local header alone: between two
+headers lie tensor bytes), but a stretch of them alike (`alike`: the 132k frozen fragments of
+a ZeRO-3 file with frozen params) has its headers compared in one comparison after the first
+is checked alone (`check_alike`); on any difference the rest are checked one by one.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ from __future__ import annotations
 import bisect
 import operator
 import re
+import struct
 import sys
 from array import array
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import groupby, pairwise, repeat
 
 LOCAL_HEADER = 30  # bytes of a zip local header before its name and extra field
 #: the fewest records a run has (fewer are read one by one)
 MIN_ROWS = 8
+_DESCRIPTOR = 16  # crc, sizes after the data when flag bit 3 is set (24 with zip64 sizes)
 #: most bytes of local headers one comparison covers
 READ_BYTES = 1 << 20
 
@@ -72,6 +79,23 @@ class Runs:
         return (run, n - run.first) if run and run.prefix == prefix and \
             n < run.first + run.count else None
 
+    def hold_any(self, names: list[str]) -> bool:
+        """Whether any of `names` is a run's: `find` of each, answered in bulk. In the names
+        one a line, the numbers ending a whole line after a run's prefix (as `find` reads them:
+        no leading zero, up to 18 digits) are found at once, sorted, and compared with the
+        runs' ranges. (A name holding a newline may make a line no name is: a run then seems
+        named twice, a doubt, never a miss.)"""
+        lines = "\n".join(names)
+        for prefix in {run.prefix for run in self.runs}:
+            numbers = sorted(map(int, re.findall(
+                f"^{re.escape(prefix)}(0|[1-9][0-9]{{0,17}})$", lines, re.MULTILINE)))
+            for run in self.runs:
+                k = bisect.bisect_left(numbers, run.first)
+                if run.prefix == prefix and k < len(numbers) and \
+                        numbers[k] < run.first + run.count:
+                    return True
+        return False
+
     def overlap(self) -> bool:
         """Whether two runs hold the same name."""
         return any(a.prefix == b.prefix and b.first < a.first + a.count
@@ -92,8 +116,8 @@ class Doubt(Exception):
 def check_runs(f, size: int, entries: list, runs: Runs) -> None:
     """Raise Doubt unless every name is unique and each run's local headers are all in the
     file, byte for byte the headers its directory entries imply."""
-    names = {e[0] for e in entries}
-    if len(names) != len(entries) or runs.overlap() or any(map(runs.find, names)):
+    names = [e[0] for e in entries]
+    if len(set(names)) != len(entries) or runs.overlap() or runs.hold_any(names):
         raise Doubt
     for r in runs.runs:
         if r.end > size:
@@ -203,3 +227,56 @@ def _agree(a: bytes, b: bytes | bytearray) -> int:
         else:
             hi = mid
     return lo
+
+
+def alike(ordered: list) -> dict[int, int]:
+    """i -> j for each stretch ordered[i:j] (in header order, no EmptyRun) of at least MIN_ROWS
+    entries of one compression, size (not 0: check_records reads the headers of empty records
+    in windows) and name length: records whose local headers `check_alike` may compare whole
+    (a ZeRO-3 model-states file's frozen fragments)."""
+    keys = [None if isinstance(e, EmptyRun) or not e[3] else (e[2], e[3], len(e[0]))
+            for e in ordered]
+    out, i = {}, 0
+    for key, group in groupby(keys):
+        n = len(list(group))
+        if key is not None and n >= MIN_ROWS:
+            out[i] = i + n
+        i += n
+    return out
+
+
+def check_alike(f, size: int, entries: list, head: bytes, end: int
+                ) -> tuple[dict[str, int], int] | None:
+    """(name -> data offset, where the last record ends) of entries[1:] (a stretch from
+    `alike`), or None unless each one's local header is `head` (entries[0]'s, checked alone;
+    its record ends at `end`) but for its CRC and extra field's length, its name is the
+    entry's, and each record (header, name, extra field, data, descriptor) ends inside the file
+    and before the next one's header: what check_records finds of each, with one read of each
+    local header and name (never a data byte) and one comparison of them all."""
+    names, headers, _, usize, _ = zip(*entries, strict=True)
+    flags, nlen = struct.unpack_from("<H18xH", head, 6)
+    joined, need, rows = "".join(names), LOCAL_HEADER + nlen, len(headers) - 1
+    if not joined.isascii() or len(joined) != nlen * len(names) or headers[-1] + need > size:
+        return None
+    reads = []
+    for at in headers[1:]:
+        f.seek(at)
+        reads.append(f.read(need))
+    got = bytearray(b"".join(reads))
+    if len(got) != need * rows:
+        return None
+    lengths = bytearray(2 * rows)  # each record's extra field length, then not compared
+    lengths[0::2], lengths[1::2] = got[28::need], got[29::need]
+    for c in (14, 15, 16, 17, 28, 29):  # (the CRCs, which the directory's are not compared with)
+        got[c::need] = bytes(rows)
+    template = (head[:14] + bytes(4) + head[18:28] + bytes(2)).decode("latin-1")
+    if got != (template + template.join(names[1:])).encode("latin-1"):
+        return None
+    extra = array("H", lengths)
+    if sys.byteorder == "big":
+        extra.byteswap()
+    starts = list(map(operator.add, headers[1:], map(operator.add, extra, repeat(need))))
+    ends = [end, *map(operator.add, starts, repeat(usize[0] + (_DESCRIPTOR if flags & 8 else 0)))]
+    if ends[-1] > size or not all(map(operator.le, ends, headers[1:])):
+        return None
+    return dict(zip(names[1:], starts, strict=True)), ends[-1]
