@@ -12,10 +12,15 @@ from zinspect.core.tree import build_tree, count_below, ordered_children
 from zinspect.tui.inspection import Inspection, split_ahead
 
 SAMPLE = Path(__file__).parent.parent / "zinspect" / "sample"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tree_of(sizes: dict[str, tuple[int, int]]):
+    return build_tree(list(sizes), list(sizes.values()))
 
 
 def test_tree_sums_numel_bytes_and_counts_up_each_path():
-    root = build_tree({"a.0.w": (6, 24), "a.0.b": (2, 8), "a.10.w": (4, 16), "c": (1, 4)})
+    root = tree_of({"a.0.w": (6, 24), "a.0.b": (2, 8), "a.10.w": (4, 16), "c": (1, 4)})
     assert (root.numel, root.nbytes, root.count) == (13, 52, 4)
     a = root.children["a"]
     assert (a.numel, a.count, a.is_param) == (12, 3, False)
@@ -28,7 +33,7 @@ def test_tree_sums_numel_bytes_and_counts_up_each_path():
 
 
 def test_children_sort_numerically_and_by_size():
-    root = build_tree({f"layers.{i}.w": (i + 1, 4 * (i + 1)) for i in (10, 9, 2, 1)})
+    root = tree_of({f"layers.{i}.w": (i + 1, 4 * (i + 1)) for i in (10, 9, 2, 1)})
     layers = root.children["layers"]
     assert [c.name for c in ordered_children(layers, "model")] == ["10", "9", "2", "1"]
     assert [c.name for c in ordered_children(layers, "name")] == ["1", "2", "9", "10"]
@@ -91,10 +96,10 @@ def test_lazy_tree_groups_names_apart_in_model_order_whoever_splits_first():
 
     sizes = {"a": (1, 4), "a.x": (2, 8), "b.y": (3, 12), "a.z.w": (4, 16), "a..e": (5, 20),
              "b.q": (6, 24)}
-    ahead = build_tree(sizes)
+    ahead = tree_of(sizes)
     worker = threading.Thread(target=split_ahead, args=(ahead, 1, lambda: True))
     worker.start()
-    for root in (build_tree(sizes), ahead):
+    for root in (tree_of(sizes), ahead):
         a = root.find("a")
         assert list(root.children) == ["a", "b"]
         assert (a.count, a.numel, a.is_param, a.has_children) == (4, 12, True, True)
@@ -102,4 +107,29 @@ def test_lazy_tree_groups_names_apart_in_model_order_whoever_splits_first():
         assert list(a.params()) == ["a", "a.x", "a.z.w", "a..e"]
         assert root.find("a..e").is_param and not root.find("a..e").has_children
         assert [c.count for c in root.find("b").children.values()] == [1, 1]
+        # each node's totals are its own names' (sizes stay beside their names when the names
+        # of a module come apart)
+        assert [c.nbytes for c in a.children.values()] == [8, 16, 20]
+        assert (root.find("b").numel, root.find("a.z").numel, root.numel) == (9, 4, 21)
         worker.join()
+
+
+def test_lookups_made_in_chunks_are_the_whole_dict(monkeypatch):
+    """The name look-ups a worker makes after the findings (the sizes, the ParamTable's index)
+    are made a chunk at a time, so that the UI thread gets its turn between: every name of
+    every chunk is found, params and buffers."""
+    from zinspect.core import params as params_module
+
+    monkeypatch.setattr(params_module, "CHUNK", 4)
+    view = Inspection(open_checkpoint(FIXTURES / "s3_w2_bf16_plain"))
+    table = view.ckpt.params
+    assert type(table) is params_module.ParamTable and len(table) > 3 * params_module.CHUNK
+    groups = table.column("sub_group")  # (from the columns, no look-up by name)
+    view.prepare_lookups(lambda: True)
+    assert [table._position(n) for n in table] == list(range(len(table)))
+    assert [table[n].sub_group for n in table] == groups  # each name's place in its group
+    assert len(view.sizes) == len(table) + len(view.ckpt.buffers)
+    for name, p in table.items():
+        assert view.sizes[name] == (p.numel, 4 * p.numel)
+    for name, b in view.ckpt.buffers.items():
+        assert view.sizes[name] == (b.numel, b.nbytes)

@@ -178,14 +178,15 @@ class ParamTable(MutableMapping):
             with self._lock:
                 if self._names is None:
                     return None
-                index = self._index = self._index or dict(zip(self._names, count()))
+                index = self._index = self._index or dict_in_chunks(self._names, count())
         return index.get(name)
 
     def _make(self, i: int) -> Param:
         name = self._names[i]
         p = Param(name, self._shapes[i], self._dtypes[i] or self.dtype)
         if self._flat is None:
-            self._flat = dict(zip(chain.from_iterable(j.names for j in self._joined), count()))
+            self._flat = dict_in_chunks([*chain.from_iterable(j.names for j in self._joined)],
+                                        count())
             self._starts = list(accumulate((len(j.names) for j in self._joined), initial=0))
         at = self._flat.get(name)
         if at is not None:
@@ -273,6 +274,21 @@ class ParamTable(MutableMapping):
 
     def __repr__(self) -> str:
         return repr(self._all())
+
+
+#: keys put in a dict between two chances for other threads to run (1-2 ms at 300k names)
+CHUNK = 4096
+
+
+def dict_in_chunks(keys: list, values: Iterable) -> dict:
+    """`dict(zip(keys, values))`, CHUNK keys at a time: one `dict(zip())` of 297k names is
+    one C call that holds the interpreter 30-60 ms, so a worker making it kept the UI thread
+    from a key typed meanwhile; between chunks other threads get their turn."""
+    out: dict = {}
+    values = iter(values)
+    for start in range(0, len(keys), CHUNK):
+        out.update(zip(keys[start:start + CHUNK], values, strict=False))  # (values: more)
+    return out
 
 
 # -- the same questions of a plain dict of Params (every layout but the usual ZeRO-3) ---------

@@ -212,8 +212,9 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
         """After the findings (what the user sees first): the param look-ups the first row
         drawn needs, and the largest modules split off (the tree splits the next level when
         one is opened); not for a view `v` has replaced meanwhile."""
-        view.prepare_lookups()
-        split_ahead(view.tree, ROWS_AT_ONCE, lambda: self.idle() and view is self.view)
+        idle = lambda: self.idle() and view is self.view  # noqa: E731
+        view.prepare_lookups(idle)
+        split_ahead(view.tree, ROWS_AT_ONCE, idle)
 
     def idle(self) -> bool:
         """In a worker: wait until no key has come for IDLE seconds; False if the worker was

@@ -19,7 +19,7 @@ from pathlib import Path
 from zinspect.core import gc_paused, peft
 from zinspect.core.fmt import shown
 from zinspect.core.model import ERROR, INFO, Buffer, Checkpoint, Finding, Param
-from zinspect.core.params import column
+from zinspect.core.params import column, dict_in_chunks
 from zinspect.core.selection import Selection
 from zinspect.core.stats import TensorStats
 from zinspect.core.torchzip import DTYPE_SIZES
@@ -93,9 +93,10 @@ class Inspection:
 
     def __init__(self, ckpt: Checkpoint, selection: Selection | None = None) -> None:
         """Built in the load worker before the tabs are first drawn: the passes over all names
-        that drawing the lists needs (sizes, column widths, the tree's top), each in C (maps
-        over the params, one size tuple per distinct shape); what the findings mark and the
-        Overview's counts come with `settle`, after validation."""
+        that drawing the lists needs (sizes, column widths), each in C (maps over the params,
+        one size tuple per distinct shape); the tree's top once they are drawn, the look-ups
+        by name after the findings (`prepare_lookups`), what the findings mark and the
+        Overview's counts with `settle`, after validation."""
         self.ckpt = ckpt
         self.selection = selection or Selection()
         params, buffers = ckpt.params, ckpt.buffers
@@ -104,18 +105,22 @@ class Inspection:
         #: (numel, output bytes) per distinct shape (a few, even at 300k names): every param of
         #: a shape shares one tuple
         per_shape = {s: (prod(s), prod(s) * OUTPUT_ITEMSIZE) for s in set(shapes)}
-        #: (numel, output bytes) of every name the merge writes: params, then buffers (they are
-        #: written too, so they are shown and can be excluded like params)
-        self.sizes: dict[str, tuple[int, int]] = dict(zip(params, map(per_shape.__getitem__,
-                                                                      shapes), strict=True))
-        self._numels = list(map(_NUMEL, map(per_shape.__getitem__, shapes)))
-        self.sizes.update((name, (b.numel, b.nbytes))
-                          for name, b in buffers.items() if name not in params)
-        self.buffers_below = count_below(n for n in buffers if n not in params)
+        own = {name: (b.numel, b.nbytes) for name, b in buffers.items() if name not in params}
+        #: every name the merge writes, in model order: params, then buffers (they are written
+        #: too, so they are shown and can be excluded like params); and their (numel, output
+        #: bytes), in the same order
+        self.names: list[str] = [*params, *own]
+        self._size_list = [*map(per_shape.__getitem__, shapes), *own.values()]
+        self._sizes: dict[str, tuple[int, int]] | None = None  # name -> size: `sizes`
+        self._sizes_made = threading.Lock()
+        self._numels = list(map(_NUMEL, self._size_list[:len(shapes)]))
+        #: (`len(ckpt.params)` waits while a worker makes the ParamTable's index: not per key)
+        self.param_count = len(shapes)
+        self.buffers_below = count_below(own)
         self._tree: ModuleNode | None = None
         self._tree_made = threading.Lock()
         #: the distinct values of the table's columns, which size them
-        kinds = {*per_shape.values(), *(self.sizes[n] for n in buffers if n not in params)}
+        kinds = {*per_shape.values(), *own.values()}
         self.distinct = Distinct(
             shapes=set(per_shape) | {b.shape for b in buffers.values()},
             dtypes=set(dtypes) | {b.dtype for b in buffers.values()},
@@ -124,11 +129,12 @@ class Inspection:
             groups=set(groups) - {None})
         #: owner -> the params tied to it (an alias names its owner in `tied_to`)
         self.aliases: dict[str, list[str]] = {}
-        for name, owner in compress(zip(params, self._tied, strict=True),
-                                    map(is_not, self._tied, repeat(None))):
-            self.aliases.setdefault(owner, []).append(name)
+        if self._tied.count(None) < len(self._tied):  # most tie none: a count, not a pass
+            for name, owner in compress(zip(params, self._tied, strict=True),
+                                        map(is_not, self._tied, repeat(None))):
+                self.aliases.setdefault(owner, []).append(name)
         #: the longest name (the table's name column wants its width)
-        self.longest = max(map(len, self.sizes), default=0)
+        self.longest = max(map(len, self.names), default=0)
         #: per-param statistics, once the Statistics screen computed them (the table shows
         #: them as columns; a reload drops them: the values may have changed)
         self.stats: dict[str, TensorStats] = {}
@@ -146,13 +152,24 @@ class Inspection:
         #: the Ranks tab's cells with their findings: set by whoever updates the findings
         #: (tui.widgets.ranks_pane.grid_cells; made with Textual's imports, so not here)
         self.rank_cells: list = []
-        self._sorted: dict[str, list[str]] = {"model": list(self.sizes)}
+        self._sorted: dict[str, list[str]] = {"model": self.names}
         self._param_bytes = sum(self._numels) * OUTPUT_ITEMSIZE
         self._buffer_bytes = sum(b.nbytes for b in buffers.values())
         self.excluded: set[str] = set()
         self.excluded_below: dict[str, int] = {}
         self.output: OutputSummary
         self.update_exclusion()
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """name -> (numel, output bytes), for the excluded names' total and the detail: made
+        after the findings (`prepare_lookups`) or when first asked for (0.1 s at 297k names:
+        not before the tabs, and in chunks, so a key typed meanwhile is not kept waiting)."""
+        if self._sizes is None:
+            with self._sizes_made:
+                if self._sizes is None:
+                    self._sizes = dict_in_chunks(self.names, self._size_list)
+        return self._sizes
 
     @property
     def tree(self) -> ModuleNode:
@@ -162,15 +179,18 @@ class Inspection:
         if self._tree is None:
             with self._tree_made:
                 if self._tree is None:
-                    tree = build_tree(self.sizes)
+                    tree = build_tree(self.names, self._size_list)
                     tree.children  # noqa: B018 -- split the top level here too
                     self._tree = tree
         return self._tree
 
-    def prepare_lookups(self) -> None:
-        """The first name asked of the model's ParamTable makes its indexes (0.13 s at 297k
-        names): asked here, in a worker, not by the first row the UI thread draws."""
+    def prepare_lookups(self, idle: Callable[[], bool]) -> None:
+        """The look-ups by name (0.25 s at 297k names), here in a worker, not by the UI thread
+        at the first filter key: the ParamTable's indexes (made by the first name asked of
+        it), which the first row drawn needs, then, once `idle()`, the sizes."""
         self.ckpt.params.get(next(iter(self.ckpt.params), None))
+        if idle():
+            self.sizes  # noqa: B018
 
     def settle(self) -> None:
         """After validation, in the load worker while the tabs are on screen: the Overview's
@@ -293,7 +313,7 @@ class Inspection:
         return sort in self._sorted
 
     def _sort(self, key: str) -> list[str]:
-        names = list(self.sizes)
+        names = self.names
         if key == "name":
             # natural, like the tree: blocks.2 before blocks.10; each distinct part's key made
             # once (a few thousand parts at 300k names: 0.3 s instead of 1.4 s)
@@ -301,7 +321,7 @@ class Inspection:
             return sorted(names, key=lambda n: tuple(map(part_key, n.split("."))))
         index = 0 if key == "numel" else 1
         # largest first; a stable sort (reverse keeps equal keys in model order), keyed in C
-        keys = list(map(itemgetter(index), map(self.sizes.__getitem__, names)))
+        keys = list(map(itemgetter(index), self._size_list))
         return list(map(names.__getitem__, sorted(range(len(names)), key=keys.__getitem__,
                                                   reverse=True)))
 

@@ -6,8 +6,8 @@ from rich.style import Style
 from textual.binding import Binding
 
 from zinspect.core import fmt
-from zinspect.core.model import short_dtype
-from zinspect.tui.inspection import Inspection
+from zinspect.core.model import Buffer, short_dtype
+from zinspect.tui.inspection import OUTPUT_ITEMSIZE, Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
@@ -92,8 +92,9 @@ class ParamTable(VirtualTable):
 
     def row_cells(self, index: int) -> list[str]:
         name = self.names[index]
-        e = self.view.entry(name)
-        numel, nbytes = self.view.sizes[name]
+        e = self.view.entry(name)  # (its sizes from it: `view.sizes` is made after the index)
+        numel = e.numel
+        nbytes = e.nbytes if isinstance(e, Buffer) else numel * OUTPUT_ITEMSIZE
         group = getattr(e, "group", None)
         cells = [
             self.view.marks(name),

@@ -85,7 +85,7 @@ class ParamsPane(WorkerOutcomes, Vertical):
         among = table.names if self._shown[0] == sort and narrows(self._shown[1], text) else None
         if not text.split() and self.view.has_order(sort):
             self._show(sort, text, self.view.param_names(sort), self.view.longest)
-        elif len(among if among is not None else self.view.sizes) <= ROWS_AT_ONCE:
+        elif len(among if among is not None else self.view.names) <= ROWS_AT_ONCE:
             names = self.view.param_names(sort, text, among) or []
             self._show(sort, text, names, max(map(len, names), default=0))
         else:
@@ -188,8 +188,8 @@ class ParamsPane(WorkerOutcomes, Vertical):
     def _update_status(self) -> None:
         s = self.view.output
         shown = self.query_one(ParamTable).row_count
-        total = len(self.view.sizes)  # params and buffers: the rows the table can show
-        params = len(self.view.ckpt.params)
+        total = len(self.view.names)  # params and buffers: the rows the table can show
+        params = self.view.param_count
         if self.searching:
             rows = (f"searching {fmt.count(total)} names …" if self.filter_text
                     else f"sorting {fmt.count(total)} names …")
