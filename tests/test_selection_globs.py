@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES, run_zinspect
 
 from zinspect.core import open_checkpoint
-from zinspect.core.selection import Selection, glob_matches
+from zinspect.core.selection import Selection, matching
 from zinspect.errors import UsageError
 
 LORA = FIXTURES / "hf_mistral_lora_s3_w2_bf16"
@@ -23,8 +23,9 @@ def ckpt():
 def test_a_pattern_without_a_dot_matches_a_component(ckpt):
     lora = {n for n in ckpt.params if ".lora_" in n}
     assert lora and Selection(exclude_globs=["lora_*"]).excluded(ckpt) == lora
-    assert glob_matches("lora_*", "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
-    assert not glob_matches("lora_*", "model.layers.0.self_attn.q_proj.weight")
+    lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert matching("lora_*", [lora_a]) == [lora_a]
+    assert matching("lora_*", ["model.layers.0.self_attn.q_proj.weight"]) == []
 
 
 def test_full_name_patterns_keep_working(ckpt):

@@ -113,14 +113,10 @@ class Selection:
         return cls(set(exclude), globs, frozen)
 
 
-def glob_matches(pattern: str, name: str) -> bool:
-    """`pattern` against the whole name, and, for a pattern without a dot, each component."""
-    return bool(matching(pattern, [name]))
-
-
 def matching(pattern: str, names: list[str], first: bool = False) -> list[str]:
-    """The names `pattern` matches as `glob_matches` says (`first`: the first one only), each
-    distinct dotted component matched once (300k names hold a few thousand)."""
+    """The names `pattern` matches (`first`: the first one only): against the whole name, and,
+    for a pattern without a dot, each dotted component (each distinct one matched once: 300k
+    names hold a few thousand)."""
     whole = re.compile(fnmatch.translate(pattern)).match  # what fnmatch.fnmatchcase runs
     if "." in pattern:
         hits = filter(whole, names)

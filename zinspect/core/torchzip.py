@@ -275,8 +275,7 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
         raise UnreadableFile(f"{path}: data.pkl is {'compressed' if comp else 'too large'}",
                              _CORRUPT)
     start = _record_start(f, header, size)
-    # a memo keeps pickles up to its max_bytes (one that does not say: of any size)
-    kept = 0 if memo is None else getattr(memo, "max_bytes", MAX_PICKLE_BYTES)
+    kept = 0 if memo is None else memo.max_bytes  # a memo keeps pickles up to this size
     if start is not None and pkl_size > max(PICKLE_CHUNK_BYTES, kept):
         obj, up = _load_chunked(f, path, start, pkl_size, pkl_crc)
         return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from zinspect.core.zipruns import (
-    _DESCRIPTOR,
+    DESCRIPTOR,
     LOCAL_HEADER,
     Doubt,
     EmptyRun,
@@ -189,7 +189,7 @@ def check_records(f, size: int, entries: list[tuple[str, int, int, int, int]],
                                     f"{usize:,} (method {comp})")
         data = header + LOCAL_HEADER + nlen + xlen
         out[name] = data
-        end = data + usize + (_DESCRIPTOR if flags & 8 else 0)
+        end = data + usize + (DESCRIPTOR if flags & 8 else 0)
         if header < end_prev and overlap is None:
             if prev is None:
                 raise Doubt

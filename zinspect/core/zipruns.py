@@ -30,7 +30,7 @@ from itertools import groupby, pairwise, repeat
 LOCAL_HEADER = 30  # bytes of a zip local header before its name and extra field
 #: the fewest records a run has (fewer are read one by one)
 MIN_ROWS = 8
-_DESCRIPTOR = 16  # crc, sizes after the data when flag bit 3 is set (24 with zip64 sizes)
+DESCRIPTOR = 16  # crc, sizes after the data when flag bit 3 is set (24 with zip64 sizes)
 #: most bytes of local headers one comparison covers
 READ_BYTES = 1 << 20
 
@@ -276,7 +276,7 @@ def check_alike(f, size: int, entries: list, head: bytes, end: int
     if sys.byteorder == "big":
         extra.byteswap()
     starts = list(map(operator.add, headers[1:], map(operator.add, extra, repeat(need))))
-    ends = [end, *map(operator.add, starts, repeat(usize[0] + (_DESCRIPTOR if flags & 8 else 0)))]
+    ends = [end, *map(operator.add, starts, repeat(usize[0] + (DESCRIPTOR if flags & 8 else 0)))]
     if ends[-1] > size or not all(map(operator.le, ends, headers[1:])):
         return None
     return dict(zip(names[1:], starts, strict=True)), ends[-1]
