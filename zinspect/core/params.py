@@ -155,12 +155,11 @@ class ParamTable(MutableMapping):
 
     def _places(self) -> list[int] | None:
         """`order` (an empty list when the names are the groups' names in order; None when
-        some name is in no group), found once when the table was made without it."""
+        they are not the groups' names, each once), found once when the table was made
+        without it."""
         if self._order is None:
-            flat = list(chain.from_iterable(self._groups))
-            at = {} if flat == self._names else dict(zip(flat, count()))
-            order = list(map(at.get, self._names)) if at else []
-            self._order = order if None not in order else False
+            order = places(self._names, self._groups)
+            self._order = order if order is not None else False
         return self._order if self._order is not False else None
 
     def numels_of(self, names: list[str]) -> list[int]:
@@ -274,6 +273,42 @@ class ParamTable(MutableMapping):
 
     def __repr__(self) -> str:
         return repr(self._all())
+
+
+def places(names: list, groups: list[list]) -> list[int] | None:
+    """Each of `names`' place in `groups`' names one after another ([]: `names` is that list),
+    when they are the same names, each once (None otherwise; `names` are distinct: a dict's
+    keys). At C speed, and when `names` interleave the groups, each group's names in its own
+    order (DeepSpeed's groups take the model's params in order), with no dict of every name
+    (300k names: 0.12 -> 0.045 s): each name's group is looked up among the groups but the
+    largest, each group's names take its places in turn, and the places are checked."""
+    if len(names) != sum(map(len, groups)):
+        return None
+    flat = list(chain.from_iterable(groups))
+    if names == flat:
+        return []
+    every = list(range(len(names)))
+    starts = accumulate(map(len, groups[:-1]), initial=0)
+    turns = [iter(every[a:a + len(g)]) for a, g in zip(starts, groups, strict=True)]
+    big = max(range(len(groups)), key=lambda i: len(groups[i]))
+    if len(groups) == 2:  # (the usual two: a set's look-up takes half a dict's)
+        which, turns = set(groups[1 - big]).__contains__, {True: turns[1 - big],
+                                                             False: turns[big]}
+    else:  # name -> its group, None for the largest group's
+        group: dict = {}
+        for i, g in enumerate(groups):
+            if i != big:
+                group.update(zip(g, repeat(i)))
+        which, turns = group.get, {**dict(enumerate(turns)), None: turns[big]}
+    # each name's group, then each group's places in turn (two passes: faster than one)
+    order = list(map(next, map(turns.__getitem__, list(map(which, names)))))
+    # distinct names at the places of equal names: each place once, each name once in both
+    if list(map(flat.__getitem__, order)) == names:
+        return order
+    # not interleaved (or a name in no group, or in two): each name's place, looked up
+    at = dict(zip(flat, count()))
+    order = list(map(at.get, names))
+    return order if None not in order else None  # (distinct names: each in flat once)
 
 
 #: keys put in a dict between two chances for other threads to run (1-2 ms at 300k names)

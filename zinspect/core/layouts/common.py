@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import chain, count, filterfalse
+from itertools import chain, filterfalse
 from operator import attrgetter
 
 from zinspect.core.layouts import pickled
@@ -26,7 +26,7 @@ from zinspect.core.layouts.pickled import (
     values_of,
 )
 from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile, is_state_key
-from zinspect.core.params import ParamTable, column, fill_dtype, made
+from zinspect.core.params import ParamTable, column, fill_dtype, made, places
 from zinspect.core.torchzip import TensorRef
 
 _ABSENT = object()
@@ -249,15 +249,13 @@ def _usual_zero3(names: Names) -> tuple[list[str], list[Shape], list[str], list[
     module, bufset = names.module, set(names.buffer_names)
     listed = keys_of(module)
     listed = list(filterfalse(bufset.__contains__, listed)) if bufset else listed
-    flat = list(chain.from_iterable(names.group_names))
-    if names.frozen_shapes or not listed or len(listed) != len(flat):
+    if names.frozen_shapes or not listed:
+        return None
+    order = places(listed, names.group_names)
+    if order is None:
         return None
     flat_shapes = list(chain.from_iterable(names.group_shapes))
-    at = {} if listed == flat else dict(zip(flat, count()))  # {}: one param group, in order
-    order = list(map(at.get, listed)) if at else []
-    if at and (len(at) != len(flat) or None in order):
-        return None  # (otherwise each name once in both, none twice: the same names)
-    shapes = list(map(flat_shapes.__getitem__, order)) if at else flat_shapes
+    shapes = list(map(flat_shapes.__getitem__, order)) if order else flat_shapes
     if not all(shapes):
         return None
     return listed, shapes, _dtypes(module, listed if bufset else None), order
