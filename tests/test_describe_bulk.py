@@ -101,3 +101,27 @@ def test_zero3_shares_are_zero3_share_of_each():
     numels = [0, 1, 2**48, 2**48 - 1, *range(40), *(rng.randrange(2**40) for _ in range(200))]
     for ws in (1, 2, 3, 7, 8, 64, 512, 0, -1, -8):
         assert zero3_shares(numels, ws) == [zero3_share(n, ws) for n in numels], ws
+
+
+def test_validate_takes_the_shares_the_layout_cut():
+    """A ZeRO-3 group's shares, cut by `zero3.attach_columns` over the world size, are what
+    validate sums (`params.shares_of`), the same as cut again from the numels; another world
+    size, a dict of Params or a Param made of the group: none (validate cuts them itself)."""
+    from conftest import FIXTURES
+
+    from zinspect.core import open_checkpoint
+    from zinspect.core.params import ParamTable, numels_of, shares_of
+    from zinspect.core.partition import zero3_shares
+
+    ckpt = open_checkpoint(FIXTURES / "s3_w2_bf16_plain")
+    params, ws = ckpt.params, ckpt.world_size
+    assert type(params) is ParamTable and ckpt.groups
+    for g in ckpt.groups:
+        got = shares_of(params, g.params, ws)
+        assert got is not None and got == zero3_shares(numels_of(params, g.params), ws)
+        assert shares_of(params, g.params, ws + 1) is None
+    first, last = ckpt.groups[0].params, ckpt.groups[-1].params
+    params[first[0]]  # a Param made: it may be changed, the columns not
+    assert shares_of(params, first, ws) is None
+    assert len(ckpt.groups) > 1 and shares_of(params, last, ws) is not None
+    assert shares_of(dict(params.items()), last, ws) is None

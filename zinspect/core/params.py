@@ -33,6 +33,7 @@ class _Joined:
     numels: list[int]
     shares: list[int]
     make: Callable[[int, int, int], object]
+    ws: int | None = None  # the world size `shares` were cut over
     _offsets: list[int] | None = None
 
     def offset(self, k: int) -> int:
@@ -64,7 +65,8 @@ class ParamTable(MutableMapping):
 
     # -- building ------------------------------------------------------------------------
     def join(self, index: int, param_group: int, names: list[str], numels: list[int],
-             shares: list[int], make: Callable[[int, int, int], object]) -> bool:
+             shares: list[int], make: Callable[[int, int, int], object],
+             ws: int | None = None) -> bool:
         """Flat group `index`'s members (`names`, a group's in order) get its optimizer group,
         its index and their fragments (`make`), unless some Param is already made or `names`
         is not one of the lists the table was made with, joined once (False: the caller joins
@@ -73,7 +75,7 @@ class ParamTable(MutableMapping):
                 not any(names is g for g in self._groups) or \
                 any(names is j.names for j in self._joined):
             return False
-        self._joined.append(_Joined(index, param_group, names, numels, shares, make))
+        self._joined.append(_Joined(index, param_group, names, numels, shares, make, ws))
         return True
 
     def fill_dtype(self, dtype: str) -> None:
@@ -165,10 +167,22 @@ class ParamTable(MutableMapping):
     def numels_of(self, names: list[str]) -> list[int]:
         """The numels of those of `names` that are params; from the columns when `names` is a
         joined group's and no Param of it was made."""
+        j = self._as_joined(names)
+        return j.numels if j is not None else \
+            [p.numel for p in map(self.get, names) if p is not None]
+
+    def shares_of(self, names: list[str], ws: int) -> list[int] | None:
+        """The ZeRO-3 shares `join` was given for `names` when they were cut over `ws` ranks
+        and no Param of them was made (None: ask `numels_of`)."""
+        j = self._as_joined(names)
+        return j.shares if j is not None and j.ws == ws else None
+
+    def _as_joined(self, names: list[str]) -> _Joined | None:
+        """The joined group whose names list `names` is, when no Param of it was made."""
         j = next((j for j in self._joined if j.names is names), None)
         if j is not None and not (self._made and any(map(self._made.__contains__, names))):
-            return j.numels
-        return [p.numel for p in map(self.get, names) if p is not None]
+            return j
+        return None
 
     # -- the mapping ---------------------------------------------------------------------
     def _position(self, name) -> int | None:
@@ -359,6 +373,11 @@ def numels_of(params, names: list[str]) -> list[int]:
     if type(params) is ParamTable:
         return params.numels_of(names)
     return [math.prod(p.shape) for p in map(params.get, names) if p is not None]
+
+
+def shares_of(params, names: list[str], ws: int) -> list[int] | None:
+    """`ParamTable.shares_of` (None for a dict: its Params may hold anything)."""
+    return params.shares_of(names, ws) if type(params) is ParamTable else None
 
 
 def pristine(params) -> bool:

@@ -16,7 +16,7 @@ from zinspect.core.layouts import MERGEABLE, one_save, tp_checks
 from zinspect.core.layouts.common import undescribed_groups
 from zinspect.core.layouts.gaps import STALE_HINT, missing_files, outside, stale
 from zinspect.core.model import ERROR, Checkpoint, Finding, Param
-from zinspect.core.params import numels_of, outside_groups
+from zinspect.core.params import numels_of, outside_groups, shares_of
 
 #: the layouts whose files are one data-parallel set: the rank, group and param checks below
 PLAIN_ZERO = ("zero", "bf16_optimizer")
@@ -275,8 +275,9 @@ class _Checks:
         """The elements each rank's partition of ZeRO-3 sub-group g needs (asked twice: the
         sum over a 300k-param model is not free)."""
         if g.index not in self._want:
-            self._want[g.index] = partition.zero3_group_numel(numels_of(self.c.params, g.params),
-                                                              ws)
+            shares = shares_of(self.c.params, g.params, ws)  # the layout's, when it cut them
+            self._want[g.index] = sum(shares) if shares is not None else \
+                partition.zero3_group_numel(numels_of(self.c.params, g.params), ws)
         return self._want[g.index]
 
     def _whole_zero3_model_states(self) -> bool:

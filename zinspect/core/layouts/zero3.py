@@ -71,7 +71,10 @@ def attach_columns(ctx: LoadContext, files: dict[int, RankFile], group_names: li
                         for t in fl]
     out = []
     for gi, (names, shapes) in enumerate(zip(group_names, group_shapes, strict=True)):
-        numels = list(map(math.prod, shapes)) if None not in shapes else list(map(numel, shapes))
+        try:
+            numels = list(map(math.prod, shapes))
+        except TypeError:  # a shape that is not valid (None)
+            numels = list(map(numel, shapes))
         g = ParamGroup(gi, group_of.get(gi, 0 if not group_of else gi), names, sum(numels),
                        coords=coords)
         c.groups.append(g)
@@ -81,16 +84,18 @@ def attach_columns(ctx: LoadContext, files: dict[int, RankFile], group_names: li
             g.partition_numel[r], g.padding[r] = part.numel, 0
             g.dtype = g.dtype or part.dtype
         shares = partition.zero3_shares(numels, ws)
-        # only the last ranks of a param hold padding: ranks n // P and on, when < ws
-        for n, k in Counter(numels).items():  # params of one size pad alike
+        # only the last ranks of a param hold padding: ranks n // P and on, when < ws (none
+        # when ws divides n: counted only for the sizes that pad, usually none)
+        padded = {n for n in set(numels) if (P := partition.zero3_share(n, ws)) and n // P < ws}
+        for n, k in Counter(filter(padded.__contains__, numels) if padded else ()).items():
             P = partition.zero3_share(n, ws)
-            for r in range(n // P if P else ws, ws):
+            for r in range(n // P, ws):
                 if r in parts:
                     g.padding[r] += k * (P - partition.zero3_held(n, ws, r))
         source = (parts, gi, shard)  # shared by the group's params
         params, pg = c.params, g.param_group
         if type(params) is ParamTable and shard is None and coords is None and \
-                params.join(gi, pg, names, numels, shares, partial(MasterFragments, source)):
+                params.join(gi, pg, names, numels, shares, partial(MasterFragments, source), ws):
             continue
         o = 0
         for name, shape, n, P in zip(names, shapes, numels, shares, strict=True):
