@@ -147,10 +147,10 @@ async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch
     name = "encoder.frozen_proj.weight"
     app = ZinspectApp(str(FIXTURES / "s3_w4_bf16"))
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: bool(app.screen.query(Inspector)))
+        await until(pilot, lambda: app.browsing is not None)
         assert app.view.ckpt.params[name].frozen and app.view.slow_fragments(name)
         app.goto_param(name)
-        await pilot.pause()
+        await until(pilot, lambda: bool(app.screen.query("#fragment-table")))  # (under load)
         screen = app.screen
         table = screen.query_one("#fragment-table", DataTable)
         assert "reading the ranks' model states" in str(screen.query_one("#coverage").render())
@@ -173,7 +173,8 @@ async def test_zero3_frozen_param_detail_reads_the_ranks_in_a_thread(monkeypatch
 
 async def test_keys_while_the_checkpoint_is_read_again_wait_for_its_tabs(monkeypatch):
     """`v` shows a spinner until the new reading's tabs come: the keys that act on the tabs
-    (`/` looked for a Parameters tab that was not there: the app crashed) do nothing meanwhile."""
+    (`/` looked for a Parameters tab that was not there: the app crashed) wait meanwhile, then
+    act on the new tabs (tests/test_tui_typeahead.py)."""
     release, reads = threading.Event(), []
     real = app_module.load_checkpoint
 
@@ -191,17 +192,25 @@ async def test_keys_while_the_checkpoint_is_read_again_wait_for_its_tabs(monkeyp
         await pilot.press("v")
         await until(pilot, lambda: len(reads) == 2)
         assert app.browsing is None and not app.screen.query(Inspector)
-        for key in ("slash", "m", "d", "f", "ctrl+g", "c", "p", "a", "space", "2", "enter"):
+        keys = ("slash", "m", "d", "f", "ctrl+g", "c", "p", "a", "space", "2", "escape")
+        for key in keys:
             await pilot.press(key)
             await pilot.pause()
             assert app.screen is app.main, key  # no dialog opened on the old reading
         assert not first.excluded  # f (exclude frozen) did not reach it
+        assert [k.key for k in app._ahead] == list(keys)  # kept for the new tabs
         release.set()
         await settle(app, pilot)
+        await until(pilot, lambda: not app._ahead and not app._replaying)
+        await settle(app, pilot)
         assert app.browsing is app.view and app.view is not first and app.view.validated
-        await pilot.press("slash", *"blocks.1")
+        # `/`, then m d f its text; ctrl+g's dialog got c p a space 2, and escape closed it
+        assert app.screen is app.main and not app.view.excluded
+        pane = app.screen.query_one(ParamsPane)
+        assert pane.filter_text == "mdf"
+        await pilot.press("escape", "slash", *"blocks.1")
         await pilot.pause()
-        assert app.screen.query_one(ParamsPane).filter_text == "blocks.1"
+        assert pane.filter_text == "blocks.1"
 
 
 async def test_the_findings_coming_move_no_focus_off_the_tab_the_user_is_on(monkeypatch):

@@ -36,6 +36,7 @@ from zinspect.tui.messages import (
     LoadProgress,
     ParamChosen,
 )
+from zinspect.tui.opening import TypeAhead, outlived
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.main import Inspector, MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
@@ -48,7 +49,7 @@ from zinspect.tui.widgets.virtual_table import ROWS_AT_ONCE
 IDLE = 0.5
 
 
-class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
+class ZinspectApp(SelectionFileActions, WorkerOutcomes, TypeAhead, App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "zinspect"
     COMMANDS = App.COMMANDS | {ActionCommands, ParamCommands}
@@ -127,7 +128,7 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
 
             self.push_screen(TagPickerScreen(self.path, self.tags_to_pick), self.tag_picked)
         else:
-            self.load(Selection())
+            self.read(Selection())
 
     def on_unmount(self) -> None:
         gc.unfreeze()  # what the loads froze (see load) is the collector's again
@@ -137,25 +138,34 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
             self.exit()
             return
         self.tag = tag
-        self.load(Selection())
+        self.read(Selection())
 
     # -- loading --------------------------------------------------------------------------
     async def action_validate(self) -> None:
         """Read the checkpoint (again) from disk in a thread; the screen shows a spinner."""
-        await self.main.show_loading()
+        await self.main.show_loading(again=self.view is not None)
         selection = self.view.selection if self.view is not None else Selection()
+        self.read(selection)
+
+    def read(self, selection: Selection) -> None:
+        self.start_reading()  # the keys typed from now on wait for the tabs
         self.load(selection)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load",
           description="reading the checkpoint's metadata")
-    def load(self, selection: Selection) -> Inspection:
+    def load(self, selection: Selection) -> Inspection | None:
         """Read the checkpoint and hand it to the UI (`Loaded`: the tabs are drawn from it),
         then, while they are on screen, make the module tree, validate and work out what the
-        findings mark; the result is that settled view (`worker_succeeded` shows the findings)."""
+        findings mark; the result is that settled view (`worker_succeeded` shows the findings).
+        All of it in a thread of its own, which `q` does not wait for (`outlived`)."""
         worker = get_current_worker()
+        return outlived(worker, lambda: self._load(worker, selection))
+
+    def _load(self, worker, selection: Selection) -> Inspection:
 
         def progress(done: int, total: int, name: str) -> None:
-            self.post_message(LoadProgress(done, total, name))
+            if not worker.is_cancelled:
+                self.post_message(LoadProgress(done, total, name))
 
         with gc_paused():  # the tree and sort orders are as many small objects again
             view = Inspection(load_checkpoint(self.path, self.tag, progress), selection)
@@ -192,6 +202,7 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
         for screen in self.detail_screens():
             screen.show_param()
         self.call_after_refresh(event.drawn.set)
+        self.shown_read()  # the keys typed meanwhile act now
 
     async def worker_succeeded(self, group: str, result: Any) -> None:
         if group != "load" or result is not self.view:
@@ -227,12 +238,13 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, App[int]):
     async def on_event(self, event: events.Event) -> None:
         if isinstance(event, events.Key):
             self.typed_at = time.monotonic()
-        await super().on_event(event)
+        await super().on_event(event)  # (TypeAhead's: a key typed while reading waits)
 
     async def worker_failed(self, group: str, problem: Problem) -> bool:
         if group != "load":
             return False
         await self.main.show_error(problem)
+        self.read_failed()
         return True
 
     def validating(self) -> bool:

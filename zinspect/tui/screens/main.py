@@ -113,9 +113,14 @@ class MainScreen(Screen):
             self.set_focus(None)
             self.call_after_refresh(self.focus_tab_content)
 
-    def loading_view(self) -> Vertical:
+    def loading_view(self, again: bool = False) -> Vertical:
+        """`again`: `v` reads the files again (escape goes back to the tabs read before)."""
+        leave = key_of(self.app, binding(type(self.app), "quit"))
+        hint = (f"escape: back   {leave}: quit" if again else f"{leave} / escape: quit") + \
+            "   (keys typed meanwhile act once it is read)"
         return Vertical(Center(Label(Text(f"Reading {self.what} …"), id="loading-label")),
-                        LoadingIndicator(), id="loading")
+                        LoadingIndicator(), Center(Label(Text(hint), id="loading-keys")),
+                        id="loading")
 
     def show_load_progress(self, done: int, total: int, name: str) -> None:
         labels = self.query("#loading-label")
@@ -123,9 +128,9 @@ class MainScreen(Screen):
             labels.first(Label).update(Text(
                 f"Reading {self.what} … {done} of {total} files ({shown(name, 80)})"))
 
-    async def show_loading(self) -> None:
+    async def show_loading(self, again: bool = False) -> None:
         self.last_tab = self.active_tab or self.last_tab
-        await self._replace_body(self.loading_view())
+        await self._replace_body(self.loading_view(again))
 
     async def show_error(self, problem: Problem) -> None:
         """The checkpoint could not be opened: what, where, what to try, and the keys."""
