@@ -125,3 +125,29 @@ def test_validate_takes_the_shares_the_layout_cut():
     assert shares_of(params, first, ws) is None
     assert len(ckpt.groups) > 1 and shares_of(params, last, ws) is not None
     assert shares_of(dict(params.items()), last, ws) is None
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "in order", "out of order"])
+def test_numel_and_group_columns_from_the_joined_groups(layout):
+    """A table's numel column is its joined groups' numels put in model order (the group and
+    sub-group columns likewise), the same as each shape's product; a group not joined: from
+    the shapes, and no group for its names."""
+    import math
+
+    from zinspect.core.params import ParamTable, column
+
+    shapes = {"a": (3,), "b": (2, 2), "c": (5, 7), "d": (1,), "e": (4, 4, 2)}
+    groups = [["a", "b", "c"], ["d", "e"]]
+    names = {"interleaved": ["a", "d", "b", "c", "e"], "in order": ["a", "b", "c", "d", "e"],
+             "out of order": ["e", "c", "a", "d", "b"]}[layout]
+    for joined in (2, 1):
+        t = ParamTable(names, [shapes[n] for n in names], [""] * 5, groups)
+        for gi, g in enumerate(groups[:joined]):
+            numels = [math.prod(shapes[n]) for n in g]
+            assert t.join(gi, 10 + gi, g, numels, [-(-x // 2) for x in numels],
+                          lambda o, n, P: [], 2)
+        assert column(t, "numel") == [math.prod(shapes[n]) for n in names]
+        want = {n: gi for gi, g in enumerate(groups[:joined]) for n in g}
+        assert column(t, "sub_group") == [want.get(n) for n in names]
+        assert column(t, "group") == [None if n not in want else 10 + want[n] for n in names]
+        assert t.pristine

@@ -124,8 +124,9 @@ class ParamTable(MutableMapping):
             out = list(self._names)
         elif field == "shape":
             out = list(self._shapes)
-        elif field == "numel":
-            out = list(map(math.prod, self._shapes))
+        elif field == "numel":  # the joined groups' (cut from these shapes), else computed
+            out = self._in_model_order({id(j.names): j.numels for j in self._joined}) or \
+                list(map(math.prod, self._shapes))
         elif field == "dtype":
             dtypes = self._dtypes
             out = list(dtypes) if not self.dtype or "" not in dtypes else \
@@ -147,13 +148,23 @@ class ParamTable(MutableMapping):
     def _group_column(self, param_group: bool) -> list:
         """Each name's flat group (or param group): None for a name of no joined group."""
         of = {id(j.names): j.param_group if param_group else j.index for j in self._joined}
-        order = self._places() if len(of) == len(self._groups) else None
-        if order is not None:  # every group joined, every name in one: by their places
-            flat = list(chain.from_iterable(repeat(of[id(g)], len(g)) for g in self._groups))
-            return list(map(flat.__getitem__, order)) if order else flat
+        out = self._in_model_order({k: repeat(v, len(j.names)) for (k, v), j in
+                                    zip(of.items(), self._joined, strict=True)})
+        if out is not None:
+            return out
         at = dict(chain.from_iterable(zip(j.names, repeat(of[id(j.names)]))
                                       for j in self._joined))
         return list(map(at.get, self._names))
+
+    def _in_model_order(self, per_group: dict[int, Iterable]) -> list | None:
+        """A value a name of each group (`per_group`: id of a group's names -> its values, in
+        its order) in model order, when every group has them and every name is in one (else
+        None)."""
+        order = self._places() if len(per_group) == len(self._groups) else None
+        if order is None:
+            return None
+        flat = list(chain.from_iterable(per_group[id(g)] for g in self._groups))
+        return list(map(flat.__getitem__, order)) if order else flat
 
     def _places(self) -> list[int] | None:
         """`order` (an empty list when the names are the groups' names in order; None when
