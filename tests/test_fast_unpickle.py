@@ -372,7 +372,7 @@ def test_gc_paused_leaves_what_is_frozen_frozen():
     again and pause the UI. With nothing frozen, what was built while paused is not left frozen."""
     import gc
 
-    from zinspect.core.unpickle import gc_paused
+    from zinspect.core.gcpause import gc_paused
 
     gc.freeze()
     try:

@@ -2,8 +2,10 @@
 """Where the time goes when zinspect reads one torch.save zip (a large model-states file).
 
 Not a test: prints the thread CPU of each step of `torchzip.read_torch_file` (best of N, the
-garbage collector paused as zinspect pauses it), the bare C unpickler on the same bytes for
-scale, and the peak RSS of one whole `read_torch_file` in a fresh child process.
+garbage collector paused as zinspect pauses it): the usual path (chunks, scan, C unpickler) and,
+for a pickle with runs of alike entries (a ZeRO-3 model states'), the one read_torch_file takes
+(`pickle_runs`); the bare C unpickler on the same bytes for scale, and the peak RSS of one whole
+`read_torch_file` in a fresh child process.
 
     python tests/tools/bench_parse.py CKPT/global_stepN/zero_pp_rank_0_mp_rank_00_model_states.pt
         [--runs 3]
@@ -23,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from zinspect.core import fastpickle, torchzip  # noqa: E402
+from zinspect.core import fastpickle, pickle_runs, torchzip  # noqa: E402
 from zinspect.core.load import _storages  # noqa: E402
 from zinspect.core.pickle_bytes import RecordChunks, read_at  # noqa: E402
 from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
@@ -33,7 +35,7 @@ from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
 _PEAK = """
 import sys
 from zinspect.core import torchzip
-from zinspect.core.unpickle import gc_paused
+from zinspect.core.gcpause import gc_paused
 with gc_paused():
     torchzip.read_torch_file(sys.argv[1])
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -87,6 +89,14 @@ def steps(path: str) -> dict[str, float]:
     timed("tree check", check_tree, obj, up.max_nodes, 100, "the pickle", leaves)
     timed("plain", plain, obj, leaves)
     del obj, up
+    if pickle_runs.may_hold_run(raw[:pickle_runs.SEARCH_BYTES], nbytes):  # as _load_chunked
+        runs = timed("runs: prepare_with_runs (proofs, columns, stubs)",
+                     pickle_runs.prepare_with_runs, raw)
+        if runs is not None:
+            up = pickle_runs.RunUnpickler(io.BufferedReader(fastpickle.PiecesReader(runs),
+                                                            1 << 16), budget_bytes=nbytes)
+            timed("runs: RunUnpickler's load, tree check and plain", up.load)
+            del up, runs
     timed("bare C unpickler (for scale)",
           lambda: _Bare(io.BufferedReader(io.BytesIO(raw), 1 << 16)).load())
     whole = time.thread_time()

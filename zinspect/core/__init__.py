@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from zinspect.core.gcpause import gc_paused  # the one rule: re-entrant, thread-safe
 from zinspect.core.load import load_checkpoint
 from zinspect.core.model import Checkpoint
-from zinspect.core.unpickle import gc_paused  # the one rule: re-entrant, thread-safe
 from zinspect.core.validate import validate
 
 

@@ -5,7 +5,9 @@ unpickler reads them.
 At 297k names rank 0's model-states pickle is 47 MB; read whole, it stays alive until the
 unpickler's memo peaks (the end of the load). Read as chunks of `PICKLE_CHUNK_BYTES`, scanned as
 they come (fastpickle.prepare_chunks_for_c) and dropped by PiecesReader once read, it is gone by
-then. Every byte is still read, and CRC-checked, before the C unpickler starts.
+then. Every byte is still read, and CRC-checked, before the C unpickler starts. One whose first
+chunk holds a run of ZeRO-3 placeholder entries is read whole instead (pickle_runs: the runs'
+bytes are gone before the C unpickler starts, and so is most of its memo).
 """
 
 from __future__ import annotations
@@ -41,10 +43,19 @@ class RecordChunks:
     def __init__(self, f, start: int, nbytes: int, chunk: int = PICKLE_CHUNK_BYTES) -> None:
         self._f, self.nbytes, self.chunk, self.read, self.crc = f, nbytes, chunk, 0, 0
         self.short = False  # the file ended first
+        self._peeked: mmap.mmap | None = None
         f.seek(start)
+
+    def peek(self) -> mmap.mmap | None:
+        """The first chunk, read now; the first call gives it (not read again)."""
+        self._peeked = self(b"")
+        return self._peeked
 
     def __call__(self, carry: bytes) -> mmap.mmap | None:
         """The next chunk with `carry` in front of it, or None after the last."""
+        if self._peeked is not None:  # (the first call: no carry yet)
+            window, self._peeked = self._peeked, None
+            return window
         n = min(self.chunk, self.nbytes - self.read)
         if n <= 0 or self.short:
             return None

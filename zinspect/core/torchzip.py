@@ -24,6 +24,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from zinspect.core import pickle_runs
 from zinspect.core.fastpickle import PiecesReader, prepare_chunks_for_c, prepare_for_c
 from zinspect.core.pickle_bytes import PICKLE_CHUNK_BYTES, PickleMemo, RecordChunks, read_at
 from zinspect.core.readfiles import open_regular
@@ -47,6 +48,7 @@ from zinspect.core.torchpickle import (  # noqa: F401 - re-exported
     ZeroStageEnum,
 )
 from zinspect.core.unpickle import PickleBudgetExceeded
+from zinspect.core.zip_recover import walk_local_headers
 from zinspect.core.zipcheck import (  # noqa: F401 - re-exported
     LOCAL_HEADER,
     Directory,
@@ -72,7 +74,6 @@ MAX_PICKLE_BYTES = 1 << 30
 #: pickles from this size on are offered to the C unpickler (fastpickle.prepare_for_c); smaller
 #: ones are read faster by the bounded reader than the scan's regex is compiled (~0.1 s, once)
 FAST_PICKLE_BYTES = 256 << 10
-_DESCRIPTOR = b"PK\x07\x08"
 
 
 @dataclass
@@ -210,12 +211,12 @@ def _load_pickle(data: bytes | io.BufferedIOBase, path: str, legacy: bool = Fals
     return _bounded_load(data, path, legacy, budget_bytes)
 
 
-def _fast_load(pieces: list, legacy: bool, budget_bytes: int):
-    """The C unpickler on what `prepare_for_c` proved, or None on any error."""
+def _fast_load(pieces: list, legacy: bool, budget_bytes: int, reader=FastMetaUnpickler):
+    """The C unpickler on what `prepare_for_c` (or pickle_runs) proved, or None on any error."""
     # buffered: the C unpickler then reads ahead in blocks (peek) instead of asking the
     # stream for each opcode's bytes: 2x faster (1.0 -> 0.5 s bare at 297k names)
-    fast = FastMetaUnpickler(io.BufferedReader(PiecesReader(pieces), 1 << 16),
-                             legacy=legacy, budget_bytes=budget_bytes)
+    fast = reader(io.BufferedReader(PiecesReader(pieces), 1 << 16), legacy=legacy,
+                  budget_bytes=budget_bytes)
     try:
         return fast.load(), fast
     except Exception:  # noqa: BLE001 - any doubt goes to the bounded reader
@@ -241,8 +242,17 @@ def _bounded_load(data: bytes | io.BufferedIOBase, path: str, legacy: bool, budg
 def _load_chunked(f, path: str, start: int, nbytes: int, crc: int):
     """A large data.pkl read and scanned in chunks (pickle_bytes), all of it CRC-checked
     before the C unpickler, which frees the chunks as it reads them; when the scan declines or
-    the C unpickler fails, the record is read again, whole, for the bounded reader."""
+    the C unpickler fails, the record is read again, whole, for the bounded reader. One that
+    holds a run of ZeRO-3 placeholders is read whole first, for pickle_runs."""
     chunks = RecordChunks(f, start, nbytes, PICKLE_CHUNK_BYTES)
+    first = chunks.peek()
+    runs = first is not None and pickle_runs.may_hold_run(first, nbytes)
+    del first
+    if runs:
+        loaded = _load_run(f, path, start, nbytes, crc)
+        if loaded is not None:
+            return loaded
+        chunks = RecordChunks(f, start, nbytes, PICKLE_CHUNK_BYTES)  # (read from the start)
     pieces = prepare_chunks_for_c(chunks, nbytes)
     if not chunks.intact(crc):
         raise _damaged(path)
@@ -254,6 +264,21 @@ def _load_chunked(f, path: str, start: int, nbytes: int, crc: int):
     if raw is None or zlib.crc32(raw) != crc:  # changed since
         raise _damaged(path)
     return _bounded_load(raw, path, False, nbytes)
+
+
+def _load_run(f, path: str, start: int, nbytes: int, crc: int):
+    """`_load_chunked`'s first try for a pickle whose first chunk holds a run's first entry:
+    read whole, CRC-checked and read by pickle_runs; None when that declines."""
+    raw = read_at(f, start, nbytes)
+    if raw is None or zlib.crc32(raw) != crc:
+        raise _damaged(path)
+    try:
+        pieces = pickle_runs.prepare_with_runs(raw)
+    except Exception:  # noqa: BLE001 - any doubt goes to the usual path
+        pieces = None
+    del raw  # (the pieces are copies: the C unpickler does not keep the 47 MB alive)
+    return None if pieces is None else \
+        _fast_load(pieces, False, nbytes, reader=pickle_runs.RunUnpickler)
 
 
 def _damaged(path: str) -> UnreadableFile:
@@ -268,7 +293,7 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
     try:
         directory = read_directory(f, size)
     except (NoZipDirectory, OSError):
-        return _walk_local_headers(f, path, size)
+        return _recover(f, path, size)
     records, (header, comp, pkl_size, pkl_crc) = _zip_records(f, path, size, directory)
     del directory  # not kept while the pickle is read
     if comp != 0 or pkl_size > MAX_PICKLE_BYTES:
@@ -330,45 +355,19 @@ def _record_start(f, header: int, size: int) -> int | None:
     return local_data_offset(header, f.read(LOCAL_HEADER))
 
 
-def _walk_local_headers(f, path: str, size: int) -> TorchFile:
-    """Recover records of a zip whose central directory is gone (a truncated copy).
+def _recover(f, path: str, size: int) -> TorchFile:
+    """A zip cut short: its records found by their local headers (zip_recover)."""
+    def pickle_at(f, at: int):
+        f.seek(at)
+        stream = io.BytesIO(f.read(min(size - at, MAX_PICKLE_BYTES)))
+        return (*_load_pickle(stream, path, budget_bytes=size), stream.tell())
 
-    torch writes records in order, with sizes in data descriptors, so walk the local headers:
-    data.pkl ends itself with STOP, storages' sizes come from the pickle, and the small records
-    end at their data descriptor."""
-    off, obj, up, records = 0, None, None, {}
-    while off + 30 <= size:
-        f.seek(off)
-        head = f.read(30)
-        if head[:4] != b"PK\x03\x04":
-            break
-        name_len, extra_len = struct.unpack("<HH", head[26:30])
-        name = f.read(name_len).decode("utf-8", "replace")
-        data = off + 30 + name_len + extra_len
-        if data > size:  # cut inside the local header itself
-            break
-        leaf = name.rsplit("/", 1)[-1]
-        if name.endswith("data.pkl"):
-            f.seek(data)
-            stream = io.BytesIO(f.read(min(size - data, MAX_PICKLE_BYTES)))
-            obj, up = _load_pickle(stream, path, budget_bytes=size)
-            length = stream.tell()
-        elif up is not None and "/data/" in name and leaf in up.storages:
-            length = up.storages[leaf].nbytes
-            records[leaf] = Record(length, max(0, min(length, size - data)), data_offset=data)
-        else:
-            f.seek(data)
-            window = f.read(4096)
-            j = window.find(_DESCRIPTOR)
-            if j < 0:
-                break
-            length = j
-        off = data + length + (24 if length >= 0xFFFFFFFF or off >= 0xFFFFFFFF else 16)
+    obj, up, records = walk_local_headers(f, size, pickle_at)
     if up is None:
         raise UnreadableFile(f"{path}: truncated before its data.pkl could be read ({size} bytes)",
                              _CORRUPT)
-    return TorchFile(path, size, "zip", obj, up.storages, Records(records),
-                     up.unknown_globals, recovered=True)
+    return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
+                     recovered=True)
 
 
 def _read_legacy(f, path: str, size: int) -> TorchFile:

@@ -27,11 +27,13 @@ hashed, and `plain` swaps each PickledDict back for a dict after the tree check.
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import pickle
 import threading
 from collections import OrderedDict
+from itertools import repeat
+
+from zinspect.core.gcpause import gc_paused
 
 #: longest str or bytes object accepted (real checkpoints: names and configs of a few KB)
 MAX_STRING = 1 << 20
@@ -219,42 +221,6 @@ def charge(units: int) -> None:
                                        "need (one object passed to a call again and again)")
 
 
-_gc_lock = threading.Lock()
-_gc_state = {"readers": 0, "was_enabled": False, "keep_frozen": False}
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """The cyclic garbage collector off while pickles are read or a checkpoint is opened
-    (nested and from several threads): a reader builds millions of objects and no cycles, and
-    the collector's passes over them cost as much as the unpickling itself (1.9 s instead of
-    3.1 s here). Reference counting still frees everything that is dropped.
-
-    When the collector is turned back on, the objects built meanwhile are moved straight to
-    the oldest generation (gc.freeze() then gc.unfreeze(): two list splices) instead of being
-    walked by the next young collection (0.3-0.5 s at 297k names). Cyclic garbage made while
-    paused is then freed by the next full collection instead: there is little (59 objects at
-    297k names, since `plain` clears its memo; before that, the whole parsed model states).
-    Not when something is frozen already (the app freezes a loaded checkpoint): gc.unfreeze()
-    would give all of it back to the collector, whose full passes over it pause the UI."""
-    with _gc_lock:
-        if not _gc_state["readers"]:
-            _gc_state["was_enabled"] = gc.isenabled()
-            _gc_state["keep_frozen"] = gc.get_freeze_count() > 0
-            gc.disable()
-        _gc_state["readers"] += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_state["readers"] -= 1
-            if not _gc_state["readers"] and _gc_state["was_enabled"]:
-                if not _gc_state["keep_frozen"]:
-                    gc.freeze()
-                    gc.unfreeze()
-                gc.enable()
-
-
 def _hashable(key) -> None:
     if type(key) not in _ATOMS:
         check_tree(key, MAX_KEY_NODES, MAX_KEY_NODES, "a dict key or set member")
@@ -355,15 +321,36 @@ def checked_set(kind):
 # ------------------------------------------------------------- the checked dicts of both paths
 
 
+class PairsRun:
+    """The (name, value) pairs of a run of dict entries the fast path read in bulk
+    (zinspect.core.pickle_runs): set as a value into a PickledDict or PickledOrderedDict, it
+    inserts its pairs instead, in order and once (their keys are str: nothing to check)."""
+
+    __slots__ = ("names", "values", "inserted")
+
+    def __init__(self, names: list, values: list) -> None:
+        self.names, self.values, self.inserted = names, values, False
+
+    def insert_into(self, target: dict, setter) -> None:
+        if self.inserted:
+            raise pickle.UnpicklingError("a run of entries set twice")
+        self.inserted = True
+        any(map(setter, repeat(target), self.names, self.values))  # (each returns None)
+        self.names = self.values = None
+
+
 class PickledDict(dict):
     """A dict built by the C unpickler on the fast path: each key is checked before it is
     hashed (SETITEM and SETITEMS call `__setitem__` on a dict subclass)."""
 
     __slots__ = ()
 
-    def __setitem__(self, key, value, _atoms=_ATOMS, _set=dict.__setitem__) -> None:
+    def __setitem__(self, key, value, _atoms=_ATOMS, _set=dict.__setitem__,
+                    _run=PairsRun) -> None:
         if type(key) not in _atoms:  # (the defaults: no global lookups, 600k calls at 300k names)
             _hashable(key)
+        if type(value) is _run:
+            return value.insert_into(self, _set)
         _set(self, key, value)
 
 
@@ -399,7 +386,10 @@ class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
     def __reduce__(self):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
 
-    def __setitem__(self, key, value, _atoms=_ATOMS, _set=OrderedDict.__setitem__) -> None:
+    def __setitem__(self, key, value, _atoms=_ATOMS, _set=OrderedDict.__setitem__,
+                    _run=PairsRun) -> None:
         if type(key) not in _atoms:
             _hashable(key)
+        if type(value) is _run:
+            return value.insert_into(self, _set)
         _set(self, key, value)
