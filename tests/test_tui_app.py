@@ -492,7 +492,7 @@ def test_name_sort_is_natural_like_the_tree():
     p = ckpt.params[first]
     ckpt.params = {"blocks.10.w": p, "blocks.2.w": p, "blocks.1.w": p}
     ckpt.buffers = {}
-    assert Inspection(ckpt).param_names("name") == ["blocks.1.w", "blocks.2.w", "blocks.10.w"]
+    assert Inspection(ckpt).orders.rows("name").names == ["blocks.1.w", "blocks.2.w", "blocks.10.w"]
 
 
 async def test_help_says_how_to_close_it():

@@ -15,6 +15,7 @@ from zinspect.tui import app as app_module
 from zinspect.tui import inspection as inspection_module
 from zinspect.tui.app import ZinspectApp
 from zinspect.tui.inspection import Inspection
+from zinspect.tui.rows import Orders
 from zinspect.tui.screens.param_detail import ParamDetailScreen
 from zinspect.tui.widgets.findings_pane import FindingTable
 from zinspect.tui.widgets.param_table import ParamTable
@@ -149,8 +150,8 @@ async def test_300k_names_are_counted_searched_and_sorted_off_the_ui_thread(monk
     ckpt = synthetic_checkpoint()
     serve(monkeypatch, ckpt)
     counted = threads_of(monkeypatch, inspection_module, "totals")
-    searched = threads_of(monkeypatch, Inspection, "param_names")
-    sorted_ = threads_of(monkeypatch, Inspection, "_sort")
+    searched = threads_of(monkeypatch, Orders, "rows")
+    sorted_ = threads_of(monkeypatch, Orders, "_sort")
     app = ZinspectApp("synthetic")
     ui = threading.current_thread().name
     async with app.run_test(size=(120, 36)) as pilot:
@@ -167,7 +168,7 @@ async def test_300k_names_are_counted_searched_and_sorted_off_the_ui_thread(monk
         assert len(table.names) == 6 + EXPERTS * 3  # the last key's rows, not a stale key's
         # the UI thread searched only the few rows an earlier key had left, never all names
         on_ui = [args for thread, args in searched if thread == ui and args[1:2] not in ((), ("",))]
-        assert all(len(args[2]) <= ROWS_AT_ONCE for args in on_ui)
+        assert all(args[2] is not None and len(args[2].names) <= ROWS_AT_ONCE for args in on_ui)
         assert any(thread != ui for thread, _ in searched)
         await pilot.press("escape", "t", "o")  # the table, sorted by name: a sort
         await app.workers.wait_for_complete()
@@ -306,7 +307,7 @@ async def test_the_largest_modules_are_split_ahead_off_the_ui_thread_while_no_ke
         raise AssertionError(f"never: {what}")
 
     async with app.run_test(size=(120, 36)) as pilot:
-        await pilot.press("2")  # (on the loading screen: a key that does nothing)
+        await pilot.press("2")  # (on the loading screen: it acts once the tabs are shown)
         await until(lambda: prepared, "the look-ups prepared after the findings")
         assert app.view.validated and ui not in {thread for thread, _ in prepared}
         await pilot.press("2")

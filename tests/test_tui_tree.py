@@ -62,18 +62,19 @@ def test_inspection_toggles_and_summarizes():
     assert view.output.params == 25
     assert view.output.nbytes == total - 4 * (915 + 61)
     assert view.excluded_in(view.tree.find("head")) == 1
-    assert view.marks("embed.weight") == "x   "
-    assert view.marks("head.weight") == "  T "
+    assert view.marks(view.names.index("embed.weight")) == "x   "
+    assert view.marks(view.names.index("head.weight")) == "  T "
     assert not view.toggle(["embed.weight", "head.bias"])
     assert view.excluded == set()
 
 
 def test_inspection_filters_by_every_word():
     view = Inspection(open_checkpoint(SAMPLE))
-    assert view.param_names("model", "BLOCKS.1 Down") == [
+    assert view.orders.rows("model", "BLOCKS.1 Down").names == [
         "encoder.blocks.1.mlp.down.weight", "encoder.blocks.1.mlp.down.bias"]
     # buffers are listed too (issue 14.6), in natural order with the params
-    assert view.param_names("name")[:3] == ["bn.bias", "bn.num_batches_tracked", "bn.running_mean"]
+    assert view.orders.rows("name").names[:3] == ["bn.bias", "bn.num_batches_tracked",
+                                                  "bn.running_mean"]
 
 
 def test_update_findings_reflags_in_place():
@@ -84,7 +85,7 @@ def test_update_findings_reflags_in_place():
     view.update_findings()
     assert view.flagged == {"encoder.cube"}
     assert view.flagged_in(view.tree.find("encoder")) == 1
-    assert view.marks("encoder.cube").endswith("!")
+    assert view.marks(view.names.index("encoder.cube")).endswith("!")
     assert view.tree is tree and view.sizes is sizes
 
 

@@ -220,9 +220,9 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, TypeAhead, App[int]):
     @work(thread=True, exit_on_error=False, group="ahead",
           description="preparing the param look-ups and the tree's largest module")
     def work_ahead(self, view: Inspection) -> None:
-        """After the findings (what the user sees first): the param look-ups the first row
-        drawn needs, and the largest modules split off (the tree splits the next level when
-        one is opened); not for a view `v` has replaced meanwhile."""
+        """After the findings (what the user sees first), each once no key is coming: the
+        param look-ups by name, and the largest modules split off (the tree splits the next
+        level when one is opened); not for a view `v` has replaced meanwhile."""
         idle = lambda: self.idle() and view is self.view  # noqa: E731
         view.prepare_lookups(idle)
         split_ahead(view.tree, ROWS_AT_ONCE, idle)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import compress, repeat
 from math import prod
-from operator import contains as holds
 from operator import is_not, itemgetter
 from pathlib import Path
 
@@ -23,20 +22,13 @@ from zinspect.core.params import column, dict_in_chunks
 from zinspect.core.selection import Selection
 from zinspect.core.stats import TensorStats
 from zinspect.core.torchzip import DTYPE_SIZES
-from zinspect.core.tree import ModuleNode, _natural, build_tree, count_below
+from zinspect.core.tree import ModuleNode, build_tree, count_below
 from zinspect.report import totals
+from zinspect.tui.rows import Orders
 
 #: the merge writes fp32 values for every param
 OUTPUT_ITEMSIZE = DTYPE_SIZES["float32"]
 _NUMEL = itemgetter(0)
-
-
-class _PartKeys(dict):
-    """A dotted name's part -> its natural sort key, made when first asked for."""
-
-    def __missing__(self, part: str) -> tuple[int, int | str]:
-        key = self[part] = _natural(part)
-        return key
 
 
 def param_columns(ckpt: Checkpoint, *fields: str) -> list[list]:
@@ -53,17 +45,6 @@ def display_path(path: Path | str) -> str:
         return shown(str(path.resolve().relative_to(Path.cwd().resolve())) or ".")
     except ValueError:
         return shown(path)
-
-
-#: names searched between two looks at whether the filter is still wanted
-FILTER_CHUNK = 32768
-
-
-def narrows(before: str, after: str) -> bool:
-    """Whether every name the filter `after` keeps is kept by `before` too: each word of
-    `before` lies inside a word of `after` (typing on at the end, or adding a word)."""
-    words = after.lower().split()
-    return all(any(w in v for v in words) for w in before.lower().split())
 
 
 @dataclass
@@ -100,12 +81,16 @@ class Inspection:
         self.ckpt = ckpt
         self.selection = selection or Selection()
         params, buffers = ckpt.params, ckpt.buffers
-        shapes, dtypes, groups, self._tied = param_columns(ckpt, "shape", "dtype", "group",
-                                                           "tied_to")
+        columns = param_columns(ckpt, "shape", "dtype", "group", "tied_to", "frozen")
+        shapes, dtypes, groups = columns[:3]
+        #: the params' columns, by place in `names`: the table draws its rows from them (`facts`)
+        self._shapes, self._dtypes, self._groups, self._tied, self._frozen = columns
         #: (numel, output bytes) per distinct shape (a few, even at 300k names): every param of
         #: a shape shares one tuple
         per_shape = {s: (prod(s), prod(s) * OUTPUT_ITEMSIZE) for s in set(shapes)}
-        own = {name: (b.numel, b.nbytes) for name, b in buffers.items() if name not in params}
+        #: the buffers that are not params too, in `names` after the params
+        self._own = {name: b for name, b in buffers.items() if name not in params}
+        own = {name: (b.numel, b.nbytes) for name, b in self._own.items()}
         #: every name the merge writes, in model order: params, then buffers (they are written
         #: too, so they are shown and can be excluded like params); and their (numel, output
         #: bytes), in the same order
@@ -152,7 +137,8 @@ class Inspection:
         #: the Ranks tab's cells with their findings: set by whoever updates the findings
         #: (tui.widgets.ranks_pane.grid_cells; made with Textual's imports, so not here)
         self.rank_cells: list = []
-        self._sorted: dict[str, list[str]] = {"model": self.names}
+        #: the flat table's rows in each sort order, and the filter
+        self.orders = Orders(self.names, self._size_list)
         self._param_bytes = sum(self._numels) * OUTPUT_ITEMSIZE
         self._buffer_bytes = sum(b.nbytes for b in buffers.values())
         self.excluded: set[str] = set()
@@ -185,18 +171,19 @@ class Inspection:
         return self._tree
 
     def prepare_lookups(self, idle: Callable[[], bool]) -> None:
-        """The look-ups by name (0.25 s at 297k names), here in a worker, not by the UI thread
-        at the first filter key: the ParamTable's indexes (made by the first name asked of
-        it), which the first row drawn needs, then, once `idle()`, the sizes."""
-        self.ckpt.params.get(next(iter(self.ckpt.params), None))
+        """The look-ups by name (0.25 s at 297k names), here in a worker once `idle()` (no key
+        is coming: the first filter keys came as it ran), not by the UI thread: the
+        ParamTable's indexes (made by the first name asked of it), which a param's label in the
+        tree or its detail needs (the flat table's rows need none: `facts`), then the sizes."""
+        if idle():
+            self.ckpt.params.get(next(iter(self.ckpt.params), None))
         if idle():
             self.sizes  # noqa: B018
 
     def settle(self) -> None:
         """After validation, in the load worker while the tabs are on screen: the Overview's
         counts (`zinspect info`'s rule), a PEFT run's adapter and what the findings mark."""
-        frozen, = param_columns(self.ckpt, "frozen")
-        self.totals = totals(self.ckpt, {"numel": self._numels, "frozen": frozen,
+        self.totals = totals(self.ckpt, {"numel": self._numels, "frozen": self._frozen,
                                          "tied_to": self._tied})
         self.peft = peft.summary(self.ckpt)
         self.update_findings()
@@ -244,8 +231,7 @@ class Inspection:
             if sel.exclude_frozen and any(n in params and params[n].frozen for n in chosen):
                 # keep the other frozen params out, as explicit names
                 sel.exclude_frozen = False
-                frozen, = param_columns(self.ckpt, "frozen")
-                sel.exclude.update(n for n in compress(params, frozen) if n not in chosen)
+                sel.exclude.update(n for n in compress(params, self._frozen) if n not in chosen)
         self.update_exclusion()
         return all(n in self.excluded for n in names)
 
@@ -282,48 +268,29 @@ class Inspection:
                              self._param_bytes + self._buffer_bytes - excluded_nbytes,
                              len(self.excluded), excluded_nbytes)
 
-    # -- the flat parameter list -----------------------------------------------------------
-    def param_names(self, sort: str = "model", contains: str = "", among: list[str] | None = None,
-                    should_stop: Callable[[], bool] = lambda: False) -> list[str] | None:
-        """Parameter (and buffer) names in `sort` order ("model", "name", "size", "numel"),
-        keeping those that contain every space-separated word of `contains` (case-insensitive).
+    # -- the flat parameter table --------------------------------------------------------
+    def facts(self, at: int) -> tuple[tuple[int, ...], str, int, int, int | None, str | None]:
+        """Shape, dtype, numel, output bytes, group and tied owner of the name at `at` in
+        `names`, from the columns read at the open (the table's rows: no look-up by name)."""
+        numel, nbytes = self._size_list[at]
+        if at < self.param_count:
+            return (self._shapes[at], self._dtypes[at], numel, nbytes, self._groups[at],
+                    self._tied[at])
+        b = self._own[self.names[at]]
+        return b.shape, b.dtype, numel, nbytes, None, None
 
-        `among`: an earlier answer in the same order that holds every match (the filter before
-        a key narrowed it), searched instead of all names. None when `should_stop()` said so
-        (polled between chunks: a worker whose filter text is stale stops early)."""
-        names = self._sorted.get(sort)
-        if names is None:
-            names = self._sorted[sort] = self._sort(sort)
-        words = contains.lower().split()
-        if not words:
-            return names
-        source = names if among is None else among
-        out: list[str] = []
-        for start in range(0, len(source), FILTER_CHUNK):
-            if should_stop():
-                return None
-            chunk = source[start:start + FILTER_CHUNK]
-            for word in words:  # each word narrows the chunk, in C: no Python line per name
-                chunk = list(compress(chunk, map(holds, map(str.lower, chunk), repeat(word))))
-            out += chunk
-        return out
-
-    def has_order(self, sort: str) -> bool:
-        """Whether the names are sorted by `sort` already (else that takes a pass over them)."""
-        return sort in self._sorted
-
-    def _sort(self, key: str) -> list[str]:
-        names = self.names
-        if key == "name":
-            # natural, like the tree: blocks.2 before blocks.10; each distinct part's key made
-            # once (a few thousand parts at 300k names: 0.3 s instead of 1.4 s)
-            part_key = _PartKeys().__getitem__
-            return sorted(names, key=lambda n: tuple(map(part_key, n.split("."))))
-        index = 0 if key == "numel" else 1
-        # largest first; a stable sort (reverse keeps equal keys in model order), keyed in C
-        keys = list(map(itemgetter(index), self._size_list))
-        return list(map(names.__getitem__, sorted(range(len(names)), key=keys.__getitem__,
-                                                  reverse=True)))
+    def marks(self, at: int) -> str:
+        """The one-letter marks of the name at `at` in `names`: x excluded, F frozen (B a
+        buffer), T tied, ! has findings."""
+        name = self.names[at]
+        if at >= self.param_count:
+            return ("x" if name in self.excluded else " ") + "B  "
+        return "".join((
+            "x" if name in self.excluded else " ",
+            "F" if self._frozen[at] else " ",
+            "T" if self._tied[at] else " ",
+            "!" if name in self.flagged else " ",
+        ))
 
     def change_since(self, old: Inspection) -> str:
         """What `v` tells the user: re-reading the same files must not look like nothing happened."""
@@ -347,18 +314,6 @@ class Inspection:
         """A ZeRO-3 frozen param's fragments live in every rank's model states, which the load
         leaves unparsed until the first such param is asked for: seconds at 512 ranks."""
         return self.ckpt.params[name].fragments_need_reads
-
-    def marks(self, name: str) -> str:
-        """One-letter marks: x excluded, F frozen (B a buffer), T tied, ! has findings."""
-        p = self.ckpt.params.get(name)
-        if p is None:
-            return ("x" if name in self.excluded else " ") + "B  "
-        return "".join((
-            "x" if name in self.excluded else " ",
-            "F" if p.frozen else " ",
-            "T" if p.tied_to else " ",
-            "!" if name in self.flagged else " ",
-        ))
 
 
 def split_ahead(node: ModuleNode, least: int, idle: Callable[[], bool]) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.style import Style
 from textual.binding import Binding
 
 from zinspect.core import fmt
-from zinspect.core.model import Buffer, short_dtype
-from zinspect.tui.inspection import OUTPUT_ITEMSIZE, Inspection
+from zinspect.core.model import short_dtype
+from zinspect.tui.inspection import Inspection
 from zinspect.tui.messages import ExclusionToggled, ParamChosen
+from zinspect.tui.rows import Rows
 from zinspect.tui.widgets.virtual_table import Column, VirtualTable
 
 
@@ -77,6 +80,7 @@ class ParamTable(VirtualTable):
         super().__init__(param_columns(view) + stat_columns(view), **kwargs)
         self.view = view
         self.names: list[str] = []
+        self.at: Sequence[int] = []  # each name's place in view.names (its columns')
 
     def show_stats(self) -> None:
         """Add the statistics columns (or drop them after a reload)."""
@@ -84,29 +88,26 @@ class ParamTable(VirtualTable):
         self._resize()
         self.refresh()
 
-    def set_names(self, names: list[str], longest: int) -> None:
-        """Show `names`; `longest`: the longest one's length (the caller knows it)."""
-        self.names = names
+    def set_rows(self, rows: Rows, longest: int) -> None:
+        """Show `rows`; `longest`: the longest name's length (the caller knows it)."""
+        self.names, self.at = rows
         self.flex_wants = longest
-        self.set_row_count(len(names))
+        self.set_row_count(len(self.names))
 
     def row_cells(self, index: int) -> list[str]:
-        name = self.names[index]
-        e = self.view.entry(name)  # (its sizes from it: `view.sizes` is made after the index)
-        numel = e.numel
-        nbytes = e.nbytes if isinstance(e, Buffer) else numel * OUTPUT_ITEMSIZE
-        group = getattr(e, "group", None)
+        name, at = self.names[index], self.at[index]
+        shape, dtype, numel, nbytes, group, tied_to = self.view.facts(at)
         cells = [
-            self.view.marks(name),
+            self.view.marks(at),
             name,
-            shape_text(e.shape),
-            short_dtype(e.dtype),
+            shape_text(shape),
+            short_dtype(dtype),
             fmt.count(numel),
             fmt.size(nbytes),
             "" if group is None else str(group),
         ]
         if self.view.stats:  # a tied alias has its owner's values
-            s = self.view.stats.get(name) or self.view.stats.get(getattr(e, "tied_to", None) or "")
+            s = self.view.stats.get(name) or self.view.stats.get(tied_to or "")
             cells += stat_cells(s) if s is not None else ["", "", ""]
         return cells
 

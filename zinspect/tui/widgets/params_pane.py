@@ -13,7 +13,8 @@ from textual.worker import get_current_worker
 from zinspect.core import fmt
 from zinspect.core.tree import SORT_KEYS
 from zinspect.tui.errors import WorkerOutcomes
-from zinspect.tui.inspection import Inspection, narrows
+from zinspect.tui.inspection import Inspection
+from zinspect.tui.rows import Rows, narrows
 from zinspect.tui.text import params_and_buffers
 from zinspect.tui.widgets.param_table import ParamTable
 from zinspect.tui.widgets.param_tree import ParamTree
@@ -50,7 +51,7 @@ class ParamsPane(WorkerOutcomes, Vertical):
 
     def on_mount(self) -> None:
         self.query_one(Input).display = False
-        self.query_one(ParamTable).set_names(self.view.param_names(self.sort), self.view.longest)
+        self.query_one(ParamTable).set_rows(self.view.orders.rows(self.sort), self.view.longest)
         self.refresh_marks()
 
     @property
@@ -80,14 +81,15 @@ class ParamsPane(WorkerOutcomes, Vertical):
     def _show_rows(self) -> None:
         """The rows of the current sort and filter: at once when they are known or few to
         search, else from a thread worker (the old rows stay until it answers)."""
-        sort, text = self.sort, self.filter_text
+        sort, text, orders = self.sort, self.filter_text, self.view.orders
         table = self.query_one(ParamTable)
-        among = table.names if self._shown[0] == sort and narrows(self._shown[1], text) else None
-        if not text.split() and self.view.has_order(sort):
-            self._show(sort, text, self.view.param_names(sort), self.view.longest)
-        elif len(among if among is not None else self.view.names) <= ROWS_AT_ONCE:
-            names = self.view.param_names(sort, text, among) or []
-            self._show(sort, text, names, max(map(len, names), default=0))
+        among = Rows(table.names, table.at) \
+            if self._shown[0] == sort and narrows(self._shown[1], text) else None
+        if not text.split() and orders.has(sort):
+            self._show(sort, text, orders.rows(sort), self.view.longest)
+        elif len(among.names if among is not None else self.view.names) <= ROWS_AT_ONCE:
+            rows = orders.rows(sort, text, among)
+            self._show(sort, text, rows, self._longest(rows))
         else:
             self._update_status()  # "searching…"
             # the worker starts once the key is drawn: its passes in C held the interpreter
@@ -95,31 +97,38 @@ class ParamsPane(WorkerOutcomes, Vertical):
             self.workers.cancel_group(self, "filter")
             self.call_after_refresh(self._search, sort, text, among)
 
-    def _search(self, sort: str, text: str, among: list[str] | None) -> None:
+    def _search(self, sort: str, text: str, among: Rows | None) -> None:
         if self.is_attached and (sort, text) == (self.sort, self.filter_text):
             self._find_rows(sort, text, among)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="filter",
           description="filtering the parameter names")
-    def _find_rows(self, sort: str, text: str, among: list[str] | None
-                   ) -> tuple[str, str, list[str], int] | None:
+    def _find_rows(self, sort: str, text: str, among: Rows | None
+                   ) -> tuple[str, str, Rows, int] | None:
         worker = get_current_worker()
-        names = self.view.param_names(sort, text, among, lambda: worker.is_cancelled)
-        if names is None:
+        rows = self.view.orders.rows(sort, text, among, lambda: worker.is_cancelled)
+        if rows is None:
             return None
-        return sort, text, names, max(map(len, names), default=0)
+        return sort, text, rows, self._longest(rows)
+
+    def _longest(self, rows: Rows) -> int:
+        """The longest name's length (the table's name column wants it): known when all
+        match (the first key's letter is often in every name)."""
+        if len(rows.names) == len(self.view.names):
+            return self.view.longest
+        return max(map(len, rows.names), default=0)
 
     def worker_succeeded(self, group: str, result) -> None:
         if group == "filter" and result is not None:
             self._show(*result)
 
-    def _show(self, sort: str, text: str, names: list[str], longest: int) -> None:
+    def _show(self, sort: str, text: str, rows: Rows, longest: int) -> None:
         """Show the rows found for (sort, text), unless the user has moved on since."""
         if (sort, text) != (self.sort, self.filter_text):
             return  # a newer key's rows are on their way
         self._shown = (sort, text)
         table = self.query_one(ParamTable)
-        table.set_names(names, longest)
+        table.set_rows(rows, longest)
         use_table = self.table_chosen or bool(text)
         current = "param-table" if use_table else "param-tree"
         if text and not table.row_count:
