@@ -311,6 +311,24 @@ def test_a_module_run_ending_inside_a_batch_is_read_in_bulk_up_to_its_last_batch
     assert chunked.module_runs(), "the module's run was not read in bulk (nor any part of it)"
 
 
+@pytest.mark.parametrize("window", [3000, 65536])
+@pytest.mark.parametrize("variant", ["plain", "3009_names", "fp32_norm_in_the_middle_two_runs",
+                                     "buffers", "tied_as_deepspeed_saves", "long_names",
+                                     "view_after_the_run"])
+def test_a_run_read_a_window_at_a_time_gives_the_same(variant, window, made, chunked,
+                                                     monkeypatch):
+    """A run is read `_WINDOW` bytes at a time (1 MiB: ~6k entries): windows that cut its
+    entries anywhere, its batches' SETITEMS too, give the same objects and the same runs
+    read in bulk (the batch a run is cut back to found in an earlier window)."""
+    path = made(variant)
+    whole = three_ways(path, monkeypatch)
+    runs = list(chunked.runs)
+    chunked.runs.clear()
+    monkeypatch.setattr(pickle_runs, "_WINDOW", window)
+    assert_same(three_ways(path, monkeypatch), whole, f"window {window} vs whole")
+    assert chunked.runs == runs
+
+
 # ------------------------------------------------------------------ forged runs
 
 

@@ -56,6 +56,8 @@ MAX_SHORT_RUNS = 8
 #: a run's first entry is looked for in this many bytes after the previous run (DeepSpeed saves
 #: the module first, ~3 KB in; param_shapes ~100 bytes after it)
 SEARCH_BYTES = 1 << 20
+#: a run is read this many bytes at a time; an entry is at most _LONGEST bytes
+_WINDOW, _LONGEST = 1 << 20, 1024
 POISON_MARKER = ("\x00zinspect", "\x00poison")
 _PUT = 5  # bytes of a LONG_BINPUT
 #: BINUNICODE of at most 255 bytes, as one token (`.{n}`: compiled 9x faster than n dots)
@@ -115,27 +117,46 @@ class _Kind:
         literal = tuple(re.escape(tail[a:b]) for a, b in zip(ends, self.PUT_OFFSETS[1:], strict=False))
         self.entries, self.tail = self._entries(bits, self.head, literal), tail
 
-    def read(self, raw: bytes, start: int) -> tuple[int, int, tuple[bytes, bytes, bytes]]:
-        """(entries, where the run ends, its columns' bytes and its tails' PUTs as
-        LONG_BINPUTs) of the run from `start`."""
-        found = self.entries.findall(raw, start)  # (the last row: the rest)
-        if not found[-1][-1]:  # the pickle ends inside the run: no STOP after it
-            return 0, start + 1, (b"", b"", b"")
-        if found[-1][-1] != b"u":  # (see prepare_with_runs) cut back to its last SETITEMS
-            cut = max((j for j in range(1, len(found) - 1) if found[j][0]), default=0)
-            if cut >= MIN_ENTRIES:  # (else left whole, unused: the search goes on after it)
-                found[cut:] = [(b"", b"", b"", b"", b"u")]
-        n, flat = len(found) - 1, list(chain.from_iterable(found))  # (columns by slices)
-        bounds, first, second, tails = (b"".join(flat[i::5]) for i in range(4))
-        end = start + len(bounds) + len(first) + len(second) + len(tails) + n * len(self.head)
-        del found, flat
+    def read(self, raw: bytes, start: int, stop: int | None = None) -> tuple:
+        """(entries, where the run ends, its columns' and its tails' PUTs' pieces) of the run
+        from `start` (up to `stop`, if given), read `_WINDOW` bytes at a time (findall's rows
+        are ~300 bytes an entry: 90 MB at once for a 297k-entry run). A run not followed by a
+        SETITEMS is cut back to its last batch's (see prepare_with_runs)."""
+        limit = len(raw) if stop is None else stop
+        at, n, columns, batch = start, 0, ([], [], []), None
+        while True:
+            window = min(limit, at + _WINDOW)
+            found = self.entries.findall(raw, at, window)
+            after = found.pop()[-1] if found and found[-1][-1] else b""  # the rest's 1st byte
+            k, flat = len(found), list(chain.from_iterable(found))
+            del found
+            bounds, first, second, tails = (b"".join(flat[i::5]) for i in range(4))
+            j = next((j for j in range(k - 1, 0 if n == 0 else -1, -1) if flat[5 * j]), None)
+            if j is not None:  # the last batch boundary (its `u` after entry j - 1)
+                batch = n + j, at + sum(map(len, flat[:5 * j])) + j * len(self.head)
+            del flat
+            columns[0].append(first)
+            columns[1].append(second)
+            columns[2].append(self._puts(tails, k))
+            n, at = n + k, at + len(bounds) + len(first) + len(second) + len(tails) + \
+                k * len(self.head)
+            if window == limit or after and (window - at > _LONGEST or not k):
+                break  # (else the window's end cut an entry, or ended with one: read on)
+        if not after and stop is None:  # the pickle ends inside the run: no STOP after it
+            return 0, start + 1, columns
+        if after not in (b"u", b"") and batch is not None and batch[0] >= MIN_ENTRIES:
+            return self.read(raw, start, batch[1])
+        return n, at, columns
+
+    def _puts(self, tails: bytes, n: int) -> bytes:
+        """The LONG_BINPUTs of `n` tails of TAIL_LEN bytes, whose PUTs lie at PUT_OFFSETS."""
         puts = []
         for at in self.PUT_OFFSETS:
             column = bytearray(_PUT * n)
             for i in range(_PUT):
                 column[i::_PUT] = tails[at + i::self.TAIL_LEN]
             puts.append(column)
-        return n, end, (first, second, b"".join(puts))
+        return b"".join(puts)
 
 
 class _ModuleEntries(_Kind):
@@ -150,15 +171,15 @@ class _ModuleEntries(_Kind):
     TAIL = (rb"h.K.t", rb"QK.K\x00\x85", rb"K\x01\x85", rb"[\x88\x89]h.\)R", b"t", b"R")
     TAIL_LEN, PUT_OFFSETS, HIGH_PUTS = 56, (0, 10, 21, 29, 39, 45, 51), True
 
-    def stub(self, columns: tuple[bytes, bytes, bytes]) -> list[bytes]:
+    def stub(self, columns: tuple[list, list, list]) -> list[bytes]:
         """Push '' and `RunUnpickler._module(names, keys, gets, constants)`, then replay the
         other PUTs with the poison (after the names' own: the poison wins a shared index)."""
         names, keys, puts = columns
         h, t = self.head, self.tail
         gets = h[0:2] + h[4:6] + h[6:8] + t[5:7] + t[35:37]
         constants = t[7:9] + t[16:18] + t[34:35]  # numel, offset, requires_grad
-        return [b"X\x00\x00\x00\x00" + _global(self.MARKER) + b"((", names, b"l(", keys,
-                b"l(" + gets + b"t(" + constants + b"ttR" + _global(POISON_MARKER), puts, b"0"]
+        return [b"X\x00\x00\x00\x00" + _global(self.MARKER) + b"((", *names, b"l(", *keys,
+                b"l(" + gets + b"t(" + constants + b"ttR" + _global(POISON_MARKER), *puts, b"0"]
 
 
 class _ShapeEntries(_Kind):
@@ -172,12 +193,12 @@ class _ShapeEntries(_Kind):
         rb"{4,64}t"
     TAIL, TAIL_LEN, PUT_OFFSETS, HIGH_PUTS = (rb"\x85", b"R"), 17, (0, 6, 12), False
 
-    def stub(self, columns: tuple[bytes, bytes, bytes]) -> list[bytes]:
+    def stub(self, columns: tuple[list, list, list]) -> list[bytes]:
         """Replay the PUTs with the poison, then push '' and `RunUnpickler._shapes(names,
         shapes, (Size,))` (GETs of an index the run PUT get the poison: refused)."""
         names, shapes, puts = columns
-        return [b"X\x00\x00\x00\x00" + _global(POISON_MARKER), puts, b"0" +
-                _global(self.MARKER) + b"((", names, b"l(", shapes, b"l(" + self.head + b"ttR"]
+        return [b"X\x00\x00\x00\x00" + _global(POISON_MARKER), *puts, b"0" +
+                _global(self.MARKER) + b"((", *names, b"l(", *shapes, b"l(" + self.head + b"ttR"]
 
 
 _KINDS = (_ModuleEntries, _ShapeEntries)
