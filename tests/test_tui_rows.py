@@ -93,8 +93,6 @@ async def test_the_filters_rows_look_up_no_param_by_name():
 
 
 def test_the_filter_finds_a_name_with_capitals_whatever_the_case_typed():
-    """Names are searched as they are while none holds a capital (lowering 297k names was half
-    a search), lowered once one does."""
     ckpt = open_checkpoint(FIXTURES / "s2_w2_bf16")
     p = next(iter(ckpt.params.values()))
     for names, text, found in (

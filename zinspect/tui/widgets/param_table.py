@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from rich.style import Style
 from textual.binding import Binding
 
@@ -80,7 +78,7 @@ class ParamTable(VirtualTable):
         super().__init__(param_columns(view) + stat_columns(view), **kwargs)
         self.view = view
         self.names: list[str] = []
-        self.at: Sequence[int] = []  # each name's place in view.names (its columns')
+        self.at: list[int] = []  # each name's place in view.names (its columns')
 
     def show_stats(self) -> None:
         """Add the statistics columns (or drop them after a reload)."""
