@@ -37,7 +37,7 @@ import sys
 from itertools import chain, repeat
 from operator import itemgetter
 
-from zinspect.core.fastpickle import _below, prepare_chunks_for_c
+from zinspect.core.fastpickle import SHORT_UNICODE, below, memo_index_bits, prepare_for_c
 from zinspect.core.torchpickle import (
     MAX_NUMEL,
     FastMetaUnpickler,
@@ -60,9 +60,6 @@ SEARCH_BYTES = 1 << 20
 _WINDOW, _LONGEST = 1 << 20, 1024
 POISON_MARKER = ("\x00zinspect", "\x00poison")
 _PUT = 5  # bytes of a LONG_BINPUT
-#: BINUNICODE of at most 255 bytes, as one token (`.{n}`: compiled 9x faster than n dots)
-_STRING = b"X(?:" + b"|".join(re.escape(bytes([n, 0, 0, 0])) + (b".{%d}" % n if n else b"")
-                              for n in range(256)) + b")"
 _GET = rb"(?:h.|j....)"
 _INTS = rb"(?:K.|M..|J....)"
 
@@ -73,7 +70,7 @@ def _global(marker: tuple[str, str]) -> bytes:
 
 def _put(bits: int, high: bool) -> bytes:
     """LONG_BINPUT of an index < 2**bits (the scan's bound on memo indices); >= 256 if `high`."""
-    return b"r" + (rb"(?!.\x00\x00\x00)" if high else b"") + _below(bits)
+    return b"r" + (rb"(?!.\x00\x00\x00)" if high else b"") + below(bits)
 
 
 class _Kind:
@@ -167,7 +164,7 @@ class _ModuleEntries(_Kind):
     REDUCE, PUT."""
 
     MARKER = ("\x00zinspect", "\x00module")
-    COLUMN1, HEAD, COLUMN2 = _STRING + b"{put}", rb"h.\(\(h.h.", _STRING
+    COLUMN1, HEAD, COLUMN2 = SHORT_UNICODE + b"{put}", rb"h.\(\(h.h.", SHORT_UNICODE
     TAIL = (rb"h.K.t", rb"QK.K\x00\x85", rb"K\x01\x85", rb"[\x88\x89]h.\)R", b"t", b"R")
     TAIL_LEN, PUT_OFFSETS, HIGH_PUTS = 56, (0, 10, 21, 29, 39, 45, 51), True
 
@@ -204,21 +201,17 @@ class _ShapeEntries(_Kind):
 _KINDS = (_ModuleEntries, _ShapeEntries)
 
 
-def _bits(total: int) -> int:
-    return max(16, min(31, (total // 4).bit_length() - 1))  # as fastpickle's scan bounds them
-
-
 def may_hold_run(head: bytes, total: int) -> bool:
     """Whether `head`, the start of a pickle of `total` bytes, holds a module run's first
     entry (worth reading the pickle whole for `prepare_with_runs`)."""
-    return _ModuleEntries.first(_bits(total)).search(head) is not None
+    return _ModuleEntries.first(memo_index_bits(total)).search(head) is not None
 
 
 def prepare_with_runs(raw: bytes) -> list | None:
     """`raw` as pieces for RunUnpickler (fastpickle.PiecesReader), each run of MIN_ENTRIES
     alike entries or more replaced by its stub; None when it holds none or any proof fails
     (the usual path reads it then)."""
-    bits, at, end, pieces, short = _bits(len(raw)), 0, 0, [], 0
+    bits, at, end, pieces, short = memo_index_bits(len(raw)), 0, 0, [], 0
     while short < MAX_SHORT_RUNS:  # the next run, whichever kind it is
         window = end, min(len(raw), end + SEARCH_BYTES)
         firsts = [(m.start(), kind, m) for kind in _KINDS
@@ -248,8 +241,7 @@ def _prove(data: bytes, total: int, until: int | None = None) -> list | None:
     """fastpickle's proof of `data` (a part of a pickle of `total` bytes) up to its STOP; with
     `until`, that STOP must be the one appended at `until` (`data` then ends a token exactly
     there; the pieces are returned without it)."""
-    chunks = iter((data,))
-    pieces = prepare_chunks_for_c(lambda carry: next(chunks, None), total)
+    pieces = prepare_for_c(data, total)
     if pieces is None or until is None:
         return pieces
     if sum(len(p) if isinstance(p, memoryview) else 1 for p in pieces) != until + 1:

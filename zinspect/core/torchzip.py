@@ -10,9 +10,9 @@ Two container formats exist:
 The object pickle is loaded by `MetaUnpickler` (zinspect.core.torchpickle), which never imports
 a module or calls anything the pickle names: tensors become `TensorRef` descriptors, a short
 allowlist of harmless builtins is honoured, and every other global becomes an inert `Opaque`
-record. A hostile pickle therefore
-cannot run code here; at worst it yields records the caller ignores. Its time and memory are
-bounded by the pickle's size (zinspect.core.unpickle): past a budget the file is unreadable.
+record. A hostile pickle therefore cannot run code here; at worst it yields records the caller
+ignores. Its time and memory are bounded by its size (zinspect.core.unpickle): past a budget
+the file is unreadable. Large ones take the C paths (fastpickle, pickle_runs; pickle_bytes).
 """
 
 from __future__ import annotations
@@ -240,16 +240,15 @@ def _bounded_load(data: bytes | io.BufferedIOBase, path: str, legacy: bool, budg
 
 
 def _load_chunked(f, path: str, start: int, nbytes: int, crc: int):
-    """A large data.pkl read and scanned in chunks (pickle_bytes), all of it CRC-checked
-    before the C unpickler, which frees the chunks as it reads them; when the scan declines or
-    the C unpickler fails, the record is read again, whole, for the bounded reader. One that
+    """A large data.pkl read, CRC-checked and scanned in chunks (pickle_bytes), freed as the C
+    unpickler reads them; read again whole for the bounded reader if either fails. One that
     holds a run of ZeRO-3 placeholders is read whole first, for pickle_runs."""
     chunks = RecordChunks(f, start, nbytes, PICKLE_CHUNK_BYTES)
     first = chunks.peek()
     runs = first is not None and pickle_runs.may_hold_run(first, nbytes)
     del first
     if runs:
-        loaded = _load_run(f, path, start, nbytes, crc)
+        loaded = _load_runs(f, path, start, nbytes, crc)
         if loaded is not None:
             return loaded
         chunks = RecordChunks(f, start, nbytes, PICKLE_CHUNK_BYTES)  # (read from the start)
@@ -260,25 +259,30 @@ def _load_chunked(f, path: str, start: int, nbytes: int, crc: int):
     if loaded is not None:
         return loaded
     del pieces
-    raw = read_at(f, start, nbytes)
-    if raw is None or zlib.crc32(raw) != crc:  # changed since
-        raise _damaged(path)
-    return _bounded_load(raw, path, False, nbytes)
+    return _bounded_load(_read_intact(f, path, start, nbytes, crc), path, False, nbytes)
 
 
-def _load_run(f, path: str, start: int, nbytes: int, crc: int):
-    """`_load_chunked`'s first try for a pickle whose first chunk holds a run's first entry:
-    read whole, CRC-checked and read by pickle_runs; None when that declines."""
-    raw = read_at(f, start, nbytes)
-    if raw is None or zlib.crc32(raw) != crc:
-        raise _damaged(path)
+def _load_runs(f, path: str, start: int, nbytes: int, crc: int):
+    """`_load_chunked`'s first try where the first chunk holds a run's first entry: read whole
+    for pickle_runs (no run found: the bytes go the usual way, `_load_pickle`); None when the
+    C unpickler fails on its stubs (the file is read again in chunks then)."""
+    raw = _read_intact(f, path, start, nbytes, crc)
     try:
         pieces = pickle_runs.prepare_with_runs(raw)
     except Exception:  # noqa: BLE001 - any doubt goes to the usual path
         pieces = None
+    if pieces is None:
+        return _load_pickle(raw, path)
     del raw  # (the pieces are copies: the C unpickler does not keep the 47 MB alive)
-    return None if pieces is None else \
-        _fast_load(pieces, False, nbytes, reader=pickle_runs.RunUnpickler)
+    return _fast_load(pieces, False, nbytes, reader=pickle_runs.RunUnpickler)
+
+
+def _read_intact(f, path: str, start: int, nbytes: int, crc: int) -> bytes:
+    """A data.pkl's `nbytes` from `start`, all there and with the CRC-32 `crc`, or raise."""
+    raw = read_at(f, start, nbytes)
+    if raw is None or zlib.crc32(raw) != crc:
+        raise _damaged(path)
+    return raw
 
 
 def _damaged(path: str) -> UnreadableFile:
@@ -305,9 +309,9 @@ def _read_zip(f, path: str, size: int, memo: PickleMemo | None = None) -> TorchF
         obj, up = _load_chunked(f, path, start, pkl_size, pkl_crc)
         return TorchFile(path, size, "zip", obj, up.storages, records, up.unknown_globals,
                          pickle=(start, pkl_size, pkl_crc))
-    raw = None if start is None else read_at(f, start, pkl_size)
-    if raw is None or zlib.crc32(raw) != pkl_crc:
+    if start is None:
         raise _damaged(path)
+    raw = _read_intact(f, path, start, pkl_size, pkl_crc)
     parsed = memo.get(raw) if memo is not None else None
     if parsed is None:
         obj, up = _load_pickle(raw, path)
