@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from functools import partial
 from typing import Any
 
 from textual import events, on, work
@@ -29,6 +30,7 @@ from zinspect.tui.inspection import (
     display_path,
     split_ahead,
 )
+from zinspect.tui.keys import binding
 from zinspect.tui.messages import (
     ExclusionToggled,
     FindingChosen,
@@ -36,7 +38,7 @@ from zinspect.tui.messages import (
     LoadProgress,
     ParamChosen,
 )
-from zinspect.tui.opening import TypeAhead, outlived
+from zinspect.tui.opening import TypeAhead, ahead_keys, outlived
 from zinspect.tui.screens.help import HelpScreen
 from zinspect.tui.screens.main import Inspector, MainScreen
 from zinspect.tui.screens.param_detail import ParamDetailScreen
@@ -85,6 +87,11 @@ class ZinspectApp(SelectionFileActions, WorkerOutcomes, TypeAhead, App[int]):
     def __init__(self, path: str, tag: str | None = None, tags: list[str] | None = None) -> None:
         """`tags`: PATH has several tag dirs and no `latest`; the user picks one first."""
         super().__init__()
+        own = partial(binding, ZinspectApp)
+        self.ahead_keys = ahead_keys(
+            own("quit"), binding(MainScreen, "filter"),
+            [own("save-selection"), own("load-selection"), own("compare")], [own("goto-param")],
+            self.COMMAND_PALETTE_BINDING)
         self.path = path
         self.tag = tag
         self.tags_to_pick = tags or []

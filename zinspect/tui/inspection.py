@@ -322,13 +322,18 @@ def split_ahead(node: ModuleNode, least: int, idle: Callable[[], bool]) -> None:
     (0.25 s for 33,000 layers). One at a time, each once `idle()` says that no key is coming
     (False: stop): a split beside the filter's keys took the interpreter from them. One level
     only: the next is split when the user opens one of these."""
-    for child in list(node.children.values()):
-        if child.count > least:
-            if not idle():
-                return
-            with gc_paused():  # a full collection in the middle held the interpreter 0.1 s
-                child.children  # noqa: B018
-            gc.freeze()  # its nodes, as the load's: the collector's full passes walked them
+    split = False
+    try:
+        for child in list(node.children.values()):
+            if child.count > least:
+                if not idle():
+                    return
+                with gc_paused():  # a full collection in the middle held the interpreter 0.1 s
+                    child.children  # noqa: B018
+                split = True
+    finally:
+        if split:  # their nodes, as the load's: the collector's full passes walked them (once:
+            gc.freeze()  # a freeze also keeps the garbage not yet collected, until the end)
 
 
 def folded_order(findings: list[Finding]) -> list[Finding]:

@@ -7,52 +7,66 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from textual import events
+from textual.binding import Binding
 from textual.worker import Worker
 
 T = TypeVar("T")
 
 #: keys that leave the app at once while it reads (Textual's ctrl+c only says how to quit)
 LEAVE = frozenset({"ctrl+c", "ctrl+q"})
-#: these too, unless a key typed ahead of them opened a text field: then they are its text (a
-#: name holds `q`: `/q_proj`) or close it, and wait with the rest
-LEAVE_UNLESS_TYPING = frozenset({"q", "escape"})
-#: keys that open a text field once the tabs are there: the filter, go to param, the palette,
-#: the selection file's and the comparison's path
-OPENS_TEXT = frozenset({"slash", "ctrl+g", "ctrl+p", "s", "l", "c"})
 #: keys that leave a text field
 CLOSES_TEXT = frozenset({"enter", "escape", "tab", "shift+tab"})
 
 
-def typing_after(typing: bool, key: events.Key) -> bool:
-    """Whether a text field has the keys after `key` (`typing`: it had `key`)."""
-    if key.key in CLOSES_TEXT:
-        return False
-    return typing or key.key in OPENS_TEXT
+@dataclass(frozen=True)
+class AheadKeys:
+    """What the keys typed ahead do, from the app's bindings (a key is written once there):
+    `leave_unless_typing` leave at once too, unless a key typed ahead of them opened a text field
+    (then they are its text, a name holds `q`: `/q_proj`, or close it) and wait with the rest;
+    `opens_text` open a text field once the tabs are there (the filter, go to param, the palette,
+    the selection file's and the comparison's path), `dialogs` those that open a dialog with a
+    text field whatever has the focus (its field gets it once the dialog is mounted)."""
+
+    leave_unless_typing: frozenset[str]
+    opens_text: frozenset[str]
+    dialogs: frozenset[str]
+    focus_now: frozenset[str]  # the filter's: moves the focus as the app reads it (priority)
+
+    def typing_after(self, typing: bool, key: events.Key) -> bool:
+        """Whether a text field has the keys after `key` (`typing`: it had `key`)."""
+        if key.key in CLOSES_TEXT:
+            return False
+        return typing or key.key in self.opens_text
+
+    def typing_text(self, keys: list[events.Key], typing: bool = False) -> bool:
+        """Whether `keys`, acted on in order, end in a text field."""
+        for key in keys:
+            typing = self.typing_after(typing, key)
+        return typing
+
+    def ends_batch(self, typing: bool, key: events.Key) -> bool:
+        """Whether the keys after `key` wait for what it does to be drawn: it leaves a text
+        field, opens a dialog, or acts outside a text field (a tab key focuses its table after a
+        refresh, enter moves from the filter to the table by a message the filter sends, `s`
+        opens a dialog). Only the filter's key moves the focus as the app reads it."""
+        if key.key in CLOSES_TEXT or key.key in self.dialogs:
+            return True
+        return key.key not in self.focus_now and not typing
 
 
-def typing_text(keys: list[events.Key], typing: bool = False) -> bool:
-    """Whether `keys`, acted on in order, end in a text field."""
-    for key in keys:
-        typing = typing_after(typing, key)
-    return typing
-
-
-#: keys that open a dialog with a text field whatever has the focus (its field gets it once
-#: the dialog is mounted)
-DIALOGS = frozenset({"ctrl+g", "ctrl+p"})
-
-
-def ends_batch(typing: bool, key: events.Key) -> bool:
-    """Whether the keys after `key` wait for what it does to be drawn: it leaves a text field,
-    opens a dialog, or acts outside a text field (a tab key focuses its table after a refresh,
-    enter moves from the filter to the table by a message the filter sends, `s` opens a
-    dialog). Only `/` moves the focus as the app reads it (a priority binding)."""
-    if key.key in CLOSES_TEXT or key.key in DIALOGS:
-        return True
-    return key.key != "slash" and not typing
+def ahead_keys(quit_: Binding, filter_: Binding, text: list[Binding], dialogs: list[Binding],
+               palette: str) -> AheadKeys:
+    """AheadKeys of the app's bindings: `quit_` (and escape) leave unless typing; `filter_`,
+    `text`, `dialogs` and the command palette's key (`palette`) open a text field."""
+    def keys(*bindings: Binding) -> frozenset[str]:
+        return frozenset(k.strip() for b in bindings for k in b.key.split(","))
+    dialog_keys = keys(*dialogs) | {palette}
+    return AheadKeys(keys(quit_) | {"escape"}, keys(filter_, *text) | dialog_keys, dialog_keys,
+                     keys(filter_))
 
 
 def outlived(worker: Worker, work: Callable[[], T], poll: float = 0.05) -> T | None:
@@ -90,7 +104,10 @@ class TypeAhead:
     shown (a `/` and the words behind it, `2`, `t`, `o` ... were lost: every key acted on a
     loading screen where nothing was bound); q, escape, ctrl+c and ctrl+q leave at once
     (`leave_reading`). Replayed as typed, a batch at a time: the keys after one that moves the
-    focus or opens a dialog wait until the screen has drawn it (`ends_batch`)."""
+    focus or opens a dialog wait until the screen has drawn it (`ends_batch`). The app gives
+    `ahead_keys` (made from its bindings)."""
+
+    ahead_keys: AheadKeys
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -136,7 +153,9 @@ class TypeAhead:
 
     def leaves(self, key: events.Key) -> bool:
         """Leave at once (True) on a key that leaves, unless it is meant for a text field."""
-        if key.key in LEAVE or (key.key in LEAVE_UNLESS_TYPING and not typing_text(self._ahead)):
+        keys = self.ahead_keys
+        if key.key in LEAVE or (key.key in keys.leave_unless_typing and
+                                not keys.typing_text(self._ahead)):
             self.call_later(self.leave_reading, key.key)
             return True
         return False
@@ -164,6 +183,6 @@ class TypeAhead:
             again = events.Key(key.key, key.character)
             self._replaying.append(again)
             self.post_message(again)
-            typing, self._typing = self._typing, typing_after(self._typing, key)
-            if ends_batch(typing, key):
+            typing, self._typing = self._typing, self.ahead_keys.typing_after(self._typing, key)
+            if self.ahead_keys.ends_batch(typing, key):
                 return

@@ -121,8 +121,9 @@ class ParamTree(Tree[ModuleNode]):
     def _on_tree_node_expanded(self, event: Tree.NodeExpanded[ModuleNode]) -> None:
         if event.node is not self.root:  # expanded at mount, filled when shown
             self.populate(event.node)
-            if event.node.data is not None:
-                self.split_ahead(event.node.data)
+            data = event.node.data
+            if data is not None and data.count > ROWS_AT_ONCE:  # (else no child has more)
+                self.split_ahead(data)
 
     @work(thread=True, exit_on_error=False, group="ahead",
           description="splitting the largest modules below the one opened")
@@ -156,6 +157,7 @@ class ParamTree(Tree[ModuleNode]):
         # a new root, not root.remove_children(): that finds each node in its parent's list,
         # 5.6 s of a frozen UI for 33,000 layers open
         self.clear()
+        self._stale.clear()  # (the new nodes' ids start again from 0)
         self.populate(self.root)
         stack = list(self.root.children)
         while stack:
