@@ -14,9 +14,10 @@ import pickle
 import pytest
 from test_fast_unpickle import PICKLES, _bomb, _key, _one_tensor, both, forged, outcome, same
 
+from zinspect.core.bounded_unpickler import plain
 from zinspect.core.fastpickle import PiecesReader, _opcode_runs, prepare_for_c
 from zinspect.core.torchzip import FastMetaUnpickler, MetaUnpickler, Opaque, TensorRef
-from zinspect.core.unpickle import PickledDict, check_tree, plain
+from zinspect.core.unpickle import PickledDict, check_tree
 
 pytestmark = pytest.mark.skipif(_opcode_runs(16) is None,
                                 reason="the fast path needs Python 3.11 (possessive repeats)")
@@ -210,10 +211,11 @@ def test_plain_skips_settled_containers_and_swaps_the_rest():
 
 
 def test_the_bounded_reader_builds_no_pickled_dict_so_plain_does_not_run(monkeypatch):
-    import zinspect.core.unpickle as unpickle
+    import zinspect.core.bounded_unpickler as bounded_unpickler
 
     assert not MetaUnpickler.builds_pickled_dicts and FastMetaUnpickler.builds_pickled_dicts
     raw = next(r for n, r in PICKLES if "model_states" in n)
-    monkeypatch.setattr(unpickle, "plain", lambda *a: pytest.fail("plain on the bounded path"))
+    monkeypatch.setattr(bounded_unpickler, "plain",
+                        lambda *a: pytest.fail("plain on the bounded path"))
     obj = MetaUnpickler(io.BytesIO(raw), budget_bytes=len(raw)).load()
     assert not [x for x in walk(obj) if type(x) is PickledDict]

@@ -9,6 +9,7 @@ order) and unknown globals, or the same UnreadableFile message, as with the run 
 from __future__ import annotations
 
 import functools
+import operator
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -22,7 +23,7 @@ from zinspect.core import pickle_runs, torchzip
 from zinspect.core.pickle_bytes import PickleMemo
 from zinspect.core.torchpickle import Opaque, StorageRef, TensorRef
 from zinspect.core.torchzip import read_torch_file
-from zinspect.core.unpickle import PairsRun, PickledDict, PickledOrderedDict
+from zinspect.core.unpickle import DeferredPairs, PairsRun, PickledDict, PickledOrderedDict
 from zinspect.errors import UnreadableFile
 
 _ATOMS = (str, bytes, int, float, bool, complex, type(None))
@@ -40,6 +41,13 @@ def assert_same(a, b, where: str = "", seen: dict | None = None) -> None:
         assert pair == (b, a) and pair[0] is b, f"{where}: shared differently"
         return
     seen["a", id(a)], seen["b", id(b)] = b, a
+    for d in (a, b):
+        if type(d) is DeferredPairs:  # what it says before its pairs are inserted, then as a dict
+            keys, values, n = d.keys_list(), d.values_list(), len(d)
+            d.insert_deferred()
+            assert type(d) is PickledOrderedDict and keys == list(dict.keys(d)) and \
+                n == len(keys) == len(values) == dict.__len__(d) and \
+                all(map(operator.is_, values, dict.values(d))), f"{where}: deferred pairs differ"
     if isinstance(a, Opaque):
         assert isinstance(b, Opaque) and a.qualname == b.qualname, f"{where}: {a!r} != {b!r}"
         assert_same((a.args, a.state), (b.args, b.state), f"{where}<{a.qualname}>", seen)

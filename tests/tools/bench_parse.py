@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from zinspect.core import fastpickle, pickle_runs, torchzip  # noqa: E402
+from zinspect.core.bounded_unpickler import plain  # noqa: E402
 from zinspect.core.load import _storages  # noqa: E402
 from zinspect.core.pickle_bytes import RecordChunks, read_at  # noqa: E402
-from zinspect.core.unpickle import check_tree, plain, work_budget  # noqa: E402
+from zinspect.core.unpickle import check_tree, work_budget  # noqa: E402
 
 # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark over fork + exec into the
 # child's ru_maxrss

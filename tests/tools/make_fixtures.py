@@ -93,6 +93,11 @@ FIXTURES = {
     # no frozen or tied names: the usual ZeRO-3 model states, whose params are built in bulk
     "s3_w2_bf16_plain": (ZERO, ["--stage", "3", "--world-size", "2", "--dtype", "bf16",
                                 "--no-frozen", "--no-tied"]),
+    # 2,624 names (runs of alike entries past a SETITEMS batch: read by pickle_runs when its
+    # pickle is read as a large one, tests/test_deferred_checkpoint.py), buffers around them
+    "s3_w2_bf16_many": (ZERO, ["--stage", "3", "--world-size", "2", "--dtype", "bf16",
+                               "--width", "2", "--layers", "330", "--vocab", "8", "--steps", "1",
+                               "--seq", "4", "--batch", "1", "--no-frozen", "--no-tied"]),
     # several fp32 sub-groups per param group
     "s3_w3_fp16_sub": (ZERO, ["--stage", "3", "--world-size", "3", "--dtype", "fp16",
                               "--sub-group-size", "200"]),

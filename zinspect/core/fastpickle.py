@@ -49,7 +49,8 @@ import pickle
 import re
 from collections.abc import Callable
 
-from zinspect.core.unpickle import MAX_STRING, PickledDict, _Budgeted
+from zinspect.core.bounded_unpickler import _Budgeted
+from zinspect.core.unpickle import MAX_STRING, PickledDict
 
 #: what each EMPTY_DICT becomes: GLOBAL (a name no scanned pickle may hold), EMPTY_TUPLE, REDUCE
 DICT_MARKER = ("\x00zinspect", "\x00dict")

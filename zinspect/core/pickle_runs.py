@@ -15,7 +15,8 @@ FastMetaUnpickler):
   persistent_load, _rebuild_tensor_v2 or torch.Size would and makes the values in bulk, returned
   as a `PairsRun` and set under a key '' into the dict being built, whose `__setitem__` inserts
   the run's pairs instead (unpickle.PairsRun), in order (a run must be followed by the SETITEMS
-  that takes its frame: nothing else may be handed the pair);
+  that takes its frame: nothing else may be handed the pair); an OrderedDict keeps them as
+  lists until it is used as a dict (unpickle.DeferredPairs: the layouts read the lists);
 * every other PUT of the run, replayed with a poison object that raises on any use: a later GET
   of an intermediate object of the run (no real pickle makes one) gets no wrong object.
 
@@ -129,8 +130,8 @@ class _Kind:
             del found
             bounds, first, second, tails = (b"".join(flat[i::5]) for i in range(4))
             j = next((j for j in range(k - 1, 0 if n == 0 else -1, -1) if flat[5 * j]), None)
-            if j is not None:  # the last batch boundary (its `u` after entry j - 1)
-                batch = n + j, at + sum(map(len, flat[:5 * j])) + j * len(self.head)
+            if j is not None:  # the last batch boundary (its `u` after entry j - 1): where
+                batch = n + j, at, flat, j  # it lies is summed only if the run is cut back
             del flat
             columns[0].append(first)
             columns[1].append(second)
@@ -142,7 +143,9 @@ class _Kind:
         if not after and stop is None:  # the pickle ends inside the run: no STOP after it
             return 0, start + 1, columns
         if after not in (b"u", b"") and batch is not None and batch[0] >= MIN_ENTRIES:
-            return self.read(raw, start, batch[1])
+            _, window_start, flat, j = batch
+            return self.read(raw, start, window_start + sum(map(len, flat[:5 * j])) +
+                             j * len(self.head))
         return n, at, columns
 
     def _puts(self, tails: bytes, n: int) -> bytes:

@@ -16,12 +16,11 @@ import types
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from zinspect.core.bounded_unpickler import BoundedUnpickler, checked_set
 from zinspect.core.fastpickle import FastUnpickler
 from zinspect.core.unpickle import (
-    BoundedUnpickler,
     PickledOrderedDict,
     charge,
-    checked_set,
     refuse_build,
 )
 

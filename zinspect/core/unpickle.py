@@ -6,7 +6,8 @@ an explicit stack, so reading is linear in the pickle's bytes. What stays unboun
 objects can make others do: a dict key that is a tuple nested 100,000 deep crashes the
 interpreter when it is hashed (SIGSEGV) or raises RecursionError; a "memo bomb" (each level a
 tuple of two references to the level below) is 2**60 nodes when walked or formatted, from a few
-KB; a 24 MiB string hangs a terminal. `BoundedUnpickler` therefore checks, as it reads:
+KB; a 24 MiB string hangs a terminal. `BoundedUnpickler` (bounded_unpickler.py) therefore
+checks, as it reads:
 
 * every string and bytes object against `MAX_STRING`, every int against `MAX_INT_BYTES`;
 * every object about to be hashed (dict keys, set members) against `MAX_KEY_NODES` nodes, so
@@ -21,7 +22,8 @@ a PUT opcode of at least two bytes.
 The readers' results are the same on both paths: `zinspect.core.fastpickle` offers large
 pickles to the C unpickler when its scan proves that safe. Both build dicts through
 `PickledDict` / `PickledOrderedDict` (below), whose `__setitem__` checks each key before it is
-hashed, and `plain` swaps each PickledDict back for a dict after the tree check.
+hashed, and `plain` (bounded_unpickler.py) swaps each PickledDict back for a dict after the
+tree check.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ import pickle
 import threading
 from collections import OrderedDict
 from itertools import repeat
-
-from zinspect.core.gcpause import gc_paused
 
 #: longest str or bytes object accepted (real checkpoints: names and configs of a few KB)
 MAX_STRING = 1 << 20
@@ -63,18 +63,18 @@ def children(obj):
     if isinstance(obj, (tuple, list, set, frozenset)):
         return obj
     if isinstance(obj, dict):
-        attrs = _attributes(obj)
-        return itertools.chain(dict.keys(obj), dict.values(obj), attrs) if obj or attrs else None
+        attrs = attributes_of(obj)
+        return itertools.chain(*keys_and_values(obj), attrs) if obj or attrs else None
     args = getattr(obj, "args", None) if hasattr(obj, "state") else None
     if isinstance(args, tuple):
         return (*args, obj.state)
     return None
 
 
-def _attributes(obj) -> list:
+def attributes_of(obj) -> list:
     """[the instance dict] of an OrderedDict that a BUILD gave attributes (a state_dict's
     `_metadata`: its dicts are swapped by `plain`, a memo bomb in it is counted), else []."""
-    attrs = vars(obj) if type(obj) is PickledOrderedDict else None
+    attrs = vars(obj) if type(obj) in (PickledOrderedDict, DeferredPairs) else None
     return [attrs] if attrs else []
 
 
@@ -82,13 +82,13 @@ def _non_leaves(obj, leaves: frozenset) -> list:
     """The members of `obj` (as `children` lists them) that are not leaves."""
     if isinstance(obj, dict):
         # the dict's own views: an OrderedDict's are 5-10x slower to walk
-        return _drop_leaves(dict.keys(obj), leaves) + _drop_leaves(dict.values(obj), leaves) + \
-            _attributes(obj)
+        keys, values = keys_and_values(obj)
+        return drop_leaves(keys, leaves) + drop_leaves(values, leaves) + attributes_of(obj)
     kids = children(obj)
-    return _drop_leaves(kids, leaves) if kids else []
+    return drop_leaves(kids, leaves) if kids else []
 
 
-def _drop_leaves(items, leaves: frozenset) -> list:
+def drop_leaves(items, leaves: frozenset) -> list:
     """`items` (a collection or dict view) without its leaves. The common cases, all leaves (a
     dict of 300k names and tensors) or none (300k shapes), are decided at C speed."""
     kinds = set(map(type, items))
@@ -116,7 +116,7 @@ def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the
         inner = _non_leaves(item, leaves)
         nodes += len(item) * (2 if isinstance(item, dict) else 1) if isinstance(item, _SIZED) \
             else len(inner) + 2
-        flat = _flat_tuples(inner, leaves)
+        flat = flat_tuples(inner, leaves)
         if flat is None:
             stack.extend([(kid, depth + 1) for kid in inner])
         elif flat and depth + 1 >= max_depth:
@@ -131,67 +131,12 @@ def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the
                                         if what == "the pickle" else ""))
 
 
-def _flat_tuples(items: list, leaves: frozenset) -> int | None:
+def flat_tuples(items: list, leaves: frozenset) -> int | None:
     """When every one of `items` is a tuple of leaves: how many leaves they hold; else None."""
     if not items or type(items[0]) is not tuple or set(map(type, items)) != {tuple} or \
             not set(map(type, itertools.chain.from_iterable(items))) <= leaves:
         return None
     return sum(map(len, items))
-
-
-def plain(obj, leaves: frozenset = _ATOMS, settled: set | frozenset = frozenset()):
-    """`obj` with each PickledDict replaced by a dict of the same items (lists and inert
-    records are fixed in place, dicts' values too, tuples rebuilt where a member changed;
-    shared objects stay shared). Call it after `check_tree`: the graph is then acyclic and at
-    most MAX_DEPTH deep, which bounds the recursion; the members of the containers it
-    `settled` are not walked again (the 297k shapes of a large model-states file)."""
-    done: dict[int, object] = {}
-
-    def fixed(items) -> list | None:
-        """Replacements for `items` (None: nothing in them changes)."""
-        inner = _drop_leaves(items, leaves)
-        if not inner or _flat_tuples(inner, leaves) is not None:
-            return None
-        out = [x if type(x) in leaves else conv(x) for x in items]
-        return out if any(a is not b for a, b in zip(out, items, strict=True)) else None
-
-    def conv(x):
-        key = id(x)
-        if key in done:
-            return done[key]
-        t = type(x)
-        out = done[key] = dict(x) if t is PickledDict else x
-        if key in settled:
-            return out
-        if isinstance(out, dict):
-            fixed(dict.keys(out))  # keys are never replaced: walked for inert records only
-            values = fixed(dict.values(out))
-            if values is not None:
-                out.update(zip(list(dict.keys(out)), values, strict=True))
-            for attrs in _attributes(out):
-                conv(attrs)  # fixed in place
-        elif t is list:
-            items = fixed(x)
-            if items is not None:
-                x[:] = items
-        elif t is tuple:
-            items = fixed(x)
-            if items is not None:
-                out = done[key] = tuple(items)
-        elif t in (set, frozenset):
-            fixed(list(x))
-        elif hasattr(x, "state") and isinstance(getattr(x, "args", None), tuple):
-            x.args, x.state = conv(x.args), x.state if type(x.state) in leaves else \
-                conv(x.state)
-        return out
-
-    try:
-        return obj if type(obj) in leaves else conv(obj)
-    finally:
-        # fixed and conv refer to each other (a reference cycle holding `done`): cleared, the
-        # objects walked are freed by reference counting when dropped, not at the next
-        # collection pass (the parsed 297k-name model states otherwise outlived their use)
-        done.clear()
 
 
 _work = threading.local()
@@ -221,101 +166,9 @@ def charge(units: int) -> None:
                                        "need (one object passed to a call again and again)")
 
 
-def _hashable(key) -> None:
+def check_key(key) -> None:
     if type(key) not in _ATOMS:
         check_tree(key, MAX_KEY_NODES, MAX_KEY_NODES, "a dict key or set member")
-
-
-def _strings_bounded(fn):
-    def load(self):
-        fn(self)
-        top = self.stack[-1]
-        if len(top) > MAX_STRING:
-            raise PickleBudgetExceeded(f"a string of {len(top):,} characters (at most "
-                                       f"{MAX_STRING:,} are accepted)")
-    return load
-
-
-def _int_bounded(fn):
-    def load(self):
-        fn(self)
-        bits = self.stack[-1].bit_length()
-        if bits > 8 * MAX_INT_BYTES - 1:  # a signed int of MAX_INT_BYTES bytes
-            raise pickle.UnpicklingError(f"an int of {bits:,} bits (at most "
-                                         f"{8 * MAX_INT_BYTES - 1} are accepted)")
-    return load
-
-
-def _keys_checked(fn, items):
-    def load(self):
-        for key in items(self):
-            _hashable(key)
-        fn(self)
-    return load
-
-
-class _Budgeted:
-    """What both readers do around the unpickler's own load: the work budget while it runs,
-    then the tree check and the plain result (the pickle's size sets the budget)."""
-
-    #: types of the objects a subclass builds that hold nothing from the pickle to walk
-    leaf_types: frozenset = frozenset()
-    #: whether the reader builds PickledDicts (the fast path's), which `plain` swaps for dicts
-    builds_pickled_dicts = False
-
-    def __init__(self, file, *, budget_bytes: int, **kwargs) -> None:
-        super().__init__(file, **kwargs)
-        self.max_nodes = NODES_PER_BYTE * budget_bytes + NODES_FLOOR
-
-    def load(self):
-        with gc_paused(), work_budget(self.max_nodes):
-            obj = super().load()
-            # the memo holds every intermediate object of the pickle (at 297k names: 100 MB of
-            # argument tuples, storage ids, hooks dicts) until the reader is dropped
-            self.memo.clear()
-            leaves = _ATOMS | self.leaf_types
-            settled = set() if self.builds_pickled_dicts else None
-            check_tree(obj, self.max_nodes, leaves=leaves, settled=settled)
-            return obj if settled is None else plain(obj, leaves, settled)
-
-
-class BoundedUnpickler(_Budgeted, pickle._Unpickler):
-    """`pickle._Unpickler` with the budgets of this module. Call `load()` as usual; the result
-    is checked as a tree against `budget_bytes` (the pickle's size)."""
-
-    dispatch = dict(pickle._Unpickler.dispatch)
-    #: globals resolved before a subclass's allowlist (see FastUnpickler)
-    special_globals: dict = {}
-
-
-_d = BoundedUnpickler.dispatch
-for _op in (pickle.BINUNICODE, pickle.BINUNICODE8, pickle.UNICODE, pickle.BINBYTES,
-            pickle.BINBYTES8, pickle.BYTEARRAY8, pickle.BINSTRING, pickle.STRING):
-    _d[_op[0]] = _strings_bounded(_d[_op[0]])
-for _op in (pickle.LONG1, pickle.LONG4, pickle.INT, pickle.LONG):
-    _d[_op[0]] = _int_bounded(_d[_op[0]])
-# after a MARK, `stack` holds only what the next container opcode consumes: DICT and SETITEMS
-# hash every other item, ADDITEMS and FROZENSET all of them; SETITEM hashes stack[-2]
-for _op in (pickle.DICT, pickle.SETITEMS):
-    _d[_op[0]] = _keys_checked(_d[_op[0]], lambda self: self.stack[0::2])
-for _op in (pickle.ADDITEMS, pickle.FROZENSET):
-    _d[_op[0]] = _keys_checked(_d[_op[0]], lambda self: self.stack)
-_d[pickle.SETITEM[0]] = _keys_checked(_d[pickle.SETITEM[0]], lambda self: self.stack[-2:-1])
-del _d, _op
-
-
-def checked_set(kind):
-    """`set`/`frozenset` for a restricted unpickler's allowlist: the members are checked
-    before they are hashed."""
-    def build(*args):
-        if len(args) > 1:
-            raise pickle.UnpicklingError(f"{kind.__name__} with {len(args)} arguments")
-        charge(len(args[0]) if args else 0)
-        items = list(args[0]) if args else []  # a dict gives its keys
-        for item in items:
-            _hashable(item)
-        return kind(items)
-    return build
 
 
 # ------------------------------------------------------------- the checked dicts of both paths
@@ -324,7 +177,8 @@ def checked_set(kind):
 class PairsRun:
     """The (name, value) pairs of a run of dict entries the fast path read in bulk
     (zinspect.core.pickle_runs): set as a value into a PickledDict or PickledOrderedDict, it
-    inserts its pairs instead, in order and once (their keys are str: nothing to check)."""
+    inserts its pairs instead, in order and once (their keys are str: nothing to check), or
+    has a PickledOrderedDict keep them as lists until it is used (DeferredPairs)."""
 
     __slots__ = ("names", "values", "inserted")
 
@@ -332,11 +186,21 @@ class PairsRun:
         self.names, self.values, self.inserted = names, values, False
 
     def insert_into(self, target: dict, setter) -> None:
+        names, values = self.take()
+        if type(target) is PickledOrderedDict and len(names) >= DEFER_AT_LEAST:
+            PickledOrderedDict._deferred.__set__(target, [names, values, False])
+            target.__class__ = DeferredPairs  # (its pairs kept as lists)
+        else:
+            any(map(setter, repeat(target), names, values))  # (each returns None)
+
+    def take(self) -> tuple[list, list]:
+        """The pairs' names and values, once."""
         if self.inserted:
             raise pickle.UnpicklingError("a run of entries set twice")
         self.inserted = True
-        any(map(setter, repeat(target), self.names, self.values))  # (each returns None)
+        names, values = self.names, self.values
         self.names = self.values = None
+        return names, values
 
 
 class PickledDict(dict):
@@ -348,7 +212,7 @@ class PickledDict(dict):
     def __setitem__(self, key, value, _atoms=_ATOMS, _set=dict.__setitem__,
                     _run=PairsRun) -> None:
         if type(key) not in _atoms:  # (the defaults: no global lookups, 600k calls at 300k names)
-            _hashable(key)
+            check_key(key)
         if type(value) is _run:
             return value.insert_into(self, _set)
         _set(self, key, value)
@@ -377,6 +241,8 @@ class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
     items costs 0.2 s) and pickles as an OrderedDict. A BUILD sets an instance's attributes
     (a state_dict's `_metadata`), never the class's (`NoBuild`)."""
 
+    __slots__ = ("_deferred",)  # (DeferredPairs': not an attribute `vars` lists)
+
     def __init__(self, *args, **kwargs) -> None:
         if args or kwargs:  # (OrderedDict(): nothing to do, 300k times at 300k names)
             if args:  # OrderedDict(items): a copy, charged (see `charge`)
@@ -386,10 +252,114 @@ class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
     def __reduce__(self):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "_deferred":  # (a BUILD's slot state would set it: the slot's own __set__ only)
+            raise pickle.UnpicklingError("the pickle sets an attribute zinspect keeps for itself")
+        OrderedDict.__setattr__(self, name, value)
+
     def __setitem__(self, key, value, _atoms=_ATOMS, _set=OrderedDict.__setitem__,
                     _run=PairsRun) -> None:
         if type(key) not in _atoms:
-            _hashable(key)
+            check_key(key)
         if type(value) is _run:
             return value.insert_into(self, _set)
         _set(self, key, value)
+
+
+#: a run of fewer pairs is inserted at once (DeferredPairs)
+DEFER_AT_LEAST = 1024
+_DEFERRED = threading.RLock()
+
+
+class DeferredPairs(PickledOrderedDict):
+    """A PickledOrderedDict whose last pairs, from a bulk-read run (PairsRun) on, are kept as
+    two lists, not inserted: 297k OrderedDict insertions (0.17 s at 297k names, the module's
+    and param_shapes') are paid only by a reader that uses the dict as a dict.
+
+    Until it is first read, each pair set is appended to the lists (the unpickler's: entries
+    after the run, a later run). The first read checks that the lists' keys are distinct and
+    none is in the dict; then `keys_list` / `values_list` (the layouts' keys_of / values_of, the
+    tree check) and `len` read the lists. Any other use, or a key twice, inserts the pairs
+    first, in the order they were set, once: the dict is then a PickledOrderedDict again (its
+    class set back), the very object the other paths build. A lock makes each step whole."""
+
+    __slots__ = ()
+
+    def __setitem__(self, key, value, _atoms=_ATOMS, _run=PairsRun) -> None:
+        if type(key) not in _atoms:
+            check_key(key)
+        with _DEFERRED:
+            if type(self) is DeferredPairs and not self._deferred[2]:  # nothing read it yet
+                names, values, _ = self._deferred
+                if type(value) is _run:
+                    more, their = value.take()
+                    names += more
+                    values += their
+                else:
+                    names.append(key)
+                    values.append(value)
+                return
+            self.insert_deferred()
+        PickledOrderedDict.__setitem__(self, key, value)
+
+    def _lists(self) -> list | None:
+        """(lock held) [keys, values, True] of the pairs not inserted, checked once; None when
+        they are inserted (now, if a key is twice or already in the dict)."""
+        if type(self) is not DeferredPairs:
+            return None
+        lists = self._deferred
+        if not lists[2]:
+            distinct = set(lists[0])
+            if len(distinct) != len(lists[0]) or not distinct.isdisjoint(dict.keys(self)):
+                self.insert_deferred()
+                return None
+            lists[2] = True
+        return lists
+
+    def keys_list(self) -> list:
+        with _DEFERRED:
+            lists = self._lists()
+            return list(dict.keys(self)) + (lists[0] if lists else [])
+
+    def values_list(self) -> list:
+        with _DEFERRED:
+            lists = self._lists()
+            return list(dict.values(self)) + (lists[1] if lists else [])
+
+    def __len__(self) -> int:
+        with _DEFERRED:
+            lists = self._lists()
+            return dict.__len__(self) + (len(lists[0]) if lists else 0)
+
+    def insert_deferred(self) -> None:
+        with _DEFERRED:
+            if type(self) is DeferredPairs:
+                names, values, _ = self._deferred
+                any(map(OrderedDict.__setitem__, repeat(self), names, values))
+                del self._deferred
+                self.__class__ = PickledOrderedDict
+
+
+def _inserting_first(name: str):
+    method = getattr(PickledOrderedDict, name)
+
+    def inserted_first(self, *args, **kwargs):
+        self.insert_deferred()
+        return method(self, *args, **kwargs)
+    inserted_first.__name__ = name
+    return inserted_first
+
+
+for _name in ("__getitem__", "__delitem__", "__contains__", "__iter__",
+              "__reversed__", "__eq__", "__ne__", "__repr__", "__reduce__", "__sizeof__",
+              "__or__", "__ror__", "__ior__", "get", "keys", "values", "items", "pop", "popitem",
+              "setdefault", "update", "clear", "copy", "move_to_end"):
+    setattr(DeferredPairs, _name, _inserting_first(_name))
+del _name
+
+
+def keys_and_values(d: dict) -> tuple:
+    """A dict's own keys and values views (a DeferredPairs': lists, its pairs not inserted)."""
+    if type(d) is DeferredPairs:
+        return d.keys_list(), d.values_list()
+    return dict.keys(d), dict.values(d)

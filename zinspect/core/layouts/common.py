@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from itertools import chain, filterfalse
-from operator import attrgetter
+from itertools import chain, compress
+from operator import attrgetter, not_
 
 from zinspect.core.layouts import pickled
 from zinspect.core.layouts.base import LoadContext
@@ -23,6 +23,7 @@ from zinspect.core.layouts.pickled import (
     shape,
     short,
     text,
+    values_at,
     values_of,
 )
 from zinspect.core.model import MOMENTS, Buffer, Param, ParamGroup, RankFile, is_state_key
@@ -248,7 +249,8 @@ def _usual_zero3(names: Names) -> tuple[list[str], list[Shape], list[str], list[
     empty when that is the module's order). None otherwise: `_build_params` decides name by name."""
     module, bufset = names.module, set(names.buffer_names)
     listed = keys_of(module)
-    listed = list(filterfalse(bufset.__contains__, listed)) if bufset else listed
+    params = list(map(not_, map(bufset.__contains__, listed))) if bufset else None
+    listed = list(compress(listed, params)) if bufset else listed
     if names.frozen_shapes or not listed:
         return None
     order = places(listed, names.group_names)
@@ -258,12 +260,12 @@ def _usual_zero3(names: Names) -> tuple[list[str], list[Shape], list[str], list[
     shapes = list(map(flat_shapes.__getitem__, order)) if order else flat_shapes
     if not all(shapes):
         return None
-    return listed, shapes, _dtypes(module, listed if bufset else None), order
+    refs = values_of(module)  # (the module's values in its order: no look-up by name)
+    return listed, shapes, _dtypes(list(compress(refs, params)) if bufset else refs), order
 
 
-def _dtypes(module: dict, listed: list[str] | None) -> list[str]:
-    """The module tensors' dtypes of `listed` (None: every name), "" for one that is none."""
-    refs = list(map(module.get, listed)) if listed is not None else values_of(module)
+def _dtypes(refs: list) -> list[str]:
+    """The dtypes of the module's values `refs`, "" for one that is not a tensor."""
     if set(map(type, refs)) == {TensorRef}:
         dtypes = list(map(attrgetter("dtype"), refs))
         if None not in set(dtypes):
@@ -341,8 +343,8 @@ def finish(ctx: LoadContext, names: Names) -> None:
 
 def _buffers(ctx: LoadContext, names: Names) -> None:
     tf = ctx.torch_file(ctx.model_file)
-    for name in names.buffer_names:
-        t = names.module.get(name)
+    for name, t in zip(names.buffer_names, values_at(names.module, names.buffer_names),
+                       strict=True):
         if isinstance(t, TensorRef):
             offset = tf.tensor_offset(t) if tf else None
             rec = tf.records.get(t.storage.key) if tf else None

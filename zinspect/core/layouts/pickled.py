@@ -4,11 +4,11 @@ have the type, size or shape DeepSpeed would give it."""
 from __future__ import annotations
 
 import math
-from itertools import chain
+from itertools import chain, compress
 
 from zinspect.core.model import TensorAt
 from zinspect.core.torchzip import MAX_NUMEL, TensorRef, TorchFile
-from zinspect.core.unpickle import PickledOrderedDict
+from zinspect.core.unpickle import DeferredPairs, PickledOrderedDict
 
 
 def get(obj, *keys, default=None):
@@ -54,13 +54,29 @@ def shape(value) -> tuple[int, ...] | None:
 def keys_of(d: dict) -> list:
     """`list(d)`, at dict speed for the parse's OrderedDicts (10x faster at 300k names): one is
     only ever filled by insertion (the unpickler can neither delete nor move a key), so its
-    dict order is its order."""
+    dict order is its order; a DeferredPairs' pairs are not inserted for it."""
+    if type(d) is DeferredPairs:
+        return d.keys_list()
     return list(dict.keys(d)) if type(d) is PickledOrderedDict else list(d)
 
 
 def values_of(d: dict) -> list:
     """`list(d.values())`, as `keys_of`."""
+    if type(d) is DeferredPairs:
+        return d.values_list()
     return list(dict.values(d)) if type(d) is PickledOrderedDict else list(d.values())
+
+
+def values_at(d: dict, names: list[str]) -> list:
+    """`[d.get(n) for n in names]`; of a DeferredPairs, in one pass over its lists without
+    inserting its pairs (a few buffers' tensors among 300k names)."""
+    if not names or type(d) is not DeferredPairs:
+        return list(map(d.get, names))
+    wanted = set(names)
+    keys = d.keys_list()  # (distinct keys, or the pairs are inserted now: a dict's either way)
+    hits = list(map(wanted.__contains__, keys))
+    found = dict(zip(compress(keys, hits), compress(d.values_list(), hits), strict=True))
+    return list(map(found.get, names))
 
 
 def group_members(group: dict) -> list[tuple[str, tuple[int, ...] | None]]:
