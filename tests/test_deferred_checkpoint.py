@@ -1,4 +1,4 @@
-"""The deferred pairs on a real DeepSpeed ZeRO-3 checkpoint (s3_w2_bf16_many: 2,624 names, made
+"""The deferred pairs on a real DeepSpeed ZeRO-3 checkpoint (s3_w2_bf16_many: 2,651 params, made
 by make_ds_checkpoints.py, buffers before and after the module's run): read the way a 300k-name
 checkpoint is (its pickle through pickle_runs), `info --json` and `validate` leave the module
 and param_shapes as lists, never inserted, and say exactly what they say when every pair is

@@ -93,7 +93,7 @@ FIXTURES = {
     # no frozen or tied names: the usual ZeRO-3 model states, whose params are built in bulk
     "s3_w2_bf16_plain": (ZERO, ["--stage", "3", "--world-size", "2", "--dtype", "bf16",
                                 "--no-frozen", "--no-tied"]),
-    # 2,624 names (runs of alike entries past a SETITEMS batch: read by pickle_runs when its
+    # 2,651 params (runs of alike entries past a SETITEMS batch: read by pickle_runs when its
     # pickle is read as a large one, tests/test_deferred_checkpoint.py), buffers around them
     "s3_w2_bf16_many": (ZERO, ["--stage", "3", "--world-size", "2", "--dtype", "bf16",
                                "--width", "2", "--layers", "330", "--vocab", "8", "--steps", "1",
