@@ -59,7 +59,7 @@ def plain(obj, leaves: frozenset = _ATOMS, settled: set | frozenset = frozenset(
             values = fixed(values)
             if values is not None:
                 if type(out) is DeferredPairs:  # (values to replace: not a run's)
-                    out.insert_deferred()
+                    DeferredPairs.insert_deferred(out)
                 out.update(zip(list(dict.keys(out)), values, strict=True))
             for attrs in attributes_of(out):
                 conv(attrs)  # fixed in place

@@ -230,9 +230,12 @@ def refuse_build(*_args) -> None:
 
 class NoBuild(type):
     """Metaclass of an allowlisted class whose instances may take a BUILD: the class itself may
-    not (its methods are the rules, shared by every later pickle)."""
+    not (its methods are the rules, shared by every later pickle). A property: found before the
+    class's own `__setstate__`, which its instances' BUILD calls."""
 
-    __setstate__ = refuse_build
+    @property
+    def __setstate__(cls):
+        return refuse_build
 
 
 class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
@@ -252,10 +255,23 @@ class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
     def __reduce__(self):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
 
-    def __setattr__(self, name: str, value) -> None:
-        if name == "_deferred":  # (a BUILD's slot state would set it: the slot's own __set__ only)
-            raise pickle.UnpicklingError("the pickle sets an attribute zinspect keeps for itself")
-        OrderedDict.__setattr__(self, name, value)
+    def __setstate__(self, state) -> None:
+        """BUILD of an instance (a state_dict's `_metadata`): its state, a dict or (dict, slot
+        dict), set as attributes, none of a name the class has: an attribute named as a method
+        or slot (`items`, `__class__`, DeferredPairs' `_deferred` or `insert_deferred`) would
+        answer for the dict: zinspect would read what the pickle chose."""
+        parts = state if type(state) is tuple and len(state) == 2 else (state,)
+        for part in parts:
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                raise pickle.UnpicklingError("an OrderedDict's state is not a dict")
+            if type(part) is DeferredPairs:
+                DeferredPairs.insert_deferred(part)
+            if any(type(k) is not str or hasattr(DeferredPairs, k) for k in dict.keys(part)):
+                raise pickle.UnpicklingError("the pickle gives an OrderedDict an attribute named "
+                                             "as one of its methods or slots")
+            vars(self).update(part)
 
     def __setitem__(self, key, value, _atoms=_ATOMS, _set=OrderedDict.__setitem__,
                     _run=PairsRun) -> None:
@@ -299,7 +315,7 @@ class DeferredPairs(PickledOrderedDict):
                     names.append(key)
                     values.append(value)
                 return
-            self.insert_deferred()
+            DeferredPairs.insert_deferred(self)
         PickledOrderedDict.__setitem__(self, key, value)
 
     def _lists(self) -> list | None:
@@ -311,24 +327,24 @@ class DeferredPairs(PickledOrderedDict):
         if not lists[2]:
             distinct = set(lists[0])
             if len(distinct) != len(lists[0]) or not distinct.isdisjoint(dict.keys(self)):
-                self.insert_deferred()
+                DeferredPairs.insert_deferred(self)
                 return None
             lists[2] = True
         return lists
 
     def keys_list(self) -> list:
         with _DEFERRED:
-            lists = self._lists()
+            lists = DeferredPairs._lists(self)
             return list(dict.keys(self)) + (lists[0] if lists else [])
 
     def values_list(self) -> list:
         with _DEFERRED:
-            lists = self._lists()
+            lists = DeferredPairs._lists(self)
             return list(dict.values(self)) + (lists[1] if lists else [])
 
     def __len__(self) -> int:
         with _DEFERRED:
-            lists = self._lists()
+            lists = DeferredPairs._lists(self)
             return dict.__len__(self) + (len(lists[0]) if lists else 0)
 
     def insert_deferred(self) -> None:
@@ -344,7 +360,9 @@ def _inserting_first(name: str):
     method = getattr(PickledOrderedDict, name)
 
     def inserted_first(self, *args, **kwargs):
-        self.insert_deferred()
+        for d in (self, *args, *kwargs.values()):  # (`==` of two: the C code reads the other's)
+            if type(d) is DeferredPairs:
+                DeferredPairs.insert_deferred(d)
         return method(self, *args, **kwargs)
     inserted_first.__name__ = name
     return inserted_first
@@ -360,6 +378,6 @@ del _name
 
 def keys_and_values(d: dict) -> tuple:
     """A dict's own keys and values views (a DeferredPairs': lists, its pairs not inserted)."""
-    if type(d) is DeferredPairs:
-        return d.keys_list(), d.values_list()
+    if type(d) is DeferredPairs:  # (through the class: never a name a pickle could shadow)
+        return DeferredPairs.keys_list(d), DeferredPairs.values_list(d)
     return dict.keys(d), dict.values(d)

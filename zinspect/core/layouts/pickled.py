@@ -56,14 +56,14 @@ def keys_of(d: dict) -> list:
     only ever filled by insertion (the unpickler can neither delete nor move a key), so its
     dict order is its order; a DeferredPairs' pairs are not inserted for it."""
     if type(d) is DeferredPairs:
-        return d.keys_list()
+        return DeferredPairs.keys_list(d)
     return list(dict.keys(d)) if type(d) is PickledOrderedDict else list(d)
 
 
 def values_of(d: dict) -> list:
     """`list(d.values())`, as `keys_of`."""
     if type(d) is DeferredPairs:
-        return d.values_list()
+        return DeferredPairs.values_list(d)
     return list(dict.values(d)) if type(d) is PickledOrderedDict else list(d.values())
 
 
@@ -73,9 +73,10 @@ def values_at(d: dict, names: list[str]) -> list:
     if not names or type(d) is not DeferredPairs:
         return list(map(d.get, names))
     wanted = set(names)
-    keys = d.keys_list()  # (distinct keys, or the pairs are inserted now: a dict's either way)
+    keys = DeferredPairs.keys_list(d)  # (distinct, or the pairs are inserted now: a dict's)
     hits = list(map(wanted.__contains__, keys))
-    found = dict(zip(compress(keys, hits), compress(d.values_list(), hits), strict=True))
+    found = dict(zip(compress(keys, hits), compress(DeferredPairs.values_list(d), hits),
+                     strict=True))
     return list(map(found.get, names))
 
 
