@@ -102,33 +102,53 @@ def drop_leaves(items, leaves: frozenset) -> list:
 def check_tree(obj, max_nodes: int, max_depth: int = MAX_DEPTH, what: str = "the pickle",
                leaves: frozenset = _ATOMS, settled: set | None = None) -> None:
     """Raise PickleBudgetExceeded when walking `obj` would visit more than `max_nodes` nodes or
-    go deeper than `max_depth`. Iterative; leaves (objects of the types `leaves`) are counted
-    without being stacked, and so are tuples of leaves (a param's shape), in bulk; the walk
-    stops at the first budget passed. `settled`, when given, receives the id of each container
-    whose members are all leaves or tuples of leaves (`plain` need not walk them again)."""
-    stack, nodes = [(obj, 0)], 1
+    go deeper than `max_depth`. Leaves (objects of the types `leaves`) are counted without
+    being visited, and so are tuples of leaves (a param's shape), in bulk. Each container is
+    measured once, bottom up (its nodes and depth as a walk would count them, a shared one
+    counted each time it is reached), so a memo bomb of 60 levels costs 60 measurements, not a
+    walk of its 2**60 nodes (that took a minute per file); a cycle nests without end. `settled`,
+    when given, receives the id of each container whose members are all leaves or tuples of
+    leaves (`plain` need not walk them again)."""
+    if not children(obj):
+        return
+    measured: dict[int, tuple[int, int]] = {}  # id -> (nodes it adds, depth below it)
+    started: dict[int, tuple[list, int, int]] = {}  # id -> (kids, its own nodes, depth)
+    stack = [obj]
     while stack:
-        item, depth = stack.pop()
-        if not children(item):
-            continue
-        if depth >= max_depth:
-            raise PickleBudgetExceeded(f"{what} nests deeper than {max_depth} levels")
-        inner = _non_leaves(item, leaves)
-        nodes += len(item) * (2 if isinstance(item, dict) else 1) if isinstance(item, _SIZED) \
-            else len(inner) + 2
-        flat = flat_tuples(inner, leaves)
-        if flat is None:
-            stack.extend([(kid, depth + 1) for kid in inner])
-        elif flat and depth + 1 >= max_depth:
-            raise PickleBudgetExceeded(f"{what} nests deeper than {max_depth} levels")
-        else:
-            nodes += flat
-        if settled is not None and (flat is not None or not inner):
-            settled.add(id(item))
-        if nodes > max_nodes:
-            raise PickleBudgetExceeded(f"{what} holds more than {max_nodes:,} objects" +
-                                       (" (shared references repeated: a memo bomb)"
-                                        if what == "the pickle" else ""))
+        item = stack[-1]
+        key = id(item)
+        if key in measured:
+            stack.pop()
+        elif key not in started:  # first reached: its own count, its kids to measure first
+            inner = _non_leaves(item, leaves)
+            nodes = len(item) * (2 if isinstance(item, dict) else 1) \
+                if isinstance(item, _SIZED) else len(inner) + 2
+            flat = flat_tuples(inner, leaves)
+            if settled is not None and (flat is not None or not inner):
+                settled.add(key)
+            kids = [k for k in inner if children(k)] if flat is None else []
+            started[key] = kids, nodes + (flat or 0), 1 if flat else 0
+            for kid in kids:
+                if id(kid) in started:  # being measured: on the path to it, a cycle
+                    _too_deep(what, max_depth)
+                stack.append(kid)
+        else:  # its kids are measured
+            stack.pop()
+            kids, nodes, depth = started.pop(key)
+            for kid in kids:
+                n, d = measured[id(kid)]
+                nodes, depth = nodes + n, max(depth, d + 1)
+            if depth >= max_depth:
+                _too_deep(what, max_depth)
+            if nodes + 1 > max_nodes:
+                raise PickleBudgetExceeded(f"{what} holds more than {max_nodes:,} objects" +
+                                           (" (shared references repeated: a memo bomb)"
+                                            if what == "the pickle" else ""))
+            measured[key] = nodes, depth
+
+
+def _too_deep(what: str, max_depth: int):
+    raise PickleBudgetExceeded(f"{what} nests deeper than {max_depth} levels")
 
 
 def flat_tuples(items: list, leaves: frozenset) -> int | None:
