@@ -276,10 +276,9 @@ class PickledOrderedDict(OrderedDict, metaclass=NoBuild):
         return OrderedDict, (), vars(self) or None, None, iter(self.items())
 
     def __setstate__(self, state) -> None:
-        """BUILD of an instance (a state_dict's `_metadata`): its state, a dict or (dict, slot
-        dict), set as attributes, none of a name the class has: an attribute named as a method
-        or slot (`items`, `__class__`, DeferredPairs' `_deferred` or `insert_deferred`) would
-        answer for the dict: zinspect would read what the pickle chose."""
+        """BUILD of an instance (a state_dict's `_metadata`): a dict or (dict, slot dict) set as
+        attributes, none named as the class's methods or slots (`items`, `__class__`,
+        `_deferred`, `insert_deferred`: they would answer for the dict as the pickle chose)."""
         parts = state if type(state) is tuple and len(state) == 2 else (state,)
         for part in parts:
             if part is None:
@@ -311,13 +310,12 @@ class DeferredPairs(PickledOrderedDict):
     """A PickledOrderedDict whose last pairs, from a bulk-read run (PairsRun) on, are kept as
     two lists, not inserted: 297k OrderedDict insertions (0.17 s at 297k names, the module's
     and param_shapes') are paid only by a reader that uses the dict as a dict.
-
     Until it is first read, each pair set is appended to the lists (the unpickler's: entries
-    after the run, a later run). The first read checks that the lists' keys are distinct and
-    none is in the dict; then `keys_list` / `values_list` (the layouts' keys_of / values_of, the
-    tree check) and `len` read the lists. Any other use, or a key twice, inserts the pairs
-    first, in the order they were set, once: the dict is then a PickledOrderedDict again (its
-    class set back), the very object the other paths build. A lock makes each step whole."""
+    after the run, a later run). The first read checks that their keys are distinct and none is
+    in the dict; then `keys_list` / `values_list` (the layouts, the tree check) and `len` read
+    the lists. Any other use, or a key twice, inserts the pairs first, in the order they were
+    set, once, and sets the class back: the very object the other paths build. A lock makes
+    each step whole; its methods are called through the class (never a name a pickle sets)."""
 
     __slots__ = ()
 
